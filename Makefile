@@ -1,0 +1,29 @@
+# kd_det: `make demo` (set up + main job on the synthetic data), `make test` (set up + tests).
+# Everything installs into ./.venv; a second `make` re-installs nothing.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.kd_det_installed
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install demo test bench clean-output
+
+install: $(STAMP)
+
+$(STAMP): setup.py tools/install_detectron2.py kd_det/compat.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q setuptools wheel
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) tools/install_detectron2.py
+	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	touch $(STAMP)
+
+demo: install
+	$(PY) tools/run_demo.py
+
+test: install
+	$(PY) -m pytest -q tests
+
+clean-output:
+	rm -rf output demo_report

@@ -1,0 +1,195 @@
+"""Every third-party compatibility fix kd_det needs, in one place.
+
+Detectron2 is not on PyPI.  The registry package ``pb1-detectron2==0.6`` repackages
+Detectron2 v0.6 without its C++ sources, so ``tools/install_detectron2.py`` builds it
+pure-Python after patching the unpacked sdist with :func:`patch_detectron2_sdist`:
+
+* ``setup.py`` loses the ``detectron2._C`` extension (its sources are missing) and
+  the obsolete ``black==21.4b2`` pin.
+* ``detectron2/_C.py`` is added: a placeholder whose ops raise a clear error naming
+  the feature (deformable conv, rotated boxes, fast COCO eval).  Only those
+  features use the extension; plain R-CNN / RetinaNet never do.
+* ``Image.LINEAR`` (removed in Pillow 10, used as a default argument, so it breaks
+  the import) becomes ``Image.BILINEAR``, the same filter.
+* NumPy aliases removed in NumPy 1.24 (``np.str``, ``np.int``, ``np.float``,
+  ``np.object``; the VOC loader and some evaluators use them) become the builtins
+  they always were.
+
+Patching the source (instead of patching at import time) keeps the installed
+Detectron2 usable with no kd_det import, e.g. to deploy an exported student.
+
+At run time, :data:`HAS_CPP_OPS` tells whether the real extension is there:
+kd_det then picks pycocotools' COCOeval instead of the fast C++ one, and
+:func:`launch` uses gloo instead of NCCL when there is no GPU (v0.6 hard-codes
+NCCL and asserts CUDA).  A full Detectron2 installed by other means is used
+untouched.
+
+This module imports nothing from Detectron2 at module level so that the
+installer can load it before Detectron2 exists.
+"""
+
+import importlib
+import os
+import re
+
+__all__ = [
+    "PLACEHOLDER_C_SOURCE",
+    "patch_detectron2_sdist",
+    "has_cpp_ops",
+    "launch",
+]
+
+# Source of the placeholder ``detectron2/_C.py``.  Any attribute is a function that
+# raises: the message names the feature and the fix.
+PLACEHOLDER_C_SOURCE = '''\
+"""Placeholder for Detectron2's C++/CUDA extension (written by kd_det's installer).
+
+This Detectron2 was built pure-Python from the pb1-detectron2 sdist, which lacks the
+C++ sources. Deformable convolution, rotated boxes and the fast COCO evaluator need
+the extension; everything else (Faster R-CNN, RetinaNet, FPN, ROIAlign via
+torchvision, pycocotools evaluation) works without it.
+"""
+
+KD_DET_PLACEHOLDER = True
+
+
+# Queried by detectron2.utils.collect_env when it prints the environment.
+def get_compiler_version():
+    return "not built (pure-Python Detectron2)"
+
+
+def get_cuda_version():
+    return "not built (pure-Python Detectron2)"
+
+
+def has_cuda():
+    return False
+
+
+def _missing(name):
+    def op(*args, **kwargs):
+        raise RuntimeError(
+            "detectron2._C.{} is not available: this Detectron2 was built without its "
+            "C++ extension (pure-Python install from pb1-detectron2). Deformable conv, "
+            "rotated boxes and the fast COCO evaluator need it. Use the pycocotools "
+            "evaluator (use_fast_impl=False) or install a full Detectron2 build.".format(name)
+        )
+
+    op.__name__ = name
+    return op
+
+
+def __getattr__(name):
+    if name.startswith("__"):
+        raise AttributeError(name)
+    return _missing(name)
+'''
+
+_EXT_MODULES_LINE = re.compile(r"^\s*ext_modules=get_extensions\(\),\s*$", re.M)
+_CMDCLASS_LINE = re.compile(r"^\s*cmdclass=\{\"build_ext\":.*\},\s*$", re.M)
+_BLACK_PIN = re.compile(r"^\s*\"black==[^\"]*\",\s*$", re.M)
+_REMOVED_NUMPY_ALIAS = re.compile(r"\bnp\.(str|int|float|object)\b(?!\.)")
+
+
+def patch_detectron2_sdist(src_dir: str) -> None:
+    """
+    Patch an unpacked ``pb1-detectron2==0.6`` sdist in place so it builds and imports
+    as pure Python (see the module docstring).  Idempotent.
+
+    Raises:
+        RuntimeError: if the sdist does not look like the expected release, so a
+            silently different package is never built.
+    """
+    setup_py = os.path.join(src_dir, "setup.py")
+    with open(setup_py) as f:
+        text = f.read()
+    if "ext_modules=get_extensions()" in text:
+        if not _EXT_MODULES_LINE.search(text):
+            raise RuntimeError("unexpected setup.py layout in " + setup_py)
+        text = _EXT_MODULES_LINE.sub("", text)
+        text = _CMDCLASS_LINE.sub("", text)
+    text = _BLACK_PIN.sub("", text)
+    with open(setup_py, "w") as f:
+        f.write(text)
+
+    with open(os.path.join(src_dir, "detectron2", "_C.py"), "w") as f:
+        f.write(PLACEHOLDER_C_SOURCE)
+
+    for folder, _, files in os.walk(os.path.join(src_dir, "detectron2")):
+        for name in files:
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(folder, name)
+            with open(path) as f:
+                text = f.read()
+            fixed = _REMOVED_NUMPY_ALIAS.sub(r"\1", text.replace("Image.LINEAR", "Image.BILINEAR"))
+            if fixed != text:
+                with open(path, "w") as f:
+                    f.write(fixed)
+
+
+def has_cpp_ops() -> bool:
+    """True when Detectron2's compiled extension (not kd_det's placeholder) is importable."""
+    try:
+        ext = importlib.import_module("detectron2._C")
+    except ImportError:
+        return False
+    return not getattr(ext, "KD_DET_PLACEHOLDER", False)
+
+
+def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist_url=None, args=()):
+    """
+    ``detectron2.engine.launch`` that also runs several processes without GPUs.
+
+    v0.6's worker asserts CUDA and hard-codes NCCL.  With CUDA available this calls
+    Detectron2's launcher unchanged; without it, it spawns ``num_gpus_per_machine``
+    CPU processes on the gloo backend and sets up Detectron2's local process group
+    the same way v0.6 does.
+    """
+    import torch
+
+    from detectron2.engine import launch as d2_launch
+
+    world_size = num_machines * num_gpus_per_machine
+    if torch.cuda.is_available() or world_size <= 1:
+        return d2_launch(
+            main_func,
+            num_gpus_per_machine,
+            num_machines=num_machines,
+            machine_rank=machine_rank,
+            dist_url=dist_url,
+            args=args,
+        )
+
+    import torch.multiprocessing as mp
+
+    from detectron2.engine.launch import _find_free_port
+
+    if dist_url in (None, "auto"):
+        if num_machines != 1:
+            raise ValueError("dist_url=auto is not supported for multi-machine jobs; give tcp://HOST:PORT")
+        dist_url = "tcp://127.0.0.1:{}".format(_find_free_port())
+    mp.spawn(
+        _cpu_worker,
+        nprocs=num_gpus_per_machine,
+        args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args),
+        daemon=False,
+    )
+
+
+def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank, dist_url, args):
+    import torch.distributed as dist
+
+    from detectron2.utils import comm
+
+    global_rank = machine_rank * num_per_machine + local_rank
+    dist.init_process_group(backend="gloo", init_method=dist_url, world_size=world_size, rank=global_rank)
+    # Detectron2's comm.get_local_rank() reads this group (same construction as v0.6).
+    num_machines = world_size // num_per_machine
+    for i in range(num_machines):
+        ranks = list(range(i * num_per_machine, (i + 1) * num_per_machine))
+        pg = dist.new_group(ranks)
+        if i == machine_rank:
+            comm._LOCAL_PROCESS_GROUP = pg
+    comm.synchronize()
+    main_func(*args)

@@ -1,0 +1,234 @@
+"""Feature imitation losses between student and teacher feature pyramids.
+
+Every loss compares lists of per-level (N, C, H, W) tensors and reduces them the
+same way: a mean over images, channels and positions of each level, then a
+weighted mean over levels.  Losses live in :data:`FEATURE_LOSS_REGISTRY` and are
+chosen by ``cfg.KD.FEATURE.LOSS`` (the class name).
+"""
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.utils.registry import Registry
+
+from .ssim import minmax_normalize, ssim_map
+
+__all__ = [
+    "FEATURE_LOSS_REGISTRY",
+    "FeatureLoss",
+    "SSIMFeatureLoss",
+    "L2FeatureLoss",
+    "L1FeatureLoss",
+    "build_feature_loss",
+    "ssim_feature_loss",
+    "l2_feature_loss",
+    "l1_feature_loss",
+]
+
+FEATURE_LOSS_REGISTRY = Registry("KD_FEATURE_LOSS")
+FEATURE_LOSS_REGISTRY.__doc__ = """
+Feature imitation losses. Each is a :class:`FeatureLoss` built from a config by
+``cls(cfg)``; select one with ``cfg.KD.FEATURE.LOSS``.
+"""
+
+
+def _center_crop(weight: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Crop (N, H, W) to (N, height, width) around the centre (valid-window losses shrink maps)."""
+    top = (weight.shape[-2] - height) // 2
+    left = (weight.shape[-1] - width) // 2
+    return weight[..., top : top + height, left : left + width]
+
+
+class FeatureLoss:
+    """
+    Base class: subclasses define :meth:`loss_map`; this class reduces it.
+
+    A loss object holds no parameters and no state; it is a plain callable.
+    """
+
+    #: suffix of the loss-dict key, ``loss_kd_<short_name>``
+    short_name = "feat"
+
+    def loss_map(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            student, teacher: (N, C, H, W) features of one level.
+        Returns:
+            (N, C, H', W') per-element loss (H' <= H, W' <= W).
+        """
+        raise NotImplementedError
+
+    def level_loss(
+        self, student: torch.Tensor, teacher: torch.Tensor, position_weight: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """
+        Scalar loss of one level: the mean of :meth:`loss_map`, or, with
+        ``position_weight`` (N, H, W), the mean over channels of
+        sum(weight * loss) / sum(weight) over positions of the whole batch.
+        """
+        lmap = self.loss_map(student, teacher)
+        if position_weight is None:
+            return lmap.mean()
+        w = _center_crop(position_weight, lmap.shape[-2], lmap.shape[-1]).unsqueeze(1)
+        return (lmap * w).sum() / (w.sum() * lmap.shape[1]).clamp_min(1e-12)
+
+    def __call__(
+        self,
+        student: Sequence[torch.Tensor],
+        teacher: Sequence[torch.Tensor],
+        level_weights: Optional[Sequence[float]] = None,
+        position_weights: Optional[Sequence[torch.Tensor]] = None,
+    ) -> torch.Tensor:
+        """
+        Args:
+            student, teacher: per-level (N, C, H, W) tensors; the teacher's are
+                treated as constants.
+            level_weights: one weight per level; None means a plain mean.
+            position_weights: optional per-level (N, H, W) spatial weights.
+        Returns:
+            scalar tensor.
+        """
+        if len(student) != len(teacher) or len(student) == 0:
+            raise ValueError("feature loss needs the same non-zero number of student and teacher "
+                             "levels, got {} and {}".format(len(student), len(teacher)))
+        if level_weights is None or len(level_weights) == 0:
+            level_weights = [1.0 / len(student)] * len(student)
+        if len(level_weights) != len(student):
+            raise ValueError("KD.FEATURE.LEVEL_WEIGHTS has {} entries for {} levels".format(
+                len(level_weights), len(student)))
+        total = student[0].new_zeros(())
+        for i, (s, t) in enumerate(zip(student, teacher)):
+            if s.shape != t.shape:
+                raise ValueError("student and teacher features differ in shape at level {}: {} vs {}; "
+                                 "use an adapter (KD.FEATURE.ADAPTER) for channels and the same input size "
+                                 "and strides for H, W".format(i, tuple(s.shape), tuple(t.shape)))
+            pw = None if position_weights is None else position_weights[i]
+            total = total + level_weights[i] * self.level_loss(s, t.detach(), pw)
+        return total
+
+
+@FEATURE_LOSS_REGISTRY.register()
+class SSIMFeatureLoss(FeatureLoss):
+    """
+    (1 - SSIM) / 2 per position (bounded in [0, 1], as in the published SSIM-KD code).
+
+    Stability constants: SSIM's C1 = (K1 L)^2, C2 = (K2 L)^2 assume values in a
+    known range L.  FPN features are unbounded, so by default
+    (``normalize="minmax"``) each (image, channel) map of student and teacher is
+    rescaled to [0, 1] first and L = 1, as the paper does.  With
+    ``normalize="none"`` raw features are compared and L is the value range of the
+    teacher's map (a constant per map), which keeps C1, C2 at the same relative
+    size whatever the feature scale.
+    """
+
+    short_name = "ssim"
+
+    @configurable
+    def __init__(self, *, window_size=11, sigma=1.5, k1=0.01, k2=0.03, normalize="minmax", impl="auto"):
+        if normalize not in ("minmax", "none"):
+            raise ValueError("KD.SSIM.NORMALIZE must be 'minmax' or 'none', got {!r}".format(normalize))
+        if impl not in ("auto", "torch", "triton"):
+            raise ValueError("KD.SSIM.IMPL must be 'auto', 'torch' or 'triton', got {!r}".format(impl))
+        self.window_size = window_size
+        self.sigma = sigma
+        self.k1 = k1
+        self.k2 = k2
+        self.normalize = normalize
+        self.impl = impl
+
+    @classmethod
+    def from_config(cls, cfg):
+        return {
+            "window_size": cfg.KD.SSIM.WINDOW_SIZE,
+            "sigma": cfg.KD.SSIM.SIGMA,
+            "k1": cfg.KD.SSIM.K1,
+            "k2": cfg.KD.SSIM.K2,
+            "normalize": cfg.KD.SSIM.NORMALIZE,
+            "impl": cfg.KD.SSIM.IMPL,
+        }
+
+    def _constants(self, teacher: torch.Tensor):
+        if self.normalize == "minmax":
+            return self.k1**2, self.k2**2
+        flat = teacher.detach().flatten(2)
+        value_range = (flat.amax(dim=2) - flat.amin(dim=2)).clamp_min(1e-6)[..., None, None]
+        return (self.k1 * value_range) ** 2, (self.k2 * value_range) ** 2
+
+    def loss_map(self, student, teacher):
+        if self.normalize == "minmax":
+            student, teacher = minmax_normalize(student), minmax_normalize(teacher)
+        c1, c2 = self._constants(teacher)
+        return (1.0 - ssim_map(student, teacher, self.window_size, self.sigma, c1, c2)) / 2.0
+
+    def level_loss(self, student, teacher, position_weight=None):
+        if position_weight is None and _use_fused_ssim(self.impl, student):
+            from .ssim_triton import fused_ssim_feature_loss
+
+            return fused_ssim_feature_loss(student, teacher, self.window_size, self.sigma, self.k1, self.k2,
+                                           self.normalize)
+        return super().level_loss(student, teacher, position_weight)
+
+
+def _use_fused_ssim(impl: str, x: torch.Tensor) -> bool:
+    if impl == "torch":
+        return False
+    from . import ssim_triton
+
+    available = x.is_cuda and ssim_triton.is_available()
+    if impl == "triton" and not available:
+        raise RuntimeError("KD.SSIM.IMPL='triton' needs CUDA tensors and an importable Triton; "
+                           "set KD.SSIM.IMPL to 'auto' or 'torch'")
+    return available
+
+
+@FEATURE_LOSS_REGISTRY.register()
+class L2FeatureLoss(FeatureLoss):
+    """Mean squared difference (the lp-norm imitation baseline)."""
+
+    short_name = "l2"
+
+    def __init__(self, cfg=None):
+        pass
+
+    def loss_map(self, student, teacher):
+        return F.mse_loss(student, teacher, reduction="none")
+
+
+@FEATURE_LOSS_REGISTRY.register()
+class L1FeatureLoss(FeatureLoss):
+    """Mean absolute difference."""
+
+    short_name = "l1"
+
+    def __init__(self, cfg=None):
+        pass
+
+    def loss_map(self, student, teacher):
+        return F.l1_loss(student, teacher, reduction="none")
+
+
+def build_feature_loss(cfg) -> FeatureLoss:
+    """The loss named by ``cfg.KD.FEATURE.LOSS``, with a clear error for unknown names."""
+    name = cfg.KD.FEATURE.LOSS
+    try:
+        cls = FEATURE_LOSS_REGISTRY.get(name)
+    except KeyError:
+        raise KeyError("unknown KD.FEATURE.LOSS {!r}; registered feature losses: {}. Register new ones "
+                       "with @kd_det.losses.FEATURE_LOSS_REGISTRY.register()".format(
+                           name, sorted(k for k, _ in FEATURE_LOSS_REGISTRY))) from None
+    return cls(cfg)
+
+
+def ssim_feature_loss(student, teacher, level_weights=None, **ssim_kwargs) -> torch.Tensor:
+    """Functional form of :class:`SSIMFeatureLoss`; ``ssim_kwargs`` are its constructor arguments."""
+    return SSIMFeatureLoss(**ssim_kwargs)(student, teacher, level_weights)
+
+
+def l2_feature_loss(student, teacher, level_weights=None) -> torch.Tensor:
+    return L2FeatureLoss()(student, teacher, level_weights)
+
+
+def l1_feature_loss(student, teacher, level_weights=None) -> torch.Tensor:
+    return L1FeatureLoss()(student, teacher, level_weights)

@@ -1,0 +1,8 @@
+"""Distillation meta-architectures (registered in Detectron2's META_ARCH_REGISTRY on import)."""
+
+from .distill_rcnn import DistillGeneralizedRCNN
+from .distill_retinanet import DistillRetinaNet
+from .feature_distiller import FeatureDistiller, match_levels
+from .teacher import FrozenTeacher, build_teacher, build_teacher_cfg, num_classes_of
+
+__all__ = [k for k in globals().keys() if not k.startswith("_")]

@@ -1,0 +1,51 @@
+"""What every distillation meta-architecture shares: the teacher and feature imitation."""
+
+from typing import Dict, List, Optional
+
+import torch
+from detectron2.structures import ImageList
+
+from .feature_distiller import FeatureDistiller
+from .teacher import FrozenTeacher, build_teacher
+
+__all__ = ["DistillMixin"]
+
+
+class DistillMixin:
+    """
+    Mixed into a Detectron2 meta-architecture (before it in the bases).
+
+    Adds ``self.teacher`` (a :class:`FrozenTeacher`, not a submodule) and
+    ``self.kd_feature`` (a :class:`FeatureDistiller` or None).  Every key of the
+    student's ``state_dict`` that is not the vanilla detector's starts with ``kd_``,
+    which is how export drops them.
+    """
+
+    def _init_distillation(self, teacher: FrozenTeacher, feature_distiller: Optional[FeatureDistiller]):
+        self.teacher = teacher
+        self.kd_feature = feature_distiller
+
+    @staticmethod
+    def _distill_from_config(cfg, ret: Dict) -> Dict:
+        """Add ``teacher`` and ``feature_distiller`` to a vanilla ``from_config`` result."""
+        teacher = build_teacher(cfg)
+        feature = None
+        if cfg.KD.FEATURE.LOSS:
+            feature = FeatureDistiller(cfg, ret["backbone"].output_shape(), teacher.output_shape())
+        return dict(ret, teacher=teacher, feature_distiller=feature)
+
+    def teacher_images(self, batched_inputs: List[Dict], images: ImageList) -> ImageList:
+        """The teacher's view of the student's batch (shared when both normalise alike)."""
+        if self.teacher.takes_input_like(self.input_format, self.pixel_mean, self.pixel_std):
+            return images
+        return self.teacher.preprocess_image(batched_inputs, images, self.input_format)
+
+    def feature_losses(
+        self,
+        student_features: Dict[str, torch.Tensor],
+        teacher_features: Dict[str, torch.Tensor],
+        position_weights: Optional[List[torch.Tensor]] = None,
+    ) -> Dict[str, torch.Tensor]:
+        if self.kd_feature is None:
+            return {}
+        return self.kd_feature(student_features, teacher_features, position_weights)

@@ -1,0 +1,125 @@
+"""Student-side part of feature imitation: level matching, adapters and the loss."""
+
+from typing import Dict, List, Optional
+
+import torch
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
+from torch import nn
+
+from ..losses import FeatureLoss, build_feature_loss
+
+__all__ = ["FeatureDistiller", "match_levels"]
+
+
+def match_levels(
+    student_shapes: Dict[str, ShapeSpec], teacher_shapes: Dict[str, ShapeSpec], in_features: List[str]
+) -> List[str]:
+    """
+    The FPN levels to imitate: ``in_features``, or every level both backbones
+    output.  Each must exist in both with the same stride.
+
+    Raises:
+        ValueError: naming the levels and strides that cannot be matched.
+    """
+    def describe(shapes):
+        return ", ".join("{}(stride {})".format(k, v.stride) for k, v in shapes.items())
+
+    levels = list(in_features) or [k for k in student_shapes if k in teacher_shapes]
+    if not levels:
+        raise ValueError("no FPN level is shared by student [{}] and teacher [{}]; set KD.FEATURE.IN_FEATURES "
+                         "to levels both output".format(describe(student_shapes), describe(teacher_shapes)))
+    for name in levels:
+        if name not in student_shapes or name not in teacher_shapes:
+            raise ValueError("KD.FEATURE.IN_FEATURES level {!r} is not output by both backbones: student [{}], "
+                             "teacher [{}]".format(name, describe(student_shapes), describe(teacher_shapes)))
+        if student_shapes[name].stride != teacher_shapes[name].stride:
+            raise ValueError("level {!r} has stride {} in the student but {} in the teacher; imitate only "
+                             "levels of equal stride (KD.FEATURE.IN_FEATURES)".format(
+                                 name, student_shapes[name].stride, teacher_shapes[name].stride))
+    return levels
+
+
+class FeatureDistiller(nn.Module):
+    """
+    Imitation of teacher backbone features by the student's.
+
+    Holds the student-side 1x1 adapters (they are trained with the student and
+    dropped at export) and the feature loss.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        levels: List[str],
+        student_channels: Dict[str, int],
+        teacher_channels: Dict[str, int],
+        loss: FeatureLoss,
+        weight: float,
+        level_weights: Optional[List[float]] = None,
+        adapter: str = "auto",
+    ):
+        """
+        Args:
+            levels: feature names to imitate.
+            student_channels, teacher_channels: channels of each level.
+            loss: the feature loss.
+            weight: multiplies the loss.
+            level_weights: per-level weights, or None/empty for a mean over levels.
+            adapter: "auto" (1x1 conv where channels differ), "conv1x1" (always), "none".
+        """
+        super().__init__()
+        if adapter not in ("auto", "conv1x1", "none"):
+            raise ValueError("KD.FEATURE.ADAPTER must be 'auto', 'conv1x1' or 'none', got {!r}".format(adapter))
+        self.levels = list(levels)
+        self.loss = loss
+        self.weight = weight
+        self.level_weights = list(level_weights) if level_weights else None
+        self.adapters = nn.ModuleDict()
+        for name in self.levels:
+            cs, ct = student_channels[name], teacher_channels[name]
+            if adapter == "conv1x1" or (adapter == "auto" and cs != ct):
+                conv = nn.Conv2d(cs, ct, kernel_size=1)
+                nn.init.kaiming_uniform_(conv.weight, a=1)
+                nn.init.zeros_(conv.bias)
+                self.adapters[name] = conv
+            elif cs != ct:
+                raise ValueError("level {!r}: student has {} channels, teacher {}; set KD.FEATURE.ADAPTER to "
+                                 "'auto' or 'conv1x1' to learn a 1x1 adapter".format(name, cs, ct))
+
+    @classmethod
+    def from_config(cls, cfg, student_shapes: Dict[str, ShapeSpec], teacher_shapes: Dict[str, ShapeSpec]):
+        levels = match_levels(student_shapes, teacher_shapes, cfg.KD.FEATURE.IN_FEATURES)
+        return {
+            "levels": levels,
+            "student_channels": {k: student_shapes[k].channels for k in levels},
+            "teacher_channels": {k: teacher_shapes[k].channels for k in levels},
+            "loss": build_feature_loss(cfg),
+            "weight": cfg.KD.FEATURE.WEIGHT,
+            "level_weights": cfg.KD.FEATURE.LEVEL_WEIGHTS,
+            "adapter": cfg.KD.FEATURE.ADAPTER,
+        }
+
+    def adapt(self, student_features: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
+        """Student features of the imitated levels, through their adapters: list of (N, C_t, H, W)."""
+        return [self.adapters[k](student_features[k]) if k in self.adapters else student_features[k]
+                for k in self.levels]
+
+    def forward(
+        self,
+        student_features: Dict[str, torch.Tensor],
+        teacher_features: Dict[str, torch.Tensor],
+        position_weights: Optional[List[torch.Tensor]] = None,
+    ) -> Dict[str, torch.Tensor]:
+        """
+        Args:
+            student_features, teacher_features: name -> (N, C, H, W).
+            position_weights: optional per-level (N, H, W) weights (e.g. PFI).
+        Returns:
+            {"loss_kd_<loss>": weighted scalar loss}
+        """
+        student = self.adapt(student_features)
+        teacher = [teacher_features[k] for k in self.levels]
+        value = self.loss(student, teacher, self.level_weights, position_weights)
+        return {"loss_kd_" + self.loss.short_name: self.weight * value}

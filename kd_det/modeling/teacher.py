@@ -1,0 +1,154 @@
+"""The frozen teacher detector: built from its own config, loaded from its own weights."""
+
+import logging
+import os
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode, get_cfg
+from detectron2.modeling import build_model
+from detectron2.structures import ImageList
+
+from ..config import add_kd_config
+
+__all__ = ["FrozenTeacher", "build_teacher_cfg", "build_teacher", "num_classes_of"]
+
+logger = logging.getLogger(__name__)
+
+
+def num_classes_of(cfg: CfgNode) -> int:
+    """The class count of a GeneralizedRCNN or RetinaNet config."""
+    if "RetinaNet" in cfg.MODEL.META_ARCHITECTURE:
+        return cfg.MODEL.RETINANET.NUM_CLASSES
+    return cfg.MODEL.ROI_HEADS.NUM_CLASSES
+
+
+def build_teacher_cfg(student_cfg: CfgNode) -> CfgNode:
+    """The teacher's config: ``KD.TEACHER.CONFIG`` + ``KD.TEACHER.OPTS``, on the student's device."""
+    path = student_cfg.KD.TEACHER.CONFIG
+    if not path:
+        raise ValueError("KD.TEACHER.CONFIG is empty: set it to the teacher's Detectron2 config file "
+                         "(e.g. configs/synthetic/faster_rcnn_R_50_FPN.yaml)")
+    if not os.path.isfile(path):
+        raise FileNotFoundError("teacher config KD.TEACHER.CONFIG={!r} does not exist (paths are relative to "
+                                "the working directory {})".format(path, os.getcwd()))
+    cfg = add_kd_config(get_cfg())
+    try:
+        cfg.merge_from_file(path)
+        cfg.merge_from_list(list(student_cfg.KD.TEACHER.OPTS))
+    except Exception as e:
+        raise ValueError("teacher config {!r} does not build: {}: {}".format(path, type(e).__name__, e)) from e
+    if cfg.MODEL.META_ARCHITECTURE.startswith("Distill"):
+        raise ValueError("teacher config {!r} uses {}; a teacher must be a plain detector (GeneralizedRCNN or "
+                         "RetinaNet)".format(path, cfg.MODEL.META_ARCHITECTURE))
+    cfg.MODEL.DEVICE = student_cfg.MODEL.DEVICE
+    cfg.MODEL.WEIGHTS = ""
+    cfg.freeze()
+    return cfg
+
+
+def _load_teacher_weights(model: torch.nn.Module, path: str, config_path: str) -> None:
+    if not path:
+        raise ValueError("KD.TEACHER.WEIGHTS is empty: a distilled student needs a trained teacher. Train one "
+                         "with tools/train_net.py --config-file {} and point KD.TEACHER.WEIGHTS at its "
+                         "model_final.pth".format(config_path))
+    if not os.path.isfile(path):
+        raise FileNotFoundError("teacher weights KD.TEACHER.WEIGHTS={!r} not found. Train the teacher with "
+                                "tools/train_net.py --config-file {} or fix the path".format(path, config_path))
+    checkpointer = DetectionCheckpointer(model)
+    try:
+        checkpoint = checkpointer._load_file(path)
+    except Exception as e:
+        raise ValueError("teacher weights {!r} are unreadable ({}: {}); re-save or re-train the "
+                         "teacher".format(path, type(e).__name__, e)) from e
+    incompatible = checkpointer._load_model(checkpoint)
+    problems = []
+    if incompatible.missing_keys:
+        problems.append("missing keys: " + ", ".join(incompatible.missing_keys[:10]))
+    if incompatible.unexpected_keys:
+        problems.append("unexpected keys: " + ", ".join(incompatible.unexpected_keys[:10]))
+    if incompatible.incorrect_shapes:
+        problems.append("shape mismatch: " + ", ".join(
+            "{} {}->{}".format(k, tuple(a), tuple(b)) for k, a, b in incompatible.incorrect_shapes[:10]))
+    if problems:
+        raise ValueError("teacher weights {!r} do not fit the teacher config {!r} ({}). Use the config the "
+                         "teacher was trained with".format(path, config_path, "; ".join(problems)))
+
+
+class FrozenTeacher:
+    """
+    A detector in eval mode with gradients off.
+
+    Deliberately not an ``nn.Module``: stored on the student it is not a submodule,
+    so it never reaches the optimizer, the student's ``state_dict`` (checkpoints),
+    ``train()``, or DistributedDataParallel's gradient sync.  On resume it is
+    rebuilt from its own weights.
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg: CfgNode):
+        self.model = model.eval().requires_grad_(False)
+        self.cfg = cfg
+
+    @property
+    def num_classes(self) -> int:
+        return num_classes_of(self.cfg)
+
+    def output_shape(self):
+        return self.model.backbone.output_shape()
+
+    @property
+    def input_format(self) -> str:
+        return self.cfg.INPUT.FORMAT
+
+    def takes_input_like(self, input_format: str, pixel_mean: torch.Tensor, pixel_std: torch.Tensor) -> bool:
+        """Whether the teacher's channel order and normalisation equal the given (student's) ones."""
+        m = self.model
+        return (self.input_format == input_format and m.pixel_mean.shape == pixel_mean.shape and torch.equal(m.pixel_mean, pixel_mean)
+                and torch.equal(m.pixel_std, pixel_std))
+
+    @torch.no_grad()
+    def preprocess_image(self, batched_inputs: List[Dict], like: ImageList, input_format: str) -> ImageList:
+        """
+        The batch (loaded in the student's ``input_format``) in the teacher's channel
+        order, normalised with its pixel mean/std and padded to the padded size of
+        ``like`` (the student's batch), so that features align.
+        """
+        m = self.model
+        images = [x["image"].to(m.pixel_mean.device) for x in batched_inputs]
+        if self.input_format != input_format:
+            if {self.input_format, input_format} != {"RGB", "BGR"}:
+                raise ValueError("cannot convert student input format {} to teacher input format {}".format(
+                    input_format, self.input_format))
+            images = [x.flip(0) for x in images]
+        images = [(x - m.pixel_mean) / m.pixel_std for x in images]
+        images = ImageList.from_tensors(images, m.backbone.size_divisibility)
+        th, tw = images.tensor.shape[-2:]
+        sh, sw = like.tensor.shape[-2:]
+        if th > sh or tw > sw:
+            raise ValueError("teacher pads inputs to {}x{} but the student to {}x{}: give the student a "
+                             "MODEL size_divisibility that is a multiple of the teacher's".format(th, tw, sh, sw))
+        if (th, tw) != (sh, sw):
+            images = ImageList(F.pad(images.tensor, (0, sw - tw, 0, sh - th)), images.image_sizes)
+        return images
+
+    @torch.no_grad()
+    def backbone_features(self, images: ImageList) -> Dict[str, torch.Tensor]:
+        """Teacher backbone (FPN) outputs: name -> (N, C, H, W)."""
+        return self.model.backbone(images.tensor)
+
+
+def build_teacher(student_cfg: CfgNode) -> FrozenTeacher:
+    """Build and load the teacher named by ``student_cfg.KD.TEACHER``, checking it fits the student."""
+    cfg = build_teacher_cfg(student_cfg)
+    model = build_model(cfg)
+    _load_teacher_weights(model, student_cfg.KD.TEACHER.WEIGHTS, student_cfg.KD.TEACHER.CONFIG)
+    teacher = FrozenTeacher(model, cfg)
+    student_classes = num_classes_of(student_cfg)
+    if teacher.num_classes != student_classes:
+        raise ValueError("teacher has {} classes ({}) but the student has {}: both must be trained on the same "
+                         "label space (set NUM_CLASSES alike)".format(
+                             teacher.num_classes, student_cfg.KD.TEACHER.CONFIG, student_classes))
+    logger.info("Loaded teacher {} from {}".format(cfg.MODEL.META_ARCHITECTURE, student_cfg.KD.TEACHER.WEIGHTS))
+    return teacher

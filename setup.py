@@ -1,0 +1,28 @@
+#!/usr/bin/env python
+"""kd_det: knowledge distillation of object detectors on Detectron2.
+
+Detectron2 itself is not on PyPI: install it first with ``tools/install_detectron2.py``
+(the README's ``make`` targets do this).
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="kd_det",
+    version="0.1.0",
+    description="Knowledge distillation of object detectors (SSIM, RM, PFI, ...) on Detectron2",
+    packages=find_packages(exclude=("tests", "tests.*")),
+    python_requires=">=3.9",
+    install_requires=[
+        "torch>=1.10",
+        "torchvision",
+        "fvcore",
+        "pycocotools>=2.0.2",
+        "numpy",
+        "Pillow",
+    ],
+    extras_require={
+        "test": ["pytest", "pytorch-msssim==1.0.0"],
+        "bench": ["pytorch-msssim==1.0.0", "kornia"],
+    },
+)

@@ -1,0 +1,67 @@
+"""Shared fixtures: a tiny synthetic dataset and tiny CPU configs."""
+
+import os
+
+import pytest
+import torch
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.modeling import build_model
+
+import kd_det  # noqa: F401  (registers meta-architectures and datasets)
+from kd_det import get_kd_cfg
+from kd_det.data import SyntheticSpec, register_synthetic_datasets
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_SPEC = SyntheticSpec(num_train=16, num_val=6, image_size=64, min_object_size=8, max_object_size=28,
+                          max_objects=4, seed=3)
+TINY_PREFIX = "kd_test_tiny"
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_data_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("data") / "kd_synthetic_tiny")
+    register_synthetic_datasets(root, TINY_SPEC, prefix=TINY_PREFIX)
+    return root
+
+
+def config_path(rel):
+    return os.path.join(REPO, "configs", rel)
+
+
+def tiny_cfg(config, output_dir, opts=()):
+    """A repo config shrunk to seconds on a CPU: 64 px inputs, batch 2, narrow FPN."""
+    cfg = get_kd_cfg()
+    cfg.merge_from_file(config_path(config))
+    cfg.merge_from_list([
+        "DATASETS.TRAIN", (TINY_PREFIX + "_train",), "DATASETS.TEST", (TINY_PREFIX + "_val",),
+        "INPUT.MIN_SIZE_TRAIN", (64,), "INPUT.MAX_SIZE_TRAIN", 64, "INPUT.MIN_SIZE_TEST", 64,
+        "INPUT.MAX_SIZE_TEST", 64, "SOLVER.IMS_PER_BATCH", 2, "SOLVER.MAX_ITER", 4, "SOLVER.WARMUP_ITERS", 1,
+        "SOLVER.STEPS", (), "SOLVER.CHECKPOINT_PERIOD", 1000, "DATALOADER.NUM_WORKERS", 0,
+        "MODEL.RPN.PRE_NMS_TOPK_TRAIN", 200, "MODEL.RPN.POST_NMS_TOPK_TRAIN", 64,
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 32, "OUTPUT_DIR", str(output_dir), "SEED", 7,
+    ] + list(opts))
+    return cfg
+
+
+def save_random_teacher(config, path, opts=()):
+    """A teacher checkpoint in Detectron2 format (randomly initialised: tests need its shapes, not its skill)."""
+    cfg = tiny_cfg(config, os.path.dirname(path), opts)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    DetectionCheckpointer(model, save_dir=os.path.dirname(path)).save(os.path.splitext(os.path.basename(path))[0])
+    return path
+
+
+@pytest.fixture(scope="session")
+def rcnn_teacher(tmp_path_factory):
+    d = tmp_path_factory.mktemp("rcnn_teacher")
+    return save_random_teacher("synthetic/faster_rcnn_R_50_FPN.yaml", str(d / "teacher.pth"))
+
+
+@pytest.fixture(scope="session")
+def retina_teacher(tmp_path_factory):
+    d = tmp_path_factory.mktemp("retina_teacher")
+    return save_random_teacher("synthetic/retinanet_R_50_FPN.yaml", str(d / "teacher.pth"))

@@ -1,0 +1,64 @@
+"""The Detectron2 compatibility module."""
+
+import importlib
+
+import pytest
+
+from kd_det import compat
+
+SETUP_PY = '''setup(
+    name="pb1-detectron2",
+    install_requires=[
+        "omegaconf>=2.1",
+        "black==21.4b2",
+    ],
+    ext_modules=get_extensions(),
+    cmdclass={"build_ext": torch.utils.cpp_extension.BuildExtension},
+)
+'''
+
+
+def _fake_sdist(root):
+    (root / "detectron2" / "data" / "transforms").mkdir(parents=True)
+    (root / "detectron2" / "data" / "datasets").mkdir(parents=True)
+    (root / "setup.py").write_text(SETUP_PY)
+    (root / "detectron2" / "data" / "transforms" / "transform.py").write_text(
+        "def f(interp=Image.LINEAR):\n    return np.float32(1), np.int64(2)\n")
+    (root / "detectron2" / "data" / "datasets" / "voc.py").write_text(
+        "ids = np.loadtxt(f, dtype=np.str)\nh = np.zeros(3, dtype=np.int)\nx = np.float(1) + np.bool_(1)\n")
+
+
+def test_patch_detectron2_sdist(tmp_path):
+    _fake_sdist(tmp_path)
+    compat.patch_detectron2_sdist(str(tmp_path))
+    compat.patch_detectron2_sdist(str(tmp_path))  # idempotent
+    setup_py = (tmp_path / "setup.py").read_text()
+    assert "ext_modules" not in setup_py and "cmdclass" not in setup_py and "black" not in setup_py
+    assert '"omegaconf>=2.1",' in setup_py
+    transform = (tmp_path / "detectron2" / "data" / "transforms" / "transform.py").read_text()
+    assert "Image.BILINEAR" in transform and "np.float32(1), np.int64(2)" in transform
+    voc = (tmp_path / "detectron2" / "data" / "datasets" / "voc.py").read_text()
+    assert voc == "ids = np.loadtxt(f, dtype=str)\nh = np.zeros(3, dtype=int)\nx = float(1) + np.bool_(1)\n"
+    assert "KD_DET_PLACEHOLDER" in (tmp_path / "detectron2" / "_C.py").read_text()
+
+
+def test_patch_refuses_an_unexpected_setup_py(tmp_path):
+    _fake_sdist(tmp_path)
+    (tmp_path / "setup.py").write_text("setup(ext_modules=get_extensions(), other=1)\n")
+    with pytest.raises(RuntimeError, match="unexpected setup.py"):
+        compat.patch_detectron2_sdist(str(tmp_path))
+
+
+def test_placeholder_ops_raise_a_clear_error():
+    ext = importlib.import_module("detectron2._C")
+    if not getattr(ext, "KD_DET_PLACEHOLDER", False):
+        pytest.skip("a full Detectron2 with its C++ extension is installed")
+    assert not compat.has_cpp_ops()
+    with pytest.raises(RuntimeError, match="deform_conv_forward is not available.*C\\+\\+ extension"):
+        ext.deform_conv_forward(1, 2)
+
+
+def test_detectron2_environment_report_works():
+    from detectron2.utils.collect_env import collect_env_info
+
+    assert "detectron2" in collect_env_info()

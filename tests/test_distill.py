@@ -1,0 +1,158 @@
+"""Distillation meta-architectures: teacher loading, freezing, checks and errors."""
+
+import os
+
+import pytest
+import torch
+from conftest import config_path, save_random_teacher, tiny_cfg
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import build_detection_train_loader
+from detectron2.modeling import build_model
+from detectron2.solver import build_optimizer
+from detectron2.utils.events import EventStorage
+
+from kd_det.modeling import DistillGeneralizedRCNN, DistillRetinaNet
+
+RCNN_SSIM = "synthetic/distill/ssim_faster_rcnn_R50_to_R18.yaml"
+RETINA_SSIM = "synthetic/distill/ssim_retinanet_R50_to_R18.yaml"
+
+
+def distill_cfg(config, teacher_config, teacher_weights, out, opts=()):
+    return tiny_cfg(config, out, ["KD.TEACHER.CONFIG", config_path(teacher_config),
+                                  "KD.TEACHER.WEIGHTS", teacher_weights] + list(opts))
+
+
+def _one_step(model, cfg):
+    loader = iter(build_detection_train_loader(cfg))
+    optimizer = build_optimizer(cfg, model)
+    model.train()
+    with EventStorage(0):
+        losses = model(next(loader))
+        sum(losses.values()).backward()
+        optimizer.step()
+    return losses, optimizer
+
+
+@pytest.mark.parametrize("kind", ["rcnn", "retina"])
+def test_teacher_frozen_and_absent_from_student(kind, tiny_data_root, tmp_path, rcnn_teacher, retina_teacher):
+    config, teacher_cfg, weights, arch = {
+        "rcnn": (RCNN_SSIM, "synthetic/faster_rcnn_R_50_FPN.yaml", rcnn_teacher, DistillGeneralizedRCNN),
+        "retina": (RETINA_SSIM, "synthetic/retinanet_R_50_FPN.yaml", retina_teacher, DistillRetinaNet),
+    }[kind]
+    cfg = distill_cfg(config, teacher_cfg, weights, tmp_path)
+    model = build_model(cfg)
+    assert isinstance(model, arch)
+    teacher_before = {k: v.clone() for k, v in model.teacher.model.state_dict().items()}
+    saved = torch.load(weights, map_location="cpu", weights_only=False)["model"]
+    assert all(torch.equal(saved[k], v) for k, v in teacher_before.items())  # really loaded
+
+    losses, optimizer = _one_step(model, cfg)
+    assert "loss_kd_ssim" in losses and torch.isfinite(losses["loss_kd_ssim"])
+    for k, v in model.teacher.model.state_dict().items():
+        assert torch.equal(v, teacher_before[k]), k  # bit-identical, BN statistics included
+    assert not model.teacher.model.training
+    assert all(p.grad is None and not p.requires_grad for p in model.teacher.model.parameters())
+    optimized = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert not optimized & {id(p) for p in model.teacher.model.parameters()}
+    # adapters (student 64 channels -> teacher 128) are trained with the student
+    assert set(model.kd_feature.adapters.keys()) == set(model.kd_feature.levels)
+    assert all(p.grad is not None for p in model.kd_feature.adapters.parameters())
+
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("student")
+    keys = torch.load(os.path.join(tmp_path, "student.pth"), weights_only=False)["model"].keys()
+    assert not [k for k in keys if k.startswith("teacher")]
+    assert len(keys) == len(model.state_dict())
+
+
+def test_inference_is_the_student_alone(tiny_data_root, tmp_path, rcnn_teacher):
+    cfg = distill_cfg(RCNN_SSIM, "synthetic/faster_rcnn_R_50_FPN.yaml", rcnn_teacher, tmp_path)
+    model = build_model(cfg).eval()
+    called = []
+    model.teacher.model.register_forward_hook(lambda *a: called.append(1))
+    model.teacher.model.backbone.register_forward_hook(lambda *a: called.append(1))
+    with torch.no_grad():
+        out = model([{"image": torch.zeros(3, 64, 64), "height": 64, "width": 64}])
+    assert "instances" in out[0] and not called
+
+
+def test_missing_teacher_weights(tmp_path, tiny_data_root):
+    cfg = distill_cfg(RCNN_SSIM, "synthetic/faster_rcnn_R_50_FPN.yaml", str(tmp_path / "nope.pth"), tmp_path)
+    with pytest.raises(FileNotFoundError, match="nope.pth.*Train the teacher"):
+        build_model(cfg)
+    cfg = distill_cfg(RCNN_SSIM, "synthetic/faster_rcnn_R_50_FPN.yaml", "", tmp_path)
+    with pytest.raises(ValueError, match="KD.TEACHER.WEIGHTS is empty"):
+        build_model(cfg)
+
+
+def test_unreadable_teacher_weights(tmp_path, tiny_data_root):
+    bad = tmp_path / "broken.pth"
+    bad.write_bytes(b"not a checkpoint")
+    cfg = distill_cfg(RCNN_SSIM, "synthetic/faster_rcnn_R_50_FPN.yaml", str(bad), tmp_path)
+    with pytest.raises(ValueError, match="unreadable"):
+        build_model(cfg)
+
+
+def test_teacher_weights_that_do_not_fit(tmp_path, tiny_data_root):
+    # R-18 weights given to an R-50 teacher config
+    weights = save_random_teacher("synthetic/faster_rcnn_R_18_FPN.yaml", str(tmp_path / "r18.pth"))
+    cfg = distill_cfg(RCNN_SSIM, "synthetic/faster_rcnn_R_50_FPN.yaml", weights, tmp_path)
+    with pytest.raises(ValueError, match="do not fit the teacher config.*(missing keys|shape mismatch)"):
+        build_model(cfg)
+
+
+def test_teacher_config_errors(tmp_path, tiny_data_root, rcnn_teacher):
+    cfg = distill_cfg(RCNN_SSIM, "synthetic/faster_rcnn_R_50_FPN.yaml", rcnn_teacher, tmp_path)
+    cfg.defrost()
+    cfg.KD.TEACHER.CONFIG = str(tmp_path / "missing.yaml")
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        build_model(cfg)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("MODEL:\n  NOT_A_KEY: 1\n")
+    cfg.KD.TEACHER.CONFIG = str(broken)
+    with pytest.raises(ValueError, match="does not build.*NOT_A_KEY"):
+        build_model(cfg)
+
+
+def test_class_count_mismatch(tmp_path, tiny_data_root):
+    opts = ["MODEL.ROI_HEADS.NUM_CLASSES", 3]
+    weights = save_random_teacher("synthetic/faster_rcnn_R_50_FPN.yaml", str(tmp_path / "t3.pth"), opts)
+    cfg = distill_cfg(RCNN_SSIM, "synthetic/faster_rcnn_R_50_FPN.yaml", weights, tmp_path,
+                      ["KD.TEACHER.OPTS", opts])
+    with pytest.raises(ValueError, match="teacher has 3 classes.*student has 5"):
+        build_model(cfg)
+
+
+def test_channel_mismatch_without_adapter(tmp_path, tiny_data_root, rcnn_teacher):
+    cfg = distill_cfg(RCNN_SSIM, "synthetic/faster_rcnn_R_50_FPN.yaml", rcnn_teacher, tmp_path,
+                      ["KD.FEATURE.ADAPTER", "none"])
+    with pytest.raises(ValueError, match="64 channels, teacher 128.*ADAPTER"):
+        build_model(cfg)
+
+
+def test_unmatched_fpn_levels(tmp_path, tiny_data_root, rcnn_teacher):
+    cfg = distill_cfg(RCNN_SSIM, "synthetic/faster_rcnn_R_50_FPN.yaml", rcnn_teacher, tmp_path,
+                      ["KD.FEATURE.IN_FEATURES", ["p2", "p7"]])
+    with pytest.raises(ValueError, match="'p7' is not output by both"):
+        build_model(cfg)
+
+
+def test_unknown_loss_name(tmp_path, tiny_data_root, rcnn_teacher):
+    cfg = distill_cfg(RCNN_SSIM, "synthetic/faster_rcnn_R_50_FPN.yaml", rcnn_teacher, tmp_path,
+                      ["KD.FEATURE.LOSS", "ssim"])
+    with pytest.raises(KeyError, match="unknown KD.FEATURE.LOSS 'ssim'"):
+        build_model(cfg)
+
+
+def test_rgb_student_bgr_teacher_input(tmp_path, tiny_data_root, rcnn_teacher):
+    # a student reading RGB with other normalisation: the teacher still gets BGR, its own normalisation
+    cfg = distill_cfg(RCNN_SSIM, "synthetic/faster_rcnn_R_50_FPN.yaml", rcnn_teacher, tmp_path,
+                      ["INPUT.FORMAT", "RGB", "MODEL.PIXEL_MEAN", [123.675, 116.28, 103.53]])
+    model = build_model(cfg)
+    image = torch.rand(3, 64, 64) * 255
+    inputs = [{"image": image}]
+    images = model.preprocess_image(inputs)
+    timages = model.teacher_images(inputs, images)
+    tm = model.teacher.model
+    expected = (image.flip(0) - tm.pixel_mean) / tm.pixel_std
+    assert torch.allclose(timages.tensor[0], expected)

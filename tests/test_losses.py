@@ -1,0 +1,111 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from pytorch_msssim import ssim as reference_ssim
+
+from kd_det import get_kd_cfg
+from kd_det.losses import (
+    L1FeatureLoss,
+    L2FeatureLoss,
+    SSIMFeatureLoss,
+    build_feature_loss,
+    minmax_normalize,
+    ssim_feature_loss,
+    ssim_map,
+)
+
+
+def _pair(shape, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(shape, generator=g, dtype=dtype)
+    # y correlated with x, so SSIM is neither ~0 nor ~1
+    y = (0.6 * x + 0.4 * torch.rand(shape, generator=g, dtype=dtype)).clamp(0, 1)
+    return x, y
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 32, 40), (1, 8, 11, 17), (3, 1, 64, 64)])
+def test_ssim_map_matches_pytorch_msssim(shape):
+    x, y = _pair(shape, 0)
+    ours = ssim_map(x, y, 11, 1.5, 0.01**2, 0.03**2).flatten(2).mean(-1)  # (N, C)
+    ref = reference_ssim(x, y, data_range=1.0, size_average=False, win_size=11, win_sigma=1.5, K=(0.01, 0.03))
+    assert torch.allclose(ours.mean(1), ref, atol=1e-5, rtol=0)
+
+
+def test_ssim_loss_minmax_equals_reference_on_normalised_inputs():
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(2, 4, 24, 30, generator=g) * 3 + 1
+    t = s + torch.randn(2, 4, 24, 30, generator=g)
+    loss = SSIMFeatureLoss(normalize="minmax")([s], [t])
+    ref = reference_ssim(minmax_normalize(s), minmax_normalize(t), data_range=1.0, size_average=True)
+    assert abs(loss.item() - (1 - ref.item()) / 2) < 1e-5
+
+
+def test_ssim_of_identical_features_is_perfect_at_every_size():
+    g = torch.Generator().manual_seed(2)
+    levels = [torch.randn(2, 5, s, s + 1, generator=g) for s in (40, 11, 7, 4, 2, 1)]
+    for normalize in ("minmax", "none"):
+        loss = SSIMFeatureLoss(normalize=normalize)(levels, [f.clone() for f in levels])
+        assert loss.abs().item() < 1e-5
+
+
+def test_ssim_maps_smaller_than_window_use_a_fitting_window():
+    x, y = _pair((1, 2, 5, 8), 3)
+    out = ssim_map(x, y, window_size=11)
+    assert out.shape == (1, 2, 1, 2)  # a 5x7 window: one row, two columns of positions
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("normalize", ["minmax", "none"])
+def test_ssim_loss_gradcheck(normalize):
+    g = torch.Generator().manual_seed(4)
+    s = torch.randn(1, 2, 13, 14, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(1, 2, 13, 14, generator=g, dtype=torch.float64)
+    loss = SSIMFeatureLoss(window_size=5, sigma=1.0, normalize=normalize)
+    assert torch.autograd.gradcheck(lambda a: loss([a], [t]), (s,), eps=1e-6, atol=1e-5)
+
+
+def test_level_weights_and_mean():
+    x1, y1 = _pair((1, 2, 20, 20), 5)
+    x2, y2 = _pair((1, 2, 16, 16), 6)
+    loss = SSIMFeatureLoss()
+    l1, l2 = loss([x1], [y1]), loss([x2], [y2])
+    assert torch.allclose(loss([x1, x2], [y1, y2]), (l1 + l2) / 2)
+    assert torch.allclose(loss([x1, x2], [y1, y2], level_weights=[1.0, 3.0]), l1 + 3 * l2)
+    assert torch.allclose(ssim_feature_loss([x1, x2], [y1, y2], [1.0, 3.0]), l1 + 3 * l2)
+
+
+def test_position_weights_focus_the_loss():
+    x, y = _pair((1, 3, 20, 20), 7)
+    y[..., :10] = x[..., :10]  # left half identical
+    left = torch.zeros(1, 20, 20)
+    left[..., :8] = 1
+    loss = L2FeatureLoss()
+    assert loss([x], [y], position_weights=[left]).item() == 0.0
+    assert loss([x], [y], position_weights=[1 - left]).item() > 0.0
+    # uniform weights give the unweighted mean
+    assert torch.allclose(loss([x], [y], position_weights=[torch.ones(1, 20, 20)]), loss([x], [y]))
+
+
+def test_lp_losses_and_teacher_is_constant():
+    s = torch.randn(2, 3, 8, 8, requires_grad=True)
+    t = torch.randn(2, 3, 8, 8, requires_grad=True)
+    assert torch.allclose(L2FeatureLoss()([s], [t]), F.mse_loss(s, t))
+    out = L1FeatureLoss()([s], [t])
+    assert torch.allclose(out, F.l1_loss(s, t))
+    out.backward()
+    assert t.grad is None and s.grad is not None
+
+
+def test_build_feature_loss_by_name_and_unknown_name():
+    cfg = get_kd_cfg()
+    for name, cls in [("SSIMFeatureLoss", SSIMFeatureLoss), ("L2FeatureLoss", L2FeatureLoss)]:
+        cfg.KD.FEATURE.LOSS = name
+        assert isinstance(build_feature_loss(cfg), cls)
+    cfg.KD.FEATURE.LOSS = "SSIM_typo"
+    with pytest.raises(KeyError, match="SSIM_typo.*SSIMFeatureLoss"):
+        build_feature_loss(cfg)
+
+
+def test_shape_mismatch_is_explained():
+    with pytest.raises(ValueError, match="adapter"):
+        L2FeatureLoss()([torch.zeros(1, 4, 8, 8)], [torch.zeros(1, 8, 8, 8)])

@@ -1,0 +1,102 @@
+"""End-to-end: Detectron2 trainers on the synthetic data, COCO and VOC evaluation, the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO, TINY_PREFIX, config_path, tiny_cfg
+
+from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
+
+from kd_det.engine import KDTrainer, get_trainer_class
+from kd_det.evaluation import build_evaluator
+
+
+def _metrics(output_dir):
+    with open(os.path.join(output_dir, "metrics.json")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.mark.parametrize("config", ["synthetic/faster_rcnn_R_18_FPN.yaml", "synthetic/retinanet_R_18_FPN.yaml"])
+def test_train_and_evaluate_coco_and_voc(config, tiny_data_root, tmp_path):
+    cfg = tiny_cfg(config, tmp_path, ["SOLVER.MAX_ITER", 6,
+                                      "DATASETS.TEST", (TINY_PREFIX + "_val", TINY_PREFIX + "_voc_val")])
+    trainer = get_trainer_class(cfg)(cfg)
+    assert isinstance(trainer, KDTrainer)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    results = KDTrainer.test(cfg, trainer.model)
+    coco, voc = results[TINY_PREFIX + "_val"]["bbox"], results[TINY_PREFIX + "_voc_val"]["bbox"]
+    assert {"AP", "AP50", "AP75", "APs", "APm", "APl"} <= set(coco)
+    assert {"AP", "AP50", "AP75"} <= set(voc)
+    for v in list(coco.values()) + list(voc.values()):
+        assert v != v or 0.0 <= v <= 100.0  # NaN only for empty size ranges
+    assert os.path.isfile(os.path.join(tmp_path, "model_final.pth"))
+    assert max(m["iteration"] for m in _metrics(tmp_path) if "total_loss" in m) == 5
+
+
+def test_evaluator_registry(tiny_data_root, tmp_path):
+    cfg = tiny_cfg("synthetic/faster_rcnn_R_18_FPN.yaml", tmp_path)
+    assert isinstance(build_evaluator(cfg, TINY_PREFIX + "_val"), COCOEvaluator)
+    assert isinstance(build_evaluator(cfg, TINY_PREFIX + "_voc_val"), PascalVOCDetectionEvaluator)
+    cfg.TEST.EVALUATOR = "coco"
+    assert isinstance(build_evaluator(cfg, TINY_PREFIX + "_voc_val"), COCOEvaluator)
+    cfg.TEST.EVALUATOR = "lvis"
+    with pytest.raises(KeyError, match="unknown TEST.EVALUATOR 'lvis'"):
+        build_evaluator(cfg, TINY_PREFIX + "_val")
+    cfg.KD.TRAINER = "NoSuchTrainer"
+    with pytest.raises(KeyError, match="NoSuchTrainer.*KDTrainer"):
+        get_trainer_class(cfg)
+
+
+def test_ssim_distillation_lowers_the_ssim_loss(tiny_data_root, tmp_path, rcnn_teacher):
+    cfg = tiny_cfg("synthetic/distill/ssim_faster_rcnn_R50_to_R18.yaml", tmp_path, [
+        "KD.TEACHER.CONFIG", config_path("synthetic/faster_rcnn_R_50_FPN.yaml"), "KD.TEACHER.WEIGHTS", rcnn_teacher,
+        "SOLVER.MAX_ITER", 40, "SOLVER.BASE_LR", 0.01, "KD.FEATURE.WEIGHT", 4.0])
+    trainer = KDTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    ssim = [v for v, _ in trainer.storage.history("loss_kd_ssim").values()]
+    assert len(ssim) == 40
+    first, last = sum(ssim[:4]) / 4, sum(ssim[-4:]) / 4
+    assert last < 0.92 * first, ssim
+
+
+def _train_net(args, cwd):
+    env = dict(os.environ, DETECTRON2_DATASETS=str(cwd / "datasets"), PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "train_net.py")] + args, cwd=str(cwd),
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+SMALL = ["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64", "INPUT.MIN_SIZE_TEST", "64",
+         "INPUT.MAX_SIZE_TEST", "64", "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
+         "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "1"]
+
+
+def test_cli_teacher_then_distilled_student(tmp_path):
+    """The user path of the SSIM issue: train a teacher with the tool, distil a student from it."""
+    teacher_out = tmp_path / "teacher"
+    _train_net(["--config-file", config_path("synthetic/retinanet_R_50_FPN.yaml"), "SOLVER.MAX_ITER", "3",
+                "OUTPUT_DIR", str(teacher_out), "DATASETS.TEST", "()"] + SMALL, tmp_path)
+    student_out = tmp_path / "student"
+    proc = _train_net(["--config-file", config_path("synthetic/distill/ssim_retinanet_R50_to_R18.yaml"),
+                       "KD.TEACHER.CONFIG", config_path("synthetic/retinanet_R_50_FPN.yaml"),
+                       "KD.TEACHER.WEIGHTS", str(teacher_out / "model_final.pth"), "SOLVER.MAX_ITER", "3",
+                       "OUTPUT_DIR", str(student_out)] + SMALL, tmp_path)
+    assert "copypaste: AP,AP50,AP75,APs,APm,APl" in proc.stdout + proc.stderr
+    assert any("loss_kd_ssim" in m for m in _metrics(student_out))
+    # the generated default data was used (and made on first use)
+    assert (tmp_path / "datasets" / "kd_synthetic" / "SPEC.json").is_file()
+    # --eval-only on the student's checkpoint
+    proc = _train_net(["--config-file", config_path("synthetic/distill/ssim_retinanet_R50_to_R18.yaml"),
+                       "--eval-only", "KD.TEACHER.CONFIG", config_path("synthetic/retinanet_R_50_FPN.yaml"),
+                       "KD.TEACHER.WEIGHTS", str(teacher_out / "model_final.pth"),
+                       "MODEL.WEIGHTS", str(student_out / "model_final.pth"), "OUTPUT_DIR", str(student_out)] + SMALL,
+                      tmp_path)
+    assert "copypaste: AP,AP50,AP75,APs,APm,APl" in proc.stdout + proc.stderr
+    assert torch.load(student_out / "model_final.pth", weights_only=False)["iteration"] == 2

@@ -1,0 +1,71 @@
+#!/usr/bin/env python
+"""
+Train or evaluate a detector, with or without distillation, the Detectron2 way.
+
+    tools/train_net.py --config-file configs/synthetic/faster_rcnn_R_50_FPN.yaml
+    tools/train_net.py --config-file configs/synthetic/distill/ssim_faster_rcnn_R50_to_R18.yaml
+    tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS out/model_final.pth
+    tools/train_net.py --config-file CFG --resume
+    tools/train_net.py --config-file CFG --num-gpus 8      # (CPU: processes on gloo)
+
+The trainer class is ``cfg.KD.TRAINER`` (kd_det.engine.TRAINER_REGISTRY).
+"""
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.engine import default_argument_parser, default_setup
+from detectron2.evaluation import verify_results
+
+from kd_det import add_kd_config
+from kd_det.compat import launch
+from kd_det.data import prepare_datasets
+from kd_det.engine import get_trainer_class
+
+
+def setup(args):
+    cfg = add_kd_config(get_cfg())
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    trainer_cls = get_trainer_class(cfg)
+    if args.eval_only:
+        model = trainer_cls.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        res = trainer_cls.test(cfg, model)
+        verify_results(cfg, res)
+        return res
+    trainer = trainer_cls(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def prepare(args):
+    """Work done once, before any worker starts: generate kd_det's synthetic data if used."""
+    cfg = add_kd_config(get_cfg())
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    prepare_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
+
+
+def cli(argv=None):
+    args = default_argument_parser().parse_args(argv)
+    print("Command Line Args:", args)
+    prepare(args)
+    return launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
+
+
+if __name__ == "__main__":
+    cli()
