@@ -21,7 +21,8 @@ Detectron2 usable with no kd_det import, e.g. to deploy an exported student.
 At run time, :data:`HAS_CPP_OPS` tells whether the real extension is there:
 kd_det then picks pycocotools' COCOeval instead of the fast C++ one, and
 :func:`launch` uses gloo instead of NCCL when there is no GPU (v0.6 hard-codes
-NCCL and asserts CUDA).  A full Detectron2 installed by other means is used
+NCCL and asserts CUDA), and in those CPU workers DDP gets ``device_ids=None``
+(v0.6 passes the local rank, which DDP rejects for CPU modules).  A full Detectron2 installed by other means is used
 untouched.
 
 This module imports nothing from Detectron2 at module level so that the
@@ -192,4 +193,25 @@ def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank
         if i == machine_rank:
             comm._LOCAL_PROCESS_GROUP = pg
     comm.synchronize()
+    _ddp_without_device_ids()
     main_func(*args)
+
+
+def _ddp_without_device_ids():
+    """
+    v0.6's ``create_ddp_model`` passes ``device_ids=[local_rank]``, which PyTorch's
+    DistributedDataParallel rejects for CPU modules.  In CPU worker processes only,
+    make the default ``device_ids=None`` (what DDP expects on CPU).
+    """
+    from detectron2.engine import defaults
+
+    create = defaults.create_ddp_model
+    if getattr(create, "_kd_det_cpu", False):
+        return
+
+    def create_ddp_model(model, *, fp16_compression=False, **kwargs):
+        kwargs.setdefault("device_ids", None)
+        return create(model, fp16_compression=fp16_compression, **kwargs)
+
+    create_ddp_model._kd_det_cpu = True
+    defaults.create_ddp_model = create_ddp_model

@@ -25,8 +25,9 @@ def add_kd_config(cfg: CN) -> CN:
 
     # Feature imitation between student and teacher FPN outputs.
     cfg.KD.FEATURE = CN()
-    # Name in kd_det.losses.FEATURE_LOSS_REGISTRY: "ssim", "l2", "l1"; "" disables it.
-    cfg.KD.FEATURE.LOSS = "ssim"
+    # Class name in kd_det.losses.FEATURE_LOSS_REGISTRY: "SSIMFeatureLoss",
+    # "L2FeatureLoss", "L1FeatureLoss"; "" disables feature imitation.
+    cfg.KD.FEATURE.LOSS = "SSIMFeatureLoss"
     cfg.KD.FEATURE.WEIGHT = 4.0
     # FPN levels to imitate; empty means every level both backbones output.
     cfg.KD.FEATURE.IN_FEATURES = []
@@ -49,55 +50,33 @@ def add_kd_config(cfg: CN) -> CN:
     # "auto" (fused GPU kernel on CUDA when available, else PyTorch), "torch", "triton".
     cfg.KD.SSIM.IMPL = "auto"
 
-    # Evaluator name in kd_det.evaluation.EVALUATOR_REGISTRY; "" picks it from the
-    # dataset's ``evaluator_type`` metadata ("coco" or "pascal_voc").
-    cfg.TEST.EVALUATOR = ""
+    # Prediction distillation for one-stage students (DistillRetinaNet with a RetinaNet
+    # teacher of the same classes and anchors per position).
+    # Rank Mimicking: KL between teacher and student softmax(score / T) over each
+    # object's positive anchors (student's anchor matcher), averaged over objects.
+    cfg.KD.RM = CN()
+    cfg.KD.RM.ENABLED = False
+    cfg.KD.RM.WEIGHT = 4.0
+    cfg.KD.RM.TEMPERATURE = 1.0
+    # Prediction-guided Feature Imitation: the KD.FEATURE loss (L2 as in the paper,
+    # or SSIM) weighted per position by the teacher-student class-logit difference.
+    cfg.KD.PFI = CN()
+    cfg.KD.PFI.ENABLED = False
+    # Soft-label classification KD on every non-ignored anchor (the RM baseline).
+    cfg.KD.SOFT_LABEL = CN()
+    cfg.KD.SOFT_LABEL.ENABLED = False
+    cfg.KD.SOFT_LABEL.WEIGHT = 1.0
+    cfg.KD.SOFT_LABEL.TEMPERATURE = 1.0
+    # "kl" (binary KL per class) or "bce" (cross-entropy with the teacher's scores)
+    cfg.KD.SOFT_LABEL.MODE = "kl"
 
-    return cfg
-    cfg.KD = CN()
-    # Name in kd_det.engine.TRAINER_REGISTRY.
-    cfg.KD.TRAINER = "KDTrainer"
-
-    cfg.KD.TEACHER = CN()
-    # The teacher's own Detectron2 config (a path) and its Detectron2 checkpoint.
-    cfg.KD.TEACHER.CONFIG = ""
-    cfg.KD.TEACHER.WEIGHTS = ""
-    # Extra "KEY VALUE" overrides applied to the teacher config after CONFIG.
-    cfg.KD.TEACHER.OPTS = []
-
-    # Feature imitation between student and teacher FPN outputs.
-    cfg.KD.FEATURE = CN()
-    # Name in kd_det.losses.FEATURE_LOSS_REGISTRY: "ssim", "l2", "l1"; "" disables it.
-    cfg.KD.FEATURE.LOSS = "ssim"
-    cfg.KD.FEATURE.WEIGHT = 4.0
-    # FPN levels to imitate; empty means every level both backbones output.
-    cfg.KD.FEATURE.IN_FEATURES = []
-    # Per-level weights (same length as the levels used); empty means a plain mean.
-    cfg.KD.FEATURE.LEVEL_WEIGHTS = []
-    # Student-side adapter: "auto" = 1x1 conv only where channels differ,
-    # "conv1x1" = always a 1x1 conv, "none" = never (channels must then match).
-    cfg.KD.FEATURE.ADAPTER = "auto"
-
-    cfg.KD.SSIM = CN()
-    cfg.KD.SSIM.WINDOW_SIZE = 11
-    cfg.KD.SSIM.SIGMA = 1.5
-    # SSIM's stability constants are C1 = (K1 * L)^2 and C2 = (K2 * L)^2 with L the
-    # dynamic range of the values compared.
-    cfg.KD.SSIM.K1 = 0.01
-    cfg.KD.SSIM.K2 = 0.03
-    # "minmax": rescale every (image, channel) map to [0, 1] (L = 1), as published;
-    # "none": raw features, L = the teacher map's value range (max - min).
-    cfg.KD.SSIM.NORMALIZE = "minmax"
-    # "auto" (fused GPU kernel on CUDA when available, else PyTorch), "torch", "triton".
-    cfg.KD.SSIM.IMPL = "auto"
+    # KDTrainer's optimizer: "SGD" (Detectron2's) or "AdamW".
+    cfg.SOLVER.OPTIMIZER = "SGD"
 
     # Evaluator name in kd_det.evaluation.EVALUATOR_REGISTRY; "" picks it from the
     # dataset's ``evaluator_type`` metadata ("coco" or "pascal_voc").
     cfg.TEST.EVALUATOR = ""
 
-    # Root of kd_det's generated synthetic dataset; "" = $DETECTRON2_DATASETS
-    # (default ./datasets) / "kd_synthetic".
-    cfg.DATASETS.SYNTHETIC_ROOT = ""
     return cfg
 
 

@@ -55,7 +55,7 @@ def test_evaluator_registry(tiny_data_root, tmp_path):
 def test_ssim_distillation_lowers_the_ssim_loss(tiny_data_root, tmp_path, rcnn_teacher):
     cfg = tiny_cfg("synthetic/distill/ssim_faster_rcnn_R50_to_R18.yaml", tmp_path, [
         "KD.TEACHER.CONFIG", config_path("synthetic/faster_rcnn_R_50_FPN.yaml"), "KD.TEACHER.WEIGHTS", rcnn_teacher,
-        "SOLVER.MAX_ITER", 40, "SOLVER.BASE_LR", 0.01, "KD.FEATURE.WEIGHT", 4.0])
+        "SOLVER.MAX_ITER", 40, "SOLVER.BASE_LR", 0.002, "KD.FEATURE.WEIGHT", 4.0])
     trainer = KDTrainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()
@@ -100,3 +100,45 @@ def test_cli_teacher_then_distilled_student(tmp_path):
                       tmp_path)
     assert "copypaste: AP,AP50,AP75,APs,APm,APl" in proc.stdout + proc.stderr
     assert torch.load(student_out / "model_final.pth", weights_only=False)["iteration"] == 2
+
+    # --resume continues from the last checkpoint (iteration 3) to the new MAX_ITER
+    _train_net(["--config-file", config_path("synthetic/distill/ssim_retinanet_R50_to_R18.yaml"), "--resume",
+                "KD.TEACHER.CONFIG", config_path("synthetic/retinanet_R_50_FPN.yaml"),
+                "KD.TEACHER.WEIGHTS", str(teacher_out / "model_final.pth"), "SOLVER.MAX_ITER", "5",
+                "OUTPUT_DIR", str(student_out)] + SMALL, tmp_path)
+    assert torch.load(student_out / "model_final.pth", weights_only=False)["iteration"] == 4
+    iters = [m["iteration"] for m in _metrics(student_out) if "total_loss" in m]
+    assert 3 in iters and 4 in iters  # trained on from 3, not from 0
+
+    # release: student-only checkpoint + MODEL_ZOO.md from the evaluation; curves from metrics.json
+    tools = os.path.join(REPO, "tools")
+    zoo = tmp_path / "MODEL_ZOO.md"
+    proc = subprocess.run([sys.executable, os.path.join(tools, "model_zoo.py"), str(student_out), "--release-dir",
+                           str(tmp_path / "release"), "-o", str(zoo)], cwd=str(tmp_path), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = [line for line in zoo.read_text().splitlines() if line.startswith("| student |")]
+    assert len(row) == 1 and "RetinaNet R-18-FPN" in row[0] and "| SSIM |" in row[0], zoo.read_text()
+    from kd_det.export import file_sha256
+
+    assert file_sha256(str(tmp_path / "release" / "student" / "model_final.pth"))[:12] in row[0]
+    png = tmp_path / "curves.png"
+    proc = subprocess.run([sys.executable, os.path.join(tools, "plot_metrics.py"), str(teacher_out), str(student_out),
+                           "-o", str(png)], cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "loss_kd_ssim" in proc.stdout
+
+
+def test_adamw_optimizer_and_unknown_optimizer(tiny_data_root, tmp_path):
+    cfg = tiny_cfg("synthetic/retinanet_R_18_FPN.yaml", tmp_path)
+    from detectron2.modeling import build_model
+
+    model = build_model(cfg)
+    assert cfg.SOLVER.OPTIMIZER == "AdamW"
+    opt = KDTrainer.build_optimizer(cfg, model)
+    assert isinstance(opt, torch.optim.AdamW)
+    cfg.SOLVER.OPTIMIZER = "SGD"
+    assert isinstance(KDTrainer.build_optimizer(cfg, model), torch.optim.SGD)
+    cfg.SOLVER.OPTIMIZER = "Lion"
+    with pytest.raises(ValueError, match="SOLVER.OPTIMIZER 'Lion'"):
+        KDTrainer.build_optimizer(cfg, model)

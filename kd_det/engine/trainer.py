@@ -1,8 +1,12 @@
 """Trainers, chosen by ``cfg.KD.TRAINER`` from :data:`TRAINER_REGISTRY`."""
 
+import torch
 from detectron2.engine import DefaultTrainer
+from detectron2.solver import build_optimizer as build_sgd_optimizer
+from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils.registry import Registry
 
+from ..checkpoint import AtomicDetectionCheckpointer
 from ..evaluation import build_evaluator
 
 __all__ = ["TRAINER_REGISTRY", "KDTrainer", "get_trainer_class"]
@@ -17,16 +21,72 @@ Register new ones with ``@TRAINER_REGISTRY.register()``.
 @TRAINER_REGISTRY.register()
 class KDTrainer(DefaultTrainer):
     """
-    Detectron2's DefaultTrainer with kd_det's evaluator registry.
+    Detectron2's DefaultTrainer with kd_det's evaluator registry, crash-safe
+    checkpoints (:class:`AtomicDetectionCheckpointer`) and ``SOLVER.OPTIMIZER``.
 
     Distillation needs nothing else here: the teacher lives inside the model
     (not as a submodule), so optimizer, checkpointer, DDP and hooks see only the
     student; every ``loss_kd_*`` term is logged like any other loss.
     """
 
+    def build_hooks(self):
+        # DefaultTrainer made self.checkpointer just before calling this; the hooks
+        # (PeriodicCheckpointer) must get the crash-safe one, with the same state.
+        old = self.checkpointer
+        self.checkpointer = AtomicDetectionCheckpointer(
+            old.model, old.save_dir, save_to_disk=old.save_to_disk, **old.checkpointables)
+        return super().build_hooks()
+
+    def state_dict(self):
+        # Detectron2 v0.6's DefaultTrainer leaves out its inner SimpleTrainer, so the
+        # optimizer state (momentum, AdamW moments) was not checkpointed and --resume
+        # restarted it; later Detectron2 versions save it under the same key.
+        ret = super().state_dict()
+        ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+
+    def run_step(self):
+        try:
+            super().run_step()
+        except FloatingPointError as e:
+            # Detectron2 raised before optimizer.step(): the weights are those of the
+            # last good step, and every checkpoint on disk predates the bad loss.
+            last = self.checkpointer.get_checkpoint_file() if self.checkpointer.has_checkpoint() else "none yet"
+            raise FloatingPointError(
+                "{}\nA loss term above is not finite (NaN/inf); training stopped before the optimizer step. "
+                "Last complete checkpoint: {}. Lower SOLVER.BASE_LR or the KD.* weights, or enable "
+                "SOLVER.CLIP_GRADIENTS, then continue with --resume.".format(e, last)) from e
+
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         return build_evaluator(cfg, dataset_name, output_folder)
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        """
+        ``cfg.SOLVER.OPTIMIZER``: "SGD" (Detectron2's own) or "AdamW" (same parameter
+        groups, weight decay and gradient clipping; momentum is unused).  AdamW lets
+        the from-scratch synthetic configs learn in a CPU-sized number of iterations.
+        """
+        name = cfg.SOLVER.OPTIMIZER
+        if name == "SGD":
+            return build_sgd_optimizer(cfg, model)
+        if name != "AdamW":
+            raise ValueError("unknown SOLVER.OPTIMIZER {!r}; use 'SGD' or 'AdamW'".format(name))
+        params = get_default_optimizer_params(
+            model,
+            base_lr=cfg.SOLVER.BASE_LR,
+            weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+            weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+            bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
+            weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+        )
+        return maybe_add_gradient_clipping(cfg, torch.optim.AdamW)(params, lr=cfg.SOLVER.BASE_LR)
 
 
 def get_trainer_class(cfg):

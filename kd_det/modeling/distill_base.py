@@ -21,6 +21,12 @@ class DistillMixin:
     which is how export drops them.
     """
 
+    #: Detectron2 meta-architecture of the exported student (set by each subclass)
+    student_meta_architecture: str = ""
+
+    #: prefix of every state_dict key that belongs to distillation, not to the student
+    kd_key_prefix = "kd_"
+
     def _init_distillation(self, teacher: FrozenTeacher, feature_distiller: Optional[FeatureDistiller]):
         self.teacher = teacher
         self.kd_feature = feature_distiller

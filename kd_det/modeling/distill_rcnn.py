@@ -19,6 +19,9 @@ class DistillGeneralizedRCNN(DistillMixin, GeneralizedRCNN):
     ``cfg.KD.FEATURE.LOSS``.  Inference is the student alone.
     """
 
+    #: the vanilla meta-architecture the student is, once exported
+    student_meta_architecture = "GeneralizedRCNN"
+
     @configurable
     def __init__(self, *, teacher, feature_distiller, **kwargs):
         super().__init__(**kwargs)

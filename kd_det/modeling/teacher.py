@@ -138,6 +138,27 @@ class FrozenTeacher:
         """Teacher backbone (FPN) outputs: name -> (N, C, H, W)."""
         return self.model.backbone(images.tensor)
 
+    @property
+    def has_dense_head(self) -> bool:
+        """Whether the teacher is a one-stage detector with per-anchor predictions (RetinaNet)."""
+        return hasattr(self.model, "head") and hasattr(self.model, "head_in_features")
+
+    def require_dense_head(self) -> None:
+        """Raise a clear error unless the teacher has per-anchor predictions (RM, PFI, soft labels need them)."""
+        if not self.has_dense_head:
+            raise ValueError("KD.RM, KD.PFI and KD.SOFT_LABEL need a one-stage (RetinaNet) teacher with per-anchor "
+                             "class predictions, but the teacher is a {}; set KD.TEACHER.CONFIG to a RetinaNet "
+                             "config".format(self.cfg.MODEL.META_ARCHITECTURE))
+
+    @torch.no_grad()
+    def dense_class_logits(self, features: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
+        """
+        Class logits of a one-stage teacher's head on its own ``features``:
+        per level of ``model.head_in_features``, (N, A*K, H, W).
+        """
+        self.require_dense_head()
+        return self.model.head([features[f] for f in self.model.head_in_features])[0]
+
 
 def build_teacher(student_cfg: CfgNode) -> FrozenTeacher:
     """Build and load the teacher named by ``student_cfg.KD.TEACHER``, checking it fits the student."""

@@ -1,0 +1,70 @@
+"""Crash-safe checkpoints: a file is complete or absent, and ``last_checkpoint`` names a complete file."""
+
+import os
+from typing import Any
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+
+__all__ = ["AtomicDetectionCheckpointer", "atomic_write_bytes"]
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some filesystems do not open directories
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_replace(tmp: str, final: str) -> None:
+    os.replace(tmp, final)
+    _fsync_dir(os.path.dirname(os.path.abspath(final)))
+
+
+def atomic_write_bytes(path: str, write) -> None:
+    """Call ``write(file)`` on a temporary file next to ``path``, fsync it, rename it over ``path``."""
+    tmp = "{}.tmp.{}".format(path, os.getpid())
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        _atomic_replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class AtomicDetectionCheckpointer(DetectionCheckpointer):
+    """
+    DetectionCheckpointer whose ``save`` writes to a temporary file, fsyncs and
+    renames it (atomic on POSIX), then points ``last_checkpoint`` at it the same way.
+    A process killed at any moment leaves the previous checkpoint and tag intact.
+    Remote save dirs (``scheme://``) fall back to Detectron2's behaviour.
+    """
+
+    def _is_local(self) -> bool:
+        return "://" not in str(self.save_dir)
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        if not self.save_dir or not self.save_to_disk or not self._is_local():
+            return super().save(name, **kwargs)
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = "{}.pth".format(name)
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info("Saving checkpoint to {}".format(save_file))
+        atomic_write_bytes(save_file, lambda f: torch.save(data, f))
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        if not self._is_local():
+            return super().tag_last_checkpoint(last_filename_basename)
+        atomic_write_bytes(os.path.join(self.save_dir, "last_checkpoint"),
+                           lambda f: f.write(last_filename_basename.encode()))

@@ -1,0 +1,93 @@
+"""
+Model-zoo release of a distilled student: a student-only Detectron2 checkpoint and
+the student's own config, both loadable by vanilla Detectron2 without kd_det.
+"""
+
+import hashlib
+import os
+from typing import Dict
+
+import torch
+from detectron2.config import CfgNode, get_cfg
+from detectron2.modeling import META_ARCH_REGISTRY
+
+from .modeling.distill_base import DistillMixin
+
+__all__ = ["student_config", "student_state_dict", "export_student", "file_sha256"]
+
+
+def _drop_unknown_keys(cfg: CfgNode, reference: CfgNode) -> CfgNode:
+    """Copy of ``cfg`` without keys that ``reference`` (a vanilla Detectron2 config) lacks."""
+    out = CfgNode()
+    for key, value in cfg.items():
+        if key not in reference:
+            continue
+        if isinstance(value, CfgNode) and isinstance(reference[key], CfgNode):
+            out[key] = _drop_unknown_keys(value, reference[key])
+        else:
+            out[key] = value
+    return out
+
+
+def student_config(cfg: CfgNode, weights: str = "") -> CfgNode:
+    """
+    The student's config as vanilla Detectron2 reads it: the distillation
+    meta-architecture replaced by the plain one (``DistillRetinaNet`` ->
+    ``RetinaNet``), every kd_det key (``KD``, ``TEST.EVALUATOR``, ...) removed, and
+    ``MODEL.WEIGHTS`` set to ``weights``.
+    """
+    arch = cfg.MODEL.META_ARCHITECTURE
+    cls = META_ARCH_REGISTRY.get(arch)
+    out = _drop_unknown_keys(cfg, get_cfg())
+    out.defrost()
+    if issubclass(cls, DistillMixin):
+        out.MODEL.META_ARCHITECTURE = cls.student_meta_architecture
+    out.MODEL.WEIGHTS = weights
+    return out
+
+
+def student_state_dict(checkpoint_model: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The student's weights of a distillation checkpoint's ``model`` dict (``kd_*`` keys dropped)."""
+    return {k: v for k, v in checkpoint_model.items() if not k.startswith(DistillMixin.kd_key_prefix)}
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def export_student(cfg: CfgNode, weights: str, output_dir: str, name: str = "model_final") -> Dict[str, str]:
+    """
+    Write ``<name>.pth`` (student-only Detectron2 checkpoint) and ``config.yaml`` to ``output_dir``.
+
+    Args:
+        cfg: the training config (distillation or vanilla).
+        weights: the training checkpoint (a Detectron2 ``.pth`` with a ``model`` dict).
+    Returns:
+        {"weights": path, "config": path, "sha256": hex digest of the weights file}.
+    Raises:
+        FileNotFoundError / ValueError naming the checkpoint when it is missing or not a Detectron2 checkpoint.
+    """
+    if not os.path.isfile(weights):
+        raise FileNotFoundError("no checkpoint at {!r}: pass the training run's model_final.pth (or another "
+                                "model_XXXXXXX.pth from its OUTPUT_DIR)".format(weights))
+    try:
+        ckpt = torch.load(weights, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ValueError("cannot read checkpoint {!r}: {}: {}".format(weights, type(e).__name__, e)) from e
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise ValueError("{!r} is not a Detectron2 training checkpoint (a dict with a 'model' state dict)".format(weights))
+    os.makedirs(output_dir, exist_ok=True)
+    weights_out = os.path.join(output_dir, name + ".pth")
+    tmp = weights_out + ".tmp"
+    # iteration kept for provenance; optimizer/scheduler state are training-only
+    torch.save({"model": student_state_dict(ckpt["model"]), "iteration": ckpt.get("iteration"),
+                "__author__": "kd_det export_student"}, tmp)
+    os.replace(tmp, weights_out)
+    config_out = os.path.join(output_dir, "config.yaml")
+    with open(config_out, "w") as f:
+        f.write(student_config(cfg, weights_out).dump())
+    return {"weights": weights_out, "config": config_out, "sha256": file_sha256(weights_out)}

@@ -1,0 +1,117 @@
+"""Crash safety: atomic checkpoints, and resuming a training killed with SIGKILL."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import REPO, config_path
+from test_train import SMALL, _metrics
+
+from detectron2.checkpoint import DetectionCheckpointer
+from torch import nn
+
+from kd_det.checkpoint import AtomicDetectionCheckpointer
+
+
+def test_checkpoint_interrupted_mid_write_leaves_previous_intact(tmp_path, monkeypatch):
+    model = nn.Linear(3, 2)
+    ckpt = AtomicDetectionCheckpointer(model, str(tmp_path))
+    ckpt.save("model_0000001", iteration=1)
+    before = (tmp_path / "model_0000001.pth").read_bytes()
+
+    def crash(obj, f, *a, **k):
+        f.write(b"partial")
+        raise KeyboardInterrupt("killed during save")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save("model_0000002", iteration=2)
+    monkeypatch.undo()
+    assert not (tmp_path / "model_0000002.pth").exists()
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
+    assert (tmp_path / "model_0000001.pth").read_bytes() == before
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+    # and Detectron2 resumes from it
+    assert DetectionCheckpointer(nn.Linear(3, 2), str(tmp_path)).resume_or_load("", resume=True)["iteration"] == 1
+
+
+def test_training_killed_with_sigkill_resumes(tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "datasets"), PYTHONUNBUFFERED="1")
+    args = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file",
+            config_path("synthetic/retinanet_R_18_FPN.yaml"), "SOLVER.CHECKPOINT_PERIOD", "2",
+            "SOLVER.MAX_ITER", "12", "OUTPUT_DIR", str(out), "DATASETS.TEST", "()"] + SMALL
+    proc = subprocess.Popen(args, cwd=str(tmp_path), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    # kill as soon as a second periodic checkpoint exists (training is mid-run, maybe mid-save)
+    while time.time() < deadline and not (out / "model_0000003.pth").exists():
+        if proc.poll() is not None:
+            pytest.fail("training ended before it could be killed (exit {})".format(proc.returncode))
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "model_final.pth").exists()
+    last = (out / "last_checkpoint").read_text().strip()
+    # a complete, loadable file (the tag may still name the previous one if the kill fell between the two renames)
+    killed_at = torch.load(out / last, weights_only=False)["iteration"]
+    assert killed_at in (1, 3, 5, 7, 9)
+
+    done = subprocess.run(args[:2] + ["--resume"] + args[2:], cwd=str(tmp_path), env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    final = torch.load(out / "model_final.pth", weights_only=False)
+    assert final["iteration"] == 11
+    assert final["trainer"]["hooks"]["LRScheduler"]["last_epoch"] == 12  # LR schedule continued, not restarted
+    assert final["trainer"]["_trainer"]["optimizer"]["state"]  # optimizer moments are checkpointed too
+    logged = sorted({m["iteration"] for m in _metrics(out) if "total_loss" in m})
+    assert logged[-1] == 11
+
+
+def test_two_process_cpu_distillation(tmp_path, retina_teacher):
+    """--num-gpus 2 without GPUs: two gloo processes, DDP over the student only, teacher replicated."""
+    out = tmp_path / "ddp"
+    env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "datasets"), PYTHONUNBUFFERED="1")
+    args = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--num-gpus", "2", "--config-file",
+            config_path("synthetic/distill/ssim_retinanet_R50_to_R18.yaml"),
+            "KD.TEACHER.CONFIG", config_path("synthetic/retinanet_R_50_FPN.yaml"), "KD.TEACHER.WEIGHTS", retina_teacher,
+            "SOLVER.MAX_ITER", "3", "OUTPUT_DIR", str(out), "DATASETS.TEST", "()"] + SMALL
+    proc = subprocess.run(args, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "World size: 2" in log
+    final = torch.load(out / "model_final.pth", weights_only=False)
+    assert final["iteration"] == 2
+    assert not [k for k in final["model"] if k.startswith("teacher") or k.startswith("module.")]
+    assert any(k.startswith("kd_feature.adapters") for k in final["model"])
+    assert any("loss_kd_ssim" in m for m in _metrics(out))
+
+
+def test_non_finite_kd_loss_stops_training_and_keeps_the_checkpoint(tiny_data_root, tmp_path, rcnn_teacher):
+    from conftest import tiny_cfg
+    from detectron2.engine import HookBase
+
+    from kd_det.engine import KDTrainer
+
+    cfg = tiny_cfg("synthetic/distill/ssim_faster_rcnn_R50_to_R18.yaml", tmp_path, [
+        "KD.TEACHER.CONFIG", config_path("synthetic/faster_rcnn_R_50_FPN.yaml"), "KD.TEACHER.WEIGHTS", rcnn_teacher,
+        "SOLVER.MAX_ITER", 5, "SOLVER.CHECKPOINT_PERIOD", 2, "DATASETS.TEST", ()])
+    trainer = KDTrainer(cfg)
+
+    class PoisonKDWeight(HookBase):
+        def before_step(self):
+            if self.trainer.iter == 3:
+                self.trainer.model.kd_feature.weight = float("nan")
+
+    trainer.register_hooks([PoisonKDWeight()])
+    trainer.resume_or_load(resume=False)
+    with pytest.raises(FloatingPointError, match=r"(?s)iteration=3.*loss_kd_ssim.*model_0000001.pth.*--resume"):
+        trainer.train()
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
+    ckpt = torch.load(tmp_path / "model_0000001.pth", weights_only=False)
+    assert ckpt["iteration"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values()
+                                          if v.is_floating_point())
+    assert not (tmp_path / "model_final.pth").exists()
