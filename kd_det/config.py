@@ -70,6 +70,10 @@ def add_kd_config(cfg: CN) -> CN:
     # "kl" (binary KL per class) or "bce" (cross-entropy with the teacher's scores)
     cfg.KD.SOFT_LABEL.MODE = "kl"
 
+    # Checks of COCO-format datasets by tools/train_net.py before training: "full"
+    # (annotations and image files), "annotations", or "none".
+    cfg.DATASETS.VALIDATE = "full"
+
     # KDTrainer's optimizer: "SGD" (Detectron2's) or "AdamW".
     cfg.SOLVER.OPTIMIZER = "SGD"
 

@@ -18,7 +18,7 @@ from detectron2.evaluation import verify_results
 
 from kd_det import add_kd_config
 from kd_det.compat import launch
-from kd_det.data import prepare_datasets
+from kd_det.data import prepare_datasets, validate_registered_datasets
 from kd_det.engine import get_trainer_class
 
 
@@ -46,11 +46,18 @@ def main(args):
 
 
 def prepare(args):
-    """Work done once, before any worker starts: generate kd_det's synthetic data if used."""
+    """
+    Work done once, before any worker starts: generate kd_det's synthetic data if
+    used, then check every COCO-format dataset (DATASETS.VALIDATE) so that bad
+    data fails now, with the file and record to fix.
+    """
     cfg = add_kd_config(get_cfg())
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
-    prepare_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
+    names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
+    prepare_datasets(names)
+    if cfg.DATASETS.VALIDATE != "none":
+        validate_registered_datasets(names, check_images=cfg.DATASETS.VALIDATE == "full")
 
 
 def cli(argv=None):
