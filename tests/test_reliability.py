@@ -115,3 +115,34 @@ def test_non_finite_kd_loss_stops_training_and_keeps_the_checkpoint(tiny_data_ro
     assert ckpt["iteration"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values()
                                           if v.is_floating_point())
     assert not (tmp_path / "model_final.pth").exists()
+
+
+def test_same_seed_same_losses(tiny_data_root, tmp_path, rcnn_teacher):
+    """Fixed seed, no loader workers, CPU: two distillation runs log identical losses."""
+    from conftest import tiny_cfg
+
+    from kd_det.engine import KDTrainer
+
+    histories = []
+    for run in ("a", "b"):
+        cfg = tiny_cfg("synthetic/distill/ssim_faster_rcnn_R50_to_R18.yaml", tmp_path / run, [
+            "KD.TEACHER.CONFIG", config_path("synthetic/faster_rcnn_R_50_FPN.yaml"), "KD.TEACHER.WEIGHTS",
+            rcnn_teacher, "SOLVER.MAX_ITER", 3, "SEED", 11, "DATASETS.TEST", ()])
+        from detectron2.engine import default_setup
+
+        default_setup(cfg, argparse_namespace())  # seeds every RNG from cfg.SEED, as tools/train_net.py does
+        trainer = KDTrainer(cfg)
+        trainer.resume_or_load(resume=False)
+        trainer.train()
+        histories.append({k: [v for v, _ in h.values()] for k, h in trainer.storage.histories().items()
+                          if k.startswith("loss_") or k == "total_loss"})
+    assert histories[0].keys() == histories[1].keys() and "loss_kd_ssim" in histories[0]
+    for k in histories[0]:
+        assert histories[0][k] == histories[1][k], k
+
+
+def argparse_namespace():
+    import argparse
+
+    return argparse.Namespace(config_file="", eval_only=False, num_gpus=1, num_machines=1, machine_rank=0,
+                              dist_url="auto", resume=False, opts=[])
