@@ -110,7 +110,8 @@ def verdict(results):
                      .format(t))
     if "l2_kd" in results:
         parts.append("The L2 imitation baseline reached {:.2f} AP.".format(results["l2_kd"]["AP"]))
-    parts.append("One seed per model: differences of about 1 AP are within run-to-run noise on this data.")
+    parts.append("Each model was trained once, with one seed (runs are deterministic on the CPU); the "
+                 "seed-to-seed spread is not measured here, so read small differences with care.")
     return " ".join(parts)
 
 
