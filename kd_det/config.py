@@ -22,6 +22,10 @@ def add_kd_config(cfg: CN) -> CN:
     cfg.KD.TEACHER.WEIGHTS = ""
     # Extra "KEY VALUE" overrides applied to the teacher config after CONFIG.
     cfg.KD.TEACHER.OPTS = []
+    # Cheaper teacher inference: "" (fp32), "bf16" or "fp16" autocast (outputs back in
+    # fp32), and channels-last weights/inputs.  See benchmarks/bench_step.py.
+    cfg.KD.TEACHER.AUTOCAST = ""
+    cfg.KD.TEACHER.CHANNELS_LAST = False
 
     # Feature imitation between student and teacher FPN outputs.
     cfg.KD.FEATURE = CN()

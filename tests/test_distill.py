@@ -156,3 +156,26 @@ def test_rgb_student_bgr_teacher_input(tmp_path, tiny_data_root, rcnn_teacher):
     tm = model.teacher.model
     expected = (image.flip(0) - tm.pixel_mean) / tm.pixel_std
     assert torch.allclose(timages.tensor[0], expected)
+
+
+def test_teacher_autocast_and_channels_last(tiny_data_root, tmp_path, retina_teacher):
+    base = distill_cfg(RETINA_SSIM, "synthetic/retinanet_R_50_FPN.yaml", retina_teacher, tmp_path)
+    fast = distill_cfg(RETINA_SSIM, "synthetic/retinanet_R_50_FPN.yaml", retina_teacher, tmp_path,
+                       ["KD.TEACHER.AUTOCAST", "bf16", "KD.TEACHER.CHANNELS_LAST", True,
+                        "KD.RM.ENABLED", True, "KD.PFI.ENABLED", True])
+    ref, model = build_model(base), build_model(fast)
+    from detectron2.structures import ImageList
+
+    images = ImageList.from_tensors([torch.randn(3, 64, 64)], 32)
+    want = ref.teacher.backbone_features(images)
+    got = model.teacher.backbone_features(images)
+    for k in want:
+        assert got[k].dtype == torch.float32
+        rel = (got[k] - want[k]).norm() / want[k].norm()
+        assert rel < 0.05, (k, rel.item())  # bf16 rounding, not a different network
+    assert model.teacher.dense_class_logits(got)[0].dtype == torch.float32
+    losses, _ = _one_step(model, fast)
+    assert all(torch.isfinite(v) for v in losses.values()) and "loss_kd_rm" in losses
+    with pytest.raises(ValueError, match="KD.TEACHER.AUTOCAST"):
+        build_model(distill_cfg(RETINA_SSIM, "synthetic/retinanet_R_50_FPN.yaml", retina_teacher, tmp_path,
+                                ["KD.TEACHER.AUTOCAST", "int8"]))

@@ -77,6 +77,19 @@ def _load_teacher_weights(model: torch.nn.Module, path: str, config_path: str) -
                          "teacher was trained with".format(path, config_path, "; ".join(problems)))
 
 
+_AUTOCAST_DTYPES = {"": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _to_fp32(x):
+    if torch.is_tensor(x):
+        return x.float() if x.is_floating_point() else x
+    if isinstance(x, dict):
+        return {k: _to_fp32(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_fp32(v) for v in x)
+    return x
+
+
 class FrozenTeacher:
     """
     A detector in eval mode with gradients off.
@@ -87,9 +100,35 @@ class FrozenTeacher:
     rebuilt from its own weights.
     """
 
-    def __init__(self, model: torch.nn.Module, cfg: CfgNode):
+    def __init__(self, model: torch.nn.Module, cfg: CfgNode, autocast: str = "", channels_last: bool = False):
+        """
+        Args:
+            model: the loaded teacher detector.
+            cfg: its config.
+            autocast: "" (fp32), "bf16" or "fp16": run the teacher under autocast to
+                cut its cost; its outputs are returned in fp32.
+            channels_last: store the teacher's weights channels-last (faster convs on GPUs).
+        """
+        if autocast not in _AUTOCAST_DTYPES:
+            raise ValueError("KD.TEACHER.AUTOCAST must be one of {}, got {!r}".format(sorted(_AUTOCAST_DTYPES), autocast))
         self.model = model.eval().requires_grad_(False)
         self.cfg = cfg
+        self.autocast_dtype = _AUTOCAST_DTYPES[autocast]
+        self.channels_last = channels_last
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+
+    def _run(self, fn, *args):
+        """``fn(*args)`` under the teacher's autocast/memory format, float outputs back in fp32."""
+        if self.channels_last:
+            args = [a.contiguous(memory_format=torch.channels_last) if torch.is_tensor(a) and a.dim() == 4 else a
+                    for a in args]
+        if self.autocast_dtype is None:
+            return fn(*args)
+        device_type = self.model.pixel_mean.device.type
+        with torch.autocast(device_type=device_type, dtype=self.autocast_dtype):
+            out = fn(*args)
+        return _to_fp32(out)
 
     @property
     def num_classes(self) -> int:
@@ -136,7 +175,7 @@ class FrozenTeacher:
     @torch.no_grad()
     def backbone_features(self, images: ImageList) -> Dict[str, torch.Tensor]:
         """Teacher backbone (FPN) outputs: name -> (N, C, H, W)."""
-        return self.model.backbone(images.tensor)
+        return self._run(self.model.backbone, images.tensor)
 
     @property
     def has_dense_head(self) -> bool:
@@ -157,7 +196,7 @@ class FrozenTeacher:
         per level of ``model.head_in_features``, (N, A*K, H, W).
         """
         self.require_dense_head()
-        return self.model.head([features[f] for f in self.model.head_in_features])[0]
+        return self._run(lambda *fs: self.model.head(list(fs))[0], *[features[f] for f in self.model.head_in_features])
 
 
 def build_teacher(student_cfg: CfgNode) -> FrozenTeacher:
@@ -165,7 +204,7 @@ def build_teacher(student_cfg: CfgNode) -> FrozenTeacher:
     cfg = build_teacher_cfg(student_cfg)
     model = build_model(cfg)
     _load_teacher_weights(model, student_cfg.KD.TEACHER.WEIGHTS, student_cfg.KD.TEACHER.CONFIG)
-    teacher = FrozenTeacher(model, cfg)
+    teacher = FrozenTeacher(model, cfg, student_cfg.KD.TEACHER.AUTOCAST, student_cfg.KD.TEACHER.CHANNELS_LAST)
     student_classes = num_classes_of(student_cfg)
     if teacher.num_classes != student_classes:
         raise ValueError("teacher has {} classes ({}) but the student has {}: both must be trained on the same "
