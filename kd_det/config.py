@@ -74,6 +74,24 @@ def add_kd_config(cfg: CN) -> CN:
     # "kl" (binary KL per class) or "bce" (cross-entropy with the teacher's scores)
     cfg.KD.SOFT_LABEL.MODE = "kl"
 
+    # Teacher-free self-distillation (FRSKD; MODEL.META_ARCHITECTURE "SelfDistillRetinaNet"
+    # or "SelfDistillGeneralizedRCNN"): a BiFPN-style self-teacher refines the student's
+    # pyramid; the student imitates the refined maps with KD.FEATURE (AttentionTransferLoss
+    # as in the paper, or SSIMFeatureLoss); the self-teacher has its own detection head.
+    cfg.KD.SELF = CN()
+    # pyramid levels the self-teacher refines, fine to coarse; empty = the heads' levels
+    cfg.KD.SELF.IN_FEATURES = []
+    # refined maps have WIDTH_MULTIPLIER x (student FPN channels) channels (FRSKD's w)
+    cfg.KD.SELF.WIDTH_MULTIPLIER = 1.0
+    cfg.KD.SELF.NORM = "BN"
+    # weight of the self-teacher head's ground-truth losses (loss_self_*)
+    cfg.KD.SELF.HEAD_WEIGHT = 1.0
+    # True: the self-teacher's losses do not reach the student's backbone
+    cfg.KD.SELF.DETACH_INPUT = False
+    # RetinaNet only: student class scores -> self-teacher head's scores (binary KL), 0 disables
+    cfg.KD.SELF.SOFT_LABEL_WEIGHT = 1.0
+    cfg.KD.SELF.TEMPERATURE = 1.0
+
     # Checks of COCO-format datasets by tools/train_net.py before training: "full"
     # (annotations and image files), "annotations", or "none".
     cfg.DATASETS.VALIDATE = "full"

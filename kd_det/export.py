@@ -11,7 +11,7 @@ import torch
 from detectron2.config import CfgNode, get_cfg
 from detectron2.modeling import META_ARCH_REGISTRY
 
-from .modeling.distill_base import DistillMixin
+from .modeling.distill_base import KDStudentMixin
 
 __all__ = ["student_config", "student_state_dict", "export_student", "file_sha256"]
 
@@ -40,7 +40,7 @@ def student_config(cfg: CfgNode, weights: str = "") -> CfgNode:
     cls = META_ARCH_REGISTRY.get(arch)
     out = _drop_unknown_keys(cfg, get_cfg())
     out.defrost()
-    if issubclass(cls, DistillMixin):
+    if issubclass(cls, KDStudentMixin):
         out.MODEL.META_ARCHITECTURE = cls.student_meta_architecture
     out.MODEL.WEIGHTS = weights
     return out
@@ -48,7 +48,7 @@ def student_config(cfg: CfgNode, weights: str = "") -> CfgNode:
 
 def student_state_dict(checkpoint_model: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """The student's weights of a distillation checkpoint's ``model`` dict (``kd_*`` keys dropped)."""
-    return {k: v for k, v in checkpoint_model.items() if not k.startswith(DistillMixin.kd_key_prefix)}
+    return {k: v for k, v in checkpoint_model.items() if not k.startswith(KDStudentMixin.kd_key_prefix)}
 
 
 def file_sha256(path: str) -> str:

@@ -22,14 +22,14 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from kd_det.utils.metrics import COCO_BOX_KEYS, last_box_ap, load_metrics  # noqa: E402
+from kd_det.utils.metrics import COCO_BOX_KEYS, load_metrics  # noqa: E402
+from kd_det.utils.runs import train_and_evaluate  # noqa: E402
 
 # run name -> (label, config), per architecture; the distilled students take the teacher's weights.
 # The Faster R-CNN demo's teacher is an R-18-FPN-128 trained 200 iterations (students: 150): from scratch
@@ -48,46 +48,6 @@ RUNS = {
         "l2_kd": ("student + L2 KD", "configs/synthetic/distill/l2_retinanet_R50_to_R18.yaml"),
     },
 }
-# lines of train_net's output worth showing live (the full output goes to the run's log)
-_SHOW = (" eta: ", "Total training time", "copypaste: ", "Traceback", "Error", "error:")
-
-
-def train_and_evaluate(name, config, output_dir, extra_opts, reuse):
-    """Run tools/train_net.py for one config; return (COCO box metrics, seconds)."""
-    metrics_file = os.path.join(output_dir, "metrics.json")
-    final = os.path.join(output_dir, "model_final.pth")
-    if reuse and os.path.isfile(final) and os.path.isfile(metrics_file):
-        try:
-            print("[{}] reusing the finished run in {}".format(name, output_dir))
-            return last_box_ap(load_metrics(metrics_file)), 0.0
-        except KeyError:
-            pass
-    os.makedirs(output_dir, exist_ok=True)
-    cmd = [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file", config,
-           "OUTPUT_DIR", output_dir] + list(extra_opts)
-    print("[{}] {}".format(name, " ".join(os.path.relpath(c, ROOT) if c.startswith(ROOT) else c for c in cmd)))
-    log_path = os.path.join(output_dir, "run_demo.log")
-    start = time.time()
-    # a fresh metrics.json: Detectron2 appends, and the table must show this run only
-    if os.path.exists(metrics_file) and not reuse:
-        os.remove(metrics_file)
-    with open(log_path, "w") as log:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")  # live progress through the pipe
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        for line in proc.stdout:
-            log.write(line)
-            if any(s in line for s in _SHOW):
-                print("[{}] {}".format(name, line.rstrip()[-150:]), flush=True)
-        rc = proc.wait()
-    seconds = time.time() - start
-    if rc != 0:
-        with open(log_path) as f:
-            tail = f.readlines()[-30:]
-        sys.stderr.write("".join(tail))
-        raise SystemExit("[{}] tools/train_net.py failed (exit {}); full log: {}".format(name, rc, log_path))
-    return last_box_ap(load_metrics(metrics_file)), seconds
-
-
 def format_table(rows):
     head = "| model | " + " | ".join(COCO_BOX_KEYS) + " | train+eval time |"
     sep = "|---|" + "---:|" * (len(COCO_BOX_KEYS) + 1)
@@ -142,7 +102,7 @@ def main(argv=None):
         if name.endswith("_kd"):
             opts += ["KD.TEACHER.WEIGHTS", teacher_weights]
         results[name], seconds[name] = train_and_evaluate(
-            name, runs[name][1], os.path.join(out_root, name), opts, args.reuse)
+            name, runs[name][1], os.path.join(out_root, name), opts, args.reuse, log_name="run_demo.log")
     total = time.time() - started
 
     rows = [(runs[n][0], results[n], seconds[n]) for n in names]

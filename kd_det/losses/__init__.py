@@ -1,6 +1,7 @@
 """Distillation losses."""
 
 from .feature import (
+    AttentionTransferLoss,
     FEATURE_LOSS_REGISTRY,
     FeatureLoss,
     L1FeatureLoss,

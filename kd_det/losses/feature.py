@@ -21,6 +21,7 @@ __all__ = [
     "SSIMFeatureLoss",
     "L2FeatureLoss",
     "L1FeatureLoss",
+    "AttentionTransferLoss",
     "build_feature_loss",
     "ssim_feature_loss",
     "l2_feature_loss",
@@ -50,6 +51,8 @@ class FeatureLoss:
 
     #: suffix of the loss-dict key, ``loss_kd_<short_name>``
     short_name = "feat"
+    #: whether student and teacher must have the same channels (else an adapter is needed)
+    needs_equal_channels = True
 
     def loss_map(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         """
@@ -100,7 +103,8 @@ class FeatureLoss:
                 len(level_weights), len(student)))
         total = student[0].new_zeros(())
         for i, (s, t) in enumerate(zip(student, teacher)):
-            if s.shape != t.shape:
+            compared = slice(None) if self.needs_equal_channels else slice(-2, None)
+            if s.shape[compared] != t.shape[compared] or s.shape[0] != t.shape[0]:
                 raise ValueError("student and teacher features differ in shape at level {}: {} vs {}; "
                                  "use an adapter (KD.FEATURE.ADAPTER) for channels and the same input size "
                                  "and strides for H, W".format(i, tuple(s.shape), tuple(t.shape)))
@@ -207,6 +211,34 @@ class L1FeatureLoss(FeatureLoss):
 
     def loss_map(self, student, teacher):
         return F.l1_loss(student, teacher, reduction="none")
+
+
+@FEATURE_LOSS_REGISTRY.register()
+class AttentionTransferLoss(FeatureLoss):
+    """
+    Attention transfer (Zagoruyko & Komodakis, 2017; the imitation loss of FRSKD):
+    the spatial attention map A = mean over channels of F^2, L2-normalised per image
+    to Q = A / ||A||, compared as ||Q_s - Q_t||^2 (summed over positions, so the
+    value lies in [0, 4] whatever the map size).  Channel counts may differ, so no
+    adapter is needed.
+    """
+
+    short_name = "at"
+    needs_equal_channels = False
+
+    def __init__(self, cfg=None):
+        pass
+
+    @staticmethod
+    def attention(x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, 1, H, W) attention map with unit L2 norm per image."""
+        a = x.pow(2).mean(dim=1, keepdim=True)
+        return a / a.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None, None]
+
+    def loss_map(self, student, teacher):
+        h, w = student.shape[-2:]
+        # times H*W: the mean over positions (the base class's reduction) is then the sum
+        return (self.attention(student) - self.attention(teacher)).pow(2) * (h * w)
 
 
 def build_feature_loss(cfg) -> FeatureLoss:

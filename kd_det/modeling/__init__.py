@@ -2,6 +2,8 @@
 
 from .distill_rcnn import DistillGeneralizedRCNN
 from .distill_retinanet import DistillRetinaNet
+from .self_distill import SelfDistillGeneralizedRCNN, SelfDistillRetinaNet
+from .self_teacher import BiFPNSelfTeacher
 from .feature_distiller import FeatureDistiller, match_levels
 from .teacher import FrozenTeacher, build_teacher, build_teacher_cfg, num_classes_of
 

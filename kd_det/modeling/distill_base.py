@@ -8,17 +8,14 @@ from detectron2.structures import ImageList
 from .feature_distiller import FeatureDistiller
 from .teacher import FrozenTeacher, build_teacher
 
-__all__ = ["DistillMixin"]
+__all__ = ["KDStudentMixin", "DistillMixin"]
 
 
-class DistillMixin:
+class KDStudentMixin:
     """
-    Mixed into a Detectron2 meta-architecture (before it in the bases).
-
-    Adds ``self.teacher`` (a :class:`FrozenTeacher`, not a submodule) and
-    ``self.kd_feature`` (a :class:`FeatureDistiller` or None).  Every key of the
-    student's ``state_dict`` that is not the vanilla detector's starts with ``kd_``,
-    which is how export drops them.
+    What export needs of every kd_det meta-architecture: the vanilla one it becomes,
+    and the rule that every ``state_dict`` key that is not the vanilla detector's
+    (adapters, self-teachers, gates) starts with ``kd_``.
     """
 
     #: Detectron2 meta-architecture of the exported student (set by each subclass)
@@ -26,6 +23,15 @@ class DistillMixin:
 
     #: prefix of every state_dict key that belongs to distillation, not to the student
     kd_key_prefix = "kd_"
+
+
+class DistillMixin(KDStudentMixin):
+    """
+    Mixed into a Detectron2 meta-architecture (before it in the bases).
+
+    Adds ``self.teacher`` (a :class:`FrozenTeacher`, not a submodule) and
+    ``self.kd_feature`` (a :class:`FeatureDistiller` or None).
+    """
 
     def _init_distillation(self, teacher: FrozenTeacher, feature_distiller: Optional[FeatureDistiller]):
         self.teacher = teacher

@@ -79,12 +79,12 @@ class FeatureDistiller(nn.Module):
         self.adapters = nn.ModuleDict()
         for name in self.levels:
             cs, ct = student_channels[name], teacher_channels[name]
-            if adapter == "conv1x1" or (adapter == "auto" and cs != ct):
+            if adapter == "conv1x1" or (adapter == "auto" and cs != ct and loss.needs_equal_channels):
                 conv = nn.Conv2d(cs, ct, kernel_size=1)
                 nn.init.kaiming_uniform_(conv.weight, a=1)
                 nn.init.zeros_(conv.bias)
                 self.adapters[name] = conv
-            elif cs != ct:
+            elif cs != ct and loss.needs_equal_channels:
                 raise ValueError("level {!r}: student has {} channels, teacher {}; set KD.FEATURE.ADAPTER to "
                                  "'auto' or 'conv1x1' to learn a 1x1 adapter".format(name, cs, ct))
 

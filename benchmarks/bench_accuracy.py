@@ -1,0 +1,235 @@
+#!/usr/bin/env python
+"""
+Distillation gain: train a teacher, the vanilla student and the student with each
+distillation method, over several seeds, and report COCO box AP (mean and spread).
+
+    # CPU setting (synthetic data, 128 px, 150 iterations per student)
+    python benchmarks/bench_accuracy.py --arch faster_rcnn --methods vanilla l2 ssim
+    python benchmarks/bench_accuracy.py --arch retinanet                  # every RetinaNet method
+    # GPU setting (more iterations, data-loader workers; sized for about 25 minutes on an H100)
+    python benchmarks/bench_accuracy.py --setting gpu --arch retinanet
+    # any Detectron2-registered dataset, by name
+    python benchmarks/bench_accuracy.py --train-dataset voc_2007_trainval --test-dataset voc_2007_test \\
+        --num-classes 20 SOLVER.MAX_ITER 5000
+    # reuse a trained teacher, finished runs
+    python benchmarks/bench_accuracy.py --teacher-weights output/demo/faster_rcnn/teacher/model_final.pth --reuse
+
+Every run is ``tools/train_net.py --config-file <method config> SEED <seed> ...``; the
+distilled students take the benchmark's teacher (``KD.TEACHER.CONFIG/WEIGHTS`` set
+here).  The teacher is trained once, with the first seed.  Prints a table and writes
+``--json``; "gap closed" is (method - vanilla) / (teacher - vanilla) on mean AP, and
+"spread" is max - min over seeds.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from kd_det.utils.runs import train_and_evaluate  # noqa: E402
+
+SYN = "configs/synthetic/"
+# per architecture: the teacher config of each setting, and method -> (label, student config)
+ARCHS = {
+    "faster_rcnn": {
+        "teacher": {"cpu": SYN + "faster_rcnn_R_18_FPN128_long.yaml", "gpu": SYN + "faster_rcnn_R_50_FPN.yaml"},
+        "num_classes_key": "MODEL.ROI_HEADS.NUM_CLASSES",
+        "methods": {
+            "vanilla": ("student R-18-FPN-64", SYN + "faster_rcnn_R_18_FPN.yaml"),
+            "l2": ("+ L2 imitation", SYN + "distill/l2_faster_rcnn_R50_to_R18.yaml"),
+            "ssim": ("+ SSIM", SYN + "distill/ssim_faster_rcnn_R50_to_R18.yaml"),
+        },
+    },
+    "retinanet": {
+        "teacher": {"cpu": SYN + "retinanet_R_18_FPN128_long.yaml", "gpu": SYN + "retinanet_R_50_FPN.yaml"},
+        "num_classes_key": "MODEL.RETINANET.NUM_CLASSES",
+        "methods": {
+            "vanilla": ("student R-18-FPN-64", SYN + "retinanet_R_18_FPN.yaml"),
+            "l2": ("+ L2 imitation", SYN + "distill/l2_retinanet_R50_to_R18.yaml"),
+            "ssim": ("+ SSIM", SYN + "distill/ssim_retinanet_R50_to_R18.yaml"),
+            "soft_label": ("+ soft-label KD", SYN + "distill/soft_label_retinanet_R50_to_R18.yaml"),
+            "rm": ("+ RM", SYN + "distill/rm_retinanet_R50_to_R18.yaml"),
+            "pfi": ("+ PFI (L2)", SYN + "distill/pfi_retinanet_R50_to_R18.yaml"),
+            "rm_pfi": ("+ RM + PFI", SYN + "distill/rm_pfi_retinanet_R50_to_R18.yaml"),
+        },
+    },
+}
+# overrides of each setting, applied to every run (students and teacher)
+SETTINGS = {
+    # the synthetic configs as they are: 150 iterations for students, batch 8, 128 px
+    "cpu": [],
+    # an estimate for one H100 (~0.05-0.1 s/it at batch 8, 128 px), not yet run there:
+    # 15 runs x 1000 iterations plus evaluation in about 25 minutes
+    "gpu": ["MODEL.DEVICE", "cuda", "DATALOADER.NUM_WORKERS", "4",
+            "SOLVER.MAX_ITER", "1000", "SOLVER.STEPS", "(800, 950)", "SOLVER.WARMUP_ITERS", "100"],
+}
+# the teacher's schedule relative to the students' in the GPU setting (the CPU teacher config has its own)
+GPU_TEACHER_OPTS = ["SOLVER.MAX_ITER", "1500", "SOLVER.STEPS", "(1200, 1400)"]
+
+
+def summarize(values):
+    """Mean, sample standard deviation and spread (max - min) of a list of floats."""
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "spread": max(values) - min(values),
+        "values": list(values),
+    }
+
+
+def dataset_opts(args, arch):
+    """Overrides that point every run (and the teachers inside the students) at the chosen dataset."""
+    if not args.train_dataset:
+        return [], []
+    opts = ["DATASETS.TRAIN", "('{}',)".format(args.train_dataset),
+            "DATASETS.TEST", "('{}',)".format(args.test_dataset or args.train_dataset)]
+    num_classes = args.num_classes
+    if num_classes is None:
+        from detectron2.data import MetadataCatalog
+        import kd_det.data  # noqa: F401  registers kd_det's datasets
+
+        classes = MetadataCatalog.get(args.train_dataset).get("thing_classes")
+        if not classes:
+            raise SystemExit("dataset {!r} has no thing_classes metadata here; pass --num-classes".format(
+                args.train_dataset))
+        num_classes = len(classes)
+    key = ARCHS[arch]["num_classes_key"]
+    return opts + [key, str(num_classes)], [key, str(num_classes)]
+
+
+def run_benchmark(args):
+    arch = ARCHS[args.arch]
+    unknown = [m for m in args.methods if m not in arch["methods"]]
+    if unknown:
+        raise SystemExit("unknown method(s) {} for {}; choose from {}".format(
+            unknown, args.arch, sorted(arch["methods"])))
+    out_root = os.path.join(os.path.abspath(args.output_root), args.arch)
+    data_opts, teacher_class_opts = dataset_opts(args, args.arch)
+    common = SETTINGS[args.setting] + data_opts + list(args.opts)
+
+    from kd_det.data import prepare_datasets  # imports Detectron2; after argument errors
+
+    os.chdir(ROOT)
+    prepare_datasets([args.train_dataset, args.test_dataset] if args.train_dataset else
+                     ["kd_synthetic_train", "kd_synthetic_val"])
+    results = {}
+    seconds = {}
+    teacher_cfg = arch["teacher"][args.setting]
+    teacher_weights = args.teacher_weights
+    if teacher_weights:
+        teacher_weights = os.path.abspath(teacher_weights)
+        ap, seconds["teacher"] = train_and_evaluate(
+            "teacher", teacher_cfg, os.path.join(out_root, "teacher_eval"),
+            ["MODEL.WEIGHTS", teacher_weights] + common, reuse=args.reuse, eval_only=True)
+    else:
+        teacher_dir = os.path.join(out_root, "teacher")
+        opts = common + (GPU_TEACHER_OPTS if args.setting == "gpu" else []) + ["SEED", str(args.seeds[0])]
+        ap, seconds["teacher"] = train_and_evaluate("teacher", teacher_cfg, teacher_dir, opts, reuse=args.reuse)
+        teacher_weights = os.path.join(teacher_dir, "model_final.pth")
+    results["teacher"] = {"label": "teacher ({})".format(os.path.basename(teacher_cfg)), "runs": [ap]}
+
+    teacher_opts = ["KD.TEACHER.CONFIG", teacher_cfg, "KD.TEACHER.WEIGHTS", teacher_weights]
+    if teacher_class_opts:
+        teacher_opts += ["KD.TEACHER.OPTS", repr(teacher_class_opts)]
+    for method in args.methods:
+        label, config = arch["methods"][method]
+        runs = []
+        for seed in args.seeds:
+            opts = common + ["SEED", str(seed)] + (teacher_opts if method != "vanilla" else [])
+            name = "{}/seed{}".format(method, seed)
+            ap, sec = train_and_evaluate(name, config, os.path.join(out_root, method, "seed{}".format(seed)), opts,
+                                         reuse=args.reuse)
+            runs.append(ap)
+            seconds[name] = sec
+        results[method] = {"label": label, "config": config, "runs": runs}
+    return results, seconds, teacher_cfg, teacher_weights
+
+
+def table(results):
+    """Markdown table of AP/AP50/AP75 mean ± std, spread, and the share of the teacher-student gap closed."""
+    stats = {m: {k: summarize([r[k] for r in v["runs"]]) for k in ("AP", "AP50", "AP75")} for m, v in results.items()}
+    teacher = stats["teacher"]["AP"]["mean"]
+    vanilla = stats["vanilla"]["AP"]["mean"] if "vanilla" in stats else None
+    lines = ["| method | seeds | AP (mean ± std) | AP spread | AP50 | AP75 | gap closed |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for m, v in results.items():
+        s = stats[m]
+        gap = ""
+        if vanilla is not None and m not in ("teacher", "vanilla") and teacher > vanilla:
+            gap = "{:.0f}%".format(100.0 * (s["AP"]["mean"] - vanilla) / (teacher - vanilla))
+        lines.append("| {} | {} | {:.2f} ± {:.2f} | {:.2f} | {:.2f} | {:.2f} | {} |".format(
+            v["label"], len(v["runs"]), s["AP"]["mean"], s["AP"]["std"], s["AP"]["spread"], s["AP50"]["mean"],
+            s["AP75"]["mean"], gap))
+    return "\n".join(lines), stats
+
+
+def verdict(stats):
+    """Issue 6's target, checked: SSIM beats vanilla and L2 by more than the seed spread, closes >= 40% of the gap."""
+    if not all(m in stats for m in ("vanilla", "ssim")):
+        return "Target not checked: it needs the vanilla and ssim rows."
+    t, v, s = (stats[m]["AP"] for m in ("teacher", "vanilla", "ssim"))
+    checks = ["SSIM {:.2f} vs vanilla {:.2f}: {} the larger spread ({:.2f})".format(
+        s["mean"], v["mean"], "beyond" if s["mean"] - v["mean"] > max(s["spread"], v["spread"]) else "NOT beyond",
+        max(s["spread"], v["spread"]))]
+    if "l2" in stats:
+        l2 = stats["l2"]["AP"]
+        checks.append("SSIM vs L2 {:.2f}: {} the larger spread ({:.2f})".format(
+            l2["mean"], "beyond" if s["mean"] - l2["mean"] > max(s["spread"], l2["spread"]) else "NOT beyond",
+            max(s["spread"], l2["spread"])))
+    if t["mean"] > v["mean"]:
+        closed = (s["mean"] - v["mean"]) / (t["mean"] - v["mean"])
+        checks.append("gap closed {:.0f}% (target 40%: {})".format(100 * closed, "met" if closed >= 0.4 else "NOT met"))
+    else:
+        checks.append("the teacher does not lead the vanilla student; no gap to close")
+    return "; ".join(checks) + "."
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", choices=sorted(ARCHS), default="faster_rcnn")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="methods to train (default: every method of the architecture)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--setting", choices=sorted(SETTINGS), default="cpu")
+    parser.add_argument("--teacher-weights", default="", help="use this trained teacher instead of training one")
+    parser.add_argument("--train-dataset", default="", help="a registered dataset name (default: kd_synthetic)")
+    parser.add_argument("--test-dataset", default="")
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="class count of --train-dataset (default: from its thing_classes metadata)")
+    parser.add_argument("--output-root", default="output/bench_accuracy")
+    parser.add_argument("--reuse", action="store_true", help="skip runs whose model_final.pth and evaluation exist")
+    parser.add_argument("--json", default="", help="write the results here")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides applied to every run")
+    args = parser.parse_args(argv)
+    if args.methods is None:
+        args.methods = list(ARCHS[args.arch]["methods"])
+    if len(args.seeds) < 2:
+        print("warning: with one seed the spread is 0 and says nothing about noise", file=sys.stderr)
+
+    started = time.time()
+    results, seconds, teacher_cfg, teacher_weights = run_benchmark(args)
+    total = time.time() - started
+    md, stats = table(results)
+    summary = verdict(stats)
+    print("\nCOCO box AP, {} ({} setting, seeds {}), {:.1f} min:\n".format(
+        args.arch, args.setting, args.seeds, total / 60))
+    print(md)
+    print("\n" + summary)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"arch": args.arch, "setting": args.setting, "seeds": args.seeds, "opts": args.opts,
+                       "teacher_config": teacher_cfg, "teacher_weights": teacher_weights,
+                       "results": results, "stats": stats, "seconds": seconds, "total_seconds": total,
+                       "verdict": summary, "machine": platform.platform(), "cpus": os.cpu_count(),
+                       "date": datetime.datetime.now().isoformat(timespec="minutes")}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""Teacher-free self-distillation (FRSKD) for RetinaNet and GeneralizedRCNN students.
+
+The student's pyramid is refined by a :class:`BiFPNSelfTeacher`; the refined maps
+get their own detection head (trained on the ground truth, losses ``loss_self_*``)
+and are the target of the student's feature imitation (``KD.FEATURE``: attention
+transfer as in the paper, or SSIM), which updates the student only.  A RetinaNet
+student can also imitate the self-teacher head's class scores (``loss_kd_soft``).
+Everything added lives under ``kd_*`` keys and is dropped at export.
+"""
+
+from typing import Dict, List
+
+import torch
+from detectron2.config import configurable
+from detectron2.layers import cat
+from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, RetinaNet
+from detectron2.modeling.meta_arch.retinanet import RetinaNetHead, permute_to_N_HWA_K
+from detectron2.modeling.proposal_generator import build_proposal_generator
+from detectron2.modeling.roi_heads import build_roi_heads
+from torch import nn
+
+from ..losses.prediction import soft_label_kd_loss
+from .distill_base import KDStudentMixin
+from .feature_distiller import FeatureDistiller
+from .self_teacher import BiFPNSelfTeacher
+
+__all__ = ["SelfDistillRetinaNet", "SelfDistillGeneralizedRCNN"]
+
+
+class _SelfDistillMixin(KDStudentMixin):
+    """The self-teacher, its feature target and the shared loss bookkeeping."""
+
+    def _init_self_distillation(self, self_teacher: BiFPNSelfTeacher, feature_distiller: FeatureDistiller,
+                                head_weight: float, detach_input: bool):
+        self.kd_self_teacher = self_teacher
+        self.kd_feature = feature_distiller
+        self.self_head_weight = head_weight
+        self.self_detach_input = detach_input
+
+    @staticmethod
+    def _self_from_config(cfg, ret: Dict, head_features: List[str]) -> Dict:
+        """Add the self-teacher over ``head_features`` (or KD.SELF.IN_FEATURES, which must cover them)."""
+        if not cfg.KD.FEATURE.LOSS:
+            raise ValueError("self-distillation imitates the self-teacher's refined features, but KD.FEATURE.LOSS "
+                             "is empty; set it to 'AttentionTransferLoss' (as in FRSKD) or 'SSIMFeatureLoss'")
+        shapes = ret["backbone"].output_shape()
+        self_teacher = BiFPNSelfTeacher(cfg, shapes, head_features)
+        missing = [f for f in head_features if f not in self_teacher.in_features]
+        if missing:
+            raise ValueError("the self-teacher's detection head needs levels {}, but KD.SELF.IN_FEATURES leaves "
+                             "out {}".format(list(head_features), missing))
+        feature = FeatureDistiller(cfg, shapes, self_teacher.output_shape())
+        return dict(ret, self_teacher=self_teacher, feature_distiller=feature, self_head_weight=cfg.KD.SELF.HEAD_WEIGHT,
+                    self_detach_input=cfg.KD.SELF.DETACH_INPUT)
+
+    def refine(self, features: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The self-teacher's refined maps of the student's ``features``."""
+        if self.self_detach_input:
+            features = {k: v.detach() for k, v in features.items()}
+        return self.kd_self_teacher(features)
+
+    def self_losses(self, head_losses: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The self-teacher head's ground-truth losses, renamed ``loss_self_*`` and weighted."""
+        return {"loss_self_" + k[len("loss_"):]: self.self_head_weight * v for k, v in head_losses.items()}
+
+
+@META_ARCH_REGISTRY.register()
+class SelfDistillRetinaNet(_SelfDistillMixin, RetinaNet):
+    """
+    A RetinaNet that distills from its own refined pyramid (FRSKD); no teacher checkpoint.
+
+    Training losses: RetinaNet's ``loss_cls``/``loss_box_reg``; the self-teacher head's
+    ``loss_self_cls``/``loss_self_box_reg``; ``loss_kd_<feature loss>`` (student features
+    -> refined features, refined treated as constants); and, with
+    ``KD.SELF.SOFT_LABEL_WEIGHT`` > 0, ``loss_kd_soft`` (student class scores -> the
+    self-teacher head's).  Inference is the plain RetinaNet.
+    """
+
+    student_meta_architecture = "RetinaNet"
+
+    @configurable
+    def __init__(self, *, self_teacher, feature_distiller, self_head: nn.Module, self_head_weight: float = 1.0,
+                 self_detach_input: bool = False, soft_label_weight: float = 0.0, soft_label_temperature: float = 1.0,
+                 **kwargs):
+        """
+        Args:
+            self_teacher: the :class:`BiFPNSelfTeacher` over the student's head levels.
+            feature_distiller: student features -> refined features.
+            self_head: a RetinaNetHead on the refined maps.
+            self_head_weight: multiplies the self-teacher head's losses.
+            self_detach_input: stop the self-teacher's losses from reaching the student backbone.
+            soft_label_weight, soft_label_temperature: student scores -> self-teacher scores
+                (binary KL, see :func:`soft_label_kd_loss`); weight 0 disables it.
+            kwargs: RetinaNet's arguments.
+        """
+        super().__init__(**kwargs)
+        self._init_self_distillation(self_teacher, feature_distiller, self_head_weight, self_detach_input)
+        self.kd_self_head = self_head
+        self.soft_label_weight = soft_label_weight
+        self.soft_label_temperature = soft_label_temperature
+
+    @classmethod
+    def from_config(cls, cfg):
+        ret = super().from_config(cfg)
+        ret = cls._self_from_config(cfg, ret, cfg.MODEL.RETINANET.IN_FEATURES)
+        refined = ret["self_teacher"].output_shape()
+        ret["self_head"] = RetinaNetHead(cfg, [refined[f] for f in cfg.MODEL.RETINANET.IN_FEATURES])
+        ret["soft_label_weight"] = cfg.KD.SELF.SOFT_LABEL_WEIGHT
+        ret["soft_label_temperature"] = cfg.KD.SELF.TEMPERATURE
+        return ret
+
+    def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):
+        if not self.training:
+            return super().forward(batched_inputs)
+        images = self.preprocess_image(batched_inputs)
+        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        features = self.backbone(images.tensor)
+        head_features = [features[f] for f in self.head_in_features]
+        predictions = self.head(head_features)
+        losses = self.forward_training(images, head_features, predictions, gt_instances)
+
+        refined = self.refine(features)
+        refined_head = [refined[f] for f in self.head_in_features]
+        self_predictions = self.kd_self_head(refined_head)
+        # RetinaNet keeps an EMA of the positive-anchor count; the self-head's pass must not advance it twice
+        normalizer = getattr(self, "loss_normalizer", None)
+        losses.update(self.self_losses(self.forward_training(images, refined_head, self_predictions, gt_instances)))
+        if normalizer is not None:
+            self.loss_normalizer = normalizer
+        losses.update(self.kd_feature(features, refined))
+        if self.soft_label_weight > 0:
+            losses["loss_kd_soft"] = self.soft_label_weight * self._soft_label_loss(
+                head_features, predictions[0], self_predictions[0], gt_instances)
+        return losses
+
+    def _soft_label_loss(self, head_features, student_logits, self_logits, gt_instances) -> torch.Tensor:
+        s = cat([permute_to_N_HWA_K(x, self.num_classes) for x in student_logits], dim=1)
+        t = cat([permute_to_N_HWA_K(x, self.num_classes) for x in self_logits], dim=1)
+        with torch.no_grad():
+            gt_labels, _ = self.label_anchors(self.anchor_generator(head_features), gt_instances)
+            valid = torch.stack(gt_labels) >= 0
+        return soft_label_kd_loss(s, t.detach(), valid, self.soft_label_temperature, "kl")
+
+
+@META_ARCH_REGISTRY.register()
+class SelfDistillGeneralizedRCNN(_SelfDistillMixin, GeneralizedRCNN):
+    """
+    A two-stage detector that distills from its own refined pyramid (FRSKD).
+
+    The self-teacher's detection head is a second RPN and ROI heads (built from the
+    same config) on the refined maps; their losses are ``loss_self_*``.  The student's
+    pyramid imitates the refined one (``loss_kd_<feature loss>``).  Inference is the
+    plain GeneralizedRCNN.
+    """
+
+    student_meta_architecture = "GeneralizedRCNN"
+
+    @configurable
+    def __init__(self, *, self_teacher, feature_distiller, self_proposal_generator: nn.Module,
+                 self_roi_heads: nn.Module, self_head_weight: float = 1.0, self_detach_input: bool = False, **kwargs):
+        """
+        Args:
+            self_teacher, feature_distiller, self_head_weight, self_detach_input: see
+                :class:`SelfDistillRetinaNet`.
+            self_proposal_generator, self_roi_heads: the self-teacher's detection head.
+            kwargs: GeneralizedRCNN's arguments.
+        """
+        super().__init__(**kwargs)
+        self._init_self_distillation(self_teacher, feature_distiller, self_head_weight, self_detach_input)
+        self.kd_self_proposal_generator = self_proposal_generator
+        self.kd_self_roi_heads = self_roi_heads
+
+    @classmethod
+    def from_config(cls, cfg):
+        ret = super().from_config(cfg)
+        shapes = ret["backbone"].output_shape()
+        levels = sorted(set(cfg.MODEL.RPN.IN_FEATURES) | set(cfg.MODEL.ROI_HEADS.IN_FEATURES),
+                        key=lambda f: shapes[f].stride)
+        ret = cls._self_from_config(cfg, ret, levels)
+        refined = ret["self_teacher"].output_shape()
+        ret["self_proposal_generator"] = build_proposal_generator(cfg, refined)
+        ret["self_roi_heads"] = build_roi_heads(cfg, refined)
+        return ret
+
+    def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):
+        if not self.training:
+            return self.inference(batched_inputs)
+        images = self.preprocess_image(batched_inputs)
+        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        features = self.backbone(images.tensor)
+        proposals, proposal_losses = self.proposal_generator(images, features, gt_instances)
+        _, detector_losses = self.roi_heads(images, features, proposals, gt_instances)
+        losses = dict(detector_losses)
+        losses.update(proposal_losses)
+
+        refined = self.refine(features)
+        self_proposals, self_proposal_losses = self.kd_self_proposal_generator(images, refined, gt_instances)
+        _, self_detector_losses = self.kd_self_roi_heads(images, refined, self_proposals, gt_instances)
+        losses.update(self.self_losses(dict(self_detector_losses, **self_proposal_losses)))
+        losses.update(self.kd_feature(features, refined))
+        return losses
