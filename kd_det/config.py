@@ -74,6 +74,15 @@ def add_kd_config(cfg: CN) -> CN:
     # "kl" (binary KL per class) or "bce" (cross-entropy with the teacher's scores)
     cfg.KD.SOFT_LABEL.MODE = "kl"
 
+    # Channel-statistics transfer (Yang et al. 2020), on the teacher's dense-head levels
+    # (RetinaNet head / RPN): loss_kd_stats pulls the student's per-channel mean and std to
+    # the teacher's; loss_kd_adain transplants them into the teacher's features by AdaIN
+    # and compares the teacher head's outputs there with its outputs on its own features.
+    cfg.KD.CHANNEL_STATS = CN()
+    cfg.KD.CHANNEL_STATS.ENABLED = False
+    cfg.KD.CHANNEL_STATS.WEIGHT = 1.0
+    cfg.KD.CHANNEL_STATS.ADAIN_WEIGHT = 1.0
+
     # Teacher-free self-distillation (FRSKD; MODEL.META_ARCHITECTURE "SelfDistillRetinaNet"
     # or "SelfDistillGeneralizedRCNN"): a BiFPN-style self-teacher refines the student's
     # pyramid; the student imitates the refined maps with KD.FEATURE (AttentionTransferLoss

@@ -12,6 +12,7 @@ from .feature import (
     l2_feature_loss,
     ssim_feature_loss,
 )
+from .statistics import adain, channel_statistics, channel_statistics_loss, head_output_loss
 from .ssim import gaussian_window_1d, minmax_normalize, ssim_map
 
 __all__ = [k for k in globals().keys() if not k.startswith("_")]

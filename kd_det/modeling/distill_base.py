@@ -5,6 +5,7 @@ from typing import Dict, List, Optional
 import torch
 from detectron2.structures import ImageList
 
+from .channel_stats import ChannelStatsDistiller
 from .feature_distiller import FeatureDistiller
 from .teacher import FrozenTeacher, build_teacher
 
@@ -29,22 +30,28 @@ class DistillMixin(KDStudentMixin):
     """
     Mixed into a Detectron2 meta-architecture (before it in the bases).
 
-    Adds ``self.teacher`` (a :class:`FrozenTeacher`, not a submodule) and
-    ``self.kd_feature`` (a :class:`FeatureDistiller` or None).
+    Adds ``self.teacher`` (a :class:`FrozenTeacher`, not a submodule),
+    ``self.kd_feature`` (a :class:`FeatureDistiller` or None) and ``self.kd_stats``
+    (a :class:`ChannelStatsDistiller` or None).
     """
 
-    def _init_distillation(self, teacher: FrozenTeacher, feature_distiller: Optional[FeatureDistiller]):
+    def _init_distillation(self, teacher: FrozenTeacher, feature_distiller: Optional[FeatureDistiller],
+                           channel_stats: Optional[ChannelStatsDistiller] = None):
         self.teacher = teacher
         self.kd_feature = feature_distiller
+        self.kd_stats = channel_stats
 
     @staticmethod
     def _distill_from_config(cfg, ret: Dict) -> Dict:
-        """Add ``teacher`` and ``feature_distiller`` to a vanilla ``from_config`` result."""
+        """Add ``teacher``, ``feature_distiller`` and ``channel_stats`` to a vanilla ``from_config`` result."""
         teacher = build_teacher(cfg)
-        feature = None
+        feature = stats = None
+        student_shapes = ret["backbone"].output_shape()
         if cfg.KD.FEATURE.LOSS:
-            feature = FeatureDistiller(cfg, ret["backbone"].output_shape(), teacher.output_shape())
-        return dict(ret, teacher=teacher, feature_distiller=feature)
+            feature = FeatureDistiller(cfg, student_shapes, teacher.output_shape())
+        if cfg.KD.CHANNEL_STATS.ENABLED:
+            stats = ChannelStatsDistiller(cfg, student_shapes, teacher.output_shape(), teacher.dense_head_levels)
+        return dict(ret, teacher=teacher, feature_distiller=feature, channel_stats=stats)
 
     def teacher_images(self, batched_inputs: List[Dict], images: ImageList) -> ImageList:
         """The teacher's view of the student's batch (shared when both normalise alike)."""
@@ -58,6 +65,10 @@ class DistillMixin(KDStudentMixin):
         teacher_features: Dict[str, torch.Tensor],
         position_weights: Optional[List[torch.Tensor]] = None,
     ) -> Dict[str, torch.Tensor]:
-        if self.kd_feature is None:
-            return {}
-        return self.kd_feature(student_features, teacher_features, position_weights)
+        """Feature imitation and channel-statistics losses (each only if configured)."""
+        losses = {}
+        if self.kd_feature is not None:
+            losses.update(self.kd_feature(student_features, teacher_features, position_weights))
+        if self.kd_stats is not None:
+            losses.update(self.kd_stats(student_features, teacher_features, self.teacher))
+        return losses

@@ -23,9 +23,9 @@ class DistillGeneralizedRCNN(DistillMixin, GeneralizedRCNN):
     student_meta_architecture = "GeneralizedRCNN"
 
     @configurable
-    def __init__(self, *, teacher, feature_distiller, **kwargs):
+    def __init__(self, *, teacher, feature_distiller, channel_stats=None, **kwargs):
         super().__init__(**kwargs)
-        self._init_distillation(teacher, feature_distiller)
+        self._init_distillation(teacher, feature_distiller, channel_stats)
 
     @classmethod
     def from_config(cls, cfg):

@@ -63,6 +63,7 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
         *,
         teacher,
         feature_distiller,
+        channel_stats=None,
         rm_weight: float = 0.0,
         rm_temperature: float = 1.0,
         pfi: bool = False,
@@ -73,7 +74,7 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
     ):
         """
         Args:
-            teacher, feature_distiller: see :class:`DistillMixin`.
+            teacher, feature_distiller, channel_stats: see :class:`DistillMixin`.
             rm_weight: weight of Rank Mimicking; 0 disables it.
             rm_temperature: its softmax temperature.
             pfi: weight feature imitation per position by the prediction difference.
@@ -82,7 +83,7 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
             kwargs: RetinaNet's arguments.
         """
         super().__init__(**kwargs)
-        self._init_distillation(teacher, feature_distiller)
+        self._init_distillation(teacher, feature_distiller, channel_stats)
         self.rm_weight = rm_weight
         self.rm_temperature = rm_temperature
         self.pfi = pfi

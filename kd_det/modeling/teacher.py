@@ -199,6 +199,29 @@ class FrozenTeacher:
         return self._run(lambda *fs: self.model.head(list(fs))[0], *[features[f] for f in self.model.head_in_features])
 
 
+    @property
+    def dense_head_levels(self) -> List[str]:
+        """Levels of the teacher's dense head: RetinaNet's head, or a two-stage teacher's RPN."""
+        m = self.model
+        return list(m.head_in_features) if self.has_dense_head else list(m.proposal_generator.in_features)
+
+    def dense_head_outputs(self, features: Dict[str, torch.Tensor], grad: bool = False) -> List[torch.Tensor]:
+        """
+        Per-position scores of the teacher's dense head on ``features`` (its own, or
+        features made from them): RetinaNet class logits (N, A*K, H, W) or RPN
+        objectness logits (N, A, H, W), per level of :attr:`dense_head_levels`.
+
+        Args:
+            grad: keep the graph so that a loss on the outputs reaches ``features``
+                (the teacher's weights still get no gradient).
+        """
+        m = self.model
+        head = (lambda *fs: m.head(list(fs))[0]) if self.has_dense_head else (
+            lambda *fs: m.proposal_generator.rpn_head(list(fs))[0])
+        with torch.set_grad_enabled(grad):
+            return self._run(head, *[features[f] for f in self.dense_head_levels])
+
+
 def build_teacher(student_cfg: CfgNode) -> FrozenTeacher:
     """Build and load the teacher named by ``student_cfg.KD.TEACHER``, checking it fits the student."""
     cfg = build_teacher_cfg(student_cfg)

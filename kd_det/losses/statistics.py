@@ -1,0 +1,65 @@
+"""Channel-statistics transfer and AdaIN (Yang et al., "Knowledge distillation via adaptive
+instance normalization", 2020), on detection feature pyramids."""
+
+from typing import Sequence, Tuple
+
+import torch
+
+__all__ = ["channel_statistics", "channel_statistics_loss", "adain", "head_output_loss"]
+
+
+def channel_statistics(x: torch.Tensor, eps: float = 1e-5) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    Per image and channel mean and standard deviation over positions.
+
+    Args:
+        x: (N, C, H, W).
+    Returns:
+        mean, std: (N, C) each; std = sqrt(biased variance + eps).
+    """
+    flat = x.flatten(2)
+    mean = flat.mean(dim=2)
+    std = (flat.var(dim=2, unbiased=False) + eps).sqrt()
+    return mean, std
+
+
+def channel_statistics_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> torch.Tensor:
+    """
+    ||mu_s - mu_t||^2 + ||sigma_s - sigma_t||^2 per (image, channel), averaged over
+    images and channels, then over levels.  The teacher's statistics are constants.
+
+    Args:
+        student, teacher: per level (N, C, H, W) with equal N and C (H, W may differ).
+    Returns:
+        scalar.
+    """
+    total = student[0].new_zeros(())
+    for s, t in zip(student, teacher):
+        ms, ss = channel_statistics(s)
+        mt, st = channel_statistics(t.detach())
+        total = total + ((ms - mt) ** 2 + (ss - st) ** 2).mean()
+    return total / len(student)
+
+
+def adain(content: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """
+    Adaptive instance normalisation: ``content`` with its own channel statistics
+    replaced by ``mean``/``std``: std * (content - mu_c) / sigma_c + mean.
+
+    Args:
+        content: (N, C, H, W).
+        mean, std: (N, C).
+    Returns:
+        (N, C, H, W).
+    """
+    mc, sc = channel_statistics(content)
+    normalized = (content - mc[..., None, None]) / sc[..., None, None]
+    return normalized * std[..., None, None] + mean[..., None, None]
+
+
+def head_output_loss(judged: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Mean squared difference of a head's outputs on AdaIN features and on the originals, mean over levels."""
+    total = judged[0].new_zeros(())
+    for a, b in zip(judged, reference):
+        total = total + (a - b.detach()).pow(2).mean()
+    return total / len(judged)

@@ -1,0 +1,81 @@
+"""Channel-statistics transfer with AdaIN, judged by the teacher's own head."""
+
+from typing import Dict, List
+
+import torch
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
+from torch import nn
+
+from ..losses.statistics import adain, channel_statistics, channel_statistics_loss, head_output_loss
+from .feature_distiller import match_levels
+
+__all__ = ["ChannelStatsDistiller"]
+
+
+class ChannelStatsDistiller(nn.Module):
+    """
+    Two losses on the teacher's dense-head levels (RetinaNet head, or a two-stage
+    teacher's RPN):
+
+    * ``loss_kd_stats``: the student's per-channel mean and std (after a 1x1 adapter
+      where channels differ) pulled to the teacher's;
+    * ``loss_kd_adain``: the student's statistics transplanted into the teacher's
+      features by AdaIN; the teacher's head judges them: the squared difference of
+      its outputs on those features and on its own.  Its gradient reaches the
+      student through the transplanted statistics only.
+    """
+
+    @configurable
+    def __init__(self, *, levels: List[str], student_channels: Dict[str, int], teacher_channels: Dict[str, int],
+                 stats_weight: float, adain_weight: float):
+        """
+        Args:
+            levels: the teacher head's levels (all of them: the head judges whole pyramids).
+            student_channels, teacher_channels: channels per level.
+            stats_weight, adain_weight: weights of the two losses (0 disables one).
+        """
+        super().__init__()
+        self.levels = list(levels)
+        self.stats_weight = stats_weight
+        self.adain_weight = adain_weight
+        self.adapters = nn.ModuleDict({
+            k: nn.Conv2d(student_channels[k], teacher_channels[k], kernel_size=1)
+            for k in self.levels if student_channels[k] != teacher_channels[k]})
+
+    @classmethod
+    def from_config(cls, cfg, student_shapes: Dict[str, ShapeSpec], teacher_shapes: Dict[str, ShapeSpec],
+                    head_levels: List[str]):
+        levels = match_levels(student_shapes, teacher_shapes, head_levels)
+        return {
+            "levels": levels,
+            "student_channels": {k: student_shapes[k].channels for k in levels},
+            "teacher_channels": {k: teacher_shapes[k].channels for k in levels},
+            "stats_weight": cfg.KD.CHANNEL_STATS.WEIGHT,
+            "adain_weight": cfg.KD.CHANNEL_STATS.ADAIN_WEIGHT,
+        }
+
+    def forward(self, student_features: Dict[str, torch.Tensor], teacher_features: Dict[str, torch.Tensor],
+                teacher) -> Dict[str, torch.Tensor]:
+        """
+        Args:
+            student_features, teacher_features: name -> (N, C, H, W).
+            teacher: a :class:`FrozenTeacher` (its ``dense_head_outputs`` judges the AdaIN features).
+        Returns:
+            {"loss_kd_stats": .., "loss_kd_adain": ..} (terms with weight 0 left out).
+        """
+        student = [self.adapters[k](student_features[k]) if k in self.adapters else student_features[k]
+                   for k in self.levels]
+        target = [teacher_features[k] for k in self.levels]
+        losses = {}
+        if self.stats_weight > 0:
+            losses["loss_kd_stats"] = self.stats_weight * channel_statistics_loss(student, target)
+        if self.adain_weight > 0:
+            transplanted = {}
+            for k, s, t in zip(self.levels, student, target):
+                mean, std = channel_statistics(s)
+                transplanted[k] = adain(t.detach(), mean, std)
+            judged = teacher.dense_head_outputs(transplanted, grad=True)
+            reference = teacher.dense_head_outputs({k: t for k, t in zip(self.levels, target)})
+            losses["loss_kd_adain"] = self.adain_weight * head_output_loss(judged, reference)
+        return losses
