@@ -101,6 +101,16 @@ def add_kd_config(cfg: CN) -> CN:
     cfg.KD.SELF.SOFT_LABEL_WEIGHT = 1.0
     cfg.KD.SELF.TEMPERATURE = 1.0
 
+    # Instance-level curriculum: a student snapshot's per-image scores
+    # (tools/score_images.py) order the training images from easy to hard.  Phase p ends at
+    # iteration PHASE_ITERS[p] and draws from the easiest PHASE_FRACTIONS[p] of the images;
+    # after the last phase every image is drawn uniformly.
+    cfg.KD.CURRICULUM = CN()
+    cfg.KD.CURRICULUM.ENABLED = False
+    cfg.KD.CURRICULUM.SCORES = ""
+    cfg.KD.CURRICULUM.PHASE_ITERS = []
+    cfg.KD.CURRICULUM.PHASE_FRACTIONS = []
+
     # Checks of COCO-format datasets by tools/train_net.py before training: "full"
     # (annotations and image files), "annotations", or "none".
     cfg.DATASETS.VALIDATE = "full"

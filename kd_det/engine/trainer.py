@@ -1,12 +1,14 @@
 """Trainers, chosen by ``cfg.KD.TRAINER`` from :data:`TRAINER_REGISTRY`."""
 
 import torch
+from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
 from detectron2.engine import DefaultTrainer
 from detectron2.solver import build_optimizer as build_sgd_optimizer
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils.registry import Registry
 
 from ..checkpoint import AtomicDetectionCheckpointer
+from ..data.curriculum import CurriculumSampler, load_scores
 from ..evaluation import build_evaluator
 
 __all__ = ["TRAINER_REGISTRY", "KDTrainer", "get_trainer_class"]
@@ -50,6 +52,30 @@ class KDTrainer(DefaultTrainer):
         if "_trainer" in state_dict:
             self._trainer.load_state_dict(state_dict["_trainer"])
 
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """Detectron2's loader; with ``KD.CURRICULUM.ENABLED`` its sampler is a :class:`CurriculumSampler`."""
+        if not cfg.KD.CURRICULUM.ENABLED:
+            return super().build_train_loader(cfg)
+        # the same records, in the same order, that Detectron2's loader would use
+        dataset = get_detection_dataset_dicts(
+            cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+            min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
+            proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None)
+        cur = cfg.KD.CURRICULUM
+        sampler = CurriculumSampler(load_scores(cur.SCORES, dataset), cur.PHASE_ITERS, cur.PHASE_FRACTIONS,
+                                    cfg.SOLVER.IMS_PER_BATCH, seed=cfg.SEED if cfg.SEED >= 0 else None)
+        return build_detection_train_loader(cfg, dataset=dataset, sampler=sampler)
+
+    def resume_or_load(self, resume=True):
+        super().resume_or_load(resume=resume)
+        sampler = _curriculum_sampler(self.data_loader)
+        if sampler is not None and self.start_iter > 0:
+            # the curriculum depends on the iteration: restart the stream where training resumes
+            # (a new iterator, so that data-loader workers get the updated sampler)
+            sampler.set_start_iter(self.start_iter)
+            self._trainer._data_loader_iter = iter(self.data_loader)
+
     def run_step(self):
         try:
             super().run_step()
@@ -87,6 +113,17 @@ class KDTrainer(DefaultTrainer):
             weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
         )
         return maybe_add_gradient_clipping(cfg, torch.optim.AdamW)(params, lr=cfg.SOLVER.BASE_LR)
+
+
+def _curriculum_sampler(data_loader):
+    """The CurriculumSampler under Detectron2's loader wrappers (aspect-ratio grouping, ToIterableDataset), or None."""
+    obj = data_loader
+    for _ in range(4):
+        sampler = getattr(obj, "sampler", None)
+        if isinstance(sampler, CurriculumSampler):
+            return sampler
+        obj = getattr(obj, "dataset", None)
+    return None
 
 
 def get_trainer_class(cfg):

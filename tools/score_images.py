@@ -1,0 +1,70 @@
+#!/usr/bin/env python
+"""
+Score every training image with a student snapshot, for the instance-level curriculum
+(``KD.CURRICULUM``): the snapshot's loss on each image alone, lower = easier.
+
+    tools/score_images.py --config-file configs/synthetic/distill/ssim_faster_rcnn_R50_to_R18.yaml \\
+        --snapshot output/snapshot/model_0000049.pth --output scores.json
+    tools/score_images.py --config-file CFG --snapshot W --score distillation --output scores.json
+
+The images are those of the config's DATASETS.TRAIN, resized as at test time and not
+flipped, so scores do not depend on augmentation.  ``--score distillation`` needs a
+distillation config (its teacher is loaded as in training).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", required=True)
+    parser.add_argument("--snapshot", required=True, help="the student checkpoint that judges difficulty")
+    parser.add_argument("--score", default="detection", choices=("detection", "distillation", "total"))
+    parser.add_argument("--output", required=True, help="scores JSON, for KD.CURRICULUM.SCORES")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    args = parser.parse_args(argv)
+
+    import torch
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.data import DatasetMapper, build_detection_test_loader, get_detection_dataset_dicts
+    from detectron2.data import transforms as T
+    from detectron2.modeling import build_model
+
+    from kd_det import get_kd_cfg
+    from kd_det.data import prepare_datasets, score_images
+
+    cfg = get_kd_cfg()
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    if not os.path.isfile(args.snapshot):
+        raise SystemExit("no snapshot at {!r}: train the student briefly (e.g. SOLVER.MAX_ITER 50) and pass its "
+                         "model_final.pth".format(args.snapshot))
+    prepare_datasets(cfg.DATASETS.TRAIN)
+    torch.manual_seed(0)  # RoI sampling in two-stage losses is random
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(args.snapshot)
+    dataset = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+    mapper = DatasetMapper(cfg, is_train=True, augmentations=[
+        T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)])
+    loader = build_detection_test_loader(dataset, mapper=mapper, num_workers=cfg.DATALOADER.NUM_WORKERS)
+    scores = score_images(model, loader, args.score)
+    out = {"scores": scores, "score": args.score, "snapshot": os.path.abspath(args.snapshot),
+           "config": args.config_file, "datasets": list(cfg.DATASETS.TRAIN)}
+    tmp = args.output + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(out, f)
+    os.replace(tmp, args.output)
+    values = sorted(scores.values())
+    print("scored {} images with {} loss: min {:.4f}, median {:.4f}, max {:.4f} -> {}".format(
+        len(values), args.score, values[0], values[len(values) // 2], values[-1], args.output))
+
+
+if __name__ == "__main__":
+    main()
