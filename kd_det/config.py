@@ -83,6 +83,17 @@ def add_kd_config(cfg: CN) -> CN:
     cfg.KD.CHANNEL_STATS.WEIGHT = 1.0
     cfg.KD.CHANNEL_STATS.ADAIN_WEIGHT = 1.0
 
+    # Several teachers for feature imitation (KD.FEATURE): each its own config and
+    # checkpoint (KD.TEACHER.CONFIG then stays empty; KD.TEACHER's other keys apply to all),
+    # each with its own adapters.  Per-image losses are combined with FIXED_WEIGHTS, or,
+    # when that is empty, with weights from a learned gate (adaptive multi-teacher KD):
+    # softmax over teachers of <embed(pooled student features), teacher latent>.
+    cfg.KD.MULTI_TEACHER = CN()
+    cfg.KD.MULTI_TEACHER.CONFIGS = []
+    cfg.KD.MULTI_TEACHER.WEIGHTS = []
+    cfg.KD.MULTI_TEACHER.FIXED_WEIGHTS = []
+    cfg.KD.MULTI_TEACHER.GATE_DIM = 64
+
     # Teacher-free self-distillation (FRSKD; MODEL.META_ARCHITECTURE "SelfDistillRetinaNet"
     # or "SelfDistillGeneralizedRCNN"): a BiFPN-style self-teacher refines the student's
     # pyramid; the student imitates the refined maps with KD.FEATURE (AttentionTransferLoss

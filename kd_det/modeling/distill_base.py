@@ -1,13 +1,14 @@
 """What every distillation meta-architecture shares: the teacher and feature imitation."""
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from detectron2.structures import ImageList
 
 from .channel_stats import ChannelStatsDistiller
 from .feature_distiller import FeatureDistiller
-from .teacher import FrozenTeacher, build_teacher
+from .multi_teacher import MultiTeacherDistiller
+from .teacher import FrozenTeacher, build_teachers
 
 __all__ = ["KDStudentMixin", "DistillMixin"]
 
@@ -30,45 +31,80 @@ class DistillMixin(KDStudentMixin):
     """
     Mixed into a Detectron2 meta-architecture (before it in the bases).
 
-    Adds ``self.teacher`` (a :class:`FrozenTeacher`, not a submodule),
-    ``self.kd_feature`` (a :class:`FeatureDistiller` or None) and ``self.kd_stats``
-    (a :class:`ChannelStatsDistiller` or None).
+    Adds ``self.teacher`` (a :class:`FrozenTeacher`, not a submodule; the first of
+    ``self.teachers``), ``self.kd_feature`` (a :class:`FeatureDistiller` or None),
+    ``self.kd_stats`` (a :class:`ChannelStatsDistiller` or None) and, with several
+    teachers, ``self.kd_multi_teacher`` (a :class:`MultiTeacherDistiller`, which then
+    replaces ``kd_feature``).
     """
 
     def _init_distillation(self, teacher: FrozenTeacher, feature_distiller: Optional[FeatureDistiller],
-                           channel_stats: Optional[ChannelStatsDistiller] = None):
+                           channel_stats: Optional[ChannelStatsDistiller] = None,
+                           extra_teachers: Sequence[FrozenTeacher] = (),
+                           multi_teacher: Optional[MultiTeacherDistiller] = None):
         self.teacher = teacher
+        self.teachers = [teacher] + list(extra_teachers)
         self.kd_feature = feature_distiller
         self.kd_stats = channel_stats
+        self.kd_multi_teacher = multi_teacher
 
     @staticmethod
     def _distill_from_config(cfg, ret: Dict) -> Dict:
-        """Add ``teacher``, ``feature_distiller`` and ``channel_stats`` to a vanilla ``from_config`` result."""
-        teacher = build_teacher(cfg)
-        feature = stats = None
+        """
+        Add ``teacher``, ``extra_teachers``, ``feature_distiller``, ``channel_stats`` and
+        ``multi_teacher`` to a vanilla ``from_config`` result.
+        """
+        teachers = build_teachers(cfg)
+        teacher = teachers[0]
+        feature = stats = multi = None
         student_shapes = ret["backbone"].output_shape()
+        if len(teachers) > 1:
+            kd = cfg.KD
+            others = [name for name, on in (("KD.RM", kd.RM.ENABLED), ("KD.PFI", kd.PFI.ENABLED),
+                                             ("KD.SOFT_LABEL", kd.SOFT_LABEL.ENABLED),
+                                             ("KD.CHANNEL_STATS", kd.CHANNEL_STATS.ENABLED)) if on]
+            if others or not kd.FEATURE.LOSS:
+                raise ValueError("several teachers (KD.MULTI_TEACHER) are combined for feature imitation only: set "
+                                 "KD.FEATURE.LOSS{}, or use one teacher".format(
+                                     " and disable " + ", ".join(others) if others else ""))
+            multi = MultiTeacherDistiller.from_config(cfg, student_shapes, [t.output_shape() for t in teachers])
+            return dict(ret, teacher=teacher, extra_teachers=teachers[1:], feature_distiller=None,
+                        channel_stats=None, multi_teacher=multi)
         if cfg.KD.FEATURE.LOSS:
             feature = FeatureDistiller(cfg, student_shapes, teacher.output_shape())
         if cfg.KD.CHANNEL_STATS.ENABLED:
             stats = ChannelStatsDistiller(cfg, student_shapes, teacher.output_shape(), teacher.dense_head_levels)
         return dict(ret, teacher=teacher, feature_distiller=feature, channel_stats=stats)
 
-    def teacher_images(self, batched_inputs: List[Dict], images: ImageList) -> ImageList:
-        """The teacher's view of the student's batch (shared when both normalise alike)."""
-        if self.teacher.takes_input_like(self.input_format, self.pixel_mean, self.pixel_std):
+    def teacher_images(self, batched_inputs: List[Dict], images: ImageList, teacher: FrozenTeacher = None) -> ImageList:
+        """A teacher's (default: the first's) view of the student's batch (shared when both normalise alike)."""
+        teacher = teacher or self.teacher
+        if teacher.takes_input_like(self.input_format, self.pixel_mean, self.pixel_std):
             return images
-        return self.teacher.preprocess_image(batched_inputs, images, self.input_format)
+        return teacher.preprocess_image(batched_inputs, images, self.input_format)
+
+    def teacher_features(self, batched_inputs: List[Dict], images: ImageList) -> List[Dict[str, torch.Tensor]]:
+        """Each teacher's backbone features of the batch: per teacher, name -> (N, C, H, W)."""
+        return [t.backbone_features(self.teacher_images(batched_inputs, images, t)) for t in self.teachers]
 
     def feature_losses(
         self,
         student_features: Dict[str, torch.Tensor],
-        teacher_features: Dict[str, torch.Tensor],
+        teacher_features: List[Dict[str, torch.Tensor]],
         position_weights: Optional[List[torch.Tensor]] = None,
     ) -> Dict[str, torch.Tensor]:
-        """Feature imitation and channel-statistics losses (each only if configured)."""
+        """
+        Feature imitation (one teacher, or several through ``kd_multi_teacher``) and
+        channel-statistics losses, each only if configured.
+
+        Args:
+            teacher_features: per teacher, as returned by :meth:`teacher_features`.
+        """
+        if self.kd_multi_teacher is not None:
+            return self.kd_multi_teacher(student_features, teacher_features)
         losses = {}
         if self.kd_feature is not None:
-            losses.update(self.kd_feature(student_features, teacher_features, position_weights))
+            losses.update(self.kd_feature(student_features, teacher_features[0], position_weights))
         if self.kd_stats is not None:
-            losses.update(self.kd_stats(student_features, teacher_features, self.teacher))
+            losses.update(self.kd_stats(student_features, teacher_features[0], self.teacher))
         return losses

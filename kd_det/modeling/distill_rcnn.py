@@ -23,9 +23,10 @@ class DistillGeneralizedRCNN(DistillMixin, GeneralizedRCNN):
     student_meta_architecture = "GeneralizedRCNN"
 
     @configurable
-    def __init__(self, *, teacher, feature_distiller, channel_stats=None, **kwargs):
+    def __init__(self, *, teacher, feature_distiller, channel_stats=None, extra_teachers=(), multi_teacher=None,
+                 **kwargs):
         super().__init__(**kwargs)
-        self._init_distillation(teacher, feature_distiller, channel_stats)
+        self._init_distillation(teacher, feature_distiller, channel_stats, extra_teachers, multi_teacher)
 
     @classmethod
     def from_config(cls, cfg):
@@ -40,7 +41,7 @@ class DistillGeneralizedRCNN(DistillMixin, GeneralizedRCNN):
         proposals, proposal_losses = self.proposal_generator(images, features, gt_instances)
         _, detector_losses = self.roi_heads(images, features, proposals, gt_instances)
 
-        teacher_features = self.teacher.backbone_features(self.teacher_images(batched_inputs, images))
+        teacher_features = self.teacher_features(batched_inputs, images)
         losses = dict(detector_losses)
         losses.update(proposal_losses)
         losses.update(self.feature_losses(features, teacher_features))

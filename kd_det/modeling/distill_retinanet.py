@@ -64,6 +64,8 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
         teacher,
         feature_distiller,
         channel_stats=None,
+        extra_teachers=(),
+        multi_teacher=None,
         rm_weight: float = 0.0,
         rm_temperature: float = 1.0,
         pfi: bool = False,
@@ -74,7 +76,8 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
     ):
         """
         Args:
-            teacher, feature_distiller, channel_stats: see :class:`DistillMixin`.
+            teacher, feature_distiller, channel_stats, extra_teachers, multi_teacher: see
+                :class:`DistillMixin`.
             rm_weight: weight of Rank Mimicking; 0 disables it.
             rm_temperature: its softmax temperature.
             pfi: weight feature imitation per position by the prediction difference.
@@ -83,7 +86,7 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
             kwargs: RetinaNet's arguments.
         """
         super().__init__(**kwargs)
-        self._init_distillation(teacher, feature_distiller, channel_stats)
+        self._init_distillation(teacher, feature_distiller, channel_stats, extra_teachers, multi_teacher)
         self.rm_weight = rm_weight
         self.rm_temperature = rm_temperature
         self.pfi = pfi
@@ -143,15 +146,15 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
         predictions = self.head(head_features)
         losses = self.forward_training(images, head_features, predictions, gt_instances)
 
-        teacher_features = self.teacher.backbone_features(self.teacher_images(batched_inputs, images))
+        all_teacher_features = self.teacher_features(batched_inputs, images)
         position_weights = None
         if self.uses_teacher_predictions:
             student_logits = predictions[0]  # per level (N, A*K, H, W)
-            teacher_logits = self.teacher.dense_class_logits(teacher_features)
+            teacher_logits = self.teacher.dense_class_logits(all_teacher_features[0])
             if self.pfi:
                 position_weights = self._pfi_weights(student_logits, teacher_logits)
             losses.update(self.prediction_losses(head_features, student_logits, teacher_logits, gt_instances))
-        losses.update(self.feature_losses(features, teacher_features, position_weights))
+        losses.update(self.feature_losses(features, all_teacher_features, position_weights))
         return losses
 
     def _pfi_weights(self, student_logits, teacher_logits) -> List[Optional[torch.Tensor]]:

@@ -2,7 +2,7 @@
 
 import logging
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +13,7 @@ from detectron2.structures import ImageList
 
 from ..config import add_kd_config
 
-__all__ = ["FrozenTeacher", "build_teacher_cfg", "build_teacher", "num_classes_of"]
+__all__ = ["FrozenTeacher", "build_teacher_cfg", "build_teacher", "build_teachers", "num_classes_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -25,9 +25,12 @@ def num_classes_of(cfg: CfgNode) -> int:
     return cfg.MODEL.ROI_HEADS.NUM_CLASSES
 
 
-def build_teacher_cfg(student_cfg: CfgNode) -> CfgNode:
-    """The teacher's config: ``KD.TEACHER.CONFIG`` + ``KD.TEACHER.OPTS``, on the student's device."""
-    path = student_cfg.KD.TEACHER.CONFIG
+def build_teacher_cfg(student_cfg: CfgNode, path: Optional[str] = None) -> CfgNode:
+    """
+    The teacher's config: ``path`` (default ``KD.TEACHER.CONFIG``) + ``KD.TEACHER.OPTS``,
+    on the student's device.
+    """
+    path = student_cfg.KD.TEACHER.CONFIG if path is None else path
     if not path:
         raise ValueError("KD.TEACHER.CONFIG is empty: set it to the teacher's Detectron2 config file "
                          "(e.g. configs/synthetic/faster_rcnn_R_50_FPN.yaml)")
@@ -222,16 +225,39 @@ class FrozenTeacher:
             return self._run(head, *[features[f] for f in self.dense_head_levels])
 
 
-def build_teacher(student_cfg: CfgNode) -> FrozenTeacher:
-    """Build and load the teacher named by ``student_cfg.KD.TEACHER``, checking it fits the student."""
-    cfg = build_teacher_cfg(student_cfg)
+def build_teacher(student_cfg: CfgNode, config: Optional[str] = None, weights: Optional[str] = None) -> FrozenTeacher:
+    """
+    Build and load the teacher named by ``student_cfg.KD.TEACHER`` (or by ``config`` and
+    ``weights``, with KD.TEACHER's other keys), checking it fits the student.
+    """
+    config = student_cfg.KD.TEACHER.CONFIG if config is None else config
+    weights = student_cfg.KD.TEACHER.WEIGHTS if weights is None else weights
+    cfg = build_teacher_cfg(student_cfg, config)
     model = build_model(cfg)
-    _load_teacher_weights(model, student_cfg.KD.TEACHER.WEIGHTS, student_cfg.KD.TEACHER.CONFIG)
+    _load_teacher_weights(model, weights, config)
     teacher = FrozenTeacher(model, cfg, student_cfg.KD.TEACHER.AUTOCAST, student_cfg.KD.TEACHER.CHANNELS_LAST)
     student_classes = num_classes_of(student_cfg)
     if teacher.num_classes != student_classes:
         raise ValueError("teacher has {} classes ({}) but the student has {}: both must be trained on the same "
                          "label space (set NUM_CLASSES alike)".format(
-                             teacher.num_classes, student_cfg.KD.TEACHER.CONFIG, student_classes))
-    logger.info("Loaded teacher {} from {}".format(cfg.MODEL.META_ARCHITECTURE, student_cfg.KD.TEACHER.WEIGHTS))
+                             teacher.num_classes, config, student_classes))
+    logger.info("Loaded teacher {} from {}".format(cfg.MODEL.META_ARCHITECTURE, weights))
     return teacher
+
+
+def build_teachers(student_cfg: CfgNode) -> List[FrozenTeacher]:
+    """
+    The teachers of a distillation config: ``KD.MULTI_TEACHER.CONFIGS/WEIGHTS`` when
+    set (several teachers), else the one ``KD.TEACHER``.
+    """
+    mt = student_cfg.KD.MULTI_TEACHER
+    if not mt.CONFIGS:
+        return [build_teacher(student_cfg)]
+    if student_cfg.KD.TEACHER.CONFIG:
+        raise ValueError("both KD.TEACHER.CONFIG and KD.MULTI_TEACHER.CONFIGS are set; list every teacher in "
+                         "KD.MULTI_TEACHER.CONFIGS (and its weights in KD.MULTI_TEACHER.WEIGHTS) and leave "
+                         "KD.TEACHER.CONFIG empty")
+    if len(mt.WEIGHTS) != len(mt.CONFIGS):
+        raise ValueError("KD.MULTI_TEACHER.CONFIGS has {} teachers but KD.MULTI_TEACHER.WEIGHTS {} checkpoints; "
+                         "give one checkpoint per teacher config".format(len(mt.CONFIGS), len(mt.WEIGHTS)))
+    return [build_teacher(student_cfg, c, w) for c, w in zip(mt.CONFIGS, mt.WEIGHTS)]
