@@ -5,7 +5,8 @@ distillation method, over several seeds, and report COCO box AP (mean and spread
 
     # CPU setting (synthetic data, 128 px, 150 iterations per student)
     python benchmarks/bench_accuracy.py --arch faster_rcnn --methods vanilla l2 ssim
-    python benchmarks/bench_accuracy.py --arch retinanet                  # every RetinaNet method
+    python benchmarks/bench_accuracy.py --arch retinanet                  # vanilla, L2, SSIM, soft label, RM, PFI, RM+PFI
+    python benchmarks/bench_accuracy.py --methods vanilla ssim ssim_stats curriculum_ssim multi_ssim self_frskd
     # GPU setting (more iterations, data-loader workers; sized for about 25 minutes on an H100)
     python benchmarks/bench_accuracy.py --setting gpu --arch retinanet
     # any Detectron2-registered dataset, by name
@@ -36,30 +37,52 @@ sys.path.insert(0, ROOT)
 from kd_det.utils.runs import train_and_evaluate  # noqa: E402
 
 SYN = "configs/synthetic/"
-# per architecture: the teacher config of each setting, and method -> (label, student config)
+# How a method's run gets its teacher:
+#   "none": no teacher (vanilla, teacher-free self-distillation);
+#   "teacher": the benchmark's teacher (KD.TEACHER.CONFIG/WEIGHTS);
+#   "two_teachers": the benchmark's teacher and a second one of the same config trained with the
+#       second seed (KD.MULTI_TEACHER);
+#   "curriculum": the benchmark's teacher, and images ordered by the same seed's vanilla student
+#       at its first checkpoint (tools/score_images.py, KD.CURRICULUM.SCORES).
+# per architecture: the teacher config of each setting, and method -> (label, student config, teacher use)
 ARCHS = {
     "faster_rcnn": {
         "teacher": {"cpu": SYN + "faster_rcnn_R_18_FPN128_long.yaml", "gpu": SYN + "faster_rcnn_R_50_FPN.yaml"},
         "num_classes_key": "MODEL.ROI_HEADS.NUM_CLASSES",
         "methods": {
-            "vanilla": ("student R-18-FPN-64", SYN + "faster_rcnn_R_18_FPN.yaml"),
-            "l2": ("+ L2 imitation", SYN + "distill/l2_faster_rcnn_R50_to_R18.yaml"),
-            "ssim": ("+ SSIM", SYN + "distill/ssim_faster_rcnn_R50_to_R18.yaml"),
+            "vanilla": ("student R-18-FPN-64", SYN + "faster_rcnn_R_18_FPN.yaml", "none"),
+            "l2": ("+ L2 imitation", SYN + "distill/l2_faster_rcnn_R50_to_R18.yaml", "teacher"),
+            "ssim": ("+ SSIM", SYN + "distill/ssim_faster_rcnn_R50_to_R18.yaml", "teacher"),
+            "ssim_stats": ("+ SSIM + channel stats/AdaIN", SYN + "distill/ssim_stats_faster_rcnn_R50_to_R18.yaml",
+                           "teacher"),
+            "curriculum_ssim": ("+ SSIM, curriculum", SYN + "distill/curriculum_ssim_faster_rcnn_R50_to_R18.yaml",
+                                "curriculum"),
+            "multi_ssim": ("+ SSIM, 2 teachers (gate)", SYN + "distill/multi_ssim_faster_rcnn_to_R18.yaml",
+                           "two_teachers"),
+            "self_frskd": ("self-distillation (FRSKD)", SYN + "distill/self_frskd_faster_rcnn_R18.yaml", "none"),
         },
     },
     "retinanet": {
         "teacher": {"cpu": SYN + "retinanet_R_18_FPN128_long.yaml", "gpu": SYN + "retinanet_R_50_FPN.yaml"},
         "num_classes_key": "MODEL.RETINANET.NUM_CLASSES",
         "methods": {
-            "vanilla": ("student R-18-FPN-64", SYN + "retinanet_R_18_FPN.yaml"),
-            "l2": ("+ L2 imitation", SYN + "distill/l2_retinanet_R50_to_R18.yaml"),
-            "ssim": ("+ SSIM", SYN + "distill/ssim_retinanet_R50_to_R18.yaml"),
-            "soft_label": ("+ soft-label KD", SYN + "distill/soft_label_retinanet_R50_to_R18.yaml"),
-            "rm": ("+ RM", SYN + "distill/rm_retinanet_R50_to_R18.yaml"),
-            "pfi": ("+ PFI (L2)", SYN + "distill/pfi_retinanet_R50_to_R18.yaml"),
-            "rm_pfi": ("+ RM + PFI", SYN + "distill/rm_pfi_retinanet_R50_to_R18.yaml"),
+            "vanilla": ("student R-18-FPN-64", SYN + "retinanet_R_18_FPN.yaml", "none"),
+            "l2": ("+ L2 imitation", SYN + "distill/l2_retinanet_R50_to_R18.yaml", "teacher"),
+            "ssim": ("+ SSIM", SYN + "distill/ssim_retinanet_R50_to_R18.yaml", "teacher"),
+            "soft_label": ("+ soft-label KD", SYN + "distill/soft_label_retinanet_R50_to_R18.yaml", "teacher"),
+            "rm": ("+ RM", SYN + "distill/rm_retinanet_R50_to_R18.yaml", "teacher"),
+            "pfi": ("+ PFI (L2)", SYN + "distill/pfi_retinanet_R50_to_R18.yaml", "teacher"),
+            "rm_pfi": ("+ RM + PFI", SYN + "distill/rm_pfi_retinanet_R50_to_R18.yaml", "teacher"),
+            "ssim_stats": ("+ SSIM + channel stats/AdaIN", SYN + "distill/ssim_stats_retinanet_R50_to_R18.yaml",
+                           "teacher"),
+            "self_frskd": ("self-distillation (FRSKD)", SYN + "distill/self_frskd_retinanet_R18.yaml", "none"),
         },
     },
+}
+# what a plain `--methods` default trains: the issue's comparison (the later methods on request)
+DEFAULT_METHODS = {
+    "faster_rcnn": ["vanilla", "l2", "ssim"],
+    "retinanet": ["vanilla", "l2", "ssim", "soft_label", "rm", "pfi", "rm_pfi"],
 }
 # overrides of each setting, applied to every run (students and teacher)
 SETTINGS = {
@@ -138,11 +161,31 @@ def run_benchmark(args):
     teacher_opts = ["KD.TEACHER.CONFIG", teacher_cfg, "KD.TEACHER.WEIGHTS", teacher_weights]
     if teacher_class_opts:
         teacher_opts += ["KD.TEACHER.OPTS", repr(teacher_class_opts)]
+    second_teacher = None
+    if any(arch["methods"][m][2] == "two_teachers" for m in args.methods):
+        if len(args.seeds) < 2:
+            raise SystemExit("the two-teacher method trains its second teacher with the second seed; give two seeds")
+        second_dir = os.path.join(out_root, "teacher_seed{}".format(args.seeds[1]))
+        opts = common + (GPU_TEACHER_OPTS if args.setting == "gpu" else []) + ["SEED", str(args.seeds[1])]
+        ap, seconds["teacher2"] = train_and_evaluate("teacher2", teacher_cfg, second_dir, opts, reuse=args.reuse)
+        results["teacher2"] = {"label": "second teacher (seed {})".format(args.seeds[1]), "runs": [ap]}
+        second_teacher = os.path.join(second_dir, "model_final.pth")
     for method in args.methods:
-        label, config = arch["methods"][method]
+        label, config, use = arch["methods"][method]
         runs = []
         for seed in args.seeds:
-            opts = common + ["SEED", str(seed)] + (teacher_opts if method != "vanilla" else [])
+            opts = common + ["SEED", str(seed)]
+            if use in ("teacher", "curriculum"):
+                opts += teacher_opts
+            if use == "two_teachers":
+                opts += ["KD.TEACHER.CONFIG", "", "KD.TEACHER.WEIGHTS", "",
+                         "KD.MULTI_TEACHER.CONFIGS", repr([teacher_cfg, teacher_cfg]),
+                         "KD.MULTI_TEACHER.WEIGHTS", repr([teacher_weights, second_teacher])]
+                if teacher_class_opts:
+                    opts += ["KD.TEACHER.OPTS", repr(teacher_class_opts)]
+            if use == "curriculum":
+                opts += ["KD.CURRICULUM.SCORES", score_with_vanilla_snapshot(
+                    arch, out_root, seed, common, args.reuse)]
             name = "{}/seed{}".format(method, seed)
             ap, sec = train_and_evaluate(name, config, os.path.join(out_root, method, "seed{}".format(seed)), opts,
                                          reuse=args.reuse)
@@ -150,6 +193,24 @@ def run_benchmark(args):
             seconds[name] = sec
         results[method] = {"label": label, "config": config, "runs": runs}
     return results, seconds, teacher_cfg, teacher_weights
+
+
+def score_with_vanilla_snapshot(arch, out_root, seed, common, reuse):
+    """Score the training images with the vanilla student's first checkpoint of ``seed`` (trained if needed)."""
+    import glob
+    import subprocess
+
+    vanilla_dir = os.path.join(out_root, "vanilla", "seed{}".format(seed))
+    train_and_evaluate("vanilla/seed{}".format(seed), arch["methods"]["vanilla"][1], vanilla_dir,
+                       common + ["SEED", str(seed)], reuse=True)
+    snapshots = sorted(glob.glob(os.path.join(vanilla_dir, "model_0*.pth"))) or [
+        os.path.join(vanilla_dir, "model_final.pth")]
+    scores = os.path.join(vanilla_dir, "scores.json")
+    if not (reuse and os.path.isfile(scores)):
+        subprocess.run([sys.executable, os.path.join(ROOT, "tools", "score_images.py"), "--config-file",
+                        arch["methods"]["vanilla"][1], "--snapshot", snapshots[0], "--output", scores] + common,
+                       cwd=ROOT, check=True)
+    return scores
 
 
 def table(results):
@@ -162,7 +223,7 @@ def table(results):
     for m, v in results.items():
         s = stats[m]
         gap = ""
-        if vanilla is not None and m not in ("teacher", "vanilla") and teacher > vanilla:
+        if vanilla is not None and m not in ("teacher", "teacher2", "vanilla") and teacher > vanilla:
             gap = "{:.0f}%".format(100.0 * (s["AP"]["mean"] - vanilla) / (teacher - vanilla))
         lines.append("| {} | {} | {:.2f} ± {:.2f} | {:.2f} | {:.2f} | {:.2f} | {} |".format(
             v["label"], len(v["runs"]), s["AP"]["mean"], s["AP"]["std"], s["AP"]["spread"], s["AP50"]["mean"],
@@ -195,7 +256,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=sorted(ARCHS), default="faster_rcnn")
     parser.add_argument("--methods", nargs="+", default=None,
-                        help="methods to train (default: every method of the architecture)")
+                        help="methods to train (default: {}; also: {})".format(
+                            DEFAULT_METHODS, {a: sorted(set(v["methods"]) - set(DEFAULT_METHODS[a]))
+                                              for a, v in ARCHS.items()}))
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="cpu")
     parser.add_argument("--teacher-weights", default="", help="use this trained teacher instead of training one")
@@ -209,7 +272,7 @@ def main(argv=None):
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides applied to every run")
     args = parser.parse_args(argv)
     if args.methods is None:
-        args.methods = list(ARCHS[args.arch]["methods"])
+        args.methods = list(DEFAULT_METHODS[args.arch])
     if len(args.seeds) < 2:
         print("warning: with one seed the spread is 0 and says nothing about noise", file=sys.stderr)
 
