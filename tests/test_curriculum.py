@@ -6,7 +6,6 @@ import os
 import runpy
 
 import pytest
-import torch
 from conftest import REPO, tiny_cfg
 
 from detectron2.data import get_detection_dataset_dicts

@@ -8,7 +8,7 @@ from test_distill import _one_step
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from kd_det.modeling.multi_teacher import MultiTeacherDistiller, TeacherImportanceGate
+from kd_det.modeling.multi_teacher import TeacherImportanceGate
 
 MULTI = "synthetic/distill/multi_ssim_faster_rcnn_to_R18.yaml"
 TEACHERS = ["synthetic/faster_rcnn_R_50_FPN.yaml", "synthetic/faster_rcnn_R_18_FPN.yaml"]

@@ -4,7 +4,9 @@ from .distill_rcnn import DistillGeneralizedRCNN
 from .distill_retinanet import DistillRetinaNet
 from .self_distill import SelfDistillGeneralizedRCNN, SelfDistillRetinaNet
 from .self_teacher import BiFPNSelfTeacher
+from .channel_stats import ChannelStatsDistiller
 from .feature_distiller import FeatureDistiller, match_levels
-from .teacher import FrozenTeacher, build_teacher, build_teacher_cfg, num_classes_of
+from .multi_teacher import MultiTeacherDistiller, TeacherImportanceGate
+from .teacher import FrozenTeacher, build_teacher, build_teacher_cfg, build_teachers, num_classes_of
 
 __all__ = [k for k in globals().keys() if not k.startswith("_")]

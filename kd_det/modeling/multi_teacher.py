@@ -79,9 +79,8 @@ class MultiTeacherDistiller(nn.Module):
         """(N, num_teachers) per-image weights."""
         if self.gate is not None:
             return self.gate(student_features)
-        n = next(iter(student_features.values())).shape[0]
         ref = next(iter(student_features.values()))
-        return torch.tensor(self.fixed_weights, dtype=ref.dtype, device=ref.device).expand(n, -1)
+        return torch.tensor(self.fixed_weights, dtype=ref.dtype, device=ref.device).expand(ref.shape[0], -1)
 
     def forward(self, student_features: Dict[str, torch.Tensor],
                 teacher_features: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
