@@ -103,7 +103,8 @@ def add_kd_config(cfg: CN) -> CN:
     cfg.KD.SELF.IN_FEATURES = []
     # refined maps have WIDTH_MULTIPLIER x (student FPN channels) channels (FRSKD's w)
     cfg.KD.SELF.WIDTH_MULTIPLIER = 1.0
-    cfg.KD.SELF.NORM = "BN"
+    # GroupNorm: batch-size independent (BatchNorm fails on 1x1 maps of P7 with one image per GPU)
+    cfg.KD.SELF.NORM = "GN"
     # weight of the self-teacher head's ground-truth losses (loss_self_*)
     cfg.KD.SELF.HEAD_WEIGHT = 1.0
     # True: the self-teacher's losses do not reach the student's backbone

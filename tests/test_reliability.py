@@ -90,6 +90,23 @@ def test_two_process_cpu_distillation(tmp_path, retina_teacher):
     assert any("loss_kd_ssim" in m for m in _metrics(out))
 
 
+def test_two_process_cpu_self_distillation(tmp_path):
+    """DDP over a student that carries its FRSKD self-teacher: every kd_self_* parameter takes part in each step."""
+    out = tmp_path / "ddp_self"
+    env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "datasets"), PYTHONUNBUFFERED="1")
+    args = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--num-gpus", "2", "--config-file",
+            config_path("synthetic/distill/self_frskd_retinanet_R18.yaml"),
+            "SOLVER.MAX_ITER", "3", "OUTPUT_DIR", str(out), "DATASETS.TEST", "()"] + SMALL
+    proc = subprocess.run(args, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    final = torch.load(out / "model_final.pth", weights_only=False)
+    assert final["iteration"] == 2
+    assert any(k.startswith("kd_self_teacher.") for k in final["model"])
+    logged = [m for m in _metrics(out) if "loss_kd_at" in m]
+    assert logged and all("loss_self_cls" in m for m in logged)
+
+
 def test_non_finite_kd_loss_stops_training_and_keeps_the_checkpoint(tiny_data_root, tmp_path, rcnn_teacher):
     from conftest import tiny_cfg
     from detectron2.engine import HookBase

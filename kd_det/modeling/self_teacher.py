@@ -74,13 +74,13 @@ class BiFPNSelfTeacher(nn.Module):
     """
 
     @configurable
-    def __init__(self, *, in_features: List[str], input_shapes: Dict[str, ShapeSpec], width: int, norm: str = "BN"):
+    def __init__(self, *, in_features: List[str], input_shapes: Dict[str, ShapeSpec], width: int, norm: str = "GN"):
         """
         Args:
             in_features: pyramid levels, finest first (e.g. p2..p6 or p3..p7).
             input_shapes: the student backbone's output shapes.
             width: channels of every refined map.
-            norm: Detectron2 norm name for the lateral and fused convs ("BN", "GN", "SyncBN", "").
+            norm: Detectron2 norm name for the lateral and fused convs ("GN", "BN", "SyncBN", "").
         """
         super().__init__()
         if len(in_features) < 2:
