@@ -1,0 +1,49 @@
+"""bench_accuracy's statistics and verdict, and reading evaluation results from train_net's log."""
+
+import os
+import runpy
+
+import pytest
+from conftest import REPO
+
+from kd_det.utils.runs import parse_copypaste_bbox
+
+BENCH = runpy.run_path(os.path.join(REPO, "benchmarks", "bench_accuracy.py"))
+
+
+def _runs(*aps):
+    return [{"AP": a, "AP50": 2 * a, "AP75": a / 2} for a in aps]
+
+
+def test_table_and_verdict():
+    results = {
+        "teacher": {"label": "teacher", "runs": _runs(10.0)},
+        "vanilla": {"label": "vanilla", "runs": _runs(4.0, 5.0)},
+        "l2": {"label": "l2", "runs": _runs(5.0, 5.5)},
+        "ssim": {"label": "ssim", "runs": _runs(7.0, 7.5)},
+    }
+    md, stats = BENCH["table"](results)
+    assert stats["vanilla"]["AP"]["mean"] == 4.5 and stats["vanilla"]["AP"]["spread"] == 1.0
+    assert stats["ssim"]["AP"]["std"] == pytest.approx(0.3535534, rel=1e-6)
+    assert "| ssim | 2 | 7.25 ± 0.35 | 0.50 | 14.50 | 3.62 | 50% |" in md  # (7.25 - 4.5) / (10 - 4.5)
+    verdict = BENCH["verdict"](stats)
+    assert "SSIM 7.25 vs vanilla 4.50: beyond" in verdict
+    assert "SSIM vs L2 5.25: beyond" in verdict and "gap closed 50% (target 40%: met)" in verdict
+    results["ssim"]["runs"] = _runs(4.0, 7.0)  # spread 3 swamps the difference
+    verdict = BENCH["verdict"](BENCH["table"](results)[1])
+    assert "NOT beyond" in verdict
+
+
+def test_parse_copypaste_takes_the_last_bbox_block():
+    log = "\n".join([
+        "[d2.evaluation.testing]: copypaste: Task: bbox",
+        "[d2.evaluation.testing]: copypaste: AP,AP50,AP75,APs,APm,APl",
+        "[d2.evaluation.testing]: copypaste: 1.0,2.0,3.0,4.0,5.0,nan",
+        "[d2.evaluation.testing]: copypaste: Task: bbox",
+        "[d2.evaluation.testing]: copypaste: AP,AP50,AP75,APs,APm,APl",
+        "[d2.evaluation.testing]: copypaste: 9.5632,18.6948,8.2168,8.6302,14.3321,nan",
+    ])
+    got = parse_copypaste_bbox(log)
+    assert got["AP"] == 9.5632 and got["APm"] == 14.3321
+    with pytest.raises(KeyError, match="no COCO box metrics"):
+        parse_copypaste_bbox("nothing here")
