@@ -22,12 +22,16 @@ def test_channel_statistics_and_loss_formula():
     assert torch.allclose(mean[1, 2], s[1, 2].mean())
     assert torch.allclose(std[1, 2], s[1, 2].std(unbiased=False))
     want = 0.0
+    teacher_var = 0.0
     for i in range(2):
         for c in range(3):
             want += (s[i, c].mean() - t[i, c].mean()) ** 2 + (
                 (s[i, c].var(unbiased=False) + 1e-5).sqrt() - (t[i, c].var(unbiased=False) + 1e-5).sqrt()) ** 2
+            teacher_var += t[i, c].var(unbiased=False) + 1e-5
     got = channel_statistics_loss([s, s], [t, t])  # two equal levels: same mean
-    assert got.item() == pytest.approx(want.item() / 6, rel=1e-10)
+    assert got.item() == pytest.approx((want / teacher_var).item(), rel=1e-10)
+    # scale-free: features and teacher 10x larger give the same loss
+    assert channel_statistics_loss([10 * s], [10 * t]).item() == pytest.approx(got.item(), rel=1e-5)
     assert channel_statistics_loss([s], [s.clone()]).item() == pytest.approx(0.0, abs=1e-12)
 
 
@@ -50,7 +54,7 @@ def test_head_output_loss_gradient_to_judged_only():
     a = torch.randn(2, 3, 4, 4, requires_grad=True)
     b = torch.randn(2, 3, 4, 4, requires_grad=True)
     loss = head_output_loss([a], [b])
-    assert loss.item() == pytest.approx((a - b).pow(2).mean().item())
+    assert loss.item() == pytest.approx(((a - b).pow(2).mean() / b.var(unbiased=False)).item(), rel=1e-5)
     loss.backward()
     assert a.grad is not None and b.grad is None
 

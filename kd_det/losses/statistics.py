@@ -25,8 +25,12 @@ def channel_statistics(x: torch.Tensor, eps: float = 1e-5) -> Tuple[torch.Tensor
 
 def channel_statistics_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> torch.Tensor:
     """
-    ||mu_s - mu_t||^2 + ||sigma_s - sigma_t||^2 per (image, channel), averaged over
-    images and channels, then over levels.  The teacher's statistics are constants.
+    ((mu_s - mu_t)^2 + (sigma_s - sigma_t)^2) / mean(sigma_t^2) per (image, channel),
+    averaged over images and channels, then over levels.  The teacher's statistics are
+    constants.  Dividing by the level's mean teacher variance makes the loss
+    independent of the feature scale: with raw FPN statistics (weight 1) it measured
+    14.5 against a detection loss of 1.8 early in training and cut a Faster R-CNN
+    student from 2.7 to 0.3 AP on the synthetic data.
 
     Args:
         student, teacher: per level (N, C, H, W) with equal N and C (H, W may differ).
@@ -37,7 +41,8 @@ def channel_statistics_loss(student: Sequence[torch.Tensor], teacher: Sequence[t
     for s, t in zip(student, teacher):
         ms, ss = channel_statistics(s)
         mt, st = channel_statistics(t.detach())
-        total = total + ((ms - mt) ** 2 + (ss - st) ** 2).mean()
+        scale = st.pow(2).mean().clamp_min(1e-6)
+        total = total + ((ms - mt) ** 2 + (ss - st) ** 2).mean() / scale
     return total / len(student)
 
 
@@ -58,8 +63,13 @@ def adain(content: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch
 
 
 def head_output_loss(judged: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Mean squared difference of a head's outputs on AdaIN features and on the originals, mean over levels."""
+    """
+    Mean squared difference of a head's outputs on AdaIN features and on the originals,
+    divided by the variance of the originals (scale-free, like the statistics loss),
+    mean over levels.
+    """
     total = judged[0].new_zeros(())
     for a, b in zip(judged, reference):
-        total = total + (a - b.detach()).pow(2).mean()
+        b = b.detach()
+        total = total + (a - b).pow(2).mean() / b.var(unbiased=False).clamp_min(1e-6)
     return total / len(judged)
