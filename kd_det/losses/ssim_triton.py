@@ -15,13 +15,23 @@ Nothing but the input planes is read and only per-program partial sums are
 written.  Backward recomputes the statistics the same way and writes the three
 SSIM derivatives (w.r.t. the local mean of x, E[x^2] and E[xy]) of each output
 position; a second sliding kernel applies the transposed window to them and
-combines them with x and y into the gradient.  Only the student gets a
-gradient: the teacher is a constant in distillation.
+combines them with x and y into the gradient.  Backward runs over chunks of
+planes, so the derivative maps never take more than ``BACKWARD_CHUNK_BYTES``.
+Only the student gets a gradient: the teacher is a constant in distillation.
+
+The per-map min-max normalisation of :class:`SSIMFeatureLoss` is fused too: the
+kernels read the raw features and rescale each value on load with its plane's
+(min, 1 / range), so no normalised copies exist.  Its gradient through the
+min and max goes, as ``torch.amin``/``amax`` send it, in equal shares to the
+positions holding the extreme value (a small fix-up kernel).
 
 Values match :func:`kd_det.losses.ssim.ssim_map` (same valid window, same
 formula, fp32 accumulation); ``tests/test_ssim_triton.py`` checks values and
-gradients on the GPU.
+gradients, on the GPU and, on CPU-only machines, in Triton's interpreter
+(``TRITON_INTERPRET=1``).
 """
+
+import os
 
 import torch
 
@@ -33,13 +43,24 @@ try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs may lack it.
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-__all__ = ["is_available", "fused_ssim_feature_loss", "MAX_WINDOW"]
+__all__ = ["is_available", "is_interpreted", "fused_ssim_mean", "fused_ssim_feature_loss", "MAX_WINDOW"]
 
 RING = 16  # slots of the vertical ring: windows up to 15 taps
 MAX_WINDOW = RING - 1
 BLOCK_W = 128  # columns per program
 ROWS_PER_PROGRAM = 64
 NUM_WARPS = 4
+FIXUP_BLOCK = 1024  # elements per program of the min/max gradient fix-up
+# Backward materialises three fp32 derivative maps; it runs over as many planes at a
+# time as fit in this many bytes (P2 of an 800x1344 input: 344 of 2048 planes).
+BACKWARD_CHUNK_BYTES = 256 * 2**20
+MINMAX_EPS = 1e-6  # as kd_det.losses.ssim.minmax_normalize
+NORM_STRIDE = 8  # per-plane (lo_x, 1/range_x, lo_y, 1/range_y, hi_x, unused x3)
+
+
+def is_interpreted() -> bool:
+    """Triton's interpreter (``TRITON_INTERPRET=1``) runs the kernels on CPU tensors (slowly; for tests)."""
+    return triton is not None and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def is_available() -> bool:
@@ -49,12 +70,19 @@ def is_available() -> bool:
 if triton is not None:
 
     @triton.jit
+    def _load_plane_row(ptr, offs, mask, lo, inv, NORMALIZE: tl.constexpr):
+        v = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if NORMALIZE:
+            v = (v - lo) * inv
+        return v
+
+    @triton.jit
     def _ssim_stats_kernel(
-        x_ptr, y_ptr, wh_ptr, wv_ptr, c1_ptr, c2_ptr,
+        x_ptr, y_ptr, norm_ptr, wh_ptr, wv_ptr, c1_ptr, c2_ptr,
         partial_ptr, d_mu_ptr, d_exx_ptr, d_exy_ptr,
         H, W, HO, WO, n_col_blocks, n_row_blocks,
         KH: tl.constexpr, KW: tl.constexpr, RING: tl.constexpr, BLOCK_W: tl.constexpr,
-        ROWS: tl.constexpr, BACKWARD: tl.constexpr,
+        ROWS: tl.constexpr, BACKWARD: tl.constexpr, NORMALIZE: tl.constexpr, NORM_STRIDE: tl.constexpr,
     ):
         """Per output position of a (plane, column strip, row chunk): SSIM (sum) or its derivatives."""
         pid = tl.program_id(0)
@@ -66,6 +94,11 @@ if triton is not None:
         slots = tl.arange(0, RING)
         c1 = tl.load(c1_ptr + plane)
         c2 = tl.load(c2_ptr + plane)
+        # per-plane min-max normalisation: (lo_x, inv_x, lo_y, inv_y, hi_x)
+        lo_x = tl.load(norm_ptr + plane * NORM_STRIDE)
+        inv_x = tl.load(norm_ptr + plane * NORM_STRIDE + 1)
+        lo_y = tl.load(norm_ptr + plane * NORM_STRIDE + 2)
+        inv_y = tl.load(norm_ptr + plane * NORM_STRIDE + 3)
         x_plane = x_ptr + plane.to(tl.int64) * H * W
         y_plane = y_ptr + plane.to(tl.int64) * H * W
         o_plane = plane.to(tl.int64) * HO * WO
@@ -86,8 +119,8 @@ if triton is not None:
             h_xy = tl.zeros((BLOCK_W,), tl.float32)
             for j in tl.static_range(KW):
                 w = tl.load(wh_ptr + j)
-                xv = tl.load(x_plane + r * W + cols + j, mask=col_ok, other=0.0).to(tl.float32)
-                yv = tl.load(y_plane + r * W + cols + j, mask=col_ok, other=0.0).to(tl.float32)
+                xv = _load_plane_row(x_plane, r * W + cols + j, col_ok, lo_x, inv_x, NORMALIZE)
+                yv = _load_plane_row(y_plane, r * W + cols + j, col_ok, lo_y, inv_y, NORMALIZE)
                 h_x += w * xv
                 h_y += w * yv
                 h_xx += w * xv * xv
@@ -138,12 +171,17 @@ if triton is not None:
 
     @triton.jit
     def _ssim_grad_kernel(
-        x_ptr, y_ptr, d_mu_ptr, d_exx_ptr, d_exy_ptr, wh_ptr, wv_ptr, scale_ptr, grad_ptr,
+        x_ptr, y_ptr, norm_ptr, d_mu_ptr, d_exx_ptr, d_exy_ptr, wh_ptr, wv_ptr, scale_ptr, grad_ptr, partial_ptr,
         H, W, HO, WO, n_col_blocks, n_row_blocks,
         KH: tl.constexpr, KW: tl.constexpr, RING: tl.constexpr, BLOCK_W: tl.constexpr,
-        ROWS: tl.constexpr,
+        ROWS: tl.constexpr, NORMALIZE: tl.constexpr, NORM_STRIDE: tl.constexpr,
     ):
-        """grad_x = scale * (W^T d_mu + 2 x W^T d_exx + y W^T d_exy), W^T the transposed window."""
+        """
+        g' = scale * (W^T d_mu + 2 x' W^T d_exx + y' W^T d_exy), W^T the transposed window and
+        x', y' the (normalised) inputs.  Without normalisation grad_x = g'.  With it,
+        grad_x = g' / range_x here, and the program's sums of g' x' and g' and its counts of
+        x == min and x == max go to ``partial`` for the min/max part of the gradient.
+        """
         pid = tl.program_id(0)
         plane = pid // (n_col_blocks * n_row_blocks)
         rest = pid % (n_col_blocks * n_row_blocks)
@@ -152,12 +190,21 @@ if triton is not None:
         col_ok = cols < W
         slots = tl.arange(0, RING)
         scale = tl.load(scale_ptr)
+        lo_x = tl.load(norm_ptr + plane * NORM_STRIDE)
+        inv_x = tl.load(norm_ptr + plane * NORM_STRIDE + 1)
+        lo_y = tl.load(norm_ptr + plane * NORM_STRIDE + 2)
+        inv_y = tl.load(norm_ptr + plane * NORM_STRIDE + 3)
+        hi_x = tl.load(norm_ptr + plane * NORM_STRIDE + 4)
         in_plane = plane.to(tl.int64) * H * W
         o_plane = plane.to(tl.int64) * HO * WO
 
         b_mu = tl.zeros((RING, BLOCK_W), tl.float32)
         b_xx = tl.zeros((RING, BLOCK_W), tl.float32)
         b_xy = tl.zeros((RING, BLOCK_W), tl.float32)
+        sum_gx = tl.zeros((BLOCK_W,), tl.float32)
+        sum_g = tl.zeros((BLOCK_W,), tl.float32)
+        n_lo = tl.zeros((BLOCK_W,), tl.float32)
+        n_hi = tl.zeros((BLOCK_W,), tl.float32)
         row_end = tl.minimum(row0 + ROWS, H)
         # output row o feeds input rows o .. o + KH - 1; input row p is complete after o = p
         for o in range(row0 - KH + 1, row_end):
@@ -189,97 +236,175 @@ if triton is not None:
             b_xy = tl.where(done, 0.0, b_xy)
             ok = col_ok & (p >= row0)
             offs = in_plane + p * W + cols
-            xv = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-            yv = tl.load(y_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            x_raw = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            yv = _load_plane_row(y_ptr, offs, ok, lo_y, inv_y, NORMALIZE)
+            xv = x_raw
+            if NORMALIZE:
+                xv = (x_raw - lo_x) * inv_x
             g = scale * (g_mu + 2.0 * xv * g_xx + yv * g_xy)
+            if NORMALIZE:
+                sum_gx += tl.where(ok, g * xv, 0.0)
+                sum_g += tl.where(ok, g, 0.0)
+                n_lo += tl.where(ok & (x_raw == lo_x), 1.0, 0.0)
+                n_hi += tl.where(ok & (x_raw == hi_x), 1.0, 0.0)
+                g = g * inv_x
             tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=ok)
+        if NORMALIZE:
+            tl.store(partial_ptr + pid * 4, tl.sum(sum_gx, axis=0))
+            tl.store(partial_ptr + pid * 4 + 1, tl.sum(sum_g, axis=0))
+            tl.store(partial_ptr + pid * 4 + 2, tl.sum(n_lo, axis=0))
+            tl.store(partial_ptr + pid * 4 + 3, tl.sum(n_hi, axis=0))
+
+    @triton.jit
+    def _minmax_grad_fixup_kernel(x_ptr, grad_ptr, fix_ptr, HW, n_blocks, BLOCK: tl.constexpr):
+        """grad += c_lo where x == min, c_hi where x == max, per plane: fix = (lo, hi, c_lo, c_hi)."""
+        pid = tl.program_id(0)
+        plane = pid // n_blocks
+        offs = (pid % n_blocks) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < HW
+        base = plane.to(tl.int64) * HW
+        x = tl.load(x_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
+        lo = tl.load(fix_ptr + plane * 4)
+        hi = tl.load(fix_ptr + plane * 4 + 1)
+        c_lo = tl.load(fix_ptr + plane * 4 + 2)
+        c_hi = tl.load(fix_ptr + plane * 4 + 3)
+        add = tl.where(x == lo, c_lo, 0.0) + tl.where(x == hi, c_hi, 0.0)
+        g = tl.load(grad_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
+        tl.store(grad_ptr + base + offs, (g + add).to(grad_ptr.dtype.element_ty), mask=m)
 
 
-def _launch_shape(h, w, ho, wo):
-    col_blocks = triton.cdiv(wo, BLOCK_W)
-    row_blocks = triton.cdiv(ho, ROWS_PER_PROGRAM)
-    return col_blocks, row_blocks
-
-
-def _plane_constants(value, planes: int, device) -> torch.Tensor:
-    """c1/c2 as one fp32 value per (image, channel) plane."""
+def _plane_values(value, planes: int, device) -> torch.Tensor:
+    """A scalar or N*C values as one fp32 value per (image, channel) plane."""
     t = torch.as_tensor(value, dtype=torch.float32, device=device)
     return t.expand(planes).contiguous() if t.dim() == 0 else t.reshape(planes).contiguous()
 
 
+def _minmax(planes: torch.Tensor):
+    """(P, H, W) -> per-plane fp32 (lo, hi, 1 / clamp_min(hi - lo, eps), hi - lo >= eps)."""
+    lo, hi = torch.aminmax(planes.detach().flatten(1), dim=1)
+    lo, hi = lo.float(), hi.float()
+    span = hi - lo
+    # clamp_min passes its gradient where span >= eps: then the range depends on lo and hi
+    return lo, hi, 1.0 / span.clamp_min(MINMAX_EPS), span >= MINMAX_EPS
+
+
+def _grid(planes, rows, cols):
+    col_blocks, row_blocks = triton.cdiv(cols, BLOCK_W), triton.cdiv(rows, ROWS_PER_PROGRAM)
+    return planes * col_blocks * row_blocks, col_blocks, row_blocks
+
+
 class _FusedSSIMMean(torch.autograd.Function):
-    """mean over planes and valid positions of SSIM(x, y); gradient for x only."""
+    """mean over planes and valid positions of SSIM(x', y'); gradient for x only.
+
+    x' = x, y' = y, or with ``normalize`` each plane min-max rescaled to [0, 1].
+    """
 
     @staticmethod
-    def forward(ctx, x, y, window_size, sigma, c1, c2):
+    def forward(ctx, x, y, window_size, sigma, c1, c2, normalize):
         n, c, h, w = x.shape
+        planes = n * c
         kh, kw = effective_window_sizes(h, w, window_size)
         ho, wo = h - kh + 1, w - kw + 1
-        x, y = x.contiguous(), y.contiguous()
+        x = x.contiguous().view(planes, h, w)
+        y = y.contiguous().view(planes, h, w)
         wh = gaussian_window_1d(kw, sigma, x.device)
         wv = gaussian_window_1d(kh, sigma, x.device)
-        planes = n * c
-        c1 = _plane_constants(c1, planes, x.device)
-        c2 = _plane_constants(c2, planes, x.device)
-        col_blocks, row_blocks = triton.cdiv(wo, BLOCK_W), triton.cdiv(ho, ROWS_PER_PROGRAM)
-        grid = planes * col_blocks * row_blocks
+        c1 = _plane_values(c1, planes, x.device)
+        c2 = _plane_values(c2, planes, x.device)
+        norm = torch.zeros((planes, NORM_STRIDE), dtype=torch.float32, device=x.device)
+        unclamped = None
+        if normalize:
+            lo_x, hi_x, inv_x, unclamped = _minmax(x)
+            lo_y, _, inv_y, _ = _minmax(y)
+            norm[:, 0], norm[:, 1], norm[:, 2], norm[:, 3], norm[:, 4] = lo_x, inv_x, lo_y, inv_y, hi_x
+        grid, col_blocks, row_blocks = _grid(planes, ho, wo)
         partial = torch.empty(grid, dtype=torch.float32, device=x.device)
         _ssim_stats_kernel[(grid,)](
-            x, y, wh, wv, c1, c2, partial, partial, partial, partial,
+            x, y, norm, wh, wv, c1, c2, partial, partial, partial, partial,
             h, w, ho, wo, col_blocks, row_blocks,
-            KH=kh, KW=kw, RING=RING, BLOCK_W=BLOCK_W, ROWS=ROWS_PER_PROGRAM, BACKWARD=False, num_warps=NUM_WARPS,
+            KH=kh, KW=kw, RING=RING, BLOCK_W=BLOCK_W, ROWS=ROWS_PER_PROGRAM, BACKWARD=False,
+            NORMALIZE=normalize, NORM_STRIDE=NORM_STRIDE, num_warps=NUM_WARPS,
         )
         count = planes * ho * wo
-        ctx.save_for_backward(x, y, wh, wv, c1, c2)
-        ctx.shape = (h, w, ho, wo, kh, kw, count)
+        ctx.save_for_backward(x, y, wh, wv, c1, c2, norm, unclamped if normalize else norm)
+        ctx.shape = (n, c, h, w, ho, wo, kh, kw, count)
+        ctx.normalize = normalize
         return (partial.sum() / count).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, y, wh, wv, c1, c2 = ctx.saved_tensors
-        h, w, ho, wo, kh, kw, count = ctx.shape
-        planes = x.shape[0] * x.shape[1]
-        d_mu = torch.empty((planes, ho, wo), dtype=torch.float32, device=x.device)
-        d_exx = torch.empty_like(d_mu)
-        d_exy = torch.empty_like(d_mu)
-        col_blocks, row_blocks = triton.cdiv(wo, BLOCK_W), triton.cdiv(ho, ROWS_PER_PROGRAM)
-        _ssim_stats_kernel[(planes * col_blocks * row_blocks,)](
-            x, y, wh, wv, c1, c2, d_mu, d_mu, d_exx, d_exy,
-            h, w, ho, wo, col_blocks, row_blocks,
-            KH=kh, KW=kw, RING=RING, BLOCK_W=BLOCK_W, ROWS=ROWS_PER_PROGRAM, BACKWARD=True, num_warps=NUM_WARPS,
-        )
+        x, y, wh, wv, c1, c2, norm, unclamped = ctx.saved_tensors
+        n, c, h, w, ho, wo, kh, kw, count = ctx.shape
+        normalize = ctx.normalize
+        planes = n * c
         scale = (grad_out.float() / count).reshape(1)
         grad = torch.empty_like(x)
-        col_blocks, row_blocks = triton.cdiv(w, BLOCK_W), triton.cdiv(h, ROWS_PER_PROGRAM)
-        _ssim_grad_kernel[(planes * col_blocks * row_blocks,)](
-            x, y, d_mu, d_exx, d_exy, wh, wv, scale, grad,
-            h, w, ho, wo, col_blocks, row_blocks,
-            KH=kh, KW=kw, RING=RING, BLOCK_W=BLOCK_W, ROWS=ROWS_PER_PROGRAM, num_warps=NUM_WARPS,
-        )
-        return grad, None, None, None, None, None
+        # per program: sum g'x', sum g', #(x == min), #(x == max) (normalisation only)
+        sums = torch.zeros((planes, 4), dtype=torch.float32, device=x.device)
+        chunk = max(1, BACKWARD_CHUNK_BYTES // max(1, 3 * 4 * ho * wo))
+        for p0 in range(0, planes, chunk):
+            p1 = min(planes, p0 + chunk)
+            cx, cy, cnorm, cgrad = x[p0:p1], y[p0:p1], norm[p0:p1], grad[p0:p1]
+            d_mu = torch.empty((p1 - p0, ho, wo), dtype=torch.float32, device=x.device)
+            d_exx = torch.empty_like(d_mu)
+            d_exy = torch.empty_like(d_mu)
+            grid, col_blocks, row_blocks = _grid(p1 - p0, ho, wo)
+            _ssim_stats_kernel[(grid,)](
+                cx, cy, cnorm, wh, wv, c1[p0:p1], c2[p0:p1], d_mu, d_mu, d_exx, d_exy,
+                h, w, ho, wo, col_blocks, row_blocks,
+                KH=kh, KW=kw, RING=RING, BLOCK_W=BLOCK_W, ROWS=ROWS_PER_PROGRAM, BACKWARD=True,
+                NORMALIZE=normalize, NORM_STRIDE=NORM_STRIDE, num_warps=NUM_WARPS,
+            )
+            grid, col_blocks, row_blocks = _grid(p1 - p0, h, w)
+            partial = torch.empty((grid, 4), dtype=torch.float32, device=x.device)
+            _ssim_grad_kernel[(grid,)](
+                cx, cy, cnorm, d_mu, d_exx, d_exy, wh, wv, scale, cgrad, partial,
+                h, w, ho, wo, col_blocks, row_blocks,
+                KH=kh, KW=kw, RING=RING, BLOCK_W=BLOCK_W, ROWS=ROWS_PER_PROGRAM,
+                NORMALIZE=normalize, NORM_STRIDE=NORM_STRIDE, num_warps=NUM_WARPS,
+            )
+            if normalize:
+                sums[p0:p1] = partial.view(p1 - p0, -1, 4).sum(1)
+            del d_mu, d_exx, d_exy
+        if normalize:
+            # x' = (x - lo) * inv, inv = 1 / clamp_min(hi - lo, eps):
+            # dL/dlo = inv * (u * sum g'x' - sum g'), dL/dhi = -u * inv * sum g'x', u = [hi - lo >= eps];
+            # amin/amax share their gradient equally between the positions holding the extreme
+            sum_gx, sum_g, n_lo, n_hi = sums.unbind(1)
+            inv, u = norm[:, 1], unclamped.float()
+            fix = torch.stack([norm[:, 0], norm[:, 4], inv * (u * sum_gx - sum_g) / n_lo,
+                               -u * inv * sum_gx / n_hi], dim=1).contiguous()
+            n_blocks = triton.cdiv(h * w, FIXUP_BLOCK)
+            _minmax_grad_fixup_kernel[(planes * n_blocks,)](x, grad, fix, h * w, n_blocks, BLOCK=FIXUP_BLOCK)
+        return grad.view(n, c, h, w), None, None, None, None, None, None
 
 
-def fused_ssim_mean(x, y, window_size=11, sigma=1.5, c1=0.01**2, c2=0.03**2) -> torch.Tensor:
+def fused_ssim_mean(x, y, window_size=11, sigma=1.5, c1=0.01**2, c2=0.03**2, normalize=False) -> torch.Tensor:
     """
-    Mean SSIM of (N, C, H, W) CUDA tensors ``x`` (gets a gradient) and ``y``
-    (constant), equal to ``ssim_map(x, y, ...).mean()``.  ``c1``/``c2``: scalars
-    or per-plane tensors of N*C values.
+    Mean SSIM of (N, C, H, W) tensors ``x`` (gets a gradient) and ``y``
+    (constant), equal to ``ssim_map(x, y, ...).mean()``, or with ``normalize`` to
+    ``ssim_map(minmax_normalize(x), minmax_normalize(y), ...).mean()``.
+    ``c1``/``c2``: scalars or per-plane tensors of N*C values.  CUDA tensors, or CPU
+    tensors under Triton's interpreter.
     """
+    if triton is None:
+        raise RuntimeError("the fused SSIM kernel needs Triton")
     if window_size > MAX_WINDOW:
         raise ValueError("the fused SSIM kernel supports windows up to {} taps".format(MAX_WINDOW))
-    return _FusedSSIMMean.apply(x, y.detach(), window_size, sigma, c1, c2)
+    if x.shape != y.shape or x.dim() != 4:
+        raise ValueError("fused_ssim_mean expects two (N, C, H, W) tensors of one shape, got {} and {}".format(
+            tuple(x.shape), tuple(y.shape)))
+    return _FusedSSIMMean.apply(x, y.detach(), window_size, sigma, c1, c2, bool(normalize))
 
 
 def fused_ssim_feature_loss(student, teacher, window_size, sigma, k1, k2, normalize) -> torch.Tensor:
     """One level of :class:`SSIMFeatureLoss`: ``(1 - mean SSIM) / 2``, fused on the GPU."""
-    from .ssim import minmax_normalize
-
     teacher = teacher.detach()
     if normalize == "minmax":
-        student, teacher = minmax_normalize(student), minmax_normalize(teacher)
-        c1, c2 = k1**2, k2**2
+        mean = fused_ssim_mean(student, teacher, window_size, sigma, k1**2, k2**2, normalize=True)
     else:
         flat = teacher.flatten(2)
         value_range = (flat.amax(dim=2) - flat.amin(dim=2)).clamp_min(1e-6).flatten()
-        c1, c2 = (k1 * value_range) ** 2, (k2 * value_range) ** 2
-    return (1.0 - fused_ssim_mean(student, teacher, window_size, sigma, c1, c2)) / 2.0
+        mean = fused_ssim_mean(student, teacher, window_size, sigma, (k1 * value_range) ** 2,
+                               (k2 * value_range) ** 2)
+    return (1.0 - mean) / 2.0
