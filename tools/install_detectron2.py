@@ -9,6 +9,7 @@ sources) is downloaded with pip, patched by :func:`kd_det.compat.patch_detectron
 and installed as pure Python.  torch and torchvision must be installed first.
 
 Usage:  python tools/install_detectron2.py [--force]
+        python tools/install_detectron2.py --wheel-dir .whl   # build the patched wheel, install nothing
 """
 
 import argparse
@@ -58,12 +59,38 @@ def pip(*args):
     subprocess.run(cmd, check=True)
 
 
+def _patched_source(compat, tmp: str) -> str:
+    """Download the sdist into ``tmp``, unpack and patch it; returns the source folder."""
+    # --no-build-isolation: metadata preparation runs setup.py, which imports torch.
+    pip("download", "-q", "--no-deps", "--no-binary", ":all:", "--no-build-isolation", "-d", tmp, SDIST)
+    (archive,) = glob.glob(os.path.join(tmp, "*.tar.gz"))
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp, filter="data")
+    (src,) = [d for d in glob.glob(os.path.join(tmp, "*")) if os.path.isdir(d)]
+    compat.patch_detectron2_sdist(src)
+    return src
+
+
+def build_wheel(compat, wheel_dir: str) -> None:
+    """The patched Detectron2 as a wheel in ``wheel_dir`` (pure Python: any Python 3, any platform)."""
+    os.makedirs(wheel_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="kd_det_d2_") as tmp:
+        pip("wheel", "-q", "--no-deps", "--no-build-isolation", "-w", wheel_dir, _patched_source(compat, tmp))
+    print("detectron2 wheel written to", wheel_dir)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--force", action="store_true", help="reinstall even if detectron2 imports")
+    parser.add_argument("--wheel-dir", default="",
+                        help="build a pure-Python wheel of the patched sdist into this folder instead of installing "
+                             "(for machines without the package registry, e.g. the GPU machine)")
     args = parser.parse_args()
 
     compat = _load_compat()
+    if args.wheel_dir:
+        build_wheel(compat, os.path.abspath(args.wheel_dir))
+        return
     if not args.force and detectron2_importable():
         import detectron2
 
@@ -78,14 +105,7 @@ def main():
         sys.exit("install torch and torchvision before Detectron2 ({}); see README.md".format(e))
 
     with tempfile.TemporaryDirectory(prefix="kd_det_d2_") as tmp:
-        # --no-build-isolation: metadata preparation runs setup.py, which imports torch.
-        pip("download", "-q", "--no-deps", "--no-binary", ":all:", "--no-build-isolation", "-d", tmp, SDIST)
-        (archive,) = glob.glob(os.path.join(tmp, "*.tar.gz"))
-        with tarfile.open(archive) as tar:
-            tar.extractall(tmp, filter="data")
-        (src,) = [d for d in glob.glob(os.path.join(tmp, "*")) if os.path.isdir(d)]
-        compat.patch_detectron2_sdist(src)
-        pip("install", "-q", "--no-build-isolation", src)
+        pip("install", "-q", "--no-build-isolation", _patched_source(compat, tmp))
 
     if not detectron2_importable():
         sys.exit("detectron2 was installed but does not import; run: {} -c 'import detectron2.modeling'".format(sys.executable))

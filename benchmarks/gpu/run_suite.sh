@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# On the lent GPU machine (device tool), from the repository root, with .whl carried:
+#
+#   bash benchmarks/gpu/run_suite.sh tests ssim sweep step step-fast accuracy-faster_rcnn accuracy-retinanet
+#
+# Installs the carried wheels (benchmarks/gpu/prepare_wheels.sh) into a private folder
+# without touching the image's packages, then runs the named stages in order.  Every
+# stage's output goes to $OUT/suite.log (also printed, last lines per stage), JSON
+# results to $OUT/<stage>.json: few files, as the device tool brings back at most 8.
+set -uo pipefail
+OUT=${OUT:-/tmp/kd_det_gpu_out}
+mkdir -p "$OUT"
+LOG="$OUT/suite.log"
+SITE=/tmp/kd_det_site
+PY=${PY:-python3}
+if [ ! -d "$SITE/detectron2" ]; then
+    "$PY" -m pip install -q --no-index --no-deps --target "$SITE" .whl/*.whl >>"$LOG" 2>&1 || {
+        tail -n 40 "$LOG"; exit 1; }
+fi
+export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  "$PY" -c "import sys, torch, triton; print(sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
+} >>"$LOG" 2>&1
+
+status=0
+for stage in "$@"; do
+    start=$(date +%s)
+    echo "===== $stage" >>"$LOG"
+    case "$stage" in
+        tests)    "$PY" -m pytest -q -p no:cacheprovider tests/test_ssim_triton.py tests/test_losses.py ;;
+        ssim)     "$PY" benchmarks/bench_ssim.py --json "$OUT/ssim.json" ;;
+        sweep)    "$PY" benchmarks/sweep_ssim_triton.py ;;
+        step)     "$PY" benchmarks/bench_step.py --json "$OUT/step.json" ;;
+        step-fast) "$PY" benchmarks/bench_step.py --teacher-autocast bf16 --channels-last --json "$OUT/step-fast.json" ;;
+        accuracy-*) "$PY" benchmarks/bench_accuracy.py --setting gpu --arch "${stage#accuracy-}" \
+                        --output-root /tmp/kd_det_bench_accuracy --json "$OUT/$stage.json" ;;
+        *) echo "unknown stage $stage (tests ssim sweep step step-fast accuracy-<arch>)"; false ;;
+    esac >>"$LOG" 2>&1
+    rc=$?
+    [ $rc -eq 0 ] || status=$rc
+    echo "===== $stage: exit $rc, $(( $(date +%s) - start )) s" >>"$LOG"
+    sed -n "/^===== $stage\$/,\$p" "$LOG" | tail -n 40
+done
+exit $status
