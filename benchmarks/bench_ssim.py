@@ -14,7 +14,8 @@ sigma 1.5, K = (0.01, 0.03), data range 1, valid window):
   kornia         kornia.metrics.ssim(padding="valid")
 Reports the median time of forward+backward over the pyramid, the peak memory above
 the inputs (CUDA), and each value's relative difference to kd_det-torch.  Also the
-whole SSIMFeatureLoss (min-max normalisation included) with IMPL torch vs triton.
+whole SSIMFeatureLoss (min-max normalisation included: PyTorch ops for IMPL torch,
+inside the kernels for IMPL triton).
 """
 
 import argparse

@@ -23,9 +23,10 @@ for bw, rows, warps in itertools.product([32, 64, 128, 256], [32, 64, 128], [1, 
         continue
     ssim_triton.BLOCK_W, ssim_triton.ROWS_PER_PROGRAM, ssim_triton.NUM_WARPS = bw, rows, warps
     fwd = bench(lambda: [ssim_triton.fused_ssim_mean(x, y) for x, y in zip(xs, ys)])
-    def both():
-        total = sum(ssim_triton.fused_ssim_mean(x, y) for x, y in zip(xs, ys))
+    def both(normalize=False):
+        total = sum(ssim_triton.fused_ssim_mean(x, y, normalize=normalize) for x, y in zip(xs, ys))
         total.backward()
     tot = bench(both)
-    print("BLOCK_W {:4d} ROWS {:4d} warps {}: forward {:6.2f} ms  forward+backward {:6.2f} ms".format(
-        bw, rows, warps, fwd, tot), flush=True)
+    tot_minmax = bench(lambda: both(normalize=True))
+    print("BLOCK_W {:4d} ROWS {:4d} warps {}: forward {:6.2f} ms  forward+backward {:6.2f} ms  "
+          "with min-max normalisation {:6.2f} ms".format(bw, rows, warps, fwd, tot, tot_minmax), flush=True)
