@@ -47,3 +47,31 @@ def test_parse_copypaste_takes_the_last_bbox_block():
     assert got["AP"] == 9.5632 and got["APm"] == 14.3321
     with pytest.raises(KeyError, match="no COCO box metrics"):
         parse_copypaste_bbox("nothing here")
+
+
+def test_student_schedule_of_the_setting_reaches_students_not_the_teacher(monkeypatch, tmp_path):
+    """RetinaNet's CPU students train 300 iterations, its teacher its own config's 600; user opts come last."""
+    import argparse
+
+    import kd_det.data
+
+    calls = []
+
+    def fake_train_and_evaluate(name, config, out_dir, opts, reuse=False, eval_only=False):
+        calls.append((name, opts))
+        return {"AP": 1.0, "AP50": 2.0, "AP75": 0.5}, 0.0
+
+    monkeypatch.setitem(BENCH["run_benchmark"].__globals__, "train_and_evaluate", fake_train_and_evaluate)
+    monkeypatch.setattr(kd_det.data, "prepare_datasets", lambda names: None)
+    monkeypatch.chdir(REPO)  # run_benchmark changes into the repository; restored afterwards
+    args = argparse.Namespace(arch="retinanet", methods=["vanilla", "ssim"], seeds=[1], setting="cpu",
+                              teacher_weights="", train_dataset="", test_dataset="", num_classes=None,
+                              output_root=str(tmp_path), reuse=False, opts=["SOLVER.MAX_ITER", "7"])
+    BENCH["run_benchmark"](args)
+    by_name = dict(calls)
+    assert "300" not in by_name["teacher"] and by_name["teacher"][-2:] == ["SEED", "1"]
+    for student in ("vanilla/seed1", "ssim/seed1"):
+        opts = by_name[student]
+        # the setting's student schedule, then the user's override of it, then the seed
+        assert opts.index("300") < opts.index("7") < opts.index("SEED")
+    assert "KD.TEACHER.WEIGHTS" in by_name["ssim/seed1"] and "KD.TEACHER.WEIGHTS" not in by_name["vanilla/seed1"]
