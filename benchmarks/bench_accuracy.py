@@ -76,6 +76,16 @@ ARCHS = {
             "rm": ("+ RM", SYN + "distill/rm_retinanet_R50_to_R18.yaml", "teacher"),
             "pfi": ("+ PFI (L2)", SYN + "distill/pfi_retinanet_R50_to_R18.yaml", "teacher"),
             "rm_pfi": ("+ RM + PFI", SYN + "distill/rm_pfi_retinanet_R50_to_R18.yaml", "teacher"),
+            # scale-free lp baselines (KD.FEATURE.NORMALIZE): raw FPN features of a teacher
+            # trained from scratch are large, and a raw L2 at weight 1 swamps the detection loss
+            "l2_minmax": ("+ L2, min-max maps", SYN + "distill/l2_minmax_retinanet_R50_to_R18.yaml", "teacher"),
+            "l2_channel": ("+ L2, standardised maps", SYN + "distill/l2_channel_retinanet_R50_to_R18.yaml",
+                           "teacher"),
+            "pfi_channel": ("+ PFI (L2, standardised)", SYN + "distill/pfi_channel_retinanet_R50_to_R18.yaml",
+                            "teacher"),
+            "rm_pfi_channel": ("+ RM + PFI (standardised)",
+                               SYN + "distill/rm_pfi_channel_retinanet_R50_to_R18.yaml", "teacher"),
+            "pfi_ssim": ("+ PFI (SSIM)", SYN + "distill/pfi_ssim_retinanet_R50_to_R18.yaml", "teacher"),
             "ssim_stats": ("+ SSIM + channel stats/AdaIN", SYN + "distill/ssim_stats_retinanet_R50_to_R18.yaml",
                            "teacher"),
             "self_frskd": ("self-distillation (FRSKD)", SYN + "distill/self_frskd_retinanet_R18.yaml", "none"),

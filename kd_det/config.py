@@ -40,6 +40,9 @@ def add_kd_config(cfg: CN) -> CN:
     # Student-side adapter: "auto" = 1x1 conv only where channels differ,
     # "conv1x1" = always a 1x1 conv, "none" = never (channels must then match).
     cfg.KD.FEATURE.ADAPTER = "auto"
+    # L2FeatureLoss / L1FeatureLoss only: compare each (image, channel) map after
+    # "none", "minmax" (to [0, 1], as SSIM does) or "channel" (zero mean, unit variance).
+    cfg.KD.FEATURE.NORMALIZE = "none"
 
     cfg.KD.SSIM = CN()
     cfg.KD.SSIM.WINDOW_SIZE = 11

@@ -12,6 +12,7 @@ from kd_det.losses import (
     minmax_normalize,
     ssim_feature_loss,
     ssim_map,
+    standardize_channels,
 )
 
 
@@ -94,6 +95,45 @@ def test_lp_losses_and_teacher_is_constant():
     assert torch.allclose(out, F.l1_loss(s, t))
     out.backward()
     assert t.grad is None and s.grad is not None
+
+
+def test_normalised_lp_losses_are_scale_free():
+    s, t = _pair((2, 3, 12, 10), 3)
+    for normalize in ("minmax", "channel"):
+        base = L2FeatureLoss(normalize=normalize)([s], [t])
+        # a per-map affine change of either side's scale leaves the loss unchanged
+        scaled = L2FeatureLoss(normalize=normalize)([s * 50.0 + 3.0], [t * 0.02 - 1.0])
+        assert torch.allclose(base, scaled, rtol=1e-4), normalize
+        assert not torch.allclose(base, L2FeatureLoss()([s], [t]))
+    # "minmax" is SSIM-KD's [0, 1] rescaling; "channel" makes MSE = 2 (1 - Pearson r) per map
+    ref = F.mse_loss(minmax_normalize(s), minmax_normalize(t))
+    assert torch.allclose(L2FeatureLoss(normalize="minmax")([s], [t]), ref)
+    sc, tc = s - s.mean(dim=(2, 3), keepdim=True), t - t.mean(dim=(2, 3), keepdim=True)
+    r = (sc * tc).sum(dim=(2, 3)) / (sc.flatten(2).norm(dim=2) * tc.flatten(2).norm(dim=2))
+    assert torch.allclose(L2FeatureLoss(normalize="channel")([s], [t]), (2 * (1 - r)).mean(), atol=1e-4)
+    assert torch.allclose(L1FeatureLoss(normalize="channel")([s], [t]),
+                          F.l1_loss(standardize_channels(s), standardize_channels(t)))
+    # one-pixel and constant maps (small top levels) give finite values and gradients
+    for shape in [(2, 3, 1, 1), (1, 2, 4, 4)]:
+        s1 = torch.full(shape, 0.7, requires_grad=True)
+        for normalize in ("minmax", "channel"):
+            out = L2FeatureLoss(normalize=normalize)([s1], [torch.ones(shape)])
+            out.backward()
+            assert torch.isfinite(out) and torch.isfinite(s1.grad).all(), (shape, normalize)
+            s1.grad = None
+
+
+def test_feature_normalize_config_and_errors():
+    cfg = get_kd_cfg()
+    cfg.KD.FEATURE.LOSS = "L2FeatureLoss"
+    cfg.KD.FEATURE.NORMALIZE = "channel"
+    assert build_feature_loss(cfg).normalize == "channel"
+    cfg.KD.FEATURE.NORMALIZE = "zscore"
+    with pytest.raises(ValueError, match="KD.FEATURE.NORMALIZE.*zscore"):
+        build_feature_loss(cfg)
+    cfg.KD.FEATURE.LOSS, cfg.KD.FEATURE.NORMALIZE = "SSIMFeatureLoss", "minmax"
+    with pytest.raises(ValueError, match="KD.SSIM.NORMALIZE"):
+        build_feature_loss(cfg)
 
 
 def test_build_feature_loss_by_name_and_unknown_name():

@@ -31,7 +31,7 @@ needs_gpu = pytest.mark.skipif(not ssim_triton.is_available(), reason="needs CUD
 
 # FPN-like pyramids with levels smaller than the 11x11 window
 if INTERPRETED:
-    LEVEL_SHAPES = [(1, 1, 14, 22), (1, 2, 6, 10), (1, 1, 3, 5), (1, 2, 1, 1), (1, 1, 12, 3)]
+    LEVEL_SHAPES = [(1, 1, 30, 28), (1, 1, 14, 22), (1, 2, 6, 10), (1, 1, 3, 5), (1, 2, 1, 1), (1, 1, 12, 3)]
 else:
     LEVEL_SHAPES = [(2, 8, 96, 160), (2, 8, 48, 80), (2, 8, 24, 40), (2, 8, 12, 20), (2, 8, 6, 10), (2, 8, 3, 5),
                     (2, 8, 1, 1)]
@@ -41,9 +41,17 @@ else:
 def small_blocks(monkeypatch):
     """Under the interpreter: blocks small enough that small maps cover several of them."""
     if INTERPRETED:
-        monkeypatch.setattr(ssim_triton, "BLOCK_W", 8)
-        monkeypatch.setattr(ssim_triton, "ROWS_PER_PROGRAM", 8)
+        # 16: the smallest tile tl.dot takes on a GPU (the "band" vertical pass)
+        monkeypatch.setattr(ssim_triton, "BLOCK_W", 16)
+        monkeypatch.setattr(ssim_triton, "ROWS_PER_PROGRAM", 16)
         monkeypatch.setattr(ssim_triton, "FIXUP_BLOCK", 64)
+
+
+@pytest.fixture(params=["ring", "band"])
+def vertical_pass(request, monkeypatch):
+    """Each kernel test runs with both vertical passes (see ssim_triton.VERTICAL_PASS)."""
+    monkeypatch.setattr(ssim_triton, "VERTICAL_PASS", request.param)
+    return request.param
 
 
 def _rel(a, b):
@@ -75,7 +83,7 @@ def _fpn_features():
 
 @needs_kernel
 @pytest.mark.parametrize("shape", LEVEL_SHAPES)
-def test_fused_mean_and_grad_equal_torch(shape):
+def test_fused_mean_and_grad_equal_torch(shape, vertical_pass):
     g = torch.Generator(device=DEVICE).manual_seed(0)
     x = torch.rand(shape, device=DEVICE, generator=g).requires_grad_()
     y = (0.5 * x.detach() + 0.5 * torch.rand(shape, device=DEVICE, generator=g))
@@ -96,10 +104,10 @@ def test_fused_mean_and_grad_equal_torch(shape):
 
 
 @needs_kernel
-def test_fused_minmax_normalisation_equals_torch(monkeypatch):
+def test_fused_minmax_normalisation_equals_torch(monkeypatch, vertical_pass):
     """Min-max rescaling inside the kernel, ties at the minimum and a constant map included."""
     g = torch.Generator(device=DEVICE).manual_seed(1)
-    shape = (1, 3, 14, 22) if INTERPRETED else (2, 15, 60, 90)
+    shape = (1, 3, 22, 28) if INTERPRETED else (2, 15, 60, 90)
     # backward over chunks of two planes (the last one shorter)
     monkeypatch.setattr(ssim_triton, "BACKWARD_CHUNK_BYTES", 2 * 3 * 4 * (shape[2] - 10) * (shape[3] - 10))
     x = torch.randn(shape, device=DEVICE, generator=g)
@@ -120,7 +128,7 @@ def test_fused_minmax_normalisation_equals_torch(monkeypatch):
 
 @needs_kernel
 @pytest.mark.parametrize("normalize", ["minmax", "none"])
-def test_fused_feature_loss_on_fpn_features(monkeypatch, normalize):
+def test_fused_feature_loss_on_fpn_features(monkeypatch, normalize, vertical_pass):
     if INTERPRETED:  # the interpreter's time goes with the number of programs
         monkeypatch.setattr(ssim_triton, "BLOCK_W", 32)
         monkeypatch.setattr(ssim_triton, "ROWS_PER_PROGRAM", 32)
@@ -137,12 +145,28 @@ def test_fused_feature_loss_on_fpn_features(monkeypatch, normalize):
 
 
 @needs_kernel
-def test_fused_kernel_rejects_bad_input():
+def test_fused_kernel_rejects_bad_input(monkeypatch):
     x = torch.rand(1, 2, 8, 8, device=DEVICE)
     with pytest.raises(ValueError, match="windows up to"):
         ssim_triton.fused_ssim_mean(x, x, window_size=17)
     with pytest.raises(ValueError, match="one shape"):
         ssim_triton.fused_ssim_mean(x, x[:, :1])
+    monkeypatch.setattr(ssim_triton, "VERTICAL_PASS", "rows")
+    with pytest.raises(ValueError, match="VERTICAL_PASS"):
+        ssim_triton.fused_ssim_mean(x, x)
+
+
+@needs_kernel
+def test_fused_backward_uses_the_forward_config(monkeypatch, vertical_pass):
+    """Tuning constants changed between forward and backward (benchmarks do) do not mix passes."""
+    g = torch.Generator(device=DEVICE).manual_seed(2)
+    x = torch.rand((1, 1, 14, 13), device=DEVICE, generator=g).requires_grad_()
+    y = torch.rand((1, 1, 14, 13), device=DEVICE, generator=g)
+    (ref_grad,) = torch.autograd.grad(ssim_map(x, y).mean(), x)
+    fused = ssim_triton.fused_ssim_mean(x, y)
+    monkeypatch.setattr(ssim_triton, "VERTICAL_PASS", "unknown")
+    (fused_grad,) = torch.autograd.grad(fused, x)
+    assert _rel(fused_grad, ref_grad) < 1e-4
 
 
 @needs_gpu

@@ -29,7 +29,7 @@ for stage in "$@"; do
     case "$stage" in
         tests)    "$PY" -m pytest -q -p no:cacheprovider tests/test_ssim_triton.py tests/test_losses.py ;;
         ssim)     "$PY" benchmarks/bench_ssim.py --json "$OUT/ssim.json" ;;
-        sweep)    "$PY" benchmarks/sweep_ssim_triton.py ;;
+        sweep)    "$PY" benchmarks/sweep_ssim_triton.py --json "$OUT/sweep.json" ;;
         step)     "$PY" benchmarks/bench_step.py --json "$OUT/step.json" ;;
         step-fast) "$PY" benchmarks/bench_step.py --teacher-autocast bf16 --channels-last --json "$OUT/step-fast.json" ;;
         accuracy-*) "$PY" benchmarks/bench_accuracy.py --setting gpu --arch "${stage#accuracy-}" \

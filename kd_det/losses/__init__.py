@@ -11,6 +11,7 @@ from .feature import (
     l1_feature_loss,
     l2_feature_loss,
     ssim_feature_loss,
+    standardize_channels,
 )
 from .statistics import adain, channel_statistics, channel_statistics_loss, head_output_loss
 from .ssim import gaussian_window_1d, minmax_normalize, ssim_map

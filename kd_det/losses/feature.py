@@ -26,6 +26,7 @@ __all__ = [
     "ssim_feature_loss",
     "l2_feature_loss",
     "l1_feature_loss",
+    "standardize_channels",
 ]
 
 FEATURE_LOSS_REGISTRY = Registry("KD_FEATURE_LOSS")
@@ -187,29 +188,69 @@ def _use_fused_ssim(impl: str, x: torch.Tensor) -> bool:
     return available
 
 
+def standardize_channels(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """
+    Zero mean, unit variance for every (n, c) map of an (N, C, H, W) tensor. Differentiable.
+    The standard deviation is clamped at ``eps`` (not offset by it), so the result does not
+    depend on the feature scale except for near-constant maps.  The clamp comes before the
+    square root: a constant map (every 1x1 level) then has a zero, not a NaN, gradient.
+    """
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    std = x.var(dim=(2, 3), keepdim=True, unbiased=False).clamp_min(eps * eps).sqrt()
+    return (x - mean) / std
+
+
+# How the lp losses may rescale each (image, channel) map before comparing (KD.FEATURE.NORMALIZE).
+# Raw FPN features of different networks differ in scale by orders of magnitude, so a raw
+# L2 loss's size (and the weight it needs) depends on the teacher; both options make it scale-free.
+#   "minmax": to [0, 1], the normalisation of SSIM-KD (lp vs SSIM then differ only in the loss form);
+#   "channel": zero mean and unit variance (as in PKD, Cao et al. 2022: MSE then equals 2 (1 - Pearson r)).
+LP_NORMALIZATIONS = {
+    "none": lambda x: x,
+    "minmax": minmax_normalize,
+    "channel": standardize_channels,
+}
+
+
+class _LpFeatureLoss(FeatureLoss):
+    """An elementwise lp loss, optionally on normalised maps (``KD.FEATURE.NORMALIZE``)."""
+
+    @configurable
+    def __init__(self, *, normalize: str = "none"):
+        if normalize not in LP_NORMALIZATIONS:
+            raise ValueError("KD.FEATURE.NORMALIZE must be one of {}, got {!r}".format(
+                sorted(LP_NORMALIZATIONS), normalize))
+        self.normalize = normalize
+
+    @classmethod
+    def from_config(cls, cfg):
+        return {"normalize": cfg.KD.FEATURE.NORMALIZE}
+
+    def loss_map(self, student, teacher):
+        norm = LP_NORMALIZATIONS[self.normalize]
+        return self.elementwise(norm(student), norm(teacher))
+
+    def elementwise(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
 @FEATURE_LOSS_REGISTRY.register()
-class L2FeatureLoss(FeatureLoss):
+class L2FeatureLoss(_LpFeatureLoss):
     """Mean squared difference (the lp-norm imitation baseline)."""
 
     short_name = "l2"
 
-    def __init__(self, cfg=None):
-        pass
-
-    def loss_map(self, student, teacher):
+    def elementwise(self, student, teacher):
         return F.mse_loss(student, teacher, reduction="none")
 
 
 @FEATURE_LOSS_REGISTRY.register()
-class L1FeatureLoss(FeatureLoss):
+class L1FeatureLoss(_LpFeatureLoss):
     """Mean absolute difference."""
 
     short_name = "l1"
 
-    def __init__(self, cfg=None):
-        pass
-
-    def loss_map(self, student, teacher):
+    def elementwise(self, student, teacher):
         return F.l1_loss(student, teacher, reduction="none")
 
 
@@ -250,6 +291,11 @@ def build_feature_loss(cfg) -> FeatureLoss:
         raise KeyError("unknown KD.FEATURE.LOSS {!r}; registered feature losses: {}. Register new ones "
                        "with @kd_det.losses.FEATURE_LOSS_REGISTRY.register()".format(
                            name, sorted(k for k, _ in FEATURE_LOSS_REGISTRY))) from None
+    if cfg.KD.FEATURE.NORMALIZE != "none" and not issubclass(cls, _LpFeatureLoss):
+        raise ValueError("KD.FEATURE.NORMALIZE={!r} applies to the lp losses (L2FeatureLoss, L1FeatureLoss), "
+                         "not to {}; {}set it to 'none'".format(
+                             cfg.KD.FEATURE.NORMALIZE, name,
+                             "SSIM normalises with KD.SSIM.NORMALIZE; " if name == "SSIMFeatureLoss" else ""))
     return cls(cfg)
 
 
@@ -258,9 +304,9 @@ def ssim_feature_loss(student, teacher, level_weights=None, **ssim_kwargs) -> to
     return SSIMFeatureLoss(**ssim_kwargs)(student, teacher, level_weights)
 
 
-def l2_feature_loss(student, teacher, level_weights=None) -> torch.Tensor:
-    return L2FeatureLoss()(student, teacher, level_weights)
+def l2_feature_loss(student, teacher, level_weights=None, normalize="none") -> torch.Tensor:
+    return L2FeatureLoss(normalize=normalize)(student, teacher, level_weights)
 
 
-def l1_feature_loss(student, teacher, level_weights=None) -> torch.Tensor:
-    return L1FeatureLoss()(student, teacher, level_weights)
+def l1_feature_loss(student, teacher, level_weights=None, normalize="none") -> torch.Tensor:
+    return L1FeatureLoss(normalize=normalize)(student, teacher, level_weights)

@@ -12,7 +12,11 @@ columns of one (image, channel) plane, row by row:
   slot is cleared.
 
 Nothing but the input planes is read and only per-program partial sums are
-written.  Backward recomputes the statistics the same way and writes the three
+written.  A second vertical pass, "band" (``VERTICAL_PASS``), works on 16-row tiles
+instead: each tile of horizontally filtered rows is multiplied by two 16x16 band
+matrices of the window (``tl.dot``), one completing the previous tile of output rows,
+one starting the current; no ring slot is extracted or cleared per row.  Which is
+faster is for ``benchmarks/sweep_ssim_triton.py`` on the GPU to say.  Backward recomputes the statistics the same way and writes the three
 SSIM derivatives (w.r.t. the local mean of x, E[x^2] and E[xy]) of each output
 position; a second sliding kernel applies the transposed window to them and
 combines them with x and y into the gradient.  Backward runs over chunks of
@@ -32,6 +36,7 @@ gradients, on the GPU and, on CPU-only machines, in Triton's interpreter
 """
 
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -56,6 +61,16 @@ FIXUP_BLOCK = 1024  # elements per program of the min/max gradient fix-up
 BACKWARD_CHUNK_BYTES = 256 * 2**20
 MINMAX_EPS = 1e-6  # as kd_det.losses.ssim.minmax_normalize
 NORM_STRIDE = 8  # per-plane (lo_x, 1/range_x, lo_y, 1/range_y, hi_x, unused x3)
+# How the vertical half of the window is applied (the sweep compares them on the GPU):
+#   "ring": row by row into the ring of partial output rows (above);
+#   "band": 16 rows at a time, as products of 16x16 band matrices with 16-row tiles of
+#       horizontally filtered rows (``tl.dot``).  Every input row is read once, and no
+#       per-row extraction and clearing of a ring slot is done.  DOT_PRECISION "ieee" keeps
+#       the products in fp32 on the FMA units; "tf32x3" moves them to tensor cores with
+#       three tf32 products per value (about fp32 accuracy).
+VERTICAL_PASS = "ring"
+TILE_ROWS = 16  # rows of one band tile; windows up to TILE_ROWS + 1 taps
+DOT_PRECISION = "ieee"
 
 
 def is_interpreted() -> bool:
@@ -256,6 +271,191 @@ if triton is not None:
             tl.store(partial_ptr + pid * 4 + 3, tl.sum(n_hi, axis=0))
 
     @triton.jit
+    def _band(wv_ptr, SHIFT: tl.constexpr, KH: tl.constexpr, TILE: tl.constexpr, TRANSPOSE: tl.constexpr):
+        """(TILE, TILE) band matrix B[q, k] = wv[k - q + SHIFT] (``TRANSPOSE``: wv[q - k + SHIFT]), 0 off the window."""
+        q = tl.arange(0, TILE)[:, None]
+        k = tl.arange(0, TILE)[None, :]
+        if TRANSPOSE:
+            tap = q - k + SHIFT
+        else:
+            tap = k - q + SHIFT
+        return tl.load(wv_ptr + tap, mask=(tap >= 0) & (tap < KH), other=0.0)
+
+    @triton.jit
+    def _ssim_stats_band_kernel(
+        x_ptr, y_ptr, norm_ptr, wh_ptr, wv_ptr, c1_ptr, c2_ptr,
+        partial_ptr, d_mu_ptr, d_exx_ptr, d_exy_ptr,
+        H, W, HO, WO, n_col_blocks, n_row_blocks,
+        KH: tl.constexpr, KW: tl.constexpr, TILE: tl.constexpr, BLOCK_W: tl.constexpr,
+        ROWS: tl.constexpr, BACKWARD: tl.constexpr, NORMALIZE: tl.constexpr, NORM_STRIDE: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        """
+        As :func:`_ssim_stats_kernel`, with the vertical pass on TILE-row tiles.  Input
+        block b (rows b .. b + TILE - 1, horizontally filtered) feeds output tile b through
+        band ``same`` and output tile b - TILE through band ``cross``; tile b - TILE is then
+        complete (windows of at most TILE + 1 taps).
+        """
+        pid = tl.program_id(0)
+        plane = pid // (n_col_blocks * n_row_blocks)
+        rest = pid % (n_col_blocks * n_row_blocks)
+        row0 = (rest // n_col_blocks) * ROWS
+        cols = (rest % n_col_blocks) * BLOCK_W + tl.arange(0, BLOCK_W)
+        col_ok = cols < WO
+        tr = tl.arange(0, TILE)
+        same = _band(wv_ptr, 0, KH, TILE, False)
+        cross = _band(wv_ptr, TILE, KH, TILE, False)
+        c1 = tl.load(c1_ptr + plane)
+        c2 = tl.load(c2_ptr + plane)
+        lo_x = tl.load(norm_ptr + plane * NORM_STRIDE)
+        inv_x = tl.load(norm_ptr + plane * NORM_STRIDE + 1)
+        lo_y = tl.load(norm_ptr + plane * NORM_STRIDE + 2)
+        inv_y = tl.load(norm_ptr + plane * NORM_STRIDE + 3)
+        x_plane = x_ptr + plane.to(tl.int64) * H * W
+        y_plane = y_ptr + plane.to(tl.int64) * H * W
+        o_plane = plane.to(tl.int64) * HO * WO
+
+        p_x = tl.zeros((TILE, BLOCK_W), tl.float32)
+        p_y = tl.zeros((TILE, BLOCK_W), tl.float32)
+        p_xx = tl.zeros((TILE, BLOCK_W), tl.float32)
+        p_yy = tl.zeros((TILE, BLOCK_W), tl.float32)
+        p_xy = tl.zeros((TILE, BLOCK_W), tl.float32)
+        total = tl.zeros((TILE, BLOCK_W), tl.float32)
+        row_end = tl.minimum(row0 + ROWS, HO)
+        for b in range(row0, row_end + TILE, TILE):
+            rows = b + tr
+            # rows past H only reach outputs past HO, which are masked
+            m = (rows < H)[:, None] & col_ok[None, :]
+            at = rows[:, None] * W + cols[None, :]
+            h_x = tl.zeros((TILE, BLOCK_W), tl.float32)
+            h_y = tl.zeros((TILE, BLOCK_W), tl.float32)
+            h_xx = tl.zeros((TILE, BLOCK_W), tl.float32)
+            h_yy = tl.zeros((TILE, BLOCK_W), tl.float32)
+            h_xy = tl.zeros((TILE, BLOCK_W), tl.float32)
+            for j in tl.static_range(KW):
+                w = tl.load(wh_ptr + j)
+                xv = _load_plane_row(x_plane, at + j, m, lo_x, inv_x, NORMALIZE)
+                yv = _load_plane_row(y_plane, at + j, m, lo_y, inv_y, NORMALIZE)
+                h_x += w * xv
+                h_y += w * yv
+                h_xx += w * xv * xv
+                h_yy += w * yv * yv
+                h_xy += w * xv * yv
+            # output tile b - TILE is complete with this block's share
+            mu_x = tl.dot(cross, h_x, p_x, input_precision=DOT_PRECISION)
+            mu_y = tl.dot(cross, h_y, p_y, input_precision=DOT_PRECISION)
+            e_xx = tl.dot(cross, h_xx, p_xx, input_precision=DOT_PRECISION)
+            e_yy = tl.dot(cross, h_yy, p_yy, input_precision=DOT_PRECISION)
+            e_xy = tl.dot(cross, h_xy, p_xy, input_precision=DOT_PRECISION)
+            p_x = tl.dot(same, h_x, input_precision=DOT_PRECISION)
+            p_y = tl.dot(same, h_y, input_precision=DOT_PRECISION)
+            p_xx = tl.dot(same, h_xx, input_precision=DOT_PRECISION)
+            p_yy = tl.dot(same, h_yy, input_precision=DOT_PRECISION)
+            p_xy = tl.dot(same, h_xy, input_precision=DOT_PRECISION)
+
+            o = b - TILE + tr
+            ok = ((o >= row0) & (o < row_end))[:, None] & col_ok[None, :]
+            n1 = 2.0 * mu_x * mu_y + c1
+            n2 = 2.0 * (e_xy - mu_x * mu_y) + c2
+            d1 = mu_x * mu_x + mu_y * mu_y + c1
+            d2 = (e_xx - mu_x * mu_x) + (e_yy - mu_y * mu_y) + c2
+            den = d1 * d2
+            s = n1 * n2 / den
+            if BACKWARD:
+                g_mu = 2.0 * mu_y * (n2 - n1) / den - 2.0 * mu_x * s * (d2 - d1) / den
+                g_xx = -s / d2
+                g_xy = 2.0 * n1 / den
+                offs = o_plane + o[:, None] * WO + cols[None, :]
+                tl.store(d_mu_ptr + offs, g_mu, mask=ok)
+                tl.store(d_exx_ptr + offs, g_xx, mask=ok)
+                tl.store(d_exy_ptr + offs, g_xy, mask=ok)
+            else:
+                total += tl.where(ok, s, 0.0)
+        if not BACKWARD:
+            tl.store(partial_ptr + pid, tl.sum(tl.sum(total, axis=1), axis=0))
+
+    @triton.jit
+    def _ssim_grad_band_kernel(
+        x_ptr, y_ptr, norm_ptr, d_mu_ptr, d_exx_ptr, d_exy_ptr, wh_ptr, wv_ptr, scale_ptr, grad_ptr, partial_ptr,
+        H, W, HO, WO, n_col_blocks, n_row_blocks,
+        KH: tl.constexpr, KW: tl.constexpr, TILE: tl.constexpr, BLOCK_W: tl.constexpr,
+        ROWS: tl.constexpr, NORMALIZE: tl.constexpr, NORM_STRIDE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """
+        As :func:`_ssim_grad_kernel`, with the transposed vertical pass on TILE-row tiles:
+        derivative block d feeds input tile d (band ``same``, transposed) and input tile
+        d + TILE (band ``cross``, transposed); tile d is then complete.
+        """
+        pid = tl.program_id(0)
+        plane = pid // (n_col_blocks * n_row_blocks)
+        rest = pid % (n_col_blocks * n_row_blocks)
+        row0 = (rest // n_col_blocks) * ROWS
+        cols = (rest % n_col_blocks) * BLOCK_W + tl.arange(0, BLOCK_W)
+        col_ok = cols < W
+        tr = tl.arange(0, TILE)
+        same = _band(wv_ptr, 0, KH, TILE, True)
+        cross = _band(wv_ptr, TILE, KH, TILE, True)
+        scale = tl.load(scale_ptr)
+        lo_x = tl.load(norm_ptr + plane * NORM_STRIDE)
+        inv_x = tl.load(norm_ptr + plane * NORM_STRIDE + 1)
+        lo_y = tl.load(norm_ptr + plane * NORM_STRIDE + 2)
+        inv_y = tl.load(norm_ptr + plane * NORM_STRIDE + 3)
+        hi_x = tl.load(norm_ptr + plane * NORM_STRIDE + 4)
+        in_plane = plane.to(tl.int64) * H * W
+        o_plane = plane.to(tl.int64) * HO * WO
+
+        n_mu = tl.zeros((TILE, BLOCK_W), tl.float32)
+        n_xx = tl.zeros((TILE, BLOCK_W), tl.float32)
+        n_xy = tl.zeros((TILE, BLOCK_W), tl.float32)
+        sum_gx = tl.zeros((TILE, BLOCK_W), tl.float32)
+        sum_g = tl.zeros((TILE, BLOCK_W), tl.float32)
+        n_lo = tl.zeros((TILE, BLOCK_W), tl.float32)
+        n_hi = tl.zeros((TILE, BLOCK_W), tl.float32)
+        row_end = tl.minimum(row0 + ROWS, H)
+        for d in range(row0 - TILE, row_end, TILE):
+            o = d + tr
+            row_ok = (o >= 0) & (o < HO)
+            h_mu = tl.zeros((TILE, BLOCK_W), tl.float32)
+            h_xx = tl.zeros((TILE, BLOCK_W), tl.float32)
+            h_xy = tl.zeros((TILE, BLOCK_W), tl.float32)
+            for j in tl.static_range(KW):
+                w = tl.load(wh_ptr + j)
+                src = cols - j
+                m = row_ok[:, None] & ((src >= 0) & (src < WO))[None, :]
+                offs = o_plane + o[:, None] * WO + src[None, :]
+                h_mu += w * tl.load(d_mu_ptr + offs, mask=m, other=0.0)
+                h_xx += w * tl.load(d_exx_ptr + offs, mask=m, other=0.0)
+                h_xy += w * tl.load(d_exy_ptr + offs, mask=m, other=0.0)
+            g_mu = tl.dot(same, h_mu, n_mu, input_precision=DOT_PRECISION)
+            g_xx = tl.dot(same, h_xx, n_xx, input_precision=DOT_PRECISION)
+            g_xy = tl.dot(same, h_xy, n_xy, input_precision=DOT_PRECISION)
+            n_mu = tl.dot(cross, h_mu, input_precision=DOT_PRECISION)
+            n_xx = tl.dot(cross, h_xx, input_precision=DOT_PRECISION)
+            n_xy = tl.dot(cross, h_xy, input_precision=DOT_PRECISION)
+
+            p = d + tr
+            ok = ((p >= row0) & (p < row_end))[:, None] & col_ok[None, :]
+            offs = in_plane + p[:, None] * W + cols[None, :]
+            x_raw = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            yv = _load_plane_row(y_ptr, offs, ok, lo_y, inv_y, NORMALIZE)
+            xv = x_raw
+            if NORMALIZE:
+                xv = (x_raw - lo_x) * inv_x
+            g = scale * (g_mu + 2.0 * xv * g_xx + yv * g_xy)
+            if NORMALIZE:
+                sum_gx += tl.where(ok, g * xv, 0.0)
+                sum_g += tl.where(ok, g, 0.0)
+                n_lo += tl.where(ok & (x_raw == lo_x), 1.0, 0.0)
+                n_hi += tl.where(ok & (x_raw == hi_x), 1.0, 0.0)
+                g = g * inv_x
+            tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=ok)
+        if NORMALIZE:
+            tl.store(partial_ptr + pid * 4, tl.sum(tl.sum(sum_gx, axis=1), axis=0))
+            tl.store(partial_ptr + pid * 4 + 1, tl.sum(tl.sum(sum_g, axis=1), axis=0))
+            tl.store(partial_ptr + pid * 4 + 2, tl.sum(tl.sum(n_lo, axis=1), axis=0))
+            tl.store(partial_ptr + pid * 4 + 3, tl.sum(tl.sum(n_hi, axis=1), axis=0))
+
+    @triton.jit
     def _minmax_grad_fixup_kernel(x_ptr, grad_ptr, fix_ptr, HW, n_blocks, BLOCK: tl.constexpr):
         """grad += c_lo where x == min, c_hi where x == max, per plane: fix = (lo, hi, c_lo, c_hi)."""
         pid = tl.program_id(0)
@@ -288,9 +488,48 @@ def _minmax(planes: torch.Tensor):
     return lo, hi, 1.0 / span.clamp_min(MINMAX_EPS), span >= MINMAX_EPS
 
 
-def _grid(planes, rows, cols):
-    col_blocks, row_blocks = triton.cdiv(cols, BLOCK_W), triton.cdiv(rows, ROWS_PER_PROGRAM)
-    return planes * col_blocks * row_blocks, col_blocks, row_blocks
+class _KernelConfig(NamedTuple):
+    """The tuning constants above, read once per forward so that its backward uses the same."""
+
+    vertical_pass: str
+    dot_precision: str
+    block_w: int
+    rows: int
+    num_warps: int
+
+    @classmethod
+    def current(cls) -> "_KernelConfig":
+        if VERTICAL_PASS not in ("ring", "band"):
+            raise ValueError("ssim_triton.VERTICAL_PASS must be 'ring' or 'band', got {!r}".format(VERTICAL_PASS))
+        return cls(VERTICAL_PASS, DOT_PRECISION, BLOCK_W, ROWS_PER_PROGRAM, NUM_WARPS)
+
+    def grid(self, planes, rows, cols):
+        col_blocks, row_blocks = triton.cdiv(cols, self.block_w), triton.cdiv(rows, self.rows)
+        return planes * col_blocks * row_blocks, col_blocks, row_blocks
+
+    def launch_stats(self, planes, x, y, norm, wh, wv, c1, c2, partial, d_mu, d_exx, d_exy, h, w, ho, wo, kh, kw,
+                     backward, normalize):
+        """The statistics kernel over output rows: SSIM partial sums (returned grid size), or its derivatives."""
+        grid, col_blocks, row_blocks = self.grid(planes, ho, wo)
+        args = (x, y, norm, wh, wv, c1, c2, partial, d_mu, d_exx, d_exy, h, w, ho, wo, col_blocks, row_blocks)
+        common = dict(KH=kh, KW=kw, BLOCK_W=self.block_w, ROWS=self.rows, BACKWARD=backward, NORMALIZE=normalize,
+                      NORM_STRIDE=NORM_STRIDE, num_warps=self.num_warps)
+        if self.vertical_pass == "band":
+            _ssim_stats_band_kernel[(grid,)](*args, TILE=TILE_ROWS, DOT_PRECISION=self.dot_precision, **common)
+        else:
+            _ssim_stats_kernel[(grid,)](*args, RING=RING, **common)
+
+    def launch_grad(self, planes, x, y, norm, d_mu, d_exx, d_exy, wh, wv, scale, grad, partial, h, w, ho, wo, kh,
+                    kw, normalize):
+        """The gradient kernel over input rows; ``partial`` holds 4 values per program (see grid)."""
+        grid, col_blocks, row_blocks = self.grid(planes, h, w)
+        args = (x, y, norm, d_mu, d_exx, d_exy, wh, wv, scale, grad, partial, h, w, ho, wo, col_blocks, row_blocks)
+        common = dict(KH=kh, KW=kw, BLOCK_W=self.block_w, ROWS=self.rows, NORMALIZE=normalize,
+                      NORM_STRIDE=NORM_STRIDE, num_warps=self.num_warps)
+        if self.vertical_pass == "band":
+            _ssim_grad_band_kernel[(grid,)](*args, TILE=TILE_ROWS, DOT_PRECISION=self.dot_precision, **common)
+        else:
+            _ssim_grad_kernel[(grid,)](*args, RING=RING, **common)
 
 
 class _FusedSSIMMean(torch.autograd.Function):
@@ -317,25 +556,22 @@ class _FusedSSIMMean(torch.autograd.Function):
             lo_x, hi_x, inv_x, unclamped = _minmax(x)
             lo_y, _, inv_y, _ = _minmax(y)
             norm[:, 0], norm[:, 1], norm[:, 2], norm[:, 3], norm[:, 4] = lo_x, inv_x, lo_y, inv_y, hi_x
-        grid, col_blocks, row_blocks = _grid(planes, ho, wo)
-        partial = torch.empty(grid, dtype=torch.float32, device=x.device)
-        _ssim_stats_kernel[(grid,)](
-            x, y, norm, wh, wv, c1, c2, partial, partial, partial, partial,
-            h, w, ho, wo, col_blocks, row_blocks,
-            KH=kh, KW=kw, RING=RING, BLOCK_W=BLOCK_W, ROWS=ROWS_PER_PROGRAM, BACKWARD=False,
-            NORMALIZE=normalize, NORM_STRIDE=NORM_STRIDE, num_warps=NUM_WARPS,
-        )
+        config = _KernelConfig.current()
+        partial = torch.empty(config.grid(planes, ho, wo)[0], dtype=torch.float32, device=x.device)
+        config.launch_stats(planes, x, y, norm, wh, wv, c1, c2, partial, partial, partial, partial,
+                            h, w, ho, wo, kh, kw, False, normalize)
         count = planes * ho * wo
         ctx.save_for_backward(x, y, wh, wv, c1, c2, norm, unclamped if normalize else norm)
         ctx.shape = (n, c, h, w, ho, wo, kh, kw, count)
         ctx.normalize = normalize
+        ctx.config = config
         return (partial.sum() / count).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, y, wh, wv, c1, c2, norm, unclamped = ctx.saved_tensors
         n, c, h, w, ho, wo, kh, kw, count = ctx.shape
-        normalize = ctx.normalize
+        normalize, config = ctx.normalize, ctx.config
         planes = n * c
         scale = (grad_out.float() / count).reshape(1)
         grad = torch.empty_like(x)
@@ -348,21 +584,11 @@ class _FusedSSIMMean(torch.autograd.Function):
             d_mu = torch.empty((p1 - p0, ho, wo), dtype=torch.float32, device=x.device)
             d_exx = torch.empty_like(d_mu)
             d_exy = torch.empty_like(d_mu)
-            grid, col_blocks, row_blocks = _grid(p1 - p0, ho, wo)
-            _ssim_stats_kernel[(grid,)](
-                cx, cy, cnorm, wh, wv, c1[p0:p1], c2[p0:p1], d_mu, d_mu, d_exx, d_exy,
-                h, w, ho, wo, col_blocks, row_blocks,
-                KH=kh, KW=kw, RING=RING, BLOCK_W=BLOCK_W, ROWS=ROWS_PER_PROGRAM, BACKWARD=True,
-                NORMALIZE=normalize, NORM_STRIDE=NORM_STRIDE, num_warps=NUM_WARPS,
-            )
-            grid, col_blocks, row_blocks = _grid(p1 - p0, h, w)
-            partial = torch.empty((grid, 4), dtype=torch.float32, device=x.device)
-            _ssim_grad_kernel[(grid,)](
-                cx, cy, cnorm, d_mu, d_exx, d_exy, wh, wv, scale, cgrad, partial,
-                h, w, ho, wo, col_blocks, row_blocks,
-                KH=kh, KW=kw, RING=RING, BLOCK_W=BLOCK_W, ROWS=ROWS_PER_PROGRAM,
-                NORMALIZE=normalize, NORM_STRIDE=NORM_STRIDE, num_warps=NUM_WARPS,
-            )
+            config.launch_stats(p1 - p0, cx, cy, cnorm, wh, wv, c1[p0:p1], c2[p0:p1], d_mu, d_mu, d_exx, d_exy,
+                                h, w, ho, wo, kh, kw, True, normalize)
+            partial = torch.empty((config.grid(p1 - p0, h, w)[0], 4), dtype=torch.float32, device=x.device)
+            config.launch_grad(p1 - p0, cx, cy, cnorm, d_mu, d_exx, d_exy, wh, wv, scale, cgrad, partial,
+                               h, w, ho, wo, kh, kw, normalize)
             if normalize:
                 sums[p0:p1] = partial.view(p1 - p0, -1, 4).sum(1)
             del d_mu, d_exx, d_exy
