@@ -21,6 +21,7 @@ def test_table_and_verdict():
         "vanilla": {"label": "vanilla", "runs": _runs(4.0, 5.0)},
         "l2": {"label": "l2", "runs": _runs(5.0, 5.5)},
         "ssim": {"label": "ssim", "runs": _runs(7.0, 7.5)},
+        "l2_channel": {"label": "l2 standardised", "runs": _runs(6.9, 7.1)},
     }
     md, stats = BENCH["table"](results)
     assert stats["vanilla"]["AP"]["mean"] == 4.5 and stats["vanilla"]["AP"]["spread"] == 1.0
@@ -28,7 +29,9 @@ def test_table_and_verdict():
     assert "| ssim | 2 | 7.25 ± 0.35 | 0.50 | 14.50 | 3.62 | 50% |" in md  # (7.25 - 4.5) / (10 - 4.5)
     verdict = BENCH["verdict"](stats)
     assert "SSIM 7.25 vs vanilla 4.50: beyond" in verdict
-    assert "SSIM vs L2 5.25: beyond" in verdict and "gap closed 50% (target 40%: met)" in verdict
+    assert "SSIM vs l2 5.25: beyond" in verdict and "gap closed 50% (target 40%: met)" in verdict
+    # every L2 baseline present is checked: the standardised one is within the spread
+    assert "SSIM vs l2_channel 7.00: NOT beyond the larger spread (0.50)" in verdict
     results["ssim"]["runs"] = _runs(4.0, 7.0)  # spread 3 swamps the difference
     verdict = BENCH["verdict"](BENCH["table"](results)[1])
     assert "NOT beyond" in verdict
