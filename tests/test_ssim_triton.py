@@ -190,6 +190,30 @@ def test_kernels_in_triton_interpreter():
     assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
 
 
+def _has_ptxas():
+    if ssim_triton.triton is None:
+        return False
+    return os.path.isfile(os.path.join(os.path.dirname(ssim_triton.triton.__file__), "backends", "nvidia", "bin",
+                                       "ptxas"))
+
+
+@pytest.mark.skipif(not _has_ptxas(), reason="needs Triton with its NVIDIA backend (bundled ptxas)")
+def test_kernels_compile_for_h100():
+    """Both vertical passes compile for sm_90 without a GPU, within its shared memory, at the default sizes."""
+    import runpy
+
+    from conftest import REPO
+
+    bench = runpy.run_path(os.path.join(REPO, "benchmarks", "ssim_kernel_resources.py"))
+    settings = [("ring", ssim_triton.BLOCK_W, ssim_triton.NUM_WARPS, None),
+                ("band", 32, 4, ssim_triton.BAND_NUM_STAGES)]
+    for vertical_pass, block_w, warps, stages in settings:
+        for name, fn, constexprs in bench["kernels_of"](vertical_pass, block_w, ssim_triton.ROWS_PER_PROGRAM, "ieee"):
+            r = bench["compile_kernel"](fn, constexprs, warps, stages, 90)
+            assert r["shared_bytes"] <= bench["SHARED_LIMIT"], (vertical_pass, name, r)
+            assert r["spill_bytes"] == 0 and r["registers"] <= 255, (vertical_pass, name, r)
+
+
 def test_selection_on_cpu(monkeypatch):
     x = torch.rand(1, 2, 16, 16)
     with pytest.raises(RuntimeError, match="IMPL='triton' needs CUDA"):

@@ -71,6 +71,11 @@ NORM_STRIDE = 8  # per-plane (lo_x, 1/range_x, lo_y, 1/range_y, hi_x, unused x3)
 VERTICAL_PASS = "ring"
 TILE_ROWS = 16  # rows of one band tile; windows up to TILE_ROWS + 1 taps
 DOT_PRECISION = "ieee"
+# Software pipelining (Triton's default num_stages=3) would buffer every tap's shifted
+# 2-D tile of the band kernels in shared memory: compiled for sm_90 that is 100-400 KiB a
+# program, past the H100's 227 KiB from BLOCK_W 64 on; one stage needs 8-43 KiB
+# (benchmarks/ssim_kernel_resources.py).
+BAND_NUM_STAGES = 1
 
 
 def is_interpreted() -> bool:
@@ -496,12 +501,13 @@ class _KernelConfig(NamedTuple):
     block_w: int
     rows: int
     num_warps: int
+    band_num_stages: int
 
     @classmethod
     def current(cls) -> "_KernelConfig":
         if VERTICAL_PASS not in ("ring", "band"):
             raise ValueError("ssim_triton.VERTICAL_PASS must be 'ring' or 'band', got {!r}".format(VERTICAL_PASS))
-        return cls(VERTICAL_PASS, DOT_PRECISION, BLOCK_W, ROWS_PER_PROGRAM, NUM_WARPS)
+        return cls(VERTICAL_PASS, DOT_PRECISION, BLOCK_W, ROWS_PER_PROGRAM, NUM_WARPS, BAND_NUM_STAGES)
 
     def grid(self, planes, rows, cols):
         col_blocks, row_blocks = triton.cdiv(cols, self.block_w), triton.cdiv(rows, self.rows)
@@ -515,7 +521,8 @@ class _KernelConfig(NamedTuple):
         common = dict(KH=kh, KW=kw, BLOCK_W=self.block_w, ROWS=self.rows, BACKWARD=backward, NORMALIZE=normalize,
                       NORM_STRIDE=NORM_STRIDE, num_warps=self.num_warps)
         if self.vertical_pass == "band":
-            _ssim_stats_band_kernel[(grid,)](*args, TILE=TILE_ROWS, DOT_PRECISION=self.dot_precision, **common)
+            _ssim_stats_band_kernel[(grid,)](*args, TILE=TILE_ROWS, DOT_PRECISION=self.dot_precision,
+                                             num_stages=self.band_num_stages, **common)
         else:
             _ssim_stats_kernel[(grid,)](*args, RING=RING, **common)
 
@@ -527,7 +534,8 @@ class _KernelConfig(NamedTuple):
         common = dict(KH=kh, KW=kw, BLOCK_W=self.block_w, ROWS=self.rows, NORMALIZE=normalize,
                       NORM_STRIDE=NORM_STRIDE, num_warps=self.num_warps)
         if self.vertical_pass == "band":
-            _ssim_grad_band_kernel[(grid,)](*args, TILE=TILE_ROWS, DOT_PRECISION=self.dot_precision, **common)
+            _ssim_grad_band_kernel[(grid,)](*args, TILE=TILE_ROWS, DOT_PRECISION=self.dot_precision,
+                                            num_stages=self.band_num_stages, **common)
         else:
             _ssim_grad_kernel[(grid,)](*args, RING=RING, **common)
 
