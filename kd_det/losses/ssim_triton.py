@@ -97,6 +97,104 @@ if triton is not None:
         return v
 
     @triton.jit
+    def _program_tile(pid, n_col_blocks, n_row_blocks, ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
+        """(plane, first row, columns) of a program: planes outermost, then row chunks, then column strips."""
+        plane = pid // (n_col_blocks * n_row_blocks)
+        rest = pid % (n_col_blocks * n_row_blocks)
+        row0 = (rest // n_col_blocks) * ROWS
+        cols = (rest % n_col_blocks) * BLOCK_W + tl.arange(0, BLOCK_W)
+        return plane, row0, cols
+
+    @triton.jit
+    def _plane_norm(norm_ptr, plane, NORM_STRIDE: tl.constexpr):
+        """The plane's min-max normalisation: (lo_x, inv_x, lo_y, inv_y, hi_x)."""
+        base = norm_ptr + plane * NORM_STRIDE
+        return tl.load(base), tl.load(base + 1), tl.load(base + 2), tl.load(base + 3), tl.load(base + 4)
+
+    @triton.jit
+    def _horizontal_stats(x_plane, y_plane, wh_ptr, at, m, lo_x, inv_x, lo_y, inv_y, zero,
+                          KW: tl.constexpr, NORMALIZE: tl.constexpr):
+        """The 1-D window along rows of x, y, x^2, y^2, xy at offsets ``at`` (a row, or a tile of rows)."""
+        h_x = zero
+        h_y = zero
+        h_xx = zero
+        h_yy = zero
+        h_xy = zero
+        for j in tl.static_range(KW):
+            w = tl.load(wh_ptr + j)
+            xv = _load_plane_row(x_plane, at + j, m, lo_x, inv_x, NORMALIZE)
+            yv = _load_plane_row(y_plane, at + j, m, lo_y, inv_y, NORMALIZE)
+            h_x += w * xv
+            h_y += w * yv
+            h_xx += w * xv * xv
+            h_yy += w * yv * yv
+            h_xy += w * xv * yv
+        return h_x, h_y, h_xx, h_yy, h_xy
+
+    @triton.jit
+    def _ssim_and_derivatives(mu_x, mu_y, e_xx, e_yy, e_xy, c1, c2):
+        """SSIM from the local statistics, and dS/d mu_x, dS/d E[x^2], dS/d E[xy] (y is the constant teacher)."""
+        n1 = 2.0 * mu_x * mu_y + c1
+        n2 = 2.0 * (e_xy - mu_x * mu_y) + c2
+        d1 = mu_x * mu_x + mu_y * mu_y + c1
+        d2 = (e_xx - mu_x * mu_x) + (e_yy - mu_y * mu_y) + c2
+        den = d1 * d2
+        s = n1 * n2 / den
+        g_mu = 2.0 * mu_y * (n2 - n1) / den - 2.0 * mu_x * s * (d2 - d1) / den
+        g_xx = -s / d2
+        g_xy = 2.0 * n1 / den
+        return s, g_mu, g_xx, g_xy
+
+    @triton.jit
+    def _horizontal_transposed(d_mu_ptr, d_exx_ptr, d_exy_ptr, wh_ptr, row_offs, row_ok, cols, WO, zero,
+                               KW: tl.constexpr):
+        """The transposed 1-D window along rows of the three derivative maps (rows at ``row_offs``)."""
+        h_mu = zero
+        h_xx = zero
+        h_xy = zero
+        for j in tl.static_range(KW):
+            w = tl.load(wh_ptr + j)
+            src = cols - j
+            m = row_ok & (src >= 0) & (src < WO)
+            offs = row_offs + src
+            h_mu += w * tl.load(d_mu_ptr + offs, mask=m, other=0.0)
+            h_xx += w * tl.load(d_exx_ptr + offs, mask=m, other=0.0)
+            h_xy += w * tl.load(d_exy_ptr + offs, mask=m, other=0.0)
+        return h_mu, h_xx, h_xy
+
+    @triton.jit
+    def _store_grad(x_ptr, y_ptr, grad_ptr, offs, ok, g_mu, g_xx, g_xy, scale, lo_x, inv_x, lo_y, inv_y, hi_x,
+                    sum_gx, sum_g, n_lo, n_hi, NORMALIZE: tl.constexpr):
+        """
+        g' = scale * (W^T d_mu + 2 x' W^T d_exx + y' W^T d_exy) at ``offs``, x', y' the
+        (normalised) inputs.  Without normalisation grad_x = g'.  With it, grad_x = g' /
+        range_x, and the running sums of g' x' and g' and counts of x == min and x == max
+        (for the min/max part of the gradient) are returned updated.
+        """
+        x_raw = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        yv = _load_plane_row(y_ptr, offs, ok, lo_y, inv_y, NORMALIZE)
+        xv = x_raw
+        if NORMALIZE:
+            xv = (x_raw - lo_x) * inv_x
+        g = scale * (g_mu + 2.0 * xv * g_xx + yv * g_xy)
+        if NORMALIZE:
+            sum_gx += tl.where(ok, g * xv, 0.0)
+            sum_g += tl.where(ok, g, 0.0)
+            n_lo += tl.where(ok & (x_raw == lo_x), 1.0, 0.0)
+            n_hi += tl.where(ok & (x_raw == hi_x), 1.0, 0.0)
+            g = g * inv_x
+        tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=ok)
+        return sum_gx, sum_g, n_lo, n_hi
+
+    @triton.jit
+    def _store_sums(partial_ptr, pid, sum_gx, sum_g, n_lo, n_hi):
+        """The program's four (BLOCK_W,) sums of the min/max gradient, reduced, to ``partial``."""
+        tl.store(partial_ptr + pid * 4, tl.sum(sum_gx, axis=0))
+        tl.store(partial_ptr + pid * 4 + 1, tl.sum(sum_g, axis=0))
+        tl.store(partial_ptr + pid * 4 + 2, tl.sum(n_lo, axis=0))
+        tl.store(partial_ptr + pid * 4 + 3, tl.sum(n_hi, axis=0))
+
+    @triton.jit
     def _ssim_stats_kernel(
         x_ptr, y_ptr, norm_ptr, wh_ptr, wv_ptr, c1_ptr, c2_ptr,
         partial_ptr, d_mu_ptr, d_exx_ptr, d_exy_ptr,
@@ -106,19 +204,12 @@ if triton is not None:
     ):
         """Per output position of a (plane, column strip, row chunk): SSIM (sum) or its derivatives."""
         pid = tl.program_id(0)
-        plane = pid // (n_col_blocks * n_row_blocks)
-        rest = pid % (n_col_blocks * n_row_blocks)
-        row0 = (rest // n_col_blocks) * ROWS
-        cols = (rest % n_col_blocks) * BLOCK_W + tl.arange(0, BLOCK_W)
+        plane, row0, cols = _program_tile(pid, n_col_blocks, n_row_blocks, ROWS, BLOCK_W)
         col_ok = cols < WO
         slots = tl.arange(0, RING)
         c1 = tl.load(c1_ptr + plane)
         c2 = tl.load(c2_ptr + plane)
-        # per-plane min-max normalisation: (lo_x, inv_x, lo_y, inv_y, hi_x)
-        lo_x = tl.load(norm_ptr + plane * NORM_STRIDE)
-        inv_x = tl.load(norm_ptr + plane * NORM_STRIDE + 1)
-        lo_y = tl.load(norm_ptr + plane * NORM_STRIDE + 2)
-        inv_y = tl.load(norm_ptr + plane * NORM_STRIDE + 3)
+        lo_x, inv_x, lo_y, inv_y, hi_x = _plane_norm(norm_ptr, plane, NORM_STRIDE)
         x_plane = x_ptr + plane.to(tl.int64) * H * W
         y_plane = y_ptr + plane.to(tl.int64) * H * W
         o_plane = plane.to(tl.int64) * HO * WO
@@ -131,21 +222,9 @@ if triton is not None:
         total = tl.zeros((BLOCK_W,), tl.float32)
         row_end = tl.minimum(row0 + ROWS, HO)
         for r in range(row0, row_end + KH - 1):
-            # horizontal pass over input row r
-            h_x = tl.zeros((BLOCK_W,), tl.float32)
-            h_y = tl.zeros((BLOCK_W,), tl.float32)
-            h_xx = tl.zeros((BLOCK_W,), tl.float32)
-            h_yy = tl.zeros((BLOCK_W,), tl.float32)
-            h_xy = tl.zeros((BLOCK_W,), tl.float32)
-            for j in tl.static_range(KW):
-                w = tl.load(wh_ptr + j)
-                xv = _load_plane_row(x_plane, r * W + cols + j, col_ok, lo_x, inv_x, NORMALIZE)
-                yv = _load_plane_row(y_plane, r * W + cols + j, col_ok, lo_y, inv_y, NORMALIZE)
-                h_x += w * xv
-                h_y += w * yv
-                h_xx += w * xv * xv
-                h_yy += w * yv * yv
-                h_xy += w * xv * yv
+            h_x, h_y, h_xx, h_yy, h_xy = _horizontal_stats(
+                x_plane, y_plane, wh_ptr, r * W + cols, col_ok, lo_x, inv_x, lo_y, inv_y,
+                tl.zeros((BLOCK_W,), tl.float32), KW, NORMALIZE)
             # vertical pass: slot s holds output row o = r - ((r - s) mod RING), tap i = r - o
             tap = (r - slots) & (RING - 1)
             wv = tl.load(wv_ptr + tap, mask=tap < KH, other=0.0)[:, None]
@@ -168,18 +247,9 @@ if triton is not None:
             a_yy = tl.where(done, 0.0, a_yy)
             a_xy = tl.where(done, 0.0, a_xy)
 
-            n1 = 2.0 * mu_x * mu_y + c1
-            n2 = 2.0 * (e_xy - mu_x * mu_y) + c2
-            d1 = mu_x * mu_x + mu_y * mu_y + c1
-            d2 = (e_xx - mu_x * mu_x) + (e_yy - mu_y * mu_y) + c2
-            den = d1 * d2
-            s = n1 * n2 / den
+            s, g_mu, g_xx, g_xy = _ssim_and_derivatives(mu_x, mu_y, e_xx, e_yy, e_xy, c1, c2)
             ok = col_ok & (o >= row0)
             if BACKWARD:
-                # dS/d mu_x, dS/d E[x^2], dS/d E[xy] (mu_y, E[y^2] are the teacher's)
-                g_mu = 2.0 * mu_y * (n2 - n1) / den - 2.0 * mu_x * s * (d2 - d1) / den
-                g_xx = -s / d2
-                g_xy = 2.0 * n1 / den
                 offs = o_plane + o * WO + cols
                 tl.store(d_mu_ptr + offs, g_mu, mask=ok)
                 tl.store(d_exx_ptr + offs, g_xx, mask=ok)
@@ -196,25 +266,13 @@ if triton is not None:
         KH: tl.constexpr, KW: tl.constexpr, RING: tl.constexpr, BLOCK_W: tl.constexpr,
         ROWS: tl.constexpr, NORMALIZE: tl.constexpr, NORM_STRIDE: tl.constexpr,
     ):
-        """
-        g' = scale * (W^T d_mu + 2 x' W^T d_exx + y' W^T d_exy), W^T the transposed window and
-        x', y' the (normalised) inputs.  Without normalisation grad_x = g'.  With it,
-        grad_x = g' / range_x here, and the program's sums of g' x' and g' and its counts of
-        x == min and x == max go to ``partial`` for the min/max part of the gradient.
-        """
+        """The gradient of the input rows of a (plane, column strip, row chunk), see :func:`_store_grad`."""
         pid = tl.program_id(0)
-        plane = pid // (n_col_blocks * n_row_blocks)
-        rest = pid % (n_col_blocks * n_row_blocks)
-        row0 = (rest // n_col_blocks) * ROWS
-        cols = (rest % n_col_blocks) * BLOCK_W + tl.arange(0, BLOCK_W)
+        plane, row0, cols = _program_tile(pid, n_col_blocks, n_row_blocks, ROWS, BLOCK_W)
         col_ok = cols < W
         slots = tl.arange(0, RING)
         scale = tl.load(scale_ptr)
-        lo_x = tl.load(norm_ptr + plane * NORM_STRIDE)
-        inv_x = tl.load(norm_ptr + plane * NORM_STRIDE + 1)
-        lo_y = tl.load(norm_ptr + plane * NORM_STRIDE + 2)
-        inv_y = tl.load(norm_ptr + plane * NORM_STRIDE + 3)
-        hi_x = tl.load(norm_ptr + plane * NORM_STRIDE + 4)
+        lo_x, inv_x, lo_y, inv_y, hi_x = _plane_norm(norm_ptr, plane, NORM_STRIDE)
         in_plane = plane.to(tl.int64) * H * W
         o_plane = plane.to(tl.int64) * HO * WO
 
@@ -228,18 +286,9 @@ if triton is not None:
         row_end = tl.minimum(row0 + ROWS, H)
         # output row o feeds input rows o .. o + KH - 1; input row p is complete after o = p
         for o in range(row0 - KH + 1, row_end):
-            h_mu = tl.zeros((BLOCK_W,), tl.float32)
-            h_xx = tl.zeros((BLOCK_W,), tl.float32)
-            h_xy = tl.zeros((BLOCK_W,), tl.float32)
-            row_ok = (o >= 0) & (o < HO)
-            for j in tl.static_range(KW):
-                w = tl.load(wh_ptr + j)
-                src = cols - j
-                m = row_ok & (src >= 0) & (src < WO)
-                offs = o_plane + o * WO + src
-                h_mu += w * tl.load(d_mu_ptr + offs, mask=m, other=0.0)
-                h_xx += w * tl.load(d_exx_ptr + offs, mask=m, other=0.0)
-                h_xy += w * tl.load(d_exy_ptr + offs, mask=m, other=0.0)
+            h_mu, h_xx, h_xy = _horizontal_transposed(
+                d_mu_ptr, d_exx_ptr, d_exy_ptr, wh_ptr, o_plane + o * WO, (o >= 0) & (o < HO), cols, WO,
+                tl.zeros((BLOCK_W,), tl.float32), KW)
             # slot s holds input row p = o + ((s - o) mod RING), tap i = p - o
             tap = (slots - o) & (RING - 1)
             wv = tl.load(wv_ptr + tap, mask=tap < KH, other=0.0)[:, None]
@@ -254,26 +303,11 @@ if triton is not None:
             b_mu = tl.where(done, 0.0, b_mu)
             b_xx = tl.where(done, 0.0, b_xx)
             b_xy = tl.where(done, 0.0, b_xy)
-            ok = col_ok & (p >= row0)
-            offs = in_plane + p * W + cols
-            x_raw = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-            yv = _load_plane_row(y_ptr, offs, ok, lo_y, inv_y, NORMALIZE)
-            xv = x_raw
-            if NORMALIZE:
-                xv = (x_raw - lo_x) * inv_x
-            g = scale * (g_mu + 2.0 * xv * g_xx + yv * g_xy)
-            if NORMALIZE:
-                sum_gx += tl.where(ok, g * xv, 0.0)
-                sum_g += tl.where(ok, g, 0.0)
-                n_lo += tl.where(ok & (x_raw == lo_x), 1.0, 0.0)
-                n_hi += tl.where(ok & (x_raw == hi_x), 1.0, 0.0)
-                g = g * inv_x
-            tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=ok)
+            sum_gx, sum_g, n_lo, n_hi = _store_grad(
+                x_ptr, y_ptr, grad_ptr, in_plane + p * W + cols, col_ok & (p >= row0), g_mu, g_xx, g_xy, scale,
+                lo_x, inv_x, lo_y, inv_y, hi_x, sum_gx, sum_g, n_lo, n_hi, NORMALIZE)
         if NORMALIZE:
-            tl.store(partial_ptr + pid * 4, tl.sum(sum_gx, axis=0))
-            tl.store(partial_ptr + pid * 4 + 1, tl.sum(sum_g, axis=0))
-            tl.store(partial_ptr + pid * 4 + 2, tl.sum(n_lo, axis=0))
-            tl.store(partial_ptr + pid * 4 + 3, tl.sum(n_hi, axis=0))
+            _store_sums(partial_ptr, pid, sum_gx, sum_g, n_lo, n_hi)
 
     @triton.jit
     def _band(wv_ptr, SHIFT: tl.constexpr, KH: tl.constexpr, TILE: tl.constexpr, TRANSPOSE: tl.constexpr):
@@ -302,20 +336,14 @@ if triton is not None:
         complete (windows of at most TILE + 1 taps).
         """
         pid = tl.program_id(0)
-        plane = pid // (n_col_blocks * n_row_blocks)
-        rest = pid % (n_col_blocks * n_row_blocks)
-        row0 = (rest // n_col_blocks) * ROWS
-        cols = (rest % n_col_blocks) * BLOCK_W + tl.arange(0, BLOCK_W)
+        plane, row0, cols = _program_tile(pid, n_col_blocks, n_row_blocks, ROWS, BLOCK_W)
         col_ok = cols < WO
         tr = tl.arange(0, TILE)
         same = _band(wv_ptr, 0, KH, TILE, False)
         cross = _band(wv_ptr, TILE, KH, TILE, False)
         c1 = tl.load(c1_ptr + plane)
         c2 = tl.load(c2_ptr + plane)
-        lo_x = tl.load(norm_ptr + plane * NORM_STRIDE)
-        inv_x = tl.load(norm_ptr + plane * NORM_STRIDE + 1)
-        lo_y = tl.load(norm_ptr + plane * NORM_STRIDE + 2)
-        inv_y = tl.load(norm_ptr + plane * NORM_STRIDE + 3)
+        lo_x, inv_x, lo_y, inv_y, hi_x = _plane_norm(norm_ptr, plane, NORM_STRIDE)
         x_plane = x_ptr + plane.to(tl.int64) * H * W
         y_plane = y_ptr + plane.to(tl.int64) * H * W
         o_plane = plane.to(tl.int64) * HO * WO
@@ -330,22 +358,9 @@ if triton is not None:
         for b in range(row0, row_end + TILE, TILE):
             rows = b + tr
             # rows past H only reach outputs past HO, which are masked
-            m = (rows < H)[:, None] & col_ok[None, :]
-            at = rows[:, None] * W + cols[None, :]
-            h_x = tl.zeros((TILE, BLOCK_W), tl.float32)
-            h_y = tl.zeros((TILE, BLOCK_W), tl.float32)
-            h_xx = tl.zeros((TILE, BLOCK_W), tl.float32)
-            h_yy = tl.zeros((TILE, BLOCK_W), tl.float32)
-            h_xy = tl.zeros((TILE, BLOCK_W), tl.float32)
-            for j in tl.static_range(KW):
-                w = tl.load(wh_ptr + j)
-                xv = _load_plane_row(x_plane, at + j, m, lo_x, inv_x, NORMALIZE)
-                yv = _load_plane_row(y_plane, at + j, m, lo_y, inv_y, NORMALIZE)
-                h_x += w * xv
-                h_y += w * yv
-                h_xx += w * xv * xv
-                h_yy += w * yv * yv
-                h_xy += w * xv * yv
+            h_x, h_y, h_xx, h_yy, h_xy = _horizontal_stats(
+                x_plane, y_plane, wh_ptr, rows[:, None] * W + cols[None, :], (rows < H)[:, None] & col_ok[None, :],
+                lo_x, inv_x, lo_y, inv_y, tl.zeros((TILE, BLOCK_W), tl.float32), KW, NORMALIZE)
             # output tile b - TILE is complete with this block's share
             mu_x = tl.dot(cross, h_x, p_x, input_precision=DOT_PRECISION)
             mu_y = tl.dot(cross, h_y, p_y, input_precision=DOT_PRECISION)
@@ -360,16 +375,8 @@ if triton is not None:
 
             o = b - TILE + tr
             ok = ((o >= row0) & (o < row_end))[:, None] & col_ok[None, :]
-            n1 = 2.0 * mu_x * mu_y + c1
-            n2 = 2.0 * (e_xy - mu_x * mu_y) + c2
-            d1 = mu_x * mu_x + mu_y * mu_y + c1
-            d2 = (e_xx - mu_x * mu_x) + (e_yy - mu_y * mu_y) + c2
-            den = d1 * d2
-            s = n1 * n2 / den
+            s, g_mu, g_xx, g_xy = _ssim_and_derivatives(mu_x, mu_y, e_xx, e_yy, e_xy, c1, c2)
             if BACKWARD:
-                g_mu = 2.0 * mu_y * (n2 - n1) / den - 2.0 * mu_x * s * (d2 - d1) / den
-                g_xx = -s / d2
-                g_xy = 2.0 * n1 / den
                 offs = o_plane + o[:, None] * WO + cols[None, :]
                 tl.store(d_mu_ptr + offs, g_mu, mask=ok)
                 tl.store(d_exx_ptr + offs, g_xx, mask=ok)
@@ -392,20 +399,13 @@ if triton is not None:
         d + TILE (band ``cross``, transposed); tile d is then complete.
         """
         pid = tl.program_id(0)
-        plane = pid // (n_col_blocks * n_row_blocks)
-        rest = pid % (n_col_blocks * n_row_blocks)
-        row0 = (rest // n_col_blocks) * ROWS
-        cols = (rest % n_col_blocks) * BLOCK_W + tl.arange(0, BLOCK_W)
+        plane, row0, cols = _program_tile(pid, n_col_blocks, n_row_blocks, ROWS, BLOCK_W)
         col_ok = cols < W
         tr = tl.arange(0, TILE)
         same = _band(wv_ptr, 0, KH, TILE, True)
         cross = _band(wv_ptr, TILE, KH, TILE, True)
         scale = tl.load(scale_ptr)
-        lo_x = tl.load(norm_ptr + plane * NORM_STRIDE)
-        inv_x = tl.load(norm_ptr + plane * NORM_STRIDE + 1)
-        lo_y = tl.load(norm_ptr + plane * NORM_STRIDE + 2)
-        inv_y = tl.load(norm_ptr + plane * NORM_STRIDE + 3)
-        hi_x = tl.load(norm_ptr + plane * NORM_STRIDE + 4)
+        lo_x, inv_x, lo_y, inv_y, hi_x = _plane_norm(norm_ptr, plane, NORM_STRIDE)
         in_plane = plane.to(tl.int64) * H * W
         o_plane = plane.to(tl.int64) * HO * WO
 
@@ -419,18 +419,9 @@ if triton is not None:
         row_end = tl.minimum(row0 + ROWS, H)
         for d in range(row0 - TILE, row_end, TILE):
             o = d + tr
-            row_ok = (o >= 0) & (o < HO)
-            h_mu = tl.zeros((TILE, BLOCK_W), tl.float32)
-            h_xx = tl.zeros((TILE, BLOCK_W), tl.float32)
-            h_xy = tl.zeros((TILE, BLOCK_W), tl.float32)
-            for j in tl.static_range(KW):
-                w = tl.load(wh_ptr + j)
-                src = cols - j
-                m = row_ok[:, None] & ((src >= 0) & (src < WO))[None, :]
-                offs = o_plane + o[:, None] * WO + src[None, :]
-                h_mu += w * tl.load(d_mu_ptr + offs, mask=m, other=0.0)
-                h_xx += w * tl.load(d_exx_ptr + offs, mask=m, other=0.0)
-                h_xy += w * tl.load(d_exy_ptr + offs, mask=m, other=0.0)
+            h_mu, h_xx, h_xy = _horizontal_transposed(
+                d_mu_ptr, d_exx_ptr, d_exy_ptr, wh_ptr, o_plane + o[:, None] * WO, ((o >= 0) & (o < HO))[:, None],
+                cols[None, :], WO, tl.zeros((TILE, BLOCK_W), tl.float32), KW)
             g_mu = tl.dot(same, h_mu, n_mu, input_precision=DOT_PRECISION)
             g_xx = tl.dot(same, h_xx, n_xx, input_precision=DOT_PRECISION)
             g_xy = tl.dot(same, h_xy, n_xy, input_precision=DOT_PRECISION)
@@ -440,25 +431,12 @@ if triton is not None:
 
             p = d + tr
             ok = ((p >= row0) & (p < row_end))[:, None] & col_ok[None, :]
-            offs = in_plane + p[:, None] * W + cols[None, :]
-            x_raw = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-            yv = _load_plane_row(y_ptr, offs, ok, lo_y, inv_y, NORMALIZE)
-            xv = x_raw
-            if NORMALIZE:
-                xv = (x_raw - lo_x) * inv_x
-            g = scale * (g_mu + 2.0 * xv * g_xx + yv * g_xy)
-            if NORMALIZE:
-                sum_gx += tl.where(ok, g * xv, 0.0)
-                sum_g += tl.where(ok, g, 0.0)
-                n_lo += tl.where(ok & (x_raw == lo_x), 1.0, 0.0)
-                n_hi += tl.where(ok & (x_raw == hi_x), 1.0, 0.0)
-                g = g * inv_x
-            tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=ok)
+            sum_gx, sum_g, n_lo, n_hi = _store_grad(
+                x_ptr, y_ptr, grad_ptr, in_plane + p[:, None] * W + cols[None, :], ok, g_mu, g_xx, g_xy, scale,
+                lo_x, inv_x, lo_y, inv_y, hi_x, sum_gx, sum_g, n_lo, n_hi, NORMALIZE)
         if NORMALIZE:
-            tl.store(partial_ptr + pid * 4, tl.sum(tl.sum(sum_gx, axis=1), axis=0))
-            tl.store(partial_ptr + pid * 4 + 1, tl.sum(tl.sum(sum_g, axis=1), axis=0))
-            tl.store(partial_ptr + pid * 4 + 2, tl.sum(tl.sum(n_lo, axis=1), axis=0))
-            tl.store(partial_ptr + pid * 4 + 3, tl.sum(tl.sum(n_hi, axis=1), axis=0))
+            _store_sums(partial_ptr, pid, tl.sum(sum_gx, axis=0), tl.sum(sum_g, axis=0), tl.sum(n_lo, axis=0),
+                        tl.sum(n_hi, axis=0))
 
     @triton.jit
     def _minmax_grad_fixup_kernel(x_ptr, grad_ptr, fix_ptr, HW, n_blocks, BLOCK: tl.constexpr):
