@@ -35,7 +35,10 @@ def add_kd_config(cfg: CN) -> CN:
     cfg.KD.FEATURE.WEIGHT = 4.0
     # FPN levels to imitate; empty means every level both backbones output.
     cfg.KD.FEATURE.IN_FEATURES = []
-    # Per-level weights (same length as the levels used); empty means a plain mean.
+    # How the per-level losses combine when LEVEL_WEIGHTS is empty: "mean" over levels, or
+    # "sum" (SSIM-KD's convention: its lambda of 2 to 4 multiplies the sum over FPN levels).
+    cfg.KD.FEATURE.LEVEL_REDUCTION = "mean"
+    # Per-level weights (same length as the levels used); overrides LEVEL_REDUCTION.
     cfg.KD.FEATURE.LEVEL_WEIGHTS = []
     # Student-side adapter: "auto" = 1x1 conv only where channels differ,
     # "conv1x1" = always a 1x1 conv, "none" = never (channels must then match).

@@ -75,6 +75,32 @@ def test_level_weights_and_mean():
     assert torch.allclose(ssim_feature_loss([x1, x2], [y1, y2], [1.0, 3.0]), l1 + 3 * l2)
 
 
+def test_feature_distiller_level_reduction():
+    from kd_det.modeling import FeatureDistiller
+
+    x1, y1 = _pair((1, 2, 20, 20), 5)
+    x2, y2 = _pair((1, 2, 16, 16), 6)
+    student, teacher = {"p2": x1, "p3": x2}, {"p2": y1, "p3": y2}
+    per_level = [SSIMFeatureLoss()([x1], [y1]), SSIMFeatureLoss()([x2], [y2])]
+
+    def distiller(**kwargs):
+        channels = {"p2": 2, "p3": 2}
+        return FeatureDistiller(levels=["p2", "p3"], student_channels=channels, teacher_channels=channels,
+                                loss=SSIMFeatureLoss(), weight=2.0, **kwargs)
+
+    # "sum" is SSIM-KD's convention: lambda times the sum over levels
+    summed = distiller(level_reduction="sum")(student, teacher)["loss_kd_ssim"]
+    assert torch.allclose(summed, 2.0 * (per_level[0] + per_level[1]))
+    mean = distiller()(student, teacher)["loss_kd_ssim"]
+    assert torch.allclose(mean, (per_level[0] + per_level[1]))
+    weighted = distiller(level_reduction="sum", level_weights=[0.0, 1.0])(student, teacher)["loss_kd_ssim"]
+    assert torch.allclose(weighted, 2.0 * per_level[1])  # explicit weights win
+    with pytest.raises(ValueError, match="LEVEL_REDUCTION must be one of"):
+        distiller(level_reduction="max")
+    with pytest.raises(ValueError, match="LEVEL_WEIGHTS has 1 entries for the 2 imitated levels"):
+        distiller(level_weights=[1.0])
+
+
 def test_position_weights_focus_the_loss():
     x, y = _pair((1, 3, 20, 20), 7)
     y[..., :10] = x[..., :10]  # left half identical

@@ -40,6 +40,14 @@ def match_levels(
     return levels
 
 
+# Default per-level weights for L levels (KD.FEATURE.LEVEL_REDUCTION).  "sum" is the
+# convention of SSIM-KD, whose published lambda multiplies the sum over FPN levels.
+LEVEL_REDUCTIONS = {
+    "mean": lambda num_levels: [1.0 / num_levels] * num_levels,
+    "sum": lambda num_levels: [1.0] * num_levels,
+}
+
+
 class FeatureDistiller(nn.Module):
     """
     Imitation of teacher backbone features by the student's.
@@ -58,6 +66,7 @@ class FeatureDistiller(nn.Module):
         loss: FeatureLoss,
         weight: float,
         level_weights: Optional[List[float]] = None,
+        level_reduction: str = "mean",
         adapter: str = "auto",
     ):
         """
@@ -66,7 +75,8 @@ class FeatureDistiller(nn.Module):
             student_channels, teacher_channels: channels of each level.
             loss: the feature loss.
             weight: multiplies the loss.
-            level_weights: per-level weights, or None/empty for a mean over levels.
+            level_weights: per-level weights; None/empty: ``level_reduction`` decides.
+            level_reduction: "mean" (weights 1/L) or "sum" (weights 1) over the L levels.
             adapter: "auto" (1x1 conv where channels differ), "conv1x1" (always), "none".
         """
         super().__init__()
@@ -75,7 +85,14 @@ class FeatureDistiller(nn.Module):
         self.levels = list(levels)
         self.loss = loss
         self.weight = weight
-        self.level_weights = list(level_weights) if level_weights else None
+        if level_reduction not in LEVEL_REDUCTIONS:
+            raise ValueError("KD.FEATURE.LEVEL_REDUCTION must be one of {}, got {!r}".format(
+                sorted(LEVEL_REDUCTIONS), level_reduction))
+        if level_weights and len(level_weights) != len(self.levels):
+            raise ValueError("KD.FEATURE.LEVEL_WEIGHTS has {} entries for the {} imitated levels {}".format(
+                len(level_weights), len(self.levels), self.levels))
+        self.level_weights = list(level_weights) if level_weights else LEVEL_REDUCTIONS[level_reduction](
+            len(self.levels))
         self.adapters = nn.ModuleDict()
         for name in self.levels:
             cs, ct = student_channels[name], teacher_channels[name]
@@ -98,6 +115,7 @@ class FeatureDistiller(nn.Module):
             "loss": build_feature_loss(cfg),
             "weight": cfg.KD.FEATURE.WEIGHT,
             "level_weights": cfg.KD.FEATURE.LEVEL_WEIGHTS,
+            "level_reduction": cfg.KD.FEATURE.LEVEL_REDUCTION,
             "adapter": cfg.KD.FEATURE.ADAPTER,
         }
 
