@@ -47,9 +47,9 @@ def small_blocks(monkeypatch):
         monkeypatch.setattr(ssim_triton, "FIXUP_BLOCK", 64)
 
 
-@pytest.fixture(params=["ring", "band"])
+@pytest.fixture(params=list(ssim_triton.VERTICAL_PASSES))
 def vertical_pass(request, monkeypatch):
-    """Each kernel test runs with both vertical passes (see ssim_triton.VERTICAL_PASS)."""
+    """Each kernel test runs with every vertical pass (see ssim_triton.VERTICAL_PASS)."""
     monkeypatch.setattr(ssim_triton, "VERTICAL_PASS", request.param)
     return request.param
 
@@ -199,19 +199,28 @@ def _has_ptxas():
 
 @pytest.mark.skipif(not _has_ptxas(), reason="needs Triton with its NVIDIA backend (bundled ptxas)")
 def test_kernels_compile_for_h100():
-    """Both vertical passes compile for sm_90 without a GPU, within its shared memory, at the default sizes."""
+    """
+    Every vertical pass compiles for sm_90 without a GPU, within its shared memory and
+    without spilling registers, at the default sizes; the instruction count of the
+    row loops (``--sass``) parses.
+    """
     import runpy
 
     from conftest import REPO
 
     bench = runpy.run_path(os.path.join(REPO, "benchmarks", "ssim_kernel_resources.py"))
-    settings = [("ring", ssim_triton.BLOCK_W, ssim_triton.NUM_WARPS, None),
+    settings = [("unrolled", ssim_triton.BLOCK_W, ssim_triton.NUM_WARPS, None),
+                ("ring", ssim_triton.BLOCK_W, ssim_triton.NUM_WARPS, None),
                 ("band", 32, 4, ssim_triton.BAND_NUM_STAGES)]
     for vertical_pass, block_w, warps, stages in settings:
         for name, fn, constexprs in bench["kernels_of"](vertical_pass, block_w, ssim_triton.ROWS_PER_PROGRAM, "ieee"):
             r = bench["compile_kernel"](fn, constexprs, warps, stages, 90)
             assert r["shared_bytes"] <= bench["SHARED_LIMIT"], (vertical_pass, name, r)
             assert r["spill_bytes"] == 0 and r["registers"] <= 255, (vertical_pass, name, r)
+            if vertical_pass == "unrolled":
+                pipes = bench["by_pipe"](bench["row_loop"](r["cubin"]))
+                # the forward loop loads 2 x 11 values per row, over 11 unrolled rows
+                assert pipes["ld/st"] >= 2 * 11 * 11 and pipes["fp32"] > 0, (name, pipes)
 
 
 def test_selection_on_cpu(monkeypatch):

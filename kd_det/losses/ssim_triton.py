@@ -5,23 +5,32 @@ convolutions and keeps them for backward: about ten feature-sized tensors of
 memory traffic and storage per level.  Here one program walks down a strip of
 columns of one (image, channel) plane, row by row:
 
-* horizontal pass: the 1-D Gaussian over the row, from shifted loads (L1 hits);
-* vertical pass: each filtered row is added, with its tap weight, into a ring of
-  16 partial output rows (row ``o`` lives in slot ``o % 16``); once a row has
-  received all ``KH`` taps it is complete, is turned into SSIM and summed, and its
-  slot is cleared.
+* horizontal pass: the 1-D Gaussian over the row, from shifted loads (L1 hits),
+  with the window's weights compiled in as constants;
+* vertical pass (``VERTICAL_PASS``), one of three:
 
-Nothing but the input planes is read and only per-program partial sums are
-written.  A second vertical pass, "band" (``VERTICAL_PASS``), works on 16-row tiles
-instead: each tile of horizontally filtered rows is multiplied by two 16x16 band
-matrices of the window (``tl.dot``), one completing the previous tile of output rows,
-one starting the current; no ring slot is extracted or cleared per row.  Which is
-faster is for ``benchmarks/sweep_ssim_triton.py`` on the GPU to say.  Backward recomputes the statistics the same way and writes the three
-SSIM derivatives (w.r.t. the local mean of x, E[x^2] and E[xy]) of each output
-position; a second sliding kernel applies the transposed window to them and
-combines them with x and y into the gradient.  Backward runs over chunks of
-planes, so the derivative maps never take more than ``BACKWARD_CHUNK_BYTES``.
-Only the student gets a gradient: the teacher is a constant in distillation.
+  - "unrolled" (default): the last KH filtered rows of each quantity are kept in
+    registers; output row ``r - KH + 1`` is their weighted sum.  The row loop is
+    unrolled KH times, so moving down a row renames registers: KH multiply-adds per
+    row and quantity, nothing else;
+  - "ring": each filtered row is added, with its tap weight, into a ring of 16
+    partial output rows (row ``o`` in slot ``o % 16``); a complete row is extracted
+    and its slot cleared.  About 60 operations per row and quantity;
+  - "band": 16-row tiles of filtered rows times two 16x16 band matrices of the
+    window (``tl.dot``), one completing the previous tile of output rows, one
+    starting the current.
+
+  Which is fastest is for ``benchmarks/sweep_ssim_triton.py`` on the GPU to say;
+  ``benchmarks/ssim_kernel_resources.py --sass`` counts their instructions without one.
+
+Forward reads nothing but the input planes and writes one partial sum per program.
+Backward recomputes the statistics the same way and writes the three SSIM
+derivatives (w.r.t. the local mean of x, E[x^2] and E[xy]) of each output position,
+into maps with KW - 1 zero columns either side; a second sliding kernel applies the
+transposed window to them (no per-tap masks, thanks to the zero columns) and combines
+them with x and y into the gradient.  Backward runs over chunks of planes, so the
+derivative maps never take more than ``BACKWARD_CHUNK_BYTES``.  Only the student gets
+a gradient: the teacher is a constant in distillation.
 
 The per-map min-max normalisation of :class:`SSIMFeatureLoss` is fused too: the
 kernels read the raw features and rescale each value on load with its plane's
@@ -52,9 +61,13 @@ __all__ = ["is_available", "is_interpreted", "fused_ssim_mean", "fused_ssim_feat
 
 RING = 16  # slots of the vertical ring: windows up to 15 taps
 MAX_WINDOW = RING - 1
-BLOCK_W = 128  # columns per program
-ROWS_PER_PROGRAM = 64
-NUM_WARPS = 4
+# Columns and rows per program, warps per program.  One warp on 32 columns keeps each
+# column's window in one thread's registers: the fastest ring setting measured on the H100
+# (2026-11-21), and the unrolled pass's fewest instructions (ssim_kernel_resources.py
+# --sass).  The band pass needs 4 or 8 warps (it spills with fewer).
+BLOCK_W = 32
+ROWS_PER_PROGRAM = 128
+NUM_WARPS = 1
 FIXUP_BLOCK = 1024  # elements per program of the min/max gradient fix-up
 # Backward materialises three fp32 derivative maps; it runs over as many planes at a
 # time as fit in this many bytes (P2 of an 800x1344 input: 344 of 2048 planes).
@@ -67,8 +80,12 @@ NORM_STRIDE = 8  # per-plane (lo_x, 1/range_x, lo_y, 1/range_y, hi_x, unused x3)
 #       horizontally filtered rows (``tl.dot``).  Every input row is read once, and no
 #       per-row extraction and clearing of a ring slot is done.  DOT_PRECISION "ieee" keeps
 #       the products in fp32 on the FMA units; "tf32x3" moves them to tensor cores with
-#       three tf32 products per value (about fp32 accuracy).
-VERTICAL_PASS = "ring"
+#       three tf32 products per value (about fp32 accuracy);
+#   "unrolled": the last KH filtered rows are kept in registers and weighted with the window
+#       as immediates; the row loop is unrolled KH times so that moving the window down a
+#       row renames registers.  KH multiply-adds per row and quantity, nothing else.
+VERTICAL_PASSES = ("ring", "band", "unrolled")
+VERTICAL_PASS = "unrolled"
 TILE_ROWS = 16  # rows of one band tile; windows up to TILE_ROWS + 1 taps
 DOT_PRECISION = "ieee"
 # Software pipelining (Triton's default num_stages=3) would buffer every tap's shifted
@@ -91,6 +108,7 @@ if triton is not None:
 
     @triton.jit
     def _load_plane_row(ptr, offs, mask, lo, inv, NORMALIZE: tl.constexpr):
+        """Values at ``ptr + offs`` (offs: an int tensor, or a constant added to a pointer tensor), as fp32."""
         v = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if NORMALIZE:
             v = (v - lo) * inv
@@ -112,18 +130,21 @@ if triton is not None:
         return tl.load(base), tl.load(base + 1), tl.load(base + 2), tl.load(base + 3), tl.load(base + 4)
 
     @triton.jit
-    def _horizontal_stats(x_plane, y_plane, wh_ptr, at, m, lo_x, inv_x, lo_y, inv_y, zero,
-                          KW: tl.constexpr, NORMALIZE: tl.constexpr):
-        """The 1-D window along rows of x, y, x^2, y^2, xy at offsets ``at`` (a row, or a tile of rows)."""
+    def _horizontal_stats(x_plane, y_plane, at, m, lo_x, inv_x, lo_y, inv_y, zero,
+                          WH: tl.constexpr, NORMALIZE: tl.constexpr):
+        """The 1-D window ``WH`` along rows of x, y, x^2, y^2, xy at offsets ``at`` (a row, or a tile of rows)."""
+        # pointers first, then the constant tap: it folds into the loads' address immediates
+        x_at = x_plane + at
+        y_at = y_plane + at
         h_x = zero
         h_y = zero
         h_xx = zero
         h_yy = zero
         h_xy = zero
-        for j in tl.static_range(KW):
-            w = tl.load(wh_ptr + j)
-            xv = _load_plane_row(x_plane, at + j, m, lo_x, inv_x, NORMALIZE)
-            yv = _load_plane_row(y_plane, at + j, m, lo_y, inv_y, NORMALIZE)
+        for j in tl.static_range(len(WH)):
+            w = WH[j]
+            xv = _load_plane_row(x_at, j, m, lo_x, inv_x, NORMALIZE)
+            yv = _load_plane_row(y_at, j, m, lo_y, inv_y, NORMALIZE)
             h_x += w * xv
             h_y += w * yv
             h_xx += w * xv * xv
@@ -138,28 +159,31 @@ if triton is not None:
         n2 = 2.0 * (e_xy - mu_x * mu_y) + c2
         d1 = mu_x * mu_x + mu_y * mu_y + c1
         d2 = (e_xx - mu_x * mu_x) + (e_yy - mu_y * mu_y) + c2
-        den = d1 * d2
-        s = n1 * n2 / den
-        g_mu = 2.0 * mu_y * (n2 - n1) / den - 2.0 * mu_x * s * (d2 - d1) / den
-        g_xx = -s / d2
-        g_xy = 2.0 * n1 / den
+        inv_den = 1.0 / (d1 * d2)  # one division; 1 / d2 = d1 / (d1 d2)
+        s = n1 * n2 * inv_den
+        g_mu = (2.0 * mu_y * (n2 - n1) - 2.0 * mu_x * s * (d2 - d1)) * inv_den
+        g_xx = -s * d1 * inv_den
+        g_xy = 2.0 * n1 * inv_den
         return s, g_mu, g_xx, g_xy
 
     @triton.jit
-    def _horizontal_transposed(d_mu_ptr, d_exx_ptr, d_exy_ptr, wh_ptr, row_offs, row_ok, cols, WO, zero,
-                               KW: tl.constexpr):
-        """The transposed 1-D window along rows of the three derivative maps (rows at ``row_offs``)."""
+    def _horizontal_transposed(d_mu_ptr, d_exx_ptr, d_exy_ptr, offs, m, zero, WH: tl.constexpr):
+        """
+        The transposed 1-D window ``WH`` along rows of the three derivative maps: at input
+        column c, sum_j WH[j] * d[c - j].  ``offs`` points at column c of maps stored with
+        KW - 1 zero columns on either side, so no tap needs a mask of its own.
+        """
+        mu_at = d_mu_ptr + offs
+        xx_at = d_exx_ptr + offs
+        xy_at = d_exy_ptr + offs
         h_mu = zero
         h_xx = zero
         h_xy = zero
-        for j in tl.static_range(KW):
-            w = tl.load(wh_ptr + j)
-            src = cols - j
-            m = row_ok & (src >= 0) & (src < WO)
-            offs = row_offs + src
-            h_mu += w * tl.load(d_mu_ptr + offs, mask=m, other=0.0)
-            h_xx += w * tl.load(d_exx_ptr + offs, mask=m, other=0.0)
-            h_xy += w * tl.load(d_exy_ptr + offs, mask=m, other=0.0)
+        for j in tl.static_range(len(WH)):
+            w = WH[j]
+            h_mu += w * tl.load(mu_at - j, mask=m, other=0.0)
+            h_xx += w * tl.load(xx_at - j, mask=m, other=0.0)
+            h_xy += w * tl.load(xy_at - j, mask=m, other=0.0)
         return h_mu, h_xx, h_xy
 
     @triton.jit
@@ -196,10 +220,10 @@ if triton is not None:
 
     @triton.jit
     def _ssim_stats_kernel(
-        x_ptr, y_ptr, norm_ptr, wh_ptr, wv_ptr, c1_ptr, c2_ptr,
+        x_ptr, y_ptr, norm_ptr, wv_ptr, c1_ptr, c2_ptr,
         partial_ptr, d_mu_ptr, d_exx_ptr, d_exy_ptr,
-        H, W, HO, WO, n_col_blocks, n_row_blocks,
-        KH: tl.constexpr, KW: tl.constexpr, RING: tl.constexpr, BLOCK_W: tl.constexpr,
+        H, W, HO, WO, DS, n_col_blocks, n_row_blocks,
+        KH: tl.constexpr, WH: tl.constexpr, RING: tl.constexpr, BLOCK_W: tl.constexpr,
         ROWS: tl.constexpr, BACKWARD: tl.constexpr, NORMALIZE: tl.constexpr, NORM_STRIDE: tl.constexpr,
     ):
         """Per output position of a (plane, column strip, row chunk): SSIM (sum) or its derivatives."""
@@ -212,7 +236,7 @@ if triton is not None:
         lo_x, inv_x, lo_y, inv_y, hi_x = _plane_norm(norm_ptr, plane, NORM_STRIDE)
         x_plane = x_ptr + plane.to(tl.int64) * H * W
         y_plane = y_ptr + plane.to(tl.int64) * H * W
-        o_plane = plane.to(tl.int64) * HO * WO
+        d_plane = plane.to(tl.int64) * HO * DS + len(WH) - 1
 
         a_x = tl.zeros((RING, BLOCK_W), tl.float32)
         a_y = tl.zeros((RING, BLOCK_W), tl.float32)
@@ -223,8 +247,8 @@ if triton is not None:
         row_end = tl.minimum(row0 + ROWS, HO)
         for r in range(row0, row_end + KH - 1):
             h_x, h_y, h_xx, h_yy, h_xy = _horizontal_stats(
-                x_plane, y_plane, wh_ptr, r * W + cols, col_ok, lo_x, inv_x, lo_y, inv_y,
-                tl.zeros((BLOCK_W,), tl.float32), KW, NORMALIZE)
+                x_plane, y_plane, r * W + cols, col_ok, lo_x, inv_x, lo_y, inv_y,
+                tl.zeros((BLOCK_W,), tl.float32), WH, NORMALIZE)
             # vertical pass: slot s holds output row o = r - ((r - s) mod RING), tap i = r - o
             tap = (r - slots) & (RING - 1)
             wv = tl.load(wv_ptr + tap, mask=tap < KH, other=0.0)[:, None]
@@ -250,7 +274,7 @@ if triton is not None:
             s, g_mu, g_xx, g_xy = _ssim_and_derivatives(mu_x, mu_y, e_xx, e_yy, e_xy, c1, c2)
             ok = col_ok & (o >= row0)
             if BACKWARD:
-                offs = o_plane + o * WO + cols
+                offs = d_plane + o * DS + cols
                 tl.store(d_mu_ptr + offs, g_mu, mask=ok)
                 tl.store(d_exx_ptr + offs, g_xx, mask=ok)
                 tl.store(d_exy_ptr + offs, g_xy, mask=ok)
@@ -261,9 +285,9 @@ if triton is not None:
 
     @triton.jit
     def _ssim_grad_kernel(
-        x_ptr, y_ptr, norm_ptr, d_mu_ptr, d_exx_ptr, d_exy_ptr, wh_ptr, wv_ptr, scale_ptr, grad_ptr, partial_ptr,
-        H, W, HO, WO, n_col_blocks, n_row_blocks,
-        KH: tl.constexpr, KW: tl.constexpr, RING: tl.constexpr, BLOCK_W: tl.constexpr,
+        x_ptr, y_ptr, norm_ptr, d_mu_ptr, d_exx_ptr, d_exy_ptr, wv_ptr, scale_ptr, grad_ptr, partial_ptr,
+        H, W, HO, WO, DS, n_col_blocks, n_row_blocks,
+        KH: tl.constexpr, WH: tl.constexpr, RING: tl.constexpr, BLOCK_W: tl.constexpr,
         ROWS: tl.constexpr, NORMALIZE: tl.constexpr, NORM_STRIDE: tl.constexpr,
     ):
         """The gradient of the input rows of a (plane, column strip, row chunk), see :func:`_store_grad`."""
@@ -274,7 +298,7 @@ if triton is not None:
         scale = tl.load(scale_ptr)
         lo_x, inv_x, lo_y, inv_y, hi_x = _plane_norm(norm_ptr, plane, NORM_STRIDE)
         in_plane = plane.to(tl.int64) * H * W
-        o_plane = plane.to(tl.int64) * HO * WO
+        d_plane = plane.to(tl.int64) * HO * DS + len(WH) - 1
 
         b_mu = tl.zeros((RING, BLOCK_W), tl.float32)
         b_xx = tl.zeros((RING, BLOCK_W), tl.float32)
@@ -287,8 +311,8 @@ if triton is not None:
         # output row o feeds input rows o .. o + KH - 1; input row p is complete after o = p
         for o in range(row0 - KH + 1, row_end):
             h_mu, h_xx, h_xy = _horizontal_transposed(
-                d_mu_ptr, d_exx_ptr, d_exy_ptr, wh_ptr, o_plane + o * WO, (o >= 0) & (o < HO), cols, WO,
-                tl.zeros((BLOCK_W,), tl.float32), KW)
+                d_mu_ptr, d_exx_ptr, d_exy_ptr, d_plane + o * DS + cols, (o >= 0) & (o < HO) & col_ok,
+                tl.zeros((BLOCK_W,), tl.float32), WH)
             # slot s holds input row p = o + ((s - o) mod RING), tap i = p - o
             tap = (slots - o) & (RING - 1)
             wv = tl.load(wv_ptr + tap, mask=tap < KH, other=0.0)[:, None]
@@ -322,10 +346,10 @@ if triton is not None:
 
     @triton.jit
     def _ssim_stats_band_kernel(
-        x_ptr, y_ptr, norm_ptr, wh_ptr, wv_ptr, c1_ptr, c2_ptr,
+        x_ptr, y_ptr, norm_ptr, wv_ptr, c1_ptr, c2_ptr,
         partial_ptr, d_mu_ptr, d_exx_ptr, d_exy_ptr,
-        H, W, HO, WO, n_col_blocks, n_row_blocks,
-        KH: tl.constexpr, KW: tl.constexpr, TILE: tl.constexpr, BLOCK_W: tl.constexpr,
+        H, W, HO, WO, DS, n_col_blocks, n_row_blocks,
+        KH: tl.constexpr, WH: tl.constexpr, TILE: tl.constexpr, BLOCK_W: tl.constexpr,
         ROWS: tl.constexpr, BACKWARD: tl.constexpr, NORMALIZE: tl.constexpr, NORM_STRIDE: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
     ):
@@ -346,7 +370,7 @@ if triton is not None:
         lo_x, inv_x, lo_y, inv_y, hi_x = _plane_norm(norm_ptr, plane, NORM_STRIDE)
         x_plane = x_ptr + plane.to(tl.int64) * H * W
         y_plane = y_ptr + plane.to(tl.int64) * H * W
-        o_plane = plane.to(tl.int64) * HO * WO
+        d_plane = plane.to(tl.int64) * HO * DS + len(WH) - 1
 
         p_x = tl.zeros((TILE, BLOCK_W), tl.float32)
         p_y = tl.zeros((TILE, BLOCK_W), tl.float32)
@@ -359,8 +383,8 @@ if triton is not None:
             rows = b + tr
             # rows past H only reach outputs past HO, which are masked
             h_x, h_y, h_xx, h_yy, h_xy = _horizontal_stats(
-                x_plane, y_plane, wh_ptr, rows[:, None] * W + cols[None, :], (rows < H)[:, None] & col_ok[None, :],
-                lo_x, inv_x, lo_y, inv_y, tl.zeros((TILE, BLOCK_W), tl.float32), KW, NORMALIZE)
+                x_plane, y_plane, rows[:, None] * W + cols[None, :], (rows < H)[:, None] & col_ok[None, :],
+                lo_x, inv_x, lo_y, inv_y, tl.zeros((TILE, BLOCK_W), tl.float32), WH, NORMALIZE)
             # output tile b - TILE is complete with this block's share
             mu_x = tl.dot(cross, h_x, p_x, input_precision=DOT_PRECISION)
             mu_y = tl.dot(cross, h_y, p_y, input_precision=DOT_PRECISION)
@@ -377,7 +401,7 @@ if triton is not None:
             ok = ((o >= row0) & (o < row_end))[:, None] & col_ok[None, :]
             s, g_mu, g_xx, g_xy = _ssim_and_derivatives(mu_x, mu_y, e_xx, e_yy, e_xy, c1, c2)
             if BACKWARD:
-                offs = o_plane + o[:, None] * WO + cols[None, :]
+                offs = d_plane + o[:, None] * DS + cols[None, :]
                 tl.store(d_mu_ptr + offs, g_mu, mask=ok)
                 tl.store(d_exx_ptr + offs, g_xx, mask=ok)
                 tl.store(d_exy_ptr + offs, g_xy, mask=ok)
@@ -388,9 +412,9 @@ if triton is not None:
 
     @triton.jit
     def _ssim_grad_band_kernel(
-        x_ptr, y_ptr, norm_ptr, d_mu_ptr, d_exx_ptr, d_exy_ptr, wh_ptr, wv_ptr, scale_ptr, grad_ptr, partial_ptr,
-        H, W, HO, WO, n_col_blocks, n_row_blocks,
-        KH: tl.constexpr, KW: tl.constexpr, TILE: tl.constexpr, BLOCK_W: tl.constexpr,
+        x_ptr, y_ptr, norm_ptr, d_mu_ptr, d_exx_ptr, d_exy_ptr, wv_ptr, scale_ptr, grad_ptr, partial_ptr,
+        H, W, HO, WO, DS, n_col_blocks, n_row_blocks,
+        KH: tl.constexpr, WH: tl.constexpr, TILE: tl.constexpr, BLOCK_W: tl.constexpr,
         ROWS: tl.constexpr, NORMALIZE: tl.constexpr, NORM_STRIDE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
         """
@@ -407,7 +431,7 @@ if triton is not None:
         scale = tl.load(scale_ptr)
         lo_x, inv_x, lo_y, inv_y, hi_x = _plane_norm(norm_ptr, plane, NORM_STRIDE)
         in_plane = plane.to(tl.int64) * H * W
-        o_plane = plane.to(tl.int64) * HO * WO
+        d_plane = plane.to(tl.int64) * HO * DS + len(WH) - 1
 
         n_mu = tl.zeros((TILE, BLOCK_W), tl.float32)
         n_xx = tl.zeros((TILE, BLOCK_W), tl.float32)
@@ -420,8 +444,8 @@ if triton is not None:
         for d in range(row0 - TILE, row_end, TILE):
             o = d + tr
             h_mu, h_xx, h_xy = _horizontal_transposed(
-                d_mu_ptr, d_exx_ptr, d_exy_ptr, wh_ptr, o_plane + o[:, None] * WO, ((o >= 0) & (o < HO))[:, None],
-                cols[None, :], WO, tl.zeros((TILE, BLOCK_W), tl.float32), KW)
+                d_mu_ptr, d_exx_ptr, d_exy_ptr, d_plane + o[:, None] * DS + cols[None, :],
+                ((o >= 0) & (o < HO))[:, None] & col_ok[None, :], tl.zeros((TILE, BLOCK_W), tl.float32), WH)
             g_mu = tl.dot(same, h_mu, n_mu, input_precision=DOT_PRECISION)
             g_xx = tl.dot(same, h_xx, n_xx, input_precision=DOT_PRECISION)
             g_xy = tl.dot(same, h_xy, n_xy, input_precision=DOT_PRECISION)
@@ -437,6 +461,124 @@ if triton is not None:
         if NORMALIZE:
             _store_sums(partial_ptr, pid, tl.sum(sum_gx, axis=0), tl.sum(sum_g, axis=0), tl.sum(n_lo, axis=0),
                         tl.sum(n_hi, axis=0))
+
+    @triton.jit
+    def _window_sum(rows, WV: tl.constexpr, REVERSED: tl.constexpr):
+        """sum_i WV[i] * rows[i] (``REVERSED``: WV[KH - 1 - i]) over a tuple of KH (BLOCK_W,) rows."""
+        acc = WV[len(WV) - 1 if REVERSED else 0] * rows[0]
+        for i in tl.static_range(1, len(WV)):
+            acc += WV[len(WV) - 1 - i if REVERSED else i] * rows[i]
+        return acc
+
+    @triton.jit
+    def _ssim_stats_unrolled_kernel(
+        x_ptr, y_ptr, norm_ptr, c1_ptr, c2_ptr, partial_ptr, d_mu_ptr, d_exx_ptr, d_exy_ptr,
+        H, W, HO, WO, DS, n_col_blocks, n_row_blocks,
+        WV: tl.constexpr, WH: tl.constexpr, BLOCK_W: tl.constexpr, ROWS: tl.constexpr,
+        BACKWARD: tl.constexpr, NORMALIZE: tl.constexpr, NORM_STRIDE: tl.constexpr,
+    ):
+        """
+        As :func:`_ssim_stats_kernel`, keeping the last KH = len(WV) horizontally filtered
+        rows of each quantity in a tuple, oldest first: output row r - KH + 1 is their sum
+        weighted by ``WV``.  The row loop is unrolled KH times, so shifting the tuple by a
+        row is register renaming; the window weights are immediates.  Per row and quantity
+        that is KH multiply-adds, against the ring's 16 plus slot extraction and clearing.
+        """
+        pid = tl.program_id(0)
+        plane, row0, cols = _program_tile(pid, n_col_blocks, n_row_blocks, ROWS, BLOCK_W)
+        col_ok = cols < WO
+        c1 = tl.load(c1_ptr + plane)
+        c2 = tl.load(c2_ptr + plane)
+        lo_x, inv_x, lo_y, inv_y, hi_x = _plane_norm(norm_ptr, plane, NORM_STRIDE)
+        x_plane = x_ptr + plane.to(tl.int64) * H * W
+        y_plane = y_ptr + plane.to(tl.int64) * H * W
+        d_plane = plane.to(tl.int64) * HO * DS + len(WH) - 1
+
+        zero = tl.zeros((BLOCK_W,), tl.float32)
+        q_x = (zero,) * len(WV)
+        q_y = (zero,) * len(WV)
+        q_xx = (zero,) * len(WV)
+        q_yy = (zero,) * len(WV)
+        q_xy = (zero,) * len(WV)
+        total = zero
+        row_end = tl.minimum(row0 + ROWS, HO)
+        # input rows row0 .. row_end + KH - 2, KH at a time; rows past H load as 0 and only
+        # reach outputs past row_end, which are masked
+        for t in range(row0, row_end + len(WV) - 1, len(WV)):
+            for k in tl.static_range(len(WV)):
+                r = t + k
+                h_x, h_y, h_xx, h_yy, h_xy = _horizontal_stats(
+                    x_plane, y_plane, r * W + cols, col_ok & (r < H), lo_x, inv_x, lo_y, inv_y, zero, WH, NORMALIZE)
+                q_x = q_x[1:] + (h_x,)
+                q_y = q_y[1:] + (h_y,)
+                q_xx = q_xx[1:] + (h_xx,)
+                q_yy = q_yy[1:] + (h_yy,)
+                q_xy = q_xy[1:] + (h_xy,)
+                s, g_mu, g_xx, g_xy = _ssim_and_derivatives(
+                    _window_sum(q_x, WV, False), _window_sum(q_y, WV, False), _window_sum(q_xx, WV, False),
+                    _window_sum(q_yy, WV, False), _window_sum(q_xy, WV, False), c1, c2)
+                o = r - len(WV) + 1
+                ok = col_ok & (o >= row0) & (o < row_end)
+                if BACKWARD:
+                    offs = d_plane + o * DS + cols
+                    tl.store(d_mu_ptr + offs, g_mu, mask=ok)
+                    tl.store(d_exx_ptr + offs, g_xx, mask=ok)
+                    tl.store(d_exy_ptr + offs, g_xy, mask=ok)
+                else:
+                    total += tl.where(ok, s, 0.0)
+                    # without stores in the loop the compiler hoists the loads of all KH rows
+                    # to its top: 255 registers and spills on sm_90; a barrier per row keeps
+                    # one row in flight (126 registers; benchmarks/ssim_kernel_resources.py)
+                    tl.debug_barrier()
+        if not BACKWARD:
+            tl.store(partial_ptr + pid, tl.sum(total, axis=0))
+
+    @triton.jit
+    def _ssim_grad_unrolled_kernel(
+        x_ptr, y_ptr, norm_ptr, d_mu_ptr, d_exx_ptr, d_exy_ptr, scale_ptr, grad_ptr, partial_ptr,
+        H, W, HO, WO, DS, n_col_blocks, n_row_blocks,
+        WV: tl.constexpr, WH: tl.constexpr, BLOCK_W: tl.constexpr, ROWS: tl.constexpr,
+        NORMALIZE: tl.constexpr, NORM_STRIDE: tl.constexpr,
+    ):
+        """
+        As :func:`_ssim_grad_kernel`, with the history of :func:`_ssim_stats_unrolled_kernel`:
+        input row p gets sum_i WV[i] * (derivative row p - i, transposed-filtered along the
+        row), so the last KH derivative rows, newest last, are weighted by the reversed ``WV``.
+        """
+        pid = tl.program_id(0)
+        plane, row0, cols = _program_tile(pid, n_col_blocks, n_row_blocks, ROWS, BLOCK_W)
+        col_ok = cols < W
+        scale = tl.load(scale_ptr)
+        lo_x, inv_x, lo_y, inv_y, hi_x = _plane_norm(norm_ptr, plane, NORM_STRIDE)
+        in_plane = plane.to(tl.int64) * H * W
+        d_plane = plane.to(tl.int64) * HO * DS + len(WH) - 1
+
+        zero = tl.zeros((BLOCK_W,), tl.float32)
+        q_mu = (zero,) * len(WV)
+        q_xx = (zero,) * len(WV)
+        q_xy = (zero,) * len(WV)
+        sum_gx = zero
+        sum_g = zero
+        n_lo = zero
+        n_hi = zero
+        row_end = tl.minimum(row0 + ROWS, H)
+        # derivative rows o = row0 - KH + 1 .. row_end - 1; input row p = o is complete after row o
+        for t in range(row0 - len(WV) + 1, row_end, len(WV)):
+            for k in tl.static_range(len(WV)):
+                o = t + k
+                h_mu, h_xx, h_xy = _horizontal_transposed(
+                    d_mu_ptr, d_exx_ptr, d_exy_ptr, d_plane + o * DS + cols, (o >= 0) & (o < HO) & col_ok, zero,
+                    WH)
+                q_mu = q_mu[1:] + (h_mu,)
+                q_xx = q_xx[1:] + (h_xx,)
+                q_xy = q_xy[1:] + (h_xy,)
+                p = o
+                sum_gx, sum_g, n_lo, n_hi = _store_grad(
+                    x_ptr, y_ptr, grad_ptr, in_plane + p * W + cols, col_ok & (p >= row0) & (p < row_end),
+                    _window_sum(q_mu, WV, True), _window_sum(q_xx, WV, True), _window_sum(q_xy, WV, True), scale,
+                    lo_x, inv_x, lo_y, inv_y, hi_x, sum_gx, sum_g, n_lo, n_hi, NORMALIZE)
+        if NORMALIZE:
+            _store_sums(partial_ptr, pid, sum_gx, sum_g, n_lo, n_hi)
 
     @triton.jit
     def _minmax_grad_fixup_kernel(x_ptr, grad_ptr, fix_ptr, HW, n_blocks, BLOCK: tl.constexpr):
@@ -483,39 +625,70 @@ class _KernelConfig(NamedTuple):
 
     @classmethod
     def current(cls) -> "_KernelConfig":
-        if VERTICAL_PASS not in ("ring", "band"):
-            raise ValueError("ssim_triton.VERTICAL_PASS must be 'ring' or 'band', got {!r}".format(VERTICAL_PASS))
+        if VERTICAL_PASS not in VERTICAL_PASSES:
+            raise ValueError("ssim_triton.VERTICAL_PASS must be one of {}, got {!r}".format(
+                ", ".join(VERTICAL_PASSES), VERTICAL_PASS))
         return cls(VERTICAL_PASS, DOT_PRECISION, BLOCK_W, ROWS_PER_PROGRAM, NUM_WARPS, BAND_NUM_STAGES)
 
     def grid(self, planes, rows, cols):
         col_blocks, row_blocks = triton.cdiv(cols, self.block_w), triton.cdiv(rows, self.rows)
         return planes * col_blocks * row_blocks, col_blocks, row_blocks
 
-    def launch_stats(self, planes, x, y, norm, wh, wv, c1, c2, partial, d_mu, d_exx, d_exy, h, w, ho, wo, kh, kw,
+    def launch_stats(self, planes, x, y, norm, window, c1, c2, partial, d_mu, d_exx, d_exy, h, w, ho, wo, ds,
                      backward, normalize):
-        """The statistics kernel over output rows: SSIM partial sums (returned grid size), or its derivatives."""
+        """
+        The statistics kernel over output rows: SSIM partial sums (one per program), or its
+        derivatives into (planes, ho, ds) maps, ``ds`` = wo + 2 (kw - 1), at column kw - 1 on.
+        """
         grid, col_blocks, row_blocks = self.grid(planes, ho, wo)
-        args = (x, y, norm, wh, wv, c1, c2, partial, d_mu, d_exx, d_exy, h, w, ho, wo, col_blocks, row_blocks)
-        common = dict(KH=kh, KW=kw, BLOCK_W=self.block_w, ROWS=self.rows, BACKWARD=backward, NORMALIZE=normalize,
+        sizes = (h, w, ho, wo, ds, col_blocks, row_blocks)
+        common = dict(WH=window.wh, BLOCK_W=self.block_w, ROWS=self.rows, BACKWARD=backward, NORMALIZE=normalize,
                       NORM_STRIDE=NORM_STRIDE, num_warps=self.num_warps)
+        if self.vertical_pass == "unrolled":
+            _ssim_stats_unrolled_kernel[(grid,)](x, y, norm, c1, c2, partial, d_mu, d_exx, d_exy, *sizes,
+                                                 WV=window.wv, **common)
+            return
+        args = (x, y, norm, window.wv_tensor, c1, c2, partial, d_mu, d_exx, d_exy) + sizes
         if self.vertical_pass == "band":
-            _ssim_stats_band_kernel[(grid,)](*args, TILE=TILE_ROWS, DOT_PRECISION=self.dot_precision,
-                                             num_stages=self.band_num_stages, **common)
+            _ssim_stats_band_kernel[(grid,)](*args, KH=len(window.wv), TILE=TILE_ROWS,
+                                             DOT_PRECISION=self.dot_precision, num_stages=self.band_num_stages,
+                                             **common)
         else:
-            _ssim_stats_kernel[(grid,)](*args, RING=RING, **common)
+            _ssim_stats_kernel[(grid,)](*args, KH=len(window.wv), RING=RING, **common)
 
-    def launch_grad(self, planes, x, y, norm, d_mu, d_exx, d_exy, wh, wv, scale, grad, partial, h, w, ho, wo, kh,
-                    kw, normalize):
+    def launch_grad(self, planes, x, y, norm, d_mu, d_exx, d_exy, window, scale, grad, partial, h, w, ho, wo, ds,
+                    normalize):
         """The gradient kernel over input rows; ``partial`` holds 4 values per program (see grid)."""
         grid, col_blocks, row_blocks = self.grid(planes, h, w)
-        args = (x, y, norm, d_mu, d_exx, d_exy, wh, wv, scale, grad, partial, h, w, ho, wo, col_blocks, row_blocks)
-        common = dict(KH=kh, KW=kw, BLOCK_W=self.block_w, ROWS=self.rows, NORMALIZE=normalize,
+        sizes = (h, w, ho, wo, ds, col_blocks, row_blocks)
+        common = dict(WH=window.wh, BLOCK_W=self.block_w, ROWS=self.rows, NORMALIZE=normalize,
                       NORM_STRIDE=NORM_STRIDE, num_warps=self.num_warps)
+        if self.vertical_pass == "unrolled":
+            _ssim_grad_unrolled_kernel[(grid,)](x, y, norm, d_mu, d_exx, d_exy, scale, grad, partial, *sizes,
+                                                WV=window.wv, **common)
+            return
+        args = (x, y, norm, d_mu, d_exx, d_exy, window.wv_tensor, scale, grad, partial) + sizes
         if self.vertical_pass == "band":
-            _ssim_grad_band_kernel[(grid,)](*args, TILE=TILE_ROWS, DOT_PRECISION=self.dot_precision,
-                                            num_stages=self.band_num_stages, **common)
+            _ssim_grad_band_kernel[(grid,)](*args, KH=len(window.wv), TILE=TILE_ROWS,
+                                            DOT_PRECISION=self.dot_precision, num_stages=self.band_num_stages,
+                                            **common)
         else:
-            _ssim_grad_kernel[(grid,)](*args, RING=RING, **common)
+            _ssim_grad_kernel[(grid,)](*args, KH=len(window.wv), RING=RING, **common)
+
+
+class _Window(NamedTuple):
+    """The separable Gaussian window: its taps as Python floats (compile-time constants of the
+    kernels, one compilation per window) and the vertical taps as a tensor (ring and band passes)."""
+
+    wh: tuple
+    wv: tuple
+    wv_tensor: torch.Tensor
+
+    @classmethod
+    def of(cls, kh, kw, sigma, device):
+        # computed on the CPU (no device sync); .tolist() keeps the fp32 values exactly
+        wh, wv = gaussian_window_1d(kw, sigma, "cpu"), gaussian_window_1d(kh, sigma, "cpu")
+        return cls(tuple(wh.tolist()), tuple(wv.tolist()), wv.to(device))
 
 
 class _FusedSSIMMean(torch.autograd.Function):
@@ -532,8 +705,7 @@ class _FusedSSIMMean(torch.autograd.Function):
         ho, wo = h - kh + 1, w - kw + 1
         x = x.contiguous().view(planes, h, w)
         y = y.contiguous().view(planes, h, w)
-        wh = gaussian_window_1d(kw, sigma, x.device)
-        wv = gaussian_window_1d(kh, sigma, x.device)
+        window = _Window.of(kh, kw, sigma, x.device)
         c1 = _plane_values(c1, planes, x.device)
         c2 = _plane_values(c2, planes, x.device)
         norm = torch.zeros((planes, NORM_STRIDE), dtype=torch.float32, device=x.device)
@@ -544,40 +716,46 @@ class _FusedSSIMMean(torch.autograd.Function):
             norm[:, 0], norm[:, 1], norm[:, 2], norm[:, 3], norm[:, 4] = lo_x, inv_x, lo_y, inv_y, hi_x
         config = _KernelConfig.current()
         partial = torch.empty(config.grid(planes, ho, wo)[0], dtype=torch.float32, device=x.device)
-        config.launch_stats(planes, x, y, norm, wh, wv, c1, c2, partial, partial, partial, partial,
-                            h, w, ho, wo, kh, kw, False, normalize)
+        config.launch_stats(planes, x, y, norm, window, c1, c2, partial, partial, partial, partial,
+                            h, w, ho, wo, wo, False, normalize)
         count = planes * ho * wo
-        ctx.save_for_backward(x, y, wh, wv, c1, c2, norm, unclamped if normalize else norm)
+        ctx.save_for_backward(x, y, c1, c2, norm, unclamped if normalize else norm)
         ctx.shape = (n, c, h, w, ho, wo, kh, kw, count)
         ctx.normalize = normalize
         ctx.config = config
+        ctx.window = window
         return (partial.sum() / count).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, y, wh, wv, c1, c2, norm, unclamped = ctx.saved_tensors
+        x, y, c1, c2, norm, unclamped = ctx.saved_tensors
         n, c, h, w, ho, wo, kh, kw, count = ctx.shape
-        normalize, config = ctx.normalize, ctx.config
+        normalize, config, window = ctx.normalize, ctx.config, ctx.window
         planes = n * c
         scale = (grad_out.float() / count).reshape(1)
         grad = torch.empty_like(x)
         # per program: sum g'x', sum g', #(x == min), #(x == max) (normalisation only)
         sums = torch.zeros((planes, 4), dtype=torch.float32, device=x.device)
-        chunk = max(1, BACKWARD_CHUNK_BYTES // max(1, 3 * 4 * ho * wo))
+        # derivative maps with kw - 1 zero columns either side (the gradient pass reads them unmasked)
+        pad = kw - 1
+        ds = wo + 2 * pad
+        chunk = max(1, BACKWARD_CHUNK_BYTES // max(1, 3 * 4 * ho * ds))
         for p0 in range(0, planes, chunk):
             p1 = min(planes, p0 + chunk)
             cx, cy, cnorm, cgrad = x[p0:p1], y[p0:p1], norm[p0:p1], grad[p0:p1]
-            d_mu = torch.empty((p1 - p0, ho, wo), dtype=torch.float32, device=x.device)
-            d_exx = torch.empty_like(d_mu)
-            d_exy = torch.empty_like(d_mu)
-            config.launch_stats(p1 - p0, cx, cy, cnorm, wh, wv, c1[p0:p1], c2[p0:p1], d_mu, d_mu, d_exx, d_exy,
-                                h, w, ho, wo, kh, kw, True, normalize)
+            d_maps = torch.empty((3, p1 - p0, ho, ds), dtype=torch.float32, device=x.device)
+            if pad:
+                d_maps[..., :pad].zero_()
+                d_maps[..., pad + wo:].zero_()
+            d_mu, d_exx, d_exy = d_maps.unbind(0)
+            config.launch_stats(p1 - p0, cx, cy, cnorm, window, c1[p0:p1], c2[p0:p1], d_mu, d_mu, d_exx, d_exy,
+                                h, w, ho, wo, ds, True, normalize)
             partial = torch.empty((config.grid(p1 - p0, h, w)[0], 4), dtype=torch.float32, device=x.device)
-            config.launch_grad(p1 - p0, cx, cy, cnorm, d_mu, d_exx, d_exy, wh, wv, scale, cgrad, partial,
-                               h, w, ho, wo, kh, kw, normalize)
+            config.launch_grad(p1 - p0, cx, cy, cnorm, d_mu, d_exx, d_exy, window, scale, cgrad, partial,
+                               h, w, ho, wo, ds, normalize)
             if normalize:
                 sums[p0:p1] = partial.view(p1 - p0, -1, 4).sum(1)
-            del d_mu, d_exx, d_exy
+            del d_maps, d_mu, d_exx, d_exy
         if normalize:
             # x' = (x - lo) * inv, inv = 1 / clamp_min(hi - lo, eps):
             # dL/dlo = inv * (u * sum g'x' - sum g'), dL/dhi = -u * inv * sum g'x', u = [hi - lo >= eps];
