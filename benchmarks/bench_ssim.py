@@ -9,7 +9,7 @@ SSIM over an FPN pyramid, forward + backward (student requires grad), against pe
 Implementations, all on the same tensors (values in [0, 1], 11x11 Gaussian window,
 sigma 1.5, K = (0.01, 0.03), data range 1, valid window):
   kd_det-fused   kd_det.losses.ssim_triton.fused_ssim_mean (Triton, CUDA only), its
-                 default vertical pass; kd_det-fused[band/ieee], kd_det-fused[band/tf32x3]
+                 default vertical pass; kd_det-fused[ring/ieee], [band/ieee], [band/tf32x3]
                  the other passes (ssim_triton.VERTICAL_PASS, DOT_PRECISION)
   kd_det-torch   kd_det.losses.ssim_map(...).mean() (separable grouped conv)
   pytorch-msssim pytorch_msssim.ssim (benchmark extra: pip install -e .[bench])
@@ -39,16 +39,17 @@ SHAPES = {
 }
 
 
-def fused_variant(vertical_pass, precision):
-    """fused_ssim_mean with the given vertical pass and dot precision (restored afterwards)."""
+def fused_variant(vertical_pass, precision, num_warps):
+    """fused_ssim_mean with the given vertical pass, dot precision and warps (restored afterwards)."""
 
     def fn(x, y):
-        saved = ssim_triton.VERTICAL_PASS, ssim_triton.DOT_PRECISION
-        ssim_triton.VERTICAL_PASS, ssim_triton.DOT_PRECISION = vertical_pass, precision
+        saved = ssim_triton.VERTICAL_PASS, ssim_triton.DOT_PRECISION, ssim_triton.NUM_WARPS
+        ssim_triton.VERTICAL_PASS, ssim_triton.DOT_PRECISION, ssim_triton.NUM_WARPS = (
+            vertical_pass, precision, num_warps)
         try:
             return ssim_triton.fused_ssim_mean(x, y)
         finally:
-            ssim_triton.VERTICAL_PASS, ssim_triton.DOT_PRECISION = saved
+            ssim_triton.VERTICAL_PASS, ssim_triton.DOT_PRECISION, ssim_triton.NUM_WARPS = saved
 
     return fn
 
@@ -57,9 +58,13 @@ def peers():
     out = {"kd_det-torch": lambda x, y: ssim_map(x, y).mean()}
     if ssim_triton.is_available():
         out["kd_det-fused"] = lambda x, y: ssim_triton.fused_ssim_mean(x, y)
-        for vertical_pass, precision in [("ring", "ieee"), ("band", "ieee"), ("band", "tf32x3")]:
+        # the band pass spills registers with fewer than 4 warps (ssim_kernel_resources.py)
+        for vertical_pass, precision, warps in [("unrolled", "ieee", ssim_triton.NUM_WARPS),
+                                                ("ring", "ieee", ssim_triton.NUM_WARPS), ("band", "ieee", 4),
+                                                ("band", "tf32x3", 4)]:
             if (vertical_pass, precision) != (ssim_triton.VERTICAL_PASS, ssim_triton.DOT_PRECISION):
-                out["kd_det-fused[{}/{}]".format(vertical_pass, precision)] = fused_variant(vertical_pass, precision)
+                out["kd_det-fused[{}/{}]".format(vertical_pass, precision)] = fused_variant(
+                    vertical_pass, precision, warps)
     try:
         from pytorch_msssim import ssim as msssim
 

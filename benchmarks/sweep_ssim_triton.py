@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """
-Tuning sweep of the fused SSIM kernel (GPU): vertical pass, block sizes, warps and, for
-the "band" pass, the precision of its tl.dot products.  Forward and forward + backward
-are timed apart, the latter also with the min-max normalisation of SSIMFeatureLoss.
+Tuning sweep of the fused SSIM kernel (GPU): vertical pass ("unrolled", "band", "ring"),
+block sizes, warps and, for the "band" pass, the precision of its tl.dot products.
+Forward and forward + backward are timed apart, the latter also with the min-max
+normalisation of SSIMFeatureLoss.
 
     python benchmarks/sweep_ssim_triton.py                     # the default grid
     python benchmarks/sweep_ssim_triton.py --passes band --block-w 64 --rows 128 --band-warps 4 8
@@ -51,15 +52,18 @@ def configurations(args):
         for bw, rows, warps, prec in itertools.product(args.block_w, args.rows, warps_list, precisions):
             if vp == "band" and bw < ssim_triton.TILE_ROWS:
                 continue  # tl.dot takes 16 columns at least
+            if vp != "band" and bw < 32 * warps:
+                continue  # fewer columns than threads: replicated work
             yield vp, bw, rows, warps, prec
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--passes", nargs="+", default=["band", "ring"], choices=["ring", "band"])
+    parser.add_argument("--passes", nargs="+", default=["unrolled", "band", "ring"],
+                        choices=list(ssim_triton.VERTICAL_PASSES))
     parser.add_argument("--block-w", nargs="+", type=int, default=[32, 64, 128])
     parser.add_argument("--rows", nargs="+", type=int, default=[128])
-    parser.add_argument("--warps", nargs="+", type=int, default=[1, 2, 4, 8], help="of the ring pass")
+    parser.add_argument("--warps", nargs="+", type=int, default=[1, 2, 4, 8], help="of the ring and unrolled passes")
     # compiled for sm_90 (benchmarks/ssim_kernel_resources.py) the band kernels spill
     # registers with 1 or 2 warps at every BLOCK_W
     parser.add_argument("--band-warps", nargs="+", type=int, default=[4, 8])
