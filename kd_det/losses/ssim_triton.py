@@ -167,6 +167,26 @@ if triton is not None:
         return s, g_mu, g_xx, g_xy
 
     @triton.jit
+    def _stats_plane(plane, x_ptr, y_ptr, c1_ptr, c2_ptr, H, W, HO, DS, PAD: tl.constexpr):
+        """A plane's (c1, c2), x and y pointers, and its derivative maps' start (row stride DS, PAD zero columns)."""
+        c1 = tl.load(c1_ptr + plane)
+        c2 = tl.load(c2_ptr + plane)
+        x_plane = x_ptr + plane.to(tl.int64) * H * W
+        y_plane = y_ptr + plane.to(tl.int64) * H * W
+        return c1, c2, x_plane, y_plane, plane.to(tl.int64) * HO * DS + PAD
+
+    @triton.jit
+    def _ssim_output(d_mu_ptr, d_exx_ptr, d_exy_ptr, offs, ok, s, g_mu, g_xx, g_xy, total, BACKWARD: tl.constexpr):
+        """Backward: the three SSIM derivatives stored at ``offs``; forward: SSIM added to ``total``."""
+        if BACKWARD:
+            tl.store(d_mu_ptr + offs, g_mu, mask=ok)
+            tl.store(d_exx_ptr + offs, g_xx, mask=ok)
+            tl.store(d_exy_ptr + offs, g_xy, mask=ok)
+        else:
+            total += tl.where(ok, s, 0.0)
+        return total
+
+    @triton.jit
     def _horizontal_transposed(d_mu_ptr, d_exx_ptr, d_exy_ptr, offs, m, zero, WH: tl.constexpr):
         """
         The transposed 1-D window ``WH`` along rows of the three derivative maps: at input
@@ -231,12 +251,9 @@ if triton is not None:
         plane, row0, cols = _program_tile(pid, n_col_blocks, n_row_blocks, ROWS, BLOCK_W)
         col_ok = cols < WO
         slots = tl.arange(0, RING)
-        c1 = tl.load(c1_ptr + plane)
-        c2 = tl.load(c2_ptr + plane)
+        c1, c2, x_plane, y_plane, d_plane = _stats_plane(plane, x_ptr, y_ptr, c1_ptr, c2_ptr, H, W, HO, DS,
+                                                         len(WH) - 1)
         lo_x, inv_x, lo_y, inv_y, hi_x = _plane_norm(norm_ptr, plane, NORM_STRIDE)
-        x_plane = x_ptr + plane.to(tl.int64) * H * W
-        y_plane = y_ptr + plane.to(tl.int64) * H * W
-        d_plane = plane.to(tl.int64) * HO * DS + len(WH) - 1
 
         a_x = tl.zeros((RING, BLOCK_W), tl.float32)
         a_y = tl.zeros((RING, BLOCK_W), tl.float32)
@@ -273,13 +290,8 @@ if triton is not None:
 
             s, g_mu, g_xx, g_xy = _ssim_and_derivatives(mu_x, mu_y, e_xx, e_yy, e_xy, c1, c2)
             ok = col_ok & (o >= row0)
-            if BACKWARD:
-                offs = d_plane + o * DS + cols
-                tl.store(d_mu_ptr + offs, g_mu, mask=ok)
-                tl.store(d_exx_ptr + offs, g_xx, mask=ok)
-                tl.store(d_exy_ptr + offs, g_xy, mask=ok)
-            else:
-                total += tl.where(ok, s, 0.0)
+            total = _ssim_output(d_mu_ptr, d_exx_ptr, d_exy_ptr, d_plane + o * DS + cols, ok, s, g_mu, g_xx, g_xy,
+                                 total, BACKWARD)
         if not BACKWARD:
             tl.store(partial_ptr + pid, tl.sum(total, axis=0))
 
@@ -365,12 +377,9 @@ if triton is not None:
         tr = tl.arange(0, TILE)
         same = _band(wv_ptr, 0, KH, TILE, False)
         cross = _band(wv_ptr, TILE, KH, TILE, False)
-        c1 = tl.load(c1_ptr + plane)
-        c2 = tl.load(c2_ptr + plane)
+        c1, c2, x_plane, y_plane, d_plane = _stats_plane(plane, x_ptr, y_ptr, c1_ptr, c2_ptr, H, W, HO, DS,
+                                                         len(WH) - 1)
         lo_x, inv_x, lo_y, inv_y, hi_x = _plane_norm(norm_ptr, plane, NORM_STRIDE)
-        x_plane = x_ptr + plane.to(tl.int64) * H * W
-        y_plane = y_ptr + plane.to(tl.int64) * H * W
-        d_plane = plane.to(tl.int64) * HO * DS + len(WH) - 1
 
         p_x = tl.zeros((TILE, BLOCK_W), tl.float32)
         p_y = tl.zeros((TILE, BLOCK_W), tl.float32)
@@ -400,13 +409,8 @@ if triton is not None:
             o = b - TILE + tr
             ok = ((o >= row0) & (o < row_end))[:, None] & col_ok[None, :]
             s, g_mu, g_xx, g_xy = _ssim_and_derivatives(mu_x, mu_y, e_xx, e_yy, e_xy, c1, c2)
-            if BACKWARD:
-                offs = d_plane + o[:, None] * DS + cols[None, :]
-                tl.store(d_mu_ptr + offs, g_mu, mask=ok)
-                tl.store(d_exx_ptr + offs, g_xx, mask=ok)
-                tl.store(d_exy_ptr + offs, g_xy, mask=ok)
-            else:
-                total += tl.where(ok, s, 0.0)
+            total = _ssim_output(d_mu_ptr, d_exx_ptr, d_exy_ptr, d_plane + o[:, None] * DS + cols[None, :], ok, s,
+                                 g_mu, g_xx, g_xy, total, BACKWARD)
         if not BACKWARD:
             tl.store(partial_ptr + pid, tl.sum(tl.sum(total, axis=1), axis=0))
 
@@ -487,12 +491,9 @@ if triton is not None:
         pid = tl.program_id(0)
         plane, row0, cols = _program_tile(pid, n_col_blocks, n_row_blocks, ROWS, BLOCK_W)
         col_ok = cols < WO
-        c1 = tl.load(c1_ptr + plane)
-        c2 = tl.load(c2_ptr + plane)
+        c1, c2, x_plane, y_plane, d_plane = _stats_plane(plane, x_ptr, y_ptr, c1_ptr, c2_ptr, H, W, HO, DS,
+                                                         len(WH) - 1)
         lo_x, inv_x, lo_y, inv_y, hi_x = _plane_norm(norm_ptr, plane, NORM_STRIDE)
-        x_plane = x_ptr + plane.to(tl.int64) * H * W
-        y_plane = y_ptr + plane.to(tl.int64) * H * W
-        d_plane = plane.to(tl.int64) * HO * DS + len(WH) - 1
 
         zero = tl.zeros((BLOCK_W,), tl.float32)
         q_x = (zero,) * len(WV)
@@ -519,13 +520,9 @@ if triton is not None:
                     _window_sum(q_yy, WV, False), _window_sum(q_xy, WV, False), c1, c2)
                 o = r - len(WV) + 1
                 ok = col_ok & (o >= row0) & (o < row_end)
-                if BACKWARD:
-                    offs = d_plane + o * DS + cols
-                    tl.store(d_mu_ptr + offs, g_mu, mask=ok)
-                    tl.store(d_exx_ptr + offs, g_xx, mask=ok)
-                    tl.store(d_exy_ptr + offs, g_xy, mask=ok)
-                else:
-                    total += tl.where(ok, s, 0.0)
+                total = _ssim_output(d_mu_ptr, d_exx_ptr, d_exy_ptr, d_plane + o * DS + cols, ok, s, g_mu, g_xx,
+                                     g_xy, total, BACKWARD)
+                if not BACKWARD:
                     # without stores in the loop the compiler hoists the loads of all KH rows
                     # to its top: 255 registers and spills on sm_90; a barrier per row keeps
                     # one row in flight (126 registers; benchmarks/ssim_kernel_resources.py)
