@@ -223,6 +223,28 @@ def test_kernels_compile_for_h100():
                 assert pipes["ld/st"] >= 2 * 11 * 11 and pipes["fp32"] > 0, (name, pipes)
 
 
+@pytest.mark.skipif(not _has_ptxas(), reason="needs Triton with its NVIDIA backend (bundled ptxas)")
+def test_launch_path_for_h100():
+    """
+    The default pass's forward and backward go through Triton's JIT launch path for sm_90
+    (binding, specialisation, compilation, launcher arguments), with a driver that
+    records launches instead of running them (``tests/sm90_launch_check.py``).
+    """
+    import json
+
+    if ssim_triton.VERTICAL_PASS != "unrolled":
+        pytest.skip("checks the default pass, unrolled")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "sm90_launch_check.py"),
+                           ssim_triton.VERTICAL_PASS], env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    launches = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [launch["kernel"] for launch in launches] == [
+        "_ssim_stats_unrolled_kernel", "_ssim_stats_unrolled_kernel", "_ssim_grad_unrolled_kernel",
+        "_minmax_grad_fixup_kernel"]
+    assert all(launch["num_warps"] == ssim_triton.NUM_WARPS for launch in launches[:3])
+
+
 def test_selection_on_cpu(monkeypatch):
     x = torch.rand(1, 2, 16, 16)
     with pytest.raises(RuntimeError, match="IMPL='triton' needs CUDA"):

@@ -1,0 +1,107 @@
+"""
+Runs the fused SSIM loss, forward and backward, through Triton's real JIT launch path
+for an H100 (sm_90) on a machine without a GPU, and prints every launch as JSON.
+
+Triton's active driver is replaced by one that reports an sm_90 device and records
+launches instead of performing them: argument binding, specialisation, the cache key,
+compilation to a cubin and the launcher's argument list all run as they would on the
+GPU; only the kernels do not execute (their outputs are meaningless).  Run by
+``tests/test_ssim_triton.py::test_launch_path_for_h100`` in a subprocess, because the
+driver swap is process-wide:
+
+    python tests/sm90_launch_check.py [vertical_pass]
+"""
+
+import json
+import sys
+
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.backends.driver import DriverBase
+from triton.runtime import driver
+
+LAUNCHES = []
+
+
+class _RecordingLauncher:
+    """Stands in for the CUDA launcher: checks and records the launch's arguments."""
+
+    def __init__(self, src, metadata):
+        self.name = src.fn.__name__
+        self.signature = dict(src.signature)
+        self.metadata = metadata
+
+    def __call__(self, grid_x, grid_y, grid_z, stream, function, packed_metadata, launch_metadata, enter_hook,
+                 exit_hook, *args):
+        if len(args) != len(self.signature):
+            raise TypeError("{}: {} arguments for {} parameters".format(self.name, len(args), len(self.signature)))
+        kinds = []
+        for (name, kind), value in zip(self.signature.items(), args):
+            if kind == "constexpr":
+                continue
+            if kind.startswith("*") != isinstance(value, torch.Tensor):
+                raise TypeError("{}: argument {} is {!r}, the kernel expects {}".format(
+                    self.name, name, type(value).__name__, kind))
+            kinds.append(kind)
+        LAUNCHES.append({"kernel": self.name, "grid": [grid_x, grid_y, grid_z], "arguments": kinds,
+                         "num_warps": self.metadata.num_warps, "shared": self.metadata.shared})
+
+
+class _Utils:
+    def get_device_properties(self, device):
+        return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32}
+
+    def load_binary(self, name, kernel, shared, device):
+        return 1, 1, 0, 0, 1024  # module, function, registers, spills, max threads
+
+    def unload_module(self, module):
+        pass
+
+
+class RecordingSm90Driver(DriverBase):
+    """An active Triton driver for an H100 that records launches instead of performing them."""
+
+    launcher_cls = _RecordingLauncher
+
+    def __init__(self):
+        self.utils = _Utils()
+
+    @classmethod
+    def is_active(cls):
+        return True
+
+    def map_python_to_cpp_type(self, ty):
+        raise NotImplementedError
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def get_benchmarker(self):
+        raise NotImplementedError
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+def main(vertical_pass):
+    driver.set_active(RecordingSm90Driver())
+    from kd_det.losses import ssim_triton
+
+    ssim_triton.VERTICAL_PASS = vertical_pass
+    if vertical_pass == "band":
+        ssim_triton.NUM_WARPS = 4  # it spills with fewer
+    x = torch.rand(2, 3, 20, 24, requires_grad=True)
+    y = torch.rand(2, 3, 20, 24)
+    loss = ssim_triton.fused_ssim_feature_loss(x, y, 11, 1.5, 0.01, 0.03, "minmax")
+    loss.backward()
+    print(json.dumps(LAUNCHES))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "unrolled")
