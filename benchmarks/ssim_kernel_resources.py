@@ -148,16 +148,18 @@ def by_pipe(counts):
     return pipes
 
 
-def loop_trips(vertical_pass, rows_out, window=11, tile=16):
+def loop_trips(vertical_pass, rows_out, window=11, tile=16, unroll=0):
     """Row-loop trips of one program that produces ``rows_out`` rows, and rows per trip."""
     if vertical_pass == "unrolled":
-        return -(-(rows_out + window - 1) // window), window
+        unroll = unroll or window
+        return -(-(rows_out + window - 1) // unroll), unroll
     if vertical_pass == "band":
         return -(-rows_out // tile) + 1, tile
     return rows_out + window - 1, 1
 
 
-def issue_bound_ms(vertical_pass, kernel_name, pipes, block_w, rows, warps, levels=FPN800_LEVELS, window=11):
+def issue_bound_ms(vertical_pass, kernel_name, pipes, block_w, rows, warps, levels=FPN800_LEVELS, window=11,
+                   unroll=0):
     """Issue-bound time of a kernel's row loops over ``levels`` (see the module docstring)."""
     warp_instructions = {p: 0.0 for p in pipes}
     for planes, h, w in levels:
@@ -165,7 +167,7 @@ def issue_bound_ms(vertical_pass, kernel_name, pipes, block_w, rows, warps, leve
         height, width = (h, w) if kernel_name == "grad" else (h - window + 1, w - window + 1)
         col_blocks = -(-width // block_w)
         for row0 in range(0, height, rows):
-            trips, _ = loop_trips(vertical_pass, min(rows, height - row0), window)
+            trips, _ = loop_trips(vertical_pass, min(rows, height - row0), window, unroll=unroll)
             for p, n in pipes.items():
                 warp_instructions[p] += planes * col_blocks * trips * n * warps
     clocks = max([warp_instructions[p] / rate for p, rate in PIPE_RATES.items()]
@@ -173,14 +175,14 @@ def issue_bound_ms(vertical_pass, kernel_name, pipes, block_w, rows, warps, leve
     return 1e3 * clocks / H100_SMS / H100_BOOST_HZ
 
 
-def kernels_of(vertical_pass, block_w, rows, precision, window=11, sigma=1.5):
+def kernels_of(vertical_pass, block_w, rows, precision, window=11, sigma=1.5, unroll=0):
     taps = tuple(gaussian_window_1d(window, sigma).tolist())
     common = dict(WH=taps, BLOCK_W=block_w, ROWS=rows, NORMALIZE=True, NORM_STRIDE=ssim_triton.NORM_STRIDE)
     if vertical_pass == "band":
         common.update(KH=window, TILE=ssim_triton.TILE_ROWS, DOT_PRECISION=precision)
         stats, grad = ssim_triton._ssim_stats_band_kernel, ssim_triton._ssim_grad_band_kernel
     elif vertical_pass == "unrolled":
-        common.update(WV=taps)
+        common.update(WV=taps, UNROLL=unroll or window)
         stats, grad = ssim_triton._ssim_stats_unrolled_kernel, ssim_triton._ssim_grad_unrolled_kernel
     else:
         common.update(KH=window, RING=ssim_triton.RING)
@@ -199,6 +201,7 @@ def main(argv=None):
     parser.add_argument("--num-stages", nargs="+", type=int, default=None,
                         help="default: what the loss uses (Triton's default for ring, BAND_NUM_STAGES for band)")
     parser.add_argument("--capability", type=int, default=90, help="compute capability, 90 = H100")
+    parser.add_argument("--unroll", type=int, default=0, help="rows per trip of the unrolled pass (0: the window)")
     parser.add_argument("--sass", action="store_true",
                         help="count each row loop's instructions and estimate an issue-bound time (module docstring)")
     parser.add_argument("--json", default="")
@@ -213,15 +216,16 @@ def main(argv=None):
         for bw, warps, prec, st in itertools.product(args.block_w, args.warps, precisions, stages):
             row = {"pass": vp, "block_w": bw, "rows": args.rows, "warps": warps, "precision": prec,
                    "num_stages": st}
-            for name, fn, constexprs in kernels_of(vp, bw, args.rows, prec):
+            for name, fn, constexprs in kernels_of(vp, bw, args.rows, prec, unroll=args.unroll):
                 try:
                     row[name] = compile_kernel(fn, constexprs, warps, st, args.capability)
                     cubin = row[name].pop("cubin")
                     if args.sass:
                         pipes = by_pipe(row_loop(cubin))
-                        per_row = loop_trips(vp, args.rows)[1]
+                        per_row = loop_trips(vp, args.rows, unroll=args.unroll)[1]
                         row[name]["loop_per_row"] = {p: n / per_row for p, n in pipes.items()}
-                        row[name]["issue_bound_ms"] = issue_bound_ms(vp, name, pipes, bw, args.rows, warps)
+                        row[name]["issue_bound_ms"] = issue_bound_ms(vp, name, pipes, bw, args.rows, warps,
+                                                                     unroll=args.unroll)
                 except Exception as e:  # a setting the compiler rejects is a result
                     row[name] = {"error": "{}: {}".format(type(e).__name__, str(e).splitlines()[0][:160])}
             results.append(row)

@@ -13,14 +13,20 @@ driver swap is process-wide:
 """
 
 import json
+import os
+import re
+import subprocess
 import sys
+import tempfile
 
 import torch
+import triton
 from triton.backends.compiler import GPUTarget
 from triton.backends.driver import DriverBase
 from triton.runtime import driver
 
 LAUNCHES = []
+RESOURCES = {}  # kernel name -> registers and local (spill) bytes, from cuobjdump
 
 
 class _RecordingLauncher:
@@ -43,8 +49,9 @@ class _RecordingLauncher:
                 raise TypeError("{}: argument {} is {!r}, the kernel expects {}".format(
                     self.name, name, type(value).__name__, kind))
             kinds.append(kind)
-        LAUNCHES.append({"kernel": self.name, "grid": [grid_x, grid_y, grid_z], "arguments": kinds,
-                         "num_warps": self.metadata.num_warps, "shared": self.metadata.shared})
+        LAUNCHES.append(dict({"kernel": self.name, "grid": [grid_x, grid_y, grid_z], "arguments": kinds,
+                              "num_warps": self.metadata.num_warps, "shared": self.metadata.shared},
+                             **RESOURCES.get(self.name, {})))
 
 
 class _Utils:
@@ -52,7 +59,18 @@ class _Utils:
         return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32}
 
     def load_binary(self, name, kernel, shared, device):
-        return 1, 1, 0, 0, 1024  # module, function, registers, spills, max threads
+        """Reads the cubin's registers and local memory (spills) with the bundled cuobjdump."""
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "kernel.cubin")
+            with open(path, "wb") as f:
+                f.write(kernel)
+            usage = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True,
+                                   check=True).stdout
+        m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
+        registers, stack, local = (int(v) for v in m.groups())
+        RESOURCES[name] = {"registers": registers, "spill_bytes": stack + local}
+        return 1, 1, registers, stack + local, 1024  # module, function, registers, spills, max threads
 
     def unload_module(self, module):
         pass

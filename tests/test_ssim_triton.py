@@ -200,27 +200,27 @@ def _has_ptxas():
 @pytest.mark.skipif(not _has_ptxas(), reason="needs Triton with its NVIDIA backend (bundled ptxas)")
 def test_kernels_compile_for_h100():
     """
-    Every vertical pass compiles for sm_90 without a GPU, within its shared memory and
-    without spilling registers, at the default sizes; the instruction count of the
-    row loops (``--sass``) parses.
+    The other vertical passes compile for sm_90 without a GPU, within its shared memory
+    and without spilling registers; the instruction count of the row loops (``--sass``)
+    parses.  The default pass is compiled, and checked the same way, by
+    :func:`test_launch_path_for_h100`.
     """
     import runpy
 
     from conftest import REPO
 
     bench = runpy.run_path(os.path.join(REPO, "benchmarks", "ssim_kernel_resources.py"))
-    settings = [("unrolled", ssim_triton.BLOCK_W, ssim_triton.NUM_WARPS, None),
-                ("ring", ssim_triton.BLOCK_W, ssim_triton.NUM_WARPS, None),
+    settings = [("ring", ssim_triton.BLOCK_W, ssim_triton.NUM_WARPS, None),
                 ("band", 32, 4, ssim_triton.BAND_NUM_STAGES)]
     for vertical_pass, block_w, warps, stages in settings:
         for name, fn, constexprs in bench["kernels_of"](vertical_pass, block_w, ssim_triton.ROWS_PER_PROGRAM, "ieee"):
             r = bench["compile_kernel"](fn, constexprs, warps, stages, 90)
             assert r["shared_bytes"] <= bench["SHARED_LIMIT"], (vertical_pass, name, r)
             assert r["spill_bytes"] == 0 and r["registers"] <= 255, (vertical_pass, name, r)
-            if vertical_pass == "unrolled":
+            if vertical_pass == "ring" and name == "stats":
                 pipes = bench["by_pipe"](bench["row_loop"](r["cubin"]))
-                # the forward loop loads 2 x 11 values per row, over 11 unrolled rows
-                assert pipes["ld/st"] >= 2 * 11 * 11 and pipes["fp32"] > 0, (name, pipes)
+                # one row per trip: the window's 11 values of x and of y, 5 x 11 products
+                assert pipes["ld/st"] >= 2 * 11 and pipes["fp32"] >= 5 * 11, pipes
 
 
 @pytest.mark.skipif(not _has_ptxas(), reason="needs Triton with its NVIDIA backend (bundled ptxas)")
@@ -242,7 +242,9 @@ def test_launch_path_for_h100():
     assert [launch["kernel"] for launch in launches] == [
         "_ssim_stats_unrolled_kernel", "_ssim_stats_unrolled_kernel", "_ssim_grad_unrolled_kernel",
         "_minmax_grad_fixup_kernel"]
-    assert all(launch["num_warps"] == ssim_triton.NUM_WARPS for launch in launches[:3])
+    for launch in launches[:3]:
+        assert launch["num_warps"] == ssim_triton.NUM_WARPS, launch
+        assert launch["spill_bytes"] == 0 and launch["registers"] <= 255, launch
 
 
 def test_selection_on_cpu(monkeypatch):

@@ -11,8 +11,8 @@ columns of one (image, channel) plane, row by row:
 
   - "unrolled" (default): the last KH filtered rows of each quantity are kept in
     registers; output row ``r - KH + 1`` is their weighted sum.  The row loop is
-    unrolled KH times, so moving down a row renames registers: KH multiply-adds per
-    row and quantity, nothing else;
+    unrolled (``ROW_UNROLL`` rows per trip), so moving down a row renames registers:
+    KH multiply-adds per row and quantity, and a move of the history per trip;
   - "ring": each filtered row is added, with its tap weight, into a ring of 16
     partial output rows (row ``o`` in slot ``o % 16``); a complete row is extracted
     and its slot cleared.  About 60 operations per row and quantity;
@@ -82,9 +82,15 @@ NORM_STRIDE = 8  # per-plane (lo_x, 1/range_x, lo_y, 1/range_y, hi_x, unused x3)
 #       the products in fp32 on the FMA units; "tf32x3" moves them to tensor cores with
 #       three tf32 products per value (about fp32 accuracy);
 #   "unrolled": the last KH filtered rows are kept in registers and weighted with the window
-#       as immediates; the row loop is unrolled KH times so that moving the window down a
-#       row renames registers.  KH multiply-adds per row and quantity, nothing else.
+#       as immediates; the row loop is unrolled (ROW_UNROLL) so that moving the window down
+#       a row renames registers.  KH multiply-adds per row and quantity.
 VERTICAL_PASSES = ("ring", "band", "unrolled")
+# Rows per trip of the "unrolled" pass's row loop (0: the window height).  Within a trip,
+# moving the window down a row renames registers; between trips the row history moves.
+# Compiled for sm_90, 4 rows cost as many instructions as 11 and fewer registers (110-118
+# against 126-139), and compile in 20 s instead of 100 s for the three 11x11 kernels
+# (Triton's coalescing pass grows with the square of the loads in the loop).
+ROW_UNROLL = 4
 VERTICAL_PASS = "unrolled"
 TILE_ROWS = 16  # rows of one band tile; windows up to TILE_ROWS + 1 taps
 DOT_PRECISION = "ieee"
@@ -478,15 +484,16 @@ if triton is not None:
     def _ssim_stats_unrolled_kernel(
         x_ptr, y_ptr, norm_ptr, c1_ptr, c2_ptr, partial_ptr, d_mu_ptr, d_exx_ptr, d_exy_ptr,
         H, W, HO, WO, DS, n_col_blocks, n_row_blocks,
-        WV: tl.constexpr, WH: tl.constexpr, BLOCK_W: tl.constexpr, ROWS: tl.constexpr,
+        WV: tl.constexpr, WH: tl.constexpr, UNROLL: tl.constexpr, BLOCK_W: tl.constexpr, ROWS: tl.constexpr,
         BACKWARD: tl.constexpr, NORMALIZE: tl.constexpr, NORM_STRIDE: tl.constexpr,
     ):
         """
         As :func:`_ssim_stats_kernel`, keeping the last KH = len(WV) horizontally filtered
         rows of each quantity in a tuple, oldest first: output row r - KH + 1 is their sum
-        weighted by ``WV``.  The row loop is unrolled KH times, so shifting the tuple by a
-        row is register renaming; the window weights are immediates.  Per row and quantity
-        that is KH multiply-adds, against the ring's 16 plus slot extraction and clearing.
+        weighted by ``WV``.  The row loop runs UNROLL rows per trip, unrolled, so shifting
+        the tuple by a row is register renaming; the window weights are immediates.  Per
+        row and quantity that is KH multiply-adds, against the ring's 16 plus slot
+        extraction and clearing.
         """
         pid = tl.program_id(0)
         plane, row0, cols = _program_tile(pid, n_col_blocks, n_row_blocks, ROWS, BLOCK_W)
@@ -505,8 +512,8 @@ if triton is not None:
         row_end = tl.minimum(row0 + ROWS, HO)
         # input rows row0 .. row_end + KH - 2, KH at a time; rows past H load as 0 and only
         # reach outputs past row_end, which are masked
-        for t in range(row0, row_end + len(WV) - 1, len(WV)):
-            for k in tl.static_range(len(WV)):
+        for t in range(row0, row_end + len(WV) - 1, UNROLL):
+            for k in tl.static_range(UNROLL):
                 r = t + k
                 h_x, h_y, h_xx, h_yy, h_xy = _horizontal_stats(
                     x_plane, y_plane, r * W + cols, col_ok & (r < H), lo_x, inv_x, lo_y, inv_y, zero, WH, NORMALIZE)
@@ -534,7 +541,7 @@ if triton is not None:
     def _ssim_grad_unrolled_kernel(
         x_ptr, y_ptr, norm_ptr, d_mu_ptr, d_exx_ptr, d_exy_ptr, scale_ptr, grad_ptr, partial_ptr,
         H, W, HO, WO, DS, n_col_blocks, n_row_blocks,
-        WV: tl.constexpr, WH: tl.constexpr, BLOCK_W: tl.constexpr, ROWS: tl.constexpr,
+        WV: tl.constexpr, WH: tl.constexpr, UNROLL: tl.constexpr, BLOCK_W: tl.constexpr, ROWS: tl.constexpr,
         NORMALIZE: tl.constexpr, NORM_STRIDE: tl.constexpr,
     ):
         """
@@ -560,8 +567,8 @@ if triton is not None:
         n_hi = zero
         row_end = tl.minimum(row0 + ROWS, H)
         # derivative rows o = row0 - KH + 1 .. row_end - 1; input row p = o is complete after row o
-        for t in range(row0 - len(WV) + 1, row_end, len(WV)):
-            for k in tl.static_range(len(WV)):
+        for t in range(row0 - len(WV) + 1, row_end, UNROLL):
+            for k in tl.static_range(UNROLL):
                 o = t + k
                 h_mu, h_xx, h_xy = _horizontal_transposed(
                     d_mu_ptr, d_exx_ptr, d_exy_ptr, d_plane + o * DS + cols, (o >= 0) & (o < HO) & col_ok, zero,
@@ -619,13 +626,18 @@ class _KernelConfig(NamedTuple):
     rows: int
     num_warps: int
     band_num_stages: int
+    row_unroll: int
 
     @classmethod
     def current(cls) -> "_KernelConfig":
         if VERTICAL_PASS not in VERTICAL_PASSES:
             raise ValueError("ssim_triton.VERTICAL_PASS must be one of {}, got {!r}".format(
                 ", ".join(VERTICAL_PASSES), VERTICAL_PASS))
-        return cls(VERTICAL_PASS, DOT_PRECISION, BLOCK_W, ROWS_PER_PROGRAM, NUM_WARPS, BAND_NUM_STAGES)
+        return cls(VERTICAL_PASS, DOT_PRECISION, BLOCK_W, ROWS_PER_PROGRAM, NUM_WARPS, BAND_NUM_STAGES, ROW_UNROLL)
+
+    def unroll(self, kh):
+        """Rows per trip of the unrolled pass's loop: ROW_UNROLL, at most (and by default) kh."""
+        return min(kh, self.row_unroll) if self.row_unroll > 0 else kh
 
     def grid(self, planes, rows, cols):
         col_blocks, row_blocks = triton.cdiv(cols, self.block_w), triton.cdiv(rows, self.rows)
@@ -643,7 +655,7 @@ class _KernelConfig(NamedTuple):
                       NORM_STRIDE=NORM_STRIDE, num_warps=self.num_warps)
         if self.vertical_pass == "unrolled":
             _ssim_stats_unrolled_kernel[(grid,)](x, y, norm, c1, c2, partial, d_mu, d_exx, d_exy, *sizes,
-                                                 WV=window.wv, **common)
+                                                 WV=window.wv, UNROLL=self.unroll(len(window.wv)), **common)
             return
         args = (x, y, norm, window.wv_tensor, c1, c2, partial, d_mu, d_exx, d_exy) + sizes
         if self.vertical_pass == "band":
@@ -662,7 +674,7 @@ class _KernelConfig(NamedTuple):
                       NORM_STRIDE=NORM_STRIDE, num_warps=self.num_warps)
         if self.vertical_pass == "unrolled":
             _ssim_grad_unrolled_kernel[(grid,)](x, y, norm, d_mu, d_exx, d_exy, scale, grad, partial, *sizes,
-                                                WV=window.wv, **common)
+                                                WV=window.wv, UNROLL=self.unroll(len(window.wv)), **common)
             return
         args = (x, y, norm, d_mu, d_exx, d_exy, window.wv_tensor, scale, grad, partial) + sizes
         if self.vertical_pass == "band":
