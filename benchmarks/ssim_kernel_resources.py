@@ -193,7 +193,8 @@ def kernels_of(vertical_pass, block_w, rows, precision, window=11, sigma=1.5, un
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--passes", nargs="+", default=["ring", "band"], choices=list(ssim_triton.VERTICAL_PASSES))
+    parser.add_argument("--passes", nargs="+", default=list(ssim_triton.VERTICAL_PASSES),
+                        choices=list(ssim_triton.VERTICAL_PASSES))
     parser.add_argument("--block-w", nargs="+", type=int, default=[32, 64, 128])
     parser.add_argument("--rows", type=int, default=128)
     parser.add_argument("--warps", nargs="+", type=int, default=[1, 2, 4, 8])
@@ -201,7 +202,8 @@ def main(argv=None):
     parser.add_argument("--num-stages", nargs="+", type=int, default=None,
                         help="default: what the loss uses (Triton's default for ring, BAND_NUM_STAGES for band)")
     parser.add_argument("--capability", type=int, default=90, help="compute capability, 90 = H100")
-    parser.add_argument("--unroll", type=int, default=0, help="rows per trip of the unrolled pass (0: the window)")
+    parser.add_argument("--unroll", type=int, default=ssim_triton.ROW_UNROLL,
+                        help="rows per trip of the unrolled pass (default: the kernel's ROW_UNROLL; 0: the window)")
     parser.add_argument("--sass", action="store_true",
                         help="count each row loop's instructions and estimate an issue-bound time (module docstring)")
     parser.add_argument("--json", default="")

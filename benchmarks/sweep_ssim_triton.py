@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """
 Tuning sweep of the fused SSIM kernel (GPU): vertical pass ("unrolled", "band", "ring"),
-block sizes, warps and, for the "band" pass, the precision of its tl.dot products.
+block sizes, warps, for the "unrolled" pass its rows per loop trip (fewer: a shorter
+loop for the instruction cache, more register moves between trips) and, for the "band"
+pass, the precision of its tl.dot products.
 Forward and forward + backward are timed apart, the latter also with the min-max
 normalisation of SSIMFeatureLoss.
 
@@ -49,12 +51,14 @@ def configurations(args):
     for vp in args.passes:
         precisions = args.precisions if vp == "band" else ["-"]
         warps_list = args.band_warps if vp == "band" else args.warps
-        for bw, rows, warps, prec in itertools.product(args.block_w, args.rows, warps_list, precisions):
+        unrolls = args.row_unroll if vp == "unrolled" else [0]
+        for unroll, bw, rows, warps, prec in itertools.product(unrolls, args.block_w, args.rows, warps_list,
+                                                               precisions):
             if vp == "band" and bw < ssim_triton.TILE_ROWS:
                 continue  # tl.dot takes 16 columns at least
             if vp != "band" and bw < 32 * warps:
                 continue  # fewer columns than threads: replicated work
-            yield vp, bw, rows, warps, prec
+            yield vp, unroll, bw, rows, warps, prec
 
 
 def main(argv=None):
@@ -67,6 +71,8 @@ def main(argv=None):
     # compiled for sm_90 (benchmarks/ssim_kernel_resources.py) the band kernels spill
     # registers with 1 or 2 warps at every BLOCK_W
     parser.add_argument("--band-warps", nargs="+", type=int, default=[4, 8])
+    parser.add_argument("--row-unroll", nargs="+", type=int, default=[ssim_triton.ROW_UNROLL, 2],
+                        help="rows per loop trip of the unrolled pass (0: the window height)")
     parser.add_argument("--precisions", nargs="+", default=["ieee", "tf32x3"], choices=["ieee", "tf32x3", "tf32"])
     parser.add_argument("--budget-s", type=float, default=480.0)
     parser.add_argument("--json", default="")
@@ -86,13 +92,14 @@ def main(argv=None):
         refs[normalize] = (value.detach(), torch.autograd.grad(value, xc)[0])
 
     results, started = [], time.time()
-    for vp, bw, rows, warps, prec in configurations(args):
+    for vp, unroll, bw, rows, warps, prec in configurations(args):
         if time.time() - started > args.budget_s:
             print("budget of {:.0f} s spent; remaining configurations skipped".format(args.budget_s), flush=True)
             break
         ssim_triton.VERTICAL_PASS, ssim_triton.DOT_PRECISION = vp, (prec if prec != "-" else "ieee")
         ssim_triton.BLOCK_W, ssim_triton.ROWS_PER_PROGRAM, ssim_triton.NUM_WARPS = bw, rows, warps
-        row = {"pass": vp, "block_w": bw, "rows": rows, "warps": warps, "precision": prec}
+        ssim_triton.ROW_UNROLL = unroll
+        row = {"pass": vp, "row_unroll": unroll, "block_w": bw, "rows": rows, "warps": warps, "precision": prec}
         try:
             errors = []
             for normalize in (False, True):
@@ -113,13 +120,14 @@ def main(argv=None):
         except Exception as e:  # a configuration the compiler rejects (registers, shared memory) is a result too
             row["error"] = "{}: {}".format(type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
         results.append(row)
+        label = "{pass:8s} U {row_unroll:2d} BLOCK_W {block_w:4d} ROWS {rows:4d} warps {warps} {precision:6s}".format(
+            **row)
         if "error" in row:
-            print("{pass:4s} BLOCK_W {block_w:4d} ROWS {rows:4d} warps {warps} {precision:6s}: {error}".format(**row),
-                  flush=True)
+            print("{}: {}".format(label, row["error"]), flush=True)
         else:
-            print("{pass:4s} BLOCK_W {block_w:4d} ROWS {rows:4d} warps {warps} {precision:6s}: forward {forward_ms:6.2f}"
-                  " ms  fwd+bwd {fwd_bwd_ms:6.2f} ms  with min-max {fwd_bwd_minmax_ms:6.2f} ms  max rel diff "
-                  "{max_rel_diff:.1e}".format(**row), flush=True)
+            print("{}: forward {forward_ms:6.2f} ms  fwd+bwd {fwd_bwd_ms:6.2f} ms  with min-max"
+                  " {fwd_bwd_minmax_ms:6.2f}"
+                  " ms  max rel diff {max_rel_diff:.1e}".format(label, **row), flush=True)
     ok = [r for r in results if "error" not in r and r["max_rel_diff"] < 1e-4]
     if ok:
         best = min(ok, key=lambda r: r["fwd_bwd_minmax_ms"])

@@ -105,13 +105,14 @@ def test_fused_mean_and_grad_equal_torch(shape, vertical_pass):
 
 @needs_kernel
 def test_fused_minmax_normalisation_equals_torch(monkeypatch, vertical_pass):
-    """Min-max rescaling inside the kernel, ties at the minimum and a constant map included."""
+    """Min-max rescaling inside the kernel: ties at the minimum, a constant map, a map far from 0."""
     g = torch.Generator(device=DEVICE).manual_seed(1)
     shape = (1, 3, 22, 28) if INTERPRETED else (2, 15, 60, 90)
     # backward over chunks of two planes (the last one shorter)
     monkeypatch.setattr(ssim_triton, "BACKWARD_CHUNK_BYTES", 2 * 3 * 4 * (shape[2] - 10) * (shape[3] - 10))
     x = torch.randn(shape, device=DEVICE, generator=g)
     x[0, 1] = 0.25  # constant: the range is clamped, every position is both min and max
+    x[0, 2] += 40.0  # an offset of ~6 ranges: the kernel shifts each value, then scales the sums
     x[0, 0, 0, :3] = x[0, 0].min() - 1.0  # three positions share the minimum
     x[0, 2, 5, 7] = x[0, 2].max() + 2.0
     x.requires_grad_()

@@ -26,15 +26,16 @@ columns of one (image, channel) plane, row by row:
 Forward reads nothing but the input planes and writes one partial sum per program.
 Backward recomputes the statistics the same way and writes the three SSIM
 derivatives (w.r.t. the local mean of x, E[x^2] and E[xy]) of each output position,
-into maps with KW - 1 zero columns either side; a second sliding kernel applies the
-transposed window to them (no per-tap masks, thanks to the zero columns) and combines
-them with x and y into the gradient.  Backward runs over chunks of planes, so the
+into maps with KW - 1 zero columns either side and a zero row after them; a second
+sliding kernel applies the transposed window to them (no per-tap masks, thanks to the
+zero columns; the unrolled pass reads rows outside the map from the zero row, so none of
+its loads is masked) and combines them with x and y into the gradient.  Backward runs over chunks of planes, so the
 derivative maps never take more than ``BACKWARD_CHUNK_BYTES``.  Only the student gets
 a gradient: the teacher is a constant in distillation.
 
 The per-map min-max normalisation of :class:`SSIMFeatureLoss` is fused too: the
-kernels read the raw features and rescale each value on load with its plane's
-(min, 1 / range), so no normalised copies exist.  Its gradient through the
+kernels read the raw features, subtract the plane's minimum on load and scale the
+window sums by 1 / range (and its square), so no normalised copies exist.  Its gradient through the
 min and max goes, as ``torch.amin``/``amax`` send it, in equal shares to the
 positions holding the extreme value (a small fix-up kernel).
 
@@ -113,11 +114,29 @@ def is_available() -> bool:
 if triton is not None:
 
     @triton.jit
+    def _load(ptr, mask):
+        """``tl.load``, 0 where ``mask`` is false; ``mask`` None: every address is in bounds.  A masked
+        load costs a second instruction (its register is zeroed first), so the unrolled kernels
+        clamp their addresses into the maps instead and mask only what they store."""
+        if mask is None:
+            return tl.load(ptr)
+        else:
+            return tl.load(ptr, mask=mask, other=0.0)
+
+    @triton.jit
     def _load_plane_row(ptr, offs, mask, lo, inv, NORMALIZE: tl.constexpr):
         """Values at ``ptr + offs`` (offs: an int tensor, or a constant added to a pointer tensor), as fp32."""
-        v = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        v = _load(ptr + offs, mask).to(tl.float32)
         if NORMALIZE:
             v = (v - lo) * inv
+        return v
+
+    @triton.jit
+    def _load_shifted(ptr, offs, mask, lo, NORMALIZE: tl.constexpr):
+        """Values at ``ptr + offs`` as fp32, less ``lo`` with ``NORMALIZE`` (the min-max rescaling's shift)."""
+        v = _load(ptr + offs, mask).to(tl.float32)
+        if NORMALIZE:
+            v = v - lo
         return v
 
     @triton.jit
@@ -138,7 +157,10 @@ if triton is not None:
     @triton.jit
     def _horizontal_stats(x_plane, y_plane, at, m, lo_x, inv_x, lo_y, inv_y, zero,
                           WH: tl.constexpr, NORMALIZE: tl.constexpr):
-        """The 1-D window ``WH`` along rows of x, y, x^2, y^2, xy at offsets ``at`` (a row, or a tile of rows)."""
+        """
+        The 1-D window ``WH`` along rows of x, y, x^2, y^2, xy at offsets ``at`` (a row, or a
+        tile of rows), of the normalised maps with ``NORMALIZE``.
+        """
         # pointers first, then the constant tap: it folds into the loads' address immediates
         x_at = x_plane + at
         y_at = y_plane + at
@@ -149,13 +171,21 @@ if triton is not None:
         h_xy = zero
         for j in tl.static_range(len(WH)):
             w = WH[j]
-            xv = _load_plane_row(x_at, j, m, lo_x, inv_x, NORMALIZE)
-            yv = _load_plane_row(y_at, j, m, lo_y, inv_y, NORMALIZE)
+            # normalising is linear: shift each value here (exact near the minimum), scale
+            # the five sums once below, instead of a subtract and a multiply per tap
+            xv = _load_shifted(x_at, j, m, lo_x, NORMALIZE)
+            yv = _load_shifted(y_at, j, m, lo_y, NORMALIZE)
             h_x += w * xv
             h_y += w * yv
             h_xx += w * xv * xv
             h_yy += w * yv * yv
             h_xy += w * xv * yv
+        if NORMALIZE:
+            h_x *= inv_x
+            h_y *= inv_y
+            h_xx *= inv_x * inv_x
+            h_yy *= inv_y * inv_y
+            h_xy *= inv_x * inv_y
         return h_x, h_y, h_xx, h_yy, h_xy
 
     @triton.jit
@@ -173,13 +203,18 @@ if triton is not None:
         return s, g_mu, g_xx, g_xy
 
     @triton.jit
-    def _stats_plane(plane, x_ptr, y_ptr, c1_ptr, c2_ptr, H, W, HO, DS, PAD: tl.constexpr):
-        """A plane's (c1, c2), x and y pointers, and its derivative maps' start (row stride DS, PAD zero columns)."""
+    def _stats_plane(plane, x_ptr, y_ptr, d_mu_ptr, d_exx_ptr, d_exy_ptr, c1_ptr, c2_ptr, H, W, HO, DS,
+                     PAD: tl.constexpr):
+        """
+        A plane's (c1, c2) and pointers to its x, y and derivative maps (row stride DS, PAD zero
+        columns): per-row offsets from them fit in 32 bits.
+        """
         c1 = tl.load(c1_ptr + plane)
         c2 = tl.load(c2_ptr + plane)
         x_plane = x_ptr + plane.to(tl.int64) * H * W
         y_plane = y_ptr + plane.to(tl.int64) * H * W
-        return c1, c2, x_plane, y_plane, plane.to(tl.int64) * HO * DS + PAD
+        d_plane = plane.to(tl.int64) * HO * DS + PAD
+        return c1, c2, x_plane, y_plane, d_mu_ptr + d_plane, d_exx_ptr + d_plane, d_exy_ptr + d_plane
 
     @triton.jit
     def _ssim_output(d_mu_ptr, d_exx_ptr, d_exy_ptr, offs, ok, s, g_mu, g_xx, g_xy, total, BACKWARD: tl.constexpr):
@@ -207,22 +242,23 @@ if triton is not None:
         h_xy = zero
         for j in tl.static_range(len(WH)):
             w = WH[j]
-            h_mu += w * tl.load(mu_at - j, mask=m, other=0.0)
-            h_xx += w * tl.load(xx_at - j, mask=m, other=0.0)
-            h_xy += w * tl.load(xy_at - j, mask=m, other=0.0)
+            h_mu += w * _load(mu_at - j, m)
+            h_xx += w * _load(xx_at - j, m)
+            h_xy += w * _load(xy_at - j, m)
         return h_mu, h_xx, h_xy
 
     @triton.jit
-    def _store_grad(x_ptr, y_ptr, grad_ptr, offs, ok, g_mu, g_xx, g_xy, scale, lo_x, inv_x, lo_y, inv_y, hi_x,
-                    sum_gx, sum_g, n_lo, n_hi, NORMALIZE: tl.constexpr):
+    def _store_grad(x_ptr, y_ptr, grad_ptr, offs, ok, ld_offs, ld_mask, g_mu, g_xx, g_xy, scale,
+                    lo_x, inv_x, lo_y, inv_y, hi_x, sum_gx, sum_g, n_lo, n_hi, NORMALIZE: tl.constexpr):
         """
-        g' = scale * (W^T d_mu + 2 x' W^T d_exx + y' W^T d_exy) at ``offs``, x', y' the
-        (normalised) inputs.  Without normalisation grad_x = g'.  With it, grad_x = g' /
-        range_x, and the running sums of g' x' and g' and counts of x == min and x == max
-        (for the min/max part of the gradient) are returned updated.
+        g' = scale * (W^T d_mu + 2 x' W^T d_exx + y' W^T d_exy) at ``offs`` where ``ok``, x',
+        y' the (normalised) inputs, loaded from ``ld_offs`` (``offs``, or where lanes outside
+        ``ok`` are clamped into the plane) under ``ld_mask``.  Without normalisation grad_x =
+        g'.  With it, grad_x = g' / range_x, and the running sums of g' x' and g' and counts
+        of x == min and x == max (for the min/max part of the gradient) are returned updated.
         """
-        x_raw = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        yv = _load_plane_row(y_ptr, offs, ok, lo_y, inv_y, NORMALIZE)
+        x_raw = _load(x_ptr + ld_offs, ld_mask).to(tl.float32)
+        yv = _load_plane_row(y_ptr, ld_offs, ld_mask, lo_y, inv_y, NORMALIZE)
         xv = x_raw
         if NORMALIZE:
             xv = (x_raw - lo_x) * inv_x
@@ -257,8 +293,8 @@ if triton is not None:
         plane, row0, cols = _program_tile(pid, n_col_blocks, n_row_blocks, ROWS, BLOCK_W)
         col_ok = cols < WO
         slots = tl.arange(0, RING)
-        c1, c2, x_plane, y_plane, d_plane = _stats_plane(plane, x_ptr, y_ptr, c1_ptr, c2_ptr, H, W, HO, DS,
-                                                         len(WH) - 1)
+        c1, c2, x_plane, y_plane, d_mu_plane, d_exx_plane, d_exy_plane = _stats_plane(
+            plane, x_ptr, y_ptr, d_mu_ptr, d_exx_ptr, d_exy_ptr, c1_ptr, c2_ptr, H, W, HO, DS, len(WH) - 1)
         lo_x, inv_x, lo_y, inv_y, hi_x = _plane_norm(norm_ptr, plane, NORM_STRIDE)
 
         a_x = tl.zeros((RING, BLOCK_W), tl.float32)
@@ -296,7 +332,7 @@ if triton is not None:
 
             s, g_mu, g_xx, g_xy = _ssim_and_derivatives(mu_x, mu_y, e_xx, e_yy, e_xy, c1, c2)
             ok = col_ok & (o >= row0)
-            total = _ssim_output(d_mu_ptr, d_exx_ptr, d_exy_ptr, d_plane + o * DS + cols, ok, s, g_mu, g_xx, g_xy,
+            total = _ssim_output(d_mu_plane, d_exx_plane, d_exy_plane, o * DS + cols, ok, s, g_mu, g_xx, g_xy,
                                  total, BACKWARD)
         if not BACKWARD:
             tl.store(partial_ptr + pid, tl.sum(total, axis=0))
@@ -346,7 +382,8 @@ if triton is not None:
             b_xx = tl.where(done, 0.0, b_xx)
             b_xy = tl.where(done, 0.0, b_xy)
             sum_gx, sum_g, n_lo, n_hi = _store_grad(
-                x_ptr, y_ptr, grad_ptr, in_plane + p * W + cols, col_ok & (p >= row0), g_mu, g_xx, g_xy, scale,
+                x_ptr, y_ptr, grad_ptr, in_plane + p * W + cols, col_ok & (p >= row0), in_plane + p * W + cols,
+                col_ok & (p >= row0), g_mu, g_xx, g_xy, scale,
                 lo_x, inv_x, lo_y, inv_y, hi_x, sum_gx, sum_g, n_lo, n_hi, NORMALIZE)
         if NORMALIZE:
             _store_sums(partial_ptr, pid, sum_gx, sum_g, n_lo, n_hi)
@@ -383,8 +420,8 @@ if triton is not None:
         tr = tl.arange(0, TILE)
         same = _band(wv_ptr, 0, KH, TILE, False)
         cross = _band(wv_ptr, TILE, KH, TILE, False)
-        c1, c2, x_plane, y_plane, d_plane = _stats_plane(plane, x_ptr, y_ptr, c1_ptr, c2_ptr, H, W, HO, DS,
-                                                         len(WH) - 1)
+        c1, c2, x_plane, y_plane, d_mu_plane, d_exx_plane, d_exy_plane = _stats_plane(
+            plane, x_ptr, y_ptr, d_mu_ptr, d_exx_ptr, d_exy_ptr, c1_ptr, c2_ptr, H, W, HO, DS, len(WH) - 1)
         lo_x, inv_x, lo_y, inv_y, hi_x = _plane_norm(norm_ptr, plane, NORM_STRIDE)
 
         p_x = tl.zeros((TILE, BLOCK_W), tl.float32)
@@ -415,7 +452,7 @@ if triton is not None:
             o = b - TILE + tr
             ok = ((o >= row0) & (o < row_end))[:, None] & col_ok[None, :]
             s, g_mu, g_xx, g_xy = _ssim_and_derivatives(mu_x, mu_y, e_xx, e_yy, e_xy, c1, c2)
-            total = _ssim_output(d_mu_ptr, d_exx_ptr, d_exy_ptr, d_plane + o[:, None] * DS + cols[None, :], ok, s,
+            total = _ssim_output(d_mu_plane, d_exx_plane, d_exy_plane, o[:, None] * DS + cols[None, :], ok, s,
                                  g_mu, g_xx, g_xy, total, BACKWARD)
         if not BACKWARD:
             tl.store(partial_ptr + pid, tl.sum(tl.sum(total, axis=1), axis=0))
@@ -466,7 +503,8 @@ if triton is not None:
             p = d + tr
             ok = ((p >= row0) & (p < row_end))[:, None] & col_ok[None, :]
             sum_gx, sum_g, n_lo, n_hi = _store_grad(
-                x_ptr, y_ptr, grad_ptr, in_plane + p[:, None] * W + cols[None, :], ok, g_mu, g_xx, g_xy, scale,
+                x_ptr, y_ptr, grad_ptr, in_plane + p[:, None] * W + cols[None, :], ok,
+                in_plane + p[:, None] * W + cols[None, :], ok, g_mu, g_xx, g_xy, scale,
                 lo_x, inv_x, lo_y, inv_y, hi_x, sum_gx, sum_g, n_lo, n_hi, NORMALIZE)
         if NORMALIZE:
             _store_sums(partial_ptr, pid, tl.sum(sum_gx, axis=0), tl.sum(sum_g, axis=0), tl.sum(n_lo, axis=0),
@@ -498,9 +536,12 @@ if triton is not None:
         pid = tl.program_id(0)
         plane, row0, cols = _program_tile(pid, n_col_blocks, n_row_blocks, ROWS, BLOCK_W)
         col_ok = cols < WO
-        c1, c2, x_plane, y_plane, d_plane = _stats_plane(plane, x_ptr, y_ptr, c1_ptr, c2_ptr, H, W, HO, DS,
-                                                         len(WH) - 1)
+        c1, c2, x_plane, y_plane, d_mu_plane, d_exx_plane, d_exy_plane = _stats_plane(
+            plane, x_ptr, y_ptr, d_mu_ptr, d_exx_ptr, d_exy_ptr, c1_ptr, c2_ptr, H, W, HO, DS, len(WH) - 1)
         lo_x, inv_x, lo_y, inv_y, hi_x = _plane_norm(norm_ptr, plane, NORM_STRIDE)
+        # loads are unmasked: lanes past the last output column read the plane's last window
+        # and rows past H its last row; what they produce is masked where it is stored
+        cols_ld = tl.minimum(cols, WO - 1)
 
         zero = tl.zeros((BLOCK_W,), tl.float32)
         q_x = (zero,) * len(WV)
@@ -510,13 +551,14 @@ if triton is not None:
         q_xy = (zero,) * len(WV)
         total = zero
         row_end = tl.minimum(row0 + ROWS, HO)
-        # input rows row0 .. row_end + KH - 2, KH at a time; rows past H load as 0 and only
-        # reach outputs past row_end, which are masked
+        # input rows row0 .. row_end + KH - 2, UNROLL at a time; rows past H only reach
+        # outputs past row_end, which are masked
         for t in range(row0, row_end + len(WV) - 1, UNROLL):
             for k in tl.static_range(UNROLL):
                 r = t + k
                 h_x, h_y, h_xx, h_yy, h_xy = _horizontal_stats(
-                    x_plane, y_plane, r * W + cols, col_ok & (r < H), lo_x, inv_x, lo_y, inv_y, zero, WH, NORMALIZE)
+                    x_plane, y_plane, tl.minimum(r, H - 1) * W + cols_ld, None, lo_x, inv_x, lo_y, inv_y, zero, WH,
+                    NORMALIZE)
                 q_x = q_x[1:] + (h_x,)
                 q_y = q_y[1:] + (h_y,)
                 q_xx = q_xx[1:] + (h_xx,)
@@ -527,7 +569,7 @@ if triton is not None:
                     _window_sum(q_yy, WV, False), _window_sum(q_xy, WV, False), c1, c2)
                 o = r - len(WV) + 1
                 ok = col_ok & (o >= row0) & (o < row_end)
-                total = _ssim_output(d_mu_ptr, d_exx_ptr, d_exy_ptr, d_plane + o * DS + cols, ok, s, g_mu, g_xx,
+                total = _ssim_output(d_mu_plane, d_exx_plane, d_exy_plane, o * DS + cols, ok, s, g_mu, g_xx,
                                      g_xy, total, BACKWARD)
                 if not BACKWARD:
                     # without stores in the loop the compiler hoists the loads of all KH rows
@@ -540,7 +582,7 @@ if triton is not None:
     @triton.jit
     def _ssim_grad_unrolled_kernel(
         x_ptr, y_ptr, norm_ptr, d_mu_ptr, d_exx_ptr, d_exy_ptr, scale_ptr, grad_ptr, partial_ptr,
-        H, W, HO, WO, DS, n_col_blocks, n_row_blocks,
+        H, W, HO, WO, DS, ZERO_ROW, n_col_blocks, n_row_blocks,
         WV: tl.constexpr, WH: tl.constexpr, UNROLL: tl.constexpr, BLOCK_W: tl.constexpr, ROWS: tl.constexpr,
         NORMALIZE: tl.constexpr, NORM_STRIDE: tl.constexpr,
     ):
@@ -548,14 +590,27 @@ if triton is not None:
         As :func:`_ssim_grad_kernel`, with the history of :func:`_ssim_stats_unrolled_kernel`:
         input row p gets sum_i WV[i] * (derivative row p - i, transposed-filtered along the
         row), so the last KH derivative rows, newest last, are weighted by the reversed ``WV``.
+        Derivative rows outside the map are read from the zero row at ``ZERO_ROW`` (of DS
+        zeros, after the maps' planes), so that no load needs a mask.
         """
         pid = tl.program_id(0)
         plane, row0, cols = _program_tile(pid, n_col_blocks, n_row_blocks, ROWS, BLOCK_W)
         col_ok = cols < W
         scale = tl.load(scale_ptr)
         lo_x, inv_x, lo_y, inv_y, hi_x = _plane_norm(norm_ptr, plane, NORM_STRIDE)
+        # the plane's pointers, so that per-row offsets stay 32-bit
         in_plane = plane.to(tl.int64) * H * W
-        d_plane = plane.to(tl.int64) * HO * DS + len(WH) - 1
+        x_plane = x_ptr + in_plane
+        y_plane = y_ptr + in_plane
+        grad_plane = grad_ptr + in_plane
+        d_start = plane.to(tl.int64) * HO * DS
+        d_mu_plane = d_mu_ptr + d_start + len(WH) - 1
+        d_exx_plane = d_exx_ptr + d_start + len(WH) - 1
+        d_exy_plane = d_exy_ptr + d_start + len(WH) - 1
+        zero_row = (ZERO_ROW - d_start).to(tl.int32)  # as a row offset from the plane; maps are chunked: < 2**31
+        # lanes past the last column read (and compute from) the plane's last column; their
+        # gradient is not stored and the sums skip them
+        cols_ld = tl.minimum(cols, W - 1)
 
         zero = tl.zeros((BLOCK_W,), tl.float32)
         q_mu = (zero,) * len(WV)
@@ -570,15 +625,16 @@ if triton is not None:
         for t in range(row0 - len(WV) + 1, row_end, UNROLL):
             for k in tl.static_range(UNROLL):
                 o = t + k
+                d_row = tl.where((o >= 0) & (o < HO), o * DS, zero_row)
                 h_mu, h_xx, h_xy = _horizontal_transposed(
-                    d_mu_ptr, d_exx_ptr, d_exy_ptr, d_plane + o * DS + cols, (o >= 0) & (o < HO) & col_ok, zero,
-                    WH)
+                    d_mu_plane, d_exx_plane, d_exy_plane, d_row + cols_ld, None, zero, WH)
                 q_mu = q_mu[1:] + (h_mu,)
                 q_xx = q_xx[1:] + (h_xx,)
                 q_xy = q_xy[1:] + (h_xy,)
                 p = o
                 sum_gx, sum_g, n_lo, n_hi = _store_grad(
-                    x_ptr, y_ptr, grad_ptr, in_plane + p * W + cols, col_ok & (p >= row0) & (p < row_end),
+                    x_plane, y_plane, grad_plane, p * W + cols, col_ok & (p >= row0) & (p < row_end),
+                    tl.maximum(p, 0) * W + cols_ld, None,
                     _window_sum(q_mu, WV, True), _window_sum(q_xx, WV, True), _window_sum(q_xy, WV, True), scale,
                     lo_x, inv_x, lo_y, inv_y, hi_x, sum_gx, sum_g, n_lo, n_hi, NORMALIZE)
         if NORMALIZE:
@@ -615,6 +671,22 @@ def _minmax(planes: torch.Tensor):
     span = hi - lo
     # clamp_min passes its gradient where span >= eps: then the range depends on lo and hi
     return lo, hi, 1.0 / span.clamp_min(MINMAX_EPS), span >= MINMAX_EPS
+
+
+def _derivative_maps(planes: int, ho: int, wo: int, pad: int, device) -> torch.Tensor:
+    """
+    (3, planes * ho * ds + ds) fp32, ds = wo + 2 pad: three maps of ``planes`` (ho, ds)
+    planes whose ``pad`` columns either side are zero, then a row of ds zeros.  Only the
+    padding is written here; the derivative pass fills the rest.
+    """
+    ds = wo + 2 * pad
+    d_maps = torch.empty((3, planes * ho * ds + ds), dtype=torch.float32, device=device)
+    d_maps[:, planes * ho * ds:].zero_()
+    if pad:
+        d_planes = d_maps[:, :planes * ho * ds].view(3, planes, ho, ds)
+        d_planes[..., :pad].zero_()
+        d_planes[..., pad + wo:].zero_()
+    return d_maps
 
 
 class _KernelConfig(NamedTuple):
@@ -667,13 +739,17 @@ class _KernelConfig(NamedTuple):
 
     def launch_grad(self, planes, x, y, norm, d_mu, d_exx, d_exy, window, scale, grad, partial, h, w, ho, wo, ds,
                     normalize):
-        """The gradient kernel over input rows; ``partial`` holds 4 values per program (see grid)."""
+        """
+        The gradient kernel over input rows; ``partial`` holds 4 values per program (see
+        grid).  The derivative maps hold ``planes`` (ho, ds) planes, then a row of ds zeros.
+        """
         grid, col_blocks, row_blocks = self.grid(planes, h, w)
         sizes = (h, w, ho, wo, ds, col_blocks, row_blocks)
         common = dict(WH=window.wh, BLOCK_W=self.block_w, ROWS=self.rows, NORMALIZE=normalize,
                       NORM_STRIDE=NORM_STRIDE, num_warps=self.num_warps)
         if self.vertical_pass == "unrolled":
-            _ssim_grad_unrolled_kernel[(grid,)](x, y, norm, d_mu, d_exx, d_exy, scale, grad, partial, *sizes,
+            _ssim_grad_unrolled_kernel[(grid,)](x, y, norm, d_mu, d_exx, d_exy, scale, grad, partial,
+                                                h, w, ho, wo, ds, planes * ho * ds, col_blocks, row_blocks,
                                                 WV=window.wv, UNROLL=self.unroll(len(window.wv)), **common)
             return
         args = (x, y, norm, d_mu, d_exx, d_exy, window.wv_tensor, scale, grad, partial) + sizes
@@ -745,17 +821,15 @@ class _FusedSSIMMean(torch.autograd.Function):
         grad = torch.empty_like(x)
         # per program: sum g'x', sum g', #(x == min), #(x == max) (normalisation only)
         sums = torch.zeros((planes, 4), dtype=torch.float32, device=x.device)
-        # derivative maps with kw - 1 zero columns either side (the gradient pass reads them unmasked)
+        # derivative maps with kw - 1 zero columns either side, and a zero row after the last
+        # plane: the gradient pass reads them without per-tap masks
         pad = kw - 1
         ds = wo + 2 * pad
         chunk = max(1, BACKWARD_CHUNK_BYTES // max(1, 3 * 4 * ho * ds))
         for p0 in range(0, planes, chunk):
             p1 = min(planes, p0 + chunk)
             cx, cy, cnorm, cgrad = x[p0:p1], y[p0:p1], norm[p0:p1], grad[p0:p1]
-            d_maps = torch.empty((3, p1 - p0, ho, ds), dtype=torch.float32, device=x.device)
-            if pad:
-                d_maps[..., :pad].zero_()
-                d_maps[..., pad + wo:].zero_()
+            d_maps = _derivative_maps(p1 - p0, ho, wo, pad, x.device)
             d_mu, d_exx, d_exy = d_maps.unbind(0)
             config.launch_stats(p1 - p0, cx, cy, cnorm, window, c1[p0:p1], c2[p0:p1], d_mu, d_mu, d_exx, d_exy,
                                 h, w, ho, wo, ds, True, normalize)
