@@ -10,6 +10,12 @@ GPU; only the kernels do not execute (their outputs are meaningless).  Run by
 driver swap is process-wide:
 
     python tests/sm90_launch_check.py [vertical_pass]
+
+``--compilations`` counts instead how many times each kernel would be compiled over the
+FPN levels of a range of training image sizes (Detectron2's resizing and padding), by
+recording Triton's compile keys instead of compiling (nothing is compiled or run):
+
+    python tests/sm90_launch_check.py --compilations [vertical_pass]
 """
 
 import json
@@ -107,13 +113,18 @@ class RecordingSm90Driver(DriverBase):
         return 0
 
 
-def main(vertical_pass):
+def _select_pass(vertical_pass):
     driver.set_active(RecordingSm90Driver())
     from kd_det.losses import ssim_triton
 
     ssim_triton.VERTICAL_PASS = vertical_pass
     if vertical_pass == "band":
         ssim_triton.NUM_WARPS = 4  # it spills with fewer
+    return ssim_triton
+
+
+def main(vertical_pass):
+    ssim_triton = _select_pass(vertical_pass)
     x = torch.rand(2, 3, 20, 24, requires_grad=True)
     y = torch.rand(2, 3, 20, 24)
     loss = ssim_triton.fused_ssim_feature_loss(x, y, 11, 1.5, 0.01, 0.03, "minmax")
@@ -121,5 +132,53 @@ def main(vertical_pass):
     print(json.dumps(LAUNCHES))
 
 
+class _NoKernel:
+    """What a compilation returns here: a kernel whose launch does nothing."""
+
+    function = packed_metadata = None
+
+    def launch_metadata(self, *args):
+        return None
+
+    def run(self, *args):
+        pass
+
+
+def training_level_sizes(short_edges=range(640, 801, 32), aspects=(4 / 3, 16 / 9, 3 / 4, 1.0), max_size=1333):
+    """(H, W) of FPN levels P2-P6 for images resized as Detectron2's ResizeShortestEdge and
+    padded to a multiple of 32 (the FPN's size divisibility)."""
+    sizes = set()
+    for short in short_edges:
+        for aspect in aspects:
+            h, w = (short, short * aspect) if aspect >= 1 else (short / aspect, short)
+            scale = min(1.0, max_size / max(h, w))
+            h, w = int(h * scale + 0.5), int(w * scale + 0.5)
+            h, w = -(-h // 32) * 32, -(-w // 32) * 32
+            for stride in (4, 8, 16, 32, 64):
+                sizes.add((-(-h // stride), -(-w // stride)))
+    return sorted(sizes)
+
+
+def compilations(vertical_pass):
+    """{kernel: distinct compilations} of the fused loss, forward and backward, over training_level_sizes()."""
+    from triton.runtime.jit import JITFunction
+
+    keys = {}
+
+    def record_compile(self, key, signature, device, constexprs, options, attrs, warmup):
+        keys.setdefault(self.fn.__name__, set()).add(key)
+        kernel = self.device_caches[device][0][key] = _NoKernel()
+        return kernel
+
+    JITFunction._do_compile = record_compile
+    ssim_triton = _select_pass(vertical_pass)
+    sizes = training_level_sizes()
+    for h, w in sizes:
+        x = torch.rand(1, 2, h, w, requires_grad=True)
+        ssim_triton.fused_ssim_feature_loss(x, torch.rand(1, 2, h, w), 11, 1.5, 0.01, 0.03, "minmax").backward()
+    print(json.dumps({"level_sizes": len(sizes), "compilations": {k: len(v) for k, v in sorted(keys.items())}}))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "unrolled")
+    args = [a for a in sys.argv[1:] if a != "--compilations"]
+    (compilations if "--compilations" in sys.argv else main)(args[0] if args else "unrolled")

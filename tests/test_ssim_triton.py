@@ -248,6 +248,36 @@ def test_launch_path_for_h100():
         assert launch["spill_bytes"] == 0 and launch["registers"] <= 255, launch
 
 
+@pytest.mark.skipif(not _has_ptxas(), reason="needs Triton with its NVIDIA backend")
+def test_one_compilation_per_window_over_training_sizes():
+    """
+    Over the FPN levels of Detectron2's training image sizes (110 level shapes), each
+    kernel is compiled once per window shape (and direction), not per pattern of sizes
+    divisible by 16 or pointer alignments (83 compilations before ``SIZE_ARGS``).  Counted
+    from Triton's compile keys on the sm_90 driver of ``tests/sm90_launch_check.py``;
+    nothing is compiled.
+    """
+    import json
+
+    from kd_det.losses.ssim import effective_window_sizes
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from sm90_launch_check import training_level_sizes
+
+    windows = {effective_window_sizes(h, w, 11) for h, w in training_level_sizes()}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "sm90_launch_check.py"),
+                           "--compilations", ssim_triton.VERTICAL_PASS], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    counts = json.loads(proc.stdout.strip().splitlines()[-1])["compilations"]
+    stats, grad = {"unrolled": ("_ssim_stats_unrolled_kernel", "_ssim_grad_unrolled_kernel"),
+                   "band": ("_ssim_stats_band_kernel", "_ssim_grad_band_kernel"),
+                   "ring": ("_ssim_stats_kernel", "_ssim_grad_kernel")}[ssim_triton.VERTICAL_PASS]
+    # the statistics kernel runs forward and (BACKWARD) in the backward
+    assert counts == {stats: 2 * len(windows), grad: len(windows), "_minmax_grad_fixup_kernel": 1}, counts
+
+
 def test_selection_on_cpu(monkeypatch):
     x = torch.rand(1, 2, 16, 16)
     with pytest.raises(RuntimeError, match="IMPL='triton' needs CUDA"):

@@ -100,6 +100,12 @@ DOT_PRECISION = "ieee"
 # program, past the H100's 227 KiB from BLOCK_W 64 on; one stage needs 8-43 KiB
 # (benchmarks/ssim_kernel_resources.py).
 BAND_NUM_STAGES = 1
+# Size arguments the kernels are not specialised on.  By default Triton compiles a kernel
+# per pattern of which integer arguments equal 1 or are multiples of 16; with the image
+# sizes of detection training varying from batch to batch, every FPN level would bring
+# new patterns, each a compilation of seconds.  The kernels read one column per thread,
+# so knowing those divisibilities would not change their code.
+SIZE_ARGS = ("H", "W", "HO", "WO", "DS", "ZERO_ROW", "n_col_blocks", "n_row_blocks", "HW", "n_blocks")
 
 
 def is_interpreted() -> bool:
@@ -280,7 +286,7 @@ if triton is not None:
         tl.store(partial_ptr + pid * 4 + 2, tl.sum(n_lo, axis=0))
         tl.store(partial_ptr + pid * 4 + 3, tl.sum(n_hi, axis=0))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=SIZE_ARGS)
     def _ssim_stats_kernel(
         x_ptr, y_ptr, norm_ptr, wv_ptr, c1_ptr, c2_ptr,
         partial_ptr, d_mu_ptr, d_exx_ptr, d_exy_ptr,
@@ -337,7 +343,7 @@ if triton is not None:
         if not BACKWARD:
             tl.store(partial_ptr + pid, tl.sum(total, axis=0))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=SIZE_ARGS)
     def _ssim_grad_kernel(
         x_ptr, y_ptr, norm_ptr, d_mu_ptr, d_exx_ptr, d_exy_ptr, wv_ptr, scale_ptr, grad_ptr, partial_ptr,
         H, W, HO, WO, DS, n_col_blocks, n_row_blocks,
@@ -399,7 +405,7 @@ if triton is not None:
             tap = k - q + SHIFT
         return tl.load(wv_ptr + tap, mask=(tap >= 0) & (tap < KH), other=0.0)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=SIZE_ARGS)
     def _ssim_stats_band_kernel(
         x_ptr, y_ptr, norm_ptr, wv_ptr, c1_ptr, c2_ptr,
         partial_ptr, d_mu_ptr, d_exx_ptr, d_exy_ptr,
@@ -457,7 +463,7 @@ if triton is not None:
         if not BACKWARD:
             tl.store(partial_ptr + pid, tl.sum(tl.sum(total, axis=1), axis=0))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=SIZE_ARGS)
     def _ssim_grad_band_kernel(
         x_ptr, y_ptr, norm_ptr, d_mu_ptr, d_exx_ptr, d_exy_ptr, wv_ptr, scale_ptr, grad_ptr, partial_ptr,
         H, W, HO, WO, DS, n_col_blocks, n_row_blocks,
@@ -518,7 +524,7 @@ if triton is not None:
             acc += WV[len(WV) - 1 - i if REVERSED else i] * rows[i]
         return acc
 
-    @triton.jit
+    @triton.jit(do_not_specialize=SIZE_ARGS)
     def _ssim_stats_unrolled_kernel(
         x_ptr, y_ptr, norm_ptr, c1_ptr, c2_ptr, partial_ptr, d_mu_ptr, d_exx_ptr, d_exy_ptr,
         H, W, HO, WO, DS, n_col_blocks, n_row_blocks,
@@ -579,7 +585,7 @@ if triton is not None:
         if not BACKWARD:
             tl.store(partial_ptr + pid, tl.sum(total, axis=0))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=SIZE_ARGS)
     def _ssim_grad_unrolled_kernel(
         x_ptr, y_ptr, norm_ptr, d_mu_ptr, d_exx_ptr, d_exy_ptr, scale_ptr, grad_ptr, partial_ptr,
         H, W, HO, WO, DS, ZERO_ROW, n_col_blocks, n_row_blocks,
@@ -640,7 +646,7 @@ if triton is not None:
         if NORMALIZE:
             _store_sums(partial_ptr, pid, sum_gx, sum_g, n_lo, n_hi)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=SIZE_ARGS)
     def _minmax_grad_fixup_kernel(x_ptr, grad_ptr, fix_ptr, HW, n_blocks, BLOCK: tl.constexpr):
         """grad += c_lo where x == min, c_hi where x == max, per plane: fix = (lo, hi, c_lo, c_hi)."""
         pid = tl.program_id(0)
@@ -675,12 +681,15 @@ def _minmax(planes: torch.Tensor):
 
 def _derivative_maps(planes: int, ho: int, wo: int, pad: int, device) -> torch.Tensor:
     """
-    (3, planes * ho * ds + ds) fp32, ds = wo + 2 pad: three maps of ``planes`` (ho, ds)
-    planes whose ``pad`` columns either side are zero, then a row of ds zeros.  Only the
-    padding is written here; the derivative pass fills the rest.
+    (3, L) fp32, L >= planes * ho * ds + ds, ds = wo + 2 pad: three maps of ``planes``
+    (ho, ds) planes whose ``pad`` columns either side are zero, then a row of ds zeros.
+    Only the padding is written here; the derivative pass fills the rest.
     """
     ds = wo + 2 * pad
-    d_maps = torch.empty((3, planes * ho * ds + ds), dtype=torch.float32, device=device)
+    # L a multiple of 32 values: each map starts 128-byte aligned, as Triton's
+    # specialisation on pointer alignment would otherwise compile a kernel per case
+    length = -(-(planes * ho * ds + ds) // 32) * 32
+    d_maps = torch.empty((3, length), dtype=torch.float32, device=device)
     d_maps[:, planes * ho * ds:].zero_()
     if pad:
         d_planes = d_maps[:, :planes * ho * ds].view(3, planes, ho, ds)
