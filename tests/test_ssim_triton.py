@@ -253,7 +253,7 @@ def test_one_compilation_per_window_over_training_sizes():
     """
     Over the FPN levels of Detectron2's training image sizes (110 level shapes), each
     kernel is compiled once per window shape (and direction), not per pattern of sizes
-    divisible by 16 or pointer alignments (83 compilations before ``SIZE_ARGS``).  Counted
+    divisible by 16 or pointer alignments (101 compilations before ``SIZE_ARGS``).  Counted
     from Triton's compile keys on the sm_90 driver of ``tests/sm90_launch_check.py``;
     nothing is compiled.
     """

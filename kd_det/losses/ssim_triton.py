@@ -106,6 +106,9 @@ BAND_NUM_STAGES = 1
 # new patterns, each a compilation of seconds.  The kernels read one column per thread,
 # so knowing those divisibilities would not change their code.
 SIZE_ARGS = ("H", "W", "HO", "WO", "DS", "ZERO_ROW", "n_col_blocks", "n_row_blocks", "HW", "n_blocks")
+# Likewise for the alignment of the per-plane inputs, which the backward passes as slices
+# of planes (chunks) starting anywhere.
+SLICED_ARGS = ("x_ptr", "y_ptr", "grad_ptr", "c1_ptr", "c2_ptr", "norm_ptr")
 
 
 def is_interpreted() -> bool:
@@ -286,7 +289,7 @@ if triton is not None:
         tl.store(partial_ptr + pid * 4 + 2, tl.sum(n_lo, axis=0))
         tl.store(partial_ptr + pid * 4 + 3, tl.sum(n_hi, axis=0))
 
-    @triton.jit(do_not_specialize=SIZE_ARGS)
+    @triton.jit(do_not_specialize=SIZE_ARGS, do_not_specialize_on_alignment=SLICED_ARGS)
     def _ssim_stats_kernel(
         x_ptr, y_ptr, norm_ptr, wv_ptr, c1_ptr, c2_ptr,
         partial_ptr, d_mu_ptr, d_exx_ptr, d_exy_ptr,
@@ -343,7 +346,7 @@ if triton is not None:
         if not BACKWARD:
             tl.store(partial_ptr + pid, tl.sum(total, axis=0))
 
-    @triton.jit(do_not_specialize=SIZE_ARGS)
+    @triton.jit(do_not_specialize=SIZE_ARGS, do_not_specialize_on_alignment=SLICED_ARGS)
     def _ssim_grad_kernel(
         x_ptr, y_ptr, norm_ptr, d_mu_ptr, d_exx_ptr, d_exy_ptr, wv_ptr, scale_ptr, grad_ptr, partial_ptr,
         H, W, HO, WO, DS, n_col_blocks, n_row_blocks,
@@ -405,7 +408,7 @@ if triton is not None:
             tap = k - q + SHIFT
         return tl.load(wv_ptr + tap, mask=(tap >= 0) & (tap < KH), other=0.0)
 
-    @triton.jit(do_not_specialize=SIZE_ARGS)
+    @triton.jit(do_not_specialize=SIZE_ARGS, do_not_specialize_on_alignment=SLICED_ARGS)
     def _ssim_stats_band_kernel(
         x_ptr, y_ptr, norm_ptr, wv_ptr, c1_ptr, c2_ptr,
         partial_ptr, d_mu_ptr, d_exx_ptr, d_exy_ptr,
@@ -463,7 +466,7 @@ if triton is not None:
         if not BACKWARD:
             tl.store(partial_ptr + pid, tl.sum(tl.sum(total, axis=1), axis=0))
 
-    @triton.jit(do_not_specialize=SIZE_ARGS)
+    @triton.jit(do_not_specialize=SIZE_ARGS, do_not_specialize_on_alignment=SLICED_ARGS)
     def _ssim_grad_band_kernel(
         x_ptr, y_ptr, norm_ptr, d_mu_ptr, d_exx_ptr, d_exy_ptr, wv_ptr, scale_ptr, grad_ptr, partial_ptr,
         H, W, HO, WO, DS, n_col_blocks, n_row_blocks,
@@ -524,7 +527,7 @@ if triton is not None:
             acc += WV[len(WV) - 1 - i if REVERSED else i] * rows[i]
         return acc
 
-    @triton.jit(do_not_specialize=SIZE_ARGS)
+    @triton.jit(do_not_specialize=SIZE_ARGS, do_not_specialize_on_alignment=SLICED_ARGS)
     def _ssim_stats_unrolled_kernel(
         x_ptr, y_ptr, norm_ptr, c1_ptr, c2_ptr, partial_ptr, d_mu_ptr, d_exx_ptr, d_exy_ptr,
         H, W, HO, WO, DS, n_col_blocks, n_row_blocks,
@@ -585,7 +588,7 @@ if triton is not None:
         if not BACKWARD:
             tl.store(partial_ptr + pid, tl.sum(total, axis=0))
 
-    @triton.jit(do_not_specialize=SIZE_ARGS)
+    @triton.jit(do_not_specialize=SIZE_ARGS, do_not_specialize_on_alignment=SLICED_ARGS)
     def _ssim_grad_unrolled_kernel(
         x_ptr, y_ptr, norm_ptr, d_mu_ptr, d_exx_ptr, d_exy_ptr, scale_ptr, grad_ptr, partial_ptr,
         H, W, HO, WO, DS, ZERO_ROW, n_col_blocks, n_row_blocks,
@@ -646,7 +649,7 @@ if triton is not None:
         if NORMALIZE:
             _store_sums(partial_ptr, pid, sum_gx, sum_g, n_lo, n_hi)
 
-    @triton.jit(do_not_specialize=SIZE_ARGS)
+    @triton.jit(do_not_specialize=SIZE_ARGS, do_not_specialize_on_alignment=SLICED_ARGS)
     def _minmax_grad_fixup_kernel(x_ptr, grad_ptr, fix_ptr, HW, n_blocks, BLOCK: tl.constexpr):
         """grad += c_lo where x == min, c_hi where x == max, per plane: fix = (lo, hi, c_lo, c_hi)."""
         pid = tl.program_id(0)
