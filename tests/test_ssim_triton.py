@@ -128,6 +128,24 @@ def test_fused_minmax_normalisation_equals_torch(monkeypatch, vertical_pass):
 
 
 @needs_kernel
+def test_fused_half_precision_student(vertical_pass):
+    """A float16 student (AMP training) beside a float32 teacher: fp32 inside, the gradient in float16."""
+    g = torch.Generator(device=DEVICE).manual_seed(3)
+    shape = (1, 2, 19, 23) if INTERPRETED else (2, 8, 60, 90)
+    x = torch.randn(shape, device=DEVICE, generator=g).half().requires_grad_()
+    y = 2.0 * x.detach().float() + torch.randn(shape, device=DEVICE, generator=g)
+    x32 = x.detach().float().requires_grad_()
+    ref = ssim_map(minmax_normalize(x32), minmax_normalize(y), c1=0.01**2, c2=0.03**2).mean()
+    (ref_grad,) = torch.autograd.grad(ref, x32)
+    fused = ssim_triton.fused_ssim_mean(x, y, normalize=True)
+    (fused_grad,) = torch.autograd.grad(fused, x)
+    assert fused.dtype == torch.float16 and fused_grad.dtype == torch.float16
+    # the kernel reads the float16 values exactly and computes in fp32: only the outputs' rounding differs
+    assert abs(fused.item() - ref.item()) <= 1e-3 * abs(ref.item())
+    assert _rel(fused_grad.float(), ref_grad) < 2e-3
+
+
+@needs_kernel
 @pytest.mark.parametrize("normalize", ["minmax", "none"])
 def test_fused_feature_loss_on_fpn_features(monkeypatch, normalize, vertical_pass):
     if INTERPRETED:  # the interpreter's time goes with the number of programs

@@ -45,6 +45,7 @@ gradients, on the GPU and, on CPU-only machines, in Triton's interpreter
 (``TRITON_INTERPRET=1``).
 """
 
+import contextlib
 import os
 from typing import NamedTuple
 
@@ -788,6 +789,12 @@ class _Window(NamedTuple):
         return cls(tuple(wh.tolist()), tuple(wv.tolist()), wv.to(device))
 
 
+def _on_device_of(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensor's, which in a process
+    that drives several GPUs need not be the current one."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 class _FusedSSIMMean(torch.autograd.Function):
     """mean over planes and valid positions of SSIM(x', y'); gradient for x only.
 
@@ -796,6 +803,16 @@ class _FusedSSIMMean(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, y, window_size, sigma, c1, c2, normalize):
+        with _on_device_of(x):
+            return _FusedSSIMMean._forward(ctx, x, y, window_size, sigma, c1, c2, normalize)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        with _on_device_of(grad_out):
+            return _FusedSSIMMean._backward(ctx, grad_out)
+
+    @staticmethod
+    def _forward(ctx, x, y, window_size, sigma, c1, c2, normalize):
         n, c, h, w = x.shape
         planes = n * c
         kh, kw = effective_window_sizes(h, w, window_size)
@@ -824,7 +841,7 @@ class _FusedSSIMMean(torch.autograd.Function):
         return (partial.sum() / count).to(x.dtype)
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def _backward(ctx, grad_out):
         x, y, c1, c2, norm, unclamped = ctx.saved_tensors
         n, c, h, w, ho, wo, kh, kw, count = ctx.shape
         normalize, config, window = ctx.normalize, ctx.config, ctx.window
