@@ -48,6 +48,14 @@ def bench(fn, reps=5):
 
 
 def configurations(args):
+    """The grid, narrowest strips and fewest warps first across passes: each configuration
+    compiles six kernels (seconds each), and what ``--budget-s`` leaves out is then the
+    wide strips, which the instruction counts (ssim_kernel_resources.py --sass) rank last."""
+    grid = list(_grid(args))
+    return sorted(grid, key=lambda c: (c[2], c[4]))  # stable: the passes' order within
+
+
+def _grid(args):
     for vp in args.passes:
         precisions = args.precisions if vp == "band" else ["-"]
         warps_list = args.band_warps if vp == "band" else args.warps
