@@ -15,7 +15,9 @@ sigma 1.5, K = (0.01, 0.03), data range 1, valid window):
   pytorch-msssim pytorch_msssim.ssim (benchmark extra: pip install -e .[bench])
   kornia         kornia.metrics.ssim(padding="valid")
 Reports the median time of forward+backward over the pyramid, the peak memory above
-the inputs (CUDA), and each value's relative difference to kd_det-torch.  Also the
+the inputs (CUDA), each value's relative difference to kd_det-torch, and each time
+against the bandwidth floor: reading student and teacher once and writing the gradient
+once, at the bandwidth of a device-to-device copy measured here.  Also the
 whole SSIMFeatureLoss (min-max normalisation included: PyTorch ops for IMPL torch,
 inside the kernels for IMPL triton).
 """
@@ -111,6 +113,21 @@ def measure(fn, student, teacher, device, reps):
     return statistics.median(times), peak, value
 
 
+def copy_bandwidth(device, nbytes, reps=10):
+    """Bytes per second moved (read + written) by a large tensor copy on ``device``: median of ``reps``."""
+    src = torch.rand(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * nbytes / statistics.median(times)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -140,18 +157,26 @@ def main():
         rows.append({"impl": "SSIMFeatureLoss[{}]".format(impl), "ms": seconds * 1e3,
                      "peak_extra_GiB": peak / 2**30, "value": value, "rel_diff": float("nan")})
 
+    # the floor: student and teacher read once, the gradient written once, at copy bandwidth
+    bandwidth = copy_bandwidth(args.device, min(data_bytes, 2**30))
+    floor_ms = 3 * data_bytes / bandwidth * 1e3
+    for r in rows:
+        r["x_floor"] = r["ms"] / floor_ms
+
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
     print("SSIM forward+backward, shape {} {} on {} (torch {})".format(shape, SHAPES[shape], device_name,
                                                                       torch.__version__))
     print("feature data: {:.2f} GB per tensor (student, teacher, gradient: {:.2f} GB moved at least)".format(
         data_bytes / 1e9, 3 * data_bytes / 1e9))
-    print("{:<24} {:>10} {:>16} {:>14}".format("implementation", "ms", "peak extra GiB", "rel diff"))
+    print("copy bandwidth {:.0f} GB/s: bandwidth floor {:.2f} ms".format(bandwidth / 1e9, floor_ms))
+    print("{:<24} {:>10} {:>9} {:>16} {:>14}".format("implementation", "ms", "x floor", "peak extra GiB", "rel diff"))
     for r in rows:
-        print("{:<24} {:>10.2f} {:>16.3f} {:>14.2e}".format(r["impl"], r["ms"], r["peak_extra_GiB"], r["rel_diff"]))
+        print("{:<24} {:>10.2f} {:>9.1f} {:>16.3f} {:>14.2e}".format(r["impl"], r["ms"], r["x_floor"],
+                                                                     r["peak_extra_GiB"], r["rel_diff"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"shape": shape, "levels": SHAPES[shape], "device": device_name, "torch": torch.__version__,
-                       "rows": rows}, f, indent=1)
+                       "copy_bandwidth_GBps": bandwidth / 1e9, "floor_ms": floor_ms, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
