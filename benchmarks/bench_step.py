@@ -10,7 +10,9 @@ with each method; overhead = distillation step / (student step + teacher inferen
     python benchmarks/bench_step.py --json step.json
 
 Weights are random (speed does not depend on them, except through the number of
-RPN proposals surviving NMS, which the fixed TOPK limits bound).  With a fast-teacher
+RPN proposals surviving NMS, which the fixed TOPK limits bound).  On CUDA the SSIM
+method runs twice: with the fused Triton loss (KD.SSIM.IMPL auto) and, as
+"ssim[torch]", with the PyTorch one, which is the fused kernel's effect on the step.  With a fast-teacher
 option, the KD loss values are also compared with the fp32 teacher's on one batch.
 """
 
@@ -103,6 +105,14 @@ def train_step_fn(model, batch):
     return step
 
 
+def method_runs(methods, device):
+    """(name, config, extra options) of each method to time; on CUDA SSIM also with IMPL torch."""
+    runs = [(name, rel, []) for name, rel in methods.items()]
+    if device.startswith("cuda") and "ssim" in methods:
+        runs.append(("ssim[torch]", methods["ssim"], ["KD.SSIM.IMPL", "torch"]))
+    return runs
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -131,8 +141,9 @@ def main(argv=None):
         student_ms, student_mem = measure(train_step_fn(student, batch), args.iters, args.warmup, args.device)
         del student
         row = {"arch": arch, "student_step_ms": student_ms, "student_peak_gib": student_mem, "methods": {}}
-        for name, rel in methods.items():
-            kd_opts = ["KD.TEACHER.WEIGHTS", weights, "KD.TEACHER.CONFIG", os.path.join(ROOT, "configs", teacher_rel)]
+        for name, rel, method_opts in method_runs(methods, args.device):
+            kd_opts = ["KD.TEACHER.WEIGHTS", weights, "KD.TEACHER.CONFIG",
+                       os.path.join(ROOT, "configs", teacher_rel)] + method_opts
             model = build_model(load_cfg(rel, args.device, kd_opts + fast_opts))
             teacher = model.teacher
 
