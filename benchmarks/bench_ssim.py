@@ -128,13 +128,13 @@ def copy_bandwidth(device, nbytes, reps=10):
     return 2 * nbytes / statistics.median(times)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shape", choices=sorted(SHAPES), default=None)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--json", default="")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     shape = args.shape or ("fpn800" if args.device == "cuda" else "small")
     g = torch.Generator(device=args.device).manual_seed(0)
     student = [torch.rand(s, device=args.device, generator=g).requires_grad_() for s in SHAPES[shape]]
@@ -173,10 +173,12 @@ def main():
     for r in rows:
         print("{:<24} {:>10.2f} {:>9.1f} {:>16.3f} {:>14.2e}".format(r["impl"], r["ms"], r["x_floor"],
                                                                      r["peak_extra_GiB"], r["rel_diff"]))
+    result = {"shape": shape, "levels": SHAPES[shape], "device": device_name, "torch": torch.__version__,
+              "copy_bandwidth_GBps": bandwidth / 1e9, "floor_ms": floor_ms, "rows": rows}
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"shape": shape, "levels": SHAPES[shape], "device": device_name, "torch": torch.__version__,
-                       "copy_bandwidth_GBps": bandwidth / 1e9, "floor_ms": floor_ms, "rows": rows}, f, indent=1)
+            json.dump(result, f, indent=1)
+    return result
 
 
 if __name__ == "__main__":

@@ -1,0 +1,45 @@
+"""The GPU benchmarks' scripts, on the CPU: they run, and their plans are what the GPU session expects."""
+
+import os
+import runpy
+
+from conftest import REPO
+
+
+def _script(name):
+    return runpy.run_path(os.path.join(REPO, "benchmarks", name), run_name="bench")
+
+
+def test_bench_ssim_reports_the_bandwidth_floor():
+    result = _script("bench_ssim.py")["main"](["--device", "cpu", "--shape", "small", "--reps", "2"])
+    rows = {r["impl"]: r for r in result["rows"]}
+    assert rows["kd_det-torch"]["rel_diff"] == 0.0
+    assert result["copy_bandwidth_GBps"] > 0 and result["floor_ms"] > 0
+    # no implementation moves the data faster than a plain copy of it
+    assert all(r["x_floor"] > 1 for r in result["rows"]), result["rows"]
+    assert "SSIMFeatureLoss[torch]" in rows
+
+
+def test_sweep_tries_narrow_strips_of_every_pass_first():
+    sweep = _script("sweep_ssim_triton.py")
+
+    class Args:  # the sweep's default grid
+        passes = ["unrolled", "band", "ring"]
+        block_w, rows, warps, band_warps = [32, 64, 128], [128], [1, 2, 4, 8], [4, 8]
+        precisions, row_unroll = ["ieee", "tf32x3"], [4, 2]
+
+    configs = sweep["configurations"](Args)
+    widths = [c[2] for c in configs]
+    assert widths == sorted(widths)
+    assert configs[0] == ("unrolled", 4, 32, 128, 1, "-")
+    assert {c[0] for c in configs if c[2] == 32} == {"unrolled", "band", "ring"}
+    # no layout with more threads than columns, except the band pass's tiles
+    assert all(c[2] >= 32 * c[4] for c in configs if c[0] != "band")
+
+
+def test_bench_step_times_the_fused_ssim_against_pytorch_on_cuda():
+    step = _script("bench_step.py")
+    methods = step["ARCHS"]["retinanet"][2]
+    runs = {name: opts for name, _, opts in step["method_runs"](methods, "cuda")}
+    assert runs["ssim"] == [] and runs["ssim[torch]"] == ["KD.SSIM.IMPL", "torch"]
+    assert "ssim[torch]" not in {name for name, _, _ in step["method_runs"](methods, "cpu")}
