@@ -28,16 +28,17 @@ Backward recomputes the statistics the same way and writes the three SSIM
 derivatives (w.r.t. the local mean of x, E[x^2] and E[xy]) of each output position,
 into maps with KW - 1 zero columns either side and a zero row after them; a second
 sliding kernel applies the transposed window to them (no per-tap masks, thanks to the
-zero columns; the unrolled pass reads rows outside the map from the zero row, so none of
-its loads is masked) and combines them with x and y into the gradient.  Backward runs over chunks of planes, so the
-derivative maps never take more than ``BACKWARD_CHUNK_BYTES``.  Only the student gets
-a gradient: the teacher is a constant in distillation.
+zero columns; the unrolled pass reads rows outside the map from the zero row, so none
+of its loads is masked) and combines them with x and y into the gradient.  Backward
+runs over chunks of planes, so the derivative maps never take more than
+``BACKWARD_CHUNK_BYTES``.  Only the student gets a gradient: the teacher is a
+constant in distillation.
 
 The per-map min-max normalisation of :class:`SSIMFeatureLoss` is fused too: the
 kernels read the raw features, subtract the plane's minimum on load and scale the
-window sums by 1 / range (and its square), so no normalised copies exist.  Its gradient through the
-min and max goes, as ``torch.amin``/``amax`` send it, in equal shares to the
-positions holding the extreme value (a small fix-up kernel).
+window sums by 1 / range (and its square), so no normalised copies exist.  Its
+gradient through the min and max goes, as ``torch.amin``/``amax`` send it, in equal
+shares to the positions holding the extreme value (a small fix-up kernel).
 
 Values match :func:`kd_det.losses.ssim.ssim_map` (same valid window, same
 formula, fp32 accumulation); ``tests/test_ssim_triton.py`` checks values and
