@@ -22,12 +22,32 @@ export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
   "$PY" -c "import sys, torch, triton; print(sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
 } >>"$LOG" 2>&1
 
+# The kernel tests compile about 27 kernels per vertical pass (seconds each, one at a
+# time in a process): one pytest process per pass, side by side, and one for the tests
+# of no pass (the four selections partition the file).
+run_tests() {
+    local rc=0 i=0 pids=() sel
+    local selections=("unrolled" "band" "ring" "not unrolled and not band and not ring")
+    for sel in "${selections[@]}"; do
+        "$PY" -m pytest -q -p no:cacheprovider tests/test_ssim_triton.py -k "$sel" >"/tmp/kd_det_tests_$i.log" 2>&1 &
+        pids+=($!)
+        i=$((i + 1))
+    done
+    for i in "${!pids[@]}"; do
+        wait "${pids[$i]}" || rc=$?
+        echo "--- tests/test_ssim_triton.py -k '${selections[$i]}'"
+        tail -n 30 "/tmp/kd_det_tests_$i.log"
+    done
+    "$PY" -m pytest -q -p no:cacheprovider tests/test_losses.py || rc=$?
+    return $rc
+}
+
 status=0
 for stage in "$@"; do
     start=$(date +%s)
     echo "===== $stage" >>"$LOG"
     case "$stage" in
-        tests)    "$PY" -m pytest -q -p no:cacheprovider tests/test_ssim_triton.py tests/test_losses.py ;;
+        tests)    run_tests ;;
         ssim)     "$PY" benchmarks/bench_ssim.py --json "$OUT/ssim.json" ;;
         sweep)    "$PY" benchmarks/sweep_ssim_triton.py --json "$OUT/sweep.json" ;;
         step)     "$PY" benchmarks/bench_step.py --json "$OUT/step.json" ;;
