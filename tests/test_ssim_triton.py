@@ -26,7 +26,31 @@ elif ssim_triton.is_interpreted():
 else:
     DEVICE = None
 INTERPRETED = DEVICE == "cpu"
-needs_kernel = pytest.mark.skipif(DEVICE is None, reason="needs CUDA, or Triton's interpreter (TRITON_INTERPRET=1)")
+
+
+def _interpreter_broken():
+    """
+    Why Triton's interpreter cannot run the kernels here, or "".  Before Triton 3.7 it
+    converts program-id scalars to Python ints with ``int()`` of a one-element array,
+    which NumPy 2 refuses ("only 0-dimensional arrays can be converted to Python
+    scalars"), and every kernel fails in its row loop.
+    """
+    if ssim_triton.triton is None:
+        return "Triton is not installed"
+    import numpy
+
+    triton_version = tuple(int(v) for v in ssim_triton.triton.__version__.split(".")[:2])
+    if triton_version < (3, 7) and int(numpy.__version__.split(".")[0]) >= 2:
+        return "Triton {}'s interpreter fails with NumPy {} (fixed in Triton 3.7)".format(
+            ssim_triton.triton.__version__, numpy.__version__)
+    return ""
+
+
+INTERPRETER_BROKEN = _interpreter_broken()
+if INTERPRETED and INTERPRETER_BROKEN:
+    DEVICE, INTERPRETED = None, False
+needs_kernel = pytest.mark.skipif(DEVICE is None, reason="needs CUDA, or Triton's interpreter (TRITON_INTERPRET=1)"
+                                  + ("; " + INTERPRETER_BROKEN if INTERPRETER_BROKEN else ""))
 needs_gpu = pytest.mark.skipif(not ssim_triton.is_available(), reason="needs CUDA and Triton")
 
 # FPN-like pyramids with levels smaller than the 11x11 window
@@ -198,8 +222,8 @@ def test_auto_picks_the_kernel_on_cuda(monkeypatch):
     assert calls
 
 
-@pytest.mark.skipif(DEVICE is not None or ssim_triton.triton is None,
-                    reason="the kernel tests run directly here" if DEVICE else "Triton is not installed")
+@pytest.mark.skipif(DEVICE is not None or bool(INTERPRETER_BROKEN),
+                    reason="the kernel tests run directly here" if DEVICE else INTERPRETER_BROKEN)
 def test_kernels_in_triton_interpreter():
     """On a CPU-only machine: the kernel tests above, on CPU tensors, by Triton's interpreter."""
     env = dict(os.environ, TRITON_INTERPRET="1")
