@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 
+from interpreter_bounds import checked_accesses
 from kd_det.losses import SSIMFeatureLoss, ssim_map
 from kd_det.losses import ssim_triton
 from kd_det.losses.ssim import minmax_normalize
@@ -71,6 +72,16 @@ def small_blocks(monkeypatch):
         monkeypatch.setattr(ssim_triton, "FIXUP_BLOCK", 64)
 
 
+@pytest.fixture(autouse=True)
+def bounds_checked():
+    """Under the interpreter: every load and store stays inside the kernel's tensor arguments."""
+    if not INTERPRETED:
+        yield None
+        return
+    with checked_accesses() as checker:
+        yield checker
+
+
 @pytest.fixture(params=list(ssim_triton.VERTICAL_PASSES))
 def vertical_pass(request, monkeypatch):
     """Each kernel test runs with every vertical pass (see ssim_triton.VERTICAL_PASS)."""
@@ -103,6 +114,26 @@ def _fpn_features():
         s = backbone(image)
         t = backbone(image + 20 * torch.randn_like(image))
     return list(s.values()), list(t.values())
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="checks the interpreter's bounds check (TRITON_INTERPRET=1)")
+def test_fused_tests_catch_out_of_bounds_accesses(bounds_checked):
+    """The bounds check that the interpreted kernel tests run under fails on a planted over-read and over-write."""
+    triton, tl = ssim_triton.triton, ssim_triton.tl
+
+    @triton.jit
+    def copy_kernel(src, dst, n, MASK_LOAD: tl.constexpr, MASK_STORE: tl.constexpr, BLOCK: tl.constexpr):
+        offsets = tl.arange(0, BLOCK)
+        inside = offsets < n
+        values = tl.load(src + offsets, mask=inside if MASK_LOAD else None)
+        tl.store(dst + offsets, values, mask=inside if MASK_STORE else None)
+
+    src, dst = torch.arange(10.0), torch.zeros(10)
+    copy_kernel[(1,)](src, dst, 10, MASK_LOAD=True, MASK_STORE=True, BLOCK=16)
+    assert torch.equal(dst, src) and bounds_checked.accesses == 20
+    for mask_load, mask_store, what in [(False, True, "load of 6 lanes"), (True, False, "store of 6 lanes")]:
+        with pytest.raises(Exception, match=what + " outside every tensor argument"):
+            copy_kernel[(1,)](src, dst, 10, MASK_LOAD=mask_load, MASK_STORE=mask_store, BLOCK=16)
 
 
 @needs_kernel

@@ -619,8 +619,9 @@ if triton is not None:
         d_exx_plane = d_exx_ptr + d_start + len(WH) - 1
         d_exy_plane = d_exy_ptr + d_start + len(WH) - 1
         zero_row = (ZERO_ROW - d_start).to(tl.int32)  # as a row offset from the plane; maps are chunked: < 2**31
-        # lanes past the last column read (and compute from) the plane's last column; their
-        # gradient is not stored and the sums skip them
+        # lanes past the last column read (and compute from) the plane's last column, and rows
+        # before the first or past the last (the first window, the last trip's extra rows) the
+        # plane's first or last row: their gradient is not stored and the sums skip them
         cols_ld = tl.minimum(cols, W - 1)
 
         zero = tl.zeros((BLOCK_W,), tl.float32)
@@ -645,7 +646,7 @@ if triton is not None:
                 p = o
                 sum_gx, sum_g, n_lo, n_hi = _store_grad(
                     x_plane, y_plane, grad_plane, p * W + cols, col_ok & (p >= row0) & (p < row_end),
-                    tl.maximum(p, 0) * W + cols_ld, None,
+                    tl.minimum(tl.maximum(p, 0), H - 1) * W + cols_ld, None,
                     _window_sum(q_mu, WV, True), _window_sum(q_xx, WV, True), _window_sum(q_xy, WV, True), scale,
                     lo_x, inv_x, lo_y, inv_y, hi_x, sum_gx, sum_g, n_lo, n_hi, NORMALIZE)
         if NORMALIZE:
