@@ -82,6 +82,27 @@ def bounds_checked():
         yield checker
 
 
+@pytest.fixture(autouse=True)
+def poisoned_allocations(monkeypatch):
+    """
+    Floating-point ``torch.empty``/``empty_like`` tensors start as NaN, as memory reused
+    from the caching allocator holds garbage on a GPU (fresh CPU pages are zero, which
+    would hide a kernel that uses an element it never wrote): any such use shows as NaN.
+    """
+    if DEVICE is None:
+        return
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poisoned(allocate):
+        def allocate_nan(*args, **kwargs):
+            t = allocate(*args, **kwargs)
+            return t.fill_(float("nan")) if t.is_floating_point() else t
+        return allocate_nan
+
+    monkeypatch.setattr(torch, "empty", poisoned(empty))
+    monkeypatch.setattr(torch, "empty_like", poisoned(empty_like))
+
+
 @pytest.fixture(params=list(ssim_triton.VERTICAL_PASSES))
 def vertical_pass(request, monkeypatch):
     """Each kernel test runs with every vertical pass (see ssim_triton.VERTICAL_PASS)."""
