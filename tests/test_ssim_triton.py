@@ -240,6 +240,21 @@ def test_fused_feature_loss_on_fpn_features(monkeypatch, normalize, vertical_pas
 
 
 @needs_kernel
+def test_fused_non_contiguous_inputs(vertical_pass):
+    """A channels-last student (KD.TEACHER.CHANNELS_LAST teachers give such features) and a transposed teacher."""
+    g = torch.Generator(device=DEVICE).manual_seed(2)
+    x = torch.rand(1, 2, 14, 19, device=DEVICE, generator=g).to(memory_format=torch.channels_last).requires_grad_()
+    y = 0.5 * x.detach() + 0.5 * torch.rand(1, 2, 19, 14, device=DEVICE, generator=g).transpose(-1, -2)
+    assert not x.is_contiguous() and not y.is_contiguous()
+    ref = ssim_map(minmax_normalize(x), minmax_normalize(y)).mean()
+    (ref_grad,) = torch.autograd.grad(ref, x)
+    fused = ssim_triton.fused_ssim_mean(x, y, normalize=True)
+    (fused_grad,) = torch.autograd.grad(fused, x)
+    assert abs(fused.item() - ref.item()) <= 1e-4 * abs(ref.item())
+    assert fused_grad.shape == x.shape and _rel(fused_grad, ref_grad) < 1e-4
+
+
+@needs_kernel
 def test_fused_kernel_rejects_bad_input(monkeypatch):
     x = torch.rand(1, 2, 8, 8, device=DEVICE)
     with pytest.raises(ValueError, match="windows up to"):

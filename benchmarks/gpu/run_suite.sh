@@ -55,7 +55,7 @@ for stage in "$@"; do
         # on the CPU, at the interpreter's block sizes
         sanitize) PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 9 \
                       --print-limit 20 "$PY" -m pytest -q -p no:cacheprovider tests/test_ssim_triton.py \
-                      -k "mean_and_grad or half_precision or fpn_features" ;;
+                      -k "mean_and_grad or half_precision or non_contiguous or fpn_features" ;;
         step)     "$PY" benchmarks/bench_step.py --json "$OUT/step.json" ;;
         step-fast) "$PY" benchmarks/bench_step.py --teacher-autocast bf16 --channels-last --json "$OUT/step-fast.json" ;;
         accuracy-*) "$PY" benchmarks/bench_accuracy.py --setting gpu --arch "${stage#accuracy-}" \
