@@ -125,8 +125,19 @@ def main(argv=None):
     parser.add_argument("--channels-last", action="store_true", help="teacher weights and inputs channels-last")
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
+    # the teachers' random-init checkpoints (hundreds of MB) live only as long as the run
+    with tempfile.TemporaryDirectory(prefix="kd_bench_step_") as tmp:
+        rows = run_archs(args, tmp)
+    print_table(args, rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "torch": torch.__version__, "rows": rows}, f, indent=2)
+    return rows
+
+
+def run_archs(args, tmp):
+    """Measure every (arch, method) of ``args``; teacher checkpoints go to ``tmp``."""
     fast_opts = ["KD.TEACHER.AUTOCAST", args.teacher_autocast, "KD.TEACHER.CHANNELS_LAST", args.channels_last]
-    tmp = tempfile.mkdtemp(prefix="kd_bench_step_")
     rows = []
     for arch in (["faster_rcnn", "retinanet"] if args.arch == "both" else [args.arch]):
         teacher_rel, student_rel, methods = ARCHS[arch]
@@ -177,7 +188,10 @@ def main(argv=None):
             if args.device.startswith("cuda"):
                 torch.cuda.empty_cache()
         rows.append(row)
+    return rows
 
+
+def print_table(args, rows):
     print("device: {} | batch {} | {}x{} | teacher autocast {!r} | channels-last {}".format(
         torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
         args.batch, *args.size, args.teacher_autocast, args.channels_last))
@@ -189,10 +203,6 @@ def main(argv=None):
             print("| {} | {} | {:.1f} | {:.1f} | {:.1f} | {:.3f} | {:.2f} | {} |".format(
                 r["arch"], name, r["student_step_ms"], e["teacher_inference_ms"], e["distill_step_ms"], e["overhead"],
                 e["distill_peak_gib"], diff))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "torch": torch.__version__, "rows": rows}, f, indent=2)
-    return rows
 
 
 if __name__ == "__main__":
