@@ -11,6 +11,7 @@ import torch
 from detectron2.config import CfgNode, get_cfg
 from detectron2.modeling import META_ARCH_REGISTRY
 
+from .checkpoint import atomic_write_bytes
 from .modeling.distill_base import KDStudentMixin
 
 __all__ = ["student_config", "student_state_dict", "export_student", "file_sha256"]
@@ -82,11 +83,10 @@ def export_student(cfg: CfgNode, weights: str, output_dir: str, name: str = "mod
         raise ValueError("{!r} is not a Detectron2 training checkpoint (a dict with a 'model' state dict)".format(weights))
     os.makedirs(output_dir, exist_ok=True)
     weights_out = os.path.join(output_dir, name + ".pth")
-    tmp = weights_out + ".tmp"
     # iteration kept for provenance; optimizer/scheduler state are training-only
-    torch.save({"model": student_state_dict(ckpt["model"]), "iteration": ckpt.get("iteration"),
-                "__author__": "kd_det export_student"}, tmp)
-    os.replace(tmp, weights_out)
+    student = {"model": student_state_dict(ckpt["model"]), "iteration": ckpt.get("iteration"),
+               "__author__": "kd_det export_student"}
+    atomic_write_bytes(weights_out, lambda f: torch.save(student, f))
     config_out = os.path.join(output_dir, "config.yaml")
     with open(config_out, "w") as f:
         f.write(student_config(cfg, weights_out).dump())

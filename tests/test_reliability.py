@@ -1,5 +1,6 @@
 """Crash safety: atomic checkpoints, and resuming a training killed with SIGKILL."""
 
+import errno
 import os
 import signal
 import subprocess
@@ -37,6 +38,59 @@ def test_checkpoint_interrupted_mid_write_leaves_previous_intact(tmp_path, monke
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
     # and Detectron2 resumes from it
     assert DetectionCheckpointer(nn.Linear(3, 2), str(tmp_path)).resume_or_load("", resume=True)["iteration"] == 1
+
+
+def _open_on_a_disk_with(free_bytes):
+    """``open`` whose binary files raise ENOSPC, as a full disk does, once ``free_bytes`` are written."""
+    real_open = open
+
+    class FullDiskFile:
+        def __init__(self, f):
+            self._f, self._left = f, free_bytes
+
+        def write(self, data):
+            if len(data) > self._left:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self._left -= len(data)
+            return self._f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self._f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._f.close()
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        return FullDiskFile(f) if "b" in mode and "w" in mode else f
+
+    return fake_open
+
+
+def test_full_disk_during_save_names_the_intact_checkpoint(tmp_path, monkeypatch):
+    import kd_det.checkpoint as checkpoint_module
+
+    ckpt = AtomicDetectionCheckpointer(nn.Linear(3, 2), str(tmp_path))
+    ckpt.save("model_0000001", iteration=1)
+    before = (tmp_path / "model_0000001.pth").read_bytes()
+    big = AtomicDetectionCheckpointer(nn.Linear(300, 300), str(tmp_path))
+    # module global shadows the builtin: only the checkpointer's writes see the full disk
+    monkeypatch.setattr(checkpoint_module, "open", _open_on_a_disk_with(4096), raising=False)
+    # torch.save's zip writer turns the write's OSError into "RuntimeError: unexpected pos";
+    # the user must see the disk, the file, what is intact and how to go on instead
+    with pytest.raises(OSError) as info:
+        big.save("model_0000002", iteration=2)
+    monkeypatch.undo()
+    message = str(info.value)
+    assert info.value.errno == errno.ENOSPC
+    assert "No space left on device" in message and "model_0000002.pth" in message
+    assert str(tmp_path / "model_0000001.pth") in message and "--resume" in message
+    assert (tmp_path / "model_0000001.pth").read_bytes() == before
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
+    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000001.pth"]
 
 
 def test_training_killed_with_sigkill_resumes(tmp_path):
