@@ -1,10 +1,11 @@
 """Distillation meta-architectures: teacher loading, freezing, checks and errors."""
 
 import os
+import re
 
 import pytest
 import torch
-from conftest import config_path, save_random_teacher, tiny_cfg
+from conftest import REPO, config_path, save_random_teacher, tiny_cfg
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import build_detection_train_loader
@@ -101,11 +102,17 @@ def test_teacher_weights_that_do_not_fit(tmp_path, tiny_data_root):
         build_model(cfg)
 
 
-def test_teacher_config_errors(tmp_path, tiny_data_root, rcnn_teacher):
+def test_teacher_config_errors(tmp_path, tiny_data_root, rcnn_teacher, monkeypatch):
     cfg = distill_cfg(RCNN_SSIM, "synthetic/faster_rcnn_R_50_FPN.yaml", rcnn_teacher, tmp_path)
     cfg.defrost()
     cfg.KD.TEACHER.CONFIG = str(tmp_path / "missing.yaml")
     with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        build_model(cfg)
+    # the shipped configs name their teacher relative to the checkout: say so from elsewhere
+    cfg.KD.TEACHER.CONFIG = "configs/synthetic/faster_rcnn_R_50_FPN.yaml"
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="kd_det ships it as {}".format(
+            re.escape(os.path.join(REPO, "configs/synthetic/faster_rcnn_R_50_FPN.yaml")))):
         build_model(cfg)
     broken = tmp_path / "broken.yaml"
     broken.write_text("MODEL:\n  NOT_A_KEY: 1\n")

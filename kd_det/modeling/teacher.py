@@ -16,6 +16,8 @@ from ..config import add_kd_config
 __all__ = ["FrozenTeacher", "build_teacher_cfg", "build_teacher", "build_teachers", "num_classes_of"]
 
 logger = logging.getLogger(__name__)
+# the source checkout, whose configs/ the shipped student configs name as KD.TEACHER.CONFIG
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def num_classes_of(cfg: CfgNode) -> int:
@@ -35,8 +37,13 @@ def build_teacher_cfg(student_cfg: CfgNode, path: Optional[str] = None) -> CfgNo
         raise ValueError("KD.TEACHER.CONFIG is empty: set it to the teacher's Detectron2 config file "
                          "(e.g. configs/synthetic/faster_rcnn_R_50_FPN.yaml)")
     if not os.path.isfile(path):
+        hint = ""
+        shipped = os.path.join(_CHECKOUT, path)
+        if not os.path.isabs(path) and os.path.isfile(shipped):
+            hint = ("; kd_det ships it as {}: run from the kd_det checkout or give that absolute "
+                    "path".format(shipped))
         raise FileNotFoundError("teacher config KD.TEACHER.CONFIG={!r} does not exist (paths are relative to "
-                                "the working directory {})".format(path, os.getcwd()))
+                                "the working directory {}){}".format(path, os.getcwd(), hint))
     cfg = add_kd_config(get_cfg())
     try:
         cfg.merge_from_file(path)
