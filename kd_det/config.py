@@ -129,7 +129,7 @@ def add_kd_config(cfg: CN) -> CN:
     cfg.KD.CURRICULUM.PHASE_ITERS = []
     cfg.KD.CURRICULUM.PHASE_FRACTIONS = []
 
-    # Checks of COCO-format datasets by tools/train_net.py before training: "full"
+    # Checks of COCO- and VOC-format datasets by tools/train_net.py before training: "full"
     # (annotations and image files), "annotations", or "none".
     cfg.DATASETS.VALIDATE = "full"
 

@@ -20,6 +20,7 @@ from kd_det import add_kd_config
 from kd_det.compat import launch
 from kd_det.data import prepare_datasets, validate_registered_datasets
 from kd_det.engine import get_trainer_class
+from kd_det.evaluation import evaluator_name
 
 
 def setup(args):
@@ -48,8 +49,8 @@ def main(args):
 def prepare(args):
     """
     Work done once, before any worker starts: generate kd_det's synthetic data if
-    used, then check every COCO-format dataset (DATASETS.VALIDATE) so that bad
-    data fails now, with the file and record to fix.
+    used, then check every COCO- and VOC-format dataset (DATASETS.VALIDATE) so that
+    bad data fails now, with the file and record to fix.
     """
     cfg = add_kd_config(get_cfg())
     cfg.merge_from_file(args.config_file)
@@ -57,7 +58,15 @@ def prepare(args):
     names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
     prepare_datasets(names)
     if cfg.DATASETS.VALIDATE != "none":
-        validate_registered_datasets(names, check_images=cfg.DATASETS.VALIDATE == "full")
+        validate_registered_datasets(names, check_images=cfg.DATASETS.VALIDATE == "full",
+                                     voc_evaluated=[n for n in cfg.DATASETS.TEST if _evaluated_with_voc(cfg, n)])
+
+
+def _evaluated_with_voc(cfg, dataset_name: str) -> bool:
+    try:
+        return evaluator_name(cfg, dataset_name) == "pascal_voc"
+    except ValueError:  # no kd_det evaluator: a custom trainer's build_evaluator decides
+        return False
 
 
 def cli(argv=None):

@@ -2,7 +2,7 @@
 
 from .curriculum import CurriculumSampler, load_scores, score_images
 from .datasets import prepare_datasets, register_synthetic_datasets, synthetic_root
-from .validation import DatasetError, validate_coco_json, validate_registered_datasets
+from .validation import DatasetError, validate_coco_json, validate_registered_datasets, validate_voc_dataset
 from .synthetic import CLASS_NAMES, SyntheticSpec, ensure_synthetic_dataset, generate_synthetic_dataset
 
 __all__ = [k for k in globals().keys() if not k.startswith("_")]

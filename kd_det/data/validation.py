@@ -1,15 +1,20 @@
 """
-Checks of COCO-format detection datasets before training starts, so that bad data
-fails at once with the file, the record and the fix, not hours in (or silently).
+Checks of COCO- and PASCAL VOC-format detection datasets before training starts, so
+that bad data fails at once with the file, the record and the fix, not hours in (in a
+data-loader worker, or in the evaluator after the last iteration) or silently.
 """
 
 import json
 import os
-from typing import Dict, Iterable, List
+import xml.etree.ElementTree as ET
+from typing import Dict, Iterable, List, Sequence
 
 from detectron2.data import MetadataCatalog
 
-__all__ = ["DatasetError", "validate_coco_json", "validate_registered_datasets"]
+__all__ = ["DatasetError", "validate_coco_json", "validate_voc_dataset", "validate_registered_datasets"]
+
+# EXIF orientations that swap width and height (Detectron2's read_image applies them)
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 
 
 class DatasetError(ValueError):
@@ -104,17 +109,141 @@ def validate_coco_json(json_file: str, image_root: str, check_images: bool = Tru
     return {k: len(data[k]) for k in ("images", "annotations", "categories")}
 
 
-def validate_registered_datasets(names: Iterable[str], check_images: bool = True) -> List[str]:
+def _voc_text(xml_file: str, element, path: str, what: str, convert=str):
+    """``element.find(path).text`` through ``convert``; a missing or malformed field fails naming ``what``."""
+    node = element.find(path)
+    if node is None or node.text is None:
+        _fail(xml_file, "{} has no <{}>".format(what, path), "Add the field (PASCAL VOC annotation format).")
+    try:
+        return convert(node.text.strip())
+    except ValueError:
+        _fail(xml_file, "{} has <{}> {!r}, not {}".format(what, path, node.text,
+                                                          "an integer" if convert is int else "a number"),
+              "Write {} there.".format("an integer (the PASCAL VOC evaluator parses it with int())"
+                                       if convert is int else "a number"))
+
+
+def validate_voc_dataset(dirname: str, split: str, class_names: Sequence[str], check_images: bool = True,
+                         for_evaluation: bool = False, tolerance: float = 1.0) -> Dict:
+    """
+    Validate a PASCAL VOC-format split as Detectron2 reads it (``load_voc_instances``).
+
+    Checks: ``ImageSets/Main/{split}.txt`` exists and lists one image id per line;
+    every id has ``Annotations/{id}.xml`` that parses, with a positive integer
+    ``<size>`` and objects whose ``<name>`` is one of ``class_names`` and whose
+    ``<bndbox>`` (1-based, inclusive) has xmax > xmin, ymax > ymin and lies in the image
+    (``tolerance`` pixels of slack). With ``for_evaluation`` (the split is evaluated by
+    ``PascalVOCDetectionEvaluator``), also what that evaluator parses: ``<pose>``,
+    integer ``<truncated>`` and ``<difficult>`` and integer box corners. With
+    ``check_images``, ``JPEGImages/{id}.jpg`` exists, its header reads, and its size
+    (after EXIF orientation) is the annotated one, which Detectron2 otherwise checks
+    only when a data-loader worker reaches the image.
+
+    Returns:
+        {"images": n, "objects": n}
+    Raises:
+        DatasetError naming the file and the offending record.
+    """
+    split_file = os.path.join(dirname, "ImageSets", "Main", split + ".txt")
+    if not os.path.isfile(split_file):
+        _fail(split_file, "file not found", "Check the dataset path ($DETECTRON2_DATASETS holds VOC2007/, VOC2012/) "
+              "or the registration's dirname and split.")
+    ids = []
+    with open(split_file) as f:
+        for line_number, line in enumerate(f, 1):
+            fields = line.split()
+            if len(fields) > 1:
+                _fail(split_file, "line {} has {} fields ({!r})".format(line_number, len(fields), line.strip()),
+                      "A split file lists one image id per line (the per-class files such as "
+                      "aeroplane_train.txt are not split files).")
+            ids.extend(fields)
+    if not ids:
+        _fail(split_file, "lists no images", "Write one image id per line.")
+
+    from PIL import Image
+
+    classes = set(class_names)
+    objects = 0
+    for image_id in ids:
+        xml_file = os.path.join(dirname, "Annotations", image_id + ".xml")
+        if not os.path.isfile(xml_file):
+            _fail(xml_file, "not found (image id {!r} is listed in {})".format(image_id, split_file),
+                  "Add the annotation file or remove the id from the split file.")
+        try:
+            tree = ET.parse(xml_file)
+        except ET.ParseError as e:
+            _fail(xml_file, "not valid XML ({})".format(e), "Regenerate or re-download the annotation file.")
+        width = _voc_text(xml_file, tree, "size/width", "the annotation", int)
+        height = _voc_text(xml_file, tree, "size/height", "the annotation", int)
+        if width <= 0 or height <= 0:
+            _fail(xml_file, "<size> is {}x{}".format(width, height), "Write the image's width and height in pixels.")
+        for k, obj in enumerate(tree.findall("object")):
+            what = "object {}".format(k)
+            name = _voc_text(xml_file, obj, "name", what)
+            if name not in classes:
+                _fail(xml_file, "object {} is named {!r}, not one of the {} classes {}".format(
+                    k, name, len(class_names), list(class_names)),
+                    "Fix the name, or register the dataset with its own class names "
+                    "(detectron2.data.datasets.register_pascal_voc(..., class_names=...)).")
+            corner = int if for_evaluation else float
+            x0, y0, x1, y1 = (_voc_text(xml_file, obj, "bndbox/" + c, what, corner) for c in ("xmin", "ymin", "xmax",
+                                                                                                "ymax"))
+            if x1 <= x0 or y1 <= y0:
+                _fail(xml_file, "object {} ({}) has box xmin={} ymin={} xmax={} ymax={} of non-positive size".format(
+                    k, name, x0, y0, x1, y1), "Remove the degenerate box or fix its corners.")
+            # 1-based inclusive corners: the image spans 1..width, 1..height
+            if x0 < 1 - tolerance or y0 < 1 - tolerance or x1 > width + tolerance or y1 > height + tolerance:
+                _fail(xml_file, "object {} ({}) has box xmin={} ymin={} xmax={} ymax={} outside the {}x{} "
+                      "image".format(k, name, x0, y0, x1, y1, width, height),
+                      "Clip the box to the image (VOC corners are 1-based), or correct <size>.")
+            if for_evaluation:
+                _voc_text(xml_file, obj, "pose", what)
+                _voc_text(xml_file, obj, "truncated", what, int)
+                _voc_text(xml_file, obj, "difficult", what, int)
+            objects += 1
+        if check_images:
+            path = os.path.join(dirname, "JPEGImages", image_id + ".jpg")
+            if not os.path.isfile(path):
+                _fail(xml_file, "image {} not found".format(path), "Add the image or remove the id from {}.".format(
+                    split_file))
+            try:
+                with Image.open(path) as im:  # reads the header only
+                    size = im.size
+                    if im.getexif().get(0x0112) in _TRANSPOSING_ORIENTATIONS:
+                        size = size[::-1]
+            except Exception as e:
+                _fail(xml_file, "image {} cannot be read ({}: {})".format(path, type(e).__name__, e),
+                      "Replace the corrupt file or remove the id from {}.".format(split_file))
+            if size != (width, height):
+                _fail(xml_file, "<size> says {}x{} but {} is {}x{}".format(width, height, path, *size),
+                      "Correct <size> (Detectron2 stops training at this image otherwise).")
+    return {"images": len(ids), "objects": objects}
+
+
+def validate_registered_datasets(names: Iterable[str], check_images: bool = True,
+                                 voc_evaluated: Iterable[str] = ()) -> List[str]:
     """
     Validate every COCO-format dataset among ``names`` (those whose metadata has
-    ``json_file`` and ``image_root``); others (VOC, custom loaders) are skipped.
-    Returns the names validated.
+    ``json_file`` and ``image_root``) and every PASCAL VOC-format one (``dirname``,
+    ``split`` and ``thing_classes``, as ``register_pascal_voc`` sets); others (custom
+    loaders) are skipped. Those in ``voc_evaluated`` are also checked for what
+    ``PascalVOCDetectionEvaluator`` needs. Returns the names validated.
     """
+    voc_evaluated = set(voc_evaluated)
     done = []
     for name in names:
         meta = MetadataCatalog.get(name)
         json_file, image_root = getattr(meta, "json_file", None), getattr(meta, "image_root", None)
+        dirname, split = getattr(meta, "dirname", None), getattr(meta, "split", None)
         if json_file and image_root:
             validate_coco_json(json_file, image_root, check_images)
-            done.append(name)
+        elif dirname and split and getattr(meta, "thing_classes", None):
+            if name in voc_evaluated and getattr(meta, "year", None) not in (2007, 2012):
+                raise DatasetError("dataset {!r} is evaluated with PASCAL VOC AP but its metadata has year={!r}. "
+                                   "Register it with year=2007 (11-point AP) or 2012 (area under the curve), or "
+                                   "set TEST.EVALUATOR.".format(name, getattr(meta, "year", None)))
+            validate_voc_dataset(dirname, split, meta.thing_classes, check_images, for_evaluation=name in voc_evaluated)
+        else:
+            continue
+        done.append(name)
     return done

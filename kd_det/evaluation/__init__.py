@@ -1,5 +1,5 @@
 """Evaluator registry: COCO and PASCAL VOC evaluation chosen by config or dataset metadata."""
 
-from .registry import EVALUATOR_REGISTRY, build_evaluator
+from .registry import EVALUATOR_REGISTRY, build_evaluator, evaluator_name
 
-__all__ = ["EVALUATOR_REGISTRY", "build_evaluator"]
+__all__ = ["EVALUATOR_REGISTRY", "build_evaluator", "evaluator_name"]
