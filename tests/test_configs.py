@@ -1,14 +1,24 @@
-"""Every shipped config merges into a kd_det config and names a registered meta-architecture."""
+"""
+Every shipped config merges into a kd_det config and names a registered meta-architecture;
+its class count fits its datasets, and a distillation config fits its teacher's (same
+classes and training data, teacher weights where the teacher's config writes them).
+"""
 
 import glob
 import os
 
 import pytest
+import torch
 from conftest import REPO
 
-from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import MetadataCatalog
+from detectron2.modeling import META_ARCH_REGISTRY, build_model
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
 
 from kd_det import get_kd_cfg
+from kd_det.modeling.teacher import build_teacher_cfg, num_classes_of
 
 CONFIGS = sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"),
                                                                recursive=True))
@@ -27,3 +37,74 @@ def test_config_merges(path):
         assert os.path.isfile(os.path.join(REPO, cfg.KD.TEACHER.CONFIG)), cfg.KD.TEACHER.CONFIG
     for teacher in cfg.KD.MULTI_TEACHER.CONFIGS:
         assert os.path.isfile(os.path.join(REPO, teacher)), teacher
+
+
+def _load(path):
+    cfg = get_kd_cfg()
+    cfg.merge_from_file(os.path.join(REPO, path))
+    return cfg
+
+
+def _teachers(cfg):
+    """(config path, weights path) of each teacher a config names."""
+    pairs = [(cfg.KD.TEACHER.CONFIG, cfg.KD.TEACHER.WEIGHTS)] if cfg.KD.TEACHER.CONFIG else []
+    return pairs + list(zip(cfg.KD.MULTI_TEACHER.CONFIGS, cfg.KD.MULTI_TEACHER.WEIGHTS))
+
+
+@pytest.mark.parametrize("path", CONFIGS)
+def test_class_count_fits_the_datasets(path):
+    cfg = _load(path)
+    for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
+        classes = MetadataCatalog.get(name).get("thing_classes", None)
+        assert classes is not None, "{} names {!r}, which has no registered classes".format(path, name)
+        assert num_classes_of(cfg) == len(classes), "{}: {} classes, {!r} has {}".format(
+            path, num_classes_of(cfg), name, len(classes))
+
+
+DISTILL_CONFIGS = [p for p in CONFIGS if _teachers(_load(p))]
+
+
+def test_distillation_configs_found():
+    assert {"COCO-Distillation", "PascalVOC-Distillation", "distill"} <= {p.split(os.sep)[-2] for p in DISTILL_CONFIGS}
+
+
+@pytest.mark.parametrize("path", DISTILL_CONFIGS)
+def test_student_fits_its_teachers(path, monkeypatch):
+    monkeypatch.chdir(REPO)  # the shipped teacher paths are relative to the checkout
+    cfg = _load(path)
+    assert len(cfg.KD.MULTI_TEACHER.CONFIGS) == len(cfg.KD.MULTI_TEACHER.WEIGHTS), path
+    for teacher_config, weights in _teachers(cfg):
+        teacher = build_teacher_cfg(cfg, teacher_config)
+        assert num_classes_of(teacher) == num_classes_of(cfg), (path, teacher_config)
+        assert teacher.DATASETS.TRAIN == cfg.DATASETS.TRAIN, (path, teacher_config)
+        # training the teacher with its own config writes the weights the student config loads
+        assert os.path.normpath(weights) == os.path.normpath(os.path.join(teacher.OUTPUT_DIR, "model_final.pth")), (
+            path, teacher_config, weights)
+
+
+@pytest.mark.parametrize("path", ["configs/COCO-Distillation/ssim_faster_rcnn_R50_to_R18_1x.yaml",
+                                  "configs/COCO-Distillation/rm_pfi_retinanet_R50_to_R18_1x.yaml",
+                                  "configs/PascalVOC-Distillation/ssim_faster_rcnn_R50_to_R18.yaml",
+                                  "configs/PascalVOC-Distillation/rm_pfi_retinanet_R50_to_R18.yaml"])
+def test_full_size_distillation_config_trains_a_step(path, tmp_path, monkeypatch):
+    """The real-dataset configs as shipped (R-50 teacher, R-18 student, full widths) build and train on a CPU."""
+    monkeypatch.chdir(REPO)
+    cfg = _load(path)
+    cfg.MODEL.DEVICE = "cpu"
+    teacher_cfg = build_teacher_cfg(cfg)
+    torch.manual_seed(0)
+    DetectionCheckpointer(build_model(teacher_cfg), save_dir=str(tmp_path)).save("teacher")
+    cfg.KD.TEACHER.WEIGHTS = str(tmp_path / "teacher.pth")
+    student = build_model(cfg)
+    student.train()
+    last_class = num_classes_of(cfg) - 1
+    instances = Instances((96, 128), gt_boxes=Boxes(torch.tensor([[10.0, 12.0, 60.0, 80.0], [70.0, 5.0, 120.0, 40.0]])),
+                          gt_classes=torch.tensor([0, last_class]))
+    image = torch.randint(0, 256, (3, 96, 128), dtype=torch.uint8)
+    with EventStorage(0):
+        losses = student([{"image": image, "instances": instances, "height": 96, "width": 128}])
+    kd_terms = {k for k in losses if k.startswith("loss_kd_")}
+    assert kd_terms, sorted(losses)
+    assert all(torch.isfinite(v) for v in losses.values()), losses
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for n, p in student.named_parameters() if n.startswith("backbone.bottom_up.res5"))
