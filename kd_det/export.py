@@ -8,13 +8,15 @@ import os
 from typing import Dict
 
 import torch
+from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.modeling import META_ARCH_REGISTRY
 
 from .checkpoint import atomic_write_bytes
 from .modeling.distill_base import KDStudentMixin
 
-__all__ = ["student_config", "student_state_dict", "export_student", "file_sha256"]
+__all__ = ["student_config", "student_inference_cfg", "student_state_dict", "StudentCheckpointer", "export_student",
+           "file_sha256"]
 
 
 def _drop_unknown_keys(cfg: CfgNode, reference: CfgNode) -> CfgNode:
@@ -47,9 +49,37 @@ def student_config(cfg: CfgNode, weights: str = "") -> CfgNode:
     return out
 
 
+def student_inference_cfg(cfg: CfgNode) -> CfgNode:
+    """
+    ``cfg`` (a kd_det config) with the distillation meta-architecture replaced by the
+    student's plain one, so that ``build_model`` makes the student alone: no teacher
+    (nor its weights), no adapters or self-teacher. Every other key (datasets,
+    ``TEST.EVALUATOR``, ...) is kept, as evaluation reads them.
+    """
+    cls = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
+    if not issubclass(cls, KDStudentMixin):
+        return cfg
+    out = cfg.clone()
+    out.defrost()
+    out.MODEL.META_ARCHITECTURE = cls.student_meta_architecture
+    out.freeze()
+    return out
+
+
 def student_state_dict(checkpoint_model: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """The student's weights of a distillation checkpoint's ``model`` dict (``kd_*`` keys dropped)."""
     return {k: v for k, v in checkpoint_model.items() if not k.startswith(KDStudentMixin.kd_key_prefix)}
+
+
+class StudentCheckpointer(DetectionCheckpointer):
+    """
+    Loads a distillation checkpoint into the bare student (:func:`student_inference_cfg`):
+    its ``kd_*`` weights are dropped instead of being reported as unused keys.
+    """
+
+    def _load_model(self, checkpoint):
+        checkpoint["model"] = student_state_dict(checkpoint["model"])
+        return super()._load_model(checkpoint)
 
 
 def file_sha256(path: str) -> str:

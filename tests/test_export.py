@@ -11,7 +11,7 @@ from test_distill import _one_step, distill_cfg
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
-from kd_det.export import export_student, file_sha256
+from kd_det.export import StudentCheckpointer, export_student, file_sha256, student_inference_cfg
 
 # runs in a fresh interpreter: vanilla Detectron2 only
 VANILLA_LOAD = r"""
@@ -73,6 +73,18 @@ def test_export_round_trip(kind, tiny_data_root, tmp_path, rcnn_teacher, retina_
     assert torch.allclose(vanilla["boxes"], ours.pred_boxes.tensor, atol=1e-4)
     assert torch.allclose(vanilla["scores"], ours.scores, atol=1e-5)
     assert torch.equal(vanilla["classes"], ours.pred_classes)
+
+    # --eval-only's student: built without the teacher (its weights need not exist), kd_ weights skipped
+    cfg.defrost()
+    cfg.KD.TEACHER.WEIGHTS = str(tmp_path / "no_teacher_here.pth")
+    student = build_model(student_inference_cfg(cfg)).eval()
+    assert type(student).__name__ == arch and not hasattr(student, "teacher")
+    incompatible = StudentCheckpointer(student)._load_model(
+        {"model": torch.load(tmp_path / "model_final.pth", weights_only=False)["model"]})
+    assert not incompatible.missing_keys and not incompatible.unexpected_keys
+    with torch.no_grad():
+        alone = student([{"image": image, "height": 64, "width": 64}])[0]["instances"]
+    assert torch.equal(alone.pred_boxes.tensor, ours.pred_boxes.tensor) and torch.equal(alone.scores, ours.scores)
 
 
 def test_export_errors(tmp_path):

@@ -11,7 +11,6 @@ Train or evaluate a detector, with or without distillation, the Detectron2 way.
 The trainer class is ``cfg.KD.TRAINER`` (kd_det.engine.TRAINER_REGISTRY).
 """
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
@@ -21,6 +20,7 @@ from kd_det.compat import launch
 from kd_det.data import prepare_datasets, validate_registered_datasets
 from kd_det.engine import get_trainer_class
 from kd_det.evaluation import evaluator_name
+from kd_det.export import StudentCheckpointer, student_inference_cfg
 
 
 def setup(args):
@@ -36,8 +36,9 @@ def main(args):
     cfg = setup(args)
     trainer_cls = get_trainer_class(cfg)
     if args.eval_only:
-        model = trainer_cls.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        # the student alone: evaluating it needs neither the teacher nor its weights
+        model = trainer_cls.build_model(student_inference_cfg(cfg))
+        StudentCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = trainer_cls.test(cfg, model)
         verify_results(cfg, res)
         return res
