@@ -56,7 +56,8 @@ def prepare(args):
     cfg = add_kd_config(get_cfg())
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
-    names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
+    # --eval-only reads only the test sets, which may be all a machine holds
+    names = ([] if args.eval_only else list(cfg.DATASETS.TRAIN)) + list(cfg.DATASETS.TEST)
     prepare_datasets(names)
     if cfg.DATASETS.VALIDATE != "none":
         validate_registered_datasets(names, check_images=cfg.DATASETS.VALIDATE == "full",
