@@ -5,12 +5,14 @@ from pytorch_msssim import ssim as reference_ssim
 
 from kd_det import get_kd_cfg
 from kd_det.losses import (
+    AttentionTransferLoss,
     L1FeatureLoss,
     L2FeatureLoss,
     SSIMFeatureLoss,
     build_feature_loss,
     minmax_normalize,
     ssim_feature_loss,
+    channel_statistics_loss,
     ssim_map,
     standardize_channels,
 )
@@ -175,3 +177,41 @@ def test_build_feature_loss_by_name_and_unknown_name():
 def test_shape_mismatch_is_explained():
     with pytest.raises(ValueError, match="adapter"):
         L2FeatureLoss()([torch.zeros(1, 4, 8, 8)], [torch.zeros(1, 8, 8, 8)])
+
+
+def _channel_stats(student, teacher):
+    return channel_statistics_loss(student, teacher)
+
+
+def _ssim_on_positions(student, teacher):
+    weights = [torch.linspace(0, 1, s.shape[-1]).expand(s.shape[0], s.shape[-2], -1).contiguous() for s in student]
+    return SSIMFeatureLoss(impl="torch")(student, teacher, position_weights=weights)
+
+
+@pytest.mark.parametrize("name, loss", [
+    ("ssim minmax", SSIMFeatureLoss(impl="torch")),
+    ("ssim raw", SSIMFeatureLoss(impl="torch", normalize="none")),
+    ("ssim with position weights (PFI)", _ssim_on_positions),
+    ("l2", L2FeatureLoss()),
+    ("l1 channel-standardised", L1FeatureLoss(normalize="channel")),
+    ("attention transfer", AttentionTransferLoss()),
+    ("channel statistics", _channel_stats),
+])
+def test_losses_keep_full_precision_under_autocast(name, loss):
+    """SOLVER.AMP: a float16 student under autocast gets the float32 loss and gradient of its values."""
+    torch.manual_seed(0)
+    student = [(torch.randn(2, 8, 30, 36) * 3).half(), torch.randn(2, 8, 8, 9).half()]
+    teacher = [s.float() + 0.5 * torch.randn(s.shape) for s in student]
+    scale = 2.0**16  # GradScaler's initial loss scale: keeps float16 gradients out of the subnormal range
+    exact = [s.float().requires_grad_() for s in student]
+    expected = loss(exact, teacher)
+    (expected * scale).backward()
+    half = [s.clone().requires_grad_() for s in student]
+    with torch.autocast("cpu", dtype=torch.float16):
+        value = loss(half, teacher)
+    (value * scale).backward()
+    assert value.dtype == torch.float32, name
+    assert abs(value.item() - expected.item()) <= 1e-5 * abs(expected.item()), (name, value.item(), expected.item())
+    for h, e in zip(half, exact):
+        assert h.grad.dtype == torch.float16
+        assert ((h.grad.float() - e.grad).norm() / e.grad.norm()).item() < 5e-3, name

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.utils.registry import Registry
 
+from .precision import at_least_fp32, full_precision
 from .ssim import minmax_normalize, ssim_map
 
 __all__ = [
@@ -71,12 +72,14 @@ class FeatureLoss:
         Scalar loss of one level: the mean of :meth:`loss_map`, or, with
         ``position_weight`` (N, H, W), the mean over channels of
         sum(weight * loss) / sum(weight) over positions of the whole batch.
+        At least float32, autocast or not (:mod:`.precision`).
         """
-        lmap = self.loss_map(student, teacher)
-        if position_weight is None:
-            return lmap.mean()
-        w = _center_crop(position_weight, lmap.shape[-2], lmap.shape[-1]).unsqueeze(1)
-        return (lmap * w).sum() / (w.sum() * lmap.shape[1]).clamp_min(1e-12)
+        with full_precision(student):
+            lmap = self.loss_map(at_least_fp32(student), at_least_fp32(teacher))
+            if position_weight is None:
+                return lmap.mean()
+            w = _center_crop(at_least_fp32(position_weight), lmap.shape[-2], lmap.shape[-1]).unsqueeze(1)
+            return (lmap * w).sum() / (w.sum() * lmap.shape[1]).clamp_min(1e-12)
 
     def __call__(
         self,
@@ -102,7 +105,7 @@ class FeatureLoss:
         if len(level_weights) != len(student):
             raise ValueError("KD.FEATURE.LEVEL_WEIGHTS has {} entries for {} levels".format(
                 len(level_weights), len(student)))
-        total = student[0].new_zeros(())
+        total = at_least_fp32(student[0].new_zeros(()))
         for i, (s, t) in enumerate(zip(student, teacher)):
             compared = slice(None) if self.needs_equal_channels else slice(-2, None)
             if s.shape[compared] != t.shape[compared] or s.shape[0] != t.shape[0]:

@@ -10,12 +10,9 @@ from typing import List, Sequence
 import torch
 import torch.nn.functional as F
 
+from .precision import at_least_fp32
+
 __all__ = ["rank_mimicking_loss", "soft_label_kd_loss", "prediction_difference_weights"]
-
-
-def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """Half-precision logits (autocast) are promoted; float64 stays exact."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _segment_log_softmax(values: torch.Tensor, segments: torch.Tensor, num_segments: int) -> torch.Tensor:
@@ -68,8 +65,8 @@ def rank_mimicking_loss(
     segments = torch.cat(segments)
     if segments.numel() == 0:
         return student_logits.sum() * 0.0
-    s = _at_least_fp32(torch.cat(s_scores)).sigmoid() / temperature
-    t = _at_least_fp32(torch.cat(t_scores)).detach().sigmoid() / temperature
+    s = at_least_fp32(torch.cat(s_scores)).sigmoid() / temperature
+    t = at_least_fp32(torch.cat(t_scores)).detach().sigmoid() / temperature
     log_ps = _segment_log_softmax(s, segments, offset)
     log_pt = _segment_log_softmax(t, segments, offset)
     kl_terms = log_pt.exp() * (log_pt - log_ps)
@@ -102,8 +99,8 @@ def soft_label_kd_loss(
     """
     if mode not in ("kl", "bce"):
         raise ValueError("KD.SOFT_LABEL.MODE must be 'kl' or 'bce', got {!r}".format(mode))
-    s = _at_least_fp32(student_logits[valid_mask]) / temperature
-    t = _at_least_fp32(teacher_logits[valid_mask]).detach() / temperature
+    s = at_least_fp32(student_logits[valid_mask]) / temperature
+    t = at_least_fp32(teacher_logits[valid_mask]).detach() / temperature
     if s.numel() == 0:
         return student_logits.sum() * 0.0
     p_t = t.sigmoid()
@@ -134,6 +131,6 @@ def prediction_difference_weights(
         if s.shape != t.shape:
             raise ValueError("student and teacher class logits differ in shape: {} vs {}; PFI needs the same "
                              "anchors per position, classes and strides".format(tuple(s.shape), tuple(t.shape)))
-        diff = (_at_least_fp32(t.detach()) - _at_least_fp32(s.detach())).pow(2).mean(dim=1)
+        diff = (at_least_fp32(t.detach()) - at_least_fp32(s.detach())).pow(2).mean(dim=1)
         weights.append(diff / diff.mean(dim=(1, 2), keepdim=True).clamp_min(eps))
     return weights

@@ -5,6 +5,8 @@ from typing import Sequence, Tuple
 
 import torch
 
+from .precision import at_least_fp32
+
 __all__ = ["channel_statistics", "channel_statistics_loss", "adain", "head_output_loss"]
 
 
@@ -37,10 +39,10 @@ def channel_statistics_loss(student: Sequence[torch.Tensor], teacher: Sequence[t
     Returns:
         scalar.
     """
-    total = student[0].new_zeros(())
+    total = at_least_fp32(student[0].new_zeros(()))
     for s, t in zip(student, teacher):
-        ms, ss = channel_statistics(s)
-        mt, st = channel_statistics(t.detach())
+        ms, ss = channel_statistics(at_least_fp32(s))
+        mt, st = channel_statistics(at_least_fp32(t.detach()))
         scale = st.pow(2).mean().clamp_min(1e-6)
         total = total + ((ms - mt) ** 2 + (ss - st) ** 2).mean() / scale
     return total / len(student)
@@ -68,8 +70,8 @@ def head_output_loss(judged: Sequence[torch.Tensor], reference: Sequence[torch.T
     divided by the variance of the originals (scale-free, like the statistics loss),
     mean over levels.
     """
-    total = judged[0].new_zeros(())
+    total = at_least_fp32(judged[0].new_zeros(()))
     for a, b in zip(judged, reference):
-        b = b.detach()
+        a, b = at_least_fp32(a), at_least_fp32(b.detach())
         total = total + (a - b).pow(2).mean() / b.var(unbiased=False).clamp_min(1e-6)
     return total / len(judged)
