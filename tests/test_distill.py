@@ -2,6 +2,7 @@
 
 import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from detectron2.data import build_detection_train_loader
 from detectron2.modeling import build_model
 from detectron2.solver import build_optimizer
 from detectron2.utils.events import EventStorage
+from detectron2.utils.file_io import PathManager
 
 from kd_det.modeling import DistillGeneralizedRCNN, DistillRetinaNet
 
@@ -83,6 +85,32 @@ def test_missing_teacher_weights(tmp_path, tiny_data_root):
         build_model(cfg)
     cfg = distill_cfg(RCNN_SSIM, "synthetic/faster_rcnn_R_50_FPN.yaml", "", tmp_path)
     with pytest.raises(ValueError, match="KD.TEACHER.WEIGHTS is empty"):
+        build_model(cfg)
+
+
+def test_teacher_weights_from_a_url(tmp_path, tiny_data_root, rcnn_teacher, monkeypatch):
+    """detectron2:// (model zoo) and https:// teacher weights go through iopath's cache; offline, a clear error."""
+    monkeypatch.setenv("FVCORE_CACHE", str(tmp_path / "cache"))
+    # what a download of detectron2://kd_det_test/teacher.pth would have left in the cache
+    cached = tmp_path / "cache" / "detectron2" / "kd_det_test" / "teacher.pth"
+    cached.parent.mkdir(parents=True)
+    shutil.copy(rcnn_teacher, cached)
+    cfg = distill_cfg(RCNN_SSIM, "synthetic/faster_rcnn_R_50_FPN.yaml", "detectron2://kd_det_test/teacher.pth",
+                      tmp_path)
+    model = build_model(cfg)
+    expected = torch.load(rcnn_teacher, weights_only=False)["model"]
+    assert torch.equal(model.teacher.model.state_dict()["backbone.fpn_output2.weight"],
+                       expected["backbone.fpn_output2.weight"])
+
+    def offline(path, **kwargs):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(PathManager, "get_local_path", offline)
+    cfg = distill_cfg(RCNN_SSIM, "synthetic/faster_rcnn_R_50_FPN.yaml",
+                      "https://example.com/teachers/model_final.pth", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"'https://example.com/teachers/model_final.pth' could not be "
+                                                r"fetched \(OSError: .*name resolution.*set KD.TEACHER.WEIGHTS to its "
+                                                r"local path"):
         build_model(cfg)
 
 

@@ -10,6 +10,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import ImageList
+from detectron2.utils.file_io import PathManager
 
 from ..config import add_kd_config
 
@@ -59,17 +60,35 @@ def build_teacher_cfg(student_cfg: CfgNode, path: Optional[str] = None) -> CfgNo
     return cfg
 
 
+def _local_weights_file(path: str, config_path: str) -> str:
+    """
+    A local file for ``KD.TEACHER.WEIGHTS``: a path as it is, or a URL that Detectron2's
+    PathManager resolves (``detectron2://`` for its model zoo, ``https://``), fetched
+    once into iopath's cache ($FVCORE_CACHE, default ~/.torch/iopath_cache).
+    """
+    if "://" not in path:
+        if not os.path.isfile(path):
+            raise FileNotFoundError("teacher weights KD.TEACHER.WEIGHTS={!r} not found. Train the teacher with "
+                                    "tools/train_net.py --config-file {} or fix the path".format(path, config_path))
+        return path
+    try:
+        return PathManager.get_local_path(path)
+    except Exception as e:
+        raise FileNotFoundError(
+            "teacher weights KD.TEACHER.WEIGHTS={!r} could not be fetched ({}: {}). Without network access, "
+            "download the file elsewhere and set KD.TEACHER.WEIGHTS to its local path".format(
+                path, type(e).__name__, e)) from e
+
+
 def _load_teacher_weights(model: torch.nn.Module, path: str, config_path: str) -> None:
     if not path:
         raise ValueError("KD.TEACHER.WEIGHTS is empty: a distilled student needs a trained teacher. Train one "
                          "with tools/train_net.py --config-file {} and point KD.TEACHER.WEIGHTS at its "
                          "model_final.pth".format(config_path))
-    if not os.path.isfile(path):
-        raise FileNotFoundError("teacher weights KD.TEACHER.WEIGHTS={!r} not found. Train the teacher with "
-                                "tools/train_net.py --config-file {} or fix the path".format(path, config_path))
+    local = _local_weights_file(path, config_path)
     checkpointer = DetectionCheckpointer(model)
     try:
-        checkpoint = checkpointer._load_file(path)
+        checkpoint = checkpointer._load_file(local)
     except Exception as e:
         raise ValueError("teacher weights {!r} are unreadable ({}: {}); re-save or re-train the "
                          "teacher".format(path, type(e).__name__, e)) from e
