@@ -1,8 +1,8 @@
 """Distillation meta-architectures: teacher loading, freezing, checks and errors."""
 
 import os
+import pickle
 import re
-import shutil
 
 import pytest
 import torch
@@ -91,14 +91,16 @@ def test_missing_teacher_weights(tmp_path, tiny_data_root):
 def test_teacher_weights_from_a_url(tmp_path, tiny_data_root, rcnn_teacher, monkeypatch):
     """detectron2:// (model zoo) and https:// teacher weights go through iopath's cache; offline, a clear error."""
     monkeypatch.setenv("FVCORE_CACHE", str(tmp_path / "cache"))
-    # what a download of detectron2://kd_det_test/teacher.pth would have left in the cache
-    cached = tmp_path / "cache" / "detectron2" / "kd_det_test" / "teacher.pth"
+    # what a download of detectron2://kd_det_test/model_final.pkl would have left in the cache: a file
+    # in the model zoo's format (a pickle of numpy arrays)
+    cached = tmp_path / "cache" / "detectron2" / "kd_det_test" / "model_final.pkl"
     cached.parent.mkdir(parents=True)
-    shutil.copy(rcnn_teacher, cached)
-    cfg = distill_cfg(RCNN_SSIM, "synthetic/faster_rcnn_R_50_FPN.yaml", "detectron2://kd_det_test/teacher.pth",
+    expected = torch.load(rcnn_teacher, weights_only=False)["model"]
+    with open(cached, "wb") as f:
+        pickle.dump({"model": {k: v.numpy() for k, v in expected.items()}, "__author__": "Detectron2 Model Zoo"}, f)
+    cfg = distill_cfg(RCNN_SSIM, "synthetic/faster_rcnn_R_50_FPN.yaml", "detectron2://kd_det_test/model_final.pkl",
                       tmp_path)
     model = build_model(cfg)
-    expected = torch.load(rcnn_teacher, weights_only=False)["model"]
     assert torch.equal(model.teacher.model.state_dict()["backbone.fpn_output2.weight"],
                        expected["backbone.fpn_output2.weight"])
 
