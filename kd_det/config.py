@@ -26,6 +26,16 @@ def add_kd_config(cfg: CN) -> CN:
     # fp32), and channels-last weights/inputs.  See benchmarks/bench_step.py.
     cfg.KD.TEACHER.AUTOCAST = ""
     cfg.KD.TEACHER.CHANNELS_LAST = False
+    # Refuse a teacher whose training set (its config's DATASETS.TRAIN) names other classes,
+    # or the same ones in another order, than the student's: equal class counts alone let a
+    # teacher teach class i under the wrong name.  Checked where both sets are registered.
+    cfg.KD.TEACHER.CHECK_CLASSES = True
+    # Evaluate every teacher on DATASETS.TEST before the first iteration (not on --resume),
+    # logged as teacher/bbox/AP.  MIN_AP > 0 implies it, and stops when a teacher's box AP on
+    # a test set is lower (a teacher that loads but does not detect: wrong checkpoint, input
+    # format, pixel normalisation, ...).
+    cfg.KD.TEACHER.EVAL_BEFORE_TRAIN = False
+    cfg.KD.TEACHER.MIN_AP = 0.0
 
     # Feature imitation between student and teacher FPN outputs.
     cfg.KD.FEATURE = CN()

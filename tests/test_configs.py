@@ -77,6 +77,8 @@ def test_student_fits_its_teachers(path, monkeypatch):
         teacher = build_teacher_cfg(cfg, teacher_config)
         assert num_classes_of(teacher) == num_classes_of(cfg), (path, teacher_config)
         assert teacher.DATASETS.TRAIN == cfg.DATASETS.TRAIN, (path, teacher_config)
+        if "synthetic" not in path.split(os.sep):  # real runs score the teacher before spending GPU days on it
+            assert cfg.KD.TEACHER.EVAL_BEFORE_TRAIN, path
         if weights.startswith("detectron2://"):  # a published Detectron2 model-zoo teacher of that architecture
             zoo_name = os.path.splitext(os.path.basename(teacher_config))[0]
             assert weights.startswith("detectron2://COCO-Detection/{}/".format(zoo_name)), (path, weights)

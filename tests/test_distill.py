@@ -160,6 +160,48 @@ def test_class_count_mismatch(tmp_path, tiny_data_root):
         build_model(cfg)
 
 
+@pytest.fixture
+def teacher_dataset(tiny_data_root):
+    """Registers a training set for the teacher with the given class names; unregisters it afterwards."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    names = []
+
+    def register(name, classes):
+        DatasetCatalog.register(name, lambda: [])
+        MetadataCatalog.get(name).set(thing_classes=list(classes))
+        names.append(name)
+        return name
+
+    yield register
+    for name in names:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+
+
+def test_teacher_trained_on_other_classes(tmp_path, rcnn_teacher, teacher_dataset):
+    from kd_det.data.synthetic import CLASS_NAMES
+
+    reordered = teacher_dataset("kd_test_reordered", list(CLASS_NAMES[1:]) + [CLASS_NAMES[0]])
+    other = teacher_dataset("kd_test_other", ["cat", "dog", "car", "bus", "cow"])
+    teacher = "synthetic/faster_rcnn_R_50_FPN.yaml"
+    cfg = distill_cfg(RCNN_SSIM, teacher, rcnn_teacher, tmp_path, ["KD.TEACHER.OPTS", ["DATASETS.TRAIN", (reordered,)]])
+    msg = "same classes in another order \\(class 0 is {!r} for the teacher, {!r} for the student\\)".format(
+        CLASS_NAMES[1], CLASS_NAMES[0])
+    with pytest.raises(ValueError, match="trained on DATASETS.TRAIN=\\('kd_test_reordered',\\).*" + msg):
+        build_model(cfg)
+    cfg = distill_cfg(RCNN_SSIM, teacher, rcnn_teacher, tmp_path, ["KD.TEACHER.OPTS", ["DATASETS.TRAIN", (other,)]])
+    with pytest.raises(ValueError, match="other classes.*'bus', 'car'.*CHECK_CLASSES False"):
+        build_model(cfg)
+    # the user's word that they correspond; a teacher set not registered here is not checked
+    cfg = distill_cfg(RCNN_SSIM, teacher, rcnn_teacher, tmp_path, ["KD.TEACHER.OPTS", ["DATASETS.TRAIN", (other,)],
+                                                                   "KD.TEACHER.CHECK_CLASSES", False])
+    build_model(cfg)
+    cfg = distill_cfg(RCNN_SSIM, teacher, rcnn_teacher, tmp_path,
+                      ["KD.TEACHER.OPTS", ["DATASETS.TRAIN", ("not_registered_here",)]])
+    build_model(cfg)
+
+
 def test_channel_mismatch_without_adapter(tmp_path, tiny_data_root, rcnn_teacher):
     cfg = distill_cfg(RCNN_SSIM, "synthetic/faster_rcnn_R_50_FPN.yaml", rcnn_teacher, tmp_path,
                       ["KD.FEATURE.ADAPTER", "none"])

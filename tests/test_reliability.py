@@ -132,11 +132,16 @@ def test_two_process_cpu_distillation(tmp_path, retina_teacher):
     args = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--num-gpus", "2", "--config-file",
             config_path("synthetic/distill/ssim_retinanet_R50_to_R18.yaml"),
             "KD.TEACHER.CONFIG", config_path("synthetic/retinanet_R_50_FPN.yaml"), "KD.TEACHER.WEIGHTS", retina_teacher,
-            "SOLVER.MAX_ITER", "3", "OUTPUT_DIR", str(out), "DATASETS.TEST", "()"] + SMALL
+            "SOLVER.MAX_ITER", "3", "OUTPUT_DIR", str(out),
+            # the teacher is evaluated first, by both processes (each scores half the test set)
+            "KD.TEACHER.EVAL_BEFORE_TRAIN", "True", "DATASETS.TEST", "('kd_synthetic_val',)",
+            "KD.TEACHER.OPTS", "['INPUT.MIN_SIZE_TEST', '64', 'INPUT.MAX_SIZE_TEST', '64']"] + SMALL
     proc = subprocess.run(args, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     assert "World size: 2" in log
+    assert "Start inference on 75 batches" in log  # half of the 150 validation images, for the teacher
+    assert [m["iteration"] for m in _metrics(out) if "teacher/bbox/AP" in m] == [0]
     final = torch.load(out / "model_final.pth", weights_only=False)
     assert final["iteration"] == 2
     assert not [k for k in final["model"] if k.startswith("teacher") or k.startswith("module.")]

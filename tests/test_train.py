@@ -152,3 +152,51 @@ def test_adamw_optimizer_and_unknown_optimizer(tiny_data_root, tmp_path):
     cfg.SOLVER.OPTIMIZER = "Lion"
     with pytest.raises(ValueError, match="SOLVER.OPTIMIZER 'Lion'"):
         KDTrainer.build_optimizer(cfg, model)
+
+
+def test_teacher_evaluated_before_training(tiny_data_root, tmp_path, rcnn_teacher):
+    """KD.TEACHER.EVAL_BEFORE_TRAIN logs the teacher's own AP; KD.TEACHER.MIN_AP stops a run whose teacher is below it."""
+    teacher = ["KD.TEACHER.CONFIG", config_path("synthetic/faster_rcnn_R_50_FPN.yaml"), "KD.TEACHER.WEIGHTS", rcnn_teacher]
+    out = tmp_path / "logged"
+    cfg = tiny_cfg("synthetic/distill/ssim_faster_rcnn_R50_to_R18.yaml", out,
+                   teacher + ["KD.TEACHER.EVAL_BEFORE_TRAIN", True, "SOLVER.MAX_ITER", 2])
+    trainer = KDTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    logged = {k: v for k, (v, it) in trainer.storage.latest().items() if k.startswith("teacher/")}
+    assert all(it == 0 for k, (v, it) in trainer.storage.latest().items() if k.startswith("teacher/"))
+    # the same as Detectron2's own evaluation of the teacher model with the teacher's config
+    tcfg = trainer.model.teacher.cfg.clone()
+    tcfg.defrost()
+    tcfg.DATASETS.TEST, tcfg.OUTPUT_DIR = cfg.DATASETS.TEST, str(tmp_path / "reference")
+    reference = KDTrainer.test(tcfg, trainer.model.teacher.model)["bbox"]
+    expected = {"teacher/bbox/" + k: v for k, v in reference.items()}
+    assert logged.keys() == expected.keys()
+    assert all(logged[k] == v or (v != v and logged[k] != logged[k]) for k, v in expected.items())  # NaN: no objects
+    with open(out / "inference_teacher" / (TINY_PREFIX + "_val") / "coco_instances_results.json") as f:
+        hook_detections = json.load(f)
+    with open(tmp_path / "reference" / "inference" / "coco_instances_results.json") as f:
+        assert json.load(f) == hook_detections and hook_detections  # the teacher's detections, not the student's
+    assert [m for m in _metrics(out) if "teacher/bbox/AP" in m][0]["iteration"] == 0
+
+    # MIN_AP above the teacher's AP: stopped before the first iteration, nothing saved
+    too_high = reference["AP"] + 1.0
+    stopped = tmp_path / "stopped"
+    cfg = tiny_cfg("synthetic/distill/ssim_faster_rcnn_R50_to_R18.yaml", stopped,
+                   teacher + ["KD.TEACHER.MIN_AP", too_high, "SOLVER.MAX_ITER", 2])
+    trainer = KDTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    with pytest.raises(ValueError, match=r"teacher \(KD.TEACHER weights .*teacher.pth\) has box AP [0-9.]+ on {}, "
+                                         r"below KD.TEACHER.MIN_AP={}; training did not start".format(
+                                             TINY_PREFIX + "_val", too_high)):
+        trainer.train()
+    assert "loss_kd_ssim" not in trainer.storage.latest() and not os.path.exists(stopped / "model_final.pth")
+
+    # a resumed run does not evaluate the teacher again
+    cfg = tiny_cfg("synthetic/distill/ssim_faster_rcnn_R50_to_R18.yaml", out,
+                   teacher + ["KD.TEACHER.MIN_AP", too_high, "SOLVER.MAX_ITER", 3])
+    trainer = KDTrainer(cfg)
+    trainer.resume_or_load(resume=True)
+    assert trainer.start_iter == 2
+    trainer.train()
+    assert not any(k.startswith("teacher/") for k in trainer.storage.latest())

@@ -10,6 +10,7 @@ from detectron2.utils.registry import Registry
 from ..checkpoint import AtomicDetectionCheckpointer
 from ..data.curriculum import CurriculumSampler, load_scores
 from ..evaluation import build_evaluator
+from .hooks import TeacherEvalHook
 
 __all__ = ["TRAINER_REGISTRY", "KDTrainer", "get_trainer_class"]
 
@@ -37,7 +38,11 @@ class KDTrainer(DefaultTrainer):
         old = self.checkpointer
         self.checkpointer = AtomicDetectionCheckpointer(
             old.model, old.save_dir, save_to_disk=old.save_to_disk, **old.checkpointables)
-        return super().build_hooks()
+        hooks = super().build_hooks()
+        teacher = self.cfg.KD.TEACHER
+        if teacher.EVAL_BEFORE_TRAIN or teacher.MIN_AP > 0:
+            hooks.insert(0, TeacherEvalHook(self.cfg, teacher.MIN_AP))
+        return hooks
 
     def state_dict(self):
         # Detectron2 v0.6's DefaultTrainer leaves out its inner SimpleTrainer, so the

@@ -8,13 +8,15 @@ import torch
 import torch.nn.functional as F
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.structures import ImageList
 from detectron2.utils.file_io import PathManager
 
 from ..config import add_kd_config
 
-__all__ = ["FrozenTeacher", "build_teacher_cfg", "build_teacher", "build_teachers", "num_classes_of"]
+__all__ = ["FrozenTeacher", "build_teacher_cfg", "build_teacher", "build_teachers", "check_same_classes",
+           "num_classes_of"]
 
 logger = logging.getLogger(__name__)
 # the source checkout, whose configs/ the shipped student configs name as KD.TEACHER.CONFIG
@@ -129,11 +131,13 @@ class FrozenTeacher:
     rebuilt from its own weights.
     """
 
-    def __init__(self, model: torch.nn.Module, cfg: CfgNode, autocast: str = "", channels_last: bool = False):
+    def __init__(self, model: torch.nn.Module, cfg: CfgNode, autocast: str = "", channels_last: bool = False,
+                 weights: str = ""):
         """
         Args:
             model: the loaded teacher detector.
             cfg: its config.
+            weights: where its weights came from (for messages).
             autocast: "" (fp32), "bf16" or "fp16": run the teacher under autocast to
                 cut its cost; its outputs are returned in fp32.
             channels_last: store the teacher's weights channels-last (faster convs on GPUs).
@@ -144,6 +148,7 @@ class FrozenTeacher:
         self.cfg = cfg
         self.autocast_dtype = _AUTOCAST_DTYPES[autocast]
         self.channels_last = channels_last
+        self.weights = weights
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
 
@@ -261,14 +266,53 @@ def build_teacher(student_cfg: CfgNode, config: Optional[str] = None, weights: O
     cfg = build_teacher_cfg(student_cfg, config)
     model = build_model(cfg)
     _load_teacher_weights(model, weights, config)
-    teacher = FrozenTeacher(model, cfg, student_cfg.KD.TEACHER.AUTOCAST, student_cfg.KD.TEACHER.CHANNELS_LAST)
+    teacher = FrozenTeacher(model, cfg, student_cfg.KD.TEACHER.AUTOCAST, student_cfg.KD.TEACHER.CHANNELS_LAST,
+                            weights=weights)
     student_classes = num_classes_of(student_cfg)
     if teacher.num_classes != student_classes:
         raise ValueError("teacher has {} classes ({}) but the student has {}: both must be trained on the same "
                          "label space (set NUM_CLASSES alike)".format(
                              teacher.num_classes, config, student_classes))
+    if student_cfg.KD.TEACHER.CHECK_CLASSES:
+        check_same_classes(student_cfg.DATASETS.TRAIN, cfg.DATASETS.TRAIN, config)
     logger.info("Loaded teacher {} from {}".format(cfg.MODEL.META_ARCHITECTURE, weights))
     return teacher
+
+
+def _registered_thing_classes(dataset_names) -> Optional[List[str]]:
+    """The ``thing_classes`` metadata of the first of ``dataset_names`` that is registered and has it, else None."""
+    registered = set(DatasetCatalog.list())
+    for name in dataset_names:
+        if name in registered:
+            classes = MetadataCatalog.get(name).get("thing_classes", None)
+            if classes:
+                return list(classes)
+    return None
+
+
+def check_same_classes(student_train, teacher_train, teacher_config: str) -> None:
+    """
+    Raise if the teacher's training sets name other classes than the student's, or
+    the same classes in another order: class index i must mean the same object for
+    both.  Datasets that are not registered here, or whose classes are known only
+    once loaded, are not checked.
+    """
+    student = _registered_thing_classes(student_train)
+    teacher = _registered_thing_classes(teacher_train)
+    if student is None or teacher is None or student == teacher:
+        return
+    if sorted(student) == sorted(teacher):
+        i = next(i for i, (a, b) in enumerate(zip(student, teacher)) if a != b)
+        what = "the same classes in another order (class {} is {!r} for the teacher, {!r} for the student)".format(
+            i, teacher[i], student[i])
+    else:
+        what = "other classes (the teacher's {} are not among the student's; the student's {} not among the " \
+               "teacher's)".format(sorted(set(teacher) - set(student))[:5], sorted(set(student) - set(teacher))[:5])
+    raise ValueError(
+        "teacher config {!r} was trained on DATASETS.TRAIN={} and the student on {}: they have {}, so the teacher's "
+        "predictions would teach the wrong classes. Train the teacher on the student's label space; if the "
+        "classes do correspond, set KD.TEACHER.CHECK_CLASSES False".format(
+            teacher_config, tuple(teacher_train), tuple(student_train), what))
 
 
 def build_teachers(student_cfg: CfgNode) -> List[FrozenTeacher]:

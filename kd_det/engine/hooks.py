@@ -1,0 +1,89 @@
+"""Training hooks kd_det adds to Detectron2's defaults."""
+
+import logging
+import os
+from collections import OrderedDict
+from typing import Dict, List
+
+from detectron2.data import build_detection_test_loader
+from detectron2.engine import HookBase
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.evaluation.testing import flatten_results_dict
+from detectron2.utils import comm
+from torch.nn.parallel import DistributedDataParallel
+
+from ..evaluation import build_evaluator
+
+__all__ = ["TeacherEvalHook", "evaluate_teacher"]
+
+logger = logging.getLogger(__name__)
+
+
+def evaluate_teacher(student_cfg, teacher, output_dir: str) -> Dict[str, Dict]:
+    """
+    Evaluate a :class:`~kd_det.modeling.FrozenTeacher` on the student's
+    ``DATASETS.TEST``, each set loaded with the teacher's own input settings
+    (test size, channel order) and scored by the student's evaluator.
+
+    Returns:
+        dataset name -> evaluator results (e.g. {"bbox": {"AP": ..}}); empty on
+        processes other than the main one.
+    """
+    cfg = teacher.cfg.clone()
+    cfg.defrost()
+    cfg.DATALOADER.NUM_WORKERS = student_cfg.DATALOADER.NUM_WORKERS
+    results = OrderedDict()
+    for name in student_cfg.DATASETS.TEST:
+        loader = build_detection_test_loader(cfg, name)
+        evaluator = build_evaluator(student_cfg, name, os.path.join(output_dir, name))
+        results[name] = inference_on_dataset(teacher.model, loader, evaluator) or {}
+        if comm.is_main_process() and results[name]:
+            logger.info("Teacher ({}) on {}:".format(teacher.cfg.MODEL.META_ARCHITECTURE, name))
+            print_csv_format(results[name])
+    return results
+
+
+class TeacherEvalHook(HookBase):
+    """
+    Before the first iteration of a run (not when resuming), evaluate every teacher
+    of the model on ``DATASETS.TEST`` and log its metrics as ``teacher/...``
+    (``teacher<k>/...`` for the k-th of several teachers; a dataset level is added
+    when there are several test sets, as Detectron2 does).  With ``min_ap`` > 0,
+    stop there when a teacher's box AP on a test set is below it: a teacher that
+    loads but does not detect (an early or foreign checkpoint, another input format
+    or pixel normalisation) would otherwise spoil the whole run silently.
+    """
+
+    def __init__(self, cfg, min_ap: float = 0.0):
+        self._cfg = cfg
+        self._min_ap = float(min_ap)
+
+    def before_train(self):
+        if self.trainer.iter > 0:
+            return
+        model = self.trainer.model
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        teachers = getattr(model, "teachers", [])
+        cfg = self._cfg
+        too_low: List[str] = []
+        for k, teacher in enumerate(teachers):
+            prefix = "teacher" if len(teachers) == 1 else "teacher{}".format(k)
+            results = evaluate_teacher(cfg, teacher, os.path.join(cfg.OUTPUT_DIR, "inference_" + prefix))
+            if comm.is_main_process():
+                logged = results[cfg.DATASETS.TEST[0]] if len(results) == 1 else results
+                scalars = {prefix + "/" + key: v for key, v in flatten_results_dict(logged).items()}
+                self.trainer.storage.put_scalars(**scalars, smoothing_hint=False)
+                for name, res in results.items():
+                    ap = res.get("bbox", {}).get("AP")
+                    if ap is not None and ap < self._min_ap:
+                        too_low.append("{} (KD.TEACHER weights {}) has box AP {:.2f} on {}".format(
+                            prefix, teacher.weights, ap, name))
+        # every process stops, or none: the main one alone has the metrics
+        too_low = comm.all_gather(too_low)[0]
+        if too_low:
+            raise ValueError(
+                "{}, below KD.TEACHER.MIN_AP={}; training did not start. Check that the teacher checkpoint is "
+                "the trained one for its config (KD.TEACHER.CONFIG), and that the config's INPUT.FORMAT and "
+                "MODEL.PIXEL_MEAN/PIXEL_STD are those it was trained with; or lower KD.TEACHER.MIN_AP".format(
+                    "; ".join(too_low), self._min_ap))
