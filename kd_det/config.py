@@ -37,6 +37,13 @@ def add_kd_config(cfg: CN) -> CN:
     cfg.KD.TEACHER.EVAL_BEFORE_TRAIN = False
     cfg.KD.TEACHER.MIN_AP = 0.0
 
+    # Student weights initialised from the (first) teacher: state_dict key prefixes such as
+    # "backbone.fpn_output", "proposal_generator", "roi_heads" (Faster R-CNN) or "head"
+    # (RetinaNet), for modules the two share with equal shapes (same FPN width).  Applied
+    # when the model is built; MODEL.WEIGHTS and --resume load over them.
+    cfg.KD.INHERIT = CN()
+    cfg.KD.INHERIT.PREFIXES = []
+
     # Feature imitation between student and teacher FPN outputs.
     cfg.KD.FEATURE = CN()
     # Class name in kd_det.losses.FEATURE_LOSS_REGISTRY: "SSIMFeatureLoss",

@@ -202,6 +202,52 @@ def test_teacher_trained_on_other_classes(tmp_path, rcnn_teacher, teacher_datase
     build_model(cfg)
 
 
+RCNN_SHARED = ["backbone.fpn_output", "proposal_generator", "roi_heads"]
+
+
+@pytest.mark.parametrize("kind", ["rcnn", "retina"])
+def test_student_inherits_teacher_weights(kind, tmp_path, rcnn_teacher, retina_teacher):
+    """KD.INHERIT.PREFIXES: the student starts from the teacher's FPN outputs and heads, where shapes agree."""
+    config, teacher_config, weights, prefixes = {
+        "rcnn": (RCNN_SSIM, "synthetic/faster_rcnn_R_50_FPN.yaml", rcnn_teacher, RCNN_SHARED),
+        "retina": (RETINA_SSIM, "synthetic/retinanet_R_50_FPN.yaml", retina_teacher, ["backbone.fpn_output", "head"]),
+    }[kind]
+    same_width = ["MODEL.FPN.OUT_CHANNELS", 128]  # the synthetic R-18 students are narrower than their teachers
+    model = build_model(distill_cfg(config, teacher_config, weights, tmp_path,
+                                    same_width + ["KD.INHERIT.PREFIXES", prefixes]))
+    teacher = model.teacher.model.state_dict()
+    student = model.state_dict()
+    inherited = [k for k in teacher if k.startswith(tuple(prefixes))]
+    assert len(inherited) > 10
+    for k in inherited:
+        assert torch.equal(student[k], teacher[k]), k
+    # the rest keeps its own initialisation, and the weights are copies, not the teacher's tensors
+    assert not torch.equal(student["backbone.fpn_lateral5.weight"][:, :8], teacher["backbone.fpn_lateral5.weight"][:, :8])
+    assert student[inherited[0]].data_ptr() != teacher[inherited[0]].data_ptr()
+    # without it, nothing is copied
+    model = build_model(distill_cfg(config, teacher_config, weights, tmp_path, same_width))
+    fresh = model.state_dict()
+    assert all(not torch.equal(fresh[k], teacher[k]) for k in inherited if k.endswith(".weight") and "norm" not in k)
+
+
+def test_inherit_errors(tmp_path, rcnn_teacher):
+    teacher_config = "synthetic/faster_rcnn_R_50_FPN.yaml"
+    # the student's FPN is 64 wide, the teacher's 128
+    cfg = distill_cfg(RCNN_SSIM, teacher_config, rcnn_teacher, tmp_path, ["KD.INHERIT.PREFIXES", RCNN_SHARED])
+    with pytest.raises(ValueError, match=r"cannot take: backbone.fpn_output2.weight \(teacher \(128, 128, 3, 3\), "
+                                         r"student \(64, 64, 3, 3\)\).*Name only modules"):
+        build_model(cfg)
+    cfg = distill_cfg(RCNN_SSIM, teacher_config, rcnn_teacher, tmp_path,
+                      ["MODEL.FPN.OUT_CHANNELS", 128, "KD.INHERIT.PREFIXES", ["roi_heeds"]])
+    with pytest.raises(ValueError, match="'roi_heeds' matches no teacher weight; the teacher has .*roi_heads.box_head"):
+        build_model(cfg)
+    cfg = distill_cfg(RCNN_SSIM, teacher_config, rcnn_teacher, tmp_path,
+                      ["MODEL.FPN.OUT_CHANNELS", 128, "KD.INHERIT.PREFIXES", ["backbone"]])
+    with pytest.raises(ValueError, match=r"fpn_lateral2.weight \(teacher \(128, 256, 1, 1\), student \(128, 64, 1, 1\)\)"
+                                         r".*res2.0.shortcut.weight \(not in the student\).* and [0-9]+ more"):
+        build_model(cfg)
+
+
 def test_channel_mismatch_without_adapter(tmp_path, tiny_data_root, rcnn_teacher):
     cfg = distill_cfg(RCNN_SSIM, "synthetic/faster_rcnn_R_50_FPN.yaml", rcnn_teacher, tmp_path,
                       ["KD.FEATURE.ADAPTER", "none"])

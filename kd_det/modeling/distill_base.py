@@ -7,6 +7,7 @@ from detectron2.structures import ImageList
 
 from .channel_stats import ChannelStatsDistiller
 from .feature_distiller import FeatureDistiller
+from .inherit import inherit_teacher_weights
 from .multi_teacher import MultiTeacherDistiller
 from .teacher import FrozenTeacher, build_teachers
 
@@ -35,27 +36,32 @@ class DistillMixin(KDStudentMixin):
     ``self.teachers``), ``self.kd_feature`` (a :class:`FeatureDistiller` or None),
     ``self.kd_stats`` (a :class:`ChannelStatsDistiller` or None) and, with several
     teachers, ``self.kd_multi_teacher`` (a :class:`MultiTeacherDistiller`, which then
-    replaces ``kd_feature``).
+    replaces ``kd_feature``).  ``inherit_prefixes`` (``KD.INHERIT.PREFIXES``) name the
+    teacher weights the student starts from (see :func:`inherit_teacher_weights`).
     """
 
     def _init_distillation(self, teacher: FrozenTeacher, feature_distiller: Optional[FeatureDistiller],
                            channel_stats: Optional[ChannelStatsDistiller] = None,
                            extra_teachers: Sequence[FrozenTeacher] = (),
-                           multi_teacher: Optional[MultiTeacherDistiller] = None):
+                           multi_teacher: Optional[MultiTeacherDistiller] = None,
+                           inherit_prefixes: Sequence[str] = ()):
         self.teacher = teacher
         self.teachers = [teacher] + list(extra_teachers)
         self.kd_feature = feature_distiller
         self.kd_stats = channel_stats
         self.kd_multi_teacher = multi_teacher
+        # the student's initial weights; MODEL.WEIGHTS and --resume load over them
+        inherit_teacher_weights(self, teacher.model, inherit_prefixes)
 
     @staticmethod
     def _distill_from_config(cfg, ret: Dict) -> Dict:
         """
-        Add ``teacher``, ``extra_teachers``, ``feature_distiller``, ``channel_stats`` and
-        ``multi_teacher`` to a vanilla ``from_config`` result.
+        Add ``teacher``, ``extra_teachers``, ``feature_distiller``, ``channel_stats``,
+        ``multi_teacher`` and ``inherit_prefixes`` to a vanilla ``from_config`` result.
         """
         teachers = build_teachers(cfg)
         teacher = teachers[0]
+        ret = dict(ret, inherit_prefixes=list(cfg.KD.INHERIT.PREFIXES))
         feature = stats = multi = None
         student_shapes = ret["backbone"].output_shape()
         if len(teachers) > 1:

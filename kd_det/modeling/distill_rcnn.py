@@ -24,9 +24,10 @@ class DistillGeneralizedRCNN(DistillMixin, GeneralizedRCNN):
 
     @configurable
     def __init__(self, *, teacher, feature_distiller, channel_stats=None, extra_teachers=(), multi_teacher=None,
-                 **kwargs):
+                 inherit_prefixes=(), **kwargs):
         super().__init__(**kwargs)
-        self._init_distillation(teacher, feature_distiller, channel_stats, extra_teachers, multi_teacher)
+        self._init_distillation(teacher, feature_distiller, channel_stats, extra_teachers, multi_teacher,
+                                inherit_prefixes)
 
     @classmethod
     def from_config(cls, cfg):

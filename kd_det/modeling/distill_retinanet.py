@@ -66,6 +66,7 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
         channel_stats=None,
         extra_teachers=(),
         multi_teacher=None,
+        inherit_prefixes=(),
         rm_weight: float = 0.0,
         rm_temperature: float = 1.0,
         pfi: bool = False,
@@ -76,8 +77,8 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
     ):
         """
         Args:
-            teacher, feature_distiller, channel_stats, extra_teachers, multi_teacher: see
-                :class:`DistillMixin`.
+            teacher, feature_distiller, channel_stats, extra_teachers, multi_teacher,
+                inherit_prefixes: see :class:`DistillMixin`.
             rm_weight: weight of Rank Mimicking; 0 disables it.
             rm_temperature: its softmax temperature.
             pfi: weight feature imitation per position by the prediction difference.
@@ -86,7 +87,8 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
             kwargs: RetinaNet's arguments.
         """
         super().__init__(**kwargs)
-        self._init_distillation(teacher, feature_distiller, channel_stats, extra_teachers, multi_teacher)
+        self._init_distillation(teacher, feature_distiller, channel_stats, extra_teachers, multi_teacher,
+                                inherit_prefixes)
         self.rm_weight = rm_weight
         self.rm_temperature = rm_temperature
         self.pfi = pfi
