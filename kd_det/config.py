@@ -152,6 +152,10 @@ def add_kd_config(cfg: CN) -> CN:
 
     # KDTrainer's optimizer: "SGD" (Detectron2's) or "AdamW".
     cfg.SOLVER.OPTIMIZER = "SGD"
+    # Gradient accumulation: each iteration (optimizer step) runs GRAD_ACCUM_STEPS micro-batches
+    # of IMS_PER_BATCH / GRAD_ACCUM_STEPS images, so IMS_PER_BATCH, BASE_LR and the schedule of a
+    # config keep their meaning on fewer or smaller GPUs (with SOLVER.REFERENCE_WORLD_SIZE unset).
+    cfg.SOLVER.GRAD_ACCUM_STEPS = 1
 
     # Evaluator name in kd_det.evaluation.EVALUATOR_REGISTRY; "" picks it from the
     # dataset's ``evaluator_type`` metadata ("coco" or "pascal_voc").

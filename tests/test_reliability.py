@@ -150,12 +150,17 @@ def test_two_process_cpu_distillation(tmp_path, retina_teacher):
 
 
 def test_two_process_cpu_self_distillation(tmp_path):
-    """DDP over a student that carries its FRSKD self-teacher: every kd_self_* parameter takes part in each step."""
+    """
+    DDP over a student that carries its FRSKD self-teacher: every kd_self_* parameter takes part in each step;
+    gradients accumulated over micro-batches are all-reduced once per step.
+    """
     out = tmp_path / "ddp_self"
     env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "datasets"), PYTHONUNBUFFERED="1")
     args = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--num-gpus", "2", "--config-file",
             config_path("synthetic/distill/self_frskd_retinanet_R18.yaml"),
-            "SOLVER.MAX_ITER", "3", "OUTPUT_DIR", str(out), "DATASETS.TEST", "()"] + SMALL
+            "SOLVER.MAX_ITER", "3", "OUTPUT_DIR", str(out), "DATASETS.TEST", "()"] + SMALL + [
+            # and gradient accumulation under DDP: 2 micro-batches of 1 image per process and step
+            "SOLVER.IMS_PER_BATCH", "4", "SOLVER.GRAD_ACCUM_STEPS", "2"]
     proc = subprocess.run(args, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]

@@ -1,6 +1,8 @@
-"""Training: the trainer registry and kd_det's hooks."""
+"""Training: the trainer registry, gradient accumulation and kd_det's hooks."""
 
+from .accumulation import GradientAccumulationTrainer, micro_batch_cfg
 from .hooks import TeacherEvalHook, evaluate_teacher
 from .trainer import TRAINER_REGISTRY, KDTrainer, get_trainer_class
 
-__all__ = ["TRAINER_REGISTRY", "KDTrainer", "TeacherEvalHook", "evaluate_teacher", "get_trainer_class"]
+__all__ = ["TRAINER_REGISTRY", "KDTrainer", "GradientAccumulationTrainer", "TeacherEvalHook", "evaluate_teacher",
+           "get_trainer_class", "micro_batch_cfg"]

@@ -10,6 +10,7 @@ from detectron2.utils.registry import Registry
 from ..checkpoint import AtomicDetectionCheckpointer
 from ..data.curriculum import CurriculumSampler, load_scores
 from ..evaluation import build_evaluator
+from .accumulation import GradientAccumulationTrainer, micro_batch_cfg
 from .hooks import TeacherEvalHook
 
 __all__ = ["TRAINER_REGISTRY", "KDTrainer", "get_trainer_class"]
@@ -25,12 +26,21 @@ Register new ones with ``@TRAINER_REGISTRY.register()``.
 class KDTrainer(DefaultTrainer):
     """
     Detectron2's DefaultTrainer with kd_det's evaluator registry, crash-safe
-    checkpoints (:class:`AtomicDetectionCheckpointer`) and ``SOLVER.OPTIMIZER``.
+    checkpoints (:class:`AtomicDetectionCheckpointer`), ``SOLVER.OPTIMIZER``,
+    ``SOLVER.GRAD_ACCUM_STEPS`` (:class:`GradientAccumulationTrainer`) and the
+    teacher evaluated before training (``KD.TEACHER.EVAL_BEFORE_TRAIN``).
 
     Distillation needs nothing else here: the teacher lives inside the model
     (not as a submodule), so optimizer, checkpointer, DDP and hooks see only the
     student; every ``loss_kd_*`` term is logged like any other loss.
     """
+
+    def __init__(self, cfg):
+        micro_batch_cfg(cfg)  # a batch that does not split is an error before anything is built
+        super().__init__(cfg)
+        if cfg.SOLVER.GRAD_ACCUM_STEPS > 1:
+            self._trainer = GradientAccumulationTrainer(self._trainer, cfg.SOLVER.GRAD_ACCUM_STEPS,
+                                                        amp=cfg.SOLVER.AMP.ENABLED)
 
     def build_hooks(self):
         # DefaultTrainer made self.checkpointer just before calling this; the hooks
@@ -59,7 +69,12 @@ class KDTrainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        """Detectron2's loader; with ``KD.CURRICULUM.ENABLED`` its sampler is a :class:`CurriculumSampler`."""
+        """
+        Detectron2's loader, of ``SOLVER.IMS_PER_BATCH / SOLVER.GRAD_ACCUM_STEPS`` images
+        per step; with ``KD.CURRICULUM.ENABLED`` its sampler is a :class:`CurriculumSampler`.
+        """
+        images_per_iter = cfg.SOLVER.IMS_PER_BATCH  # per optimizer step, all micro-batches together
+        cfg = micro_batch_cfg(cfg)
         if not cfg.KD.CURRICULUM.ENABLED:
             return super().build_train_loader(cfg)
         # the same records, in the same order, that Detectron2's loader would use
@@ -69,7 +84,7 @@ class KDTrainer(DefaultTrainer):
             proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None)
         cur = cfg.KD.CURRICULUM
         sampler = CurriculumSampler(load_scores(cur.SCORES, dataset), cur.PHASE_ITERS, cur.PHASE_FRACTIONS,
-                                    cfg.SOLVER.IMS_PER_BATCH, seed=cfg.SEED if cfg.SEED >= 0 else None)
+                                    images_per_iter, seed=cfg.SEED if cfg.SEED >= 0 else None)
         return build_detection_train_loader(cfg, dataset=dataset, sampler=sampler)
 
     def resume_or_load(self, resume=True):
