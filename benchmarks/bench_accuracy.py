@@ -53,6 +53,8 @@ ARCHS = {
             "vanilla": ("student R-18-FPN-64", SYN + "faster_rcnn_R_18_FPN.yaml", "none"),
             "l2": ("+ L2 imitation", SYN + "distill/l2_faster_rcnn_R50_to_R18.yaml", "teacher"),
             "ssim": ("+ SSIM", SYN + "distill/ssim_faster_rcnn_R50_to_R18.yaml", "teacher"),
+            "soft_label": ("+ soft-label KD (RoI head)", SYN + "distill/soft_label_faster_rcnn_R50_to_R18.yaml",
+                           "teacher"),
             "l2_minmax": ("+ L2, min-max maps", SYN + "distill/l2_minmax_faster_rcnn_R50_to_R18.yaml", "teacher"),
             "l2_channel": ("+ L2, standardised maps", SYN + "distill/l2_channel_faster_rcnn_R50_to_R18.yaml",
                            "teacher"),

@@ -7,8 +7,10 @@ import torch
 from conftest import config_path
 from test_distill import _one_step, distill_cfg
 
+from detectron2.data import build_detection_train_loader
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
 
 from kd_det.losses import L2FeatureLoss
 from kd_det.losses.prediction import prediction_difference_weights, rank_mimicking_loss, soft_label_kd_loss
@@ -172,3 +174,77 @@ def test_prediction_kd_errors(tiny_data_root, tmp_path, retina_teacher, rcnn_tea
         build_model(distill_cfg("synthetic/distill/rm_retinanet_R50_to_R18.yaml", RETINA_TEACHER, retina_teacher,
                                 tmp_path, ["KD.PFI.ENABLED", True]))
     assert config_path("synthetic/distill/rm_retinanet_R50_to_R18.yaml")
+
+
+RCNN_TEACHER = "synthetic/faster_rcnn_R_50_FPN.yaml"
+RCNN_SOFT = "synthetic/distill/soft_label_faster_rcnn_R50_to_R18.yaml"
+
+
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+def test_softmax_kd_loss(temperature):
+    from kd_det.losses.prediction import softmax_kd_loss
+
+    g = torch.Generator().manual_seed(2)
+    s = torch.randn(7, 6, generator=g, requires_grad=True)
+    t = torch.randn(7, 6, generator=g)
+    assert softmax_kd_loss(t.clone().requires_grad_(), t, temperature).abs().item() < 1e-6
+    kl = softmax_kd_loss(s, t, temperature)
+    pt, ps = torch.softmax(t / temperature, 1), torch.softmax(s / temperature, 1)
+    direct = (pt * (pt / ps).log()).sum(1).mean() * temperature**2
+    assert kl.item() == pytest.approx(direct.item(), rel=1e-5)
+    kl.backward()
+    # d/ds of T^2 KL(p_t || softmax(s / T)) = T (p_s - p_t) / R
+    assert torch.allclose(s.grad, temperature * (ps - pt).detach() / 7, atol=1e-6)
+    bce = softmax_kd_loss(s, t, temperature, mode="bce")
+    entropy = -(pt * pt.log()).sum(1).mean() * temperature**2
+    assert bce.item() == pytest.approx(kl.item() + entropy.item(), rel=1e-5)
+    empty = softmax_kd_loss(s[:0], t[:0])
+    assert empty.item() == 0.0 and empty.requires_grad
+    with pytest.raises(ValueError, match="MODE"):
+        softmax_kd_loss(s, t, mode="mse")
+
+
+def test_roi_soft_label_step(tiny_data_root, tmp_path, rcnn_teacher):
+    """Faster R-CNN student: the teacher's box head scores exactly the RoIs the student's box head was trained on."""
+    from kd_det.losses.prediction import softmax_kd_loss
+
+    cfg = distill_cfg(RCNN_SOFT, RCNN_TEACHER, rcnn_teacher, tmp_path, ["KD.SOFT_LABEL.TEMPERATURE", 2.0])
+    model = build_model(cfg)
+    seen = {}
+    heads = model.roi_heads
+    heads.box_predictor.register_forward_hook(lambda m, i, o: seen.update(features=i[0], logits=o[0]))
+    losses, _ = _one_step(model, cfg)
+    assert {k for k in losses if k.startswith("loss_kd")} == {"loss_kd_soft"} and torch.isfinite(losses["loss_kd_soft"])
+    assert seen["logits"].shape[0] == 2 * cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE  # the sampled RoIs of 2 images
+    assert model._roi_recorder._boxes is None and model._roi_recorder._logits is None  # popped: no graph kept
+    # recompute independently: the same RoI sampling (same seed), the teacher's head on those boxes
+    data = next(iter(build_detection_train_loader(cfg)))
+    model.train()
+    with EventStorage(0):
+        torch.manual_seed(5)
+        losses = model(data)
+        torch.manual_seed(5)
+        images = model.preprocess_image(data)
+        features = model.backbone(images.tensor)
+        proposals, _ = model.proposal_generator(images, features, [x["instances"] for x in data])
+        sampled = heads.label_and_sample_proposals(proposals, [x["instances"] for x in data])
+    t_feats = model.teacher.backbone_features(model.teacher_images(data, images))
+    t_logits = model.teacher.roi_class_logits(t_feats, [p.proposal_boxes for p in sampled])
+    th = model.teacher.model.roi_heads
+    box_feats = th.box_pooler([t_feats[f] for f in th.box_in_features], [p.proposal_boxes for p in sampled])
+    assert torch.allclose(t_logits, th.box_predictor(th.box_head(box_feats))[0], atol=1e-6)
+    expected = cfg.KD.SOFT_LABEL.WEIGHT * softmax_kd_loss(seen["logits"], t_logits, 2.0)
+    assert losses["loss_kd_soft"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_roi_soft_label_errors(tiny_data_root, tmp_path, retina_teacher, rcnn_teacher):
+    with pytest.raises(ValueError, match="needs a Faster R-CNN teacher with one box head, but the teacher is a RetinaNet"):
+        build_model(distill_cfg(RCNN_SOFT, RETINA_TEACHER, retina_teacher, tmp_path))
+    for key in ("KD.RM.ENABLED", "KD.PFI.ENABLED"):
+        with pytest.raises(ValueError, match="{} distil per-anchor predictions.*DistillGeneralizedRCNN".format(
+                key.rsplit(".", 1)[0])):
+            build_model(distill_cfg(RCNN_SOFT, RCNN_TEACHER, rcnn_teacher, tmp_path, [key, True]))
+    # the config builds and every other distillation loss stays off
+    cfg = distill_cfg(RCNN_SOFT, RCNN_TEACHER, rcnn_teacher, tmp_path, ["KD.SOFT_LABEL.ENABLED", False])
+    losses, _ = _one_step(build_model(cfg), cfg)
+    assert not [k for k in losses if k.startswith("loss_kd")]

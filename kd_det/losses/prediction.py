@@ -1,8 +1,9 @@
-"""Distillation losses on dense (one-stage, RetinaNet-style) class predictions.
+"""Distillation losses on class predictions.
 
-Shapes follow Detectron2's RetinaNet: logits per anchor are (N, R, K) with R the
-anchors of all levels concatenated (``permute_to_N_HWA_K`` then ``cat``), or per
-level (N, A*K, H, W) as the head outputs them.
+Dense (one-stage, RetinaNet-style) shapes follow Detectron2's RetinaNet: logits per
+anchor are (N, R, K) with R the anchors of all levels concatenated
+(``permute_to_N_HWA_K`` then ``cat``), or per level (N, A*K, H, W) as the head
+outputs them.  A two-stage RoI head's class logits are (R, K + 1), background last.
 """
 
 from typing import List, Sequence
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 
 from .precision import at_least_fp32
 
-__all__ = ["rank_mimicking_loss", "soft_label_kd_loss", "prediction_difference_weights"]
+__all__ = ["rank_mimicking_loss", "soft_label_kd_loss", "softmax_kd_loss", "prediction_difference_weights"]
 
 
 def _segment_log_softmax(values: torch.Tensor, segments: torch.Tensor, num_segments: int) -> torch.Tensor:
@@ -108,6 +109,41 @@ def soft_label_kd_loss(
     if mode == "kl":
         loss = loss - F.binary_cross_entropy_with_logits(t, p_t, reduction="none")
     return loss.sum(dim=1).mean() * temperature**2
+
+
+def softmax_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    mode: str = "kl",
+) -> torch.Tensor:
+    """
+    Soft-label classification distillation for softmax classifiers (Hinton et al.;
+    on Faster R-CNN's RoI head as in Chen et al., NeurIPS 2017): the student's
+    softmax(s / T) over the K + 1 classes of each RoI is pulled to the teacher's.
+
+    Args:
+        student_logits, teacher_logits: (R, C) for the same R boxes.
+        temperature: T; the loss is multiplied by T^2 so that its gradient keeps its scale.
+        mode: "kl" (KL(teacher || student), zero when equal) or "bce" (cross-entropy
+            with the teacher's soft targets: KL plus the teacher's entropy, same gradients).
+    Returns:
+        scalar: sum over classes, mean over the R boxes (0 with a graph when R = 0).
+    """
+    if mode not in ("kl", "bce"):
+        raise ValueError("KD.SOFT_LABEL.MODE must be 'kl' or 'bce', got {!r}".format(mode))
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError("student logits {} and teacher logits {} differ in shape".format(
+            tuple(student_logits.shape), tuple(teacher_logits.shape)))
+    if student_logits.shape[0] == 0:
+        return student_logits.sum() * 0.0
+    log_p_s = F.log_softmax(at_least_fp32(student_logits) / temperature, dim=1)
+    log_p_t = F.log_softmax(at_least_fp32(teacher_logits).detach() / temperature, dim=1)
+    p_t = log_p_t.exp()
+    loss = -(p_t * log_p_s).sum(dim=1)
+    if mode == "kl":
+        loss = loss + (p_t * log_p_t).sum(dim=1)
+    return loss.mean() * temperature**2
 
 
 def prediction_difference_weights(

@@ -10,7 +10,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
-from detectron2.structures import ImageList
+from detectron2.structures import Boxes, ImageList
 from detectron2.utils.file_io import PathManager
 
 from ..config import add_kd_config
@@ -232,6 +232,35 @@ class FrozenTeacher:
         self.require_dense_head()
         return self._run(lambda *fs: self.model.head(list(fs))[0], *[features[f] for f in self.model.head_in_features])
 
+
+    def require_roi_head(self) -> None:
+        """Raise a clear error unless the teacher has one RoI box head with class scores (Faster R-CNN)."""
+        heads = getattr(self.model, "roi_heads", None)
+        if not hasattr(getattr(heads, "box_predictor", None), "cls_score"):
+            raise ValueError("soft-label KD of a two-stage student (KD.SOFT_LABEL) compares RoI class scores, so it "
+                             "needs a Faster R-CNN teacher with one box head, but the teacher is a {} ({}); set "
+                             "KD.TEACHER.CONFIG to a Faster R-CNN config".format(
+                                 self.cfg.MODEL.META_ARCHITECTURE, type(heads).__name__ if heads else "no RoI heads"))
+
+    @torch.no_grad()
+    def roi_class_logits(self, features: Dict[str, torch.Tensor], boxes: List[Boxes]) -> torch.Tensor:
+        """
+        Class logits of a two-stage teacher's box head on given boxes.
+
+        Args:
+            features: the teacher's own backbone features (name -> (N, C, H, W)).
+            boxes: per image, boxes in input-image coordinates (e.g. the student's sampled RoIs).
+        Returns:
+            (R, K + 1): R = all boxes of all images, in order; background last.
+        """
+        self.require_roi_head()
+        heads = self.model.roi_heads
+
+        def scores(*level_features):
+            x = heads.box_head(heads.box_pooler(list(level_features), boxes))
+            return heads.box_predictor(x)[0]
+
+        return self._run(scores, *[features[f] for f in heads.box_in_features])
 
     @property
     def dense_head_levels(self) -> List[str]:
