@@ -53,6 +53,19 @@ class DistillMixin(KDStudentMixin):
         # the student's initial weights; MODEL.WEIGHTS and --resume load over them
         inherit_teacher_weights(self, teacher.model, inherit_prefixes)
 
+    def _init_soft_label(self, weight: float, temperature: float, mode: str) -> None:
+        """Soft-label classification KD settings (``KD.SOFT_LABEL``); weight 0 disables it."""
+        self.soft_label_weight = weight
+        self.soft_label_temperature = temperature
+        self.soft_label_mode = mode
+
+    @staticmethod
+    def _soft_label_from_config(cfg) -> Dict:
+        """The ``soft_label_*`` arguments of a distillation meta-architecture, from ``KD.SOFT_LABEL``."""
+        soft = cfg.KD.SOFT_LABEL
+        return dict(soft_label_weight=soft.WEIGHT if soft.ENABLED else 0.0, soft_label_temperature=soft.TEMPERATURE,
+                    soft_label_mode=soft.MODE)
+
     @staticmethod
     def _distill_from_config(cfg, ret: Dict) -> Dict:
         """

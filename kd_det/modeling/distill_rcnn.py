@@ -82,9 +82,7 @@ class DistillGeneralizedRCNN(DistillMixin, GeneralizedRCNN):
         super().__init__(**kwargs)
         self._init_distillation(teacher, feature_distiller, channel_stats, extra_teachers, multi_teacher,
                                 inherit_prefixes)
-        self.soft_label_weight = soft_label_weight
-        self.soft_label_temperature = soft_label_temperature
-        self.soft_label_mode = soft_label_mode
+        self._init_soft_label(soft_label_weight, soft_label_temperature, soft_label_mode)
         self._roi_recorder = None
         if soft_label_weight > 0:
             teacher.require_roi_head()
@@ -99,12 +97,7 @@ class DistillGeneralizedRCNN(DistillMixin, GeneralizedRCNN):
                              "DistillGeneralizedRCNN; use a RetinaNet student (DistillRetinaNet) or disable "
                              "them".format(" and ".join(one_stage)))
         ret = cls._distill_from_config(cfg, super().from_config(cfg))
-        ret.update(
-            soft_label_weight=kd.SOFT_LABEL.WEIGHT if kd.SOFT_LABEL.ENABLED else 0.0,
-            soft_label_temperature=kd.SOFT_LABEL.TEMPERATURE,
-            soft_label_mode=kd.SOFT_LABEL.MODE,
-        )
-        return ret
+        return dict(ret, **cls._soft_label_from_config(cfg))
 
     def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):
         if not self.training:

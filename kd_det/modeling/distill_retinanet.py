@@ -92,9 +92,7 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
         self.rm_weight = rm_weight
         self.rm_temperature = rm_temperature
         self.pfi = pfi
-        self.soft_label_weight = soft_label_weight
-        self.soft_label_temperature = soft_label_temperature
-        self.soft_label_mode = soft_label_mode
+        self._init_soft_label(soft_label_weight, soft_label_temperature, soft_label_mode)
         if self.uses_teacher_predictions:
             self._check_teacher_head()
         if pfi and feature_distiller is None:
@@ -109,9 +107,7 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
             rm_weight=kd.RM.WEIGHT if kd.RM.ENABLED else 0.0,
             rm_temperature=kd.RM.TEMPERATURE,
             pfi=kd.PFI.ENABLED,
-            soft_label_weight=kd.SOFT_LABEL.WEIGHT if kd.SOFT_LABEL.ENABLED else 0.0,
-            soft_label_temperature=kd.SOFT_LABEL.TEMPERATURE,
-            soft_label_mode=kd.SOFT_LABEL.MODE,
+            **cls._soft_label_from_config(cfg),
         )
         return ret
 
