@@ -178,6 +178,13 @@ def test_teacher_evaluated_before_training(tiny_data_root, tmp_path, rcnn_teache
     with open(tmp_path / "reference" / "inference" / "coco_instances_results.json") as f:
         assert json.load(f) == hook_detections and hook_detections  # the teacher's detections, not the student's
     assert [m for m in _metrics(out) if "teacher/bbox/AP" in m][0]["iteration"] == 0
+    # and the model zoo row of the run shows it
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    from model_zoo import release_run  # tools/model_zoo.py
+
+    (out / "config.yaml").write_text(cfg.dump())  # as tools/train_net.py's default_setup writes it
+    row = release_run(str(out), str(tmp_path / "release"))
+    assert row["teacher_ap"] == "{:.2f}".format(reference["AP"]) and row["distillation"] == "SSIM"
 
     # MIN_AP above the teacher's AP: stopped before the first iteration, nothing saved
     too_high = reference["AP"] + 1.0

@@ -24,7 +24,7 @@ def release_run(run_dir, release_dir):
     """Export one run; returns its table row as a dict."""
     from kd_det import get_kd_cfg
     from kd_det.export import export_student
-    from kd_det.utils.metrics import last_box_ap, load_metrics
+    from kd_det.utils.metrics import last_box_ap, load_metrics, metric_series
 
     name = os.path.basename(os.path.normpath(run_dir))
     for f in ("config.yaml", "model_final.pth", "metrics.json"):
@@ -33,7 +33,8 @@ def release_run(run_dir, release_dir):
                 run_dir, f))
     cfg = get_kd_cfg()
     cfg.merge_from_file(os.path.join(run_dir, "config.yaml"))
-    ap = last_box_ap(load_metrics(os.path.join(run_dir, "metrics.json")))
+    records = load_metrics(os.path.join(run_dir, "metrics.json"))
+    ap = last_box_ap(records)
     out = export_student(cfg, os.path.join(run_dir, "model_final.pth"), os.path.join(release_dir, name))
     kd = []
     if cfg.MODEL.META_ARCHITECTURE.startswith("Distill"):
@@ -43,12 +44,19 @@ def release_run(run_dir, release_dir):
             kd.append("RM")
         if cfg.KD.SOFT_LABEL.ENABLED:
             kd.append("soft-label")
+        if cfg.KD.CHANNEL_STATS.ENABLED:
+            kd.append("channel stats")
+        if cfg.KD.INHERIT.PREFIXES:
+            kd.append("init from teacher")
+    teacher = cfg.KD.TEACHER.CONFIG if kd else ""
+    _, teacher_ap = metric_series(records, "teacher/bbox/AP")  # logged with KD.TEACHER.EVAL_BEFORE_TRAIN
     return {
         "name": name,
         "arch": cfg.MODEL.META_ARCHITECTURE.replace("Distill", ""),
         "backbone": "R-{}-FPN".format(cfg.MODEL.RESNETS.DEPTH),
         "distillation": " + ".join(kd) if kd else "none",
-        "teacher": cfg.KD.TEACHER.CONFIG if kd else "",
+        "teacher": teacher,
+        "teacher_ap": "{:.2f}".format(teacher_ap[-1]) if teacher and teacher_ap else "-",
         "schedule": "{} it x {} img".format(cfg.SOLVER.MAX_ITER, cfg.SOLVER.IMS_PER_BATCH),
         "dataset": "{} / {}".format(",".join(cfg.DATASETS.TRAIN), ",".join(cfg.DATASETS.TEST)),
         "ap": ap,
@@ -65,11 +73,11 @@ def format_model_zoo(rows, source_note=""):
              "Each checkpoint is a student-only Detectron2 checkpoint; load it with vanilla Detectron2:",
              "`cfg = get_cfg(); cfg.merge_from_file(\"<release>/config.yaml\"); model = build_model(cfg); "
              "DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)`.", "",
-             "| name | model | distillation | teacher config | schedule | train / test | box AP | AP50 | AP75 | "
-             "sha256 (first 12) |",
-             "|---|---|---|---|---|---|---:|---:|---:|---|"]
+             "| name | model | distillation | teacher config | teacher AP | schedule | train / test | box AP | AP50 | "
+             "AP75 | sha256 (first 12) |",
+             "|---|---|---|---|---:|---|---|---:|---:|---:|---|"]
     for r in rows:
-        lines.append("| {name} | {arch} {backbone} | {distillation} | {teacher} | {schedule} | {dataset} | "
+        lines.append("| {name} | {arch} {backbone} | {distillation} | {teacher} | {teacher_ap} | {schedule} | {dataset} | "
                      "{a:.2f} | {a50:.2f} | {a75:.2f} | `{sha}` |".format(
                          a=r["ap"]["AP"], a50=r["ap"]["AP50"], a75=r["ap"]["AP75"], sha=r["sha256"][:12],
                          **{k: (("`{}`".format(v) if v else "-") if k == "teacher" else v) for k, v in r.items()}))
