@@ -30,10 +30,10 @@ def add_kd_config(cfg: CN) -> CN:
     # or the same ones in another order, than the student's: equal class counts alone let a
     # teacher teach class i under the wrong name.  Checked where both sets are registered.
     cfg.KD.TEACHER.CHECK_CLASSES = True
-    # Evaluate every teacher on DATASETS.TEST before the first iteration (not on --resume),
-    # logged as teacher/bbox/AP.  MIN_AP > 0 implies it, and stops when a teacher's box AP on
-    # a test set is lower (a teacher that loads but does not detect: wrong checkpoint, input
-    # format, pixel normalisation, ...).
+    # Evaluate every teacher on DATASETS.TEST before the first iteration (not on --resume;
+    # skipped without test sets), logged as teacher/bbox/AP.  MIN_AP > 0 implies it, and stops
+    # when a teacher's box AP on a test set is lower (a teacher that loads but does not detect:
+    # wrong checkpoint, input format, pixel normalisation, ...).
     cfg.KD.TEACHER.EVAL_BEFORE_TRAIN = False
     cfg.KD.TEACHER.MIN_AP = 0.0
 

@@ -199,6 +199,10 @@ def test_teacher_evaluated_before_training(tiny_data_root, tmp_path, rcnn_teache
         trainer.train()
     assert "loss_kd_ssim" not in trainer.storage.latest() and not os.path.exists(stopped / "model_final.pth")
 
+    with pytest.raises(ValueError, match="MIN_AP=.* is checked on DATASETS.TEST, which is empty"):
+        KDTrainer(tiny_cfg("synthetic/distill/ssim_faster_rcnn_R50_to_R18.yaml", stopped,
+                           teacher + ["KD.TEACHER.MIN_AP", too_high, "DATASETS.TEST", ()]))
+
     # a resumed run does not evaluate the teacher again
     cfg = tiny_cfg("synthetic/distill/ssim_faster_rcnn_R50_to_R18.yaml", out,
                    teacher + ["KD.TEACHER.MIN_AP", too_high, "SOLVER.MAX_ITER", 3])

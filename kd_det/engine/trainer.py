@@ -50,7 +50,10 @@ class KDTrainer(DefaultTrainer):
             old.model, old.save_dir, save_to_disk=old.save_to_disk, **old.checkpointables)
         hooks = super().build_hooks()
         teacher = self.cfg.KD.TEACHER
-        if teacher.EVAL_BEFORE_TRAIN or teacher.MIN_AP > 0:
+        if teacher.MIN_AP > 0 and not self.cfg.DATASETS.TEST:
+            raise ValueError("KD.TEACHER.MIN_AP={} is checked on DATASETS.TEST, which is empty: name a test set, or "
+                             "set KD.TEACHER.MIN_AP 0".format(teacher.MIN_AP))
+        if (teacher.EVAL_BEFORE_TRAIN or teacher.MIN_AP > 0) and self.cfg.DATASETS.TEST:
             hooks.insert(0, TeacherEvalHook(self.cfg, teacher.MIN_AP))
         return hooks
 
