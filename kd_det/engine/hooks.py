@@ -76,8 +76,11 @@ class TeacherEvalHook(HookBase):
                 self.trainer.storage.put_scalars(**scalars, smoothing_hint=False)
                 for name, res in results.items():
                     ap = res.get("bbox", {}).get("AP")
-                    if ap is not None and ap < self._min_ap:
-                        too_low.append("{} (KD.TEACHER weights {}) has box AP {:.2f} on {}".format(
+                    if self._min_ap > 0 and ap is None:
+                        too_low.append("{} (weights {}) has no box AP on {} (the evaluator gave {})".format(
+                            prefix, teacher.weights, name, sorted(res)))
+                    elif ap is not None and ap < self._min_ap:
+                        too_low.append("{} (weights {}) has box AP {:.2f} on {}".format(
                             prefix, teacher.weights, ap, name))
         # every process stops, or none: the main one alone has the metrics
         too_low = comm.all_gather(too_low)[0]
