@@ -14,6 +14,10 @@ pure-Python after patching the unpacked sdist with :func:`patch_detectron2_sdist
 * NumPy aliases removed in NumPy 1.24 (``np.str``, ``np.int``, ``np.float``,
   ``np.object``; the VOC loader and some evaluators use them) become the builtins
   they always were.
+* ``detectron2/export/__init__.py`` imports its Caffe2 API unconditionally, and Caffe2
+  left PyTorch in 2.x, so ``import detectron2.export`` failed and with it
+  ``TracingAdapter`` (TorchScript tracing, which needs no Caffe2).  The Caffe2 API is
+  now imported only where ``caffe2`` is, as later Detectron2 releases do.
 
 Patching the source (instead of patching at import time) keeps the installed
 Detectron2 usable with no kd_det import, e.g. to deploy an exported student.
@@ -36,6 +40,7 @@ import re
 __all__ = [
     "PLACEHOLDER_C_SOURCE",
     "patch_detectron2_sdist",
+    "patch_detectron2_package",
     "has_cpp_ops",
     "launch",
 ]
@@ -90,6 +95,15 @@ _EXT_MODULES_LINE = re.compile(r"^\s*ext_modules=get_extensions\(\),\s*$", re.M)
 _CMDCLASS_LINE = re.compile(r"^\s*cmdclass=\{\"build_ext\":.*\},\s*$", re.M)
 _BLACK_PIN = re.compile(r"^\s*\"black==[^\"]*\",\s*$", re.M)
 _REMOVED_NUMPY_ALIAS = re.compile(r"\bnp\.(str|int|float|object)\b(?!\.)")
+_EXPORT_CAFFE2_IMPORT = "from .api import *\n"
+_EXPORT_CAFFE2_IMPORT_GUARDED = (
+    "try:  # kd_det: Caffe2 is not part of PyTorch 2.x; tracing and scripting do not need it\n"
+    "    import caffe2.proto  # noqa: F401\n"
+    "except ImportError:\n"
+    "    pass\n"
+    "else:\n"
+    "    from .api import *\n"
+)
 
 
 def patch_detectron2_sdist(src_dir: str) -> None:
@@ -115,8 +129,20 @@ def patch_detectron2_sdist(src_dir: str) -> None:
 
     with open(os.path.join(src_dir, "detectron2", "_C.py"), "w") as f:
         f.write(PLACEHOLDER_C_SOURCE)
+    patch_detectron2_package(os.path.join(src_dir, "detectron2"))
 
-    for folder, _, files in os.walk(os.path.join(src_dir, "detectron2")):
+
+def patch_detectron2_package(package_dir: str) -> bool:
+    """
+    The source fixes (Pillow, NumPy, the Caffe2 import of ``detectron2.export``) applied
+    in place to a ``detectron2`` package folder: the unpacked sdist's, or an installed
+    pure-Python build's, which the installer brings up to date.  Idempotent.
+
+    Returns:
+        True when a file changed.
+    """
+    changed = False
+    for folder, _, files in os.walk(package_dir):
         for name in files:
             if not name.endswith(".py"):
                 continue
@@ -124,9 +150,14 @@ def patch_detectron2_sdist(src_dir: str) -> None:
             with open(path) as f:
                 text = f.read()
             fixed = _REMOVED_NUMPY_ALIAS.sub(r"\1", text.replace("Image.LINEAR", "Image.BILINEAR"))
+            if os.path.relpath(path, package_dir) == os.path.join("export", "__init__.py") and \
+                    _EXPORT_CAFFE2_IMPORT_GUARDED not in fixed:
+                fixed = fixed.replace(_EXPORT_CAFFE2_IMPORT, _EXPORT_CAFFE2_IMPORT_GUARDED)
             if fixed != text:
                 with open(path, "w") as f:
                     f.write(fixed)
+                changed = True
+    return changed
 
 
 def has_cpp_ops() -> bool:

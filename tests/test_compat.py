@@ -21,11 +21,15 @@ SETUP_PY = '''setup(
 def _fake_sdist(root):
     (root / "detectron2" / "data" / "transforms").mkdir(parents=True)
     (root / "detectron2" / "data" / "datasets").mkdir(parents=True)
+    (root / "detectron2" / "export").mkdir(parents=True)
     (root / "setup.py").write_text(SETUP_PY)
     (root / "detectron2" / "data" / "transforms" / "transform.py").write_text(
         "def f(interp=Image.LINEAR):\n    return np.float32(1), np.int64(2)\n")
     (root / "detectron2" / "data" / "datasets" / "voc.py").write_text(
         "ids = np.loadtxt(f, dtype=np.str)\nh = np.zeros(3, dtype=np.int)\nx = np.float(1) + np.bool_(1)\n")
+    # v0.6's file, verbatim in what matters: the Caffe2 API first, unguarded
+    (root / "detectron2" / "export" / "__init__.py").write_text(
+        "from .api import *\nfrom .flatten import TracingAdapter\n")
 
 
 def test_patch_detectron2_sdist(tmp_path):
@@ -40,6 +44,16 @@ def test_patch_detectron2_sdist(tmp_path):
     voc = (tmp_path / "detectron2" / "data" / "datasets" / "voc.py").read_text()
     assert voc == "ids = np.loadtxt(f, dtype=str)\nh = np.zeros(3, dtype=int)\nx = float(1) + np.bool_(1)\n"
     assert "KD_DET_PLACEHOLDER" in (tmp_path / "detectron2" / "_C.py").read_text()
+    export_init = (tmp_path / "detectron2" / "export" / "__init__.py").read_text()
+    assert export_init.count("from .api import *") == 1 and "import caffe2.proto" in export_init
+    assert export_init.endswith("from .flatten import TracingAdapter\n")
+    # an installed build is brought up to date the same way, once
+    assert not compat.patch_detectron2_package(str(tmp_path / "detectron2"))
+
+
+def test_detectron2_export_imports_without_caffe2():
+    # TracingAdapter is what tools/export_student.py --format torchscript uses
+    from detectron2.export import TracingAdapter  # noqa: F401
 
 
 def test_patch_refuses_an_unexpected_setup_py(tmp_path):

@@ -99,3 +99,100 @@ def test_export_errors(tmp_path):
     torch.save({"weights": {}}, tmp_path / "odd.pth")
     with pytest.raises(ValueError, match="not a Detectron2 training checkpoint"):
         export_student(get_kd_cfg(), str(tmp_path / "odd.pth"), str(tmp_path / "out"))
+
+
+# runs in a fresh interpreter that cannot import Detectron2 or kd_det: torch and torchvision only
+TORCHSCRIPT_LOAD = r"""
+import importlib.abc, sys
+
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("detectron2", "kd_det", "fvcore"):
+            raise ImportError("blocked: " + name)
+
+sys.meta_path.insert(0, Block())
+import torch, torchvision  # torchvision registers the nms / roi_align ops the graph calls
+model = torch.jit.load(sys.argv[1])
+images = torch.load(sys.argv[2])
+with torch.no_grad():
+    outs = [tuple(model(im)) for im in images]
+torch.save(outs, sys.argv[3])
+"""
+
+
+@pytest.mark.parametrize("kind", ["rcnn", "retina"])
+def test_torchscript_export(kind, tiny_data_root, tmp_path, rcnn_teacher, retina_teacher):
+    import json
+    import runpy
+
+    from detectron2.config import get_cfg
+    from detectron2.data import MetadataCatalog
+
+    from conftest import REPO, TINY_PREFIX
+    from kd_det.deploy import detections
+
+    config, teacher_cfg, weights, student_arch = {
+        "rcnn": ("synthetic/distill/ssim_faster_rcnn_R50_to_R18.yaml", "synthetic/faster_rcnn_R_50_FPN.yaml",
+                 rcnn_teacher, "GeneralizedRCNN"),
+        "retina": ("synthetic/distill/ssim_retinanet_R50_to_R18.yaml", "synthetic/retinanet_R_50_FPN.yaml",
+                   retina_teacher, "RetinaNet"),
+    }[kind]
+    cfg = distill_cfg(config, teacher_cfg, weights, tmp_path,
+                      ["MODEL.RETINANET.SCORE_THRESH_TEST", 0.0, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0])
+    torch.manual_seed(0)
+    model = build_model(cfg)  # untrained: the trace's fidelity does not depend on skill
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("model_final")
+    (tmp_path / "train.yaml").write_text(cfg.dump())
+
+    tool = runpy.run_path(REPO + "/tools/export_student.py", run_name="export_student")
+    out = tool["main"](["--config-file", str(tmp_path / "train.yaml"), "--weights", str(tmp_path / "model_final.pth"),
+                        "--output-dir", str(tmp_path / "release"), "--torchscript"])
+    meta = json.loads((tmp_path / "release" / "torchscript.json").read_text())
+    assert meta["sha256"] == file_sha256(out["torchscript"]) and meta["meta_architecture"] == student_arch
+    assert meta["classes"] == MetadataCatalog.get(TINY_PREFIX + "_val").thing_classes
+    assert meta["input"]["format"] == "BGR" and meta["input"]["min_size_test"] == 64
+    assert meta["traced_on"].endswith("val_000000.jpg")
+    sizes = [tuple(row["size"]) for row in meta["checked"]]
+    assert len(set(sizes)) == 3 and all(row["detections"] > 0 for row in meta["checked"])
+
+    # the released student (vanilla config + student-only weights) in eager mode, as the reference
+    student_cfg = get_cfg()
+    student_cfg.merge_from_file(out["config"])
+    student = build_model(student_cfg).eval()
+    DetectionCheckpointer(student).load(out["weights"])
+    torch.manual_seed(1)
+    images = [torch.randint(0, 255, (3, 64, 64)).float(), torch.randint(0, 255, (3, 56, 96)).float(),
+              torch.zeros(3, 40, 72)]
+    torch.save(images, tmp_path / "images.pt")
+    script = tmp_path / "torchscript_load.py"
+    script.write_text(TORCHSCRIPT_LOAD)
+    subprocess.run([sys.executable, str(script), out["torchscript"], str(tmp_path / "images.pt"),
+                    str(tmp_path / "outs.pt")], check=True, cwd=str(tmp_path))
+    traced_outs = torch.load(tmp_path / "outs.pt", weights_only=False)
+    for image, traced in zip(images, traced_outs):
+        with torch.no_grad():
+            eager = detections(student, image)
+        assert len(eager[0]) > 0 and len(traced) == 3
+        assert torch.allclose(traced[0], eager[0], atol=1e-3) and torch.allclose(traced[1], eager[1], atol=1e-4)
+        assert torch.equal(traced[2], eager[2])
+
+
+def test_torchscript_export_errors(tiny_data_root, tmp_path):
+    from conftest import tiny_cfg
+
+    from kd_det.deploy import export_torchscript, load_sample_image
+
+    cfg = tiny_cfg("synthetic/retinanet_R_18_FPN.yaml", tmp_path)
+    cfg.DATASETS.TEST = ()
+    with pytest.raises(ValueError, match="--sample-image PATH"):
+        load_sample_image(cfg)
+    with pytest.raises(FileNotFoundError, match="sample image .*nowhere.jpg"):
+        load_sample_image(cfg, str(tmp_path / "nowhere.jpg"))
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        export_torchscript(cfg, str(tmp_path / "missing.pth"), str(tmp_path / "out"))
+    # weights of another architecture: a clear error, not a trace of a half-random model
+    rcnn = build_model(tiny_cfg("synthetic/faster_rcnn_R_18_FPN.yaml", tmp_path))
+    DetectionCheckpointer(rcnn, save_dir=str(tmp_path)).save("rcnn")
+    with pytest.raises(ValueError, match="lacks .* weights of the student"):
+        export_torchscript(cfg, str(tmp_path / "rcnn.pth"), str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "model.ts").exists()

@@ -6,6 +6,12 @@ its own config, loadable by vanilla Detectron2 (``get_cfg().merge_from_file`` +
 
     tools/export_student.py --config-file configs/synthetic/distill/ssim_retinanet_R50_to_R18.yaml \\
         --weights output/synthetic/ssim_retinanet_R50_to_R18/model_final.pth --output-dir release/ssim_r18
+
+With ``--torchscript`` it also writes ``model.ts``, the student traced with
+Detectron2's ``TracingAdapter`` (one image in, boxes/scores/classes out; loads with
+``torch.jit.load`` without Detectron2, in Python or C++), and ``torchscript.json``
+(preprocessing, outputs, class names).  The trace is checked against the model on the
+sample image and on two crops of other sizes.
 """
 
 import argparse
@@ -21,6 +27,10 @@ def main(argv=None):
     parser.add_argument("--config-file", required=True, help="the training config")
     parser.add_argument("--weights", required=True, help="the training checkpoint (model_final.pth)")
     parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--torchscript", action="store_true", help="also write model.ts (traced TorchScript)")
+    parser.add_argument("--sample-image", default="",
+                        help="image to trace with (default: the first image of DATASETS.TEST[0])")
+    parser.add_argument("--device", default="cpu", help="device the TorchScript model runs on (cpu, cuda)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides used in training (KEY VALUE ...)")
     args = parser.parse_args(argv)
 
@@ -31,6 +41,15 @@ def main(argv=None):
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     out = export_student(cfg, args.weights, args.output_dir)
+    if args.torchscript:
+        from detectron2.config import get_cfg
+
+        from kd_det.deploy import export_torchscript
+
+        # trace what was released: the vanilla config and the student-only weights
+        student_cfg = get_cfg()
+        student_cfg.merge_from_file(out["config"])
+        out.update(export_torchscript(student_cfg, out["weights"], args.output_dir, args.sample_image, args.device))
     print(json.dumps(out, indent=2))
     return out
 

@@ -40,17 +40,25 @@ def detectron2_importable() -> bool:
     return subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0
 
 
-def _refresh_placeholder(compat, package_dir):
-    """Rewrite an outdated kd_det placeholder ``_C.py`` (never touches a real extension)."""
+def _refresh_pure_python_build(compat, package_dir):
+    """
+    Bring an installed kd_det pure-Python build up to date with ``kd_det.compat``:
+    rewrite an outdated placeholder ``_C.py`` and apply source fixes added since it was
+    built.  A Detectron2 with its real extension (installed by other means) is never touched.
+    """
     path = os.path.join(package_dir, "_C.py")
     if not os.path.isfile(path):
         return
     with open(path) as f:
         current = f.read()
-    if "KD_DET_PLACEHOLDER" in current and current != compat.PLACEHOLDER_C_SOURCE:
+    if "KD_DET_PLACEHOLDER" not in current:
+        return
+    if current != compat.PLACEHOLDER_C_SOURCE:
         with open(path, "w") as f:
             f.write(compat.PLACEHOLDER_C_SOURCE)
         print("updated the detectron2._C placeholder at", path)
+    if compat.patch_detectron2_package(package_dir):
+        print("applied kd_det's source fixes to", package_dir)
 
 
 def pip(*args):
@@ -94,7 +102,7 @@ def main():
     if not args.force and detectron2_importable():
         import detectron2
 
-        _refresh_placeholder(compat, os.path.dirname(detectron2.__file__))
+        _refresh_pure_python_build(compat, os.path.dirname(detectron2.__file__))
 
         print("detectron2 {} already installed at {}".format(detectron2.__version__, os.path.dirname(detectron2.__file__)))
         return
