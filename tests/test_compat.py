@@ -76,3 +76,25 @@ def test_detectron2_environment_report_works():
     from detectron2.utils.collect_env import collect_env_info
 
     assert "detectron2" in collect_env_info()
+
+
+def test_installer_updates_an_installed_pure_python_build(tmp_path):
+    import os
+    import runpy
+
+    from conftest import REPO
+
+    installer = runpy.run_path(os.path.join(REPO, "tools", "install_detectron2.py"), run_name="installer")
+    for kind in ("ours", "full"):
+        package = tmp_path / kind / "detectron2"
+        (package / "export").mkdir(parents=True)
+        (package / "export" / "__init__.py").write_text("from .api import *\nfrom .flatten import TracingAdapter\n")
+        c_ext = "KD_DET_PLACEHOLDER = True  # an older placeholder\n" if kind == "ours" else "REAL = True\n"
+        (package / "_C.py").write_text(c_ext)
+        installer["_refresh_pure_python_build"](compat, str(package))
+        export_init = (package / "export" / "__init__.py").read_text()
+        if kind == "ours":
+            assert (package / "_C.py").read_text() == compat.PLACEHOLDER_C_SOURCE
+            assert "import caffe2.proto" in export_init
+        else:  # a Detectron2 with its real extension, installed by other means, is left alone
+            assert (package / "_C.py").read_text() == c_ext and "caffe2" not in export_init
