@@ -196,3 +196,32 @@ def test_torchscript_export_errors(tiny_data_root, tmp_path):
     with pytest.raises(ValueError, match="lacks .* weights of the student"):
         export_torchscript(cfg, str(tmp_path / "rcnn.pth"), str(tmp_path / "out"))
     assert not (tmp_path / "out" / "model.ts").exists()
+
+
+def test_model_complexity_matches_a_count_by_hooks(tiny_data_root, tmp_path):
+    from conftest import tiny_cfg
+
+    from kd_det.utils.complexity import model_complexity
+
+    cfg = tiny_cfg("synthetic/retinanet_R_18_FPN.yaml", tmp_path)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    out = model_complexity(cfg, model, num_images=2)
+    assert out["images"] == 2 and out["size"] == "64x64" and model.training  # the mode is restored
+    assert out["params_m"] == pytest.approx(sum(p.numel() for p in model.parameters()) / 1e6)
+
+    # multiply-adds of every convolution, counted independently on one 64x64 test image
+    macs = []
+
+    def conv_hook(module, inputs, output):
+        kh, kw = module.kernel_size
+        macs.append(output.numel() * module.in_channels // module.groups * kh * kw)
+
+    handles = [m.register_forward_hook(conv_hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    model.eval()
+    with torch.no_grad():
+        model([{"image": torch.zeros(3, 64, 64)}])
+    for h in handles:
+        h.remove()
+    # fvcore also counts BatchNorm and upsampling: a little more than the convolutions alone
+    assert sum(macs) / 1e9 <= out["gflops"] <= 1.02 * sum(macs) / 1e9

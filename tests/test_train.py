@@ -129,6 +129,7 @@ def test_cli_teacher_then_distilled_student(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = [line for line in zoo.read_text().splitlines() if line.startswith("| student |")]
     assert len(row) == 1 and "RetinaNet R-18-FPN" in row[0] and "| SSIM |" in row[0], zoo.read_text()
+    assert "warning: no flop count" not in proc.stderr and "| - | - |" not in row[0]  # params and GFLOPs filled
     from kd_det.export import file_sha256
 
     assert file_sha256(str(tmp_path / "release" / "student" / "model_final.pth"))[:12] in row[0]
@@ -185,6 +186,7 @@ def test_teacher_evaluated_before_training(tiny_data_root, tmp_path, rcnn_teache
     (out / "config.yaml").write_text(cfg.dump())  # as tools/train_net.py's default_setup writes it
     row = release_run(str(out), str(tmp_path / "release"))
     assert row["teacher_ap"] == "{:.2f}".format(reference["AP"]) and row["distillation"] == "SSIM"
+    assert float(row["params"]) > 1 and float(row["gflops"]) > 0  # the student's, from its test images
 
     # MIN_AP above the teacher's AP: stopped before the first iteration, nothing saved
     too_high = reference["AP"] + 1.0

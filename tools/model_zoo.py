@@ -36,6 +36,7 @@ def release_run(run_dir, release_dir):
     records = load_metrics(os.path.join(run_dir, "metrics.json"))
     ap = last_box_ap(records)
     out = export_student(cfg, os.path.join(run_dir, "model_final.pth"), os.path.join(release_dir, name))
+    complexity = _student_complexity(out["config"])
     kd = []
     if cfg.MODEL.META_ARCHITECTURE.startswith("Distill"):
         if cfg.KD.FEATURE.LOSS:
@@ -63,7 +64,30 @@ def release_run(run_dir, release_dir):
         "weights": out["weights"],
         "config": out["config"],
         "sha256": out["sha256"],
+        "params": "{:.1f}".format(complexity["params_m"]) if complexity else "-",
+        "gflops": "{:.2f}".format(complexity["gflops"]) if complexity else "-",
     }
+
+
+def _student_complexity(config_path):
+    """Parameters and GFLOPs of the released student (vanilla config and weights), or None with a warning."""
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    from kd_det.utils.complexity import model_complexity
+
+    cfg = get_cfg()
+    cfg.merge_from_file(config_path)
+    cfg.MODEL.DEVICE = "cpu"
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    try:
+        return model_complexity(cfg, model)
+    except Exception as e:  # the test images may live on another machine: the row is still worth writing
+        print("warning: no flop count for {} ({}: {}); the row says '-'".format(config_path, type(e).__name__, e),
+              file=sys.stderr)
+        return None
 
 
 def format_model_zoo(rows, source_note=""):
@@ -73,11 +97,13 @@ def format_model_zoo(rows, source_note=""):
              "Each checkpoint is a student-only Detectron2 checkpoint; load it with vanilla Detectron2:",
              "`cfg = get_cfg(); cfg.merge_from_file(\"<release>/config.yaml\"); model = build_model(cfg); "
              "DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)`.", "",
-             "| name | model | distillation | teacher config | teacher AP | schedule | train / test | box AP | AP50 | "
-             "AP75 | sha256 (first 12) |",
-             "|---|---|---|---|---:|---|---|---:|---:|---:|---|"]
+             "Params and GFLOPs are the student's, counted as Detectron2's `tools/analyze_model.py` does (fvcore: "
+             "a multiply-add is one flop), averaged over the first 5 test images at the test input size.", "",
+             "| name | model | params (M) | GFLOPs | distillation | teacher config | teacher AP | schedule | "
+             "train / test | box AP | AP50 | AP75 | sha256 (first 12) |",
+             "|---|---|---:|---:|---|---|---:|---|---|---:|---:|---:|---|"]
     for r in rows:
-        lines.append("| {name} | {arch} {backbone} | {distillation} | {teacher} | {teacher_ap} | {schedule} | {dataset} | "
+        lines.append("| {name} | {arch} {backbone} | {params} | {gflops} | {distillation} | {teacher} | {teacher_ap} | {schedule} | {dataset} | "
                      "{a:.2f} | {a50:.2f} | {a75:.2f} | `{sha}` |".format(
                          a=r["ap"]["AP"], a50=r["ap"]["AP50"], a75=r["ap"]["AP75"], sha=r["sha256"][:12],
                          **{k: (("`{}`".format(v) if v else "-") if k == "teacher" else v) for k, v in r.items()}))
