@@ -9,6 +9,7 @@ image.  A sidecar ``torchscript.json`` says how to preprocess and what comes out
 """
 
 import json
+import logging
 import os
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -185,6 +186,10 @@ def export_torchscript(cfg: CfgNode, weights: str, output_dir: str, sample_image
     tensor = preprocess(cfg, image).to(device)
     traced = trace_student(model, tensor)
     checked = compare_traced(model, traced, _other_sizes(tensor))
+    if not any(row["detections"] for row in checked):
+        logging.getLogger(__name__).warning(
+            "the traced student was checked on %s and two crops, where it detects nothing: the check compared "
+            "empty outputs only. Pass --sample-image with objects the student finds.", image_path)
 
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "model.ts")

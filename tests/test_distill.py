@@ -202,6 +202,20 @@ def test_teacher_trained_on_other_classes(tmp_path, rcnn_teacher, teacher_datase
     build_model(cfg)
 
 
+def test_mask_rcnn_teacher_for_a_faster_rcnn_student(tiny_data_root, tmp_path):
+    """Detectron2's strongest R-CNN teachers are Mask R-CNNs: their FPN features and box head serve as well."""
+    teacher = "synthetic/faster_rcnn_R_50_FPN.yaml"
+    (tmp_path / "mask_teacher").mkdir()
+    weights = save_random_teacher(teacher, str(tmp_path / "mask_teacher" / "model_final.pth"), ["MODEL.MASK_ON", True])
+    cfg = distill_cfg(RCNN_SSIM, teacher, weights, tmp_path,
+                      ["KD.TEACHER.OPTS", ["MODEL.MASK_ON", True], "KD.SOFT_LABEL.ENABLED", True])
+    model = build_model(cfg)
+    assert hasattr(model.teacher.model.roi_heads, "mask_head") and not cfg.MODEL.MASK_ON
+    losses, _ = _one_step(model, cfg)
+    assert {"loss_kd_ssim", "loss_kd_soft"} <= losses.keys() and "loss_mask" not in losses
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
 RCNN_SHARED = ["backbone.fpn_output", "proposal_generator", "roi_heads"]
 
 

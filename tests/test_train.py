@@ -124,12 +124,13 @@ def test_cli_teacher_then_distilled_student(tmp_path):
     tools = os.path.join(REPO, "tools")
     zoo = tmp_path / "MODEL_ZOO.md"
     proc = subprocess.run([sys.executable, os.path.join(tools, "model_zoo.py"), str(student_out), "--release-dir",
-                           str(tmp_path / "release"), "-o", str(zoo)], cwd=str(tmp_path), capture_output=True,
-                          text=True, timeout=300)
+                           str(tmp_path / "release"), "-o", str(zoo), "--torchscript"], cwd=str(tmp_path),
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = [line for line in zoo.read_text().splitlines() if line.startswith("| student |")]
     assert len(row) == 1 and "RetinaNet R-18-FPN" in row[0] and "| SSIM |" in row[0], zoo.read_text()
     assert "warning: no flop count" not in proc.stderr and "| - | - |" not in row[0]  # params and GFLOPs filled
+    assert (tmp_path / "release" / "student" / "model.ts").is_file()  # checked against the model as it was traced
     from kd_det.export import file_sha256
 
     assert file_sha256(str(tmp_path / "release" / "student" / "model_final.pth"))[:12] in row[0]
