@@ -1,17 +1,24 @@
 """Model-zoo export: a student-only checkpoint + config that vanilla Detectron2 loads without kd_det."""
 
+import json
+import runpy
 import subprocess
 import sys
 
 import pytest
 import torch
 import yaml
+from conftest import REPO, TINY_PREFIX, tiny_cfg
 from test_distill import _one_step, distill_cfg
 
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 
+from kd_det.deploy import detections, export_torchscript, load_sample_image
 from kd_det.export import StudentCheckpointer, export_student, file_sha256, student_inference_cfg
+from kd_det.utils.complexity import model_complexity
 
 # runs in a fresh interpreter: vanilla Detectron2 only
 VANILLA_LOAD = r"""
@@ -32,16 +39,21 @@ torch.save({"boxes": inst.pred_boxes.tensor, "scores": inst.scores, "classes": i
 """
 
 
-@pytest.mark.parametrize("kind", ["rcnn", "retina"])
-def test_export_round_trip(kind, tiny_data_root, tmp_path, rcnn_teacher, retina_teacher):
+def _distill_cfg_keeping_all_detections(kind, out, rcnn_teacher, retina_teacher):
+    """A distillation config of each kind, score threshold 0 (detections to compare); and the student's architecture."""
     config, teacher_cfg, weights, arch = {
         "rcnn": ("synthetic/distill/ssim_faster_rcnn_R50_to_R18.yaml", "synthetic/faster_rcnn_R_50_FPN.yaml",
                  rcnn_teacher, "GeneralizedRCNN"),
         "retina": ("synthetic/distill/rm_pfi_retinanet_R50_to_R18.yaml", "synthetic/retinanet_R_50_FPN.yaml",
                    retina_teacher, "RetinaNet"),
     }[kind]
-    cfg = distill_cfg(config, teacher_cfg, weights, tmp_path,
-                      ["MODEL.RETINANET.SCORE_THRESH_TEST", 0.0, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0])
+    return distill_cfg(config, teacher_cfg, weights, out,
+                       ["MODEL.RETINANET.SCORE_THRESH_TEST", 0.0, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0]), arch
+
+
+@pytest.mark.parametrize("kind", ["rcnn", "retina"])
+def test_export_round_trip(kind, tiny_data_root, tmp_path, rcnn_teacher, retina_teacher):
+    cfg, arch = _distill_cfg_keeping_all_detections(kind, tmp_path, rcnn_teacher, retina_teacher)
     model = build_model(cfg)
     _one_step(model, cfg)  # trained weights, BN statistics updated
     DetectionCheckpointer(model, save_dir=str(tmp_path)).save("model_final")
@@ -122,23 +134,7 @@ torch.save(outs, sys.argv[3])
 
 @pytest.mark.parametrize("kind", ["rcnn", "retina"])
 def test_torchscript_export(kind, tiny_data_root, tmp_path, rcnn_teacher, retina_teacher):
-    import json
-    import runpy
-
-    from detectron2.config import get_cfg
-    from detectron2.data import MetadataCatalog
-
-    from conftest import REPO, TINY_PREFIX
-    from kd_det.deploy import detections
-
-    config, teacher_cfg, weights, student_arch = {
-        "rcnn": ("synthetic/distill/ssim_faster_rcnn_R50_to_R18.yaml", "synthetic/faster_rcnn_R_50_FPN.yaml",
-                 rcnn_teacher, "GeneralizedRCNN"),
-        "retina": ("synthetic/distill/ssim_retinanet_R50_to_R18.yaml", "synthetic/retinanet_R_50_FPN.yaml",
-                   retina_teacher, "RetinaNet"),
-    }[kind]
-    cfg = distill_cfg(config, teacher_cfg, weights, tmp_path,
-                      ["MODEL.RETINANET.SCORE_THRESH_TEST", 0.0, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0])
+    cfg, student_arch = _distill_cfg_keeping_all_detections(kind, tmp_path, rcnn_teacher, retina_teacher)
     torch.manual_seed(0)
     model = build_model(cfg)  # untrained: the trace's fidelity does not depend on skill
     DetectionCheckpointer(model, save_dir=str(tmp_path)).save("model_final")
@@ -178,10 +174,6 @@ def test_torchscript_export(kind, tiny_data_root, tmp_path, rcnn_teacher, retina
 
 
 def test_torchscript_export_errors(tiny_data_root, tmp_path):
-    from conftest import tiny_cfg
-
-    from kd_det.deploy import export_torchscript, load_sample_image
-
     cfg = tiny_cfg("synthetic/retinanet_R_18_FPN.yaml", tmp_path)
     cfg.DATASETS.TEST = ()
     with pytest.raises(ValueError, match="--sample-image PATH"):
@@ -199,10 +191,6 @@ def test_torchscript_export_errors(tiny_data_root, tmp_path):
 
 
 def test_model_complexity_matches_a_count_by_hooks(tiny_data_root, tmp_path):
-    from conftest import tiny_cfg
-
-    from kd_det.utils.complexity import model_complexity
-
     cfg = tiny_cfg("synthetic/retinanet_R_18_FPN.yaml", tmp_path)
     torch.manual_seed(0)
     model = build_model(cfg)
