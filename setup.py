@@ -22,7 +22,9 @@ setup(
         "Pillow",
     ],
     extras_require={
-        "test": ["pytest", "pytorch-msssim==1.0.0"],
+        # onnx and onnxruntime: export_student --onnx writes the file and checks it
+        "onnx": ["onnx", "onnxruntime"],
+        "test": ["pytest", "pytorch-msssim==1.0.0", "onnx", "onnxruntime"],
         "bench": ["pytorch-msssim==1.0.0", "kornia"],
     },
 )

@@ -1,18 +1,22 @@
 """
-TorchScript export of a released student, by Detectron2's tracing route
-(``TracingAdapter`` + ``torch.jit.trace``, as in Detectron2's ``tools/deploy``).
+TorchScript and ONNX export of a released student, by Detectron2's tracing route
+(``TracingAdapter`` + ``torch.jit.trace`` / ``torch.onnx.export``, as in Detectron2's
+``tools/deploy``).
 
-The traced file takes one preprocessed image and returns its detections; it loads
-with ``torch.jit.load`` in Python or C++ (libtorch) with torch and torchvision only:
-no Detectron2, no kd_det.  Input sizes may vary from call to call; the batch is one
-image.  A sidecar ``torchscript.json`` says how to preprocess and what comes out.
+The exported file takes one preprocessed image and returns its detections.  ``model.ts``
+loads with ``torch.jit.load`` in Python or C++ (libtorch) with torch and torchvision
+only; ``model.onnx`` runs in ONNX Runtime without torch.  Neither needs Detectron2 or
+kd_det.  Input sizes may vary from call to call; the batch is one image.  A sidecar
+JSON says how to preprocess and what comes out.  Each export is checked against the
+eager model on the sample image and on two crops of other sizes.
 """
 
+import io
 import json
 import logging
 import os
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -25,8 +29,8 @@ from detectron2.modeling import GeneralizedRCNN, build_model
 from .checkpoint import atomic_write_bytes
 from .export import StudentCheckpointer, file_sha256
 
-__all__ = ["OUTPUT_NAMES", "detections", "preprocess", "load_sample_image", "trace_student", "compare_traced",
-           "export_torchscript"]
+__all__ = ["OUTPUT_NAMES", "detections", "preprocess", "load_sample_image", "load_student", "trace_student",
+           "compare_detections", "compare_traced", "export_torchscript", "export_onnx"]
 
 OUTPUT_NAMES = ("boxes", "scores", "classes")
 
@@ -34,6 +38,9 @@ OUTPUT_NAMES = ("boxes", "scores", "classes")
 # still count as equal: float reassociation in fused ops, not a different detection.
 BOX_ATOL = 1e-3  # pixels
 SCORE_ATOL = 1e-4
+# ONNX Runtime's own kernels reassociate more: 1.5e-3 px seen on 800x1216 inputs
+ONNX_BOX_ATOL = 1e-2
+ONNX_OPSET = 17
 
 
 def detections(model: torch.nn.Module, image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -120,32 +127,42 @@ def _other_sizes(image: torch.Tensor) -> List[torch.Tensor]:
     return [image, image[:, : max(h * 3 // 4, 32), :].contiguous(), image[:, :, : max(w * 5 // 8, 32)].contiguous()]
 
 
-def compare_traced(model: torch.nn.Module, traced: torch.jit.ScriptModule,
-                   images: Sequence[torch.Tensor]) -> List[Dict[str, object]]:
+def compare_detections(model: torch.nn.Module, run: Callable[[torch.Tensor], Sequence[torch.Tensor]],
+                       images: Sequence[torch.Tensor], what: str = "the traced student", box_atol: float = BOX_ATOL,
+                       score_atol: float = SCORE_ATOL) -> List[Dict[str, object]]:
     """
-    Run eager and traced on each image; one row per image (size, detections, largest
-    differences).  Raises RuntimeError when they disagree (count, class, or beyond
-    ``BOX_ATOL``/``SCORE_ATOL``).
+    Run the eager model and an exported one (``run``: image -> boxes, scores, classes) on
+    each image; one row per image (size, detections, largest differences).
+
+    Raises:
+        RuntimeError naming ``what`` when they disagree (count, class, or beyond the tolerances).
     """
     rows = []
     for image in images:
         with torch.no_grad():
             eager = detections(model, image)
-            out = traced(image)
+            out = [torch.as_tensor(t) for t in run(image)]
         size = list(image.shape[1:])
         if len(out) != 3 or any(a.shape != b.shape for a, b in zip(eager, out)):
-            raise RuntimeError("the traced student gives {} detections on a {}x{} image where the model gives {}: "
-                               "tracing baked in something input-dependent".format(
-                                   len(out[0]), size[0], size[1], len(eager[0])))
+            raise RuntimeError("{} gives {} detections on a {}x{} image where the model gives {}: the export baked "
+                               "in something input-dependent".format(what, len(out[0]), size[0], size[1],
+                                                                      len(eager[0])))
         box_diff = float((eager[0] - out[0]).abs().max()) if len(eager[0]) else 0.0
         score_diff = float((eager[1] - out[1]).abs().max()) if len(eager[0]) else 0.0
-        if box_diff > BOX_ATOL or score_diff > SCORE_ATOL or not torch.equal(eager[2], out[2]):
-            raise RuntimeError("the traced student disagrees with the model on a {}x{} image: boxes differ by up to "
-                               "{:.3g} px, scores by {:.3g}, classes equal: {}".format(
-                                   size[0], size[1], box_diff, score_diff, torch.equal(eager[2], out[2])))
+        classes_equal = torch.equal(eager[2], out[2].to(eager[2].dtype))
+        if box_diff > box_atol or score_diff > score_atol or not classes_equal:
+            raise RuntimeError("{} disagrees with the model on a {}x{} image: boxes differ by up to {:.3g} px, scores "
+                               "by {:.3g}, classes equal: {}".format(what, size[0], size[1], box_diff, score_diff,
+                                                                      classes_equal))
         rows.append({"size": size, "detections": len(eager[0]), "max_box_diff": box_diff,
                      "max_score_diff": score_diff})
     return rows
+
+
+def compare_traced(model: torch.nn.Module, traced: torch.jit.ScriptModule,
+                   images: Sequence[torch.Tensor]) -> List[Dict[str, object]]:
+    """:func:`compare_detections` for a traced TorchScript student."""
+    return compare_detections(model, traced, images)
 
 
 def _class_names(cfg: CfgNode) -> Optional[List[str]]:
@@ -156,19 +173,13 @@ def _class_names(cfg: CfgNode) -> Optional[List[str]]:
     return None
 
 
-def export_torchscript(cfg: CfgNode, weights: str, output_dir: str, sample_image: str = "",
-                       device: str = "cpu") -> Dict[str, object]:
+def load_student(cfg: CfgNode, weights: str, device: str = "cpu") -> torch.nn.Module:
     """
-    Write ``model.ts`` (the traced student) and ``torchscript.json`` to ``output_dir``.
+    The student of ``cfg`` (eval mode, on ``device``) with ``weights``: a student-only or a
+    training checkpoint (``kd_*`` and teacher weights are ignored).
 
-    Args:
-        cfg: the student's vanilla Detectron2 config (``export_student``'s config.yaml).
-        weights: student-only or training checkpoint (``kd_*`` weights are ignored).
-        sample_image: image file to trace with (default: the first of ``DATASETS.TEST[0]``).
-        device: where the traced model runs; tracing records the device, so a CPU trace
-            runs on the CPU and a ``cuda`` trace on the GPU.
-    Returns:
-        {"torchscript": path, "metadata": path, "sha256": ..., "checked": rows of :func:`compare_traced`}.
+    Raises:
+        FileNotFoundError / ValueError naming the fix when the weights are missing or are not this student's.
     """
     cfg = cfg.clone()
     cfg.defrost()
@@ -182,30 +193,32 @@ def export_torchscript(cfg: CfgNode, weights: str, output_dir: str, sample_image
     if incompatible.missing_keys:
         raise ValueError("{!r} lacks {} weights of the student (e.g. {!r}): pass this student's own checkpoint".format(
             weights, len(incompatible.missing_keys), incompatible.missing_keys[0]))
+    return model
+
+
+def _check_images(cfg: CfgNode, sample_image: str, device: str) -> Tuple[List[torch.Tensor], str]:
+    """The preprocessed sample image and two crops of other sizes; and the sample's file."""
     image, image_path = load_sample_image(cfg, sample_image)
-    tensor = preprocess(cfg, image).to(device)
-    traced = trace_student(model, tensor)
-    checked = compare_traced(model, traced, _other_sizes(tensor))
+    return _other_sizes(preprocess(cfg, image).to(device)), image_path
+
+
+def _warn_if_nothing_detected(checked: List[Dict[str, object]], image_path: str, what: str) -> None:
     if not any(row["detections"] for row in checked):
         logging.getLogger(__name__).warning(
-            "the traced student was checked on %s and two crops, where it detects nothing: the check compared "
-            "empty outputs only. Pass --sample-image with objects the student finds.", image_path)
+            "%s was checked on %s and two crops, where it detects nothing: the check compared empty outputs only. "
+            "Pass --sample-image with objects the student finds.", what, image_path)
 
-    os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, "model.ts")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        buffer = traced.save_to_buffer()
-    atomic_write_bytes(path, lambda f: f.write(buffer))
-    metadata = {
-        "file": "model.ts",
+
+def _metadata(cfg: CfgNode, model: torch.nn.Module, path: str, image_path: str,
+              checked: List[Dict[str, object]], tensor: str) -> Dict[str, object]:
+    """What a deployment needs to know beside the exported file: preprocessing, outputs, classes."""
+    return {
+        "file": os.path.basename(path),
         "sha256": file_sha256(path),
         "meta_architecture": cfg.MODEL.META_ARCHITECTURE,
-        "device": device,
         "torch": torch.__version__,
         "input": {
-            "tensor": "(3, H, W) float32 on the device above, pixel values 0-255, channels in 'format'; one image "
-                      "per call, any H and W",
+            "tensor": tensor,
             "format": cfg.INPUT.FORMAT,
             "resize": "shortest edge to min_size_test, longest at most max_size_test (bilinear), as Detectron2's "
                       "DefaultPredictor; the model normalises and pads itself",
@@ -224,7 +237,109 @@ def export_torchscript(cfg: CfgNode, weights: str, output_dir: str, sample_image
         "traced_on": image_path,
         "checked": checked,
     }
-    metadata_path = os.path.join(output_dir, "torchscript.json")
-    with open(metadata_path, "w") as f:
+
+
+def _write_metadata(output_dir: str, name: str, metadata: Dict[str, object]) -> str:
+    path = os.path.join(output_dir, name)
+    with open(path, "w") as f:
         json.dump(metadata, f, indent=2)
+    return path
+
+
+def export_torchscript(cfg: CfgNode, weights: str, output_dir: str, sample_image: str = "",
+                       device: str = "cpu") -> Dict[str, object]:
+    """
+    Write ``model.ts`` (the traced student) and ``torchscript.json`` to ``output_dir``.
+
+    Args:
+        cfg: the student's vanilla Detectron2 config (``export_student``'s config.yaml).
+        weights: student-only or training checkpoint (``kd_*`` weights are ignored).
+        sample_image: image file to trace with (default: the first of ``DATASETS.TEST[0]``).
+        device: where the traced model runs; tracing records the device, so a CPU trace
+            runs on the CPU and a ``cuda`` trace on the GPU.
+    Returns:
+        {"torchscript": path, "metadata": path, "sha256": ..., "checked": rows of :func:`compare_detections`}.
+    """
+    model = load_student(cfg, weights, device)
+    images, image_path = _check_images(cfg, sample_image, device)
+    traced = trace_student(model, images[0])
+    checked = compare_traced(model, traced, images)
+    _warn_if_nothing_detected(checked, image_path, "the traced student")
+
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "model.ts")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        buffer = traced.save_to_buffer()
+    atomic_write_bytes(path, lambda f: f.write(buffer))
+    metadata = _metadata(cfg, model, path, image_path, checked,
+                         "(3, H, W) float32 on the device above, pixel values 0-255, channels in 'format'; one "
+                         "image per call, any H and W")
+    metadata["device"] = device
+    metadata_path = _write_metadata(output_dir, "torchscript.json", metadata)
     return {"torchscript": path, "metadata": metadata_path, "sha256": metadata["sha256"], "checked": checked}
+
+
+def _import_onnx():
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as e:
+        raise ImportError("ONNX export needs the onnx and onnxruntime packages ({}): pip install -e '.[onnx]' in the "
+                          "kd_det checkout, or pip install onnx onnxruntime".format(e)) from e
+    return onnx, onnxruntime
+
+
+def export_onnx(cfg: CfgNode, weights: str, output_dir: str, sample_image: str = "",
+                opset: int = ONNX_OPSET) -> Dict[str, object]:
+    """
+    Write ``model.onnx`` (the student traced and converted by PyTorch's TorchScript-based
+    ONNX exporter) and ``onnx.json`` to ``output_dir``; the file is checked with
+    ``onnx.checker`` and, in ONNX Runtime (CPU), against the eager model on the sample
+    image and two crops of other sizes.
+
+    Args:
+        cfg, weights, sample_image: as :func:`export_torchscript`.
+        opset: ONNX opset; at least 16, where RoiAlign gained Detectron2's half-pixel
+            (``aligned=True``) coordinates.
+    Returns:
+        {"onnx": path, "metadata": path, "sha256": ..., "checked": rows of :func:`compare_detections`}.
+    """
+    if opset < 16:
+        raise ValueError("ONNX opset {} has no half-pixel RoiAlign (Detectron2's ROIAlignV2): use opset 16 or "
+                         "later".format(opset))
+    onnx, onnxruntime = _import_onnx()
+    from detectron2.export import TracingAdapter
+
+    model = load_student(cfg, weights, "cpu")
+    images, image_path = _check_images(cfg, sample_image, "cpu")
+    # eval(): the exporter restores the wrapper's mode afterwards, and a new wrapper is in training mode
+    adapter = TracingAdapter(model, images[0], detections).eval()
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "model.onnx")
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        # the TorchScript-based exporter is deprecated (DeprecationWarning), but torch.export cannot
+        # capture Detectron2 v0.6 models (README, "Release"); tracer warnings as in trace_student
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # advanced indexing with negative indices would export wrongly: the ONNX Runtime check below would see it
+        warnings.filterwarnings("ignore", "Exporting aten::index operator", UserWarning)
+        torch.onnx.export(adapter, adapter.flattened_inputs, buffer, dynamo=False, opset_version=opset,
+                          input_names=["image"], output_names=list(OUTPUT_NAMES),
+                          dynamic_axes={"image": {1: "height", 2: "width"}, "boxes": {0: "detections"},
+                                        "scores": {0: "detections"}, "classes": {0: "detections"}})
+    atomic_write_bytes(path, lambda f: f.write(buffer.getvalue()))
+    onnx.checker.check_model(path)
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    checked = compare_detections(model, lambda image: session.run(None, {"image": image.numpy()}), images,
+                                 "the ONNX student (ONNX Runtime)", ONNX_BOX_ATOL, SCORE_ATOL)
+    _warn_if_nothing_detected(checked, image_path, "the ONNX student")
+    metadata = _metadata(cfg, model, path, image_path, checked,
+                         "'image': (3, H, W) float32, pixel values 0-255, channels in 'format'; one image per call, "
+                         "any H and W")
+    metadata.update({"opset": opset, "onnx": onnx.__version__, "onnxruntime_checked": onnxruntime.__version__})
+    metadata_path = _write_metadata(output_dir, "onnx.json", metadata)
+    return {"onnx": path, "metadata": metadata_path, "sha256": metadata["sha256"], "checked": checked}

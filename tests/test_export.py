@@ -4,7 +4,9 @@ import json
 import runpy
 import subprocess
 import sys
+from unittest.mock import ANY
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -16,6 +18,7 @@ from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 
+from kd_det import deploy
 from kd_det.deploy import detections, export_torchscript, load_sample_image
 from kd_det.export import StudentCheckpointer, export_student, file_sha256, student_inference_cfg
 from kd_det.utils.complexity import model_complexity
@@ -132,8 +135,29 @@ torch.save(outs, sys.argv[3])
 """
 
 
+# runs in a fresh interpreter with ONNX Runtime and numpy only: importing torch fails
+ONNX_RUN = r"""
+import importlib.abc, sys
+
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "torchvision", "detectron2", "kd_det", "fvcore"):
+            raise ImportError("blocked: " + name)
+
+sys.meta_path.insert(0, Block())
+import numpy as np, onnxruntime
+session = onnxruntime.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+images = np.load(sys.argv[2])
+outs = {}
+for i in range(int(images["n"])):
+    for name, value in zip(("boxes", "scores", "classes"), session.run(None, {"image": images[str(i)]})):
+        outs["{}_{}".format(name, i)] = value
+np.savez(sys.argv[3], **outs)
+"""
+
+
 @pytest.mark.parametrize("kind", ["rcnn", "retina"])
-def test_torchscript_export(kind, tiny_data_root, tmp_path, rcnn_teacher, retina_teacher):
+def test_torchscript_and_onnx_export(kind, tiny_data_root, tmp_path, rcnn_teacher, retina_teacher):
     cfg, student_arch = _distill_cfg_keeping_all_detections(kind, tmp_path, rcnn_teacher, retina_teacher)
     torch.manual_seed(0)
     model = build_model(cfg)  # untrained: the trace's fidelity does not depend on skill
@@ -142,7 +166,7 @@ def test_torchscript_export(kind, tiny_data_root, tmp_path, rcnn_teacher, retina
 
     tool = runpy.run_path(REPO + "/tools/export_student.py", run_name="export_student")
     out = tool["main"](["--config-file", str(tmp_path / "train.yaml"), "--weights", str(tmp_path / "model_final.pth"),
-                        "--output-dir", str(tmp_path / "release"), "--torchscript"])
+                        "--output-dir", str(tmp_path / "release"), "--torchscript", "--onnx"])
     meta = json.loads((tmp_path / "release" / "torchscript.json").read_text())
     assert meta["sha256"] == file_sha256(out["torchscript"]) and meta["meta_architecture"] == student_arch
     assert meta["classes"] == MetadataCatalog.get(TINY_PREFIX + "_val").thing_classes
@@ -172,6 +196,24 @@ def test_torchscript_export(kind, tiny_data_root, tmp_path, rcnn_teacher, retina
         assert torch.allclose(traced[0], eager[0], atol=1e-3) and torch.allclose(traced[1], eager[1], atol=1e-4)
         assert torch.equal(traced[2], eager[2])
 
+    # ONNX: the same sidecar, and ONNX Runtime without torch gives the eager student's detections
+    onnx_meta = json.loads((tmp_path / "release" / "onnx.json").read_text())
+    assert onnx_meta["sha256"] == file_sha256(out["onnx"]) == out["onnx_sha256"] and onnx_meta["opset"] >= 16
+    assert onnx_meta["classes"] == meta["classes"] and onnx_meta["input"] == {**meta["input"], "tensor": ANY}
+    assert [row["size"] for row in onnx_meta["checked"]] == [row["size"] for row in meta["checked"]]
+    np.savez(tmp_path / "images.npz", n=len(images), **{str(i): im.numpy() for i, im in enumerate(images)})
+    script = tmp_path / "onnx_run.py"
+    script.write_text(ONNX_RUN)
+    subprocess.run([sys.executable, str(script), out["onnx"], str(tmp_path / "images.npz"),
+                    str(tmp_path / "onnx_outs.npz")], check=True, cwd=str(tmp_path))
+    onnx_outs = np.load(tmp_path / "onnx_outs.npz")
+    for i, image in enumerate(images):
+        with torch.no_grad():
+            eager = detections(student, image)
+        assert np.allclose(onnx_outs["boxes_{}".format(i)], eager[0].numpy(), atol=1e-2)
+        assert np.allclose(onnx_outs["scores_{}".format(i)], eager[1].numpy(), atol=1e-4)
+        assert np.array_equal(onnx_outs["classes_{}".format(i)], eager[2].numpy())
+
 
 def test_torchscript_export_errors(tiny_data_root, tmp_path):
     cfg = tiny_cfg("synthetic/retinanet_R_18_FPN.yaml", tmp_path)
@@ -188,6 +230,41 @@ def test_torchscript_export_errors(tiny_data_root, tmp_path):
     with pytest.raises(ValueError, match="lacks .* weights of the student"):
         export_torchscript(cfg, str(tmp_path / "rcnn.pth"), str(tmp_path / "out"))
     assert not (tmp_path / "out" / "model.ts").exists()
+    # opset 11's RoiAlign has no half-pixel mode: boxes off by tens of pixels, so refused
+    with pytest.raises(ValueError, match="opset 11 has no half-pixel RoiAlign"):
+        deploy.export_onnx(cfg, str(tmp_path / "rcnn.pth"), str(tmp_path / "out"), opset=11)
+
+
+def test_onnx_export_without_onnx_installed(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[onnx\]'"):
+        deploy.export_onnx(tiny_cfg("synthetic/retinanet_R_18_FPN.yaml", tmp_path), "any.pth", str(tmp_path))
+    tool = runpy.run_path(REPO + "/tools/export_student.py", run_name="export_student")
+    with pytest.raises(ImportError, match="onnx and onnxruntime"):  # before exporting anything
+        tool["main"](["--config-file", "any.yaml", "--weights", "any.pth", "--output-dir", str(tmp_path / "r"),
+                      "--onnx"])
+    assert not (tmp_path / "r").exists()
+
+
+def test_compare_detections_names_the_disagreement(tmp_path):
+    cfg = tiny_cfg("synthetic/retinanet_R_18_FPN.yaml", tmp_path)
+    cfg.MODEL.RETINANET.SCORE_THRESH_TEST = 0.0
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    images = [torch.randint(0, 255, (3, 64, 64)).float()]
+
+    def shifted(image):
+        boxes, scores, classes = detections(model, image)
+        return boxes + 0.05, scores, classes
+
+    rows = deploy.compare_detections(model, lambda image: detections(model, image), images)
+    assert rows[0]["size"] == [64, 64] and rows[0]["detections"] > 0 and rows[0]["max_box_diff"] == 0.0
+    assert deploy.compare_detections(model, shifted, images, "x", box_atol=0.1)[0]["max_box_diff"] == \
+        pytest.approx(0.05, abs=1e-5)
+    with pytest.raises(RuntimeError, match="the ONNX student disagrees .* boxes differ by up to 0.05 px"):
+        deploy.compare_detections(model, shifted, images, "the ONNX student", box_atol=1e-2)
+    with pytest.raises(RuntimeError, match="gives 1 detections on a 64x64 image where the model gives"):
+        deploy.compare_detections(model, lambda image: [t[:1] for t in detections(model, image)], images)
 
 
 def test_model_complexity_matches_a_count_by_hooks(tiny_data_root, tmp_path):

@@ -10,8 +10,10 @@ its own config, loadable by vanilla Detectron2 (``get_cfg().merge_from_file`` +
 With ``--torchscript`` it also writes ``model.ts``, the student traced with
 Detectron2's ``TracingAdapter`` (one image in, boxes/scores/classes out; loads with
 ``torch.jit.load`` without Detectron2, in Python or C++), and ``torchscript.json``
-(preprocessing, outputs, class names).  The trace is checked against the model on the
-sample image and on two crops of other sizes.
+(preprocessing, outputs, class names).  With ``--onnx`` it writes ``model.onnx`` (same
+inputs and outputs; runs in ONNX Runtime without torch) and ``onnx.json``; it needs
+``pip install -e '.[onnx]'``.  Each export is checked against the model on the sample
+image and on two crops of other sizes, and fails if they disagree.
 """
 
 import argparse
@@ -28,11 +30,17 @@ def main(argv=None):
     parser.add_argument("--weights", required=True, help="the training checkpoint (model_final.pth)")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--torchscript", action="store_true", help="also write model.ts (traced TorchScript)")
+    parser.add_argument("--onnx", action="store_true", help="also write model.onnx (needs onnx and onnxruntime)")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: kd_det.deploy.ONNX_OPSET)")
     parser.add_argument("--sample-image", default="",
                         help="image to trace with (default: the first image of DATASETS.TEST[0])")
     parser.add_argument("--device", default="cpu", help="device the TorchScript model runs on (cpu, cuda)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides used in training (KEY VALUE ...)")
     args = parser.parse_args(argv)
+    if args.onnx:
+        from kd_det.deploy import _import_onnx
+
+        _import_onnx()  # a missing package fails before any work, with the install command
 
     from kd_det import get_kd_cfg
     from kd_det.export import export_student
@@ -41,15 +49,22 @@ def main(argv=None):
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     out = export_student(cfg, args.weights, args.output_dir)
-    if args.torchscript:
+    if args.torchscript or args.onnx:
         from detectron2.config import get_cfg
 
-        from kd_det.deploy import export_torchscript
+        from kd_det import deploy
 
         # trace what was released: the vanilla config and the student-only weights
         student_cfg = get_cfg()
         student_cfg.merge_from_file(out["config"])
-        out.update(export_torchscript(student_cfg, out["weights"], args.output_dir, args.sample_image, args.device))
+        if args.torchscript:
+            out.update(deploy.export_torchscript(student_cfg, out["weights"], args.output_dir, args.sample_image,
+                                                 args.device))
+        if args.onnx:
+            exported = deploy.export_onnx(student_cfg, out["weights"], args.output_dir, args.sample_image,
+                                          args.opset or deploy.ONNX_OPSET)
+            out.update({"onnx": exported["onnx"], "onnx_metadata": exported["metadata"],
+                        "onnx_sha256": exported["sha256"], "onnx_checked": exported["checked"]})
     print(json.dumps(out, indent=2))
     return out
 

@@ -7,7 +7,7 @@ For each run folder (a tools/train_net.py OUTPUT_DIR holding config.yaml,
 model_final.pth and a metrics.json with a COCO evaluation) the student is exported
 with kd_det.export (student-only checkpoint + vanilla Detectron2 config) to
 RELEASE_DIR/<run name>/, and a table row gives its config, size (parameters, GFLOPs), teacher, schedule, box AP
-and the checkpoint's SHA-256; ``--torchscript`` adds each student traced to TorchScript.
+and the checkpoint's SHA-256; ``--torchscript`` and ``--onnx`` add each student exported to TorchScript / ONNX.
 
     tools/model_zoo.py output/demo/retinanet/student output/demo/retinanet/ssim_kd \\
         --release-dir release -o MODEL_ZOO.md
@@ -20,8 +20,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def release_run(run_dir, release_dir, torchscript=False):
-    """Export one run (with ``torchscript``, also its traced ``model.ts``); returns its table row as a dict."""
+def release_run(run_dir, release_dir, torchscript=False, onnx=False):
+    """
+    Export one run (with ``torchscript``/``onnx``, also its ``model.ts``/``model.onnx``);
+    returns its table row as a dict.
+    """
     from kd_det import get_kd_cfg
     from kd_det.export import export_student
     from kd_det.utils.metrics import last_box_ap, load_metrics, metric_series
@@ -37,14 +40,17 @@ def release_run(run_dir, release_dir, torchscript=False):
     ap = last_box_ap(records)
     out = export_student(cfg, os.path.join(run_dir, "model_final.pth"), os.path.join(release_dir, name))
     complexity = _student_complexity(out["config"])
-    if torchscript:
+    if torchscript or onnx:
         from detectron2.config import get_cfg
 
-        from kd_det.deploy import export_torchscript
+        from kd_det import deploy
 
         student_cfg = get_cfg()
         student_cfg.merge_from_file(out["config"])
-        export_torchscript(student_cfg, out["weights"], os.path.join(release_dir, name))
+        if torchscript:
+            deploy.export_torchscript(student_cfg, out["weights"], os.path.join(release_dir, name))
+        if onnx:
+            deploy.export_onnx(student_cfg, out["weights"], os.path.join(release_dir, name))
     kd = []
     if cfg.MODEL.META_ARCHITECTURE.startswith("Distill"):
         if cfg.KD.FEATURE.LOSS:
@@ -125,9 +131,11 @@ def main(argv=None):
     parser.add_argument("-o", "--output", default="MODEL_ZOO.md")
     parser.add_argument("--torchscript", action="store_true",
                         help="also trace each student to model.ts (see tools/export_student.py --torchscript)")
+    parser.add_argument("--onnx", action="store_true",
+                        help="also export each student to model.onnx (see tools/export_student.py --onnx)")
     parser.add_argument("--note", default="", help="a sentence on where the runs come from")
     args = parser.parse_args(argv)
-    rows = [release_run(r, args.release_dir, args.torchscript) for r in args.runs]
+    rows = [release_run(r, args.release_dir, args.torchscript, args.onnx) for r in args.runs]
     with open(args.output, "w") as f:
         f.write(format_model_zoo(rows, args.note))
     print("wrote {} ({} models; checkpoints under {})".format(args.output, len(rows), args.release_dir))
