@@ -315,13 +315,10 @@ def export_onnx(cfg: CfgNode, weights: str, output_dir: str, sample_image: str =
     images, image_path = _check_images(cfg, sample_image, "cpu")
     # eval(): the exporter restores the wrapper's mode afterwards, and a new wrapper is in training mode
     adapter = TracingAdapter(model, images[0], detections).eval()
-    os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, "model.onnx")
-
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         # the TorchScript-based exporter is deprecated (DeprecationWarning), but torch.export cannot
-        # capture Detectron2 v0.6 models (README, "Release"); tracer warnings as in trace_student
+        # capture Detectron2 v0.6 models (README, "Tools"); tracer warnings as in trace_student
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -331,12 +328,15 @@ def export_onnx(cfg: CfgNode, weights: str, output_dir: str, sample_image: str =
                           input_names=["image"], output_names=list(OUTPUT_NAMES),
                           dynamic_axes={"image": {1: "height", 2: "width"}, "boxes": {0: "detections"},
                                         "scores": {0: "detections"}, "classes": {0: "detections"}})
-    atomic_write_bytes(path, lambda f: f.write(buffer.getvalue()))
-    onnx.checker.check_model(path)
-    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    # checked before it is written: a file that disagrees with the model is never left behind
+    onnx.checker.check_model(onnx.load_model_from_string(buffer.getvalue()))
+    session = onnxruntime.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
     checked = compare_detections(model, lambda image: session.run(None, {"image": image.numpy()}), images,
                                  "the ONNX student (ONNX Runtime)", ONNX_BOX_ATOL, SCORE_ATOL)
     _warn_if_nothing_detected(checked, image_path, "the ONNX student")
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "model.onnx")
+    atomic_write_bytes(path, lambda f: f.write(buffer.getvalue()))
     metadata = _metadata(cfg, model, path, image_path, checked,
                          "'image': (3, H, W) float32, pixel values 0-255, channels in 'format'; one image per call, "
                          "any H and W")

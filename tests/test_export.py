@@ -246,6 +246,16 @@ def test_onnx_export_without_onnx_installed(tmp_path, monkeypatch):
     assert not (tmp_path / "r").exists()
 
 
+def test_onnx_export_that_disagrees_leaves_no_file(tiny_data_root, tmp_path, monkeypatch):
+    cfg = tiny_cfg("synthetic/retinanet_R_18_FPN.yaml", tmp_path)
+    cfg.MODEL.RETINANET.SCORE_THRESH_TEST = 0.0
+    DetectionCheckpointer(build_model(cfg), save_dir=str(tmp_path)).save("model_final")
+    monkeypatch.setattr(deploy, "ONNX_BOX_ATOL", -1.0)  # any difference, even none, counts as disagreeing
+    with pytest.raises(RuntimeError, match="the ONNX student .* disagrees with the model"):
+        deploy.export_onnx(cfg, str(tmp_path / "model_final.pth"), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_compare_detections_names_the_disagreement(tmp_path):
     cfg = tiny_cfg("synthetic/retinanet_R_18_FPN.yaml", tmp_path)
     cfg.MODEL.RETINANET.SCORE_THRESH_TEST = 0.0
