@@ -10,12 +10,15 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 from conftest import REPO, TINY_PREFIX, tiny_cfg
 from test_distill import _one_step, distill_cfg
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
+from detectron2.data.detection_utils import read_image
+from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
 
 from kd_det import deploy
@@ -116,16 +119,21 @@ def test_export_errors(tmp_path):
         export_student(get_kd_cfg(), str(tmp_path / "odd.pth"), str(tmp_path / "out"))
 
 
-# runs in a fresh interpreter that cannot import Detectron2 or kd_det: torch and torchvision only
-TORCHSCRIPT_LOAD = r"""
+# the first lines of each script below: importing any of BLOCKED (set per script) raises
+BLOCK_IMPORTS = r"""
 import importlib.abc, sys
 
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("detectron2", "kd_det", "fvcore"):
+        if name.split(".")[0] in BLOCKED:
             raise ImportError("blocked: " + name)
 
 sys.meta_path.insert(0, Block())
+"""
+WITHOUT_DETECTRON2 = ("detectron2", "kd_det", "fvcore")
+WITHOUT_TORCH = WITHOUT_DETECTRON2 + ("torch", "torchvision")
+
+TORCHSCRIPT_LOAD = r"""
 import torch, torchvision  # torchvision registers the nms / roi_align ops the graph calls
 model = torch.jit.load(sys.argv[1])
 images = torch.load(sys.argv[2])
@@ -134,17 +142,7 @@ with torch.no_grad():
 torch.save(outs, sys.argv[3])
 """
 
-
-# runs in a fresh interpreter with ONNX Runtime and numpy only: importing torch fails
 ONNX_RUN = r"""
-import importlib.abc, sys
-
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "torchvision", "detectron2", "kd_det", "fvcore"):
-            raise ImportError("blocked: " + name)
-
-sys.meta_path.insert(0, Block())
 import numpy as np, onnxruntime
 session = onnxruntime.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
 images = np.load(sys.argv[2])
@@ -154,6 +152,35 @@ for i in range(int(images["n"])):
         outs["{}_{}".format(name, i)] = value
 np.savez(sys.argv[3], **outs)
 """
+
+# tools/predict_exported.py as a deployment runs it
+PREDICT_EXPORTED = r"""
+import runpy
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _run_without(blocked, script, args, cwd):
+    """Run ``script`` in a fresh interpreter where importing any of ``blocked`` raises; its stdout."""
+    path = cwd / "blocked_run.py"
+    path.write_text("BLOCKED = {!r}\n".format(tuple(blocked)) + BLOCK_IMPORTS + script)
+    return subprocess.run([sys.executable, str(path)] + [str(a) for a in args], check=True, cwd=str(cwd),
+                          stdout=subprocess.PIPE, universal_newlines=True).stdout
+
+
+def _check_predict_exported(model_file, student_cfg, image_file, blocked, box_atol, cwd):
+    """tools/predict_exported.py on an image file gives DefaultPredictor's detections, in the image's pixels."""
+    stdout = _run_without(blocked, PREDICT_EXPORTED, [REPO + "/tools/predict_exported.py", "--model", model_file,
+                                                     "--input", image_file], cwd)
+    result = json.loads(stdout.strip().splitlines()[-1])
+    reference = DefaultPredictor(student_cfg)(read_image(str(image_file), format="BGR"))["instances"]
+    assert (result["height"], result["width"]) == reference.image_size and len(reference) > 0
+    dets = result["detections"]
+    assert len(dets) == len(reference)
+    assert np.allclose([d["box"] for d in dets], reference.pred_boxes.tensor.numpy(), atol=box_atol)
+    assert np.allclose([d["score"] for d in dets], reference.scores.numpy(), atol=1e-4)
+    assert [d["class_id"] for d in dets] == reference.pred_classes.tolist()
 
 
 @pytest.mark.parametrize("kind", ["rcnn", "retina"])
@@ -184,10 +211,8 @@ def test_torchscript_and_onnx_export(kind, tiny_data_root, tmp_path, rcnn_teache
     images = [torch.randint(0, 255, (3, 64, 64)).float(), torch.randint(0, 255, (3, 56, 96)).float(),
               torch.zeros(3, 40, 72)]
     torch.save(images, tmp_path / "images.pt")
-    script = tmp_path / "torchscript_load.py"
-    script.write_text(TORCHSCRIPT_LOAD)
-    subprocess.run([sys.executable, str(script), out["torchscript"], str(tmp_path / "images.pt"),
-                    str(tmp_path / "outs.pt")], check=True, cwd=str(tmp_path))
+    _run_without(WITHOUT_DETECTRON2, TORCHSCRIPT_LOAD, [out["torchscript"], tmp_path / "images.pt",
+                                                        tmp_path / "outs.pt"], tmp_path)
     traced_outs = torch.load(tmp_path / "outs.pt", weights_only=False)
     for image, traced in zip(images, traced_outs):
         with torch.no_grad():
@@ -202,10 +227,8 @@ def test_torchscript_and_onnx_export(kind, tiny_data_root, tmp_path, rcnn_teache
     assert onnx_meta["classes"] == meta["classes"] and onnx_meta["input"] == {**meta["input"], "tensor": ANY}
     assert [row["size"] for row in onnx_meta["checked"]] == [row["size"] for row in meta["checked"]]
     np.savez(tmp_path / "images.npz", n=len(images), **{str(i): im.numpy() for i, im in enumerate(images)})
-    script = tmp_path / "onnx_run.py"
-    script.write_text(ONNX_RUN)
-    subprocess.run([sys.executable, str(script), out["onnx"], str(tmp_path / "images.npz"),
-                    str(tmp_path / "onnx_outs.npz")], check=True, cwd=str(tmp_path))
+    _run_without(WITHOUT_TORCH, ONNX_RUN, [out["onnx"], tmp_path / "images.npz", tmp_path / "onnx_outs.npz"],
+                 tmp_path)
     onnx_outs = np.load(tmp_path / "onnx_outs.npz")
     for i, image in enumerate(images):
         with torch.no_grad():
@@ -214,6 +237,34 @@ def test_torchscript_and_onnx_export(kind, tiny_data_root, tmp_path, rcnn_teache
         assert np.allclose(onnx_outs["scores_{}".format(i)], eager[1].numpy(), atol=1e-4)
         assert np.array_equal(onnx_outs["classes_{}".format(i)], eager[2].numpy())
 
+    # a deployment's whole path on an image file of another size and aspect (resized 90x120 -> 64x85 and back)
+    image_file = tmp_path / "photo.png"
+    Image.fromarray(np.random.RandomState(2).randint(0, 255, (90, 120, 3), dtype=np.uint8)).save(image_file)
+    _check_predict_exported(out["torchscript"], student_cfg, image_file, WITHOUT_DETECTRON2, 1e-3, tmp_path)
+    _check_predict_exported(out["onnx"], student_cfg, image_file, WITHOUT_TORCH, 1e-2, tmp_path)
+
+
+
+def test_predict_exported_resize_and_errors(tmp_path):
+    """predict_exported.py's own resize rule is Detectron2's, and a missing sidecar or odd file is named."""
+    from detectron2.data.transforms import ResizeShortestEdge
+
+    tool = runpy.run_path(REPO + "/tools/predict_exported.py", run_name="predict_exported")
+    for h, w, short, longest in [(90, 120, 64, 1333), (480, 640, 800, 1333), (640, 480, 800, 1333),
+                                 (100, 1000, 800, 1333), (333, 500, 600, 1000), (7, 5, 64, 64)]:
+        assert tool["resized_shape"](h, w, short, longest) == ResizeShortestEdge.get_output_shape(h, w, short,
+                                                                                                  longest)
+    with pytest.raises(ValueError, match="neither an ONNX"):
+        tool["load_metadata"](str(tmp_path / "model.pth"))
+    with pytest.raises(FileNotFoundError, match="no onnx.json beside .* pass --metadata"):
+        tool["load_metadata"](str(tmp_path / "model.onnx"))
+    with pytest.raises(ValueError, match="input format 'YUV-BT.601'"):
+        tool["preprocess"](Image.new("RGB", (8, 8)), {"input": {"format": "YUV-BT.601", "min_size_test": 8,
+                                                                 "max_size_test": 8}})
+    boxes, scores, classes = tool["postprocess"]([[2, 2, 30, 10], [40, 5, 50, 8], [-4, 1, 8, 20]], [0.9, 0.8, 0.7],
+                                                 [0, 1, 2], (16, 32), (32, 64))
+    # scaled 2x, clipped to 64x32, and the box wholly right of the image (80..100) dropped
+    assert boxes.tolist() == [[4, 4, 60, 20], [0, 2, 16, 32]] and classes.tolist() == [0, 2]
 
 def test_torchscript_export_errors(tiny_data_root, tmp_path):
     cfg = tiny_cfg("synthetic/retinanet_R_18_FPN.yaml", tmp_path)
