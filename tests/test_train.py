@@ -10,6 +10,7 @@ import torch
 from conftest import REPO, TINY_PREFIX, config_path, tiny_cfg
 
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
+from detectron2.utils.env import seed_all_rng
 
 from kd_det.engine import KDTrainer, get_trainer_class
 from kd_det.evaluation import build_evaluator
@@ -155,6 +156,23 @@ def test_adamw_optimizer_and_unknown_optimizer(tiny_data_root, tmp_path):
     with pytest.raises(ValueError, match="SOLVER.OPTIMIZER 'Lion'"):
         KDTrainer.build_optimizer(cfg, model)
 
+
+
+def test_teacher_evaluation_leaves_training_unchanged(tiny_data_root, tmp_path, rcnn_teacher):
+    """KD.TEACHER.EVAL_BEFORE_TRAIN only logs: the same seed trains the same student with it or without it."""
+    teacher = ["KD.TEACHER.CONFIG", config_path("synthetic/faster_rcnn_R_50_FPN.yaml"), "KD.TEACHER.WEIGHTS", rcnn_teacher]
+    students = {}
+    for evaluate in (False, True):
+        cfg = tiny_cfg("synthetic/distill/ssim_faster_rcnn_R50_to_R18.yaml", tmp_path / str(evaluate),
+                       teacher + ["KD.TEACHER.EVAL_BEFORE_TRAIN", evaluate, "SOLVER.MAX_ITER", 2])
+        seed_all_rng(cfg.SEED)  # as tools/train_net.py's default_setup does
+        trainer = KDTrainer(cfg)
+        trainer.resume_or_load(resume=False)
+        trainer.train()
+        assert any(k.startswith("teacher/") for k in trainer.storage.latest()) == evaluate
+        students[evaluate] = trainer.model.state_dict()  # the student and its adapters
+    assert students[False].keys() == students[True].keys()
+    assert all(torch.equal(students[False][k], students[True][k]) for k in students[False])
 
 def test_teacher_evaluated_before_training(tiny_data_root, tmp_path, rcnn_teacher):
     """KD.TEACHER.EVAL_BEFORE_TRAIN logs the teacher's own AP; KD.TEACHER.MIN_AP stops a run whose teacher is below it."""

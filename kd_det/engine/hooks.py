@@ -1,9 +1,14 @@
 """Training hooks kd_det adds to Detectron2's defaults."""
 
+import contextlib
 import logging
 import os
+import random
 from collections import OrderedDict
 from typing import Dict, List
+
+import numpy as np
+import torch
 
 from detectron2.data import build_detection_test_loader
 from detectron2.engine import HookBase
@@ -17,6 +22,25 @@ from ..evaluation import build_evaluator
 __all__ = ["TeacherEvalHook", "evaluate_teacher"]
 
 logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def preserved_rng_state():
+    """
+    Restore Python's, NumPy's and torch's (CPU and every initialised CUDA device's)
+    global random state on exit: evaluating a teacher draws from them (data loader
+    seeds), and a logging-only evaluation must not change the run it precedes.
+    """
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
 
 
 def evaluate_teacher(student_cfg, teacher, output_dir: str) -> Dict[str, Dict]:
@@ -48,10 +72,12 @@ class TeacherEvalHook(HookBase):
     Before the first iteration of a run (not when resuming), evaluate every teacher
     of the model on ``DATASETS.TEST`` and log its metrics as ``teacher/...``
     (``teacher<k>/...`` for the k-th of several teachers; a dataset level is added
-    when there are several test sets, as Detectron2 does).  With ``min_ap`` > 0,
-    stop there when a teacher's box AP on a test set is below it: a teacher that
-    loads but does not detect (an early or foreign checkpoint, another input format
-    or pixel normalisation) would otherwise spoil the whole run silently.
+    when there are several test sets, as Detectron2 does).  The global random state
+    is restored afterwards, so the run trains exactly as it would without this hook.
+    With ``min_ap`` > 0, stop there when a teacher's box AP on a test set is below
+    it: a teacher that loads but does not detect (an early or foreign checkpoint,
+    another input format or pixel normalisation) would otherwise spoil the whole run
+    silently.
     """
 
     def __init__(self, cfg, min_ap: float = 0.0):
@@ -69,7 +95,8 @@ class TeacherEvalHook(HookBase):
         too_low: List[str] = []
         for k, teacher in enumerate(teachers):
             prefix = "teacher" if len(teachers) == 1 else "teacher{}".format(k)
-            results = evaluate_teacher(cfg, teacher, os.path.join(cfg.OUTPUT_DIR, "inference_" + prefix))
+            with preserved_rng_state():
+                results = evaluate_teacher(cfg, teacher, os.path.join(cfg.OUTPUT_DIR, "inference_" + prefix))
             if comm.is_main_process():
                 logged = results[cfg.DATASETS.TEST[0]] if len(results) == 1 else results
                 scalars = {prefix + "/" + key: v for key, v in flatten_results_dict(logged).items()}
