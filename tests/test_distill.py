@@ -149,6 +149,11 @@ def test_teacher_config_errors(tmp_path, tiny_data_root, rcnn_teacher, monkeypat
     cfg.KD.TEACHER.CONFIG = str(broken)
     with pytest.raises(ValueError, match="does not build.*NOT_A_KEY"):
         build_model(cfg)
+    lazy = tmp_path / "mask_rcnn_R_50_FPN_100ep_LSJ.py"  # Detectron2's new_baselines are LazyConfigs
+    lazy.write_text("from ..common.models.mask_rcnn_fpn import model\n")
+    cfg.KD.TEACHER.CONFIG = str(lazy)
+    with pytest.raises(ValueError, match=r"is a LazyConfig \(\.py\); KD.TEACHER.CONFIG takes a yacs \(\.yaml\)"):
+        build_model(cfg)
 
 
 def test_class_count_mismatch(tmp_path, tiny_data_root):

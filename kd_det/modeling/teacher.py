@@ -47,6 +47,13 @@ def build_teacher_cfg(student_cfg: CfgNode, path: Optional[str] = None) -> CfgNo
                     "path".format(shipped))
         raise FileNotFoundError("teacher config KD.TEACHER.CONFIG={!r} does not exist (paths are relative to "
                                 "the working directory {}){}".format(path, os.getcwd(), hint))
+    if path.endswith(".py"):
+        # a LazyConfig builds its model by instantiate(); kd_det reads the teacher's input
+        # format, test sizes and classes from a yacs config, so it needs that form
+        raise ValueError("teacher config {!r} is a LazyConfig (.py); KD.TEACHER.CONFIG takes a yacs (.yaml) "
+                         "config: use the .yaml config of the same model (e.g. Detectron2's "
+                         "configs/COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml), or write one with the "
+                         "model's architecture and input settings".format(path))
     cfg = add_kd_config(get_cfg())
     try:
         cfg.merge_from_file(path)
