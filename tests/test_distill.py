@@ -149,11 +149,101 @@ def test_teacher_config_errors(tmp_path, tiny_data_root, rcnn_teacher, monkeypat
     cfg.KD.TEACHER.CONFIG = str(broken)
     with pytest.raises(ValueError, match="does not build.*NOT_A_KEY"):
         build_model(cfg)
-    lazy = tmp_path / "mask_rcnn_R_50_FPN_100ep_LSJ.py"  # Detectron2's new_baselines are LazyConfigs
-    lazy.write_text("from ..common.models.mask_rcnn_fpn import model\n")
-    cfg.KD.TEACHER.CONFIG = str(lazy)
-    with pytest.raises(ValueError, match=r"is a LazyConfig \(\.py\); KD.TEACHER.CONFIG takes a yacs \(\.yaml\)"):
+
+
+RCNN_TEACHER = "synthetic/faster_rcnn_R_50_FPN.yaml"
+RCNN_TEACHER_LAZY = "synthetic/faster_rcnn_R_50_FPN_lazy.py"
+
+
+def test_lazy_config_teacher_matches_yaml_teacher(tmp_path, tiny_data_root, rcnn_teacher):
+    """
+    Detectron2's newer configs are LazyConfigs (.py): the synthetic teacher written as
+    one takes the weights trained from the .yaml, computes the same features and
+    detections, is evaluated the same way, and teaches a student.
+    """
+    # score threshold 0: a random teacher's detections are all low-scored; also checks the overrides apply
+    yaml_cfg = distill_cfg(RCNN_SSIM, RCNN_TEACHER, rcnn_teacher, tmp_path / "yaml",
+                           ["KD.TEACHER.OPTS", ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0]])
+    lazy_cfg = distill_cfg(RCNN_SSIM, RCNN_TEACHER_LAZY, rcnn_teacher, tmp_path / "lazy",
+                           ["KD.TEACHER.OPTS", ["model.roi_heads.box_predictor.test_score_thresh=0.0"]])
+    from_yaml, from_lazy = build_model(yaml_cfg).teacher, build_model(lazy_cfg).teacher
+    ty, tl = from_yaml.cfg, from_lazy.cfg
+    assert tl.MODEL.META_ARCHITECTURE == "GeneralizedRCNN" and from_lazy.num_classes == 5
+    assert (tl.INPUT.FORMAT, tl.INPUT.MIN_SIZE_TEST, tl.INPUT.MAX_SIZE_TEST) == ("BGR", 128, 256)
+    assert (tl.INPUT.MIN_SIZE_TEST, tl.INPUT.MAX_SIZE_TEST) == (ty.INPUT.MIN_SIZE_TEST, ty.INPUT.MAX_SIZE_TEST)
+    assert tuple(tl.DATASETS.TRAIN) == tuple(ty.DATASETS.TRAIN) == ("kd_synthetic_train",)
+    assert from_lazy.model.roi_heads.box_predictor.test_score_thresh == 0.0
+
+    state_yaml, state_lazy = from_yaml.model.state_dict(), from_lazy.model.state_dict()
+    assert state_yaml.keys() == state_lazy.keys()
+    assert all(torch.equal(state_yaml[k], state_lazy[k]) for k in state_yaml)
+    torch.manual_seed(0)
+    image = torch.randint(0, 256, (3, 96, 128), dtype=torch.uint8).float()
+    with torch.no_grad():
+        det_yaml = from_yaml.model([{"image": image}])[0]["instances"]
+        det_lazy = from_lazy.model([{"image": image}])[0]["instances"]
+    assert len(det_yaml) == len(det_lazy) > 0
+    assert torch.equal(det_yaml.pred_boxes.tensor, det_lazy.pred_boxes.tensor)
+    assert torch.equal(det_yaml.scores, det_lazy.scores)
+
+    from kd_det.engine.hooks import evaluate_teacher
+    ap_yaml = evaluate_teacher(yaml_cfg, from_yaml, str(tmp_path / "eval_yaml"))
+    ap_lazy = evaluate_teacher(lazy_cfg, from_lazy, str(tmp_path / "eval_lazy"))
+    name = yaml_cfg.DATASETS.TEST[0]
+    assert "AP" in ap_lazy[name]["bbox"]
+    assert ap_lazy[name]["bbox"]["AP"] == pytest.approx(ap_yaml[name]["bbox"]["AP"], nan_ok=True)
+
+    losses, _ = _one_step(build_model(lazy_cfg), lazy_cfg)
+    assert torch.isfinite(losses["loss_kd_ssim"])
+
+
+def test_lazy_config_teacher_errors(tmp_path, tiny_data_root, rcnn_teacher):
+    cfg = distill_cfg(RCNN_SSIM, RCNN_TEACHER_LAZY, rcnn_teacher, tmp_path)
+    cfg.defrost()
+    cfg.KD.TEACHER.OPTS = ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0]
+    with pytest.raises(ValueError, match="takes overrides as 'key=value' strings"):
         build_model(cfg)
+    cfg.KD.TEACHER.OPTS = ["model.roi_heads.not_an_argument=1"]
+    with pytest.raises(ValueError, match="does not build.*not_an_argument"):
+        build_model(cfg)
+    cfg.KD.TEACHER.OPTS = []
+    cfg.KD.TEACHER.WEIGHTS = ""
+    with pytest.raises(ValueError, match="KD.TEACHER.WEIGHTS is empty.*tools/lazyconfig_train_net.py --config-file"):
+        build_model(cfg)
+    cfg.KD.TEACHER.WEIGHTS = rcnn_teacher
+    broken_configs = [
+        # a new_baselines config copied out of its folder
+        ("mask_rcnn_R_50_FPN_100ep_LSJ.py", "from ..common.models.mask_rcnn_fpn import model\n",
+         "teacher LazyConfig .*mask_rcnn_R_50_FPN_100ep_LSJ.py.* does not load"),
+        ("no_model.py", "dataloader = dict()\n", "has no `model`"),
+        ("not_detector.py", "import torch\nfrom detectron2.config import LazyCall as L\n"
+         "model = L(torch.nn.Linear)(in_features=2, out_features=2)\n", "builds a Linear, not a Detectron2 detector"),
+    ]
+    for name, text, error in broken_configs:
+        (tmp_path / name).write_text(text)
+        cfg.KD.TEACHER.CONFIG = str(tmp_path / name)
+        with pytest.raises(ValueError, match=error):
+            build_model(cfg)
+    # the class count comes from the built model
+    three = save_random_teacher(RCNN_TEACHER, str(tmp_path / "t3.pth"), ["MODEL.ROI_HEADS.NUM_CLASSES", 3])
+    cfg.KD.TEACHER.CONFIG = config_path(RCNN_TEACHER_LAZY)
+    cfg.KD.TEACHER.WEIGHTS = three
+    cfg.KD.TEACHER.OPTS = ["model.roi_heads.num_classes=3", "model.roi_heads.box_predictor.num_classes=3"]
+    with pytest.raises(ValueError, match="teacher has 3 classes.*student has 5"):
+        build_model(cfg)
+
+
+def test_lazy_config_view_of_a_retinanet(tmp_path, tiny_data_root):
+    """A LazyConfig RetinaNet's class count, and the student's test size where the config has no test loader."""
+    from omegaconf import OmegaConf
+    from kd_det.modeling.lazy_teacher import _view
+    cfg = tiny_cfg(RETINA_SSIM, tmp_path)
+    model = build_model(tiny_cfg("synthetic/retinanet_R_50_FPN.yaml", tmp_path))
+    view = _view(OmegaConf.create({}), model, cfg, "retinanet.py")
+    assert view.MODEL.META_ARCHITECTURE == "RetinaNet" and view.MODEL.RETINANET.NUM_CLASSES == 5
+    assert (view.INPUT.FORMAT, view.INPUT.MIN_SIZE_TEST, view.INPUT.MAX_SIZE_TEST) == ("BGR", 64, 64)
+    assert tuple(view.DATASETS.TRAIN) == ()
+    assert view.MODEL.PIXEL_MEAN == pytest.approx(list(cfg.MODEL.PIXEL_MEAN))
 
 
 def test_class_count_mismatch(tmp_path, tiny_data_root):

@@ -14,6 +14,7 @@ from detectron2.structures import Boxes, ImageList
 from detectron2.utils.file_io import PathManager
 
 from ..config import add_kd_config
+from .lazy_teacher import build_lazy_teacher
 
 __all__ = ["FrozenTeacher", "build_teacher_cfg", "build_teacher", "build_teachers", "check_same_classes",
            "num_classes_of"]
@@ -30,12 +31,7 @@ def num_classes_of(cfg: CfgNode) -> int:
     return cfg.MODEL.ROI_HEADS.NUM_CLASSES
 
 
-def build_teacher_cfg(student_cfg: CfgNode, path: Optional[str] = None) -> CfgNode:
-    """
-    The teacher's config: ``path`` (default ``KD.TEACHER.CONFIG``) + ``KD.TEACHER.OPTS``,
-    on the student's device.
-    """
-    path = student_cfg.KD.TEACHER.CONFIG if path is None else path
+def _check_teacher_config_path(path: str) -> None:
     if not path:
         raise ValueError("KD.TEACHER.CONFIG is empty: set it to the teacher's Detectron2 config file "
                          "(e.g. configs/synthetic/faster_rcnn_R_50_FPN.yaml)")
@@ -47,13 +43,23 @@ def build_teacher_cfg(student_cfg: CfgNode, path: Optional[str] = None) -> CfgNo
                     "path".format(shipped))
         raise FileNotFoundError("teacher config KD.TEACHER.CONFIG={!r} does not exist (paths are relative to "
                                 "the working directory {}){}".format(path, os.getcwd(), hint))
-    if path.endswith(".py"):
-        # a LazyConfig builds its model by instantiate(); kd_det reads the teacher's input
-        # format, test sizes and classes from a yacs config, so it needs that form
-        raise ValueError("teacher config {!r} is a LazyConfig (.py); KD.TEACHER.CONFIG takes a yacs (.yaml) "
-                         "config: use the .yaml config of the same model (e.g. Detectron2's "
-                         "configs/COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml), or write one with the "
-                         "model's architecture and input settings".format(path))
+
+
+def _is_lazy_config(path: str) -> bool:
+    return path.endswith(".py")
+
+
+def build_teacher_cfg(student_cfg: CfgNode, path: Optional[str] = None) -> CfgNode:
+    """
+    The teacher's yacs config: ``path`` (default ``KD.TEACHER.CONFIG``) +
+    ``KD.TEACHER.OPTS``, on the student's device.  (A LazyConfig teacher is read by
+    :func:`build_lazy_teacher` instead.)
+    """
+    path = student_cfg.KD.TEACHER.CONFIG if path is None else path
+    _check_teacher_config_path(path)
+    if _is_lazy_config(path):
+        raise ValueError("teacher config {!r} is a LazyConfig (.py), not a yacs config: build the teacher with "
+                         "build_teacher(), which reads both".format(path))
     cfg = add_kd_config(get_cfg())
     try:
         cfg.merge_from_file(path)
@@ -69,6 +75,13 @@ def build_teacher_cfg(student_cfg: CfgNode, path: Optional[str] = None) -> CfgNo
     return cfg
 
 
+def _train_command(config_path: str) -> str:
+    """The command that trains a teacher from ``config_path``."""
+    if _is_lazy_config(config_path):
+        return "Detectron2's tools/lazyconfig_train_net.py --config-file {}".format(config_path)
+    return "tools/train_net.py --config-file {}".format(config_path)
+
+
 def _local_weights_file(path: str, config_path: str) -> str:
     """
     A local file for ``KD.TEACHER.WEIGHTS``: a path as it is, or a URL that Detectron2's
@@ -78,7 +91,7 @@ def _local_weights_file(path: str, config_path: str) -> str:
     if "://" not in path:
         if not os.path.isfile(path):
             raise FileNotFoundError("teacher weights KD.TEACHER.WEIGHTS={!r} not found. Train the teacher with "
-                                    "tools/train_net.py --config-file {} or fix the path".format(path, config_path))
+                                    "{} or fix the path".format(path, _train_command(config_path)))
         return path
     try:
         return PathManager.get_local_path(path)
@@ -92,8 +105,8 @@ def _local_weights_file(path: str, config_path: str) -> str:
 def _load_teacher_weights(model: torch.nn.Module, path: str, config_path: str) -> None:
     if not path:
         raise ValueError("KD.TEACHER.WEIGHTS is empty: a distilled student needs a trained teacher. Train one "
-                         "with tools/train_net.py --config-file {} and point KD.TEACHER.WEIGHTS at its "
-                         "model_final.pth".format(config_path))
+                         "with {} and point KD.TEACHER.WEIGHTS at its model_final.pth".format(
+                             _train_command(config_path)))
     local = _local_weights_file(path, config_path)
     checkpointer = DetectionCheckpointer(model)
     try:
@@ -299,8 +312,12 @@ def build_teacher(student_cfg: CfgNode, config: Optional[str] = None, weights: O
     """
     config = student_cfg.KD.TEACHER.CONFIG if config is None else config
     weights = student_cfg.KD.TEACHER.WEIGHTS if weights is None else weights
-    cfg = build_teacher_cfg(student_cfg, config)
-    model = build_model(cfg)
+    _check_teacher_config_path(config)
+    if _is_lazy_config(config):
+        model, cfg = build_lazy_teacher(student_cfg, config)
+    else:
+        cfg = build_teacher_cfg(student_cfg, config)
+        model = build_model(cfg)
     _load_teacher_weights(model, weights, config)
     teacher = FrozenTeacher(model, cfg, student_cfg.KD.TEACHER.AUTOCAST, student_cfg.KD.TEACHER.CHANNELS_LAST,
                             weights=weights)
