@@ -17,10 +17,12 @@ def add_kd_config(cfg: CN) -> CN:
     cfg.KD.TRAINER = "KDTrainer"
 
     cfg.KD.TEACHER = CN()
-    # The teacher's own Detectron2 config (a path) and its Detectron2 checkpoint.
+    # The teacher's own Detectron2 config (a path: a yacs .yaml, or a LazyConfig .py such as
+    # Detectron2's new_baselines) and its Detectron2 checkpoint.
     cfg.KD.TEACHER.CONFIG = ""
     cfg.KD.TEACHER.WEIGHTS = ""
-    # Extra "KEY VALUE" overrides applied to the teacher config after CONFIG.
+    # Overrides applied to the teacher config after CONFIG: yacs KEY, VALUE pairs for a .yaml,
+    # "key=value" strings (e.g. "model.roi_heads.box_predictor.test_score_thresh=0.05") for a .py.
     cfg.KD.TEACHER.OPTS = []
     # Cheaper teacher inference: "" (fp32), "bf16" or "fp16" autocast (outputs back in
     # fp32), and channels-last weights/inputs.  See benchmarks/bench_step.py.
