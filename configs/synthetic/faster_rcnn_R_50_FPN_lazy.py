@@ -6,10 +6,13 @@
 # KD.TEACHER.WEIGHTS), and from `dataloader`, when present: the test resize
 # (ResizeShortestEdge in dataloader.test.mapper.augmentations; used to evaluate the teacher)
 # and the training sets' names (dataloader.train.dataset.names; KD.TEACHER.CHECK_CLASSES).
+# With its training keys (optimizer, lr_multiplier, train: the yaml's SOLVER) it also trains:
+#   tools/lazyconfig_train_net.py --config-file configs/synthetic/faster_rcnn_R_50_FPN_lazy.py
 from detectron2.config import LazyCall as L
 from detectron2.data import (DatasetMapper, build_detection_test_loader, build_detection_train_loader,
                              get_detection_dataset_dicts)
 import detectron2.data.transforms as T
+from detectron2.evaluation import COCOEvaluator
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import FPN, GeneralizedRCNN, ResNet, StandardROIHeads
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
@@ -20,6 +23,12 @@ from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.poolers import ROIPooler
 from detectron2.modeling.proposal_generator import RPN, StandardRPNHead
 from detectron2.modeling.roi_heads import FastRCNNConvFCHead, FastRCNNOutputLayers
+from detectron2.solver import WarmupParamScheduler
+from detectron2.solver.build import get_default_optimizer_params
+from fvcore.common.param_scheduler import MultiStepParamScheduler
+
+from kd_det.compat import has_cpp_ops
+from kd_det.engine.lazy import clipped_optimizer
 
 FPN_CHANNELS = 128
 NUM_CLASSES = 5
@@ -109,4 +118,36 @@ dataloader = dict(
         ),
         num_workers=0,
     ),
+)
+dataloader["evaluator"] = L(COCOEvaluator)(
+    dataset_name="${..test.dataset.names}", use_fast_impl=has_cpp_ops(), output_dir=None)
+
+# The yaml's SOLVER (Base-synthetic-RCNN.yaml): from scratch, AdamW 1e-3 with weight decay 0.05
+# (none on norm layers), each parameter's gradient clipped to norm 5, warmup 20 iterations,
+# LR x0.1 at 120 and 140 of 150.
+MAX_ITER = 150
+optimizer = L(clipped_optimizer)(
+    optimizer_class="torch.optim.AdamW",
+    params=L(get_default_optimizer_params)(weight_decay_norm=0.0),
+    lr=1e-3,
+    weight_decay=0.05,
+    clip_type="norm",
+    clip_value=5.0,
+)
+lr_multiplier = L(WarmupParamScheduler)(
+    scheduler=L(MultiStepParamScheduler)(values=[1.0, 0.1, 0.01], milestones=[120, 140], num_updates=MAX_ITER),
+    warmup_length=20 / MAX_ITER,
+    warmup_factor=0.001,
+)
+train = dict(
+    output_dir="./output/synthetic/faster_rcnn_R_50_FPN_lazy",
+    init_checkpoint="",
+    max_iter=MAX_ITER,
+    amp=dict(enabled=False),
+    ddp=dict(broadcast_buffers=False, find_unused_parameters=False, fp16_compression=False),
+    checkpointer=dict(period=100, max_to_keep=100),
+    eval_period=0,  # evaluated once, at the end
+    log_period=20,
+    device="cpu",
+    seed=1,
 )

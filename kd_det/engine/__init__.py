@@ -2,7 +2,8 @@
 
 from .accumulation import GradientAccumulationTrainer, micro_batch_cfg
 from .hooks import TeacherEvalHook, evaluate_teacher
-from .trainer import TRAINER_REGISTRY, KDTrainer, get_trainer_class
+from .trainer import TRAINER_REGISTRY, KDTrainer, get_trainer_class, non_finite_loss_error
 
 __all__ = ["TRAINER_REGISTRY", "KDTrainer", "GradientAccumulationTrainer", "TeacherEvalHook", "evaluate_teacher",
-           "get_trainer_class", "micro_batch_cfg"]
+           "get_trainer_class", "micro_batch_cfg",
+           "non_finite_loss_error"]

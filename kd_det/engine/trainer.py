@@ -13,7 +13,7 @@ from ..evaluation import build_evaluator
 from .accumulation import GradientAccumulationTrainer, micro_batch_cfg
 from .hooks import TeacherEvalHook
 
-__all__ = ["TRAINER_REGISTRY", "KDTrainer", "get_trainer_class"]
+__all__ = ["TRAINER_REGISTRY", "KDTrainer", "get_trainer_class", "non_finite_loss_error"]
 
 TRAINER_REGISTRY = Registry("KD_TRAINER")
 TRAINER_REGISTRY.__doc__ = """
@@ -103,13 +103,7 @@ class KDTrainer(DefaultTrainer):
         try:
             super().run_step()
         except FloatingPointError as e:
-            # Detectron2 raised before optimizer.step(): the weights are those of the
-            # last good step, and every checkpoint on disk predates the bad loss.
-            last = self.checkpointer.get_checkpoint_file() if self.checkpointer.has_checkpoint() else "none yet"
-            raise FloatingPointError(
-                "{}\nA loss term above is not finite (NaN/inf); training stopped before the optimizer step. "
-                "Last complete checkpoint: {}. Lower SOLVER.BASE_LR or the KD.* weights, or enable "
-                "SOLVER.CLIP_GRADIENTS, then continue with --resume.".format(e, last)) from e
+            raise non_finite_loss_error(e, self.checkpointer) from e
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -136,6 +130,19 @@ class KDTrainer(DefaultTrainer):
             weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
         )
         return maybe_add_gradient_clipping(cfg, torch.optim.AdamW)(params, lr=cfg.SOLVER.BASE_LR)
+
+
+def non_finite_loss_error(error: FloatingPointError, checkpointer, fixes: str = "Lower SOLVER.BASE_LR or the KD.* "
+                          "weights, or enable SOLVER.CLIP_GRADIENTS") -> FloatingPointError:
+    """
+    Detectron2's non-finite-loss error, saying what was kept and what to do. Detectron2
+    raises it before optimizer.step(): the weights are those of the last good step, and
+    every checkpoint on disk predates the bad loss.
+    """
+    last = checkpointer.get_checkpoint_file() if checkpointer.has_checkpoint() else "none yet"
+    return FloatingPointError(
+        "{}\nA loss term above is not finite (NaN/inf); training stopped before the optimizer step. Last complete "
+        "checkpoint: {}. {}, then continue with --resume.".format(error, last, fixes))
 
 
 def _curriculum_sampler(data_loader):

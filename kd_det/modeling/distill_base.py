@@ -53,6 +53,15 @@ class DistillMixin(KDStudentMixin):
         # the student's initial weights; MODEL.WEIGHTS and --resume load over them
         inherit_teacher_weights(self, teacher.model, inherit_prefixes)
 
+    def _apply(self, fn, *args, **kwargs):
+        # The teachers are not submodules (see FrozenTeacher), so nn.Module would leave them
+        # where they are on .to()/.cuda()/.double(); they follow the student instead (a
+        # LazyConfig model is built on the CPU and moved to train.device afterwards).
+        ret = super()._apply(fn, *args, **kwargs)
+        for teacher in getattr(self, "teachers", ()):
+            teacher.model._apply(fn, *args, **kwargs)
+        return ret
+
     def _init_soft_label(self, weight: float, temperature: float, mode: str) -> None:
         """Soft-label classification KD settings (``KD.SOFT_LABEL``); weight 0 disables it."""
         self.soft_label_weight = weight

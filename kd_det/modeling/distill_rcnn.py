@@ -90,13 +90,18 @@ class DistillGeneralizedRCNN(DistillMixin, GeneralizedRCNN):
 
     @classmethod
     def from_config(cls, cfg):
+        return cls.distill_kwargs(cfg, super().from_config(cfg))
+
+    @classmethod
+    def distill_kwargs(cls, cfg, student_kwargs: Dict) -> Dict:
+        """``student_kwargs`` (GeneralizedRCNN's arguments) with the distillation ones, from ``cfg.KD``."""
         kd = cfg.KD
         one_stage = [name for name, on in (("KD.RM", kd.RM.ENABLED), ("KD.PFI", kd.PFI.ENABLED)) if on]
         if one_stage:
             raise ValueError("{} distil per-anchor predictions of one-stage detectors, but the student is a "
                              "DistillGeneralizedRCNN; use a RetinaNet student (DistillRetinaNet) or disable "
                              "them".format(" and ".join(one_stage)))
-        ret = cls._distill_from_config(cfg, super().from_config(cfg))
+        ret = cls._distill_from_config(cfg, student_kwargs)
         return dict(ret, **cls._soft_label_from_config(cfg))
 
     def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):

@@ -101,7 +101,12 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
 
     @classmethod
     def from_config(cls, cfg):
-        ret = cls._distill_from_config(cfg, super().from_config(cfg))
+        return cls.distill_kwargs(cfg, super().from_config(cfg))
+
+    @classmethod
+    def distill_kwargs(cls, cfg, student_kwargs: Dict) -> Dict:
+        """``student_kwargs`` (RetinaNet's arguments) with the distillation ones, from ``cfg.KD``."""
+        ret = cls._distill_from_config(cfg, student_kwargs)
         kd = cfg.KD
         ret.update(
             rm_weight=kd.RM.WEIGHT if kd.RM.ENABLED else 0.0,

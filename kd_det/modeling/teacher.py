@@ -78,7 +78,7 @@ def build_teacher_cfg(student_cfg: CfgNode, path: Optional[str] = None) -> CfgNo
 def _train_command(config_path: str) -> str:
     """The command that trains a teacher from ``config_path``."""
     if _is_lazy_config(config_path):
-        return "Detectron2's tools/lazyconfig_train_net.py --config-file {}".format(config_path)
+        return "tools/lazyconfig_train_net.py --config-file {}".format(config_path)
     return "tools/train_net.py --config-file {}".format(config_path)
 
 

@@ -1,0 +1,165 @@
+"""A distilled student written as a LazyConfig, and tools/lazyconfig_train_net.py."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+from conftest import REPO, TINY_PREFIX, config_path, tiny_cfg
+
+from detectron2.config import LazyCall as L
+from detectron2.config import LazyConfig, instantiate
+from detectron2.modeling import GeneralizedRCNN, build_model
+
+from kd_det.modeling import DistillGeneralizedRCNN
+from kd_det.modeling.lazy_student import build_distilled_model, lazy_distilled_model, lazy_student_model
+
+LAZY_SSIM = config_path("synthetic/distill/ssim_faster_rcnn_R50_to_R18_lazy.py")
+YAML_SSIM = "synthetic/distill/ssim_faster_rcnn_R50_to_R18.yaml"
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("lazyconfig_train_net",
+                                                  os.path.join(REPO, "tools", "lazyconfig_train_net.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def _teacher_opts(weights):
+    return ["model.kd.TEACHER.CONFIG=" + config_path("synthetic/faster_rcnn_R_50_FPN.yaml"),
+            "model.kd.TEACHER.WEIGHTS=" + weights]
+
+
+def _shapes(model):
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def test_lazy_student_is_the_yaml_student(tiny_data_root, tmp_path, rcnn_teacher):
+    lazy = LazyConfig.apply_overrides(LazyConfig.load(LAZY_SSIM), _teacher_opts(rcnn_teacher))
+    model = instantiate(lazy.model)
+    yacs = build_model(tiny_cfg(YAML_SSIM, tmp_path, ["KD.TEACHER.CONFIG", config_path(
+        "synthetic/faster_rcnn_R_50_FPN.yaml"), "KD.TEACHER.WEIGHTS", rcnn_teacher]))
+    assert type(model) is DistillGeneralizedRCNN
+    # same student, same adapters (R-50 FPN-128 teacher, FPN-64 student), same loss settings
+    assert _shapes(model) == _shapes(yacs)
+    assert any(k.startswith("kd_feature.adapters") for k in model.state_dict())
+    assert model.kd_feature.level_weights == yacs.kd_feature.level_weights
+    assert model.kd_feature.weight == yacs.kd_feature.weight == 2.0
+    saved = torch.load(rcnn_teacher, map_location="cpu", weights_only=False)["model"]
+    assert all(torch.equal(saved[k], v) for k, v in model.teacher.model.state_dict().items())
+    # the CHECK_CLASSES view names the dataloader's training set (an interpolation in the config)
+    student = instantiate(lazy_student_model(lazy.model))
+    assert type(student) is GeneralizedRCNN and _shapes(student) == {
+        k: v for k, v in _shapes(yacs).items() if not k.startswith("kd_")}
+
+
+def test_teacher_follows_the_student_to_a_device_or_dtype(tiny_data_root, rcnn_teacher):
+    lazy = LazyConfig.apply_overrides(LazyConfig.load(LAZY_SSIM), _teacher_opts(rcnn_teacher))
+    model = instantiate(lazy.model)
+    model.to(torch.float64)
+    assert all(p.dtype == torch.float64 for p in model.teacher.model.parameters())
+    assert all(not p.requires_grad for p in model.teacher.model.parameters())
+    assert model.teacher.model.pixel_mean.dtype == torch.float64
+
+
+def test_lazy_student_trains_resumes_and_evaluates_without_its_teacher(tiny_data_root, tmp_path, rcnn_teacher):
+    tool = _load_tool()
+    out = tmp_path / "run"
+    small = _teacher_opts(rcnn_teacher) + [
+        "dataloader.train.dataset.names={}_train".format(TINY_PREFIX),
+        "dataloader.test.dataset.names={}_val".format(TINY_PREFIX),
+        "dataloader.train.total_batch_size=2", "train.output_dir=" + str(out), "train.checkpointer.period=1"]
+    tool.main(tool.default_argument_parser().parse_args(
+        ["--config-file", LAZY_SSIM] + small + ["train.max_iter=2"]))
+    final = torch.load(out / "model_final.pth", weights_only=False)
+    assert final["iteration"] == 1
+    assert not [k for k in final["model"] if k.startswith("teacher")]
+    assert any(k.startswith("kd_feature.adapters") for k in final["model"])
+    # resumable: the optimizer's state and the LR schedule's position are saved with the weights
+    assert "optimizer" in final["trainer"] and "LRScheduler" in final["trainer"]["hooks"]
+    metrics = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+    assert all("loss_kd_ssim" in m for m in metrics if "total_loss" in m)
+    assert any("bbox/AP" in m for m in metrics)  # evaluated at the end
+
+    tool.main(tool.default_argument_parser().parse_args(
+        ["--config-file", LAZY_SSIM, "--resume"] + small + ["train.max_iter=3"]))
+    assert torch.load(out / "model_final.pth", weights_only=False)["iteration"] == 2
+    assert (out / "last_checkpoint").read_text() == "model_final.pth"
+
+    # evaluation builds the student alone: the teacher's weights need not exist
+    results = tool.main(tool.default_argument_parser().parse_args(
+        ["--config-file", LAZY_SSIM, "--eval-only", "model.kd.TEACHER.WEIGHTS=/nonexistent/teacher.pth",
+         "dataloader.test.dataset.names={}_val".format(TINY_PREFIX), "train.output_dir=" + str(tmp_path / "eval"),
+         "train.init_checkpoint=" + str(out / "model_final.pth")]))
+    assert "AP" in results["bbox"]
+
+
+def test_lazy_config_overrides_must_be_key_value(tmp_path):
+    tool = _load_tool()
+    with pytest.raises(SystemExit):
+        tool.cli(["--config-file", LAZY_SSIM, "train.max_iter", "3"])
+
+
+def test_lazy_student_errors(tiny_data_root, rcnn_teacher):
+    lazy = LazyConfig.load(LAZY_SSIM)
+    student = lazy_student_model(lazy.model)
+    with pytest.raises(ValueError, match=r"does not fit kd_det's KD keys.*FEATURE.LOSSS"):
+        lazy_distilled_model(student, kd={"FEATURE": {"LOSSS": "SSIMFeatureLoss"}})
+    with pytest.raises(ValueError, match=r"KD.CURRICULUM, which only tools/train_net.py's KDTrainer reads"):
+        lazy_distilled_model(student, kd={"CURRICULUM": {"ENABLED": True}})
+    with pytest.raises(ValueError, match=r"meta_architecture 'DistillRetinaNet' distils a RetinaNet student, but the LazyCall builds "
+                                         r"a GeneralizedRCNN"):
+        lazy_distilled_model(student, kd={}, meta_architecture="DistillRetinaNet")
+    with pytest.raises(ValueError, match=r"'SelfDistillRetinaNet' is not a kd_det distillation meta-architecture "
+                                         r"with a teacher"):
+        lazy_distilled_model(student, kd={}, meta_architecture="SelfDistillRetinaNet")
+    with pytest.raises(ValueError, match=r"takes the student's LazyCall"):
+        lazy_distilled_model({"backbone": None}, kd={})
+    # the yacs checks apply as they are: a missing teacher, a loss name that does not exist
+    bad = LazyConfig.apply_overrides(lazy, ["model.kd.TEACHER.WEIGHTS=/nonexistent/teacher.pth",
+                                            "model.kd.TEACHER.CONFIG=" + config_path(
+                                                "synthetic/faster_rcnn_R_50_FPN.yaml")])
+    with pytest.raises(FileNotFoundError, match="teacher weights KD.TEACHER.WEIGHTS='/nonexistent/teacher.pth' not "
+                                                "found"):
+        instantiate(bad.model)
+    bad = LazyConfig.apply_overrides(LazyConfig.load(LAZY_SSIM), _teacher_opts(rcnn_teacher) + [
+        "model.kd.FEATURE.LOSS=SSIMLoss"])
+    with pytest.raises(KeyError, match="SSIMLoss"):
+        instantiate(bad.model)
+    assert build_distilled_model is bad.model._target_
+    # a plain LazyCall is not a distilled one: lazy_student_model leaves it as it is
+    plain = L(GeneralizedRCNN)(backbone=None)
+    assert lazy_student_model(plain) is plain
+
+
+def test_clipped_optimizer_clips_each_parameter():
+    from kd_det.engine.lazy import clipped_optimizer
+
+    weight = torch.nn.Parameter(torch.zeros(4))
+    opt = clipped_optimizer("torch.optim.SGD", [weight], clip_type="norm", clip_value=1.0, lr=1.0)
+    weight.grad = torch.full((4,), 10.0)  # norm 20
+    opt.step()
+    assert torch.allclose(weight.detach().norm(), torch.tensor(1.0))  # the step used the clipped gradient
+    with pytest.raises(ValueError, match="not a torch.optim.Optimizer class"):
+        clipped_optimizer("torch.nn.Linear", [weight])
+    with pytest.raises(ValueError, match="by 'value' or 'norm'"):
+        clipped_optimizer(torch.optim.SGD, [weight], clip_type="full_model", lr=1.0)
+
+
+def test_plain_lazy_config_trains_and_missing_training_keys_are_named(tiny_data_root, tmp_path):
+    tool = _load_tool()
+    teacher_config = config_path("synthetic/faster_rcnn_R_50_FPN_lazy.py")
+    out = tmp_path / "teacher"
+    tool.main(tool.default_argument_parser().parse_args([
+        "--config-file", teacher_config, "dataloader.train.dataset.names={}_train".format(TINY_PREFIX),
+        "dataloader.test.dataset.names={}_val".format(TINY_PREFIX), "dataloader.train.total_batch_size=2",
+        "train.output_dir=" + str(out), "train.max_iter=1", "train.eval_period=0"]))
+    assert torch.load(out / "model_final.pth", weights_only=False)["iteration"] == 0
+
+    model_only = tmp_path / "model_only.py"
+    model_only.write_text("from detectron2.config import LazyCall as L\nfrom detectron2.modeling import "
+                          "GeneralizedRCNN\nmodel = L(GeneralizedRCNN)(backbone=None)\n")
+    with pytest.raises(ValueError, match=r"has no dataloader, optimizer, lr_multiplier, train: training needs"):
+        tool.main(tool.default_argument_parser().parse_args(["--config-file", str(model_only)]))

@@ -1,0 +1,142 @@
+#!/usr/bin/env python
+"""
+Train or evaluate a detector written as a Detectron2 LazyConfig (``.py``), distilled
+(:func:`kd_det.modeling.lazy_student.lazy_distilled_model`) or plain (e.g. a teacher).
+
+    tools/lazyconfig_train_net.py --config-file configs/synthetic/distill/ssim_faster_rcnn_R50_to_R18_lazy.py
+    tools/lazyconfig_train_net.py --config-file CFG train.max_iter=1000 model.kd.FEATURE.WEIGHT=1.0
+    tools/lazyconfig_train_net.py --config-file CFG --eval-only train.init_checkpoint=out/model_final.pth
+    tools/lazyconfig_train_net.py --config-file CFG --resume
+    tools/lazyconfig_train_net.py --config-file CFG --num-gpus 8      # (CPU: processes on gloo)
+
+The config has Detectron2's LazyConfig training keys: ``model``, ``dataloader.train``,
+``dataloader.test``, ``dataloader.evaluator``, ``optimizer``, ``lr_multiplier`` and
+``train`` (output_dir, init_checkpoint, max_iter, amp.enabled, ddp, checkpointer,
+eval_period, log_period, device). Overrides are ``key=value``. Evaluation builds the
+student alone: neither the teacher nor its weights are needed.
+"""
+
+import logging
+
+from detectron2.config import LazyConfig, instantiate
+from detectron2.engine import AMPTrainer, SimpleTrainer, default_argument_parser, default_setup, defaults, hooks
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.utils import comm
+
+from kd_det.checkpoint import AtomicDetectionCheckpointer
+from kd_det.compat import launch
+from kd_det.data import prepare_datasets, validate_registered_datasets
+from kd_det.engine import non_finite_loss_error
+from kd_det.export import StudentCheckpointer
+from kd_det.modeling.lazy_student import lazy_student_model
+
+logger = logging.getLogger("kd_det.lazyconfig_train_net")
+
+
+def _names(value):
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def dataset_names(cfg, eval_only: bool = False):
+    """The dataset names of ``dataloader.train`` (unless ``eval_only``) and ``dataloader.test``."""
+    loaders = ["test"] if eval_only else ["train", "test"]
+    names = []
+    for split in loaders:
+        dataset = cfg.dataloader.get(split, {}).get("dataset", {})
+        names += _names(dataset.get("names", None) if hasattr(dataset, "get") else None)
+    return names
+
+
+def do_test(cfg, model):
+    if "evaluator" not in cfg.dataloader:
+        return {}
+    results = inference_on_dataset(model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator))
+    if comm.is_main_process():
+        print_csv_format(results)
+    return results
+
+
+def do_train(args, cfg):
+    model = instantiate(cfg.model)
+    logger.info("Model:\n{}".format(model))
+    model.to(cfg.train.device)  # a distilled student's teachers follow it (DistillMixin._apply)
+
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    train_loader = instantiate(cfg.dataloader.train)
+
+    # looked up at call time: kd_det.compat replaces it in CPU worker processes
+    model = defaults.create_ddp_model(model, **cfg.train.ddp)
+    trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optimizer)
+    checkpointer = AtomicDetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    trainer.register_hooks([
+        hooks.IterationTimer(),
+        hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+        hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if comm.is_main_process() else None,
+        hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
+        hooks.PeriodicWriter(defaults.default_writers(cfg.train.output_dir, cfg.train.max_iter),
+                             period=cfg.train.log_period) if comm.is_main_process() else None,
+    ])
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
+    try:
+        trainer.train(start_iter, cfg.train.max_iter)
+    except FloatingPointError as e:
+        raise non_finite_loss_error(e, checkpointer, "Lower optimizer.lr or the model.kd.* loss weights") from e
+
+
+def load_config(args):
+    """The LazyConfig of ``args.config_file`` with ``args.opts`` applied; missing training keys are an error."""
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    needed = ("model", "dataloader", "train") if args.eval_only else (
+        "model", "dataloader", "optimizer", "lr_multiplier", "train")
+    missing = [k for k in needed if k not in cfg]
+    if missing:
+        raise ValueError("LazyConfig {!r} has no {}: {} needs {} (as Detectron2's configs/common: "
+                         "train.py, optim.py, schedules)".format(args.config_file, ", ".join(missing),
+                                                                  "evaluation" if args.eval_only else "training",
+                                                                  ", ".join(needed)))
+    return cfg
+
+
+def main(args):
+    cfg = load_config(args)
+    default_setup(cfg, args)
+    if args.eval_only:
+        # the student alone: evaluating it needs neither the teacher nor its weights
+        model = instantiate(lazy_student_model(cfg.model))
+        model.to(cfg.train.device)
+        model = defaults.create_ddp_model(model)
+        StudentCheckpointer(model).load(cfg.train.init_checkpoint)
+        return do_test(cfg, model)
+    return do_train(args, cfg)
+
+
+def prepare(args):
+    """
+    Once, before any worker starts: generate kd_det's synthetic data if used, and
+    check the COCO- and VOC-format datasets the config names (annotations only).
+    """
+    cfg = load_config(args)
+    names = dataset_names(cfg, args.eval_only)
+    prepare_datasets(names)
+    validate_registered_datasets(names, check_images=False)
+
+
+def cli(argv=None):
+    parser = default_argument_parser()
+    args = parser.parse_args(argv)
+    bad = [o for o in args.opts if "=" not in o]
+    if bad:
+        parser.error("LazyConfig overrides are key=value (e.g. train.max_iter=1000), not yacs KEY VALUE pairs; "
+                     "got {!r}".format(bad[0]))
+    print("Command Line Args:", args)
+    prepare(args)
+    return launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+                  dist_url=args.dist_url, args=(args,))
+
+
+if __name__ == "__main__":
+    cli()
