@@ -3,6 +3,7 @@ Model-zoo release of a distilled student: a student-only Detectron2 checkpoint a
 the student's own config, both loadable by vanilla Detectron2 without kd_det.
 """
 
+import copy
 import hashlib
 import os
 from typing import Dict
@@ -16,7 +17,7 @@ from .checkpoint import atomic_write_bytes
 from .modeling.distill_base import KDStudentMixin
 
 __all__ = ["student_config", "student_inference_cfg", "student_state_dict", "StudentCheckpointer", "export_student",
-           "file_sha256"]
+           "export_lazy_student", "file_sha256"]
 
 
 def _drop_unknown_keys(cfg: CfgNode, reference: CfgNode) -> CfgNode:
@@ -102,6 +103,15 @@ def export_student(cfg: CfgNode, weights: str, output_dir: str, name: str = "mod
     Raises:
         FileNotFoundError / ValueError naming the checkpoint when it is missing or not a Detectron2 checkpoint.
     """
+    weights_out = _write_student_weights(weights, output_dir, name)
+    config_out = os.path.join(output_dir, "config.yaml")
+    with open(config_out, "w") as f:
+        f.write(student_config(cfg, weights_out).dump())
+    return {"weights": weights_out, "config": config_out, "sha256": file_sha256(weights_out)}
+
+
+def _write_student_weights(weights: str, output_dir: str, name: str) -> str:
+    """Write ``output_dir/<name>.pth``: the student's weights of the training checkpoint ``weights``."""
     if not os.path.isfile(weights):
         raise FileNotFoundError("no checkpoint at {!r}: pass the training run's model_final.pth (or another "
                                 "model_XXXXXXX.pth from its OUTPUT_DIR)".format(weights))
@@ -117,7 +127,26 @@ def export_student(cfg: CfgNode, weights: str, output_dir: str, name: str = "mod
     student = {"model": student_state_dict(ckpt["model"]), "iteration": ckpt.get("iteration"),
                "__author__": "kd_det export_student"}
     atomic_write_bytes(weights_out, lambda f: torch.save(student, f))
+    return weights_out
+
+
+def export_lazy_student(cfg, weights: str, output_dir: str, name: str = "model_final") -> Dict[str, str]:
+    """
+    :func:`export_student` for a LazyConfig: ``<name>.pth`` and ``config.yaml``
+    (``LazyConfig.save``), whose ``model`` is the student's plain one
+    (:func:`~kd_det.modeling.lazy_student.lazy_student_model`) and whose
+    ``train.init_checkpoint`` is the released weights: vanilla Detectron2 builds it with
+    ``instantiate(LazyConfig.load(path).model)``.
+    """
+    from detectron2.config import LazyConfig
+
+    from .modeling.lazy_student import lazy_student_model
+
+    weights_out = _write_student_weights(weights, output_dir, name)
+    released = copy.deepcopy(cfg)
+    released.model = lazy_student_model(released.model)
+    if "train" in released:
+        released.train.init_checkpoint = weights_out
     config_out = os.path.join(output_dir, "config.yaml")
-    with open(config_out, "w") as f:
-        f.write(student_config(cfg, weights_out).dump())
+    LazyConfig.save(released, config_out)
     return {"weights": weights_out, "config": config_out, "sha256": file_sha256(weights_out)}

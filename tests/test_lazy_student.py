@@ -8,9 +8,12 @@ import pytest
 import torch
 from conftest import REPO, TINY_PREFIX, config_path, tiny_cfg
 
+from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyCall as L
 from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling import GeneralizedRCNN, build_model
+
+from omegaconf import OmegaConf
 
 from kd_det.modeling import DistillGeneralizedRCNN
 from kd_det.modeling.lazy_student import build_distilled_model, lazy_distilled_model, lazy_student_model
@@ -19,12 +22,15 @@ LAZY_SSIM = config_path("synthetic/distill/ssim_faster_rcnn_R50_to_R18_lazy.py")
 YAML_SSIM = "synthetic/distill/ssim_faster_rcnn_R50_to_R18.yaml"
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("lazyconfig_train_net",
-                                                  os.path.join(REPO, "tools", "lazyconfig_train_net.py"))
+def _load_module(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", name + ".py"))
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     return tool
+
+
+def _load_tool():
+    return _load_module("lazyconfig_train_net")
 
 
 def _teacher_opts(weights):
@@ -94,6 +100,23 @@ def test_lazy_student_trains_resumes_and_evaluates_without_its_teacher(tiny_data
          "dataloader.test.dataset.names={}_val".format(TINY_PREFIX), "train.output_dir=" + str(tmp_path / "eval"),
          "train.init_checkpoint=" + str(out / "model_final.pth")]))
     assert "AP" in results["bbox"]
+
+    # release: the student's weights and a LazyConfig whose model vanilla Detectron2 builds
+    export = _load_module("export_student")
+    out_release = export.main(["--config-file", LAZY_SSIM, "--weights", str(out / "model_final.pth"),
+                               "--output-dir", str(tmp_path / "release")])
+    released = LazyConfig.load(out_release["config"])
+    assert released.train.init_checkpoint == out_release["weights"]
+    assert "kd_det" not in json.dumps(OmegaConf.to_container(released.model))
+    student = instantiate(released.model)
+    assert type(student) is GeneralizedRCNN
+    incompatible = DetectionCheckpointer(student)._load_model(torch.load(out_release["weights"], weights_only=False))
+    assert not incompatible.missing_keys and not incompatible.unexpected_keys
+    trained = torch.load(out / "model_final.pth", weights_only=False)["model"]
+    assert all(torch.equal(v, trained[k]) for k, v in student.state_dict().items())
+    with pytest.raises(SystemExit):  # TorchScript/ONNX export reads a yacs config
+        export.main(["--config-file", LAZY_SSIM, "--weights", str(out / "model_final.pth"),
+                     "--output-dir", str(tmp_path / "release_ts"), "--torchscript"])
 
 
 def test_lazy_config_overrides_must_be_key_value(tmp_path):

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", required=True, help="the training config")
+    parser.add_argument("--config-file", required=True, help="the training config (yacs .yaml or LazyConfig .py)")
     parser.add_argument("--weights", required=True, help="the training checkpoint (model_final.pth)")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--torchscript", action="store_true", help="also write model.ts (traced TorchScript)")
@@ -35,12 +35,25 @@ def main(argv=None):
     parser.add_argument("--sample-image", default="",
                         help="image to trace with (default: the first image of DATASETS.TEST[0])")
     parser.add_argument("--device", default="cpu", help="device the TorchScript model runs on (cpu, cuda)")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides used in training (KEY VALUE ...)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides used in training (KEY VALUE ..., or key=value for a .py)")
     args = parser.parse_args(argv)
     if args.onnx:
         from kd_det.deploy import _import_onnx
 
         _import_onnx()  # a missing package fails before any work, with the install command
+
+    if args.config_file.endswith(".py"):
+        if args.torchscript or args.onnx:
+            parser.error("--torchscript and --onnx read the student's yacs config; a LazyConfig student "
+                         "({}) is exported as weights and config.yaml only".format(args.config_file))
+        from detectron2.config import LazyConfig
+
+        from kd_det.export import export_lazy_student
+
+        cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+        out = export_lazy_student(cfg, args.weights, args.output_dir)
+        print(json.dumps(out, indent=2))
+        return out
 
     from kd_det import get_kd_cfg
     from kd_det.export import export_student
