@@ -186,3 +186,24 @@ def test_plain_lazy_config_trains_and_missing_training_keys_are_named(tiny_data_
                           "GeneralizedRCNN\nmodel = L(GeneralizedRCNN)(backbone=None)\n")
     with pytest.raises(ValueError, match=r"has no dataloader, optimizer, lr_multiplier, train: training needs"):
         tool.main(tool.default_argument_parser().parse_args(["--config-file", str(model_only)]))
+
+
+def test_retinanet_student_from_built_arguments(tiny_data_root, tmp_path, retina_teacher):
+    """build_distilled_model (the LazyCall's target) for a RetinaNet student, with RM and PFI."""
+    from detectron2.modeling import RetinaNet
+
+    from kd_det.modeling import DistillRetinaNet
+
+    teacher = {"CONFIG": config_path("synthetic/retinanet_R_50_FPN.yaml"), "WEIGHTS": retina_teacher}
+    yacs_cfg = tiny_cfg("synthetic/distill/rm_pfi_retinanet_R50_to_R18.yaml", tmp_path, [
+        "KD.TEACHER.CONFIG", teacher["CONFIG"], "KD.TEACHER.WEIGHTS", teacher["WEIGHTS"]])
+    kd = {"TEACHER": teacher, "FEATURE": {"LOSS": yacs_cfg.KD.FEATURE.LOSS, "WEIGHT": yacs_cfg.KD.FEATURE.WEIGHT},
+          "RM": {"ENABLED": True, "WEIGHT": yacs_cfg.KD.RM.WEIGHT}, "PFI": {"ENABLED": True}}
+    model = build_distilled_model("DistillRetinaNet", kd, [TINY_PREFIX + "_train"], **RetinaNet.from_config(yacs_cfg))
+    yacs = build_model(yacs_cfg)
+    assert type(model) is DistillRetinaNet and _shapes(model) == _shapes(yacs)
+    assert model.rm_weight == yacs.rm_weight > 0 and model.pfi and yacs.pfi
+    # the class check reads the view's training sets: a teacher trained on other classes is refused
+    with pytest.raises(ValueError, match=r"trained on DATASETS.TRAIN=.*and the student on "
+                                         r"\(.coco_2017_train.,\): they have other classes"):
+        build_distilled_model("DistillRetinaNet", kd, ["coco_2017_train"], **RetinaNet.from_config(yacs_cfg))
