@@ -124,7 +124,8 @@ dataloader["evaluator"] = L(COCOEvaluator)(
 
 # The yaml's SOLVER (Base-synthetic-RCNN.yaml): from scratch, AdamW 1e-3 with weight decay 0.05
 # (none on norm layers), each parameter's gradient clipped to norm 5, warmup 20 iterations,
-# LR x0.1 at 120 and 140 of 150.
+# LR x0.1 at 120 and 140 of 150 (as in Detectron2's LazyConfig schedules, fractions of
+# train.max_iter: overriding it scales the warmup and the steps).
 MAX_ITER = 150
 optimizer = L(clipped_optimizer)(
     optimizer_class="torch.optim.AdamW",
