@@ -203,6 +203,10 @@ def test_retinanet_student_from_built_arguments(tiny_data_root, tmp_path, retina
     yacs = build_model(yacs_cfg)
     assert type(model) is DistillRetinaNet and _shapes(model) == _shapes(yacs)
     assert model.rm_weight == yacs.rm_weight > 0 and model.pfi and yacs.pfi
+    # ints where kd_det's defaults are floats (as people write them, or as key=value overrides give them)
+    kd_int = dict(kd, RM={"ENABLED": True, "WEIGHT": 4}, FEATURE={"LOSS": "SSIMFeatureLoss", "WEIGHT": 2})
+    model = build_distilled_model("DistillRetinaNet", kd_int, [], **RetinaNet.from_config(yacs_cfg))
+    assert model.rm_weight == 4.0 and model.kd_feature.weight == 2.0
     # the class check reads the view's training sets: a teacher trained on other classes is refused
     with pytest.raises(ValueError, match=r"trained on DATASETS.TRAIN=.*and the student on "
                                          r"\(.coco_2017_train.,\): they have other classes"):

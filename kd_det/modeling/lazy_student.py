@@ -51,6 +51,22 @@ def _dotted_keys(d: Mapping, prefix: str = ""):
             yield from _dotted_keys(v, prefix + str(k) + ".")
 
 
+def _ints_as_floats(kd: Dict, defaults: CfgNode) -> Dict:
+    """
+    ``kd`` with an int where kd_det's default is a float made a float: yacs refuses the
+    type change, but ``"WEIGHT": 2`` or ``model.kd.FEATURE.WEIGHT=1`` are what people write.
+    """
+    out = {}
+    for key, value in kd.items():
+        default = defaults.get(key, None) if isinstance(defaults, CfgNode) else None
+        if isinstance(value, Mapping):
+            value = _ints_as_floats(value, default)
+        elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        out[key] = value
+    return out
+
+
 def _kd_node(kd: Mapping) -> CfgNode:
     """kd_det's default ``KD`` node with ``kd`` merged in; unknown and yacs-only keys are errors."""
     kd = _to_dict(kd)
@@ -60,7 +76,7 @@ def _kd_node(kd: Mapping) -> CfgNode:
                          "reads (a yacs config). Remove it, or write the student as a yacs config".format(refused[0]))
     node = get_kd_cfg().KD
     try:
-        node.merge_from_other_cfg(CfgNode(kd))
+        node.merge_from_other_cfg(CfgNode(_ints_as_floats(kd, node)))
     except (KeyError, ValueError) as e:
         raise ValueError("kd={{...}} of a LazyConfig student does not fit kd_det's KD keys ({}). It takes the keys "
                          "of the yacs KD node (kd_det/config.py), e.g. {{'TEACHER': {{'CONFIG': ..., 'WEIGHTS': ...}}, "
