@@ -9,14 +9,19 @@ only; ``model.onnx`` runs in ONNX Runtime without torch.  Neither needs Detectro
 kd_det.  Input sizes may vary from call to call; the batch is one image.  A sidecar
 JSON says how to preprocess and what comes out.  Each export is checked against the
 eager model on the sample image and on two crops of other sizes.
+
+The student's config is a yacs ``CfgNode`` (``export_student``'s config.yaml) or a
+LazyConfig (``export_lazy_student``'s); both reduce to :class:`DeploySettings`.
 """
 
 import io
 import json
 import logging
 import os
+import sys
 import warnings
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -25,12 +30,16 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import detection_utils
 from detectron2.data import transforms as T
 from detectron2.modeling import GeneralizedRCNN, build_model
+from omegaconf import DictConfig
+from PIL import Image
 
 from .checkpoint import atomic_write_bytes
 from .export import StudentCheckpointer, file_sha256
+from .utils.lazy import dataset_names, lazy_get, other_test_augmentations, single_short_edge, test_resizes
 
-__all__ = ["OUTPUT_NAMES", "detections", "preprocess", "load_sample_image", "load_student", "trace_student",
-           "compare_detections", "compare_traced", "export_torchscript", "export_onnx"]
+__all__ = ["OUTPUT_NAMES", "DeploySettings", "deploy_settings", "detections", "preprocess", "load_sample_image",
+           "load_student", "trace_student", "compare_detections", "compare_traced", "export_torchscript",
+           "export_onnx"]
 
 OUTPUT_NAMES = ("boxes", "scores", "classes")
 
@@ -41,6 +50,66 @@ SCORE_ATOL = 1e-4
 # ONNX Runtime's own kernels reassociate more: 1.5e-3 px seen on 800x1216 inputs
 ONNX_BOX_ATOL = 1e-2
 ONNX_OPSET = 17
+
+
+@dataclass(frozen=True)
+class DeploySettings:
+    """
+    What an export reads from the student's config besides the model: the test-time
+    preprocessing a deployment must repeat, and the datasets that give the sample image
+    and the class names.
+    """
+
+    input_format: str  # channel order of the model's input, "BGR" or "RGB"
+    min_size_test: int  # shortest edge resized to this (DefaultPredictor's ResizeShortestEdge)
+    max_size_test: int  # ... with the longest edge at most this
+    test_datasets: Tuple[str, ...] = ()
+    train_datasets: Tuple[str, ...] = ()
+
+
+def _lazy_deploy_settings(lazy) -> DeploySettings:
+    """
+    :class:`DeploySettings` of a LazyConfig student: the resize of
+    ``dataloader.test.mapper.augmentations``, which must be one fixed-size
+    ``ResizeShortestEdge`` (what Detectron2's LazyConfigs use, and what the sidecar JSON
+    can describe), and the input format of ``model.input_format`` or the test mapper.
+    """
+    if lazy_get(lazy, "dataloader.test") is None:
+        raise ValueError("the LazyConfig has no dataloader.test: the export takes the test-time resize from "
+                         "dataloader.test.mapper.augmentations (a ResizeShortestEdge, as in Detectron2's configs) "
+                         "and the sample image and class names from dataloader.test.dataset.names; add it")
+    resizes, others = test_resizes(lazy), other_test_augmentations(lazy)
+    if len(resizes) != 1 or others:
+        raise ValueError("dataloader.test.mapper.augmentations of the LazyConfig is {} ResizeShortestEdge and {}: an "
+                         "exported model's preprocessing (its sidecar JSON, predict_exported.py) is one "
+                         "ResizeShortestEdge(short_edge_length=N, max_size=M), as DefaultPredictor's".format(
+                             len(resizes), others or "nothing else"))
+    short = single_short_edge(resizes[0])
+    if short is None:
+        raise ValueError("the test ResizeShortestEdge of the LazyConfig draws its short edge from {}: a deployed model "
+                         "needs one size; set dataloader.test.mapper.augmentations.0.short_edge_length=N".format(
+                             list(lazy_get(resizes[0], "short_edge_length"))))
+    interp = lazy_get(resizes[0], "interp", Image.BILINEAR)
+    if int(interp) != int(Image.BILINEAR):
+        raise ValueError("the test ResizeShortestEdge of the LazyConfig uses interp={}; exports describe bilinear "
+                         "resizing (DefaultPredictor's) only".format(interp))
+    input_format = lazy_get(lazy, "model.input_format") or lazy_get(lazy, "dataloader.test.mapper.image_format")
+    if input_format is None:
+        raise ValueError("the LazyConfig names no input format: set model.input_format (or "
+                         "dataloader.test.mapper.image_format) to the channel order the student was trained on")
+    return DeploySettings(str(input_format), short, int(lazy_get(resizes[0], "max_size", sys.maxsize)),
+                          dataset_names(lazy_get(lazy, "dataloader.test.dataset.names")),
+                          dataset_names(lazy_get(lazy, "dataloader.train.dataset.names")))
+
+
+def deploy_settings(cfg: Union[CfgNode, DictConfig, DeploySettings]) -> DeploySettings:
+    """The :class:`DeploySettings` of a yacs config or a LazyConfig (returned as is when already one)."""
+    if isinstance(cfg, DeploySettings):
+        return cfg
+    if isinstance(cfg, CfgNode):
+        return DeploySettings(cfg.INPUT.FORMAT, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST,
+                              tuple(cfg.DATASETS.TEST), tuple(cfg.DATASETS.TRAIN))
+    return _lazy_deploy_settings(cfg)
 
 
 def detections(model: torch.nn.Module, image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -62,35 +131,41 @@ def detections(model: torch.nn.Module, image: torch.Tensor) -> Tuple[torch.Tenso
     return instances.pred_boxes.tensor, instances.scores, instances.pred_classes
 
 
-def preprocess(cfg: CfgNode, image: np.ndarray) -> torch.Tensor:
+def preprocess(cfg, image: np.ndarray) -> torch.Tensor:
     """
     What ``DefaultPredictor`` does before the network: shortest edge to
-    ``INPUT.MIN_SIZE_TEST`` (longest at most ``MAX_SIZE_TEST``), HWC -> CHW float.
+    ``min_size_test`` (longest at most ``max_size_test``), HWC -> CHW float.
 
     Args:
-        image: (H, W, 3) uint8 in ``cfg.INPUT.FORMAT``.
+        cfg: the student's config (yacs or LazyConfig) or its :class:`DeploySettings`.
+        image: (H, W, 3) uint8 in the config's input format.
     Returns:
         (3, H', W') float32.
     """
-    resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST)
+    settings = deploy_settings(cfg)
+    resize = T.ResizeShortestEdge([settings.min_size_test] * 2, settings.max_size_test)
     resized = resize.get_transform(image).apply_image(image)
     return torch.as_tensor(np.ascontiguousarray(resized.astype("float32").transpose(2, 0, 1)))
 
 
-def load_sample_image(cfg: CfgNode, path: str = "") -> Tuple[np.ndarray, str]:
+def load_sample_image(cfg, path: str = "") -> Tuple[np.ndarray, str]:
     """
-    The image to trace with: ``path``, or else the first image of ``cfg.DATASETS.TEST[0]``.
+    The image to trace with: ``path``, or else the first image of the first test set
+    (``DATASETS.TEST``, a LazyConfig's ``dataloader.test.dataset.names``).
 
+    Args:
+        cfg: the student's config (yacs or LazyConfig) or its :class:`DeploySettings`.
     Returns:
-        (H, W, 3) uint8 in ``cfg.INPUT.FORMAT``, and the file it came from.
+        (H, W, 3) uint8 in the config's input format, and the file it came from.
     Raises:
         ValueError naming the fix when there is no image to use.
     """
+    settings = deploy_settings(cfg)
     if not path:
-        if not cfg.DATASETS.TEST:
+        if not settings.test_datasets:
             raise ValueError("tracing needs a sample image: pass --sample-image PATH (the config has no "
-                             "DATASETS.TEST to take one from)")
-        name = cfg.DATASETS.TEST[0]
+                             "test set to take one from)")
+        name = settings.test_datasets[0]
         try:
             records = DatasetCatalog.get(name)
         except Exception as e:
@@ -101,7 +176,7 @@ def load_sample_image(cfg: CfgNode, path: str = "") -> Tuple[np.ndarray, str]:
         path = records[0]["file_name"]
     if not os.path.isfile(path):
         raise FileNotFoundError("sample image {!r} does not exist".format(path))
-    return detection_utils.read_image(path, format=cfg.INPUT.FORMAT), path
+    return detection_utils.read_image(path, format=settings.input_format), path
 
 
 def trace_student(model: torch.nn.Module, image: torch.Tensor) -> torch.jit.ScriptModule:
@@ -165,26 +240,41 @@ def compare_traced(model: torch.nn.Module, traced: torch.jit.ScriptModule,
     return compare_detections(model, traced, images)
 
 
-def _class_names(cfg: CfgNode) -> Optional[List[str]]:
-    for name in list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN):
+def _class_names(settings: DeploySettings) -> Optional[List[str]]:
+    for name in settings.test_datasets + settings.train_datasets:
         classes = MetadataCatalog.get(name).get("thing_classes", None)
         if classes:
             return list(classes)
     return None
 
 
-def load_student(cfg: CfgNode, weights: str, device: str = "cpu") -> torch.nn.Module:
+def _build_student(cfg, device: str) -> torch.nn.Module:
+    if isinstance(cfg, CfgNode):
+        cfg = cfg.clone()
+        cfg.defrost()
+        cfg.MODEL.DEVICE = device
+        return build_model(cfg)
+    from detectron2.config import instantiate
+
+    from .modeling.lazy_student import lazy_student_model
+
+    if "model" not in cfg:
+        raise ValueError("the LazyConfig has no `model` to export")
+    return instantiate(lazy_student_model(cfg.model)).to(torch.device(device))
+
+
+def load_student(cfg, weights: str, device: str = "cpu") -> torch.nn.Module:
     """
     The student of ``cfg`` (eval mode, on ``device``) with ``weights``: a student-only or a
     training checkpoint (``kd_*`` and teacher weights are ignored).
 
+    Args:
+        cfg: a yacs config, or a LazyConfig whose ``model`` is the student (plain, or the
+            :func:`~kd_det.modeling.lazy_student.lazy_distilled_model` of one: its student is taken).
     Raises:
         FileNotFoundError / ValueError naming the fix when the weights are missing or are not this student's.
     """
-    cfg = cfg.clone()
-    cfg.defrost()
-    cfg.MODEL.DEVICE = device
-    model = build_model(cfg).eval()
+    model = _build_student(cfg, device).eval()
     if not os.path.isfile(weights):
         raise FileNotFoundError("no checkpoint at {!r}: pass the exported student's weights (export_student's "
                                 "model_final.pth) or the training run's".format(weights))
@@ -196,7 +286,7 @@ def load_student(cfg: CfgNode, weights: str, device: str = "cpu") -> torch.nn.Mo
     return model
 
 
-def _check_images(cfg: CfgNode, sample_image: str, device: str) -> Tuple[List[torch.Tensor], str]:
+def _check_images(cfg: DeploySettings, sample_image: str, device: str) -> Tuple[List[torch.Tensor], str]:
     """The preprocessed sample image and two crops of other sizes; and the sample's file."""
     image, image_path = load_sample_image(cfg, sample_image)
     return _other_sizes(preprocess(cfg, image).to(device)), image_path
@@ -209,21 +299,28 @@ def _warn_if_nothing_detected(checked: List[Dict[str, object]], image_path: str,
             "Pass --sample-image with objects the student finds.", what, image_path)
 
 
-def _metadata(cfg: CfgNode, model: torch.nn.Module, path: str, image_path: str,
+def _score_thresh(model: torch.nn.Module) -> float:
+    """The score threshold the model applies at test time (its box predictor's, for R-CNN)."""
+    if isinstance(model, GeneralizedRCNN):
+        return float(model.roi_heads.box_predictor.test_score_thresh)
+    return float(model.test_score_thresh)
+
+
+def _metadata(settings: DeploySettings, model: torch.nn.Module, path: str, image_path: str,
               checked: List[Dict[str, object]], tensor: str) -> Dict[str, object]:
     """What a deployment needs to know beside the exported file: preprocessing, outputs, classes."""
     return {
         "file": os.path.basename(path),
         "sha256": file_sha256(path),
-        "meta_architecture": cfg.MODEL.META_ARCHITECTURE,
+        "meta_architecture": type(model).__name__,
         "torch": torch.__version__,
         "input": {
             "tensor": tensor,
-            "format": cfg.INPUT.FORMAT,
+            "format": settings.input_format,
             "resize": "shortest edge to min_size_test, longest at most max_size_test (bilinear), as Detectron2's "
                       "DefaultPredictor; the model normalises and pads itself",
-            "min_size_test": cfg.INPUT.MIN_SIZE_TEST,
-            "max_size_test": cfg.INPUT.MAX_SIZE_TEST,
+            "min_size_test": settings.min_size_test,
+            "max_size_test": settings.max_size_test,
         },
         "outputs": {
             "boxes": "(N, 4) float32, x0 y0 x1 y1 in the pixels of the input tensor: divide by the resize scale "
@@ -231,9 +328,8 @@ def _metadata(cfg: CfgNode, model: torch.nn.Module, path: str, image_path: str,
             "scores": "(N,) float32",
             "classes": "(N,) int64, indices into 'classes'",
         },
-        "classes": _class_names(cfg),
-        "score_thresh_test": (cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST if isinstance(model, GeneralizedRCNN)
-                              else cfg.MODEL.RETINANET.SCORE_THRESH_TEST),
+        "classes": _class_names(settings),
+        "score_thresh_test": _score_thresh(model),
         "traced_on": image_path,
         "checked": checked,
     }
@@ -246,13 +342,14 @@ def _write_metadata(output_dir: str, name: str, metadata: Dict[str, object]) -> 
     return path
 
 
-def export_torchscript(cfg: CfgNode, weights: str, output_dir: str, sample_image: str = "",
+def export_torchscript(cfg, weights: str, output_dir: str, sample_image: str = "",
                        device: str = "cpu") -> Dict[str, object]:
     """
     Write ``model.ts`` (the traced student) and ``torchscript.json`` to ``output_dir``.
 
     Args:
-        cfg: the student's vanilla Detectron2 config (``export_student``'s config.yaml).
+        cfg: the student's vanilla Detectron2 config (``export_student``'s config.yaml), or
+            its LazyConfig (``export_lazy_student``'s config.yaml, or the training one).
         weights: student-only or training checkpoint (``kd_*`` weights are ignored).
         sample_image: image file to trace with (default: the first of ``DATASETS.TEST[0]``).
         device: where the traced model runs; tracing records the device, so a CPU trace
@@ -260,8 +357,9 @@ def export_torchscript(cfg: CfgNode, weights: str, output_dir: str, sample_image
     Returns:
         {"torchscript": path, "metadata": path, "sha256": ..., "checked": rows of :func:`compare_detections`}.
     """
+    settings = deploy_settings(cfg)  # a config the sidecar cannot describe fails before any work
     model = load_student(cfg, weights, device)
-    images, image_path = _check_images(cfg, sample_image, device)
+    images, image_path = _check_images(settings, sample_image, device)
     traced = trace_student(model, images[0])
     checked = compare_traced(model, traced, images)
     _warn_if_nothing_detected(checked, image_path, "the traced student")
@@ -272,7 +370,7 @@ def export_torchscript(cfg: CfgNode, weights: str, output_dir: str, sample_image
         warnings.simplefilter("ignore", FutureWarning)
         buffer = traced.save_to_buffer()
     atomic_write_bytes(path, lambda f: f.write(buffer))
-    metadata = _metadata(cfg, model, path, image_path, checked,
+    metadata = _metadata(settings, model, path, image_path, checked,
                          "(3, H, W) float32 on the device above, pixel values 0-255, channels in 'format'; one "
                          "image per call, any H and W")
     metadata["device"] = device
@@ -290,7 +388,7 @@ def _import_onnx():
     return onnx, onnxruntime
 
 
-def export_onnx(cfg: CfgNode, weights: str, output_dir: str, sample_image: str = "",
+def export_onnx(cfg, weights: str, output_dir: str, sample_image: str = "",
                 opset: int = ONNX_OPSET) -> Dict[str, object]:
     """
     Write ``model.onnx`` (the student traced and converted by PyTorch's TorchScript-based
@@ -311,8 +409,9 @@ def export_onnx(cfg: CfgNode, weights: str, output_dir: str, sample_image: str =
     onnx, onnxruntime = _import_onnx()
     from detectron2.export import TracingAdapter
 
+    settings = deploy_settings(cfg)
     model = load_student(cfg, weights, "cpu")
-    images, image_path = _check_images(cfg, sample_image, "cpu")
+    images, image_path = _check_images(settings, sample_image, "cpu")
     # eval(): the exporter restores the wrapper's mode afterwards, and a new wrapper is in training mode
     adapter = TracingAdapter(model, images[0], detections).eval()
     buffer = io.BytesIO()
@@ -337,7 +436,7 @@ def export_onnx(cfg: CfgNode, weights: str, output_dir: str, sample_image: str =
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "model.onnx")
     atomic_write_bytes(path, lambda f: f.write(buffer.getvalue()))
-    metadata = _metadata(cfg, model, path, image_path, checked,
+    metadata = _metadata(settings, model, path, image_path, checked,
                          "'image': (3, H, W) float32, pixel values 0-255, channels in 'format'; one image per call, "
                          "any H and W")
     metadata.update({"opset": opset, "onnx": onnx.__version__, "onnxruntime_checked": onnxruntime.__version__})

@@ -351,3 +351,39 @@ def test_model_complexity_matches_a_count_by_hooks(tiny_data_root, tmp_path):
         h.remove()
     # fvcore also counts BatchNorm and upsampling: a little more than the convolutions alone
     assert sum(macs) / 1e9 <= out["gflops"] <= 1.02 * sum(macs) / 1e9
+
+
+def test_deploy_settings_of_a_lazy_config():
+    """A LazyConfig student's preprocessing comes from dataloader.test; what a sidecar cannot describe is refused."""
+    import sys as _sys
+
+    from detectron2.config import LazyConfig
+    from kd_det.deploy import DeploySettings, deploy_settings
+
+    lazy = LazyConfig.load(REPO + "/configs/synthetic/distill/ssim_faster_rcnn_R50_to_R18_lazy.py")
+    assert deploy_settings(lazy) == DeploySettings("BGR", 128, 256, ("kd_synthetic_val",), ("kd_synthetic_train",))
+
+    def settings_with(*overrides):
+        return deploy_settings(LazyConfig.apply_overrides(LazyConfig.load(
+            REPO + "/configs/synthetic/distill/ssim_faster_rcnn_R50_to_R18_lazy.py"), list(overrides)))
+
+    assert settings_with("dataloader.test.mapper.augmentations.0.short_edge_length=[96]").min_size_test == 96
+    unlimited = LazyConfig.load(REPO + "/configs/synthetic/distill/ssim_faster_rcnn_R50_to_R18_lazy.py")
+    del unlimited.dataloader.test.mapper.augmentations[0].max_size
+    assert deploy_settings(unlimited).max_size_test == _sys.maxsize  # ResizeShortestEdge's default
+    with pytest.raises(ValueError, match="draws its short edge from \\[96, 128\\].*short_edge_length=N"):
+        settings_with("dataloader.test.mapper.augmentations.0.short_edge_length=[96,128]")
+    with pytest.raises(ValueError, match="interp=0; exports describe bilinear"):
+        settings_with("dataloader.test.mapper.augmentations.0.interp=0")
+    flipped = LazyConfig.load(REPO + "/configs/synthetic/distill/ssim_faster_rcnn_R50_to_R18_lazy.py")
+    flipped.dataloader.test.mapper.augmentations.append(flipped.dataloader.train.mapper.augmentations[1])
+    with pytest.raises(ValueError, match="is 1 ResizeShortestEdge and \\['.*RandomFlip'\\]"):
+        deploy_settings(flipped)
+    del flipped.dataloader.test
+    with pytest.raises(ValueError, match="has no dataloader.test"):
+        deploy_settings(flipped)
+    no_format = LazyConfig.load(REPO + "/configs/synthetic/distill/ssim_faster_rcnn_R50_to_R18_lazy.py")
+    no_format.model.input_format = None
+    no_format.dataloader.test.mapper.image_format = None
+    with pytest.raises(ValueError, match="names no input format: set model.input_format"):
+        deploy_settings(no_format)

@@ -11,10 +11,12 @@ from conftest import REPO, TINY_PREFIX, config_path, tiny_cfg
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyCall as L
 from detectron2.config import LazyConfig, instantiate
+from detectron2.data import MetadataCatalog
 from detectron2.modeling import GeneralizedRCNN, build_model
 
 from omegaconf import OmegaConf
 
+from kd_det.deploy import detections
 from kd_det.modeling import DistillGeneralizedRCNN
 from kd_det.modeling.lazy_student import build_distilled_model, lazy_distilled_model, lazy_student_model
 
@@ -114,9 +116,27 @@ def test_lazy_student_trains_resumes_and_evaluates_without_its_teacher(tiny_data
     assert not incompatible.missing_keys and not incompatible.unexpected_keys
     trained = torch.load(out / "model_final.pth", weights_only=False)["model"]
     assert all(torch.equal(v, trained[k]) for k, v in student.state_dict().items())
-    with pytest.raises(SystemExit):  # TorchScript/ONNX export reads a yacs config
-        export.main(["--config-file", LAZY_SSIM, "--weights", str(out / "model_final.pth"),
-                     "--output-dir", str(tmp_path / "release_ts"), "--torchscript"])
+
+    # TorchScript and ONNX of the released LazyConfig student, preprocessing from its dataloader.test
+    deployed = export.main(["--config-file", LAZY_SSIM, "--weights", str(out / "model_final.pth"),
+                            "--output-dir", str(tmp_path / "release_ts"), "--torchscript", "--onnx",
+                            "dataloader.test.dataset.names={}_val".format(TINY_PREFIX),
+                            "model.roi_heads.box_predictor.test_score_thresh=0.0"])
+    for sidecar in ("torchscript.json", "onnx.json"):
+        meta = json.loads((tmp_path / "release_ts" / sidecar).read_text())
+        assert meta["meta_architecture"] == "GeneralizedRCNN" and meta["score_thresh_test"] == 0.0
+        assert meta["input"]["format"] == "BGR" and (meta["input"]["min_size_test"], meta["input"][
+            "max_size_test"]) == (128, 256)  # the config's test ResizeShortestEdge
+        assert meta["classes"] == MetadataCatalog.get(TINY_PREFIX + "_val").thing_classes
+        assert meta["traced_on"].endswith("val_000000.jpg") and all(row["detections"] for row in meta["checked"])
+    released = LazyConfig.load(deployed["config"])
+    student = instantiate(released.model).eval()
+    DetectionCheckpointer(student).load(deployed["weights"])
+    traced = torch.jit.load(deployed["torchscript"])
+    image = torch.randint(0, 255, (3, 96, 128)).float()
+    with torch.no_grad():
+        eager, ts = detections(student, image), traced(image)
+    assert len(eager[0]) > 0 and torch.allclose(ts[0], eager[0], atol=1e-3) and torch.equal(ts[2], eager[2])
 
 
 def test_lazy_config_overrides_must_be_key_value(tmp_path):

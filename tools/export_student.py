@@ -14,6 +14,11 @@ Detectron2's ``TracingAdapter`` (one image in, boxes/scores/classes out; loads w
 inputs and outputs; runs in ONNX Runtime without torch) and ``onnx.json``; it needs
 ``pip install -e '.[onnx]'``.  Each export is checked against the model on the sample
 image and on two crops of other sizes, and fails if they disagree.
+
+A LazyConfig student (``.py``, trained with tools/lazyconfig_train_net.py; overrides as
+``key=value``) is released as its weights and a LazyConfig ``config.yaml`` whose model is
+the plain student; ``--torchscript``/``--onnx`` take the test-time resize from its
+``dataloader.test`` (one ``ResizeShortestEdge``).
 """
 
 import argparse
@@ -33,51 +38,47 @@ def main(argv=None):
     parser.add_argument("--onnx", action="store_true", help="also write model.onnx (needs onnx and onnxruntime)")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: kd_det.deploy.ONNX_OPSET)")
     parser.add_argument("--sample-image", default="",
-                        help="image to trace with (default: the first image of DATASETS.TEST[0])")
+                        help="image to trace with (default: the first image of the first test set)")
     parser.add_argument("--device", default="cpu", help="device the TorchScript model runs on (cpu, cuda)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides used in training (KEY VALUE ..., or key=value for a .py)")
     args = parser.parse_args(argv)
-    if args.onnx:
-        from kd_det.deploy import _import_onnx
+    from kd_det import deploy
 
-        _import_onnx()  # a missing package fails before any work, with the install command
+    if args.onnx:
+        deploy._import_onnx()  # a missing package fails before any work, with the install command
 
     if args.config_file.endswith(".py"):
-        if args.torchscript or args.onnx:
-            parser.error("--torchscript and --onnx read the student's yacs config; a LazyConfig student "
-                         "({}) is exported as weights and config.yaml only".format(args.config_file))
         from detectron2.config import LazyConfig
 
         from kd_det.export import export_lazy_student
 
         cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+        if args.torchscript or args.onnx:
+            deploy.deploy_settings(cfg)  # a test resize the sidecar cannot describe fails before any file is written
         out = export_lazy_student(cfg, args.weights, args.output_dir)
-        print(json.dumps(out, indent=2))
-        return out
-
-    from kd_det import get_kd_cfg
-    from kd_det.export import export_student
-
-    cfg = get_kd_cfg()
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    out = export_student(cfg, args.weights, args.output_dir)
-    if args.torchscript or args.onnx:
+        # trace what was released: the student's LazyConfig and its student-only weights
+        released_cfg = LazyConfig.load(out["config"])
+    else:
         from detectron2.config import get_cfg
 
-        from kd_det import deploy
+        from kd_det import get_kd_cfg
+        from kd_det.export import export_student
 
+        cfg = get_kd_cfg()
+        cfg.merge_from_file(args.config_file)
+        cfg.merge_from_list(args.opts)
+        out = export_student(cfg, args.weights, args.output_dir)
         # trace what was released: the vanilla config and the student-only weights
-        student_cfg = get_cfg()
-        student_cfg.merge_from_file(out["config"])
-        if args.torchscript:
-            out.update(deploy.export_torchscript(student_cfg, out["weights"], args.output_dir, args.sample_image,
-                                                 args.device))
-        if args.onnx:
-            exported = deploy.export_onnx(student_cfg, out["weights"], args.output_dir, args.sample_image,
-                                          args.opset or deploy.ONNX_OPSET)
-            out.update({"onnx": exported["onnx"], "onnx_metadata": exported["metadata"],
-                        "onnx_sha256": exported["sha256"], "onnx_checked": exported["checked"]})
+        released_cfg = get_cfg()
+        released_cfg.merge_from_file(out["config"])
+    if args.torchscript:
+        out.update(deploy.export_torchscript(released_cfg, out["weights"], args.output_dir, args.sample_image,
+                                             args.device))
+    if args.onnx:
+        exported = deploy.export_onnx(released_cfg, out["weights"], args.output_dir, args.sample_image,
+                                      args.opset or deploy.ONNX_OPSET)
+        out.update({"onnx": exported["onnx"], "onnx_metadata": exported["metadata"],
+                    "onnx_sha256": exported["sha256"], "onnx_checked": exported["checked"]})
     print(json.dumps(out, indent=2))
     return out
 

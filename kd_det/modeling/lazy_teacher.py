@@ -5,41 +5,18 @@ kd_det reads from a teacher's config are collected into a yacs view.
 """
 
 import logging
+import sys
 from typing import Tuple
 
 import torch
 from detectron2.config import CfgNode, LazyConfig, get_cfg, instantiate
 
 from ..config import add_kd_config
+from ..utils.lazy import dataset_names, lazy_get, single_short_edge, test_resizes
 
 __all__ = ["build_lazy_teacher"]
 
 logger = logging.getLogger(__name__)
-
-
-def _get(node, dotted: str, default=None):
-    """``node.a.b.c`` for ``dotted`` = "a.b.c", or ``default`` where a key is missing."""
-    for key in dotted.split("."):
-        if node is None or not hasattr(node, "get"):
-            return default
-        node = node.get(key, None)
-    return default if node is None else node
-
-
-def _is_call_of(node, name: str) -> bool:
-    """Whether a LazyCall node calls the class or function named ``name``."""
-    target = _get(node, "_target_")
-    if target is None:
-        return False
-    target_name = target if isinstance(target, str) else getattr(target, "__name__", "")
-    return target_name.rsplit(".", 1)[-1] == name
-
-
-def _names(value) -> Tuple[str, ...]:
-    """Dataset names of a ``get_detection_dataset_dicts(names=...)`` call: a str or a list."""
-    if value is None:
-        return ()
-    return (value,) if isinstance(value, str) else tuple(value)
 
 
 def _apply_overrides(lazy, opts, path: str):
@@ -72,19 +49,21 @@ def _view(lazy, model: torch.nn.Module, student_cfg: CfgNode, path: str) -> CfgN
     cfg.MODEL.PIXEL_MEAN = [float(v) for v in model.pixel_mean.flatten()]
     cfg.MODEL.PIXEL_STD = [float(v) for v in model.pixel_std.flatten()]
 
-    test_mapper = _get(lazy, "dataloader.test.mapper")
-    input_format = getattr(model, "input_format", None) or _get(test_mapper, "image_format")
+    input_format = getattr(model, "input_format", None) or lazy_get(lazy, "dataloader.test.mapper.image_format")
     if input_format is None:
         raise ValueError("the LazyConfig teacher {!r} names no input format: set model.input_format (or "
                          "dataloader.test.mapper.image_format) to the channel order it was trained on, "
                          "\"BGR\" or \"RGB\"".format(path))
     cfg.INPUT.FORMAT = str(input_format)
 
-    resize = [a for a in (_get(test_mapper, "augmentations") or []) if _is_call_of(a, "ResizeShortestEdge")]
+    resize = test_resizes(lazy)
     if resize:
-        short = _get(resize[0], "short_edge_length")
-        cfg.INPUT.MIN_SIZE_TEST = int(short if isinstance(short, (int, float)) else list(short)[-1])
-        cfg.INPUT.MAX_SIZE_TEST = int(_get(resize[0], "max_size", cfg.INPUT.MAX_SIZE_TEST))
+        short = single_short_edge(resize[0])
+        # a test resize drawing from several lengths (unusual): evaluate at the largest
+        cfg.INPUT.MIN_SIZE_TEST = short if short is not None else max(
+            int(v) for v in lazy_get(resize[0], "short_edge_length"))
+        # ResizeShortestEdge's own default: no limit
+        cfg.INPUT.MAX_SIZE_TEST = int(lazy_get(resize[0], "max_size", sys.maxsize))
     else:
         # the teacher's own test-time resize is unknown: evaluate it at the student's test size
         cfg.INPUT.MIN_SIZE_TEST = student_cfg.INPUT.MIN_SIZE_TEST
@@ -92,8 +71,8 @@ def _view(lazy, model: torch.nn.Module, student_cfg: CfgNode, path: str) -> CfgN
         logger.info("LazyConfig teacher %s has no ResizeShortestEdge in dataloader.test.mapper.augmentations: it is "
                     "evaluated at the student's test size (%d, max %d)", path, cfg.INPUT.MIN_SIZE_TEST,
                     cfg.INPUT.MAX_SIZE_TEST)
-    cfg.DATASETS.TRAIN = _names(_get(lazy, "dataloader.train.dataset.names"))
-    cfg.DATASETS.TEST = _names(_get(lazy, "dataloader.test.dataset.names"))
+    cfg.DATASETS.TRAIN = dataset_names(lazy_get(lazy, "dataloader.train.dataset.names"))
+    cfg.DATASETS.TEST = dataset_names(lazy_get(lazy, "dataloader.test.dataset.names"))
     cfg.freeze()
     return cfg
 
