@@ -17,6 +17,7 @@ from detectron2.modeling import GeneralizedRCNN, build_model
 from omegaconf import OmegaConf
 
 from kd_det.deploy import detections
+from kd_det.export import file_sha256
 from kd_det.modeling import DistillGeneralizedRCNN
 from kd_det.modeling.lazy_student import build_distilled_model, lazy_distilled_model, lazy_student_model
 
@@ -38,6 +39,10 @@ def _load_tool():
 def _teacher_opts(weights):
     return ["model.kd.TEACHER.CONFIG=" + config_path("synthetic/faster_rcnn_R_50_FPN.yaml"),
             "model.kd.TEACHER.WEIGHTS=" + weights]
+
+
+def metrics_of(out):
+    return [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
 
 
 def _shapes(model):
@@ -137,6 +142,17 @@ def test_lazy_student_trains_resumes_and_evaluates_without_its_teacher(tiny_data
     with torch.no_grad():
         eager, ts = detections(student, image), traced(image)
     assert len(eager[0]) > 0 and torch.allclose(ts[0], eager[0], atol=1e-3) and torch.equal(ts[2], eager[2])
+
+    # a model-zoo row from the run's own records (its LazyConfig config.yaml, metrics.json)
+    row = _load_module("model_zoo").release_run(str(out), str(tmp_path / "zoo"))
+    assert (row["arch"], row["backbone"], row["distillation"]) == ("GeneralizedRCNN", "R-18-FPN", "SSIM")
+    assert row["teacher"] == config_path("synthetic/faster_rcnn_R_50_FPN.yaml") and row["teacher_ap"] == "-"
+    assert row["schedule"] == "3 it x 2 img" and row["dataset"] == "{0}_train / {0}_val".format(TINY_PREFIX)
+    # (NaN after 3 iterations: nothing detected yet)
+    assert row["ap"]["AP"] == pytest.approx([m for m in metrics_of(out) if "bbox/AP" in m][-1]["bbox/AP"],
+                                            nan_ok=True)
+    assert float(row["params"]) > 1 and float(row["gflops"]) > 0 and row["sha256"] == file_sha256(row["weights"])
+    assert type(instantiate(LazyConfig.load(row["config"]).model)) is GeneralizedRCNN
 
 
 def test_lazy_config_overrides_must_be_key_value(tmp_path):

@@ -29,24 +29,16 @@ from kd_det.data import prepare_datasets, validate_registered_datasets
 from kd_det.engine import non_finite_loss_error
 from kd_det.export import StudentCheckpointer
 from kd_det.modeling.lazy_student import lazy_student_model
+from kd_det.utils.lazy import dataset_names, lazy_get
 
 logger = logging.getLogger("kd_det.lazyconfig_train_net")
 
 
-def _names(value):
-    if value is None:
-        return []
-    return [value] if isinstance(value, str) else list(value)
-
-
-def dataset_names(cfg, eval_only: bool = False):
+def datasets_used(cfg, eval_only: bool = False):
     """The dataset names of ``dataloader.train`` (unless ``eval_only``) and ``dataloader.test``."""
-    loaders = ["test"] if eval_only else ["train", "test"]
-    names = []
-    for split in loaders:
-        dataset = cfg.dataloader.get(split, {}).get("dataset", {})
-        names += _names(dataset.get("names", None) if hasattr(dataset, "get") else None)
-    return names
+    splits = ["test"] if eval_only else ["train", "test"]
+    return [name for split in splits
+            for name in dataset_names(lazy_get(cfg, "dataloader.{}.dataset.names".format(split)))]
 
 
 def do_test(cfg, model):
@@ -120,7 +112,7 @@ def prepare(args):
     check the COCO- and VOC-format datasets the config names (annotations only).
     """
     cfg = load_config(args)
-    names = dataset_names(cfg, args.eval_only)
+    names = datasets_used(cfg, args.eval_only)
     prepare_datasets(names)
     validate_registered_datasets(names, check_images=False)
 

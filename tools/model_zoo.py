@@ -3,11 +3,12 @@
 Release finished training runs as model-zoo students and write MODEL_ZOO.md from
 their evaluation outputs (nothing typed by hand).
 
-For each run folder (a tools/train_net.py OUTPUT_DIR holding config.yaml,
-model_final.pth and a metrics.json with a COCO evaluation) the student is exported
-with kd_det.export (student-only checkpoint + vanilla Detectron2 config) to
-RELEASE_DIR/<run name>/, and a table row gives its config, size (parameters, GFLOPs), teacher, schedule, box AP
-and the checkpoint's SHA-256; ``--torchscript`` and ``--onnx`` add each student exported to TorchScript / ONNX.
+For each run folder (the output directory of tools/train_net.py or
+tools/lazyconfig_train_net.py, holding config.yaml, model_final.pth and a metrics.json
+with a COCO evaluation) the student is exported with kd_det.export (student-only
+checkpoint + vanilla Detectron2 config, yacs or LazyConfig as trained) to
+RELEASE_DIR/<run name>/, and a table row gives its config, size (parameters, GFLOPs),
+teacher, schedule, box AP and the checkpoint's SHA-256; ``--torchscript`` and ``--onnx`` add each student exported to TorchScript / ONNX.
 
     tools/model_zoo.py output/demo/retinanet/student output/demo/retinanet/ssim_kd \\
         --release-dir release -o MODEL_ZOO.md
@@ -20,13 +21,84 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def _is_lazy_config(path):
+    """Whether a run's config.yaml is a saved LazyConfig (lowercase ``model``/``train``) rather than yacs."""
+    # top-level keys read from the text: a saved LazyConfig holds python object tags (ShapeSpec)
+    # that only LazyConfig.load's unsafe loader constructs
+    with open(path) as f:
+        keys = {line.split(":", 1)[0] for line in f if line[:1].isalpha() and ":" in line}
+    return "model" in keys and "MODEL" not in keys
+
+
+def _release_yacs(config, weights, dest):
+    """Export a tools/train_net.py run; returns (row fields, its KD node or None, export paths, released config)."""
+    from detectron2.config import get_cfg
+
+    from kd_det import get_kd_cfg
+    from kd_det.export import export_student
+
+    cfg = get_kd_cfg()
+    cfg.merge_from_file(config)
+    out = export_student(cfg, weights, dest)
+    released = get_cfg()
+    released.merge_from_file(out["config"])
+    fields = {
+        "arch": cfg.MODEL.META_ARCHITECTURE.replace("Distill", ""),
+        "backbone": "R-{}-FPN".format(cfg.MODEL.RESNETS.DEPTH),
+        "schedule": "{} it x {} img".format(cfg.SOLVER.MAX_ITER, cfg.SOLVER.IMS_PER_BATCH),
+        "dataset": "{} / {}".format(",".join(cfg.DATASETS.TRAIN), ",".join(cfg.DATASETS.TEST)),
+    }
+    return fields, cfg.KD if cfg.MODEL.META_ARCHITECTURE.startswith("Distill") else None, out, released
+
+
+def _release_lazy(config, weights, dest):
+    """:func:`_release_yacs` for a tools/lazyconfig_train_net.py run (a saved LazyConfig)."""
+    from detectron2.config import LazyConfig
+
+    from kd_det.export import export_lazy_student
+    from kd_det.modeling.lazy_student import kd_node
+    from kd_det.utils.lazy import dataset_names, lazy_get
+
+    lazy = LazyConfig.load(config)
+    out = export_lazy_student(lazy, weights, dest)
+    released = LazyConfig.load(out["config"])
+    depth = lazy_get(released, "model.backbone.bottom_up.stages.depth")
+    backbone = lazy_get(released, "model.backbone._target_", "?")
+    fields = {
+        "arch": str(released.model._target_).rsplit(".", 1)[-1],
+        "backbone": "R-{}-FPN".format(depth) if depth else str(backbone).rsplit(".", 1)[-1],
+        "schedule": "{} it x {} img".format(lazy_get(lazy, "train.max_iter", "?"),
+                                           lazy_get(lazy, "dataloader.train.total_batch_size", "?")),
+        "dataset": "{} / {}".format(",".join(dataset_names(lazy_get(lazy, "dataloader.train.dataset.names"))),
+                                    ",".join(dataset_names(lazy_get(lazy, "dataloader.test.dataset.names")))),
+    }
+    kd = lazy_get(lazy, "model.kd")
+    return fields, kd_node(kd) if kd is not None else None, out, released
+
+
+def _methods(kd):
+    """The distillation methods a KD node enables, e.g. ["SSIM (PFI)", "RM"]."""
+    methods = []
+    if kd.FEATURE.LOSS:
+        methods.append(kd.FEATURE.LOSS.replace("FeatureLoss", "") + (" (PFI)" if kd.PFI.ENABLED else ""))
+    if kd.RM.ENABLED:
+        methods.append("RM")
+    if kd.SOFT_LABEL.ENABLED:
+        methods.append("soft-label")
+    if kd.CHANNEL_STATS.ENABLED:
+        methods.append("channel stats")
+    if kd.INHERIT.PREFIXES:
+        methods.append("init from teacher")
+    return methods
+
+
 def release_run(run_dir, release_dir, torchscript=False, onnx=False):
     """
     Export one run (with ``torchscript``/``onnx``, also its ``model.ts``/``model.onnx``);
-    returns its table row as a dict.
+    returns its table row as a dict. The run is tools/train_net.py's (yacs config.yaml)
+    or tools/lazyconfig_train_net.py's (LazyConfig config.yaml).
     """
-    from kd_det import get_kd_cfg
-    from kd_det.export import export_student
+    from kd_det import deploy
     from kd_det.utils.metrics import last_box_ap, load_metrics, metric_series
 
     name = os.path.basename(os.path.normpath(run_dir))
@@ -34,70 +106,42 @@ def release_run(run_dir, release_dir, torchscript=False, onnx=False):
         if not os.path.isfile(os.path.join(run_dir, f)):
             raise FileNotFoundError("{} has no {}: pass the OUTPUT_DIR of a finished, evaluated training run".format(
                 run_dir, f))
-    cfg = get_kd_cfg()
-    cfg.merge_from_file(os.path.join(run_dir, "config.yaml"))
+    config = os.path.join(run_dir, "config.yaml")
     records = load_metrics(os.path.join(run_dir, "metrics.json"))
     ap = last_box_ap(records)
-    out = export_student(cfg, os.path.join(run_dir, "model_final.pth"), os.path.join(release_dir, name))
-    complexity = _student_complexity(out["config"])
-    if torchscript or onnx:
-        from detectron2.config import get_cfg
-
-        from kd_det import deploy
-
-        student_cfg = get_cfg()
-        student_cfg.merge_from_file(out["config"])
-        if torchscript:
-            deploy.export_torchscript(student_cfg, out["weights"], os.path.join(release_dir, name))
-        if onnx:
-            deploy.export_onnx(student_cfg, out["weights"], os.path.join(release_dir, name))
-    kd = []
-    if cfg.MODEL.META_ARCHITECTURE.startswith("Distill"):
-        if cfg.KD.FEATURE.LOSS:
-            kd.append(cfg.KD.FEATURE.LOSS.replace("FeatureLoss", "") + (" (PFI)" if cfg.KD.PFI.ENABLED else ""))
-        if cfg.KD.RM.ENABLED:
-            kd.append("RM")
-        if cfg.KD.SOFT_LABEL.ENABLED:
-            kd.append("soft-label")
-        if cfg.KD.CHANNEL_STATS.ENABLED:
-            kd.append("channel stats")
-        if cfg.KD.INHERIT.PREFIXES:
-            kd.append("init from teacher")
-    teacher = cfg.KD.TEACHER.CONFIG if kd else ""
+    dest = os.path.join(release_dir, name)
+    release = _release_lazy if _is_lazy_config(config) else _release_yacs
+    fields, kd, out, released = release(config, os.path.join(run_dir, "model_final.pth"), dest)
+    complexity = _student_complexity(released, out["weights"], out["config"])
+    if torchscript:
+        deploy.export_torchscript(released, out["weights"], dest)
+    if onnx:
+        deploy.export_onnx(released, out["weights"], dest)
+    methods = _methods(kd) if kd is not None else []
+    teacher = kd.TEACHER.CONFIG if methods else ""
     _, teacher_ap = metric_series(records, "teacher/bbox/AP")  # logged with KD.TEACHER.EVAL_BEFORE_TRAIN
-    return {
+    return dict(fields, **{
         "name": name,
-        "arch": cfg.MODEL.META_ARCHITECTURE.replace("Distill", ""),
-        "backbone": "R-{}-FPN".format(cfg.MODEL.RESNETS.DEPTH),
-        "distillation": " + ".join(kd) if kd else "none",
+        "distillation": " + ".join(methods) if methods else "none",
         "teacher": teacher,
         "teacher_ap": "{:.2f}".format(teacher_ap[-1]) if teacher and teacher_ap else "-",
-        "schedule": "{} it x {} img".format(cfg.SOLVER.MAX_ITER, cfg.SOLVER.IMS_PER_BATCH),
-        "dataset": "{} / {}".format(",".join(cfg.DATASETS.TRAIN), ",".join(cfg.DATASETS.TEST)),
         "ap": ap,
         "weights": out["weights"],
         "config": out["config"],
         "sha256": out["sha256"],
         "params": "{:.1f}".format(complexity["params_m"]) if complexity else "-",
         "gflops": "{:.2f}".format(complexity["gflops"]) if complexity else "-",
-    }
+    })
 
 
-def _student_complexity(config_path):
-    """Parameters and GFLOPs of the released student (vanilla config and weights), or None with a warning."""
-    from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.config import get_cfg
-    from detectron2.modeling import build_model
-
+def _student_complexity(released, weights, config_path):
+    """Parameters and GFLOPs of the released student (its config and weights), or None with a warning."""
+    from kd_det.deploy import load_student
     from kd_det.utils.complexity import model_complexity
 
-    cfg = get_cfg()
-    cfg.merge_from_file(config_path)
-    cfg.MODEL.DEVICE = "cpu"
-    model = build_model(cfg)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    model = load_student(released, weights, "cpu")
     try:
-        return model_complexity(cfg, model)
+        return model_complexity(released, model)
     except Exception as e:  # the test images may live on another machine: the row is still worth writing
         print("warning: no flop count for {} ({}: {}); the row says '-'".format(config_path, type(e).__name__, e),
               file=sys.stderr)
@@ -110,7 +154,9 @@ def format_model_zoo(rows, source_note=""):
              "do not edit by hand.{}".format(" " + source_note if source_note else ""), "",
              "Each checkpoint is a student-only Detectron2 checkpoint; load it with vanilla Detectron2:",
              "`cfg = get_cfg(); cfg.merge_from_file(\"<release>/config.yaml\"); model = build_model(cfg); "
-             "DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)`.", "",
+             "DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)`; where config.yaml is a LazyConfig (a student "
+             "trained with `tools/lazyconfig_train_net.py`): `cfg = LazyConfig.load(\"<release>/config.yaml\"); "
+             "model = instantiate(cfg.model); DetectionCheckpointer(model).load(cfg.train.init_checkpoint)`.", "",
              "Params and GFLOPs are the student's, counted as Detectron2's `tools/analyze_model.py` does (fvcore: "
              "a multiply-add is one flop), averaged over the first 5 test images at the test input size.", "",
              "| name | model | params (M) | GFLOPs | distillation | teacher config | teacher AP | schedule | "

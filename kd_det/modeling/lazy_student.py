@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..config import get_kd_cfg
 from .distill_base import DistillMixin
 
-__all__ = ["lazy_distilled_model", "build_distilled_model", "lazy_student_model", "kd_view_of_lazy_student"]
+__all__ = ["lazy_distilled_model", "build_distilled_model", "lazy_student_model", "kd_view_of_lazy_student", "kd_node"]
 
 # KD keys that only the yacs training loop (KDTrainer, tools/train_net.py) reads, or
 # whose meta-architecture (FRSKD self-distillation) is built from a yacs config only.
@@ -67,7 +67,7 @@ def _ints_as_floats(kd: Dict, defaults: CfgNode) -> Dict:
     return out
 
 
-def _kd_node(kd: Mapping) -> CfgNode:
+def kd_node(kd: Mapping) -> CfgNode:
     """kd_det's default ``KD`` node with ``kd`` merged in; unknown and yacs-only keys are errors."""
     kd = _to_dict(kd)
     refused = [k for k in _dotted_keys(kd) if k in _YACS_ONLY_KEYS]
@@ -126,7 +126,7 @@ def lazy_distilled_model(student, kd: Mapping, train_datasets: Sequence[str] = (
                          "meta_architecture empty (Distill{}) or pass a {} student".format(
                              meta_architecture, cls.student_meta_architecture, name, name,
                              cls.student_meta_architecture))
-    _kd_node(kd)  # fail when the config loads, not after the student is built
+    kd_node(kd)  # fail when the config loads, not after the student is built
     node = copy.deepcopy(student)
     node._target_ = build_distilled_model
     node.meta_architecture = meta_architecture
@@ -143,7 +143,7 @@ def kd_view_of_lazy_student(meta_architecture: str, kd: Mapping, train_datasets:
     device, training sets), taken from the built arguments.
     """
     cfg = get_kd_cfg()
-    cfg.KD = _kd_node(kd)
+    cfg.KD = kd_node(kd)
     cfg.MODEL.META_ARCHITECTURE = meta_architecture
     if "num_classes" in student_kwargs:  # RetinaNet
         cfg.MODEL.RETINANET.NUM_CLASSES = int(student_kwargs["num_classes"])

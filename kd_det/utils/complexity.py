@@ -6,29 +6,41 @@ one flop) on real test images, preprocessed as at test time.
 
 import itertools
 import warnings
-from typing import Dict
+from typing import Dict, Iterable, Tuple
 
 import torch
-from detectron2.config import CfgNode
+from detectron2.config import CfgNode, instantiate
 from detectron2.data import build_detection_test_loader
 from detectron2.utils.analysis import FlopCountAnalysis, parameter_count
+
+from .lazy import dataset_names, lazy_get
 
 __all__ = ["model_complexity"]
 
 
-def model_complexity(cfg: CfgNode, model: torch.nn.Module, num_images: int = 5) -> Dict[str, float]:
+def _test_loader(cfg) -> Tuple[Iterable, str]:
+    """The test loader of a yacs config (``DATASETS.TEST[0]``) or a LazyConfig (``dataloader.test``); its name."""
+    if isinstance(cfg, CfgNode):
+        if not cfg.DATASETS.TEST:
+            raise ValueError("counting flops needs test images: the config has no DATASETS.TEST")
+        return build_detection_test_loader(cfg, cfg.DATASETS.TEST[0]), cfg.DATASETS.TEST[0]
+    if lazy_get(cfg, "dataloader.test") is None:
+        raise ValueError("counting flops needs test images: the LazyConfig has no dataloader.test")
+    return instantiate(cfg.dataloader.test), ",".join(dataset_names(lazy_get(cfg, "dataloader.test.dataset.names")))
+
+
+def model_complexity(cfg, model: torch.nn.Module, num_images: int = 5) -> Dict[str, float]:
     """
     Args:
-        cfg: the model's config; its ``DATASETS.TEST[0]`` supplies the images.
+        cfg: the model's config, yacs (its ``DATASETS.TEST[0]`` supplies the images,
+            preprocessed as at test time) or LazyConfig (its ``dataloader.test`` does).
         model: the detector (its weights matter: R-CNN heads' cost follows the proposals).
         num_images: images to average the flops over.
     Returns:
         {"params_m": parameters in millions, "gflops": mean per image, in 1e9
         multiply-adds, "images": how many were counted, "size": mean "HxW" input}.
     """
-    if not cfg.DATASETS.TEST:
-        raise ValueError("counting flops needs test images: the config has no DATASETS.TEST")
-    loader = build_detection_test_loader(cfg, cfg.DATASETS.TEST[0])
+    loader, test_set = _test_loader(cfg)
     was_training = model.training
     model.eval()
     counts, heights, widths = [], [], []
@@ -50,7 +62,7 @@ def model_complexity(cfg: CfgNode, model: torch.nn.Module, num_images: int = 5) 
     finally:
         model.train(was_training)
     if not counts:
-        raise ValueError("test set {!r} has no images to count flops on".format(cfg.DATASETS.TEST[0]))
+        raise ValueError("test set {!r} has no images to count flops on".format(test_set))
     return {
         "params_m": parameter_count(model)[""] / 1e6,
         "gflops": sum(counts) / len(counts) / 1e9,
