@@ -18,6 +18,13 @@ pure-Python after patching the unpacked sdist with :func:`patch_detectron2_sdist
   left PyTorch in 2.x, so ``import detectron2.export`` failed and with it
   ``TracingAdapter`` (TorchScript tracing, which needs no Caffe2).  The Caffe2 API is
   now imported only where ``caffe2`` is, as later Detectron2 releases do.
+* ``detectron2.model_zoo`` imports ``pkg_resources``, which setuptools 81 removed, to
+  find its configs, so ``from detectron2 import model_zoo`` failed; it now finds them
+  beside its own file.  And the sdist's ``setup.py`` collects those configs from a
+  ``configs/`` folder the sdist does not have (they are already under
+  ``detectron2/model_zoo/configs``), so none were installed: ``package_data`` now lists
+  them where they are.  ``model_zoo.get_config_file``/``get_config``/``get`` work again,
+  as do LazyConfigs that import ``common/`` from the model zoo (``new_baselines``).
 
 Patching the source (instead of patching at import time) keeps the installed
 Detectron2 usable with no kd_det import, e.g. to deploy an exported student.
@@ -95,6 +102,20 @@ _EXT_MODULES_LINE = re.compile(r"^\s*ext_modules=get_extensions\(\),\s*$", re.M)
 _CMDCLASS_LINE = re.compile(r"^\s*cmdclass=\{\"build_ext\":.*\},\s*$", re.M)
 _BLACK_PIN = re.compile(r"^\s*\"black==[^\"]*\",\s*$", re.M)
 _REMOVED_NUMPY_ALIAS = re.compile(r"\bnp\.(str|int|float|object)\b(?!\.)")
+_MODEL_ZOO_CONFIGS_DATA = "package_data={\"detectron2.model_zoo\": get_model_zoo_configs()},"
+# the configs where the sdist has them, relative to the package (setup.py runs in the sdist's root)
+_MODEL_ZOO_CONFIGS_DATA_FIXED = (
+    "package_data={\"detectron2.model_zoo\": [  # kd_det: the sdist has its configs in the package already\n"
+    "        os.path.relpath(p, os.path.join(\"detectron2\", \"model_zoo\"))\n"
+    "        for p in glob.glob(os.path.join(\"detectron2\", \"model_zoo\", \"configs\", \"**\", \"*\"),\n"
+    "                           recursive=True)\n"
+    "        if os.path.isfile(p)]},"
+)
+_PKG_RESOURCES_IMPORT = "import pkg_resources\n"
+_PKG_RESOURCES_CONFIG = re.compile(r"pkg_resources\.resource_filename\(\s*\"detectron2\.model_zoo\",\s*"
+                                   r"os\.path\.join\(\"configs\", config_path\)\s*\)")
+_CONFIG_BESIDE_MODULE = (
+    "os.path.join(os.path.dirname(os.path.abspath(__file__)), \"configs\", config_path)  # kd_det: no pkg_resources")
 _EXPORT_CAFFE2_IMPORT = "from .api import *\n"
 _EXPORT_CAFFE2_IMPORT_GUARDED = (
     "try:  # kd_det: Caffe2 is not part of PyTorch 2.x; tracing and scripting do not need it\n"
@@ -124,6 +145,7 @@ def patch_detectron2_sdist(src_dir: str) -> None:
         text = _EXT_MODULES_LINE.sub("", text)
         text = _CMDCLASS_LINE.sub("", text)
     text = _BLACK_PIN.sub("", text)
+    text = text.replace(_MODEL_ZOO_CONFIGS_DATA, _MODEL_ZOO_CONFIGS_DATA_FIXED)
     with open(setup_py, "w") as f:
         f.write(text)
 
@@ -134,7 +156,8 @@ def patch_detectron2_sdist(src_dir: str) -> None:
 
 def patch_detectron2_package(package_dir: str) -> bool:
     """
-    The source fixes (Pillow, NumPy, the Caffe2 import of ``detectron2.export``) applied
+    The source fixes (Pillow, NumPy, the Caffe2 import of ``detectron2.export``, the
+    model zoo's ``pkg_resources``) applied
     in place to a ``detectron2`` package folder: the unpacked sdist's, or an installed
     pure-Python build's, which the installer brings up to date.  Idempotent.
 
@@ -150,9 +173,11 @@ def patch_detectron2_package(package_dir: str) -> bool:
             with open(path) as f:
                 text = f.read()
             fixed = _REMOVED_NUMPY_ALIAS.sub(r"\1", text.replace("Image.LINEAR", "Image.BILINEAR"))
-            if os.path.relpath(path, package_dir) == os.path.join("export", "__init__.py") and \
-                    _EXPORT_CAFFE2_IMPORT_GUARDED not in fixed:
+            relative = os.path.relpath(path, package_dir)
+            if relative == os.path.join("export", "__init__.py") and _EXPORT_CAFFE2_IMPORT_GUARDED not in fixed:
                 fixed = fixed.replace(_EXPORT_CAFFE2_IMPORT, _EXPORT_CAFFE2_IMPORT_GUARDED)
+            if relative == os.path.join("model_zoo", "model_zoo.py"):
+                fixed = _PKG_RESOURCES_CONFIG.sub(_CONFIG_BESIDE_MODULE, fixed.replace(_PKG_RESOURCES_IMPORT, ""))
             if fixed != text:
                 with open(path, "w") as f:
                     f.write(fixed)

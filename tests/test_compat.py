@@ -1,6 +1,8 @@
 """The Detectron2 compatibility module."""
 
+import glob
 import importlib
+import os
 
 import pytest
 
@@ -14,6 +16,7 @@ SETUP_PY = '''setup(
     ],
     ext_modules=get_extensions(),
     cmdclass={"build_ext": torch.utils.cpp_extension.BuildExtension},
+    package_data={"detectron2.model_zoo": get_model_zoo_configs()},
 )
 '''
 
@@ -30,6 +33,25 @@ def _fake_sdist(root):
     # v0.6's file, verbatim in what matters: the Caffe2 API first, unguarded
     (root / "detectron2" / "export" / "__init__.py").write_text(
         "from .api import *\nfrom .flatten import TracingAdapter\n")
+    (root / "detectron2" / "model_zoo" / "configs" / "common").mkdir(parents=True)
+    (root / "detectron2" / "model_zoo" / "configs" / "Base-RetinaNet.yaml").write_text("MODEL: {}\n")
+    (root / "detectron2" / "model_zoo" / "configs" / "common" / "train.py").write_text("train = dict()\n")
+    (root / "detectron2" / "model_zoo" / "model_zoo.py").write_text(MODEL_ZOO_PY)
+
+
+# v0.6's detectron2/model_zoo/model_zoo.py, in what matters
+MODEL_ZOO_PY = '''import os
+import pkg_resources
+
+
+def get_config_file(config_path):
+    cfg_file = pkg_resources.resource_filename(
+        "detectron2.model_zoo", os.path.join("configs", config_path)
+    )
+    if not os.path.exists(cfg_file):
+        raise RuntimeError("{} not available in Model Zoo!".format(config_path))
+    return cfg_file
+'''
 
 
 def test_patch_detectron2_sdist(tmp_path):
@@ -47,6 +69,21 @@ def test_patch_detectron2_sdist(tmp_path):
     export_init = (tmp_path / "detectron2" / "export" / "__init__.py").read_text()
     assert export_init.count("from .api import *") == 1 and "import caffe2.proto" in export_init
     assert export_init.endswith("from .flatten import TracingAdapter\n")
+    # the model zoo finds its configs without pkg_resources, and setup.py installs them from where they are
+    namespace = {"__file__": str(tmp_path / "detectron2" / "model_zoo" / "model_zoo.py")}
+    exec((tmp_path / "detectron2" / "model_zoo" / "model_zoo.py").read_text(), namespace)
+    assert "pkg_resources" not in namespace
+    assert namespace["get_config_file"]("common/train.py") == str(
+        tmp_path / "detectron2" / "model_zoo" / "configs" / "common" / "train.py")
+    start = setup_py.index("package_data=") + len("package_data=")
+    package_data = setup_py[start:setup_py.index("]},", start) + 2]
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)  # pip runs setup.py in the sdist's root
+        listed = eval(package_data, {"os": os, "glob": glob})
+    finally:
+        os.chdir(cwd)
+    assert sorted(listed["detectron2.model_zoo"]) == ["configs/Base-RetinaNet.yaml", "configs/common/train.py"]
     # an installed build is brought up to date the same way, once
     assert not compat.patch_detectron2_package(str(tmp_path / "detectron2"))
 
@@ -61,6 +98,19 @@ def test_patch_refuses_an_unexpected_setup_py(tmp_path):
     (tmp_path / "setup.py").write_text("setup(ext_modules=get_extensions(), other=1)\n")
     with pytest.raises(RuntimeError, match="unexpected setup.py"):
         compat.patch_detectron2_sdist(str(tmp_path))
+
+
+def test_detectron2_model_zoo_configs():
+    """``detectron2.model_zoo`` imports (no pkg_resources) and has its configs, yacs and LazyConfig."""
+    from detectron2 import model_zoo
+    from detectron2.config import instantiate
+    from detectron2.modeling import RetinaNet
+
+    cfg = model_zoo.get_config("COCO-Detection/retinanet_R_50_FPN_1x.yaml", trained=True)
+    assert cfg.MODEL.META_ARCHITECTURE == "RetinaNet" and cfg.MODEL.WEIGHTS.endswith(".pkl")
+    assert isinstance(instantiate(model_zoo.get_config("common/models/retinanet.py").model), RetinaNet)
+    lsj = model_zoo.get_config("new_baselines/mask_rcnn_R_50_FPN_100ep_LSJ.py")  # imports ../common/
+    assert {"model", "dataloader", "optimizer", "train", "lr_multiplier"} <= set(lsj.keys())
 
 
 def test_placeholder_ops_raise_a_clear_error():
@@ -91,10 +141,14 @@ def test_installer_updates_an_installed_pure_python_build(tmp_path):
         (package / "export" / "__init__.py").write_text("from .api import *\nfrom .flatten import TracingAdapter\n")
         c_ext = "KD_DET_PLACEHOLDER = True  # an older placeholder\n" if kind == "ours" else "REAL = True\n"
         (package / "_C.py").write_text(c_ext)
-        installer["_refresh_pure_python_build"](compat, str(package))
+        reinstall = installer["_refresh_pure_python_build"](compat, str(package))
         export_init = (package / "export" / "__init__.py").read_text()
         if kind == "ours":
             assert (package / "_C.py").read_text() == compat.PLACEHOLDER_C_SOURCE
             assert "import caffe2.proto" in export_init
+            assert reinstall  # built before the model zoo's configs were installed
+            (package / "model_zoo" / "configs").mkdir(parents=True)
+            (package / "model_zoo" / "configs" / "Base-RCNN-FPN.yaml").write_text("MODEL: {}\n")
+            assert not installer["_refresh_pure_python_build"](compat, str(package))
         else:  # a Detectron2 with its real extension, installed by other means, is left alone
-            assert (package / "_C.py").read_text() == c_ext and "caffe2" not in export_init
+            assert (package / "_C.py").read_text() == c_ext and "caffe2" not in export_init and not reinstall

@@ -40,25 +40,30 @@ def detectron2_importable() -> bool:
     return subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0
 
 
-def _refresh_pure_python_build(compat, package_dir):
+def _refresh_pure_python_build(compat, package_dir) -> bool:
     """
     Bring an installed kd_det pure-Python build up to date with ``kd_det.compat``:
     rewrite an outdated placeholder ``_C.py`` and apply source fixes added since it was
     built.  A Detectron2 with its real extension (installed by other means) is never touched.
+
+    Returns:
+        True when the build must be reinstalled: it lacks the model zoo's configs (builds
+        made before kd_det.compat fixed the sdist's package_data).
     """
     path = os.path.join(package_dir, "_C.py")
     if not os.path.isfile(path):
-        return
+        return False
     with open(path) as f:
         current = f.read()
     if "KD_DET_PLACEHOLDER" not in current:
-        return
+        return False
     if current != compat.PLACEHOLDER_C_SOURCE:
         with open(path, "w") as f:
             f.write(compat.PLACEHOLDER_C_SOURCE)
         print("updated the detectron2._C placeholder at", path)
     if compat.patch_detectron2_package(package_dir):
         print("applied kd_det's source fixes to", package_dir)
+    return not os.path.isfile(os.path.join(package_dir, "model_zoo", "configs", "Base-RCNN-FPN.yaml"))
 
 
 def pip(*args):
@@ -99,13 +104,16 @@ def main():
     if args.wheel_dir:
         build_wheel(compat, os.path.abspath(args.wheel_dir))
         return
+    reinstall = args.force
     if not args.force and detectron2_importable():
         import detectron2
 
-        _refresh_pure_python_build(compat, os.path.dirname(detectron2.__file__))
-
-        print("detectron2 {} already installed at {}".format(detectron2.__version__, os.path.dirname(detectron2.__file__)))
-        return
+        if not _refresh_pure_python_build(compat, os.path.dirname(detectron2.__file__)):
+            print("detectron2 {} already installed at {}".format(detectron2.__version__,
+                                                               os.path.dirname(detectron2.__file__)))
+            return
+        print("the installed pure-Python detectron2 lacks its model zoo configs: reinstalling it")
+        reinstall = True
     try:
         import torch  # noqa: F401
         import torchvision  # noqa: F401
@@ -113,7 +121,9 @@ def main():
         sys.exit("install torch and torchvision before Detectron2 ({}); see README.md".format(e))
 
     with tempfile.TemporaryDirectory(prefix="kd_det_d2_") as tmp:
-        pip("install", "-q", "--no-build-isolation", _patched_source(compat, tmp))
+        # a reinstall replaces Detectron2 only; its dependencies stay as they are
+        pip("install", "-q", "--no-build-isolation", *(["--force-reinstall", "--no-deps"] if reinstall else []),
+            _patched_source(compat, tmp))
 
     if not detectron2_importable():
         sys.exit("detectron2 was installed but does not import; run: {} -c 'import detectron2.modeling'".format(sys.executable))
