@@ -114,3 +114,90 @@ def test_full_size_distillation_config_trains_a_step(path, tmp_path, monkeypatch
     assert all(torch.isfinite(v) for v in losses.values()), losses
     sum(losses.values()).backward()
     assert all(p.grad is not None for n, p in student.named_parameters() if n.startswith("backbone.bottom_up.res5"))
+
+
+def _differences(ours, theirs, prefix=""):
+    out = []
+    for key in sorted(set(ours) | set(theirs)):
+        a, b = ours.get(key), theirs.get(key)
+        if hasattr(a, "items") and hasattr(b, "items"):
+            out += _differences(a, b, prefix + key + ".")
+        elif a != b:
+            out.append("{}{}: {!r} here, {!r} in the model zoo".format(prefix, key, a, b))
+    return out
+
+
+@pytest.mark.parametrize("name", ["faster_rcnn_R_50_FPN_1x", "faster_rcnn_R_101_FPN_3x", "retinanet_R_50_FPN_1x",
+                                  "retinanet_R_101_FPN_3x"])
+def test_coco_teacher_configs_are_the_model_zoo_ones(name):
+    """kd_det's copies of Detectron2's COCO configs build the model-zoo models exactly (the published teachers)."""
+    from detectron2 import model_zoo
+
+    ours = _load("configs/COCO-Detection/{}.yaml".format(name))
+    zoo = get_kd_cfg()
+    zoo.merge_from_file(model_zoo.get_config_file("COCO-Detection/{}.yaml".format(name)))
+    differences = [d for d in _differences(ours, zoo) if not d.startswith(("OUTPUT_DIR", "MODEL.ROI_MASK_HEAD"))]
+    assert not differences  # (no mask head: MASK_ON is False in both)
+    assert not ours.MODEL.MASK_ON
+
+
+def test_coco_lazy_config_is_its_yaml_twin(monkeypatch):
+    """
+    The COCO LazyConfig (on Detectron2's model-zoo retinanet_R_50_FPN_1x.py) and its yaml twin
+    give the same student, distillation settings, data, solver and schedule.
+    """
+    from detectron2.config import LazyConfig, instantiate
+    from detectron2.modeling import RetinaNet
+
+    from kd_det.modeling.lazy_student import kd_node, lazy_student_model
+
+    monkeypatch.chdir(REPO)
+    lazy = LazyConfig.load(os.path.join(REPO, "configs/COCO-Distillation/rm_pfi_retinanet_R101_to_R18_1x_lazy.py"))
+    yacs = _load("configs/COCO-Distillation/rm_pfi_retinanet_R101_to_R18_1x.yaml")
+    kd = kd_node(lazy.model.kd)
+    # the same teacher: Detectron2's own config of the published model and kd_det's copy of it
+    assert build_teacher_cfg(yacs, kd.TEACHER.CONFIG).MODEL == build_teacher_cfg(yacs).MODEL
+    kd.TEACHER.CONFIG = yacs.KD.TEACHER.CONFIG
+    assert kd == yacs.KD
+
+    torch.manual_seed(0)
+    student = instantiate(lazy_student_model(lazy.model))
+    yacs.MODEL.META_ARCHITECTURE = "RetinaNet"
+    yacs.MODEL.DEVICE = "cpu"
+    twin = build_model(yacs)
+    assert type(student) is RetinaNet
+    assert {k: v.shape for k, v in student.state_dict().items()} == {k: v.shape for k, v in twin.state_dict().items()}
+    for attr in ("num_classes", "smooth_l1_beta", "focal_loss_alpha", "focal_loss_gamma", "test_score_thresh",
+                 "test_topk_candidates", "test_nms_thresh", "max_detections_per_image", "input_format",
+                 "head_in_features", "box_reg_loss_type"):
+        assert getattr(student, attr) == getattr(twin, attr), attr
+    assert torch.equal(student.pixel_mean, twin.pixel_mean) and torch.equal(student.pixel_std, twin.pixel_std)
+    assert [c.__class__ for c in student.backbone.bottom_up.children()] == [
+        c.__class__ for c in twin.backbone.bottom_up.children()]
+    frozen = {n for n, p in student.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, p in twin.named_parameters() if not p.requires_grad} and frozen  # FREEZE_AT 2
+
+    # data, solver, schedule
+    train_resize = lazy.dataloader.train.mapper.augmentations[0]
+    assert tuple(train_resize.short_edge_length) == tuple(yacs.INPUT.MIN_SIZE_TRAIN)
+    assert train_resize.max_size == yacs.INPUT.MAX_SIZE_TRAIN
+    assert train_resize.sample_style == yacs.INPUT.MIN_SIZE_TRAIN_SAMPLING == "choice"
+    test_resize = lazy.dataloader.test.mapper.augmentations[0]
+    assert (test_resize.short_edge_length, test_resize.max_size) == (yacs.INPUT.MIN_SIZE_TEST, yacs.INPUT.MAX_SIZE_TEST)
+    assert lazy.dataloader.test.mapper.image_format == yacs.INPUT.FORMAT == "RGB"
+    assert (lazy.dataloader.train.dataset.names,) == tuple(yacs.DATASETS.TRAIN)
+    assert (lazy.dataloader.test.dataset.names,) == tuple(yacs.DATASETS.TEST)
+    assert lazy.dataloader.train.total_batch_size == yacs.SOLVER.IMS_PER_BATCH
+    assert (lazy.optimizer.lr, lazy.optimizer.momentum, lazy.optimizer.weight_decay) == (
+        yacs.SOLVER.BASE_LR, yacs.SOLVER.MOMENTUM, yacs.SOLVER.WEIGHT_DECAY)
+    assert lazy.train.max_iter == yacs.SOLVER.MAX_ITER
+    schedule = instantiate(lazy.lr_multiplier)
+    for it in (0, 500, 1000, 59999, 60000, 79999, 80000, 89999):
+        expected = yacs.SOLVER.GAMMA ** sum(it >= s for s in yacs.SOLVER.STEPS)
+        if it < yacs.SOLVER.WARMUP_ITERS:
+            alpha = it / yacs.SOLVER.WARMUP_ITERS
+            expected *= yacs.SOLVER.WARMUP_FACTOR * (1 - alpha) + alpha
+        assert schedule(it / lazy.train.max_iter) == pytest.approx(expected, rel=1e-6), it
+    from kd_det.compat import has_cpp_ops
+
+    assert lazy.dataloader.evaluator.use_fast_impl == has_cpp_ops()  # pure-Python Detectron2: pycocotools

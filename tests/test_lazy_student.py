@@ -85,7 +85,7 @@ def test_lazy_student_trains_resumes_and_evaluates_without_its_teacher(tiny_data
         "dataloader.test.dataset.names={}_val".format(TINY_PREFIX),
         "dataloader.train.total_batch_size=2", "train.output_dir=" + str(out), "train.checkpointer.period=1"]
     tool.main(tool.default_argument_parser().parse_args(
-        ["--config-file", LAZY_SSIM] + small + ["train.max_iter=2"]))
+        ["--config-file", LAZY_SSIM] + small + ["train.max_iter=2", "model.kd.TEACHER.EVAL_BEFORE_TRAIN=True"]))
     final = torch.load(out / "model_final.pth", weights_only=False)
     assert final["iteration"] == 1
     assert not [k for k in final["model"] if k.startswith("teacher")]
@@ -95,11 +95,16 @@ def test_lazy_student_trains_resumes_and_evaluates_without_its_teacher(tiny_data
     metrics = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
     assert all("loss_kd_ssim" in m for m in metrics if "total_loss" in m)
     assert any("bbox/AP" in m for m in metrics)  # evaluated at the end
+    # the teacher, scored before the first step (EVAL_BEFORE_TRAIN), as tools/train_net.py logs it
+    teacher_ap = [m for m in metrics if "teacher/bbox/AP" in m]
+    assert len(teacher_ap) == 1 and teacher_ap[0]["iteration"] == 0
+    assert (out / "inference_teacher" / (TINY_PREFIX + "_val") / "coco_instances_results.json").is_file()
 
     tool.main(tool.default_argument_parser().parse_args(
         ["--config-file", LAZY_SSIM, "--resume"] + small + ["train.max_iter=3"]))
     assert torch.load(out / "model_final.pth", weights_only=False)["iteration"] == 2
     assert (out / "last_checkpoint").read_text() == "model_final.pth"
+    assert len([m for m in metrics_of(out) if "teacher/bbox/AP" in m]) == 1  # not again on --resume
 
     # evaluation builds the student alone: the teacher's weights need not exist
     results = tool.main(tool.default_argument_parser().parse_args(
@@ -146,7 +151,8 @@ def test_lazy_student_trains_resumes_and_evaluates_without_its_teacher(tiny_data
     # a model-zoo row from the run's own records (its LazyConfig config.yaml, metrics.json)
     row = _load_module("model_zoo").release_run(str(out), str(tmp_path / "zoo"))
     assert (row["arch"], row["backbone"], row["distillation"]) == ("GeneralizedRCNN", "R-18-FPN", "SSIM")
-    assert row["teacher"] == config_path("synthetic/faster_rcnn_R_50_FPN.yaml") and row["teacher_ap"] == "-"
+    assert row["teacher"] == config_path("synthetic/faster_rcnn_R_50_FPN.yaml")
+    assert row["teacher_ap"] == "{:.2f}".format(teacher_ap[0]["teacher/bbox/AP"])
     assert row["schedule"] == "3 it x 2 img" and row["dataset"] == "{0}_train / {0}_val".format(TINY_PREFIX)
     # (NaN after 3 iterations: nothing detected yet)
     assert row["ap"]["AP"] == pytest.approx([m for m in metrics_of(out) if "bbox/AP" in m][-1]["bbox/AP"],
@@ -191,6 +197,28 @@ def test_lazy_student_errors(tiny_data_root, rcnn_teacher):
     # a plain LazyCall is not a distilled one: lazy_student_model leaves it as it is
     plain = L(GeneralizedRCNN)(backbone=None)
     assert lazy_student_model(plain) is plain
+
+
+def test_teacher_min_ap_stops_a_lazy_run_before_its_first_step(tiny_data_root, tmp_path, rcnn_teacher):
+    from kd_det.engine.lazy import lazy_teacher_eval_hook
+
+    tool = _load_tool()
+    out = tmp_path / "run"
+    opts = _teacher_opts(rcnn_teacher) + [
+        "dataloader.train.dataset.names={}_train".format(TINY_PREFIX),
+        "dataloader.test.dataset.names={}_val".format(TINY_PREFIX), "dataloader.train.total_batch_size=2",
+        "train.output_dir=" + str(out), "train.max_iter=2", "model.kd.TEACHER.MIN_AP=99.0"]
+    with pytest.raises(ValueError, match=r"teacher \(weights .*\) has box AP [0-9.]+ on {}, below "
+                                         r"KD.TEACHER.MIN_AP=99.0; training did not start".format(TINY_PREFIX + "_val")):
+        tool.main(tool.default_argument_parser().parse_args(["--config-file", LAZY_SSIM] + opts))
+    assert not list(out.glob("model_*.pth"))
+    # nothing to check it on: refused by name
+    lazy = LazyConfig.apply_overrides(LazyConfig.load(LAZY_SSIM), ["model.kd.TEACHER.MIN_AP=30",
+                                                                   "dataloader.test.dataset.names=[]"])
+    with pytest.raises(ValueError, match=r"MIN_AP=30.0 is checked on the test sets .*dataloader.test.dataset.names"):
+        lazy_teacher_eval_hook(lazy)
+    assert lazy_teacher_eval_hook(LazyConfig.load(LAZY_SSIM)) is None  # not asked for
+    assert lazy_teacher_eval_hook(LazyConfig.load(config_path("synthetic/faster_rcnn_R_50_FPN_lazy.py"))) is None
 
 
 def test_clipped_optimizer_clips_each_parameter():

@@ -220,7 +220,7 @@ def test_teacher_evaluated_before_training(tiny_data_root, tmp_path, rcnn_teache
         trainer.train()
     assert "loss_kd_ssim" not in trainer.storage.latest() and not os.path.exists(stopped / "model_final.pth")
 
-    with pytest.raises(ValueError, match="MIN_AP=.* is checked on DATASETS.TEST, which is empty"):
+    with pytest.raises(ValueError, match=r"MIN_AP=.* is checked on the test sets \(DATASETS.TEST; .*which are empty"):
         KDTrainer(tiny_cfg("synthetic/distill/ssim_faster_rcnn_R50_to_R18.yaml", stopped,
                            teacher + ["KD.TEACHER.MIN_AP", too_high, "DATASETS.TEST", ()]))
 

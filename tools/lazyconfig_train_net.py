@@ -27,6 +27,7 @@ from kd_det.checkpoint import AtomicDetectionCheckpointer
 from kd_det.compat import launch
 from kd_det.data import prepare_datasets, validate_registered_datasets
 from kd_det.engine import non_finite_loss_error
+from kd_det.engine.lazy import lazy_teacher_eval_hook
 from kd_det.export import StudentCheckpointer
 from kd_det.modeling.lazy_student import lazy_student_model
 from kd_det.utils.lazy import dataset_names, lazy_get
@@ -64,6 +65,8 @@ def do_train(args, cfg):
     trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optimizer)
     checkpointer = AtomicDetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     trainer.register_hooks([
+        # model.kd.TEACHER.EVAL_BEFORE_TRAIN / MIN_AP: the teacher scored before the first step
+        lazy_teacher_eval_hook(cfg),
         hooks.IterationTimer(),
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
         hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if comm.is_main_process() else None,

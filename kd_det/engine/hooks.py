@@ -5,7 +5,7 @@ import logging
 import os
 import random
 from collections import OrderedDict
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..evaluation import build_evaluator
 
-__all__ = ["TeacherEvalHook", "evaluate_teacher"]
+__all__ = ["TeacherEvalHook", "evaluate_teacher", "teacher_eval_hook"]
 
 logger = logging.getLogger(__name__)
 
@@ -117,3 +117,21 @@ class TeacherEvalHook(HookBase):
                 "the trained one for its config (KD.TEACHER.CONFIG), and that the config's INPUT.FORMAT and "
                 "MODEL.PIXEL_MEAN/PIXEL_STD are those it was trained with; or lower KD.TEACHER.MIN_AP".format(
                     "; ".join(too_low), self._min_ap))
+
+
+def teacher_eval_hook(cfg) -> Optional[TeacherEvalHook]:
+    """
+    The :class:`TeacherEvalHook` that ``KD.TEACHER.EVAL_BEFORE_TRAIN`` or ``MIN_AP`` ask
+    for, on ``DATASETS.TEST``; None when neither does, or (without MIN_AP) there is no test set.
+
+    Raises:
+        ValueError when ``MIN_AP`` is set and there is no test set to check it on.
+    """
+    teacher = cfg.KD.TEACHER
+    if teacher.MIN_AP > 0 and not cfg.DATASETS.TEST:
+        raise ValueError("KD.TEACHER.MIN_AP={} is checked on the test sets (DATASETS.TEST; a LazyConfig's "
+                         "dataloader.test.dataset.names), which are empty: name a test set, or set KD.TEACHER.MIN_AP "
+                         "0".format(teacher.MIN_AP))
+    if (teacher.EVAL_BEFORE_TRAIN or teacher.MIN_AP > 0) and cfg.DATASETS.TEST:
+        return TeacherEvalHook(cfg, teacher.MIN_AP)
+    return None

@@ -1,13 +1,18 @@
 """Pieces for training from Detectron2 LazyConfigs (``tools/lazyconfig_train_net.py``)."""
 
-from typing import Iterable, Union
+from typing import Iterable, Optional, Union
 
 import torch
 from detectron2.config import CfgNode
 from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils.registry import locate
 
-__all__ = ["clipped_optimizer"]
+from ..config import get_kd_cfg
+from ..modeling.lazy_student import kd_node
+from ..utils.lazy import dataset_names, lazy_get
+from .hooks import TeacherEvalHook, teacher_eval_hook
+
+__all__ = ["clipped_optimizer", "lazy_teacher_eval_hook"]
 
 
 def clipped_optimizer(optimizer_class: Union[str, type], params: Iterable, clip_type: str = "norm",
@@ -33,3 +38,23 @@ def clipped_optimizer(optimizer_class: Union[str, type], params: Iterable, clip_
     clip = CfgNode({"SOLVER": {"CLIP_GRADIENTS": {"ENABLED": True, "CLIP_TYPE": clip_type,
                                                   "CLIP_VALUE": float(clip_value), "NORM_TYPE": float(norm_type)}}})
     return maybe_add_gradient_clipping(clip, cls)(params, **optimizer_kwargs)
+
+
+def lazy_teacher_eval_hook(cfg) -> Optional[TeacherEvalHook]:
+    """
+    :func:`~kd_det.engine.hooks.teacher_eval_hook` for a LazyConfig student: the
+    ``model.kd.TEACHER.EVAL_BEFORE_TRAIN``/``MIN_AP`` check on ``dataloader.test``'s
+    sets (each teacher at its own test size, scored by the dataset's kd_det evaluator,
+    logged as ``teacher/...`` in ``train.output_dir``'s metrics.json); None for a
+    plain model or when not asked for.
+    """
+    kd = lazy_get(cfg, "model.kd")
+    if kd is None:
+        return None
+    view = get_kd_cfg()
+    view.KD = kd_node(kd)
+    view.DATASETS.TEST = dataset_names(lazy_get(cfg, "dataloader.test.dataset.names"))
+    view.DATALOADER.NUM_WORKERS = int(lazy_get(cfg, "dataloader.test.num_workers", 0))
+    view.OUTPUT_DIR = str(lazy_get(cfg, "train.output_dir", "./output"))
+    view.freeze()
+    return teacher_eval_hook(view)

@@ -11,7 +11,7 @@ from ..checkpoint import AtomicDetectionCheckpointer
 from ..data.curriculum import CurriculumSampler, load_scores
 from ..evaluation import build_evaluator
 from .accumulation import GradientAccumulationTrainer, micro_batch_cfg
-from .hooks import TeacherEvalHook
+from .hooks import teacher_eval_hook
 
 __all__ = ["TRAINER_REGISTRY", "KDTrainer", "get_trainer_class", "non_finite_loss_error"]
 
@@ -49,12 +49,9 @@ class KDTrainer(DefaultTrainer):
         self.checkpointer = AtomicDetectionCheckpointer(
             old.model, old.save_dir, save_to_disk=old.save_to_disk, **old.checkpointables)
         hooks = super().build_hooks()
-        teacher = self.cfg.KD.TEACHER
-        if teacher.MIN_AP > 0 and not self.cfg.DATASETS.TEST:
-            raise ValueError("KD.TEACHER.MIN_AP={} is checked on DATASETS.TEST, which is empty: name a test set, or "
-                             "set KD.TEACHER.MIN_AP 0".format(teacher.MIN_AP))
-        if (teacher.EVAL_BEFORE_TRAIN or teacher.MIN_AP > 0) and self.cfg.DATASETS.TEST:
-            hooks.insert(0, TeacherEvalHook(self.cfg, teacher.MIN_AP))
+        teacher_eval = teacher_eval_hook(self.cfg)
+        if teacher_eval is not None:
+            hooks.insert(0, teacher_eval)
         return hooks
 
     def state_dict(self):

@@ -15,9 +15,10 @@ In the config, a plain student model (``L(GeneralizedRCNN)(...)`` or
     )
 
 and ``model.kd.FEATURE.WEIGHT=1.0`` overrides them on the command line.  The model-level
-``KD`` keys apply; those that act on the training loop (``KD.CURRICULUM``,
-``KD.TEACHER.EVAL_BEFORE_TRAIN``/``MIN_AP``, ``KD.TRAINER``) are read by
-``tools/train_net.py``'s KDTrainer only and are refused here.
+``KD`` keys apply, and ``KD.TEACHER.EVAL_BEFORE_TRAIN``/``MIN_AP``, which
+``tools/lazyconfig_train_net.py`` reads (:func:`kd_det.engine.lazy.lazy_teacher_eval_hook`);
+``KD.CURRICULUM`` and ``KD.TRAINER`` act on tools/train_net.py's KDTrainer only, and
+``KD.SELF`` belongs to the yacs-built FRSKD meta-architectures: they are refused here.
 """
 
 import copy
@@ -35,7 +36,7 @@ __all__ = ["lazy_distilled_model", "build_distilled_model", "lazy_student_model"
 
 # KD keys that only the yacs training loop (KDTrainer, tools/train_net.py) reads, or
 # whose meta-architecture (FRSKD self-distillation) is built from a yacs config only.
-_YACS_ONLY_KEYS = ("TRAINER", "CURRICULUM", "SELF", "TEACHER.EVAL_BEFORE_TRAIN", "TEACHER.MIN_AP")
+_YACS_ONLY_KEYS = ("TRAINER", "CURRICULUM", "SELF")
 
 
 def _to_dict(node) -> Dict:

@@ -1,0 +1,54 @@
+# rm_pfi_retinanet_R101_to_R18_1x.yaml as a Detectron2 LazyConfig, built on Detectron2's own
+# model-zoo LazyConfig COCO-Detection/retinanet_R_50_FPN_1x.py (its COCO data, SGD at 0.01, 1x
+# schedule): Rank Mimicking + Prediction-guided Feature Imitation from the published R-101-FPN 3x
+# RetinaNet (40.4 box AP) to an R-18-FPN student.
+#   tools/lazyconfig_train_net.py --config-file configs/COCO-Distillation/rm_pfi_retinanet_R101_to_R18_1x_lazy.py \
+#       --num-gpus 8 train.init_checkpoint=/path/to/R-18.pkl
+# train.init_checkpoint: torchvision's ImageNet R-18 converted with Detectron2's
+# tools/convert-torchvision-to-d2.py (hence RGB input and torchvision's normalisation below).
+# The teacher's weights are fetched once into iopath's cache ($FVCORE_CACHE); offline, download
+# the file and set model.kd.TEACHER.WEIGHTS to it.
+from detectron2 import model_zoo
+from detectron2.config import LazyCall as L
+from detectron2.modeling import ResNet
+
+from kd_det.compat import has_cpp_ops
+from kd_det.modeling.lazy_student import lazy_distilled_model
+
+_zoo = model_zoo.get_config("COCO-Detection/retinanet_R_50_FPN_1x.py")
+dataloader = _zoo.dataloader
+optimizer = _zoo.optimizer
+lr_multiplier = _zoo.lr_multiplier
+train = _zoo.train
+
+# the model zoo's R-50 RetinaNet with an R-18 (BasicBlocks: res5 has 512 channels, which P6 reads)
+_student = _zoo.model
+_student.backbone.bottom_up.stages = L(ResNet.make_default_stages)(depth=18, norm="FrozenBN")
+_student.backbone.top_block.in_channels = 512
+_student.pixel_mean = [123.675, 116.280, 103.530]
+_student.pixel_std = [58.395, 57.120, 57.375]
+_student.input_format = "RGB"
+dataloader.train.mapper.image_format = "RGB"  # the test mapper follows it
+
+model = lazy_distilled_model(
+    _student,
+    kd={
+        "TEACHER": {
+            "CONFIG": model_zoo.get_config_file("COCO-Detection/retinanet_R_101_FPN_3x.yaml"),
+            "WEIGHTS": "detectron2://COCO-Detection/retinanet_R_101_FPN_3x/190397697/model_final_971ab9.pkl",
+            # the teacher's own AP on the test set first (teacher/bbox/AP); below 35 it was not loaded right
+            "EVAL_BEFORE_TRAIN": True,
+            "MIN_AP": 35.0,
+        },
+        # PFI: L2 imitation weighted per position by the teacher-student class-logit difference
+        "FEATURE": {"LOSS": "L2FeatureLoss", "LEVEL_REDUCTION": "mean", "WEIGHT": 1.0, "ADAPTER": "conv1x1"},
+        "PFI": {"ENABLED": True},
+        "RM": {"ENABLED": True, "WEIGHT": 4.0},
+    },
+    train_datasets="${dataloader.train.dataset.names}",  # for KD.TEACHER.CHECK_CLASSES
+)
+
+# the fast C++ COCOeval only where Detectron2's extension is built (not in a pure-Python install)
+dataloader.evaluator.use_fast_impl = has_cpp_ops()
+train.init_checkpoint = ""
+train.output_dir = "./output/coco/rm_pfi_retinanet_R101_to_R18_1x_lazy"
