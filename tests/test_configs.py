@@ -102,8 +102,13 @@ def test_full_size_distillation_config_trains_a_step(path, tmp_path, monkeypatch
     DetectionCheckpointer(build_model(teacher_cfg), save_dir=str(tmp_path)).save("teacher")
     cfg.KD.TEACHER.WEIGHTS = str(tmp_path / "teacher.pth")
     student = build_model(cfg)
+    _one_full_size_step(student, num_classes_of(cfg))
+
+
+def _one_full_size_step(student, num_classes):
+    """One training step of a full-size distilled student on a 96x128 image: finite losses, KD terms, gradients."""
     student.train()
-    last_class = num_classes_of(cfg) - 1
+    last_class = num_classes - 1
     instances = Instances((96, 128), gt_boxes=Boxes(torch.tensor([[10.0, 12.0, 60.0, 80.0], [70.0, 5.0, 120.0, 40.0]])),
                           gt_classes=torch.tensor([0, last_class]))
     image = torch.randint(0, 256, (3, 96, 128), dtype=torch.uint8)
@@ -114,6 +119,23 @@ def test_full_size_distillation_config_trains_a_step(path, tmp_path, monkeypatch
     assert all(torch.isfinite(v) for v in losses.values()), losses
     sum(losses.values()).backward()
     assert all(p.grad is not None for n, p in student.named_parameters() if n.startswith("backbone.bottom_up.res5"))
+
+
+def test_full_size_lazy_distillation_config_trains_a_step(tmp_path, monkeypatch):
+    """The COCO SSIM LazyConfig as shipped (model-zoo R-101 teacher config, R-18 student) builds and trains on a CPU."""
+    from detectron2.config import LazyConfig, instantiate
+
+    monkeypatch.chdir(REPO)
+    lazy = LazyConfig.load(os.path.join(REPO, "configs/COCO-Distillation/ssim_faster_rcnn_R101_to_R18_1x_lazy.py"))
+    teacher_cfg = get_kd_cfg()
+    teacher_cfg.merge_from_file(lazy.model.kd.TEACHER.CONFIG)
+    teacher_cfg.MODEL.DEVICE = "cpu"
+    torch.manual_seed(0)
+    DetectionCheckpointer(build_model(teacher_cfg), save_dir=str(tmp_path)).save("teacher")
+    lazy = LazyConfig.apply_overrides(lazy, ["model.kd.TEACHER.WEIGHTS=" + str(tmp_path / "teacher.pth")])
+    student = instantiate(lazy.model)
+    assert type(student).__name__ == "DistillGeneralizedRCNN"
+    _one_full_size_step(student, lazy.model.roi_heads.num_classes)
 
 
 def _differences(ours, theirs, prefix=""):
@@ -136,24 +158,45 @@ def test_coco_teacher_configs_are_the_model_zoo_ones(name):
     ours = _load("configs/COCO-Detection/{}.yaml".format(name))
     zoo = get_kd_cfg()
     zoo.merge_from_file(model_zoo.get_config_file("COCO-Detection/{}.yaml".format(name)))
-    differences = [d for d in _differences(ours, zoo) if not d.startswith(("OUTPUT_DIR", "MODEL.ROI_MASK_HEAD"))]
-    assert not differences  # (no mask head: MASK_ON is False in both)
-    assert not ours.MODEL.MASK_ON
+    assert not [d for d in _differences(ours, zoo) if not d.startswith("OUTPUT_DIR")]
 
 
-def test_coco_lazy_config_is_its_yaml_twin(monkeypatch):
+# model attributes that the state dict does not show, per architecture
+_TWIN_ATTRIBUTES = {
+    "RetinaNet": ["num_classes", "smooth_l1_beta", "focal_loss_alpha", "focal_loss_gamma", "test_score_thresh",
+                  "test_topk_candidates", "test_nms_thresh", "max_detections_per_image", "head_in_features",
+                  "box_reg_loss_type", "box2box_transform.weights", "anchor_matcher.thresholds"],
+    "GeneralizedRCNN": ["roi_heads.num_classes", "roi_heads.batch_size_per_image", "roi_heads.positive_fraction",
+                        "roi_heads.proposal_append_gt", "roi_heads.mask_on", "roi_heads.box_in_features",
+                        "roi_heads.proposal_matcher.thresholds", "roi_heads.box_predictor.test_score_thresh",
+                        "roi_heads.box_predictor.test_nms_thresh", "roi_heads.box_predictor.test_topk_per_image",
+                        "roi_heads.box_predictor.smooth_l1_beta", "roi_heads.box_predictor.box2box_transform.weights",
+                        "proposal_generator.pre_nms_topk", "proposal_generator.post_nms_topk",
+                        "proposal_generator.nms_thresh", "proposal_generator.batch_size_per_image",
+                        "proposal_generator.positive_fraction", "proposal_generator.smooth_l1_beta",
+                        "proposal_generator.anchor_matcher.thresholds", "proposal_generator.in_features"],
+}
+
+
+def _dotted(obj, name):
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return list(obj) if isinstance(obj, tuple) else obj
+
+
+@pytest.mark.parametrize("name", ["rm_pfi_retinanet_R101_to_R18_1x", "ssim_faster_rcnn_R101_to_R18_1x"])
+def test_coco_lazy_config_is_its_yaml_twin(name, monkeypatch):
     """
-    The COCO LazyConfig (on Detectron2's model-zoo retinanet_R_50_FPN_1x.py) and its yaml twin
-    give the same student, distillation settings, data, solver and schedule.
+    A COCO LazyConfig (on Detectron2's model-zoo LazyConfigs) and its yaml twin give the
+    same student, distillation settings, data, solver and schedule.
     """
     from detectron2.config import LazyConfig, instantiate
-    from detectron2.modeling import RetinaNet
 
     from kd_det.modeling.lazy_student import kd_node, lazy_student_model
 
     monkeypatch.chdir(REPO)
-    lazy = LazyConfig.load(os.path.join(REPO, "configs/COCO-Distillation/rm_pfi_retinanet_R101_to_R18_1x_lazy.py"))
-    yacs = _load("configs/COCO-Distillation/rm_pfi_retinanet_R101_to_R18_1x.yaml")
+    lazy = LazyConfig.load(os.path.join(REPO, "configs/COCO-Distillation/{}_lazy.py".format(name)))
+    yacs = _load("configs/COCO-Distillation/{}.yaml".format(name))
     kd = kd_node(lazy.model.kd)
     # the same teacher: Detectron2's own config of the published model and kd_det's copy of it
     assert build_teacher_cfg(yacs, kd.TEACHER.CONFIG).MODEL == build_teacher_cfg(yacs).MODEL
@@ -162,18 +205,21 @@ def test_coco_lazy_config_is_its_yaml_twin(monkeypatch):
 
     torch.manual_seed(0)
     student = instantiate(lazy_student_model(lazy.model))
-    yacs.MODEL.META_ARCHITECTURE = "RetinaNet"
+    yacs.MODEL.META_ARCHITECTURE = yacs.MODEL.META_ARCHITECTURE.replace("Distill", "")
     yacs.MODEL.DEVICE = "cpu"
     twin = build_model(yacs)
-    assert type(student) is RetinaNet
+    assert type(student) is type(twin)
     assert {k: v.shape for k, v in student.state_dict().items()} == {k: v.shape for k, v in twin.state_dict().items()}
-    for attr in ("num_classes", "smooth_l1_beta", "focal_loss_alpha", "focal_loss_gamma", "test_score_thresh",
-                 "test_topk_candidates", "test_nms_thresh", "max_detections_per_image", "input_format",
-                 "head_in_features", "box_reg_loss_type"):
-        assert getattr(student, attr) == getattr(twin, attr), attr
+    for attr in _TWIN_ATTRIBUTES[type(twin).__name__] + ["input_format"]:
+        assert _dotted(student, attr) == _dotted(twin, attr), attr
     assert torch.equal(student.pixel_mean, twin.pixel_mean) and torch.equal(student.pixel_std, twin.pixel_std)
-    assert [c.__class__ for c in student.backbone.bottom_up.children()] == [
-        c.__class__ for c in twin.backbone.bottom_up.children()]
+    anchors = [m for m in (student, student.proposal_generator if hasattr(student, "proposal_generator") else None)
+               if hasattr(m, "anchor_generator")][0].anchor_generator
+    twin_anchors = [m for m in (twin, getattr(twin, "proposal_generator", None))
+                    if hasattr(m, "anchor_generator")][0].anchor_generator
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-4) for a, b in zip(anchors.cell_anchors, twin_anchors.cell_anchors))
+    assert [c.__class__ for c in student.backbone.bottom_up.modules()] == [
+        c.__class__ for c in twin.backbone.bottom_up.modules()]  # BasicBlocks, FrozenBN
     frozen = {n for n, p in student.named_parameters() if not p.requires_grad}
     assert frozen == {n for n, p in twin.named_parameters() if not p.requires_grad} and frozen  # FREEZE_AT 2
 

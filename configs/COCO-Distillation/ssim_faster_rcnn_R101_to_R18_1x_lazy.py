@@ -1,0 +1,55 @@
+# ssim_faster_rcnn_R101_to_R18_1x.yaml as a Detectron2 LazyConfig, built on Detectron2's own
+# model-zoo LazyConfigs (common/models/mask_rcnn_fpn.py without its mask head, common/data/coco.py,
+# common/optim.py's SGD at 0.02, the 1x schedule): SSIM feature distillation from the published
+# R-101-FPN 3x Faster R-CNN (42.0 box AP) to an R-18-FPN student.
+#   tools/lazyconfig_train_net.py --config-file configs/COCO-Distillation/ssim_faster_rcnn_R101_to_R18_1x_lazy.py \
+#       --num-gpus 8 train.init_checkpoint=/path/to/R-18.pkl
+# train.init_checkpoint: torchvision's ImageNet R-18 converted with Detectron2's
+# tools/convert-torchvision-to-d2.py (hence RGB input and torchvision's normalisation below).
+# The teacher's weights are fetched once into iopath's cache ($FVCORE_CACHE); offline, download
+# the file and set model.kd.TEACHER.WEIGHTS to it.
+from detectron2 import model_zoo
+from detectron2.config import LazyCall as L
+from detectron2.modeling import ResNet
+
+from kd_det.compat import has_cpp_ops
+from kd_det.modeling.lazy_student import lazy_distilled_model
+
+dataloader = model_zoo.get_config("common/data/coco.py").dataloader
+optimizer = model_zoo.get_config("common/optim.py").SGD
+lr_multiplier = model_zoo.get_config("common/coco_schedule.py").lr_multiplier_1x
+train = model_zoo.get_config("common/train.py").train
+
+# Faster R-CNN: the model zoo's Mask R-CNN FPN without its mask branch, with an R-18
+_student = model_zoo.get_config("common/models/mask_rcnn_fpn.py").model
+_student.roi_heads.mask_in_features = None
+del _student.roi_heads.mask_pooler
+del _student.roi_heads.mask_head
+_student.backbone.bottom_up.stages = L(ResNet.make_default_stages)(depth=18, norm="FrozenBN")
+_student.backbone.bottom_up.freeze_at = 2  # stem and res2 frozen, as the model zoo's *_1x.py set it
+_student.pixel_mean = [123.675, 116.280, 103.530]
+_student.pixel_std = [58.395, 57.120, 57.375]
+_student.input_format = "RGB"
+dataloader.train.mapper.image_format = "RGB"  # the test mapper follows it
+dataloader.train.mapper.use_instance_mask = False
+
+model = lazy_distilled_model(
+    _student,
+    kd={
+        "TEACHER": {
+            "CONFIG": model_zoo.get_config_file("COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml"),
+            "WEIGHTS": "detectron2://COCO-Detection/faster_rcnn_R_101_FPN_3x/137851257/model_final_f6e8b1.pkl",
+            # the teacher's own AP on the test set first (teacher/bbox/AP); below 35 it was not loaded right
+            "EVAL_BEFORE_TRAIN": True,
+            "MIN_AP": 35.0,
+        },
+        # SSIM-KD's convention: lambda (2 to 4 in the paper) times the sum over FPN levels
+        "FEATURE": {"LOSS": "SSIMFeatureLoss", "LEVEL_REDUCTION": "sum", "WEIGHT": 2.0, "ADAPTER": "conv1x1"},
+    },
+    train_datasets="${dataloader.train.dataset.names}",  # for KD.TEACHER.CHECK_CLASSES
+)
+
+# the fast C++ COCOeval only where Detectron2's extension is built (not in a pure-Python install)
+dataloader.evaluator.use_fast_impl = has_cpp_ops()
+train.init_checkpoint = ""
+train.output_dir = "./output/coco/ssim_faster_rcnn_R101_to_R18_1x_lazy"
