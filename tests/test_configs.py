@@ -33,10 +33,31 @@ def test_config_merges(path):
     cfg = get_kd_cfg()
     cfg.merge_from_file(os.path.join(REPO, path))  # unknown keys or bad values raise here
     META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
-    if cfg.KD.TEACHER.CONFIG:
-        assert os.path.isfile(os.path.join(REPO, cfg.KD.TEACHER.CONFIG)), cfg.KD.TEACHER.CONFIG
-    for teacher in cfg.KD.MULTI_TEACHER.CONFIGS:
-        assert os.path.isfile(os.path.join(REPO, teacher)), teacher
+    for teacher in ([cfg.KD.TEACHER.CONFIG] if cfg.KD.TEACHER.CONFIG else []) + list(cfg.KD.MULTI_TEACHER.CONFIGS):
+        # a file of the checkout, or a name in Detectron2's model zoo
+        assert os.path.isfile(os.path.join(REPO, teacher)) or os.path.isfile(_zoo_config(teacher)), teacher
+
+
+def _zoo_config(name):
+    from detectron2 import model_zoo
+
+    try:
+        return model_zoo.get_config_file(name)
+    except RuntimeError:
+        return ""
+
+
+def _teacher_view(student_cfg, teacher_config):
+    """The teacher's yacs config, or the yacs view of a LazyConfig teacher (its model built)."""
+    from kd_det.modeling.lazy_teacher import build_lazy_teacher
+    from kd_det.modeling.teacher import resolve_teacher_config
+
+    path = resolve_teacher_config(teacher_config)
+    if path.endswith(".py"):
+        student_cfg = student_cfg.clone()
+        student_cfg.MODEL.DEVICE = "cpu"  # the view's model is built
+        return build_lazy_teacher(student_cfg, path)[1]
+    return build_teacher_cfg(student_cfg, path)
 
 
 def _load(path):
@@ -74,14 +95,17 @@ def test_student_fits_its_teachers(path, monkeypatch):
     cfg = _load(path)
     assert len(cfg.KD.MULTI_TEACHER.CONFIGS) == len(cfg.KD.MULTI_TEACHER.WEIGHTS), path
     for teacher_config, weights in _teachers(cfg):
-        teacher = build_teacher_cfg(cfg, teacher_config)
+        teacher = _teacher_view(cfg, teacher_config)
         assert num_classes_of(teacher) == num_classes_of(cfg), (path, teacher_config)
         assert teacher.DATASETS.TRAIN == cfg.DATASETS.TRAIN, (path, teacher_config)
         if "synthetic" not in path.split(os.sep):  # real runs score the teacher before spending GPU days on it
             assert cfg.KD.TEACHER.EVAL_BEFORE_TRAIN, path
-        if weights.startswith("detectron2://"):  # a published Detectron2 model-zoo teacher of that architecture
-            zoo_name = os.path.splitext(os.path.basename(teacher_config))[0]
-            assert weights.startswith("detectron2://COCO-Detection/{}/".format(zoo_name)), (path, weights)
+        if weights.startswith("detectron2://"):  # the published weights of that very model-zoo config
+            from detectron2 import model_zoo
+
+            zoo_name = teacher_config[len("configs/"):] if teacher_config.startswith("configs/") else teacher_config
+            assert weights.replace("detectron2://", "https://dl.fbaipublicfiles.com/detectron2/") == \
+                model_zoo.get_checkpoint_url(zoo_name), (path, weights)
             continue
         # training the teacher with its own config writes the weights the student config loads
         assert os.path.normpath(weights) == os.path.normpath(os.path.join(teacher.OUTPUT_DIR, "model_final.pth")), (
@@ -91,15 +115,25 @@ def test_student_fits_its_teachers(path, monkeypatch):
 # both detectors and both real datasets (the configs of a family differ only in KD keys,
 # which the synthetic tests cover)
 @pytest.mark.parametrize("path", ["configs/COCO-Distillation/ssim_faster_rcnn_R50_to_R18_1x.yaml",
-                                  "configs/PascalVOC-Distillation/rm_pfi_retinanet_R50_to_R18.yaml"])
+                                  "configs/PascalVOC-Distillation/rm_pfi_retinanet_R50_to_R18.yaml",
+                                  "configs/COCO-Distillation/ssim_faster_rcnn_R101LSJ_to_R18_1x.yaml"])
 def test_full_size_distillation_config_trains_a_step(path, tmp_path, monkeypatch):
-    """The real-dataset configs as shipped (R-50 teacher, R-18 student, full widths) build and train on a CPU."""
+    """
+    The real-dataset configs as shipped (R-50 teacher, R-18 student, full widths; a model-zoo
+    LazyConfig teacher) build and train on a CPU.
+    """
+    from detectron2.config import LazyConfig, instantiate
+
+    from kd_det.modeling.teacher import resolve_teacher_config
+
     monkeypatch.chdir(REPO)
     cfg = _load(path)
     cfg.MODEL.DEVICE = "cpu"
-    teacher_cfg = build_teacher_cfg(cfg)
     torch.manual_seed(0)
-    DetectionCheckpointer(build_model(teacher_cfg), save_dir=str(tmp_path)).save("teacher")
+    teacher_config = resolve_teacher_config(cfg.KD.TEACHER.CONFIG)
+    teacher = instantiate(LazyConfig.load(teacher_config).model) if teacher_config.endswith(".py") else build_model(
+        build_teacher_cfg(cfg))
+    DetectionCheckpointer(teacher, save_dir=str(tmp_path)).save("teacher")
     cfg.KD.TEACHER.WEIGHTS = str(tmp_path / "teacher.pth")
     student = build_model(cfg)
     _one_full_size_step(student, num_classes_of(cfg))

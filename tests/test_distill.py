@@ -144,6 +144,18 @@ def test_teacher_config_errors(tmp_path, tiny_data_root, rcnn_teacher, monkeypat
     with pytest.raises(FileNotFoundError, match="kd_det ships it as {}".format(
             re.escape(os.path.join(REPO, "configs/synthetic/faster_rcnn_R_50_FPN.yaml")))):
         build_model(cfg)
+    # a name in Detectron2's model zoo, where no such file exists; a file of that name wins
+    from detectron2 import model_zoo
+
+    from kd_det.modeling.teacher import resolve_teacher_config
+
+    name = "COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml"
+    assert resolve_teacher_config(name) == model_zoo.get_config_file(name)
+    (tmp_path / "COCO-Detection").mkdir()
+    (tmp_path / name).write_text("MODEL: {}\n")
+    assert resolve_teacher_config(name) == name
+    with pytest.raises(FileNotFoundError, match="is not a config of Detectron2's model zoo"):
+        resolve_teacher_config("COCO-Detection/faster_rcnn_R_7_FPN.yaml")
     broken = tmp_path / "broken.yaml"
     broken.write_text("MODEL:\n  NOT_A_KEY: 1\n")
     cfg.KD.TEACHER.CONFIG = str(broken)

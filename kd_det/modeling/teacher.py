@@ -17,7 +17,7 @@ from ..config import add_kd_config
 from .lazy_teacher import build_lazy_teacher
 
 __all__ = ["FrozenTeacher", "build_teacher_cfg", "build_teacher", "build_teachers", "check_same_classes",
-           "num_classes_of"]
+           "num_classes_of", "resolve_teacher_config"]
 
 logger = logging.getLogger(__name__)
 # the source checkout, whose configs/ the shipped student configs name as KD.TEACHER.CONFIG
@@ -31,18 +31,42 @@ def num_classes_of(cfg: CfgNode) -> int:
     return cfg.MODEL.ROI_HEADS.NUM_CLASSES
 
 
-def _check_teacher_config_path(path: str) -> None:
+def _model_zoo_config_file(name: str) -> Optional[str]:
+    """The file of ``name`` in Detectron2's model zoo (e.g. "COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml"), or None."""
+    try:
+        from detectron2 import model_zoo
+
+        return model_zoo.get_config_file(name)
+    except Exception:  # not a model-zoo name, or a Detectron2 installed without its configs
+        return None
+
+
+def resolve_teacher_config(path: str) -> str:
+    """
+    The teacher config file ``KD.TEACHER.CONFIG`` names: a path (relative to the working
+    directory) or, where no such file exists, a config of Detectron2's model zoo by its
+    name there, as ``detectron2.model_zoo.get_config_file`` takes it (e.g.
+    ``new_baselines/mask_rcnn_R_101_FPN_400ep_LSJ.py``).
+
+    Raises:
+        ValueError / FileNotFoundError naming the fix when it is empty or neither.
+    """
     if not path:
         raise ValueError("KD.TEACHER.CONFIG is empty: set it to the teacher's Detectron2 config file "
                          "(e.g. configs/synthetic/faster_rcnn_R_50_FPN.yaml)")
-    if not os.path.isfile(path):
-        hint = ""
-        shipped = os.path.join(_CHECKOUT, path)
-        if not os.path.isabs(path) and os.path.isfile(shipped):
-            hint = ("; kd_det ships it as {}: run from the kd_det checkout or give that absolute "
-                    "path".format(shipped))
-        raise FileNotFoundError("teacher config KD.TEACHER.CONFIG={!r} does not exist (paths are relative to "
-                                "the working directory {}){}".format(path, os.getcwd(), hint))
+    if os.path.isfile(path):
+        return path
+    zoo_file = None if os.path.isabs(path) else _model_zoo_config_file(path)
+    if zoo_file is not None:
+        logger.info("teacher config %s: Detectron2's model-zoo config %s", path, zoo_file)
+        return zoo_file
+    hint = ""
+    shipped = os.path.join(_CHECKOUT, path)
+    if not os.path.isabs(path) and os.path.isfile(shipped):
+        hint = "; kd_det ships it as {}: run from the kd_det checkout or give that absolute path".format(shipped)
+    raise FileNotFoundError("teacher config KD.TEACHER.CONFIG={!r} does not exist (paths are relative to the working "
+                            "directory {}) and is not a config of Detectron2's model zoo (e.g. "
+                            "COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml){}".format(path, os.getcwd(), hint))
 
 
 def _is_lazy_config(path: str) -> bool:
@@ -55,8 +79,7 @@ def build_teacher_cfg(student_cfg: CfgNode, path: Optional[str] = None) -> CfgNo
     ``KD.TEACHER.OPTS``, on the student's device.  (A LazyConfig teacher is read by
     :func:`build_lazy_teacher` instead.)
     """
-    path = student_cfg.KD.TEACHER.CONFIG if path is None else path
-    _check_teacher_config_path(path)
+    path = resolve_teacher_config(student_cfg.KD.TEACHER.CONFIG if path is None else path)
     if _is_lazy_config(path):
         raise ValueError("teacher config {!r} is a LazyConfig (.py), not a yacs config: build the teacher with "
                          "build_teacher(), which reads both".format(path))
@@ -310,9 +333,8 @@ def build_teacher(student_cfg: CfgNode, config: Optional[str] = None, weights: O
     Build and load the teacher named by ``student_cfg.KD.TEACHER`` (or by ``config`` and
     ``weights``, with KD.TEACHER's other keys), checking it fits the student.
     """
-    config = student_cfg.KD.TEACHER.CONFIG if config is None else config
+    config = resolve_teacher_config(student_cfg.KD.TEACHER.CONFIG if config is None else config)
     weights = student_cfg.KD.TEACHER.WEIGHTS if weights is None else weights
-    _check_teacher_config_path(config)
     if _is_lazy_config(config):
         model, cfg = build_lazy_teacher(student_cfg, config)
     else:
