@@ -221,6 +221,33 @@ def test_teacher_min_ap_stops_a_lazy_run_before_its_first_step(tiny_data_root, t
     assert lazy_teacher_eval_hook(LazyConfig.load(config_path("synthetic/faster_rcnn_R_50_FPN_lazy.py"))) is None
 
 
+def test_lazy_gradient_accumulation(tiny_data_root, tmp_path, rcnn_teacher):
+    """train.grad_accum_steps: micro-batches of total_batch_size / k, one optimizer step per iteration."""
+    from kd_det.engine import GradientAccumulationTrainer
+    from kd_det.engine.lazy import build_lazy_trainer
+
+    out = tmp_path / "run"
+    opts = _teacher_opts(rcnn_teacher) + [
+        "dataloader.train.dataset.names={}_train".format(TINY_PREFIX),
+        "dataloader.test.dataset.names={}_val".format(TINY_PREFIX), "dataloader.train.total_batch_size=4",
+        "train.output_dir=" + str(out), "train.max_iter=1", "train.grad_accum_steps=2"]
+    lazy = LazyConfig.apply_overrides(LazyConfig.load(LAZY_SSIM), opts)
+    model = instantiate(lazy.model)
+    lazy.optimizer.params.model = model
+    trainer = build_lazy_trainer(lazy, model, instantiate(lazy.optimizer))
+    assert isinstance(trainer, GradientAccumulationTrainer) and trainer.steps == 2
+    assert len(next(iter(trainer.data_loader))) == 2  # 4 images per iteration, 2 per micro-batch
+    assert lazy.dataloader.train.total_batch_size == 4  # the config itself is left as it is
+    with pytest.raises(ValueError, match=r"dataloader.train.total_batch_size=4 must be a multiple of "
+                                         r"train.grad_accum_steps=3"):
+        build_lazy_trainer(LazyConfig.apply_overrides(lazy, ["train.grad_accum_steps=3"]), model, trainer.optimizer)
+
+    tool = _load_tool()
+    tool.main(tool.default_argument_parser().parse_args(["--config-file", LAZY_SSIM] + opts))
+    assert torch.load(out / "model_final.pth", weights_only=False)["iteration"] == 0
+    assert [m for m in metrics_of(out) if "loss_kd_ssim" in m]
+
+
 def test_clipped_optimizer_clips_each_parameter():
     from kd_det.engine.lazy import clipped_optimizer
 

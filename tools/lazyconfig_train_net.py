@@ -12,14 +12,15 @@ Train or evaluate a detector written as a Detectron2 LazyConfig (``.py``), disti
 The config has Detectron2's LazyConfig training keys: ``model``, ``dataloader.train``,
 ``dataloader.test``, ``dataloader.evaluator``, ``optimizer``, ``lr_multiplier`` and
 ``train`` (output_dir, init_checkpoint, max_iter, amp.enabled, ddp, checkpointer,
-eval_period, log_period, device). Overrides are ``key=value``. Evaluation builds the
+eval_period, log_period, device; and kd_det's grad_accum_steps, optional: yacs
+``SOLVER.GRAD_ACCUM_STEPS``). Overrides are ``key=value``. Evaluation builds the
 student alone: neither the teacher nor its weights are needed.
 """
 
 import logging
 
 from detectron2.config import LazyConfig, instantiate
-from detectron2.engine import AMPTrainer, SimpleTrainer, default_argument_parser, default_setup, defaults, hooks
+from detectron2.engine import default_argument_parser, default_setup, defaults, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
@@ -27,7 +28,7 @@ from kd_det.checkpoint import AtomicDetectionCheckpointer
 from kd_det.compat import launch
 from kd_det.data import prepare_datasets, validate_registered_datasets
 from kd_det.engine import non_finite_loss_error
-from kd_det.engine.lazy import lazy_teacher_eval_hook
+from kd_det.engine.lazy import build_lazy_trainer, lazy_teacher_eval_hook
 from kd_det.export import StudentCheckpointer
 from kd_det.modeling.lazy_student import lazy_student_model
 from kd_det.utils.lazy import dataset_names, lazy_get
@@ -58,11 +59,10 @@ def do_train(args, cfg):
 
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
-    train_loader = instantiate(cfg.dataloader.train)
 
     # looked up at call time: kd_det.compat replaces it in CPU worker processes
     model = defaults.create_ddp_model(model, **cfg.train.ddp)
-    trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optimizer)
+    trainer = build_lazy_trainer(cfg, model, optimizer)  # with train.grad_accum_steps, accumulating
     checkpointer = AtomicDetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     trainer.register_hooks([
         # model.kd.TEACHER.EVAL_BEFORE_TRAIN / MIN_AP: the teacher scored before the first step

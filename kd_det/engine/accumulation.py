@@ -9,7 +9,26 @@ from detectron2.engine import SimpleTrainer
 from detectron2.engine.train_loop import TrainerBase
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["GradientAccumulationTrainer", "micro_batch_cfg"]
+__all__ = ["GradientAccumulationTrainer", "micro_batch_cfg", "micro_batch_size"]
+
+
+def micro_batch_size(batch: int, steps: int, batch_key: str = "SOLVER.IMS_PER_BATCH",
+                     steps_key: str = "SOLVER.GRAD_ACCUM_STEPS") -> int:
+    """
+    The images of one micro-batch (all processes together) when a batch of ``batch``
+    is accumulated over ``steps``; the key names are for the error message.
+
+    Raises:
+        ValueError naming both keys when the batch does not split over the steps and processes.
+    """
+    from detectron2.utils import comm
+
+    world = comm.get_world_size()
+    if steps < 1 or batch % (steps * world):
+        raise ValueError("{}={} must be a multiple of {}={} times the {} process(es): each process takes {} / ({} x "
+                         "processes) images per micro-batch. Change either".format(
+                             batch_key, batch, steps_key, steps, world, batch_key, steps_key))
+    return batch // steps
 
 
 def micro_batch_cfg(cfg):
@@ -21,16 +40,10 @@ def micro_batch_cfg(cfg):
     steps = cfg.SOLVER.GRAD_ACCUM_STEPS
     if steps == 1:
         return cfg
-    from detectron2.utils import comm
-
-    batch, world = cfg.SOLVER.IMS_PER_BATCH, comm.get_world_size()
-    if steps < 1 or batch % (steps * world):
-        raise ValueError("SOLVER.IMS_PER_BATCH={} must be a multiple of SOLVER.GRAD_ACCUM_STEPS={} times the {} "
-                         "process(es): each process takes IMS_PER_BATCH / (GRAD_ACCUM_STEPS x processes) images per "
-                         "micro-batch. Change either".format(batch, steps, world))
+    batch = micro_batch_size(cfg.SOLVER.IMS_PER_BATCH, steps)
     cfg = cfg.clone()
     cfg.defrost()
-    cfg.SOLVER.IMS_PER_BATCH = batch // steps
+    cfg.SOLVER.IMS_PER_BATCH = batch
     cfg.freeze()
     return cfg
 

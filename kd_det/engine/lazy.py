@@ -1,18 +1,22 @@
 """Pieces for training from Detectron2 LazyConfigs (``tools/lazyconfig_train_net.py``)."""
 
+import copy
+
 from typing import Iterable, Optional, Union
 
 import torch
-from detectron2.config import CfgNode
+from detectron2.config import CfgNode, instantiate
+from detectron2.engine import AMPTrainer, SimpleTrainer
 from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils.registry import locate
 
 from ..config import get_kd_cfg
 from ..modeling.lazy_student import kd_node
 from ..utils.lazy import dataset_names, lazy_get
+from .accumulation import GradientAccumulationTrainer, micro_batch_size
 from .hooks import TeacherEvalHook, teacher_eval_hook
 
-__all__ = ["clipped_optimizer", "lazy_teacher_eval_hook"]
+__all__ = ["clipped_optimizer", "lazy_teacher_eval_hook", "build_lazy_trainer"]
 
 
 def clipped_optimizer(optimizer_class: Union[str, type], params: Iterable, clip_type: str = "norm",
@@ -58,3 +62,23 @@ def lazy_teacher_eval_hook(cfg) -> Optional[TeacherEvalHook]:
     view.OUTPUT_DIR = str(lazy_get(cfg, "train.output_dir", "./output"))
     view.freeze()
     return teacher_eval_hook(view)
+
+
+def build_lazy_trainer(cfg, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> SimpleTrainer:
+    """
+    The trainer of Detectron2's lazyconfig_train_net (``AMPTrainer`` with
+    ``train.amp.enabled``, else ``SimpleTrainer``) over ``dataloader.train``; with
+    ``train.grad_accum_steps`` = k > 1 (yacs ``SOLVER.GRAD_ACCUM_STEPS``), a
+    :class:`GradientAccumulationTrainer` whose loader yields
+    ``dataloader.train.total_batch_size / k`` images per step, so one iteration still
+    sees the whole batch.
+    """
+    steps = int(lazy_get(cfg, "train.grad_accum_steps", 1))
+    loader_cfg = cfg.dataloader.train
+    if steps != 1:
+        loader_cfg = copy.deepcopy(loader_cfg)
+        loader_cfg.total_batch_size = micro_batch_size(int(loader_cfg.total_batch_size), steps,
+                                                       "dataloader.train.total_batch_size", "train.grad_accum_steps")
+    amp = bool(lazy_get(cfg, "train.amp.enabled", False))
+    trainer = (AMPTrainer if amp else SimpleTrainer)(model, instantiate(loader_cfg), optimizer)
+    return GradientAccumulationTrainer(trainer, steps, amp=amp) if steps > 1 else trainer
