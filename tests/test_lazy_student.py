@@ -68,6 +68,22 @@ def test_lazy_student_is_the_yaml_student(tiny_data_root, tmp_path, rcnn_teacher
         k: v for k, v in _shapes(yacs).items() if not k.startswith("kd_")}
 
 
+def test_lazy_faster_rcnn_student_with_roi_soft_labels(tiny_data_root, rcnn_teacher):
+    """Soft-label KD on the student's sampled RoIs (the teacher's box head scoring them) from a LazyConfig."""
+    from detectron2.utils.events import EventStorage
+
+    lazy = LazyConfig.apply_overrides(LazyConfig.load(LAZY_SSIM), _teacher_opts(rcnn_teacher) + [
+        "model.kd.SOFT_LABEL.ENABLED=True", "model.kd.SOFT_LABEL.WEIGHT=1",
+        "dataloader.train.dataset.names={}_train".format(TINY_PREFIX), "dataloader.train.total_batch_size=2"])
+    model = instantiate(lazy.model).train()
+    with EventStorage(0):
+        losses = model(next(iter(instantiate(lazy.dataloader.train))))
+    assert {"loss_kd_soft", "loss_kd_ssim", "loss_cls", "loss_rpn_cls"} <= set(losses)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert all(p.grad is None for p in model.teacher.model.parameters())
+
+
 def test_teacher_follows_the_student_to_a_device_or_dtype(tiny_data_root, rcnn_teacher):
     lazy = LazyConfig.apply_overrides(LazyConfig.load(LAZY_SSIM), _teacher_opts(rcnn_teacher))
     model = instantiate(lazy.model)
