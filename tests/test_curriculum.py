@@ -13,7 +13,7 @@ from detectron2.data import get_detection_dataset_dicts
 import kd_det.data.curriculum as curriculum
 from kd_det.data import CurriculumSampler, load_scores
 from kd_det.engine import KDTrainer
-from kd_det.engine.trainer import _curriculum_sampler
+from kd_det.data.curriculum import find_curriculum_sampler
 
 SCORES = [5.0, 1.0, 4.0, 0.5, 3.0, 2.0, 6.0, 0.1]  # easiest: 7, 3, 1, 5, 4, 2, 0, 6
 
@@ -95,7 +95,7 @@ def test_score_tool_then_curriculum_training(tiny_data_root, tmp_path):
                                               "KD.CURRICULUM.PHASE_ITERS", [2], "KD.CURRICULUM.PHASE_FRACTIONS",
                                               [0.25], "SOLVER.MAX_ITER", 2])
     trainer = KDTrainer(cfg)
-    sampler = _curriculum_sampler(trainer.data_loader)
+    sampler = find_curriculum_sampler(trainer.data_loader)
     assert sampler is not None
     easiest = {dataset[i]["image_id"] for i in sampler.pool(0)}
     assert len(easiest) == 4  # 25% of 16
@@ -109,7 +109,7 @@ def test_score_tool_then_curriculum_training(tiny_data_root, tmp_path):
     resumed = KDTrainer(cfg)
     resumed.resume_or_load(resume=True)
     assert resumed.start_iter == 2
-    assert _curriculum_sampler(resumed.data_loader)._start == 2 * cfg.SOLVER.IMS_PER_BATCH
+    assert find_curriculum_sampler(resumed.data_loader)._start == 2 * cfg.SOLVER.IMS_PER_BATCH
 
 
 def _opts_of(cfg):

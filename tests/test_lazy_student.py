@@ -41,6 +41,14 @@ def _teacher_opts(weights):
             "model.kd.TEACHER.WEIGHTS=" + weights]
 
 
+def _tiny_run(teacher_weights, out, batch, *extra):
+    """Overrides that train LAZY_SSIM on the tiny data, writing to ``out``."""
+    return _teacher_opts(teacher_weights) + [
+        "dataloader.train.dataset.names={}_train".format(TINY_PREFIX),
+        "dataloader.test.dataset.names={}_val".format(TINY_PREFIX),
+        "dataloader.train.total_batch_size={}".format(batch), "train.output_dir=" + str(out)] + list(extra)
+
+
 def metrics_of(out):
     return [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
 
@@ -96,10 +104,7 @@ def test_teacher_follows_the_student_to_a_device_or_dtype(tiny_data_root, rcnn_t
 def test_lazy_student_trains_resumes_and_evaluates_without_its_teacher(tiny_data_root, tmp_path, rcnn_teacher):
     tool = _load_tool()
     out = tmp_path / "run"
-    small = _teacher_opts(rcnn_teacher) + [
-        "dataloader.train.dataset.names={}_train".format(TINY_PREFIX),
-        "dataloader.test.dataset.names={}_val".format(TINY_PREFIX),
-        "dataloader.train.total_batch_size=2", "train.output_dir=" + str(out), "train.checkpointer.period=1"]
+    small = _tiny_run(rcnn_teacher, out, 2, "train.checkpointer.period=1")
     tool.main(tool.default_argument_parser().parse_args(
         ["--config-file", LAZY_SSIM] + small + ["train.max_iter=2", "model.kd.TEACHER.EVAL_BEFORE_TRAIN=True"]))
     final = torch.load(out / "model_final.pth", weights_only=False)
@@ -220,10 +225,7 @@ def test_teacher_min_ap_stops_a_lazy_run_before_its_first_step(tiny_data_root, t
 
     tool = _load_tool()
     out = tmp_path / "run"
-    opts = _teacher_opts(rcnn_teacher) + [
-        "dataloader.train.dataset.names={}_train".format(TINY_PREFIX),
-        "dataloader.test.dataset.names={}_val".format(TINY_PREFIX), "dataloader.train.total_batch_size=2",
-        "train.output_dir=" + str(out), "train.max_iter=2", "model.kd.TEACHER.MIN_AP=99.0"]
+    opts = _tiny_run(rcnn_teacher, out, 2, "train.max_iter=2", "model.kd.TEACHER.MIN_AP=99.0")
     with pytest.raises(ValueError, match=r"teacher \(weights .*\) has box AP [0-9.]+ on {}, below "
                                          r"KD.TEACHER.MIN_AP=99.0; training did not start".format(TINY_PREFIX + "_val")):
         tool.main(tool.default_argument_parser().parse_args(["--config-file", LAZY_SSIM] + opts))
@@ -243,10 +245,7 @@ def test_lazy_gradient_accumulation(tiny_data_root, tmp_path, rcnn_teacher):
     from kd_det.engine.lazy import build_lazy_trainer
 
     out = tmp_path / "run"
-    opts = _teacher_opts(rcnn_teacher) + [
-        "dataloader.train.dataset.names={}_train".format(TINY_PREFIX),
-        "dataloader.test.dataset.names={}_val".format(TINY_PREFIX), "dataloader.train.total_batch_size=4",
-        "train.output_dir=" + str(out), "train.max_iter=1", "train.grad_accum_steps=2"]
+    opts = _tiny_run(rcnn_teacher, out, 4, "train.max_iter=1", "train.grad_accum_steps=2")
     lazy = LazyConfig.apply_overrides(LazyConfig.load(LAZY_SSIM), opts)
     model = instantiate(lazy.model)
     lazy.optimizer.params.model = model
@@ -262,6 +261,65 @@ def test_lazy_gradient_accumulation(tiny_data_root, tmp_path, rcnn_teacher):
     tool.main(tool.default_argument_parser().parse_args(["--config-file", LAZY_SSIM] + opts))
     assert torch.load(out / "model_final.pth", weights_only=False)["iteration"] == 0
     assert [m for m in metrics_of(out) if "loss_kd_ssim" in m]
+
+
+CURRICULUM_CONFIG = """
+from detectron2.config import LazyCall as L
+from detectron2.config import LazyConfig
+
+from kd_det.data.curriculum import curriculum_sampler
+
+_base = LazyConfig.load({base!r})
+model, dataloader, optimizer, lr_multiplier, train = (
+    _base.model, _base.dataloader, _base.optimizer, _base.lr_multiplier, _base.train)
+dataloader.train.sampler = L(curriculum_sampler)(
+    dataset="${{..dataset}}", scores={scores!r}, phase_iters=[3], phase_fractions=[0.25])
+"""
+
+
+def test_lazy_curriculum(tiny_data_root, tmp_path, rcnn_teacher):
+    """A curriculum in a LazyConfig is the training loader's sampler; its phases count whole iterations."""
+    from detectron2.data import get_detection_dataset_dicts
+
+    from kd_det.data.curriculum import find_curriculum_sampler, image_key, restart_curriculum
+    from kd_det.engine.lazy import build_lazy_trainer
+
+    out = tmp_path / "run"
+    opts = _tiny_run(rcnn_teacher, out, 2, "train.max_iter=2", "train.grad_accum_steps=2")
+    # a student snapshot scores every training image (tools/score_images.py reads the LazyConfig too)
+    torch.manual_seed(0)
+    DetectionCheckpointer(instantiate(LazyConfig.apply_overrides(LazyConfig.load(LAZY_SSIM), opts).model),
+                          save_dir=str(tmp_path)).save("snapshot")
+    _load_module("score_images").main(["--config-file", LAZY_SSIM, "--snapshot", str(tmp_path / "snapshot.pth"),
+                                       "--score", "total", "--output", str(tmp_path / "scores.json")] + opts)
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    dataset = get_detection_dataset_dicts(TINY_PREFIX + "_train")
+    assert scores["datasets"] == [TINY_PREFIX + "_train"] and len(scores["scores"]) == len(dataset)
+    assert all(v > 0 for v in scores["scores"].values())
+
+    config = tmp_path / "curriculum_lazy.py"
+    config.write_text(CURRICULUM_CONFIG.format(base=LAZY_SSIM, scores=str(tmp_path / "scores.json")))
+    lazy = LazyConfig.apply_overrides(LazyConfig.load(str(config)), opts)
+    model = instantiate(lazy.model)
+    lazy.optimizer.params.model = model
+    trainer = build_lazy_trainer(lazy, model, instantiate(lazy.optimizer))
+    sampler = find_curriculum_sampler(trainer.data_loader)
+    assert sampler is not None and sampler._images_per_iter == 2  # both micro-batches of an iteration
+    easiest = {dataset[i]["image_id"] for i in sampler.pool(0)}
+    by_score = sorted(dataset, key=lambda r: (scores["scores"][image_key(r)], r["image_id"]))
+    assert len(easiest) == len(dataset) // 4 and easiest == {r["image_id"] for r in by_score[:len(dataset) // 4]}
+    seen = [r["image_id"] for _ in range(4) for r in next(trainer._data_loader_iter)]
+    assert len(seen) == 4 and set(seen) <= easiest  # 2 iterations of 2 micro-batches of 1 image
+    assert restart_curriculum(trainer, 2) and sampler._start == 2 * 2  # --resume: where iteration 2 begins
+
+    tool = _load_tool()
+    tool.main(tool.default_argument_parser().parse_args(["--config-file", str(config)] + opts))
+    tool.main(tool.default_argument_parser().parse_args(["--config-file", str(config), "--resume"] + opts[:-2] + [
+        "train.max_iter=3", "train.grad_accum_steps=2"]))
+    assert torch.load(out / "model_final.pth", weights_only=False)["iteration"] == 2
+    # in kd, the curriculum is refused with the LazyConfig form named
+    with pytest.raises(ValueError, match=r"dataloader.train.sampler = L\(kd_det.data.curriculum.curriculum_sampler"):
+        lazy_distilled_model(lazy_student_model(lazy.model), kd={"CURRICULUM": {"ENABLED": True}})
 
 
 def test_clipped_optimizer_clips_each_parameter():

@@ -27,6 +27,7 @@ from detectron2.utils import comm
 from kd_det.checkpoint import AtomicDetectionCheckpointer
 from kd_det.compat import launch
 from kd_det.data import prepare_datasets, validate_registered_datasets
+from kd_det.data.curriculum import restart_curriculum
 from kd_det.engine import non_finite_loss_error
 from kd_det.engine.lazy import build_lazy_trainer, lazy_teacher_eval_hook
 from kd_det.export import StudentCheckpointer
@@ -76,6 +77,7 @@ def do_train(args, cfg):
     ])
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
+    restart_curriculum(trainer, start_iter)  # a curriculum sampler's stream continues where training resumes
     try:
         trainer.train(start_iter, cfg.train.max_iter)
     except FloatingPointError as e:

@@ -9,7 +9,10 @@ Score every training image with a student snapshot, for the instance-level curri
 
 The images are those of the config's DATASETS.TRAIN, resized as at test time and not
 flipped, so scores do not depend on augmentation.  ``--score distillation`` needs a
-distillation config (its teacher is loaded as in training).
+distillation config (its teacher is loaded as in training).  A LazyConfig (``.py``,
+``key=value`` overrides) gives ``dataloader.train``'s records and mapper, with
+``dataloader.test``'s augmentations; its curriculum is the loader's sampler
+(``kd_det.data.curriculum.curriculum_sampler``).
 """
 
 import argparse
@@ -21,42 +24,76 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", required=True)
-    parser.add_argument("--snapshot", required=True, help="the student checkpoint that judges difficulty")
-    parser.add_argument("--score", default="detection", choices=("detection", "distillation", "total"))
-    parser.add_argument("--output", required=True, help="scores JSON, for KD.CURRICULUM.SCORES")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
-    args = parser.parse_args(argv)
-
-    import torch
+def _yacs_setup(args):
+    """The model (snapshot loaded), the training records and a loader over them, and the set names."""
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.data import DatasetMapper, build_detection_test_loader, get_detection_dataset_dicts
     from detectron2.data import transforms as T
     from detectron2.modeling import build_model
 
     from kd_det import get_kd_cfg
-    from kd_det.data import prepare_datasets, score_images
+    from kd_det.data import prepare_datasets
 
     cfg = get_kd_cfg()
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.freeze()
-    if not os.path.isfile(args.snapshot):
-        raise SystemExit("no snapshot at {!r}: train the student briefly (e.g. SOLVER.MAX_ITER 50) and pass its "
-                         "model_final.pth".format(args.snapshot))
     prepare_datasets(cfg.DATASETS.TRAIN)
-    torch.manual_seed(0)  # RoI sampling in two-stage losses is random
     model = build_model(cfg)
     DetectionCheckpointer(model).load(args.snapshot)
     dataset = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
     mapper = DatasetMapper(cfg, is_train=True, augmentations=[
         T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)])
     loader = build_detection_test_loader(dataset, mapper=mapper, num_workers=cfg.DATALOADER.NUM_WORKERS)
+    return model, loader, list(cfg.DATASETS.TRAIN)
+
+
+def _lazy_setup(args):
+    """:func:`_yacs_setup` for a LazyConfig: dataloader.train's records and mapper, with dataloader.test's resize."""
+    import copy
+
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.config import LazyConfig, instantiate
+    from detectron2.data import build_detection_test_loader
+
+    from kd_det.data import prepare_datasets
+    from kd_det.utils.lazy import dataset_names, lazy_get
+
+    lazy = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    names = list(dataset_names(lazy_get(lazy, "dataloader.train.dataset.names")))
+    prepare_datasets(names)
+    model = instantiate(lazy.model)
+    model.to(lazy_get(lazy, "train.device", "cpu"))
+    DetectionCheckpointer(model).load(args.snapshot)
+    mapper = copy.deepcopy(lazy.dataloader.train.mapper)
+    mapper.augmentations = list(lazy_get(lazy, "dataloader.test.mapper.augmentations") or [])
+    loader = build_detection_test_loader(instantiate(lazy.dataloader.train.dataset), mapper=instantiate(mapper),
+                                         num_workers=int(lazy_get(lazy, "dataloader.train.num_workers", 0)))
+    return model, loader, names
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", required=True, help="the training config (yacs .yaml or LazyConfig .py)")
+    parser.add_argument("--snapshot", required=True, help="the student checkpoint that judges difficulty")
+    parser.add_argument("--score", default="detection", choices=("detection", "distillation", "total"))
+    parser.add_argument("--output", required=True, help="scores JSON, for KD.CURRICULUM.SCORES")
+    parser.add_argument("opts", nargs=argparse.REMAINDER,
+                        help="config overrides (KEY VALUE ..., or key=value for a .py)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from kd_det.data import score_images
+
+    if not os.path.isfile(args.snapshot):
+        raise SystemExit("no snapshot at {!r}: train the student briefly (e.g. SOLVER.MAX_ITER 50) and pass its "
+                         "model_final.pth".format(args.snapshot))
+    torch.manual_seed(0)  # RoI sampling in two-stage losses is random
+    model, loader, names = (_lazy_setup if args.config_file.endswith(".py") else _yacs_setup)(args)
     scores = score_images(model, loader, args.score)
     out = {"scores": scores, "score": args.score, "snapshot": os.path.abspath(args.snapshot),
-           "config": args.config_file, "datasets": list(cfg.DATASETS.TRAIN)}
+           "config": args.config_file, "datasets": names}
     tmp = args.output + ".tmp"
     with open(tmp, "w") as f:
         json.dump(out, f)

@@ -16,7 +16,8 @@ import torch
 from detectron2.utils import comm
 from torch.utils.data.sampler import Sampler
 
-__all__ = ["CurriculumSampler", "score_images", "load_scores", "image_key", "SCORE_KINDS"]
+__all__ = ["CurriculumSampler", "curriculum_sampler", "find_curriculum_sampler", "restart_curriculum",
+           "score_images", "load_scores", "image_key", "SCORE_KINDS"]
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,58 @@ class CurriculumSampler(Sampler):
     def __iter__(self) -> Iterator[int]:
         # the rank's share of the global stream (which starts at the resume position)
         yield from itertools.islice(self._global_stream(), self._rank, None, self._world_size)
+
+
+def curriculum_sampler(dataset: List[Dict], scores: str, phase_iters: Sequence[int],
+                       phase_fractions: Sequence[float], images_per_iter: Optional[int] = None,
+                       seed: Optional[int] = None) -> CurriculumSampler:
+    """
+    The :class:`CurriculumSampler` of a LazyConfig's training loader (``KD.CURRICULUM``
+    in a yacs config)::
+
+        dataloader.train.sampler = L(curriculum_sampler)(
+            dataset="${..dataset}", scores="scores.json", phase_iters=[60, 120],
+            phase_fractions=[0.5, 0.8])
+
+    Args:
+        dataset: the loader's records: ``"${..dataset}"``, the loader's own dataset LazyCall
+            (the same records in the same order, and overrides of it apply to both).
+        scores: a scores file of ``tools/score_images.py``.
+        images_per_iter: images per iteration, all processes and micro-batches together;
+            ``tools/lazyconfig_train_net.py`` sets it from ``dataloader.train.total_batch_size``.
+    """
+    if images_per_iter is None:
+        raise ValueError("curriculum_sampler needs images_per_iter, the images of one iteration "
+                         "(dataloader.train.total_batch_size): kd_det's tools/lazyconfig_train_net.py sets it; "
+                         "elsewhere set dataloader.train.sampler.images_per_iter")
+    return CurriculumSampler(load_scores(scores, dataset), phase_iters, phase_fractions, int(images_per_iter), seed)
+
+
+def find_curriculum_sampler(data_loader) -> Optional[CurriculumSampler]:
+    """The CurriculumSampler under Detectron2's loader wrappers (aspect-ratio grouping, ToIterableDataset), or None."""
+    obj = data_loader
+    for _ in range(4):
+        sampler = getattr(obj, "sampler", None)
+        if isinstance(sampler, CurriculumSampler):
+            return sampler
+        obj = getattr(obj, "dataset", None)
+    return None
+
+
+def restart_curriculum(trainer, start_iter: int) -> bool:
+    """
+    On resume: restart the curriculum stream of ``trainer`` (a SimpleTrainer or its kind:
+    ``data_loader`` and a running ``_data_loader_iter``) at ``start_iter``'s place in the
+    curriculum, with a new iterator (so that data-loader workers get the updated
+    sampler).  Returns whether its loader has a curriculum.
+    """
+    sampler = find_curriculum_sampler(trainer.data_loader)
+    if sampler is None:
+        return False
+    if start_iter > 0:
+        sampler.set_start_iter(start_iter)
+        trainer._data_loader_iter = iter(trainer.data_loader)
+    return True
 
 
 def load_scores(path: str, dataset_dicts: List[Dict]) -> List[float]:

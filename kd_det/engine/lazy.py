@@ -12,7 +12,7 @@ from detectron2.utils.registry import locate
 
 from ..config import get_kd_cfg
 from ..modeling.lazy_student import kd_node
-from ..utils.lazy import dataset_names, lazy_get
+from ..utils.lazy import dataset_names, is_call_of, lazy_get
 from .accumulation import GradientAccumulationTrainer, micro_batch_size
 from .hooks import TeacherEvalHook, teacher_eval_hook
 
@@ -71,14 +71,18 @@ def build_lazy_trainer(cfg, model: torch.nn.Module, optimizer: torch.optim.Optim
     ``train.grad_accum_steps`` = k > 1 (yacs ``SOLVER.GRAD_ACCUM_STEPS``), a
     :class:`GradientAccumulationTrainer` whose loader yields
     ``dataloader.train.total_batch_size / k`` images per step, so one iteration still
-    sees the whole batch.
+    sees the whole batch.  A ``curriculum_sampler`` of ``dataloader.train`` gets the
+    images of one iteration.
     """
     steps = int(lazy_get(cfg, "train.grad_accum_steps", 1))
-    loader_cfg = cfg.dataloader.train
+    loader_cfg = copy.deepcopy(cfg.dataloader.train)
+    images_per_iter = int(loader_cfg.total_batch_size)
+    if is_call_of(lazy_get(loader_cfg, "sampler"), "curriculum_sampler"):
+        # the curriculum's phases count iterations: all micro-batches of one together
+        loader_cfg.sampler.images_per_iter = images_per_iter
     if steps != 1:
-        loader_cfg = copy.deepcopy(loader_cfg)
-        loader_cfg.total_batch_size = micro_batch_size(int(loader_cfg.total_batch_size), steps,
-                                                       "dataloader.train.total_batch_size", "train.grad_accum_steps")
+        loader_cfg.total_batch_size = micro_batch_size(images_per_iter, steps, "dataloader.train.total_batch_size",
+                                                       "train.grad_accum_steps")
     amp = bool(lazy_get(cfg, "train.amp.enabled", False))
     trainer = (AMPTrainer if amp else SimpleTrainer)(model, instantiate(loader_cfg), optimizer)
     return GradientAccumulationTrainer(trainer, steps, amp=amp) if steps > 1 else trainer

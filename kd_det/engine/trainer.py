@@ -8,7 +8,7 @@ from detectron2.solver.build import get_default_optimizer_params, maybe_add_grad
 from detectron2.utils.registry import Registry
 
 from ..checkpoint import AtomicDetectionCheckpointer
-from ..data.curriculum import CurriculumSampler, load_scores
+from ..data.curriculum import CurriculumSampler, load_scores, restart_curriculum
 from ..evaluation import build_evaluator
 from .accumulation import GradientAccumulationTrainer, micro_batch_cfg
 from .hooks import teacher_eval_hook
@@ -89,12 +89,8 @@ class KDTrainer(DefaultTrainer):
 
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)
-        sampler = _curriculum_sampler(self.data_loader)
-        if sampler is not None and self.start_iter > 0:
-            # the curriculum depends on the iteration: restart the stream where training resumes
-            # (a new iterator, so that data-loader workers get the updated sampler)
-            sampler.set_start_iter(self.start_iter)
-            self._trainer._data_loader_iter = iter(self.data_loader)
+        # the curriculum depends on the iteration: restart its stream where training resumes
+        restart_curriculum(self._trainer, self.start_iter)
 
     def run_step(self):
         try:
@@ -140,17 +136,6 @@ def non_finite_loss_error(error: FloatingPointError, checkpointer, fixes: str = 
     return FloatingPointError(
         "{}\nA loss term above is not finite (NaN/inf); training stopped before the optimizer step. Last complete "
         "checkpoint: {}. {}, then continue with --resume.".format(error, last, fixes))
-
-
-def _curriculum_sampler(data_loader):
-    """The CurriculumSampler under Detectron2's loader wrappers (aspect-ratio grouping, ToIterableDataset), or None."""
-    obj = data_loader
-    for _ in range(4):
-        sampler = getattr(obj, "sampler", None)
-        if isinstance(sampler, CurriculumSampler):
-            return sampler
-        obj = getattr(obj, "dataset", None)
-    return None
 
 
 def get_trainer_class(cfg):

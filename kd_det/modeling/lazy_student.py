@@ -37,6 +37,9 @@ __all__ = ["lazy_distilled_model", "build_distilled_model", "lazy_student_model"
 # KD keys that only the yacs training loop (KDTrainer, tools/train_net.py) reads, or
 # whose meta-architecture (FRSKD self-distillation) is built from a yacs config only.
 _YACS_ONLY_KEYS = ("TRAINER", "CURRICULUM", "SELF")
+# where a LazyConfig says the same
+_LAZY_FORM = {"CURRICULUM": " (in a LazyConfig the curriculum is the training loader's sampler: "
+                            "dataloader.train.sampler = L(kd_det.data.curriculum.curriculum_sampler)(...))"}
 
 
 def _to_dict(node) -> Dict:
@@ -74,7 +77,8 @@ def kd_node(kd: Mapping) -> CfgNode:
     refused = [k for k in _dotted_keys(kd) if k in _YACS_ONLY_KEYS]
     if refused:
         raise ValueError("kd={{...}} of a LazyConfig student sets KD.{}, which only tools/train_net.py's KDTrainer "
-                         "reads (a yacs config). Remove it, or write the student as a yacs config".format(refused[0]))
+                         "reads (a yacs config). Remove it{}, or write the student as a yacs config".format(
+                             refused[0], _LAZY_FORM.get(refused[0], "")))
     node = get_kd_cfg().KD
     try:
         node.merge_from_other_cfg(CfgNode(_ints_as_floats(kd, node)))
