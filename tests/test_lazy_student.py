@@ -322,6 +322,66 @@ def test_lazy_curriculum(tiny_data_root, tmp_path, rcnn_teacher):
         lazy_distilled_model(lazy_student_model(lazy.model), kd={"CURRICULUM": {"ENABLED": True}})
 
 
+LAZY_FRSKD = config_path("synthetic/distill/self_frskd_faster_rcnn_R18_lazy.py")
+
+
+def test_lazy_self_distilled_student_is_the_yaml_one_and_trains(tiny_data_root, tmp_path):
+    """FRSKD from a LazyConfig: the yaml twin's modules (self-teacher, its heads), trained and released without them."""
+    from kd_det.modeling import SelfDistillGeneralizedRCNN
+
+    lazy = LazyConfig.load(LAZY_FRSKD)
+    model = instantiate(lazy.model)
+    yacs = build_model(tiny_cfg("synthetic/distill/self_frskd_faster_rcnn_R18.yaml", tmp_path))
+    assert type(model) is SelfDistillGeneralizedRCNN and _shapes(model) == _shapes(yacs)
+    assert any(k.startswith("kd_self_roi_heads.") for k in _shapes(model))
+    # the self-teacher's heads are initialised on their own, not copies of the student's weights
+    assert not torch.equal(model.kd_self_roi_heads.box_predictor.cls_score.weight,
+                           model.roi_heads.box_predictor.cls_score.weight)
+    assert type(instantiate(lazy_student_model(lazy.model))) is GeneralizedRCNN
+
+    tool = _load_tool()
+    out = tmp_path / "run"
+    opts = ["dataloader.train.dataset.names={}_train".format(TINY_PREFIX),
+            "dataloader.test.dataset.names={}_val".format(TINY_PREFIX), "dataloader.train.total_batch_size=2",
+            "train.output_dir=" + str(out), "train.max_iter=1"]
+    tool.main(tool.default_argument_parser().parse_args(["--config-file", LAZY_FRSKD] + opts))
+    logged = [m for m in metrics_of(out) if "total_loss" in m]
+    assert logged and {"loss_kd_at", "loss_self_cls", "loss_self_rpn_cls"} <= set(logged[-1])
+    released = _load_module("export_student").main(["--config-file", LAZY_FRSKD, "--weights",
+                                                    str(out / "model_final.pth"), "--output-dir",
+                                                    str(tmp_path / "release")] + opts)
+    student = instantiate(LazyConfig.load(released["config"]).model)
+    incompatible = DetectionCheckpointer(student)._load_model(torch.load(released["weights"], weights_only=False))
+    assert type(student) is GeneralizedRCNN and not incompatible.missing_keys and not incompatible.unexpected_keys
+
+
+def test_retinanet_self_distillation_from_built_arguments(tiny_data_root, tmp_path):
+    from detectron2.modeling import RetinaNet
+    from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
+
+    from kd_det.modeling import SelfDistillRetinaNet
+    from kd_det.modeling.lazy_student import build_self_distilled_model, lazy_self_distilled_model
+
+    yacs_cfg = tiny_cfg("synthetic/distill/self_frskd_retinanet_R18.yaml", tmp_path)
+    kd = {"FEATURE": {"LOSS": yacs_cfg.KD.FEATURE.LOSS, "WEIGHT": yacs_cfg.KD.FEATURE.WEIGHT},
+          "SELF": {"SOFT_LABEL_WEIGHT": yacs_cfg.KD.SELF.SOFT_LABEL_WEIGHT}}
+    student = RetinaNet.from_config(yacs_cfg)
+    head = RetinaNetHead(yacs_cfg, [student["backbone"].output_shape()[f] for f in student["head_in_features"]])
+    model = build_self_distilled_model("SelfDistillRetinaNet", kd, self_head=head, **student)
+    assert type(model) is SelfDistillRetinaNet and _shapes(model) == _shapes(build_model(yacs_cfg))
+    assert model.soft_label_weight == yacs_cfg.KD.SELF.SOFT_LABEL_WEIGHT
+    # copied heads take the student's channels: a wider self-teacher is refused by name
+    wide = dict(kd, SELF={"WIDTH_MULTIPLIER": 2.0})
+    with pytest.raises(ValueError, match=r"take \[64\] channels, but the refined maps have 128 "
+                                         r"\(KD.SELF.WIDTH_MULTIPLIER\)"):
+        build_self_distilled_model("SelfDistillRetinaNet", wide, self_head=head, **RetinaNet.from_config(yacs_cfg))
+    # KD.SELF belongs to self-distillation: a distilled (teacher) student refuses it and names the way
+    with pytest.raises(ValueError, match=r"KD.SELF.*lazy_self_distilled_model"):
+        lazy_distilled_model(lazy_student_model(LazyConfig.load(LAZY_SSIM).model), kd={"SELF": {"NORM": "BN"}})
+    with pytest.raises(ValueError, match=r"'DistillRetinaNet' is not a kd_det self-distillation"):
+        lazy_self_distilled_model(L(RetinaNet)(), kd={}, meta_architecture="DistillRetinaNet")
+
+
 def test_clipped_optimizer_clips_each_parameter():
     from kd_det.engine.lazy import clipped_optimizer
 

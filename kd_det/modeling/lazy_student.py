@@ -16,9 +16,11 @@ In the config, a plain student model (``L(GeneralizedRCNN)(...)`` or
 
 and ``model.kd.FEATURE.WEIGHT=1.0`` overrides them on the command line.  The model-level
 ``KD`` keys apply, and ``KD.TEACHER.EVAL_BEFORE_TRAIN``/``MIN_AP``, which
-``tools/lazyconfig_train_net.py`` reads (:func:`kd_det.engine.lazy.lazy_teacher_eval_hook`);
-``KD.CURRICULUM`` and ``KD.TRAINER`` act on tools/train_net.py's KDTrainer only, and
-``KD.SELF`` belongs to the yacs-built FRSKD meta-architectures: they are refused here.
+``tools/lazyconfig_train_net.py`` reads (:func:`kd_det.engine.lazy.lazy_teacher_eval_hook`).
+``KD.TRAINER`` acts on tools/train_net.py's KDTrainer only, and a LazyConfig's curriculum
+is its loader's sampler (:func:`kd_det.data.curriculum.curriculum_sampler`): both are
+refused here.  Teacher-free self-distillation (FRSKD, ``KD.SELF``) is
+:func:`lazy_self_distilled_model`.
 """
 
 import copy
@@ -32,14 +34,16 @@ from omegaconf import DictConfig, OmegaConf
 from ..config import get_kd_cfg
 from .distill_base import DistillMixin
 
-__all__ = ["lazy_distilled_model", "build_distilled_model", "lazy_student_model", "kd_view_of_lazy_student", "kd_node"]
+__all__ = ["lazy_distilled_model", "build_distilled_model", "lazy_self_distilled_model", "build_self_distilled_model",
+           "lazy_student_model", "kd_view_of_lazy_student", "kd_node"]
 
 # KD keys that only the yacs training loop (KDTrainer, tools/train_net.py) reads, or
 # whose meta-architecture (FRSKD self-distillation) is built from a yacs config only.
 _YACS_ONLY_KEYS = ("TRAINER", "CURRICULUM", "SELF")
 # where a LazyConfig says the same
 _LAZY_FORM = {"CURRICULUM": " (in a LazyConfig the curriculum is the training loader's sampler: "
-                            "dataloader.train.sampler = L(kd_det.data.curriculum.curriculum_sampler)(...))"}
+                            "dataloader.train.sampler = L(kd_det.data.curriculum.curriculum_sampler)(...))",
+              "SELF": " (self-distillation, which has no teacher, is lazy_self_distilled_model(student, kd))"}
 
 
 def _to_dict(node) -> Dict:
@@ -71,10 +75,13 @@ def _ints_as_floats(kd: Dict, defaults: CfgNode) -> Dict:
     return out
 
 
-def kd_node(kd: Mapping) -> CfgNode:
-    """kd_det's default ``KD`` node with ``kd`` merged in; unknown and yacs-only keys are errors."""
+def kd_node(kd: Mapping, self_distillation: bool = False) -> CfgNode:
+    """
+    kd_det's default ``KD`` node with ``kd`` merged in; unknown and yacs-only keys are
+    errors (``KD.SELF`` is taken for a ``self_distillation`` student).
+    """
     kd = _to_dict(kd)
-    refused = [k for k in _dotted_keys(kd) if k in _YACS_ONLY_KEYS]
+    refused = [k for k in _dotted_keys(kd) if k in _YACS_ONLY_KEYS and not (self_distillation and k == "SELF")]
     if refused:
         raise ValueError("kd={{...}} of a LazyConfig student sets KD.{}, which only tools/train_net.py's KDTrainer "
                          "reads (a yacs config). Remove it{}, or write the student as a yacs config".format(
@@ -98,6 +105,15 @@ def _distill_class(meta_architecture: str):
         names = sorted(k for k, c in META_ARCH_REGISTRY if isinstance(c, type) and issubclass(c, DistillMixin))
         raise ValueError("{!r} is not a kd_det distillation meta-architecture with a teacher; a LazyConfig student "
                          "is one of {}".format(meta_architecture, names))
+    return cls
+
+
+def _self_distill_class(meta_architecture: str):
+    cls = META_ARCH_REGISTRY.get(meta_architecture) if meta_architecture in dict(META_ARCH_REGISTRY) else None
+    if cls is None or not hasattr(cls, "self_distill_kwargs"):
+        names = sorted(k for k, c in META_ARCH_REGISTRY if hasattr(c, "self_distill_kwargs"))
+        raise ValueError("{!r} is not a kd_det self-distillation meta-architecture; one of {}".format(
+            meta_architecture, names))
     return cls
 
 
@@ -140,6 +156,52 @@ def lazy_distilled_model(student, kd: Mapping, train_datasets: Sequence[str] = (
     return node
 
 
+# the self-teacher heads lazy_self_distilled_model adds: copies of the student's own
+_SELF_HEADS = {"RetinaNet": ("head",), "GeneralizedRCNN": ("proposal_generator", "roi_heads")}
+
+
+def lazy_self_distilled_model(student, kd: Mapping, meta_architecture: str = ""):
+    """
+    The LazyCall of a teacher-free self-distilled student (FRSKD, ``KD.SELF``):
+    ``student`` (a LazyCall of GeneralizedRCNN or RetinaNet, left unchanged) built by
+    :func:`build_self_distilled_model` as ``meta_architecture`` (default "SelfDistill" +
+    the student's class).  The self-teacher's detection heads are copies of the
+    student's own head LazyCalls (``self_head``; ``self_proposal_generator`` and
+    ``self_roi_heads``), initialised on their own, so the refined maps keep the
+    student's channels (``KD.SELF.WIDTH_MULTIPLIER`` 1.0).
+
+    Args:
+        kd: the ``KD`` settings, keyed as the yacs ``KD`` node: ``SELF`` and ``FEATURE``
+            (``AttentionTransferLoss`` as in FRSKD, or ``SSIMFeatureLoss``).
+    """
+    name = _target_name(student)
+    meta_architecture = meta_architecture or "SelfDistill" + name
+    cls = _self_distill_class(meta_architecture)
+    if cls.student_meta_architecture != name or name not in _SELF_HEADS:
+        raise ValueError("meta_architecture {!r} self-distils a {} student, but the LazyCall builds a {}".format(
+            meta_architecture, cls.student_meta_architecture, name))
+    kd_node(kd, self_distillation=True)  # fail when the config loads
+    node = copy.deepcopy(student)
+    node._target_ = build_self_distilled_model
+    node.meta_architecture = meta_architecture
+    node.kd = _to_dict(kd)
+    for head in _SELF_HEADS[name]:
+        node["self_" + head] = copy.deepcopy(student[head])
+    return node
+
+
+def build_self_distilled_model(meta_architecture: str, kd: Mapping, **kwargs) -> torch.nn.Module:
+    """
+    The target of :func:`lazy_self_distilled_model`'s LazyCall: ``meta_architecture``
+    (e.g. SelfDistillRetinaNet) from the student's built arguments, its self-teacher
+    heads (``self_*``) and the self-teacher and feature target of ``kd``.
+    """
+    cls = _self_distill_class(meta_architecture)
+    heads = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith("self_")}
+    cfg = kd_view_of_lazy_student(meta_architecture, kd, (), kwargs)
+    return cls(**cls.self_distill_kwargs(cfg, dict(kwargs), **heads))
+
+
 def kd_view_of_lazy_student(meta_architecture: str, kd: Mapping, train_datasets: Sequence[str],
                             student_kwargs: Mapping) -> CfgNode:
     """
@@ -148,7 +210,7 @@ def kd_view_of_lazy_student(meta_architecture: str, kd: Mapping, train_datasets:
     device, training sets), taken from the built arguments.
     """
     cfg = get_kd_cfg()
-    cfg.KD = kd_node(kd)
+    cfg.KD = kd_node(kd, self_distillation=meta_architecture.startswith("SelfDistill"))
     cfg.MODEL.META_ARCHITECTURE = meta_architecture
     if "num_classes" in student_kwargs:  # RetinaNet
         cfg.MODEL.RETINANET.NUM_CLASSES = int(student_kwargs["num_classes"])
@@ -182,12 +244,14 @@ def lazy_student_model(model):
     returned unchanged.
     """
     target = model.get("_target_", None)
-    if target is not build_distilled_model and target != _qualname(build_distilled_model):
+    builders = (build_distilled_model, build_self_distilled_model)
+    if target not in builders and target not in [_qualname(b) for b in builders]:
         return model
-    cls = _distill_class(model.meta_architecture)
+    self_distilled = target in (build_self_distilled_model, _qualname(build_self_distilled_model))
+    cls = (_self_distill_class if self_distilled else _distill_class)(model.meta_architecture)
     node = copy.deepcopy(model)
-    for key in ("meta_architecture", "kd", "train_datasets"):
-        node.pop(key)
+    for key in [k for k in node.keys() if k in ("meta_architecture", "kd", "train_datasets") or k.startswith("self_")]:
+        del node[key]  # not pop(): it would resolve an interpolation that may point outside this node
     node._target_ = META_ARCH_REGISTRY.get(cls.student_meta_architecture)
     return node
 

@@ -8,7 +8,7 @@ student can also imitate the self-teacher head's class scores (``loss_kd_soft``)
 Everything added lives under ``kd_*`` keys and is dropped at export.
 """
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from detectron2.config import configurable
@@ -52,6 +52,18 @@ class _SelfDistillMixin(KDStudentMixin):
         feature = FeatureDistiller(cfg, shapes, self_teacher.output_shape())
         return dict(ret, self_teacher=self_teacher, feature_distiller=feature, self_head_weight=cfg.KD.SELF.HEAD_WEIGHT,
                     self_detach_input=cfg.KD.SELF.DETACH_INPUT)
+
+    @staticmethod
+    def _check_copied_heads(ret: Dict, levels: List[str]) -> None:
+        """Copies of the student's own heads take its pyramid's channels: the refined maps must have as many."""
+        shapes = ret["backbone"].output_shape()
+        student = {shapes[f].channels for f in levels}
+        width = ret["self_teacher"].width
+        if student != {width}:
+            raise ValueError("the self-teacher's heads are copies of the student's, which take {} channels, but the "
+                             "refined maps have {} (KD.SELF.WIDTH_MULTIPLIER): keep the multiplier at 1.0, or write "
+                             "the student as a yacs config, whose self-teacher heads are built for the refined "
+                             "width".format(sorted(student), width))
 
     def refine(self, features: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """The self-teacher's refined maps of the student's ``features``."""
@@ -101,10 +113,26 @@ class SelfDistillRetinaNet(_SelfDistillMixin, RetinaNet):
 
     @classmethod
     def from_config(cls, cfg):
-        ret = super().from_config(cfg)
-        ret = cls._self_from_config(cfg, ret, cfg.MODEL.RETINANET.IN_FEATURES)
+        return cls.self_distill_kwargs(cfg, super().from_config(cfg))
+
+    @classmethod
+    def self_distill_kwargs(cls, cfg, student_kwargs: Dict, self_head: Optional[nn.Module] = None) -> Dict:
+        """
+        The constructor's arguments: RetinaNet's built ``student_kwargs`` plus the
+        self-teacher, its feature target and its head, from ``cfg.KD``.
+
+        Args:
+            self_head: the self-teacher's head, built elsewhere (a LazyConfig student's: a
+                copy of its own head); None builds one from ``cfg.MODEL.RETINANET``.
+        """
+        levels = list(student_kwargs["head_in_features"])
+        ret = cls._self_from_config(cfg, dict(student_kwargs), levels)
         refined = ret["self_teacher"].output_shape()
-        ret["self_head"] = RetinaNetHead(cfg, [refined[f] for f in cfg.MODEL.RETINANET.IN_FEATURES])
+        if self_head is None:
+            self_head = RetinaNetHead(cfg, [refined[f] for f in levels])
+        else:
+            cls._check_copied_heads(ret, levels)
+        ret["self_head"] = self_head
         ret["soft_label_weight"] = cfg.KD.SELF.SOFT_LABEL_WEIGHT
         ret["soft_label_temperature"] = cfg.KD.SELF.TEMPERATURE
         return ret
@@ -172,14 +200,34 @@ class SelfDistillGeneralizedRCNN(_SelfDistillMixin, GeneralizedRCNN):
 
     @classmethod
     def from_config(cls, cfg):
-        ret = super().from_config(cfg)
-        shapes = ret["backbone"].output_shape()
-        levels = sorted(set(cfg.MODEL.RPN.IN_FEATURES) | set(cfg.MODEL.ROI_HEADS.IN_FEATURES),
-                        key=lambda f: shapes[f].stride)
-        ret = cls._self_from_config(cfg, ret, levels)
+        return cls.self_distill_kwargs(cfg, super().from_config(cfg))
+
+    @classmethod
+    def self_distill_kwargs(cls, cfg, student_kwargs: Dict, self_proposal_generator: Optional[nn.Module] = None,
+                            self_roi_heads: Optional[nn.Module] = None) -> Dict:
+        """
+        The constructor's arguments: GeneralizedRCNN's built ``student_kwargs`` plus the
+        self-teacher, its feature target and its RPN and ROI heads, from ``cfg.KD``.
+
+        Args:
+            self_proposal_generator, self_roi_heads: the self-teacher's heads, built
+                elsewhere (a LazyConfig student's: copies of its own); None builds them from
+                ``cfg.MODEL``.
+        """
+        shapes = student_kwargs["backbone"].output_shape()
+        levels = sorted(set(student_kwargs["proposal_generator"].in_features)
+                        | set(student_kwargs["roi_heads"].in_features), key=lambda f: shapes[f].stride)
+        ret = cls._self_from_config(cfg, dict(student_kwargs), levels)
         refined = ret["self_teacher"].output_shape()
-        ret["self_proposal_generator"] = build_proposal_generator(cfg, refined)
-        ret["self_roi_heads"] = build_roi_heads(cfg, refined)
+        if (self_proposal_generator is None) != (self_roi_heads is None):
+            raise ValueError("give both self-teacher heads (self_proposal_generator, self_roi_heads) or neither")
+        if self_proposal_generator is None:
+            self_proposal_generator, self_roi_heads = build_proposal_generator(cfg, refined), build_roi_heads(
+                cfg, refined)
+        else:
+            cls._check_copied_heads(ret, levels)
+        ret["self_proposal_generator"] = self_proposal_generator
+        ret["self_roi_heads"] = self_roi_heads
         return ret
 
     def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):
