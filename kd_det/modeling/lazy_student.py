@@ -109,7 +109,10 @@ def _distill_class(meta_architecture: str):
 
 
 def _self_distill_class(meta_architecture: str):
-    cls = META_ARCH_REGISTRY.get(meta_architecture) if meta_architecture in dict(META_ARCH_REGISTRY) else None
+    try:
+        cls = META_ARCH_REGISTRY.get(meta_architecture)
+    except KeyError:
+        cls = None
     if cls is None or not hasattr(cls, "self_distill_kwargs"):
         names = sorted(k for k, c in META_ARCH_REGISTRY if hasattr(c, "self_distill_kwargs"))
         raise ValueError("{!r} is not a kd_det self-distillation meta-architecture; one of {}".format(
