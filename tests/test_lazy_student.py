@@ -338,6 +338,9 @@ def test_lazy_self_distilled_student_is_the_yaml_one_and_trains(tiny_data_root, 
     assert not torch.equal(model.kd_self_roi_heads.box_predictor.cls_score.weight,
                            model.roi_heads.box_predictor.cls_score.weight)
     assert type(instantiate(lazy_student_model(lazy.model))) is GeneralizedRCNN
+    from kd_det.engine.lazy import lazy_teacher_eval_hook
+
+    assert lazy_teacher_eval_hook(LazyConfig.apply_overrides(lazy, ["model.kd.SELF.NORM=BN"])) is None  # no teacher
 
     tool = _load_tool()
     out = tmp_path / "run"

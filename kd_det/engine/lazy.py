@@ -1,7 +1,6 @@
 """Pieces for training from Detectron2 LazyConfigs (``tools/lazyconfig_train_net.py``)."""
 
 import copy
-
 from typing import Iterable, Optional, Union
 
 import torch
@@ -56,7 +55,7 @@ def lazy_teacher_eval_hook(cfg) -> Optional[TeacherEvalHook]:
     if kd is None:
         return None
     view = get_kd_cfg()
-    view.KD = kd_node(kd)
+    view.KD = kd_node(kd, self_distillation=True)  # a self-distilled student's KD.SELF; it has no teachers
     view.DATASETS.TEST = dataset_names(lazy_get(cfg, "dataloader.test.dataset.names"))
     view.DATALOADER.NUM_WORKERS = int(lazy_get(cfg, "dataloader.test.num_workers", 0))
     view.OUTPUT_DIR = str(lazy_get(cfg, "train.output_dir", "./output"))
