@@ -356,6 +356,9 @@ def test_lazy_self_distilled_student_is_the_yaml_one_and_trains(tiny_data_root, 
     student = instantiate(LazyConfig.load(released["config"]).model)
     incompatible = DetectionCheckpointer(student)._load_model(torch.load(released["weights"], weights_only=False))
     assert type(student) is GeneralizedRCNN and not incompatible.missing_keys and not incompatible.unexpected_keys
+    row = _load_module("model_zoo").release_run(str(out), str(tmp_path / "zoo"))
+    assert (row["arch"], row["distillation"], row["teacher"]) == (
+        "GeneralizedRCNN", "FRSKD self-distillation (AttentionTransfer)", "")
 
 
 def test_retinanet_self_distillation_from_built_arguments(tiny_data_root, tmp_path):

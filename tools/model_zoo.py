@@ -16,6 +16,7 @@ teacher, schedule, box AP and the checkpoint's SHA-256; ``--torchscript`` and ``
 
 import argparse
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -43,12 +44,12 @@ def _release_yacs(config, weights, dest):
     released = get_cfg()
     released.merge_from_file(out["config"])
     fields = {
-        "arch": cfg.MODEL.META_ARCHITECTURE.replace("Distill", ""),
+        "meta_architecture": cfg.MODEL.META_ARCHITECTURE,
         "backbone": "R-{}-FPN".format(cfg.MODEL.RESNETS.DEPTH),
         "schedule": "{} it x {} img".format(cfg.SOLVER.MAX_ITER, cfg.SOLVER.IMS_PER_BATCH),
         "dataset": "{} / {}".format(",".join(cfg.DATASETS.TRAIN), ",".join(cfg.DATASETS.TEST)),
     }
-    return fields, cfg.KD if cfg.MODEL.META_ARCHITECTURE.startswith("Distill") else None, out, released
+    return fields, cfg.KD, out, released
 
 
 def _release_lazy(config, weights, dest):
@@ -65,19 +66,23 @@ def _release_lazy(config, weights, dest):
     depth = lazy_get(released, "model.backbone.bottom_up.stages.depth")
     backbone = lazy_get(released, "model.backbone._target_", "?")
     fields = {
-        "arch": str(released.model._target_).rsplit(".", 1)[-1],
+        "meta_architecture": str(lazy_get(lazy, "model.meta_architecture", "")) or str(
+            released.model._target_).rsplit(".", 1)[-1],
         "backbone": "R-{}-FPN".format(depth) if depth else str(backbone).rsplit(".", 1)[-1],
         "schedule": "{} it x {} img".format(lazy_get(lazy, "train.max_iter", "?"),
                                            lazy_get(lazy, "dataloader.train.total_batch_size", "?")),
         "dataset": "{} / {}".format(",".join(dataset_names(lazy_get(lazy, "dataloader.train.dataset.names"))),
                                     ",".join(dataset_names(lazy_get(lazy, "dataloader.test.dataset.names")))),
     }
-    kd = lazy_get(lazy, "model.kd")
-    return fields, kd_node(kd) if kd is not None else None, out, released
+    return fields, kd_node(lazy_get(lazy, "model.kd", {}), self_distillation=True), out, released
 
 
-def _methods(kd):
-    """The distillation methods a KD node enables, e.g. ["SSIM (PFI)", "RM"]."""
+def _methods(kd, meta_architecture):
+    """The distillation methods a KD node enables for ``meta_architecture``, e.g. ["SSIM (PFI)", "RM"]."""
+    if meta_architecture.startswith("SelfDistill"):
+        return ["FRSKD self-distillation ({})".format(kd.FEATURE.LOSS.replace("Loss", ""))]
+    if not meta_architecture.startswith("Distill"):
+        return []
     methods = []
     if kd.FEATURE.LOSS:
         methods.append(kd.FEATURE.LOSS.replace("FeatureLoss", "") + (" (PFI)" if kd.PFI.ENABLED else ""))
@@ -117,11 +122,13 @@ def release_run(run_dir, release_dir, torchscript=False, onnx=False):
         deploy.export_torchscript(released, out["weights"], dest)
     if onnx:
         deploy.export_onnx(released, out["weights"], dest)
-    methods = _methods(kd) if kd is not None else []
-    teacher = kd.TEACHER.CONFIG if methods else ""
+    meta_architecture = fields.pop("meta_architecture")
+    methods = _methods(kd, meta_architecture)
+    teacher = kd.TEACHER.CONFIG if meta_architecture.startswith("Distill") else ""
     _, teacher_ap = metric_series(records, "teacher/bbox/AP")  # logged with KD.TEACHER.EVAL_BEFORE_TRAIN
     return dict(fields, **{
         "name": name,
+        "arch": re.sub(r"^(Self)?Distill", "", meta_architecture),
         "distillation": " + ".join(methods) if methods else "none",
         "teacher": teacher,
         "teacher_ap": "{:.2f}".format(teacher_ap[-1]) if teacher and teacher_ap else "-",
