@@ -296,6 +296,12 @@ def test_lazy_curriculum(tiny_data_root, tmp_path, rcnn_teacher):
     dataset = get_detection_dataset_dicts(TINY_PREFIX + "_train")
     assert scores["datasets"] == [TINY_PREFIX + "_train"] and len(scores["scores"]) == len(dataset)
     assert all(v > 0 for v in scores["scores"].values())
+    # ... and tools/visualize_distillation.py maps its feature loss on dataloader.test's set (adapters included)
+    vis = _load_module("visualize_distillation").main([
+        "--config-file", LAZY_SSIM, "--weights", str(tmp_path / "snapshot.pth"), "--num-images", "1",
+        "--output-dir", str(tmp_path / "vis")] + opts)
+    assert vis["dataset"] == TINY_PREFIX + "_val" and vis["feature_loss"] == "SSIMFeatureLoss"
+    assert len(vis["images"]) == 1 and vis["images"][0]["loss"] > 0 and len(vis["images"][0]["levels"]) == 5
 
     config = tmp_path / "curriculum_lazy.py"
     config.write_text(CURRICULUM_CONFIG.format(base=LAZY_SSIM, scores=str(tmp_path / "scores.json")))

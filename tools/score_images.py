@@ -24,54 +24,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def _yacs_setup(args):
-    """The model (snapshot loaded), the training records and a loader over them, and the set names."""
-    from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.data import DatasetMapper, build_detection_test_loader, get_detection_dataset_dicts
-    from detectron2.data import transforms as T
-    from detectron2.modeling import build_model
-
-    from kd_det import get_kd_cfg
-    from kd_det.data import prepare_datasets
-
-    cfg = get_kd_cfg()
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.freeze()
-    prepare_datasets(cfg.DATASETS.TRAIN)
-    model = build_model(cfg)
-    DetectionCheckpointer(model).load(args.snapshot)
-    dataset = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
-    mapper = DatasetMapper(cfg, is_train=True, augmentations=[
-        T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)])
-    loader = build_detection_test_loader(dataset, mapper=mapper, num_workers=cfg.DATALOADER.NUM_WORKERS)
-    return model, loader, list(cfg.DATASETS.TRAIN)
-
-
-def _lazy_setup(args):
-    """:func:`_yacs_setup` for a LazyConfig: dataloader.train's records and mapper, with dataloader.test's resize."""
-    import copy
-
-    from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.config import LazyConfig, instantiate
-    from detectron2.data import build_detection_test_loader
-
-    from kd_det.data import prepare_datasets
-    from kd_det.utils.lazy import dataset_names, lazy_get
-
-    lazy = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
-    names = list(dataset_names(lazy_get(lazy, "dataloader.train.dataset.names")))
-    prepare_datasets(names)
-    model = instantiate(lazy.model)
-    model.to(lazy_get(lazy, "train.device", "cpu"))
-    DetectionCheckpointer(model).load(args.snapshot)
-    mapper = copy.deepcopy(lazy.dataloader.train.mapper)
-    mapper.augmentations = list(lazy_get(lazy, "dataloader.test.mapper.augmentations") or [])
-    loader = build_detection_test_loader(instantiate(lazy.dataloader.train.dataset), mapper=instantiate(mapper),
-                                         num_workers=int(lazy_get(lazy, "dataloader.train.num_workers", 0)))
-    return model, loader, names
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True, help="the training config (yacs .yaml or LazyConfig .py)")
@@ -85,12 +37,13 @@ def main(argv=None):
     import torch
 
     from kd_det.data import score_images
+    from kd_det.utils.snapshot import load_snapshot
 
     if not os.path.isfile(args.snapshot):
         raise SystemExit("no snapshot at {!r}: train the student briefly (e.g. SOLVER.MAX_ITER 50) and pass its "
                          "model_final.pth".format(args.snapshot))
     torch.manual_seed(0)  # RoI sampling in two-stage losses is random
-    model, loader, names = (_lazy_setup if args.config_file.endswith(".py") else _yacs_setup)(args)
+    model, loader, names = load_snapshot(args.config_file, args.opts, args.snapshot, split="train")
     scores = score_images(model, loader, args.score)
     out = {"scores": scores, "score": args.score, "snapshot": os.path.abspath(args.snapshot),
            "config": args.config_file, "datasets": names}

@@ -155,12 +155,12 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
             student_logits = predictions[0]  # per level (N, A*K, H, W)
             teacher_logits = self.teacher.dense_class_logits(all_teacher_features[0])
             if self.pfi:
-                position_weights = self._pfi_weights(student_logits, teacher_logits)
+                position_weights = self.pfi_weights(student_logits, teacher_logits)
             losses.update(self.prediction_losses(head_features, student_logits, teacher_logits, gt_instances))
         losses.update(self.feature_losses(features, all_teacher_features, position_weights))
         return losses
 
-    def _pfi_weights(self, student_logits, teacher_logits) -> List[Optional[torch.Tensor]]:
+    def pfi_weights(self, student_logits, teacher_logits) -> List[Optional[torch.Tensor]]:
         """PFI weights for the feature distiller's levels (uniform on levels the head does not see)."""
         by_level = dict(zip(self.head_in_features, prediction_difference_weights(student_logits, teacher_logits)))
         return [by_level.get(name) for name in self.kd_feature.levels]
