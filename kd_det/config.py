@@ -78,6 +78,9 @@ def add_kd_config(cfg: CN) -> CN:
     cfg.KD.SSIM.NORMALIZE = "minmax"
     # "auto" (fused GPU kernel on CUDA when available, else PyTorch), "torch", "triton".
     cfg.KD.SSIM.IMPL = "auto"
+    # exponents of SSIM's luminance, contrast and structure terms, l^a * c^b * s^g (C3 = C2 / 2):
+    # [1, 1, 1] is SSIM; e.g. [0, 0, 1] imitates structure alone (the fused kernel: [1, 1, 1] only)
+    cfg.KD.SSIM.EXPONENTS = [1.0, 1.0, 1.0]
 
     # Prediction distillation for one-stage students (DistillRetinaNet with a RetinaNet
     # teacher of the same classes and anchors per position).

@@ -215,3 +215,84 @@ def test_losses_keep_full_precision_under_autocast(name, loss):
     for h, e in zip(half, exact):
         assert h.grad.dtype == torch.float16
         assert ((h.grad.float() - e.grad).norm() / e.grad.norm()).item() < 5e-3, name
+
+
+def _windowed_moments(x, y, window_size=11, sigma=1.5):
+    """Local Gaussian-weighted moments by unfolding every full window: an independent route to SSIM's terms."""
+    from kd_det.losses.ssim import gaussian_window_1d
+
+    g = gaussian_window_1d(window_size, sigma, dtype=x.dtype)
+    w2 = (g[:, None] * g[None, :]).flatten()  # (k*k,)
+    n, c, h, w = x.shape
+    out_h, out_w = h - window_size + 1, w - window_size + 1
+
+    def local(z):  # (N, C, H, W) -> (N, C, out_h, out_w) weighted window means
+        cols = F.unfold(z.reshape(n * c, 1, h, w), window_size)  # (N*C, k*k, L)
+        return (cols * w2[None, :, None]).sum(1).reshape(n, c, out_h, out_w)
+
+    mx, my = local(x), local(y)
+    vx, vy, cxy = local(x * x) - mx**2, local(y * y) - my**2, local(x * y) - mx * my
+    return mx, my, vx, vy, cxy
+
+
+def test_ssim_component_exponents_match_wang_et_al():
+    """l^a c^b s^g against the terms computed from unfolded windows; the three terms multiply to SSIM."""
+    x, y = _pair((2, 3, 20, 23), 11, dtype=torch.float64)
+    y = y.clone()
+    y[..., 12:] = 1 - x[..., 12:] + 0.2 * y[..., 12:]  # anti-correlated on the right: negative structure values
+    c1, c2 = 0.01**2, 0.03**2
+    c3 = c2 / 2
+    mx, my, vx, vy, cxy = _windowed_moments(x, y)
+    sxy = (vx.clamp_min(0) * vy.clamp_min(0)).sqrt()
+    lum = (2 * mx * my + c1) / (mx**2 + my**2 + c1)
+    con = (2 * sxy + c2) / (vx + vy + c2)
+    struct = (cxy + c3) / (sxy + c3)
+    assert (struct < 0).any()
+
+    def ours(exponents):
+        return ssim_map(x, y, 11, 1.5, c1, c2, exponents=exponents)
+
+    assert torch.allclose(ours((1, 0, 0)), lum, atol=1e-10)
+    assert torch.allclose(ours((0, 1, 0)), con, atol=1e-10)
+    assert torch.allclose(ours((0, 0, 1)), struct, atol=1e-10)
+    assert torch.allclose(ours((0, 2, 2)), (con * struct) ** 2, atol=1e-10)
+    signed = lum**2 * con.sign() * con.abs() ** 0.5 * struct.sign() * struct.abs() ** 1.5
+    assert torch.allclose(ours((2, 0.5, 1.5)), signed, atol=1e-10)
+    # C3 = C2 / 2 makes the product of the three terms the usual SSIM
+    assert torch.allclose(lum * con * struct, ours((1, 1, 1)), atol=1e-10)
+    assert torch.allclose(ours((1, 1, 1)), ours((1.0, 1.0 + 1e-12, 1.0)), atol=1e-9)  # component path
+
+
+@pytest.mark.parametrize("exponents", [(0, 0, 1), (0, 1, 0), (1, 0, 1), (1, 1, 1)])
+def test_ssim_component_gradients(exponents):
+    x, y = _pair((1, 2, 13, 14), 12, dtype=torch.float64)
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda a: SSIMFeatureLoss(normalize="none", exponents=exponents, impl="torch")([a], [y]), (x,))
+    # identical features: no loss, whatever the terms imitated
+    same = SSIMFeatureLoss(exponents=exponents)([y.clone()], [y])
+    assert abs(same.item()) < 1e-9
+
+
+def test_ssim_structure_term_gradient_is_finite_on_flat_maps():
+    """A flat student window (sigma_x = 0) under a structured teacher: sqrt's gradient at 0 is capped."""
+    teacher = torch.rand(1, 2, 16, 16, generator=torch.Generator().manual_seed(5))
+    student = torch.zeros(1, 2, 16, 16)
+    student[..., :, 8:] = 1.0  # flat halves: zero variance in most windows
+    student.requires_grad_(True)
+    for exponents in ((0, 0, 1), (0, 1, 0), (1, 0, 1)):
+        loss = SSIMFeatureLoss(exponents=exponents)([student], [teacher])
+        (grad,) = torch.autograd.grad(loss, student)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all() and grad.abs().max() < 1e3
+
+
+def test_ssim_exponents_config_and_errors():
+    cfg = get_kd_cfg()
+    cfg.KD.SSIM.EXPONENTS = [0.0, 0.0, 1.0]
+    loss = build_feature_loss(cfg)
+    assert loss.exponents == (0.0, 0.0, 1.0)
+    for bad in ([0, 0, 0], [1, -1, 1], [1, 1]):
+        with pytest.raises(ValueError, match="KD.SSIM.EXPONENTS must be three non-negative"):
+            SSIMFeatureLoss(exponents=bad)
+    with pytest.raises(ValueError, match="computes the full SSIM only.*'auto' or 'torch'"):
+        SSIMFeatureLoss(exponents=(0, 0, 1), impl="triton")

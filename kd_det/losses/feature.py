@@ -14,7 +14,7 @@ from detectron2.config import configurable
 from detectron2.utils.registry import Registry
 
 from .precision import at_least_fp32, full_precision
-from .ssim import minmax_normalize, ssim_map
+from .ssim import FULL_SSIM, check_exponents, minmax_normalize, ssim_map
 
 __all__ = [
     "FEATURE_LOSS_REGISTRY",
@@ -129,16 +129,27 @@ class SSIMFeatureLoss(FeatureLoss):
     ``normalize="none"`` raw features are compared and L is the value range of the
     teacher's map (a constant per map), which keeps C1, C2 at the same relative
     size whatever the feature scale.
+
+    ``exponents`` (alpha, beta, gamma) weigh the luminance, contrast and structure
+    terms, SSIM = l^alpha c^beta s^gamma, for the paper's ablations of its
+    components: (0, 0, 1) imitates structure alone.  The fused kernel computes the
+    full SSIM only; other exponents run in PyTorch.
     """
 
     short_name = "ssim"
 
     @configurable
-    def __init__(self, *, window_size=11, sigma=1.5, k1=0.01, k2=0.03, normalize="minmax", impl="auto"):
+    def __init__(self, *, window_size=11, sigma=1.5, k1=0.01, k2=0.03, normalize="minmax", impl="auto",
+                 exponents=FULL_SSIM):
         if normalize not in ("minmax", "none"):
             raise ValueError("KD.SSIM.NORMALIZE must be 'minmax' or 'none', got {!r}".format(normalize))
         if impl not in ("auto", "torch", "triton"):
             raise ValueError("KD.SSIM.IMPL must be 'auto', 'torch' or 'triton', got {!r}".format(impl))
+        self.exponents = check_exponents(exponents)
+        if impl == "triton" and self.exponents != FULL_SSIM:
+            raise ValueError("KD.SSIM.IMPL 'triton' (the fused kernel) computes the full SSIM only, but "
+                             "KD.SSIM.EXPONENTS is {}; set KD.SSIM.IMPL to 'auto' or 'torch'".format(
+                                 list(self.exponents)))
         self.window_size = window_size
         self.sigma = sigma
         self.k1 = k1
@@ -155,6 +166,7 @@ class SSIMFeatureLoss(FeatureLoss):
             "k2": cfg.KD.SSIM.K2,
             "normalize": cfg.KD.SSIM.NORMALIZE,
             "impl": cfg.KD.SSIM.IMPL,
+            "exponents": cfg.KD.SSIM.EXPONENTS,
         }
 
     def _constants(self, teacher: torch.Tensor):
@@ -168,10 +180,10 @@ class SSIMFeatureLoss(FeatureLoss):
         if self.normalize == "minmax":
             student, teacher = minmax_normalize(student), minmax_normalize(teacher)
         c1, c2 = self._constants(teacher)
-        return (1.0 - ssim_map(student, teacher, self.window_size, self.sigma, c1, c2)) / 2.0
+        return (1.0 - ssim_map(student, teacher, self.window_size, self.sigma, c1, c2, self.exponents)) / 2.0
 
     def level_loss(self, student, teacher, position_weight=None):
-        if position_weight is None and _use_fused_ssim(self.impl, student):
+        if position_weight is None and self.exponents == FULL_SSIM and _use_fused_ssim(self.impl, student):
             from .ssim_triton import fused_ssim_feature_loss
 
             return fused_ssim_feature_loss(student, teacher, self.window_size, self.sigma, self.k1, self.k2,

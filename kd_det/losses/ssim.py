@@ -9,12 +9,16 @@ uses the largest odd window that fits (same sigma, renormalised), so every FPN
 level, P6/P7 of small inputs included, gets a score.
 """
 
-from typing import Tuple
+from typing import Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["gaussian_window_1d", "effective_window_sizes", "ssim_map", "minmax_normalize"]
+__all__ = ["gaussian_window_1d", "effective_window_sizes", "ssim_map", "minmax_normalize", "FULL_SSIM",
+           "check_exponents"]
+
+#: (luminance, contrast, structure) exponents of the usual SSIM
+FULL_SSIM = (1.0, 1.0, 1.0)
 
 
 def gaussian_window_1d(size: int, sigma: float, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -50,6 +54,60 @@ def _separable_blur(x: torch.Tensor, win_h: torch.Tensor, win_w: torch.Tensor) -
     return F.conv2d(x, win_h.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
+def check_exponents(exponents: Sequence[float]) -> Tuple[float, float, float]:
+    """``exponents`` as a (luminance, contrast, structure) tuple; ValueError unless three, >= 0, one > 0."""
+    values = tuple(float(e) for e in exponents)
+    if len(values) != 3 or min(values) < 0 or max(values) == 0:
+        raise ValueError("KD.SSIM.EXPONENTS must be three non-negative exponents (luminance, contrast, structure), "
+                         "not all 0, e.g. [1.0, 1.0, 1.0] for SSIM or [0.0, 0.0, 1.0] for its structure term "
+                         "alone; got {}".format(list(exponents)))
+    return values
+
+
+class _SqrtBoundedGrad(torch.autograd.Function):
+    """sqrt(x) of x >= 0, exact; its gradient 1 / (2 sqrt(x)) is taken at max(sqrt(x), floor)."""
+
+    @staticmethod
+    def forward(ctx, x, floor):
+        root = x.clamp_min(0).sqrt()
+        ctx.save_for_backward(root, floor)
+        return root
+
+    @staticmethod
+    def backward(ctx, grad):
+        root, floor = ctx.saved_tensors
+        return grad / (2 * torch.maximum(root, floor)), None
+
+
+def _power(x: torch.Tensor, exponent: float) -> torch.Tensor:
+    """x ** exponent, sign kept (structure and, on raw features, luminance can be negative)."""
+    if exponent == 1.0:
+        return x
+    if float(exponent).is_integer():
+        return x.pow(exponent)
+    return x.sign() * x.abs().pow(exponent)
+
+
+def _components(mu_xx, mu_yy, mu_xy, sigma_xx, sigma_yy, sigma_xy, c1, c2, exponents):
+    """l^a * c^b * s^g (Wang et al. 2004, with C3 = C2 / 2), computing only the terms used."""
+    a, b, g = exponents
+    c3 = c2 / 2
+    out = 1.0
+    if a:
+        out = out * _power((2 * mu_xy + c1) / (mu_xx + mu_yy + c1), a)
+    if b == g:  # c * s = (2 sigma_xy + C2) / (sigma_x^2 + sigma_y^2 + C2): no square root
+        return out * _power((2 * sigma_xy + c2) / (sigma_xx + sigma_yy + c2), b) if b else out
+    # sigma_x * sigma_y; below C3 (which dominates the structure term's denominator there) the
+    # square root's unbounded gradient at 0 is capped, its value is not
+    floor = torch.as_tensor(c3, dtype=sigma_xx.dtype, device=sigma_xx.device)
+    sigma_x_sigma_y = _SqrtBoundedGrad.apply(sigma_xx.clamp_min(0) * sigma_yy.clamp_min(0), floor)
+    if b:
+        out = out * _power((2 * sigma_x_sigma_y + c2) / (sigma_xx + sigma_yy + c2), b)
+    if g:
+        out = out * _power((sigma_xy + c3) / (sigma_x_sigma_y + c3), g)
+    return out
+
+
 def ssim_map(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -57,6 +115,7 @@ def ssim_map(
     sigma: float = 1.5,
     c1: float = 0.01**2,
     c2: float = 0.03**2,
+    exponents: Sequence[float] = FULL_SSIM,
 ) -> torch.Tensor:
     """
     Local SSIM between ``x`` and ``y``.
@@ -66,6 +125,9 @@ def ssim_map(
         window_size, sigma: the Gaussian window.
         c1, c2: stability constants; scalars, or tensors broadcastable to
             (N, C, 1, 1) (per-map constants).
+        exponents: (alpha, beta, gamma) of the luminance, contrast and structure
+            terms, SSIM = l^alpha * c^beta * s^gamma (Wang et al. 2004, C3 = C2 / 2);
+            (1, 1, 1) is the usual SSIM, (0, 0, 1) its structure term alone.
 
     Returns:
         (N, C, H - kh + 1, W - kw + 1) SSIM values, with (kh, kw) from
@@ -86,6 +148,9 @@ def ssim_map(
     sigma_xx = e_xx - mu_xx
     sigma_yy = e_yy - mu_yy
     sigma_xy = e_xy - mu_xy
+    exponents = check_exponents(exponents)
+    if exponents != FULL_SSIM:
+        return _components(mu_xx, mu_yy, mu_xy, sigma_xx, sigma_yy, sigma_xy, c1, c2, exponents)
     num = (2 * mu_xy + c1) * (2 * sigma_xy + c2)
     den = (mu_xx + mu_yy + c1) * (sigma_xx + sigma_yy + c2)
     return num / den
