@@ -89,7 +89,10 @@ def measure(fn, iters, warmup, device):
 
 def train_step_fn(model, batch):
     model.train()
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    # lr 0: the update runs (its cost is part of a step) but the weights stay put.  With random
+    # weights even lr 1e-6 let an imitation loss's gradient blow the student up (NaN boxes in
+    # the RPN within a few steps on the GPU), and every timed step should be the same step
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
     from detectron2.utils.events import EventStorage
 
     storage = EventStorage(0)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the lent GPU machine (device tool), from the repository root, with .whl carried:
 #
-#   bash benchmarks/gpu/run_suite.sh tests sanitize ssim sweep step step-fast accuracy-faster_rcnn accuracy-retinanet
+#   bash benchmarks/gpu/run_suite.sh tests sanitize ssim profile sweep step step-fast accuracy-faster_rcnn accuracy-retinanet
 #
 # Installs the carried wheels (benchmarks/gpu/prepare_wheels.sh) into a private folder
 # without touching the image's packages, then runs the named stages in order.  Every
@@ -50,6 +50,7 @@ for stage in "$@"; do
         tests)    run_tests ;;
         ssim)     "$PY" benchmarks/bench_ssim.py --json "$OUT/ssim.json" ;;
         sweep)    "$PY" benchmarks/sweep_ssim_triton.py --json "$OUT/sweep.json" ;;
+        profile)  "$PY" benchmarks/profile_ssim_triton.py --json "$OUT/profile.json" ;;
         # memcheck of the kernels on exact-size allocations (the caching allocator's blocks
         # would hide reads past a tensor's end); tests/interpreter_bounds.py checks the same
         # on the CPU, at the interpreter's block sizes
@@ -60,7 +61,7 @@ for stage in "$@"; do
         step-fast) "$PY" benchmarks/bench_step.py --teacher-autocast bf16 --channels-last --json "$OUT/step-fast.json" ;;
         accuracy-*) "$PY" benchmarks/bench_accuracy.py --setting gpu --arch "${stage#accuracy-}" \
                         --output-root /tmp/kd_det_bench_accuracy --json "$OUT/$stage.json" ;;
-        *) echo "unknown stage $stage (tests sanitize ssim sweep step step-fast accuracy-<arch>)"; false ;;
+        *) echo "unknown stage $stage (tests sanitize ssim profile sweep step step-fast accuracy-<arch>)"; false ;;
     esac >>"$LOG" 2>&1
     rc=$?
     [ $rc -eq 0 ] || status=$rc

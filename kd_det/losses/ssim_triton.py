@@ -20,8 +20,10 @@ columns of one (image, channel) plane, row by row:
     window (``tl.dot``), one completing the previous tile of output rows, one
     starting the current.
 
-  Which is fastest is for ``benchmarks/sweep_ssim_triton.py`` on the GPU to say;
-  ``benchmarks/ssim_kernel_resources.py --sass`` counts their instructions without one.
+  On the H100 the unrolled pass is the fastest (``benchmarks/sweep_ssim_triton.py``,
+  benchmarks/RESULTS.md): forward + backward of issue 9's pyramid in 13.8 ms against
+  15.4 (band) and 21.4 (ring) in one sweep; ``benchmarks/ssim_kernel_resources.py --sass``
+  counts their instructions without a GPU.
 
 Forward reads nothing but the input planes and writes one partial sum per program.
 Backward recomputes the statistics the same way and writes the three SSIM
@@ -47,6 +49,7 @@ gradients, on the GPU and, on CPU-only machines, in Triton's interpreter
 """
 
 import contextlib
+import functools
 import os
 from typing import NamedTuple
 
@@ -670,9 +673,19 @@ if triton is not None:
         tl.store(grad_ptr + base + offs, (g + add).to(grad_ptr.dtype.element_ty), mask=m)
 
 
+def _cdiv(a: int, b: int) -> int:
+    # not triton.cdiv: a jitted function, called from the host it costs microseconds a call,
+    # and the launches of one loss call it dozens of times
+    return -(-a // b)
+
+
 def _plane_values(value, planes: int, device) -> torch.Tensor:
     """A scalar or N*C values as one fp32 value per (image, channel) plane."""
-    t = torch.as_tensor(value, dtype=torch.float32, device=device)
+    if not torch.is_tensor(value):
+        # a fill on the device: torch.as_tensor of a Python number would copy it from host
+        # memory, and PyTorch waits for such a copy, stalling the launch queue once per level
+        return torch.full((planes,), float(value), dtype=torch.float32, device=device)
+    t = value.to(device=device, dtype=torch.float32)
     return t.expand(planes).contiguous() if t.dim() == 0 else t.reshape(planes).contiguous()
 
 
@@ -695,12 +708,14 @@ def _derivative_maps(planes: int, ho: int, wo: int, pad: int, device) -> torch.T
     # L a multiple of 32 values: each map starts 128-byte aligned, as Triton's
     # specialisation on pointer alignment would otherwise compile a kernel per case
     length = -(-(planes * ho * ds + ds) // 32) * 32
+    rows = planes * ho
     d_maps = torch.empty((3, length), dtype=torch.float32, device=device)
-    d_maps[:, planes * ho * ds:].zero_()
+    d_maps[:, rows * ds:].zero_()
     if pad:
-        d_planes = d_maps[:, :planes * ho * ds].view(3, planes, ho, ds)
-        d_planes[..., :pad].zero_()
-        d_planes[..., pad + wo:].zero_()
+        d_maps[:, :pad].zero_()
+        # a row's right padding and the next row's left padding are adjacent: one fill of
+        # rows runs of 2 pad values (the last run ends in the zero row), not two of pad
+        d_maps.as_strided((3, rows, 2 * pad), (length, ds, 1), d_maps.storage_offset() + pad + wo).zero_()
     return d_maps
 
 
@@ -727,7 +742,7 @@ class _KernelConfig(NamedTuple):
         return min(kh, self.row_unroll) if self.row_unroll > 0 else kh
 
     def grid(self, planes, rows, cols):
-        col_blocks, row_blocks = triton.cdiv(cols, self.block_w), triton.cdiv(rows, self.rows)
+        col_blocks, row_blocks = _cdiv(cols, self.block_w), _cdiv(rows, self.rows)
         return planes * col_blocks * row_blocks, col_blocks, row_blocks
 
     def launch_stats(self, planes, x, y, norm, window, c1, c2, partial, d_mu, d_exx, d_exy, h, w, ho, wo, ds,
@@ -744,7 +759,7 @@ class _KernelConfig(NamedTuple):
             _ssim_stats_unrolled_kernel[(grid,)](x, y, norm, c1, c2, partial, d_mu, d_exx, d_exy, *sizes,
                                                  WV=window.wv, UNROLL=self.unroll(len(window.wv)), **common)
             return
-        args = (x, y, norm, window.wv_tensor, c1, c2, partial, d_mu, d_exx, d_exy) + sizes
+        args = (x, y, norm, window.taps_on(x.device), c1, c2, partial, d_mu, d_exx, d_exy) + sizes
         if self.vertical_pass == "band":
             _ssim_stats_band_kernel[(grid,)](*args, KH=len(window.wv), TILE=TILE_ROWS,
                                              DOT_PRECISION=self.dot_precision, num_stages=self.band_num_stages,
@@ -767,7 +782,7 @@ class _KernelConfig(NamedTuple):
                                                 h, w, ho, wo, ds, planes * ho * ds, col_blocks, row_blocks,
                                                 WV=window.wv, UNROLL=self.unroll(len(window.wv)), **common)
             return
-        args = (x, y, norm, d_mu, d_exx, d_exy, window.wv_tensor, scale, grad, partial) + sizes
+        args = (x, y, norm, d_mu, d_exx, d_exy, window.taps_on(x.device), scale, grad, partial) + sizes
         if self.vertical_pass == "band":
             _ssim_grad_band_kernel[(grid,)](*args, KH=len(window.wv), TILE=TILE_ROWS,
                                             DOT_PRECISION=self.dot_precision, num_stages=self.band_num_stages,
@@ -777,18 +792,26 @@ class _KernelConfig(NamedTuple):
 
 
 class _Window(NamedTuple):
-    """The separable Gaussian window: its taps as Python floats (compile-time constants of the
-    kernels, one compilation per window) and the vertical taps as a tensor (ring and band passes)."""
+    """The separable Gaussian window: its taps as Python floats, compile-time constants of the
+    kernels (one compilation per window)."""
 
     wh: tuple
     wv: tuple
-    wv_tensor: torch.Tensor
 
     @classmethod
-    def of(cls, kh, kw, sigma, device):
-        # computed on the CPU (no device sync); .tolist() keeps the fp32 values exactly
+    @functools.lru_cache(maxsize=64)
+    def of(cls, kh, kw, sigma):
+        # computed on the CPU: .tolist() keeps the fp32 values exactly, with no device sync.
+        # Memoised: the tuples are immutable, and building them with torch ops costs more host
+        # time per level than launching the kernel
         wh, wv = gaussian_window_1d(kw, sigma, "cpu"), gaussian_window_1d(kh, sigma, "cpu")
-        return cls(tuple(wh.tolist()), tuple(wv.tolist()), wv.to(device))
+        return cls(tuple(wh.tolist()), tuple(wv.tolist()))
+
+    def taps_on(self, device) -> torch.Tensor:
+        """The vertical taps as a tensor, which the ring and band passes read.  Made only for
+        them: the copy from host memory makes PyTorch wait for the device (the default
+        unrolled pass launches with none)."""
+        return torch.tensor(self.wv, dtype=torch.float32, device=device)
 
 
 def _on_device_of(t: torch.Tensor):
@@ -821,7 +844,7 @@ class _FusedSSIMMean(torch.autograd.Function):
         ho, wo = h - kh + 1, w - kw + 1
         x = x.contiguous().view(planes, h, w)
         y = y.contiguous().view(planes, h, w)
-        window = _Window.of(kh, kw, sigma, x.device)
+        window = _Window.of(kh, kw, sigma)
         c1 = _plane_values(c1, planes, x.device)
         c2 = _plane_values(c2, planes, x.device)
         norm = torch.zeros((planes, NORM_STRIDE), dtype=torch.float32, device=x.device)
@@ -850,26 +873,32 @@ class _FusedSSIMMean(torch.autograd.Function):
         planes = n * c
         scale = (grad_out.float() / count).reshape(1)
         grad = torch.empty_like(x)
-        # per program: sum g'x', sum g', #(x == min), #(x == max) (normalisation only)
-        sums = torch.zeros((planes, 4), dtype=torch.float32, device=x.device)
+        # per plane: sum g'x', sum g', #(x == min), #(x == max) (normalisation only)
+        sums = torch.zeros((planes, 4), dtype=torch.float32, device=x.device) if normalize else None
         # derivative maps with kw - 1 zero columns either side, and a zero row after the last
-        # plane: the gradient pass reads them without per-tap masks
+        # plane: the gradient pass reads them without per-tap masks.  One set serves every
+        # chunk: the kernels write only the planes' interiors, so the padding stays zero
         pad = kw - 1
         ds = wo + 2 * pad
-        chunk = max(1, BACKWARD_CHUNK_BYTES // max(1, 3 * 4 * ho * ds))
+        chunk = min(planes, max(1, BACKWARD_CHUNK_BYTES // max(1, 3 * 4 * ho * ds)))
+        d_maps = _derivative_maps(chunk, ho, wo, pad, x.device)
+        d_mu, d_exx, d_exy = d_maps.unbind(0)
         for p0 in range(0, planes, chunk):
             p1 = min(planes, p0 + chunk)
+            if p1 - p0 < chunk:
+                # a shorter last chunk's zero row is a row of the previous chunk's planes
+                d_maps[:, (p1 - p0) * ho * ds:(p1 - p0) * ho * ds + ds].zero_()
             cx, cy, cnorm, cgrad = x[p0:p1], y[p0:p1], norm[p0:p1], grad[p0:p1]
-            d_maps = _derivative_maps(p1 - p0, ho, wo, pad, x.device)
-            d_mu, d_exx, d_exy = d_maps.unbind(0)
             config.launch_stats(p1 - p0, cx, cy, cnorm, window, c1[p0:p1], c2[p0:p1], d_mu, d_mu, d_exx, d_exy,
                                 h, w, ho, wo, ds, True, normalize)
-            partial = torch.empty((config.grid(p1 - p0, h, w)[0], 4), dtype=torch.float32, device=x.device)
+            # per program: the four sums above; without normalisation the kernel stores none
+            partial = (torch.empty((config.grid(p1 - p0, h, w)[0], 4), dtype=torch.float32, device=x.device)
+                       if normalize else scale)
             config.launch_grad(p1 - p0, cx, cy, cnorm, d_mu, d_exx, d_exy, window, scale, cgrad, partial,
                                h, w, ho, wo, ds, normalize)
             if normalize:
                 sums[p0:p1] = partial.view(p1 - p0, -1, 4).sum(1)
-            del d_maps, d_mu, d_exx, d_exy
+        del d_maps, d_mu, d_exx, d_exy
         if normalize:
             # x' = (x - lo) * inv, inv = 1 / clamp_min(hi - lo, eps):
             # dL/dlo = inv * (u * sum g'x' - sum g'), dL/dhi = -u * inv * sum g'x', u = [hi - lo >= eps];
@@ -878,7 +907,7 @@ class _FusedSSIMMean(torch.autograd.Function):
             inv, u = norm[:, 1], unclamped.float()
             fix = torch.stack([norm[:, 0], norm[:, 4], inv * (u * sum_gx - sum_g) / n_lo,
                                -u * inv * sum_gx / n_hi], dim=1).contiguous()
-            n_blocks = triton.cdiv(h * w, FIXUP_BLOCK)
+            n_blocks = _cdiv(h * w, FIXUP_BLOCK)
             _minmax_grad_fixup_kernel[(planes * n_blocks,)](x, grad, fix, h * w, n_blocks, BLOCK=FIXUP_BLOCK)
         return grad.view(n, c, h, w), None, None, None, None, None, None
 
