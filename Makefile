@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.kd_det_installed
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test bench clean-output
+.PHONY: install demo test test-fast test-numeric-matrix bench clean-output
 
 install: $(STAMP)
 
@@ -24,6 +24,14 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+# the tests without the slow integration ones (training, export, evaluation): a developer's loop
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests
+
+# the numeric tests again with other CPU kernels than this machine's own (CI runs it after `test`)
+test-numeric-matrix: install
+	PY=$(PY) .ci/numeric_matrix
 
 clean-output:
 	rm -rf output demo_report

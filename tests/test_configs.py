@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 from conftest import REPO
+from tolerances import U32, assert_within
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import MetadataCatalog
@@ -117,6 +118,7 @@ def test_student_fits_its_teachers(path, monkeypatch):
 @pytest.mark.parametrize("path", ["configs/COCO-Distillation/ssim_faster_rcnn_R50_to_R18_1x.yaml",
                                   "configs/PascalVOC-Distillation/rm_pfi_retinanet_R50_to_R18.yaml",
                                   "configs/COCO-Distillation/ssim_faster_rcnn_R101LSJ_to_R18_1x.yaml"])
+@pytest.mark.slow
 def test_full_size_distillation_config_trains_a_step(path, tmp_path, monkeypatch):
     """
     The real-dataset configs as shipped (R-50 teacher, R-18 student, full widths; a model-zoo
@@ -155,6 +157,7 @@ def _one_full_size_step(student, num_classes):
     assert all(p.grad is not None for n, p in student.named_parameters() if n.startswith("backbone.bottom_up.res5"))
 
 
+@pytest.mark.slow
 def test_full_size_lazy_distillation_config_trains_a_step(tmp_path, monkeypatch):
     """The COCO SSIM LazyConfig as shipped (model-zoo R-101 teacher config, R-18 student) builds and trains on a CPU."""
     from detectron2.config import LazyConfig, instantiate
@@ -218,6 +221,7 @@ def _dotted(obj, name):
     return list(obj) if isinstance(obj, tuple) else obj
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("name", ["rm_pfi_retinanet_R101_to_R18_1x", "ssim_faster_rcnn_R101_to_R18_1x"])
 def test_coco_lazy_config_is_its_yaml_twin(name, monkeypatch):
     """
@@ -251,7 +255,11 @@ def test_coco_lazy_config_is_its_yaml_twin(name, monkeypatch):
                if hasattr(m, "anchor_generator")][0].anchor_generator
     twin_anchors = [m for m in (twin, getattr(twin, "proposal_generator", None))
                     if hasattr(m, "anchor_generator")][0].anchor_generator
-    assert all(torch.allclose(a, b, rtol=0, atol=1e-4) for a, b in zip(anchors.cell_anchors, twin_anchors.cell_anchors))
+    # the sizes are written differently (decimal literals vs x * 2 ** (k / 3), one float64 ulp
+    # apart at most); Detectron2 computes cell anchors in float64 and rounds them to float32 once,
+    # so the twins' anchors differ by at most one rounding each: 2 u |a|
+    for a, b in zip(anchors.cell_anchors, twin_anchors.cell_anchors):
+        assert_within(a, b, 2 * U32 * b.double().abs(), "cell anchors")
     assert [c.__class__ for c in student.backbone.bottom_up.modules()] == [
         c.__class__ for c in twin.backbone.bottom_up.modules()]  # BasicBlocks, FrozenBN
     frozen = {n for n, p in student.named_parameters() if not p.requires_grad}
@@ -277,7 +285,9 @@ def test_coco_lazy_config_is_its_yaml_twin(name, monkeypatch):
         if it < yacs.SOLVER.WARMUP_ITERS:
             alpha = it / yacs.SOLVER.WARMUP_ITERS
             expected *= yacs.SOLVER.WARMUP_FACTOR * (1 - alpha) + alpha
-        assert schedule(it / lazy.train.max_iter) == pytest.approx(expected, rel=1e-6), it
+        # Python floats (the same on every machine); the two schedules order their few operations
+        # differently: at most 16 float64 roundings on either side
+        assert schedule(it / lazy.train.max_iter) == pytest.approx(expected, rel=32 * 2.0**-53), it
     from kd_det.compat import has_cpp_ops
 
     assert lazy.dataloader.evaluator.use_fast_impl == has_cpp_ops()  # pure-Python Detectron2: pycocotools

@@ -73,6 +73,7 @@ def test_load_scores_errors(tmp_path):
     assert load_scores(str(full), records) == [0.5, 0.25]
 
 
+@pytest.mark.slow
 def test_score_tool_then_curriculum_training(tiny_data_root, tmp_path):
     """tools/score_images.py with a snapshot, then KDTrainer feeding the easiest images first."""
     config = "synthetic/faster_rcnn_R_18_FPN.yaml"

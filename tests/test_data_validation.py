@@ -83,6 +83,7 @@ def test_unreadable_image(tmp_path):
     validate_coco_json(_write(tmp_path, data), root, check_images=False)  # annotation-only mode
 
 
+@pytest.mark.slow
 def test_train_net_refuses_a_broken_dataset_before_training(tmp_path):
     data, root = _dataset(tmp_path)
     bad = _write(tmp_path, _broken(data, CASES["box outside image"][0]))
@@ -224,6 +225,7 @@ def test_registered_voc_dataset_is_checked_for_its_evaluator(tmp_path):
         validate_registered_datasets(["kd_test_voc_year"], voc_evaluated=["kd_test_voc_year"])
 
 
+@pytest.mark.slow
 def test_train_net_checks_an_evaluated_voc_dataset_for_its_evaluator(tmp_path):
     """The same VOC split trains (no <difficult> needed) but is refused as a VOC-evaluated test set."""
     root = _voc_dataset(tmp_path)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import config_path
 from test_distill import _one_step, distill_cfg
+from tolerances import ELEMENTARY, Bounded, assert_bounded, assert_within, gamma, unit_roundoff
 
 from detectron2.data import build_detection_train_loader
 from detectron2.modeling import build_model
@@ -17,28 +18,48 @@ from kd_det.losses.prediction import prediction_difference_weights, rank_mimicki
 from kd_det.modeling.distill_retinanet import match_anchors
 
 RETINA_TEACHER = "synthetic/retinanet_R_50_FPN.yaml"
+DTYPES = [torch.float32, torch.float64]
 
 
 def _direct_rm(s_logits, t_logits, matched, gt_classes, temperature):
-    """Rank mimicking written object by object, as the paper states it."""
+    """Rank mimicking written object by object, as the paper states it (Python floats: float64)."""
     per_object = []
     for i, classes in enumerate(gt_classes):
         for g, c in enumerate(classes.tolist()):
             idx = [r for r in range(matched.shape[1]) if matched[i, r] == g]
             if not idx:
                 continue
-            ps = [math.exp(torch.sigmoid(s_logits[i, r, c]).item() / temperature) for r in idx]
-            pt = [math.exp(torch.sigmoid(t_logits[i, r, c]).item() / temperature) for r in idx]
+            ps, pt = ([math.exp(torch.sigmoid(x[i, r, c].double()).item() / temperature)
+                       for r in idx] for x in (s_logits, t_logits))
             ps = [p / sum(ps) for p in ps]
             pt = [p / sum(pt) for p in pt]
             per_object.append(sum(b * math.log(b / a) for a, b in zip(ps, pt)))
     return sum(per_object) / len(per_object)
 
 
-def _rm_case():
+def _log_softmax_bounded(x: Bounded, dim=-1) -> Bounded:
+    """x - max - log(sum(exp(x - max))): the max-shifted log-sum-exp of log_softmax."""
+    shifted = x - x.amax(dim, keepdim=True)
+    return shifted - shifted.exp().sum(dim, keepdim=True).log()
+
+
+def _rm_bounded(s_logits, t_logits, matched, gt_classes, temperature, dtype) -> Bounded:
+    """rank_mimicking_loss's operations: per object, KL of the log-softmaxes of sigmoid / T."""
+    per_object = []
+    for i, classes in enumerate(gt_classes):
+        for g, c in enumerate(classes.tolist()):
+            idx = (matched[i] == g).nonzero().flatten()
+            if len(idx):
+                ls, lt = (_log_softmax_bounded(Bounded.exact(x[i, idx, c], dtype).sigmoid()
+                                               / temperature) for x in (s_logits, t_logits))
+                per_object.append((lt.exp() * (lt - ls)).sum())
+    return Bounded.stack(per_object).mean()
+
+
+def _rm_case(dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
-    s = torch.randn(2, 12, 3, generator=g, dtype=torch.float64) * 2
-    t = torch.randn(2, 12, 3, generator=g, dtype=torch.float64) * 2
+    s = (torch.randn(2, 12, 3, generator=g) * 2).to(dtype)
+    t = (torch.randn(2, 12, 3, generator=g) * 2).to(dtype)
     matched = torch.full((2, 12), -1, dtype=torch.long)
     matched[0, [0, 3, 5]] = 0        # object 0 of image 0: three anchors
     matched[0, [7]] = 1              # object 1: a single anchor
@@ -47,30 +68,58 @@ def _rm_case():
     return s, t, matched, gt_classes
 
 
+@pytest.mark.numeric
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("temperature", [1.0, 0.25])
-def test_rank_mimicking_equals_direct_computation(temperature):
-    s, t, matched, gt_classes = _rm_case()
+def test_rank_mimicking_equals_direct_computation(temperature, dtype):
+    """Against the paper's formula in float64: within the bound of its log-sum-exps and sums."""
+    s, t, matched, gt_classes = _rm_case(dtype)
     got = rank_mimicking_loss(s, t, matched, gt_classes, temperature)
     want = _direct_rm(s, t, matched, gt_classes, temperature)
-    assert got.item() == pytest.approx(want, rel=1e-6)
+    bound = _rm_bounded(s, t, matched, gt_classes, temperature, dtype)
+    assert_bounded(got, bound, "RM", reference=want)
     assert got.item() > 0
 
 
-def test_rank_mimicking_zero_when_student_equals_teacher():
-    s, _, matched, gt_classes = _rm_case()
+@pytest.mark.numeric
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rank_mimicking_zero_when_student_equals_teacher(dtype):
+    s, _, matched, gt_classes = _rm_case(dtype)
     s.requires_grad_(True)
     loss = rank_mimicking_loss(s, s.detach().clone(), matched, gt_classes)
-    assert abs(loss.item()) < 1e-12
+    # exact: the same operations on the same values, the same log-softmaxes: log p_t - log p_s = 0
+    assert loss.item() == 0.0
     loss.backward()
-    assert torch.all(s.grad.abs() < 1e-12)
+    # The gradient, (sum(p_t) p_s - p_t) sigmoid'(s) / (T n), n = 3 objects with anchors, is 0 in
+    # exact arithmetic.  Student and teacher share every rounded value (the same operations on the
+    # same numbers) but p_t = exp(shifted - lse) and the backward's p_s = exp(shifted) / sum: each
+    # within gamma(2 ELEMENTARY + 3) (1 + |shifted| + |lse|) of p, and sum(p_t) within that plus
+    # gamma(anchors - 1) of 1; the products and the difference add a few roundings (T = 1).
+    u = unit_roundoff(dtype)
+    for i, classes in enumerate(gt_classes):
+        for g, c in enumerate(classes.tolist()):
+            idx = (matched[i] == g).nonzero().flatten()
+            if len(idx):
+                z = s[i, idx, c].detach().double().sigmoid()
+                shifted = z - z.max()
+                lse = shifted.exp().sum().log()
+                p = (shifted - lse).exp()
+                rel = gamma(2 * ELEMENTARY + 3, u) * (1 + shifted.abs() + lse.abs())
+                bound = p * (2 * rel + rel.max() + gamma(len(idx) + 3, u)) * z * (1 - z) / 3
+                assert_within(s.grad[i, idx, c], torch.zeros_like(bound), bound, "gradient, s = t")
+    unmatched = torch.ones_like(s.grad, dtype=torch.bool)
+    unmatched[matched >= 0] = False
+    assert not s.grad[unmatched].any()  # masked out: exact zeros
 
 
+@pytest.mark.numeric
 def test_rank_mimicking_gradient_and_no_nan_without_objects():
     s, t, matched, gt_classes = _rm_case()
     s.requires_grad_(True)
     rank_mimicking_loss(s, t, matched, gt_classes).backward()
     assert torch.isfinite(s.grad).all()
-    # gradients only on the positive anchors at their object's class
+    # gradients only on the positive anchors at their object's class; a single anchor's is
+    # exactly 0 (shifted = 0, sum = exp(0) = 1: g - 1 * g)
     nz = s.grad.abs() > 0
     assert nz[0, 0, 2] and nz[1, 2, 2] and not nz[0, 1].any() and not nz[0, 7].any()  # single anchor: zero
     # images without objects / with only ignored anchors
@@ -81,26 +130,39 @@ def test_rank_mimicking_gradient_and_no_nan_without_objects():
     assert torch.equal(s2.grad, torch.zeros_like(s2))
 
 
+def _binary_kl_bounded(s_logits, t_logits, temperature, mode="kl") -> Bounded:
+    """soft_label_kd_loss: BCE with logits, (1 - p) x - logsigmoid(x), less the teacher's own."""
+    s, t = (Bounded.exact(x) / temperature for x in (s_logits, t_logits))
+    p_t = t.sigmoid()
+    loss = (1 - p_t) * s - s.logsigmoid()
+    if mode == "kl":
+        loss = loss - ((1 - p_t) * t - t.logsigmoid())
+    return loss.sum(1).mean() * temperature**2
+
+
+@pytest.mark.numeric
 def test_soft_label_kd():
     g = torch.Generator().manual_seed(1)
     s = torch.randn(2, 10, 4, generator=g, requires_grad=True)
     t = torch.randn(2, 10, 4, generator=g)
     valid = torch.ones(2, 10, dtype=torch.bool)
     valid[0, :3] = False  # ignored anchors do not count
-    assert soft_label_kd_loss(t.clone().requires_grad_(), t, valid).abs().item() < 1e-6
+    # exact: a student equal to the teacher makes the two BCE terms the same numbers
+    assert soft_label_kd_loss(t.clone().requires_grad_(), t, valid).item() == 0.0
     kl = soft_label_kd_loss(s, t, valid, temperature=2.0, mode="kl")
-    pt, ps = torch.sigmoid(t / 2), torch.sigmoid(s / 2)
+    pt, ps = torch.sigmoid(t.double() / 2), torch.sigmoid(s.detach().double() / 2)
     direct = (pt * (pt / ps).log() + (1 - pt) * ((1 - pt) / (1 - ps)).log()).sum(-1)[valid].mean() * 4
-    assert kl.item() == pytest.approx(direct.item(), rel=1e-5)
+    assert_bounded(kl, _binary_kl_bounded(s[valid], t[valid], 2.0), "binary KL", reference=direct)
     bce = soft_label_kd_loss(s, t, valid, temperature=2.0, mode="bce")
     assert bce.item() > kl.item()  # differs by the teacher's entropy
     kl.backward()
-    assert torch.equal(s.grad[0, :3], torch.zeros(3, 4))
+    assert torch.equal(s.grad[0, :3], torch.zeros(3, 4))  # masked out: exact zeros
     assert soft_label_kd_loss(s, t, torch.zeros(2, 10, dtype=torch.bool)).item() == 0.0
     with pytest.raises(ValueError, match="MODE"):
         soft_label_kd_loss(s, t, valid, mode="mse")
 
 
+@pytest.mark.numeric
 def test_pfi_weights_follow_prediction_difference():
     t = torch.zeros(2, 6, 4, 5)
     s = t.clone()
@@ -110,8 +172,12 @@ def test_pfi_weights_follow_prediction_difference():
     (w,) = prediction_difference_weights([s], [t])
     assert w.shape == (2, 4, 5)
     assert w[0, 1, 2] > w[0, 3, 4] > w[0, 0, 0] == 0
-    assert torch.allclose(w.mean(dim=(1, 2)), torch.ones(2))
-    assert torch.allclose(w[1], torch.ones(4, 5))
+    # every image's weights average 1 (d / mean(d)), image 1's are all 1: within the bound of
+    # the squared differences' means over channels, the division and the mean over positions
+    d = ((Bounded.exact(t) - Bounded.exact(s)) ** 2).mean(1)
+    weights = d / d.mean((1, 2), keepdim=True)
+    assert_bounded(w.mean(dim=(1, 2)), weights.mean((1, 2)), "mean PFI weight")
+    assert_bounded(w[1], weights[1], "uniform PFI weights")
     # weighted L2 imitation concentrates on the high-weight positions
     fs, ft = torch.zeros(2, 3, 4, 5), torch.zeros(2, 3, 4, 5)
     fs[:, :, 1, 2] = 1.0
@@ -137,6 +203,7 @@ def test_match_anchors():
 ALL_TERMS = ["KD.RM.ENABLED", True, "KD.PFI.ENABLED", True, "KD.SOFT_LABEL.ENABLED", True]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("feature_loss", ["L2FeatureLoss", "SSIMFeatureLoss"])
 def test_training_step_with_every_term(feature_loss, tiny_data_root, tmp_path, retina_teacher):
     cfg = distill_cfg("synthetic/distill/rm_pfi_retinanet_R50_to_R18.yaml", RETINA_TEACHER, retina_teacher, tmp_path,
@@ -153,6 +220,7 @@ def test_training_step_with_every_term(feature_loss, tiny_data_root, tmp_path, r
     assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.slow
 def test_prediction_kd_configs_build(tiny_data_root, tmp_path, retina_teacher):
     for name, expect in [("rm", {"loss_kd_rm"}), ("pfi", {"loss_kd_l2"}), ("soft_label", {"loss_kd_soft"}),
                          ("pfi_ssim", {"loss_kd_ssim"})]:
@@ -180,6 +248,18 @@ RCNN_TEACHER = "synthetic/faster_rcnn_R_50_FPN.yaml"
 RCNN_SOFT = "synthetic/distill/soft_label_faster_rcnn_R50_to_R18.yaml"
 
 
+def _softmax_kd_bounded(s_logits, t_logits, temperature, mode="kl") -> Bounded:
+    """softmax_kd_loss's operations: -sum(p_t log p_s) (+ sum(p_t log p_t)), mean, times T^2."""
+    log_p_s, log_p_t = (_log_softmax_bounded(Bounded.exact(x) / temperature, 1)
+                        for x in (s_logits, t_logits))
+    p_t = log_p_t.exp()
+    loss = -(p_t * log_p_s).sum(1)
+    if mode == "kl":
+        loss = loss + (p_t * log_p_t).sum(1)
+    return loss.mean() * temperature**2
+
+
+@pytest.mark.numeric
 @pytest.mark.parametrize("temperature", [1.0, 3.0])
 def test_softmax_kd_loss(temperature):
     from kd_det.losses.prediction import softmax_kd_loss
@@ -187,23 +267,31 @@ def test_softmax_kd_loss(temperature):
     g = torch.Generator().manual_seed(2)
     s = torch.randn(7, 6, generator=g, requires_grad=True)
     t = torch.randn(7, 6, generator=g)
-    assert softmax_kd_loss(t.clone().requires_grad_(), t, temperature).abs().item() < 1e-6
+    # exact: a student equal to the teacher gives -(sum p_t log p_t) + (the same sum) = 0
+    assert softmax_kd_loss(t.clone().requires_grad_(), t, temperature).item() == 0.0
     kl = softmax_kd_loss(s, t, temperature)
-    pt, ps = torch.softmax(t / temperature, 1), torch.softmax(s / temperature, 1)
+    pt, ps = (torch.softmax(x.detach().double() / temperature, 1) for x in (t, s))
     direct = (pt * (pt / ps).log()).sum(1).mean() * temperature**2
-    assert kl.item() == pytest.approx(direct.item(), rel=1e-5)
+    assert_bounded(kl, _softmax_kd_bounded(s, t, temperature), "softmax KL", reference=direct)
     kl.backward()
-    # d/ds of T^2 KL(p_t || softmax(s / T)) = T (p_s - p_t) / R
-    assert torch.allclose(s.grad, temperature * (ps - pt).detach() / 7, atol=1e-6)
+    # d/ds of T^2 KL(p_t || softmax(s / T)) = T (p_s - p_t) / R; autograd's chain: the mean's
+    # T^2 / R, times -p_t, log_softmax's backward g - p_s sum(g), divided by T
+    log_p_s, log_p_t = (_log_softmax_bounded(Bounded.exact(x) / temperature, 1) for x in (s, t))
+    grad = -(log_p_t.exp() * (temperature**2 / 7))
+    grad = (grad - log_p_s.exp() * grad.sum(1, keepdim=True)) / temperature
+    assert_bounded(s.grad, grad, "gradient", reference=temperature * (ps - pt) / 7)
     bce = softmax_kd_loss(s, t, temperature, mode="bce")
-    entropy = -(pt * pt.log()).sum(1).mean() * temperature**2
-    assert bce.item() == pytest.approx(kl.item() + entropy.item(), rel=1e-5)
+    cross_entropy = -(pt * ps.log()).sum(1).mean() * temperature**2  # KL plus the teacher's entropy
+    assert_bounded(bce, _softmax_kd_bounded(s, t, temperature, "bce"), "cross-entropy",
+                   reference=cross_entropy)
     empty = softmax_kd_loss(s[:0], t[:0])
     assert empty.item() == 0.0 and empty.requires_grad
     with pytest.raises(ValueError, match="MODE"):
         softmax_kd_loss(s, t, mode="mse")
 
 
+@pytest.mark.numeric
+@pytest.mark.slow
 def test_roi_soft_label_step(tiny_data_root, tmp_path, rcnn_teacher):
     """Faster R-CNN student: the teacher's box head scores exactly the RoIs the student's box head was trained on."""
     from kd_det.losses.prediction import softmax_kd_loss
@@ -232,11 +320,13 @@ def test_roi_soft_label_step(tiny_data_root, tmp_path, rcnn_teacher):
     t_logits = model.teacher.roi_class_logits(t_feats, [p.proposal_boxes for p in sampled])
     th = model.teacher.model.roi_heads
     box_feats = th.box_pooler([t_feats[f] for f in th.box_in_features], [p.proposal_boxes for p in sampled])
-    assert torch.allclose(t_logits, th.box_predictor(th.box_head(box_feats))[0], atol=1e-6)
+    # exact: the same modules on the same features and boxes, and the same loss on the same logits
+    assert torch.equal(t_logits, th.box_predictor(th.box_head(box_feats))[0])
     expected = cfg.KD.SOFT_LABEL.WEIGHT * softmax_kd_loss(seen["logits"], t_logits, 2.0)
-    assert losses["loss_kd_soft"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert torch.equal(losses["loss_kd_soft"], expected)
 
 
+@pytest.mark.slow
 def test_roi_soft_label_errors(tiny_data_root, tmp_path, retina_teacher, rcnn_teacher):
     with pytest.raises(ValueError, match="needs a Faster R-CNN teacher with one box head, but the teacher is a RetinaNet"):
         build_model(distill_cfg(RCNN_SOFT, RETINA_TEACHER, retina_teacher, tmp_path))

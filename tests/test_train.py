@@ -53,6 +53,7 @@ def test_evaluator_registry(tiny_data_root, tmp_path):
         get_trainer_class(cfg)
 
 
+@pytest.mark.slow
 def test_ssim_distillation_lowers_the_ssim_loss(tiny_data_root, tmp_path, rcnn_teacher):
     cfg = tiny_cfg("synthetic/distill/ssim_faster_rcnn_R50_to_R18.yaml", tmp_path, [
         "KD.TEACHER.CONFIG", config_path("synthetic/faster_rcnn_R_50_FPN.yaml"), "KD.TEACHER.WEIGHTS", rcnn_teacher,
@@ -85,6 +86,7 @@ SMALL = ["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64", "INPUT.M
          "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "1"]
 
 
+@pytest.mark.slow
 def test_cli_teacher_then_distilled_student(tmp_path):
     """The user path of the SSIM issue: train a teacher with the tool, distil a student from it."""
     teacher_out = tmp_path / "teacher"
@@ -158,6 +160,7 @@ def test_adamw_optimizer_and_unknown_optimizer(tiny_data_root, tmp_path):
 
 
 
+@pytest.mark.slow
 def test_teacher_evaluation_leaves_training_unchanged(tiny_data_root, tmp_path, rcnn_teacher):
     """KD.TEACHER.EVAL_BEFORE_TRAIN only logs: the same seed trains the same student with it or without it."""
     teacher = ["KD.TEACHER.CONFIG", config_path("synthetic/faster_rcnn_R_50_FPN.yaml"), "KD.TEACHER.WEIGHTS", rcnn_teacher]
@@ -171,9 +174,11 @@ def test_teacher_evaluation_leaves_training_unchanged(tiny_data_root, tmp_path, 
         trainer.train()
         assert any(k.startswith("teacher/") for k in trainer.storage.latest()) == evaluate
         students[evaluate] = trainer.model.state_dict()  # the student and its adapters
+    # bitwise: the same computation twice in one process (same kernels, same thread count)
     assert students[False].keys() == students[True].keys()
     assert all(torch.equal(students[False][k], students[True][k]) for k in students[False])
 
+@pytest.mark.slow
 def test_teacher_evaluated_before_training(tiny_data_root, tmp_path, rcnn_teacher):
     """KD.TEACHER.EVAL_BEFORE_TRAIN logs the teacher's own AP; KD.TEACHER.MIN_AP stops a run whose teacher is below it."""
     teacher = ["KD.TEACHER.CONFIG", config_path("synthetic/faster_rcnn_R_50_FPN.yaml"), "KD.TEACHER.WEIGHTS", rcnn_teacher]
