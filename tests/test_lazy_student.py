@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 from conftest import REPO, TINY_PREFIX, config_path, tiny_cfg
+from tolerances import assert_within, gamma
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyCall as L
@@ -16,7 +17,7 @@ from detectron2.modeling import GeneralizedRCNN, build_model
 
 from omegaconf import OmegaConf
 
-from kd_det.deploy import detections
+from kd_det import deploy
 from kd_det.export import file_sha256
 from kd_det.modeling import DistillGeneralizedRCNN
 from kd_det.modeling.lazy_student import build_distilled_model, lazy_distilled_model, lazy_student_model
@@ -76,6 +77,7 @@ def test_lazy_student_is_the_yaml_student(tiny_data_root, tmp_path, rcnn_teacher
         k: v for k, v in _shapes(yacs).items() if not k.startswith("kd_")}
 
 
+@pytest.mark.slow
 def test_lazy_faster_rcnn_student_with_roi_soft_labels(tiny_data_root, rcnn_teacher):
     """Soft-label KD on the student's sampled RoIs (the teacher's box head scoring them) from a LazyConfig."""
     from detectron2.utils.events import EventStorage
@@ -101,6 +103,8 @@ def test_teacher_follows_the_student_to_a_device_or_dtype(tiny_data_root, rcnn_t
     assert model.teacher.model.pixel_mean.dtype == torch.float64
 
 
+@pytest.mark.slow
+@pytest.mark.numeric
 def test_lazy_student_trains_resumes_and_evaluates_without_its_teacher(tiny_data_root, tmp_path, rcnn_teacher):
     tool = _load_tool()
     out = tmp_path / "run"
@@ -165,9 +169,9 @@ def test_lazy_student_trains_resumes_and_evaluates_without_its_teacher(tiny_data
     DetectionCheckpointer(student).load(deployed["weights"])
     traced = torch.jit.load(deployed["torchscript"])
     image = torch.randint(0, 255, (3, 96, 128)).float()
-    with torch.no_grad():
-        eager, ts = detections(student, image), traced(image)
-    assert len(eager[0]) > 0 and torch.allclose(ts[0], eager[0], atol=1e-3) and torch.equal(ts[2], eager[2])
+    # matched one to one within the bounds derived from the student, as the export's own check
+    rows = deploy.compare_detections(student, traced, [image], "the reloaded TorchScript student")
+    assert rows[0]["detections"] > 0 and rows[0]["matched"] > 0
 
     # a model-zoo row from the run's own records (its LazyConfig config.yaml, metrics.json)
     row = _load_module("model_zoo").release_run(str(out), str(tmp_path / "zoo"))
@@ -220,6 +224,7 @@ def test_lazy_student_errors(tiny_data_root, rcnn_teacher):
     assert lazy_student_model(plain) is plain
 
 
+@pytest.mark.slow
 def test_teacher_min_ap_stops_a_lazy_run_before_its_first_step(tiny_data_root, tmp_path, rcnn_teacher):
     from kd_det.engine.lazy import lazy_teacher_eval_hook
 
@@ -239,6 +244,7 @@ def test_teacher_min_ap_stops_a_lazy_run_before_its_first_step(tiny_data_root, t
     assert lazy_teacher_eval_hook(LazyConfig.load(config_path("synthetic/faster_rcnn_R_50_FPN_lazy.py"))) is None
 
 
+@pytest.mark.slow
 def test_lazy_gradient_accumulation(tiny_data_root, tmp_path, rcnn_teacher):
     """train.grad_accum_steps: micro-batches of total_batch_size / k, one optimizer step per iteration."""
     from kd_det.engine import GradientAccumulationTrainer
@@ -277,6 +283,7 @@ dataloader.train.sampler = L(curriculum_sampler)(
 """
 
 
+@pytest.mark.slow
 def test_lazy_curriculum(tiny_data_root, tmp_path, rcnn_teacher):
     """A curriculum in a LazyConfig is the training loader's sampler; its phases count whole iterations."""
     from detectron2.data import get_detection_dataset_dicts
@@ -331,6 +338,7 @@ def test_lazy_curriculum(tiny_data_root, tmp_path, rcnn_teacher):
 LAZY_FRSKD = config_path("synthetic/distill/self_frskd_faster_rcnn_R18_lazy.py")
 
 
+@pytest.mark.slow
 def test_lazy_self_distilled_student_is_the_yaml_one_and_trains(tiny_data_root, tmp_path):
     """FRSKD from a LazyConfig: the yaml twin's modules (self-teacher, its heads), trained and released without them."""
     from kd_det.modeling import SelfDistillGeneralizedRCNN
@@ -394,20 +402,25 @@ def test_retinanet_self_distillation_from_built_arguments(tiny_data_root, tmp_pa
         lazy_self_distilled_model(L(RetinaNet)(), kd={}, meta_architecture="DistillRetinaNet")
 
 
+@pytest.mark.numeric
 def test_clipped_optimizer_clips_each_parameter():
     from kd_det.engine.lazy import clipped_optimizer
 
     weight = torch.nn.Parameter(torch.zeros(4))
     opt = clipped_optimizer("torch.optim.SGD", [weight], clip_type="norm", clip_value=1.0, lr=1.0)
-    weight.grad = torch.full((4,), 10.0)  # norm 20
+    weight.grad = torch.full((4,), 10.0)  # norm 20, exact
     opt.step()
-    assert torch.allclose(weight.detach().norm(), torch.tensor(1.0))  # the step used the clipped gradient
+    # the step used the clipped gradient: scaled by 1 / (20 + 1e-6) (torch's clip_grad_norm_), so
+    # its norm is 1 - 5e-8, up to the roundings of that scale (2), the product, the step's
+    # subtraction and the norm (4 squares summed, a square root): at most 8 in a row
+    assert_within(weight.detach().norm(), 1.0, 1e-6 / 20 + gamma(8), "norm of the clipped step")
     with pytest.raises(ValueError, match="not a torch.optim.Optimizer class"):
         clipped_optimizer("torch.nn.Linear", [weight])
     with pytest.raises(ValueError, match="by 'value' or 'norm'"):
         clipped_optimizer(torch.optim.SGD, [weight], clip_type="full_model", lr=1.0)
 
 
+@pytest.mark.slow
 def test_plain_lazy_config_trains_and_missing_training_keys_are_named(tiny_data_root, tmp_path):
     tool = _load_tool()
     teacher_config = config_path("synthetic/faster_rcnn_R_50_FPN_lazy.py")

@@ -13,7 +13,9 @@ Detectron2's ``TracingAdapter`` (one image in, boxes/scores/classes out; loads w
 (preprocessing, outputs, class names).  With ``--onnx`` it writes ``model.onnx`` (same
 inputs and outputs; runs in ONNX Runtime without torch) and ``onnx.json``; it needs
 ``pip install -e '.[onnx]'``.  Each export is checked against the model on the sample
-image and on two crops of other sizes, and fails if they disagree.
+image and on two crops of other sizes, and fails if they disagree: detections matched one
+to one within bounds derived from float32 rounding, where only ties at the score threshold,
+the cap per image or in NMS may differ (``kd_det.deploy.match_detections``).
 
 A LazyConfig student (``.py``, trained with tools/lazyconfig_train_net.py; overrides as
 ``key=value``) is released as its weights and a LazyConfig ``config.yaml`` whose model is
