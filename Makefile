@@ -6,6 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.kd_det_installed
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
+TEST_WORKERS ?= 2
 
 .PHONY: install demo test test-fast test-numeric-matrix bench clean-output
 
@@ -22,12 +23,13 @@ $(STAMP): setup.py tools/install_detectron2.py kd_det/compat.py
 demo: install
 	$(PY) tools/run_demo.py
 
+# the tests in TEST_WORKERS processes of one thread each (pytest-xdist); TEST_WORKERS=0: one process
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15 tests
 
 # the tests without the slow integration ones (training, export, evaluation): a developer's loop
 test-fast: install
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow" tests
 
 # the numeric tests again with other CPU kernels than this machine's own (CI runs it after `test`)
 test-numeric-matrix: install

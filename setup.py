@@ -24,7 +24,8 @@ setup(
     extras_require={
         # onnx and onnxruntime: export_student --onnx writes the file and checks it
         "onnx": ["onnx", "onnxruntime"],
-        "test": ["pytest", "pytorch-msssim==1.0.0", "onnx", "onnxruntime"],
+        # pytest-xdist: `make test` runs the tests in two processes, a fifth less time on 2 cores
+        "test": ["pytest", "pytest-xdist", "pytorch-msssim==1.0.0", "onnx", "onnxruntime"],
         "bench": ["pytorch-msssim==1.0.0", "kornia"],
     },
 )

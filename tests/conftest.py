@@ -17,8 +17,9 @@ TINY_SPEC = SyntheticSpec(num_train=16, num_val=6, image_size=64, min_object_siz
                           max_objects=4, seed=3)
 TINY_PREFIX = "kd_test_tiny"
 
-# at most 2 threads (the CI machine has 2 cores); fewer where OMP_NUM_THREADS says so
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# at most 2 threads (the CI machine has 2 cores), fewer where OMP_NUM_THREADS says so; one per
+# pytest-xdist worker (`make test` runs two), so that the workers do not oversubscribe the cores
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 
 @pytest.fixture(scope="session")
