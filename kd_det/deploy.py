@@ -229,7 +229,7 @@ def trace_student(model: torch.nn.Module, image: torch.Tensor) -> torch.jit.Scri
     Trace ``model`` (eval mode) on one preprocessed image (3, H, W); the result maps an
     image tensor to ``(boxes, scores, classes)`` as :func:`detections` does.
     """
-    from detectron2.export import TracingAdapter  # needs kd_det.compat's fix on pure-Python v0.6
+    from detectron2.export import TracingAdapter  # needs the installer's fix on pure-Python v0.6
 
     adapter = TracingAdapter(model, image, detections)
     with warnings.catch_warnings():

@@ -288,6 +288,6 @@ def test_coco_lazy_config_is_its_yaml_twin(name, monkeypatch):
         # Python floats (the same on every machine); the two schedules order their few operations
         # differently: at most 16 float64 roundings on either side
         assert schedule(it / lazy.train.max_iter) == pytest.approx(expected, rel=32 * 2.0**-53), it
-    from kd_det.compat import has_cpp_ops
+    from kd_det.evaluation import has_cpp_ops
 
     assert lazy.dataloader.evaluator.use_fast_impl == has_cpp_ops()  # pure-Python Detectron2: pycocotools

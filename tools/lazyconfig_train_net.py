@@ -25,7 +25,7 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
 from kd_det.checkpoint import AtomicDetectionCheckpointer
-from kd_det.compat import launch
+from kd_det.engine.launch import launch
 from kd_det.data import prepare_datasets, validate_registered_datasets
 from kd_det.data.curriculum import restart_curriculum
 from kd_det.engine import non_finite_loss_error
@@ -61,7 +61,7 @@ def do_train(args, cfg):
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
 
-    # looked up at call time: kd_det.compat replaces it in CPU worker processes
+    # looked up at call time: kd_det.engine.launch replaces it in CPU worker processes
     model = defaults.create_ddp_model(model, **cfg.train.ddp)
     trainer = build_lazy_trainer(cfg, model, optimizer)  # with train.grad_accum_steps, accumulating
     checkpointer = AtomicDetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)

@@ -16,7 +16,7 @@ from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 
 from kd_det import add_kd_config
-from kd_det.compat import launch
+from kd_det.engine.launch import launch
 from kd_det.data import prepare_datasets, validate_registered_datasets
 from kd_det.engine import get_trainer_class
 from kd_det.evaluation import evaluator_name

@@ -12,7 +12,7 @@ from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 from detectron2.modeling import ResNet
 
-from kd_det.compat import has_cpp_ops
+from kd_det.evaluation import has_cpp_ops
 from kd_det.modeling.lazy_student import lazy_distilled_model
 
 _zoo = model_zoo.get_config("COCO-Detection/retinanet_R_50_FPN_1x.py")

@@ -27,7 +27,7 @@ from detectron2.solver import WarmupParamScheduler
 from detectron2.solver.build import get_default_optimizer_params
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
-from kd_det.compat import has_cpp_ops
+from kd_det.evaluation import has_cpp_ops
 from kd_det.engine.lazy import clipped_optimizer
 
 FPN_CHANNELS = 128

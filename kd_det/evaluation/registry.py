@@ -7,18 +7,30 @@ metadata does ("coco" -> ``COCOEvaluator``, "pascal_voc" ->
 -> DatasetEvaluator``.
 """
 
+import importlib
 import os
 
 from detectron2.data import MetadataCatalog
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils.registry import Registry
 
-from ..compat import has_cpp_ops
-
-__all__ = ["EVALUATOR_REGISTRY", "build_evaluator", "evaluator_name"]
+__all__ = ["EVALUATOR_REGISTRY", "build_evaluator", "evaluator_name", "has_cpp_ops"]
 
 EVALUATOR_REGISTRY = Registry("KD_EVALUATOR")
 EVALUATOR_REGISTRY.__doc__ = "Functions (cfg, dataset_name, output_dir) -> DatasetEvaluator."
+
+
+def has_cpp_ops() -> bool:
+    """
+    True when Detectron2's compiled extension is importable, not the placeholder that
+    tools/install_detectron2.py puts in a pure-Python build (whose fast COCOeval is missing).
+    """
+    try:
+        ext = importlib.import_module("detectron2._C")
+    except ImportError:
+        return False
+    return not getattr(ext, "KD_DET_PLACEHOLDER", False)
+
 
 # Dataset metadata ``evaluator_type`` -> evaluator name in the registry.
 _BY_EVALUATOR_TYPE = {"coco": "coco", "pascal_voc": "pascal_voc"}

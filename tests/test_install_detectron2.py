@@ -1,12 +1,20 @@
-"""The Detectron2 compatibility module."""
+"""The source patches of tools/install_detectron2.py, and the Detectron2 they give."""
 
 import glob
 import importlib
 import os
+import runpy
+from types import SimpleNamespace
 
 import pytest
 
-from kd_det import compat
+from conftest import REPO
+
+from kd_det.evaluation import has_cpp_ops
+
+# the installer is a script (Detectron2 does not exist yet when it runs): its functions, by path
+compat = SimpleNamespace(**runpy.run_path(os.path.join(REPO, "tools", "install_detectron2.py"),
+                                          run_name="installer"))
 
 SETUP_PY = '''setup(
     name="pb1-detectron2",
@@ -117,7 +125,7 @@ def test_placeholder_ops_raise_a_clear_error():
     ext = importlib.import_module("detectron2._C")
     if not getattr(ext, "KD_DET_PLACEHOLDER", False):
         pytest.skip("a full Detectron2 with its C++ extension is installed")
-    assert not compat.has_cpp_ops()
+    assert not has_cpp_ops()
     with pytest.raises(RuntimeError, match="deform_conv_forward is not available.*C\\+\\+ extension"):
         ext.deform_conv_forward(1, 2)
 
@@ -129,19 +137,14 @@ def test_detectron2_environment_report_works():
 
 
 def test_installer_updates_an_installed_pure_python_build(tmp_path):
-    import os
-    import runpy
-
-    from conftest import REPO
-
-    installer = runpy.run_path(os.path.join(REPO, "tools", "install_detectron2.py"), run_name="installer")
+    installer = vars(compat)
     for kind in ("ours", "full"):
         package = tmp_path / kind / "detectron2"
         (package / "export").mkdir(parents=True)
         (package / "export" / "__init__.py").write_text("from .api import *\nfrom .flatten import TracingAdapter\n")
         c_ext = "KD_DET_PLACEHOLDER = True  # an older placeholder\n" if kind == "ours" else "REAL = True\n"
         (package / "_C.py").write_text(c_ext)
-        reinstall = installer["_refresh_pure_python_build"](compat, str(package))
+        reinstall = installer["_refresh_pure_python_build"](str(package))
         export_init = (package / "export" / "__init__.py").read_text()
         if kind == "ours":
             assert (package / "_C.py").read_text() == compat.PLACEHOLDER_C_SOURCE
@@ -149,6 +152,6 @@ def test_installer_updates_an_installed_pure_python_build(tmp_path):
             assert reinstall  # built before the model zoo's configs were installed
             (package / "model_zoo" / "configs").mkdir(parents=True)
             (package / "model_zoo" / "configs" / "Base-RCNN-FPN.yaml").write_text("MODEL: {}\n")
-            assert not installer["_refresh_pure_python_build"](compat, str(package))
+            assert not installer["_refresh_pure_python_build"](str(package))
         else:  # a Detectron2 with its real extension, installed by other means, is left alone
             assert (package / "_C.py").read_text() == c_ext and "caffe2" not in export_init and not reinstall
