@@ -1,4 +1,4 @@
-"""Distillation maps (kd_det.utils.distill_maps) and tools/visualize_distillation.py."""
+"""Distillation maps (kd_det.modeling.distill_maps) and tools/visualize_distillation.py."""
 
 import json
 import math
@@ -11,7 +11,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from kd_det.utils.distill_maps import distillation_maps
+from kd_det.modeling.distill_maps import distillation_maps
 from kd_det.utils.snapshot import load_snapshot
 
 from conftest import REPO, TINY_PREFIX, config_path, tiny_cfg

@@ -88,7 +88,7 @@ def main(argv=None):
         raise SystemExit("no checkpoint at {!r}: pass a training checkpoint of this config, e.g. its "
                          "OUTPUT_DIR/model_final.pth".format(args.weights))
 
-    from kd_det.utils.distill_maps import check_distillation_model, distillation_maps
+    from kd_det.modeling.distill_maps import check_distillation_model, distillation_maps
     from kd_det.utils.snapshot import load_snapshot
 
     names = [args.dataset] if args.dataset else None

@@ -8,6 +8,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .distill_base import DistillMixin
+
 __all__ = ["distillation_maps", "check_distillation_model"]
 
 
@@ -26,8 +28,6 @@ def _uncrop(lmap: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 def check_distillation_model(model) -> None:
     """Raise ValueError, naming the fix, unless ``model`` is a one-teacher ``Distill*`` model imitating features."""
-    from ..modeling.distill_base import DistillMixin
-
     if not isinstance(model, DistillMixin):
         raise ValueError("{} has no teacher: distillation maps need a Distill* meta-architecture (a distillation "
                          "config, not the teacher's or a released student's)".format(type(model).__name__))
