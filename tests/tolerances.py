@@ -63,21 +63,22 @@ def sum_bound(terms: torch.Tensor, dim=None, u: float = U32) -> torch.Tensor:
     the rounding of the stored result.  ``terms`` is the float64 reference of the summands.
     """
     terms = terms.double()
-    n = terms.numel() if dim is None else math.prod(terms.shape[d] for d in _dims(dim))
     magnitude = terms.abs().sum() if dim is None else terms.abs().sum(dim)
-    return (gamma(n - 1, u) + u) * magnitude
+    return (gamma(_count(terms, dim) - 1, u) + u) * magnitude
 
 
 def mean_bound(terms: torch.Tensor, dim=None, u: float = U32) -> torch.Tensor:
     """As :func:`sum_bound` for ``terms.mean(dim)``: the sum's bound over n, and the division's."""
     terms = terms.double()
-    n = terms.numel() if dim is None else math.prod(terms.shape[d] for d in _dims(dim))
     magnitude = terms.abs().mean() if dim is None else terms.abs().mean(dim)
-    return (gamma(n - 1, u) + 2 * u) * magnitude
+    return (gamma(_count(terms, dim) - 1, u) + 2 * u) * magnitude
 
 
-def _dims(dim):
-    return dim if isinstance(dim, (tuple, list)) else (dim,)
+def _count(terms: torch.Tensor, dim) -> int:
+    """How many terms a reduction of ``terms`` over ``dim`` (None: all) adds up."""
+    if dim is None:
+        return terms.numel()
+    return math.prod(terms.shape[d] for d in (dim if isinstance(dim, (tuple, list)) else (dim,)))
 
 
 def assert_within(got: torch.Tensor, ref: torch.Tensor, bound: Number, what: str = "") -> None:
@@ -89,8 +90,8 @@ def assert_within(got: torch.Tensor, ref: torch.Tensor, bound: Number, what: str
     so a failure says how far off it was.
     """
     # dtype given: a Python float would otherwise become float32 first
-    got = torch.as_tensor(got, dtype=torch.float64)
-    ref = torch.as_tensor(ref, dtype=torch.float64)
+    got, ref = (torch.as_tensor(t.detach() if torch.is_tensor(t) else t, dtype=torch.float64)
+                for t in (got, ref))
     what = what or "values"
     assert got.shape == ref.shape, "{}: shape {} != reference {}".format(
         what, tuple(got.shape), tuple(ref.shape))
@@ -144,7 +145,7 @@ class Bounded:
     """
 
     def __init__(self, value, err=0.0, dtype=torch.float32):
-        self.value = torch.as_tensor(value).double()
+        self.value = torch.as_tensor(value, dtype=torch.float64)  # a Python float exactly
         self.err = torch.as_tensor(err, dtype=torch.float64).broadcast_to(self.value.shape).clone()
         self.dtype = dtype
         self.u = unit_roundoff(dtype)
@@ -277,7 +278,7 @@ class Bounded:
         1983): charged as gamma(2 n + 4) (mean(x^2) + mu^2).
         """
         v, e = self.value, self.err
-        n = v.numel() if dim is None else math.prod(v.shape[d] for d in _dims(dim))
+        n = _count(v, dim)
         mu = v.mean(dim, keepdim=True)
         centred = (v - mu).abs()
         moved = 2 * (centred * (e + e.mean(dim, keepdim=True))).mean(dim, keepdim=keepdim)
@@ -302,12 +303,7 @@ def assert_bounded(got, expected: Bounded, what="", reference=None, slack=0.0):
     """
     ref = expected.value if reference is None else reference
     bound = expected.err * (1 + U64 / expected.u) + slack
-    assert_within(_float64(got), _float64(ref), bound, what)
-
-
-def _float64(x):
-    """A float64 tensor, from Python floats too (torch.as_tensor would round them to float32)."""
-    return x.detach().double() if torch.is_tensor(x) else torch.tensor(x, dtype=torch.float64)
+    assert_within(got, ref, bound, what)
 
 
 def feature_loss_bounded(level_maps, level_weights=None) -> Bounded:
