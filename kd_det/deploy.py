@@ -41,7 +41,7 @@ from PIL import Image
 
 from .checkpoint import atomic_write_bytes
 from .export import StudentCheckpointer, file_sha256
-from .utils.lazy import dataset_names, lazy_get, other_test_augmentations, single_short_edge, test_resizes
+from .config.lazy import dataset_names, lazy_get, other_test_augmentations, single_short_edge, test_resizes
 
 __all__ = ["OUTPUT_NAMES", "DeploySettings", "deploy_settings", "detections", "preprocess", "load_sample_image",
            "load_student", "trace_student", "rounding_error", "DetectionBounds", "detection_bounds",

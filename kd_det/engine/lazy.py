@@ -11,7 +11,7 @@ from detectron2.utils.registry import locate
 
 from ..config import get_kd_cfg
 from ..modeling.lazy_student import kd_node
-from ..utils.lazy import dataset_names, is_call_of, lazy_get
+from ..config.lazy import dataset_names, is_call_of, lazy_get
 from .accumulation import GradientAccumulationTrainer, micro_batch_size
 from .hooks import TeacherEvalHook, teacher_eval_hook
 

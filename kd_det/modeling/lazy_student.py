@@ -91,7 +91,7 @@ def kd_node(kd: Mapping, self_distillation: bool = False) -> CfgNode:
         node.merge_from_other_cfg(CfgNode(_ints_as_floats(kd, node)))
     except (KeyError, ValueError) as e:
         raise ValueError("kd={{...}} of a LazyConfig student does not fit kd_det's KD keys ({}). It takes the keys "
-                         "of the yacs KD node (kd_det/config.py), e.g. {{'TEACHER': {{'CONFIG': ..., 'WEIGHTS': ...}}, "
+                         "of the yacs KD node (kd_det/config/defaults.py), e.g. {{'TEACHER': {{'CONFIG': ..., 'WEIGHTS': ...}}, "
                          "'FEATURE': {{'LOSS': 'SSIMFeatureLoss'}}}}".format(e)) from e
     return node
 

@@ -12,7 +12,7 @@ import torch
 from detectron2.config import CfgNode, LazyConfig, get_cfg, instantiate
 
 from ..config import add_kd_config
-from ..utils.lazy import dataset_names, lazy_get, single_short_edge, test_resizes
+from ..config.lazy import dataset_names, lazy_get, single_short_edge, test_resizes
 
 __all__ = ["build_lazy_teacher"]
 

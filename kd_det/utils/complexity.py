@@ -13,7 +13,7 @@ from detectron2.config import CfgNode, instantiate
 from detectron2.data import build_detection_test_loader
 from detectron2.utils.analysis import FlopCountAnalysis, parameter_count
 
-from .lazy import dataset_names, lazy_get
+from ..config.lazy import dataset_names, lazy_get
 
 __all__ = ["model_complexity"]
 

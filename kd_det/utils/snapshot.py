@@ -69,7 +69,7 @@ def _lazy(config_file, opts, weights, split, names):
     from detectron2.data import build_detection_test_loader, get_detection_dataset_dicts
 
     from ..data import prepare_datasets
-    from .lazy import dataset_names, lazy_get
+    from ..config.lazy import dataset_names, lazy_get
 
     lazy = LazyConfig.apply_overrides(LazyConfig.load(config_file), opts)
     own = list(dataset_names(lazy_get(lazy, "dataloader.{}.dataset.names".format(split))))
