@@ -13,13 +13,15 @@ from conftest import REPO
 from tolerances import U32, assert_within
 
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from kd_det import get_kd_cfg
-from kd_det.modeling.teacher import build_teacher_cfg, num_classes_of
+from kd_det.config.detector import build_detector, detector_settings, load_detector_config
+from kd_det.modeling.teacher import resolve_teacher_config
 
 CONFIGS = sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"),
                                                                recursive=True))
@@ -48,17 +50,8 @@ def _zoo_config(name):
         return ""
 
 
-def _teacher_view(student_cfg, teacher_config):
-    """The teacher's yacs config, or the yacs view of a LazyConfig teacher (its model built)."""
-    from kd_det.modeling.lazy_teacher import build_lazy_teacher
-    from kd_det.modeling.teacher import resolve_teacher_config
-
-    path = resolve_teacher_config(teacher_config)
-    if path.endswith(".py"):
-        student_cfg = student_cfg.clone()
-        student_cfg.MODEL.DEVICE = "cpu"  # the view's model is built
-        return build_lazy_teacher(student_cfg, path)[1]
-    return build_teacher_cfg(student_cfg, path)
+def _num_classes(cfg):
+    return detector_settings(cfg).num_classes
 
 
 def _load(path):
@@ -79,8 +72,8 @@ def test_class_count_fits_the_datasets(path):
     for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
         classes = MetadataCatalog.get(name).get("thing_classes", None)
         assert classes is not None, "{} names {!r}, which has no registered classes".format(path, name)
-        assert num_classes_of(cfg) == len(classes), "{}: {} classes, {!r} has {}".format(
-            path, num_classes_of(cfg), name, len(classes))
+        assert _num_classes(cfg) == len(classes), "{}: {} classes, {!r} has {}".format(
+            path, _num_classes(cfg), name, len(classes))
 
 
 DISTILL_CONFIGS = [p for p in CONFIGS if _teachers(_load(p))]
@@ -96,9 +89,10 @@ def test_student_fits_its_teachers(path, monkeypatch):
     cfg = _load(path)
     assert len(cfg.KD.MULTI_TEACHER.CONFIGS) == len(cfg.KD.MULTI_TEACHER.WEIGHTS), path
     for teacher_config, weights in _teachers(cfg):
-        teacher = _teacher_view(cfg, teacher_config)
-        assert num_classes_of(teacher) == num_classes_of(cfg), (path, teacher_config)
-        assert teacher.DATASETS.TRAIN == cfg.DATASETS.TRAIN, (path, teacher_config)
+        teacher = load_detector_config(resolve_teacher_config(teacher_config), cfg.KD.TEACHER.OPTS)
+        settings = detector_settings(teacher)
+        assert settings.num_classes == _num_classes(cfg), (path, teacher_config)
+        assert settings.train_datasets == tuple(cfg.DATASETS.TRAIN), (path, teacher_config)
         if "synthetic" not in path.split(os.sep):  # real runs score the teacher before spending GPU days on it
             assert cfg.KD.TEACHER.EVAL_BEFORE_TRAIN, path
         if weights.startswith("detectron2://"):  # the published weights of that very model-zoo config
@@ -109,8 +103,10 @@ def test_student_fits_its_teachers(path, monkeypatch):
                 model_zoo.get_checkpoint_url(zoo_name), (path, weights)
             continue
         # training the teacher with its own config writes the weights the student config loads
-        assert os.path.normpath(weights) == os.path.normpath(os.path.join(teacher.OUTPUT_DIR, "model_final.pth")), (
-            path, teacher_config, weights)
+        lazy = not isinstance(teacher, CfgNode)
+        output_dir = teacher.train.output_dir if lazy else teacher.OUTPUT_DIR
+        trained = os.path.normpath(os.path.join(output_dir, "model_final.pth"))
+        assert os.path.normpath(weights) == trained, (path, teacher_config, weights)
 
 
 # both detectors and both real datasets (the configs of a family differ only in KD keys,
@@ -124,21 +120,16 @@ def test_full_size_distillation_config_trains_a_step(path, tmp_path, monkeypatch
     The real-dataset configs as shipped (R-50 teacher, R-18 student, full widths; a model-zoo
     LazyConfig teacher) build and train on a CPU.
     """
-    from detectron2.config import LazyConfig, instantiate
-
-    from kd_det.modeling.teacher import resolve_teacher_config
-
     monkeypatch.chdir(REPO)
     cfg = _load(path)
     cfg.MODEL.DEVICE = "cpu"
     torch.manual_seed(0)
     teacher_config = resolve_teacher_config(cfg.KD.TEACHER.CONFIG)
-    teacher = instantiate(LazyConfig.load(teacher_config).model) if teacher_config.endswith(".py") else build_model(
-        build_teacher_cfg(cfg))
+    teacher = build_detector(load_detector_config(teacher_config, cfg.KD.TEACHER.OPTS), "cpu")
     DetectionCheckpointer(teacher, save_dir=str(tmp_path)).save("teacher")
     cfg.KD.TEACHER.WEIGHTS = str(tmp_path / "teacher.pth")
     student = build_model(cfg)
-    _one_full_size_step(student, num_classes_of(cfg))
+    _one_full_size_step(student, _num_classes(cfg))
 
 
 def _one_full_size_step(student, num_classes):
@@ -237,7 +228,8 @@ def test_coco_lazy_config_is_its_yaml_twin(name, monkeypatch):
     yacs = _load("configs/COCO-Distillation/{}.yaml".format(name))
     kd = kd_node(lazy.model.kd)
     # the same teacher: Detectron2's own config of the published model and kd_det's copy of it
-    assert build_teacher_cfg(yacs, kd.TEACHER.CONFIG).MODEL == build_teacher_cfg(yacs).MODEL
+    assert load_detector_config(resolve_teacher_config(kd.TEACHER.CONFIG)).MODEL == \
+        load_detector_config(resolve_teacher_config(yacs.KD.TEACHER.CONFIG)).MODEL
     kd.TEACHER.CONFIG = yacs.KD.TEACHER.CONFIG
     assert kd == yacs.KD
 

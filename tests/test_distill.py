@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from conftest import REPO, config_path, save_random_teacher, tiny_cfg
+from conftest import config_path, save_random_teacher, tiny_cfg
 from tolerances import assert_within, gamma
 
 from detectron2.checkpoint import DetectionCheckpointer
@@ -139,11 +139,12 @@ def test_teacher_config_errors(tmp_path, tiny_data_root, rcnn_teacher, monkeypat
     cfg.KD.TEACHER.CONFIG = str(tmp_path / "missing.yaml")
     with pytest.raises(FileNotFoundError, match="missing.yaml"):
         build_model(cfg)
-    # the shipped configs name their teacher relative to the checkout: say so from elsewhere
+    # the shipped configs name their teacher relative to the checkout: from elsewhere, the
+    # message names the working directory that relative paths start from
     cfg.KD.TEACHER.CONFIG = "configs/synthetic/faster_rcnn_R_50_FPN.yaml"
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(FileNotFoundError, match="kd_det ships it as {}".format(
-            re.escape(os.path.join(REPO, "configs/synthetic/faster_rcnn_R_50_FPN.yaml")))):
+    with pytest.raises(FileNotFoundError, match="relative to the working directory {}".format(
+            re.escape(str(tmp_path)))):
         build_model(cfg)
     # a name in Detectron2's model zoo, where no such file exists; a file of that name wins
     from detectron2 import model_zoo
@@ -180,11 +181,12 @@ def test_lazy_config_teacher_matches_yaml_teacher(tmp_path, tiny_data_root, rcnn
     lazy_cfg = distill_cfg(RCNN_SSIM, RCNN_TEACHER_LAZY, rcnn_teacher, tmp_path / "lazy",
                            ["KD.TEACHER.OPTS", ["model.roi_heads.box_predictor.test_score_thresh=0.0"]])
     from_yaml, from_lazy = build_model(yaml_cfg).teacher, build_model(lazy_cfg).teacher
-    ty, tl = from_yaml.cfg, from_lazy.cfg
-    assert tl.MODEL.META_ARCHITECTURE == "GeneralizedRCNN" and from_lazy.num_classes == 5
-    assert (tl.INPUT.FORMAT, tl.INPUT.MIN_SIZE_TEST, tl.INPUT.MAX_SIZE_TEST) == ("BGR", 128, 256)
-    assert (tl.INPUT.MIN_SIZE_TEST, tl.INPUT.MAX_SIZE_TEST) == (ty.INPUT.MIN_SIZE_TEST, ty.INPUT.MAX_SIZE_TEST)
-    assert tuple(tl.DATASETS.TRAIN) == tuple(ty.DATASETS.TRAIN) == ("kd_synthetic_train",)
+    ty, tl = from_yaml.settings, from_lazy.settings
+    assert tl.meta_architecture == "GeneralizedRCNN" and from_lazy.num_classes == 5
+    assert (from_lazy.input_format, tl.min_size_test, tl.max_size_test) == ("BGR", 128, 256)
+    assert from_lazy.test_size == from_yaml.test_size == (128, 256)
+    assert tl.train_datasets == ty.train_datasets == ("kd_synthetic_train",)
+    assert tl == ty  # the twins' settings are equal, field by field
     assert from_lazy.model.roi_heads.box_predictor.test_score_thresh == 0.0
 
     state_yaml, state_lazy = from_yaml.model.state_dict(), from_lazy.model.state_dict()
@@ -248,17 +250,21 @@ def test_lazy_config_teacher_errors(tmp_path, tiny_data_root, rcnn_teacher):
         build_model(cfg)
 
 
-def test_lazy_config_view_of_a_retinanet(tmp_path, tiny_data_root):
-    """A LazyConfig RetinaNet's class count, and the student's test size where the config has no test loader."""
+def test_lazy_config_settings_of_a_retinanet(tmp_path, tiny_data_root):
+    """A LazyConfig RetinaNet's class count; no test size where the config has no test loader."""
+    from detectron2 import model_zoo
     from omegaconf import OmegaConf
-    from kd_det.modeling.lazy_teacher import _view
-    cfg = tiny_cfg(RETINA_SSIM, tmp_path)
-    model = build_model(tiny_cfg("synthetic/retinanet_R_50_FPN.yaml", tmp_path))
-    view = _view(OmegaConf.create({}), model, cfg, "retinanet.py")
-    assert view.MODEL.META_ARCHITECTURE == "RetinaNet" and view.MODEL.RETINANET.NUM_CLASSES == 5
-    assert (view.INPUT.FORMAT, view.INPUT.MIN_SIZE_TEST, view.INPUT.MAX_SIZE_TEST) == ("BGR", 64, 64)
-    assert tuple(view.DATASETS.TRAIN) == ()
-    assert view.MODEL.PIXEL_MEAN == pytest.approx(list(cfg.MODEL.PIXEL_MEAN))
+
+    from kd_det.config.detector import detector_settings, load_detector_config
+
+    zoo_file = model_zoo.get_config_file("COCO-Detection/retinanet_R_50_FPN_1x.py")
+    lazy = load_detector_config(zoo_file)
+    settings = detector_settings(OmegaConf.create({"model": lazy.model}))
+    assert settings.meta_architecture == "RetinaNet" and settings.num_classes == 80
+    assert settings.input_format == "BGR"
+    assert (settings.min_size_test, settings.max_size_test) == (None, None)
+    assert settings.train_datasets == settings.test_datasets == ()
+    assert settings.pixel_mean == pytest.approx([103.530, 116.280, 123.675])
 
 
 def test_class_count_mismatch(tmp_path, tiny_data_root):

@@ -191,8 +191,9 @@ def test_teacher_evaluated_before_training(tiny_data_root, tmp_path, rcnn_teache
     logged = {k: v for k, (v, it) in trainer.storage.latest().items() if k.startswith("teacher/")}
     assert all(it == 0 for k, (v, it) in trainer.storage.latest().items() if k.startswith("teacher/"))
     # the same as Detectron2's own evaluation of the teacher model with the teacher's config
-    tcfg = trainer.model.teacher.cfg.clone()
-    tcfg.defrost()
+    from kd_det.config.detector import load_detector_config
+
+    tcfg = load_detector_config(trainer.model.teacher.config)
     tcfg.DATASETS.TEST, tcfg.OUTPUT_DIR = cfg.DATASETS.TEST, str(tmp_path / "reference")
     reference = KDTrainer.test(tcfg, trainer.model.teacher.model)["bbox"]
     expected = {"teacher/bbox/" + k: v for k, v in reference.items()}

@@ -10,7 +10,8 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from detectron2.data import build_detection_test_loader
+from detectron2.data import DatasetMapper, build_detection_test_loader, get_detection_dataset_dicts
+from detectron2.data import transforms as T
 from detectron2.engine import HookBase
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.evaluation.testing import flatten_results_dict
@@ -43,6 +44,29 @@ def preserved_rng_state():
             torch.cuda.set_rng_state_all(cuda_states)
 
 
+def _teacher_test_loader(teacher, dataset_name: str, student_cfg):
+    """
+    The test loader of ``dataset_name`` prepared as the teacher's own config prepares test
+    images (Detectron2's ``build_detection_test_loader(teacher_cfg, name)``): its test-time
+    resize and channel order, the student's number of loader workers.
+    """
+    min_size, max_size = teacher.test_size
+    if min_size is None:
+        # a LazyConfig teacher without a test-time resize: evaluate it at the student's test size
+        min_size, max_size = student_cfg.INPUT.MIN_SIZE_TEST, student_cfg.INPUT.MAX_SIZE_TEST
+        logger.info("teacher %s has no ResizeShortestEdge in dataloader.test.mapper.augmentations: "
+                    "it is evaluated at the student's test size (%d, max %d)", teacher.config,
+                    min_size, max_size)
+    dataset = get_detection_dataset_dicts([dataset_name], filter_empty=False)
+    # what DatasetMapper(teacher_cfg, is_train=False) is: at test time it drops annotations,
+    # so only the resize and the channel order matter
+    resize = T.ResizeShortestEdge(min_size, max_size, "choice")
+    mapper = DatasetMapper(is_train=False, augmentations=[resize],
+                           image_format=teacher.input_format)
+    return build_detection_test_loader(dataset, mapper=mapper,
+                                       num_workers=student_cfg.DATALOADER.NUM_WORKERS)
+
+
 def evaluate_teacher(student_cfg, teacher, output_dir: str) -> Dict[str, Dict]:
     """
     Evaluate a :class:`~kd_det.modeling.FrozenTeacher` on the student's
@@ -53,16 +77,13 @@ def evaluate_teacher(student_cfg, teacher, output_dir: str) -> Dict[str, Dict]:
         dataset name -> evaluator results (e.g. {"bbox": {"AP": ..}}); empty on
         processes other than the main one.
     """
-    cfg = teacher.cfg.clone()
-    cfg.defrost()
-    cfg.DATALOADER.NUM_WORKERS = student_cfg.DATALOADER.NUM_WORKERS
     results = OrderedDict()
     for name in student_cfg.DATASETS.TEST:
-        loader = build_detection_test_loader(cfg, name)
+        loader = _teacher_test_loader(teacher, name, student_cfg)
         evaluator = build_evaluator(student_cfg, name, os.path.join(output_dir, name))
         results[name] = inference_on_dataset(teacher.model, loader, evaluator) or {}
         if comm.is_main_process() and results[name]:
-            logger.info("Teacher ({}) on {}:".format(teacher.cfg.MODEL.META_ARCHITECTURE, name))
+            logger.info("Teacher ({}) on {}:".format(teacher.meta_architecture, name))
             print_csv_format(results[name])
     return results
 

@@ -8,6 +8,6 @@ from .channel_stats import ChannelStatsDistiller
 from .feature_distiller import FeatureDistiller, match_levels
 from .multi_teacher import MultiTeacherDistiller, TeacherImportanceGate
 from .inherit import inherit_teacher_weights
-from .teacher import FrozenTeacher, build_teacher, build_teacher_cfg, build_teachers, num_classes_of
+from .teacher import FrozenTeacher, build_teacher, build_teachers
 
 __all__ = [k for k in globals().keys() if not k.startswith("_")]

@@ -5,11 +5,12 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from detectron2.structures import ImageList
 
+from ..config.detector import detector_settings
 from .channel_stats import ChannelStatsDistiller
 from .feature_distiller import FeatureDistiller
 from .inherit import inherit_teacher_weights
 from .multi_teacher import MultiTeacherDistiller
-from .teacher import FrozenTeacher, build_teachers
+from .teacher import FrozenTeacher, build_teachers, check_num_classes
 
 __all__ = ["KDStudentMixin", "DistillMixin"]
 
@@ -82,6 +83,7 @@ class DistillMixin(KDStudentMixin):
         ``multi_teacher`` and ``inherit_prefixes`` to a vanilla ``from_config`` result.
         """
         teachers = build_teachers(cfg)
+        check_num_classes(teachers, detector_settings(cfg).num_classes)
         teacher = teachers[0]
         ret = dict(ret, inherit_prefixes=list(cfg.KD.INHERIT.PREFIXES))
         feature = stats = multi = None

@@ -1,0 +1,59 @@
+"""
+The class names of registered datasets, and the check that two detectors share a label
+space: class index i must mean the same object for both (a teacher that teaches class i
+under another name spoils a distillation run without any error).
+"""
+
+from typing import Iterable, List, Optional, Sequence
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+__all__ = ["registered_thing_classes", "check_same_classes"]
+
+
+def registered_thing_classes(dataset_names: Iterable[str]) -> Optional[List[str]]:
+    """
+    The ``thing_classes`` metadata of the first of ``dataset_names`` that is registered
+    and has it, else None (not registered here, or classes known only once loaded).
+    """
+    registered = set(DatasetCatalog.list())
+    for name in dataset_names:
+        if name in registered:
+            classes = MetadataCatalog.get(name).get("thing_classes", None)
+            if classes:
+                return list(classes)
+    return None
+
+
+def check_same_classes(
+    expected: Optional[Sequence[str]],
+    teacher_train: Sequence[str],
+    teacher_config: str,
+) -> None:
+    """
+    Raise if the teacher's training sets name other classes than ``expected`` (the
+    student's class names), or the same classes in another order.  Nothing is checked
+    when ``expected`` is None, or when no teacher set is registered here with its classes.
+
+    Args:
+        expected: the student's class names, index i = class i; None: not checked.
+        teacher_train: the teacher's training set names (its config's DATASETS.TRAIN).
+        teacher_config: the teacher's config file (for the message).
+    """
+    teacher = registered_thing_classes(teacher_train)
+    if expected is None or teacher is None or list(expected) == teacher:
+        return
+    student = list(expected)
+    if sorted(student) == sorted(teacher):
+        i = next(i for i, (a, b) in enumerate(zip(student, teacher)) if a != b)
+        what = ("the same classes in another order (class {} is {!r} for the teacher, {!r} for the "
+                "student)".format(i, teacher[i], student[i]))
+    else:
+        what = ("other classes (the teacher's {} are not among the student's; the student's {} not "
+                "among the teacher's)".format(sorted(set(teacher) - set(student))[:5],
+                                             sorted(set(student) - set(teacher))[:5]))
+    raise ValueError(
+        "teacher config {!r} was trained on DATASETS.TRAIN={}, whose classes are not the "
+        "student's: it has {}, so the teacher's predictions would teach the wrong classes. Train "
+        "the teacher on the student's label space; if the classes do correspond, set "
+        "KD.TEACHER.CHECK_CLASSES False".format(teacher_config, tuple(teacher_train), what))

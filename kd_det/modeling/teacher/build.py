@@ -1,0 +1,142 @@
+"""
+Building teachers: :func:`build_teacher` from explicit arguments (or a student's
+``KD.TEACHER``), :func:`build_teachers` for every teacher a student's config names.
+"""
+
+import logging
+from typing import List, Optional, Sequence
+
+import torch
+from detectron2.config import configurable
+
+from ...config.detector import (
+    build_detector,
+    detector_settings,
+    is_lazy_config,
+    load_detector_config,
+    meta_architecture_of,
+)
+from ...data.classes import check_same_classes, registered_thing_classes
+from .frozen import FrozenTeacher
+from .resolve import resolve_teacher_config
+from .weights import load_teacher_weights
+
+__all__ = ["build_teacher", "build_teachers", "check_num_classes"]
+
+logger = logging.getLogger(__name__)
+
+
+def _teacher_from_config(cfg, config: Optional[str] = None, weights: Optional[str] = None):
+    """
+    :func:`build_teacher`'s arguments from a student's config: ``KD.TEACHER`` (``config``
+    and ``weights`` replace its CONFIG and WEIGHTS: one of several teachers), the
+    student's device, and its class names (from ``DATASETS.TRAIN``) when
+    ``KD.TEACHER.CHECK_CLASSES``.
+    """
+    teacher = cfg.KD.TEACHER
+    student_classes = None
+    if teacher.CHECK_CLASSES:
+        student_classes = registered_thing_classes(cfg.DATASETS.TRAIN)
+    return {
+        "config": teacher.CONFIG if config is None else config,
+        "weights": teacher.WEIGHTS if weights is None else weights,
+        "opts": tuple(teacher.OPTS),
+        "autocast": teacher.AUTOCAST,
+        "channels_last": teacher.CHANNELS_LAST,
+        "expected_classes": student_classes,
+        "device": cfg.MODEL.DEVICE,
+    }
+
+
+def _is_detector(model) -> bool:
+    return (isinstance(model, torch.nn.Module)
+            and all(hasattr(model, a) for a in ("backbone", "pixel_mean"))
+            and (hasattr(model, "roi_heads") or hasattr(model, "head")))
+
+
+@configurable(from_config=_teacher_from_config)
+def build_teacher(
+    config: str,
+    weights: str,
+    *,
+    opts: Sequence[str] = (),
+    autocast: str = "",
+    channels_last: bool = False,
+    expected_classes: Optional[Sequence[str]] = None,
+    device: str = "cpu",
+) -> FrozenTeacher:
+    """
+    Build a teacher detector, load its weights and freeze it.  Also callable as
+    ``build_teacher(student_cfg)``, which reads the student's ``KD.TEACHER``.
+
+    Args:
+        config: its Detectron2 config, a yacs ``.yaml`` or a LazyConfig ``.py``: a path, or a
+            config of Detectron2's model zoo by name (:func:`resolve_teacher_config`).
+        weights: its checkpoint, a path or a ``detectron2://`` / ``https://`` URL.
+        opts: overrides of ``config``: yacs ``KEY VALUE ...`` pairs, or ``"key=value"``
+            strings for a LazyConfig.
+        autocast, channels_last: see :class:`FrozenTeacher`.
+        expected_classes: the student's class names (class i = index i); the teacher's
+            training sets, where registered, must name the same ones in the same order.
+            None: not checked.
+        device: where the teacher runs.
+    """
+    path = resolve_teacher_config(config)
+    name = "teacher LazyConfig" if is_lazy_config(path) else "teacher config"
+    cfg = load_detector_config(path, opts, role="teacher", opts_name="KD.TEACHER.OPTS")
+    if is_lazy_config(cfg) and "model" not in cfg:
+        raise ValueError("teacher LazyConfig {!r} has no `model`: a LazyConfig teacher defines the "
+                         "detector as `model = L(GeneralizedRCNN)(...)` or `L(RetinaNet)(...)`, as "
+                         "Detectron2's configs do".format(path))
+    meta_architecture = meta_architecture_of(cfg)
+    if meta_architecture.startswith("Distill"):  # refused before it builds a teacher of its own
+        raise ValueError("{} {!r} builds a {}; a teacher must be a plain detector (GeneralizedRCNN "
+                         "or RetinaNet)".format(name, path, meta_architecture))
+    try:
+        model = build_detector(cfg, device)
+    except Exception as e:
+        raise ValueError("the model of {} {!r} does not build: {}: {}".format(
+            name, path, type(e).__name__, e)) from e
+    if not _is_detector(model):
+        raise ValueError("{} {!r} builds a {}, not a Detectron2 detector: kd_det needs a "
+                         "GeneralizedRCNN or RetinaNet (a backbone, pixel_mean/std and RoI or "
+                         "dense heads)".format(name, path, type(model).__name__))
+    try:
+        settings = detector_settings(cfg)
+    except ValueError as e:
+        raise ValueError("{} {!r}: {}".format(name, path, e)) from e
+    load_teacher_weights(model, weights, path)
+    teacher = FrozenTeacher(model, settings, autocast=autocast, channels_last=channels_last,
+                            weights=weights, config=path)
+    check_same_classes(expected_classes, settings.train_datasets, path)
+    logger.info("Loaded teacher {} from {}".format(settings.meta_architecture, weights))
+    return teacher
+
+
+def check_num_classes(teachers: Sequence[FrozenTeacher], num_classes: int) -> None:
+    """Raise unless every teacher has the student's ``num_classes`` classes."""
+    for teacher in teachers:
+        if teacher.num_classes != num_classes:
+            raise ValueError("teacher has {} classes ({}) but the student has {}: both must be "
+                             "trained on the same label space (set NUM_CLASSES alike)".format(
+                                 teacher.num_classes, teacher.config, num_classes))
+
+
+def build_teachers(cfg) -> List[FrozenTeacher]:
+    """
+    The teachers of a student's distillation config: ``KD.MULTI_TEACHER.CONFIGS/WEIGHTS``
+    when set (several teachers; ``KD.TEACHER``'s other keys apply to each), else the one
+    ``KD.TEACHER``.
+    """
+    mt = cfg.KD.MULTI_TEACHER
+    if not mt.CONFIGS:
+        return [build_teacher(cfg)]
+    if cfg.KD.TEACHER.CONFIG:
+        raise ValueError("both KD.TEACHER.CONFIG and KD.MULTI_TEACHER.CONFIGS are set; list every "
+                         "teacher in KD.MULTI_TEACHER.CONFIGS (and its weights in "
+                         "KD.MULTI_TEACHER.WEIGHTS) and leave KD.TEACHER.CONFIG empty")
+    if len(mt.WEIGHTS) != len(mt.CONFIGS):
+        raise ValueError("KD.MULTI_TEACHER.CONFIGS has {} teachers but KD.MULTI_TEACHER.WEIGHTS {} "
+                         "checkpoints; give one checkpoint per teacher config".format(
+                             len(mt.CONFIGS), len(mt.WEIGHTS)))
+    return [build_teacher(cfg, config, weights) for config, weights in zip(mt.CONFIGS, mt.WEIGHTS)]

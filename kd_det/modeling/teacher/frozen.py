@@ -1,0 +1,209 @@
+"""The frozen teacher at run time: a loaded detector in eval mode, and what a student asks of it."""
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.structures import Boxes, ImageList
+
+from ...config.detector import DetectorSettings
+
+__all__ = ["FrozenTeacher"]
+
+_AUTOCAST_DTYPES = {"": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _to_fp32(x):
+    if torch.is_tensor(x):
+        return x.float() if x.is_floating_point() else x
+    if isinstance(x, dict):
+        return {k: _to_fp32(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_fp32(v) for v in x)
+    return x
+
+
+class FrozenTeacher:
+    """
+    A detector in eval mode with gradients off.
+
+    Deliberately not an ``nn.Module``: stored on the student it is not a submodule,
+    so it never reaches the optimizer, the student's ``state_dict`` (checkpoints),
+    ``train()``, or DistributedDataParallel's gradient sync.  On resume it is
+    rebuilt from its own weights.
+    """
+
+    def __init__(self, model: torch.nn.Module, settings: DetectorSettings, *, autocast: str = "",
+                 channels_last: bool = False, weights: str = "", config: str = ""):
+        """
+        Args:
+            model: the loaded teacher detector.
+            settings: its config's settings (:func:`~kd_det.config.detector.detector_settings`):
+                meta-architecture, class count, input format, test size, datasets.
+            autocast: "" (fp32), "bf16" or "fp16": run the teacher under autocast to
+                cut its cost; its outputs are returned in fp32.
+            channels_last: store the teacher's weights channels-last (faster convs on GPUs).
+            weights, config: where its weights and its config came from (for messages).
+        """
+        if autocast not in _AUTOCAST_DTYPES:
+            raise ValueError("KD.TEACHER.AUTOCAST must be one of {}, got {!r}".format(
+                sorted(_AUTOCAST_DTYPES), autocast))
+        self.model = model.eval().requires_grad_(False)
+        self.settings = settings
+        self.autocast_dtype = _AUTOCAST_DTYPES[autocast]
+        self.channels_last = channels_last
+        self.weights = weights
+        self.config = config
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+
+    def _run(self, fn, *args):
+        """``fn(*args)`` under the teacher's autocast/memory format, float outputs back in fp32."""
+        if self.channels_last:
+            args = [a.contiguous(memory_format=torch.channels_last)
+                    if torch.is_tensor(a) and a.dim() == 4 else a for a in args]
+        if self.autocast_dtype is None:
+            return fn(*args)
+        device_type = self.model.pixel_mean.device.type
+        with torch.autocast(device_type=device_type, dtype=self.autocast_dtype):
+            out = fn(*args)
+        return _to_fp32(out)
+
+    @property
+    def meta_architecture(self) -> str:
+        return self.settings.meta_architecture
+
+    @property
+    def num_classes(self) -> int:
+        return self.settings.num_classes
+
+    @property
+    def input_format(self) -> str:
+        return self.settings.input_format
+
+    @property
+    def test_size(self) -> Tuple[Optional[int], Optional[int]]:
+        """(shortest edge, longest edge at most) of its test-time resize; (None, None): unknown."""
+        return self.settings.min_size_test, self.settings.max_size_test
+
+    def output_shape(self):
+        return self.model.backbone.output_shape()
+
+    def takes_input_like(self, input_format: str, pixel_mean: torch.Tensor,
+                         pixel_std: torch.Tensor) -> bool:
+        """Whether the teacher's channel order and normalisation equal the given (student's)."""
+        m = self.model
+        return (self.input_format == input_format and m.pixel_mean.shape == pixel_mean.shape
+                and torch.equal(m.pixel_mean, pixel_mean) and torch.equal(m.pixel_std, pixel_std))
+
+    @torch.no_grad()
+    def preprocess_image(self, batched_inputs: List[Dict], like: ImageList,
+                         input_format: str) -> ImageList:
+        """
+        The batch (loaded in the student's ``input_format``) in the teacher's channel
+        order, normalised with its pixel mean/std and padded to the padded size of
+        ``like`` (the student's batch), so that features align.
+        """
+        m = self.model
+        images = [x["image"].to(m.pixel_mean.device) for x in batched_inputs]
+        if self.input_format != input_format:
+            if {self.input_format, input_format} != {"RGB", "BGR"}:
+                raise ValueError("cannot convert student input format {} to teacher input format "
+                                 "{}".format(input_format, self.input_format))
+            images = [x.flip(0) for x in images]
+        images = [(x - m.pixel_mean) / m.pixel_std for x in images]
+        images = ImageList.from_tensors(images, m.backbone.size_divisibility)
+        th, tw = images.tensor.shape[-2:]
+        sh, sw = like.tensor.shape[-2:]
+        if th > sh or tw > sw:
+            raise ValueError("teacher pads inputs to {}x{} but the student to {}x{}: give the "
+                             "student a MODEL size_divisibility that is a multiple of the "
+                             "teacher's".format(th, tw, sh, sw))
+        if (th, tw) != (sh, sw):
+            images = ImageList(F.pad(images.tensor, (0, sw - tw, 0, sh - th)), images.image_sizes)
+        return images
+
+    @torch.no_grad()
+    def backbone_features(self, images: ImageList) -> Dict[str, torch.Tensor]:
+        """Teacher backbone (FPN) outputs: name -> (N, C, H, W)."""
+        return self._run(self.model.backbone, images.tensor)
+
+    @property
+    def has_dense_head(self) -> bool:
+        """Whether the teacher is a one-stage detector with per-anchor predictions (RetinaNet)."""
+        return hasattr(self.model, "head") and hasattr(self.model, "head_in_features")
+
+    def require_dense_head(self) -> None:
+        """Raise unless the teacher has per-anchor predictions (RM, PFI, soft labels need them)."""
+        if not self.has_dense_head:
+            raise ValueError("KD.RM, KD.PFI and KD.SOFT_LABEL need a one-stage (RetinaNet) teacher "
+                             "with per-anchor class predictions, but the teacher is a {}; set "
+                             "KD.TEACHER.CONFIG to a RetinaNet config".format(
+                                 self.meta_architecture))
+
+    @torch.no_grad()
+    def dense_class_logits(self, features: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
+        """
+        Class logits of a one-stage teacher's head on its own ``features``:
+        per level of ``model.head_in_features``, (N, A*K, H, W).
+        """
+        self.require_dense_head()
+        return self._run(lambda *fs: self.model.head(list(fs))[0],
+                         *[features[f] for f in self.model.head_in_features])
+
+    def require_roi_head(self) -> None:
+        """Raise unless the teacher has one RoI box head with class scores (Faster R-CNN)."""
+        heads = getattr(self.model, "roi_heads", None)
+        if not hasattr(getattr(heads, "box_predictor", None), "cls_score"):
+            raise ValueError("soft-label KD of a two-stage student (KD.SOFT_LABEL) compares RoI "
+                             "class scores, so it needs a Faster R-CNN teacher with one box head, "
+                             "but the teacher is a {} ({}); set KD.TEACHER.CONFIG to a Faster "
+                             "R-CNN config".format(
+                                 self.meta_architecture,
+                                 type(heads).__name__ if heads else "no RoI heads"))
+
+    @torch.no_grad()
+    def roi_class_logits(self, features: Dict[str, torch.Tensor],
+                         boxes: List[Boxes]) -> torch.Tensor:
+        """
+        Class logits of a two-stage teacher's box head on given boxes.
+
+        Args:
+            features: the teacher's own backbone features (name -> (N, C, H, W)).
+            boxes: per image, boxes in input-image coordinates (e.g. the student's sampled RoIs).
+        Returns:
+            (R, K + 1): R = all boxes of all images, in order; background last.
+        """
+        self.require_roi_head()
+        heads = self.model.roi_heads
+
+        def scores(*level_features):
+            x = heads.box_head(heads.box_pooler(list(level_features), boxes))
+            return heads.box_predictor(x)[0]
+
+        return self._run(scores, *[features[f] for f in heads.box_in_features])
+
+    @property
+    def dense_head_levels(self) -> List[str]:
+        """Levels of the teacher's dense head: RetinaNet's head, or a two-stage teacher's RPN."""
+        m = self.model
+        if self.has_dense_head:
+            return list(m.head_in_features)
+        return list(m.proposal_generator.in_features)
+
+    def dense_head_outputs(self, features: Dict[str, torch.Tensor],
+                           grad: bool = False) -> List[torch.Tensor]:
+        """
+        Per-position scores of the teacher's dense head on ``features`` (its own, or
+        features made from them): RetinaNet class logits (N, A*K, H, W) or RPN
+        objectness logits (N, A, H, W), per level of :attr:`dense_head_levels`.
+
+        Args:
+            grad: keep the graph so that a loss on the outputs reaches ``features``
+                (the teacher's weights still get no gradient).
+        """
+        m = self.model
+        head = (lambda *fs: m.head(list(fs))[0]) if self.has_dense_head else (
+            lambda *fs: m.proposal_generator.rpn_head(list(fs))[0])
+        with torch.set_grad_enabled(grad):
+            return self._run(head, *[features[f] for f in self.dense_head_levels])
