@@ -58,7 +58,7 @@ def _release_lazy(config, weights, dest):
 
     from kd_det.export import export_lazy_student
     from kd_det.modeling.lazy_student import kd_node
-    from kd_det.utils.lazy import dataset_names, lazy_get
+    from kd_det.config.lazy import dataset_names, lazy_get
 
     lazy = LazyConfig.load(config)
     out = export_lazy_student(lazy, weights, dest)
