@@ -4,25 +4,43 @@ space: class index i must mean the same object for both (a teacher that teaches 
 under another name spoils a distillation run without any error).
 """
 
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-__all__ = ["registered_thing_classes", "check_same_classes"]
+__all__ = ["ClassNames", "registered_thing_classes", "check_same_classes"]
 
 
-def registered_thing_classes(dataset_names: Iterable[str]) -> Optional[List[str]]:
+class ClassNames(list):
+    """Class names (index i = class i), and the datasets they were read from (for messages)."""
+
+    def __init__(self, names: Iterable[str], datasets: Sequence[str] = ()):
+        super().__init__(names)
+        self.datasets = tuple(datasets)
+
+
+def registered_thing_classes(dataset_names: Iterable[str]) -> Optional[ClassNames]:
     """
     The ``thing_classes`` metadata of the first of ``dataset_names`` that is registered
-    and has it, else None (not registered here, or classes known only once loaded).
+    and has it (its ``datasets``: all of ``dataset_names``), else None (not registered
+    here, or classes known only once loaded).
     """
+    dataset_names = tuple(dataset_names)
     registered = set(DatasetCatalog.list())
     for name in dataset_names:
         if name in registered:
             classes = MetadataCatalog.get(name).get("thing_classes", None)
             if classes:
-                return list(classes)
+                return ClassNames(classes, dataset_names)
     return None
+
+
+def _student(expected: Sequence[str]) -> str:
+    datasets = getattr(expected, "datasets", ())
+    if datasets:
+        return str(tuple(datasets))
+    names = list(expected)
+    return "classes {}{}".format(names[:5], " ..." if len(names) > 5 else "")
 
 
 def check_same_classes(
@@ -36,12 +54,13 @@ def check_same_classes(
     when ``expected`` is None, or when no teacher set is registered here with its classes.
 
     Args:
-        expected: the student's class names, index i = class i; None: not checked.
+        expected: the student's class names, index i = class i (a :class:`ClassNames`
+            also names the student's datasets in the message); None: not checked.
         teacher_train: the teacher's training set names (its config's DATASETS.TRAIN).
         teacher_config: the teacher's config file (for the message).
     """
     teacher = registered_thing_classes(teacher_train)
-    if expected is None or teacher is None or list(expected) == teacher:
+    if expected is None or teacher is None or list(expected) == list(teacher):
         return
     student = list(expected)
     if sorted(student) == sorted(teacher):
@@ -53,7 +72,7 @@ def check_same_classes(
                 "among the teacher's)".format(sorted(set(teacher) - set(student))[:5],
                                              sorted(set(student) - set(teacher))[:5]))
     raise ValueError(
-        "teacher config {!r} was trained on DATASETS.TRAIN={}, whose classes are not the "
-        "student's: it has {}, so the teacher's predictions would teach the wrong classes. Train "
-        "the teacher on the student's label space; if the classes do correspond, set "
-        "KD.TEACHER.CHECK_CLASSES False".format(teacher_config, tuple(teacher_train), what))
+        "teacher config {!r} was trained on DATASETS.TRAIN={} and the student on {}: they have {}, "
+        "so the teacher's predictions would teach the wrong classes. Train the teacher on the "
+        "student's label space; if the classes do correspond, set KD.TEACHER.CHECK_CLASSES "
+        "False".format(teacher_config, tuple(teacher_train), _student(expected), what))
