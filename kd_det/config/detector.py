@@ -21,8 +21,8 @@ from omegaconf import DictConfig
 from .defaults import get_kd_cfg
 from .lazy import dataset_names, lazy_get, single_short_edge, test_resizes
 
-__all__ = ["DetectorSettings", "is_lazy_config", "load_detector_config", "detector_settings",
-           "meta_architecture_of", "build_detector"]
+__all__ = ["DetectorSettings", "is_lazy_config", "describe_config", "load_detector_config",
+           "detector_settings", "meta_architecture_of", "build_detector"]
 
 DetectorConfig = Union[CfgNode, DictConfig]
 
@@ -54,8 +54,10 @@ def is_lazy_config(config) -> bool:
     return not isinstance(config, CfgNode)
 
 
-def _label(role: str, kind: str) -> str:
-    return "{} {}".format(role, kind) if role else kind
+def describe_config(path: str, role: str = "") -> str:
+    """How messages name a config file, e.g. "teacher LazyConfig 'a.py'" or "config 'b.yaml'"."""
+    kind = "LazyConfig" if is_lazy_config(path) else "config"
+    return "{} {!r}".format("{} {}".format(role, kind) if role else kind, path)
 
 
 def load_detector_config(path: str, opts: Sequence[str] = (), *, role: str = "",
@@ -74,31 +76,40 @@ def load_detector_config(path: str, opts: Sequence[str] = (), *, role: str = "",
         ValueError naming the file and the fix when it does not load or an override does not apply.
     """
     opts = list(opts)
+    name = describe_config(path, role)
     if not is_lazy_config(path):
         cfg = get_kd_cfg()
         try:
             cfg.merge_from_file(path)
             cfg.merge_from_list(opts)
         except Exception as e:
-            raise ValueError("{} {!r} does not build: {}: {}".format(
-                _label(role, "config"), path, type(e).__name__, e)) from e
+            raise ValueError("{} does not build: {}: {}".format(name, type(e).__name__, e)) from e
         return cfg
     try:
         lazy = LazyConfig.load(path)
     except Exception as e:
-        raise ValueError("{} {!r} does not load: {}: {}".format(
-            _label(role, "LazyConfig"), path, type(e).__name__, e)) from e
+        raise ValueError("{} does not load: {}: {}".format(name, type(e).__name__, e)) from e
     bad = [o for o in opts if "=" not in str(o)]
     if bad:
         raise ValueError(
-            "{}={} for the {} {!r}: a LazyConfig takes overrides as 'key=value' strings (e.g. "
+            "{}={} for the {}: a LazyConfig takes overrides as 'key=value' strings (e.g. "
             "\"model.roi_heads.box_predictor.test_score_thresh=0.05\"), not yacs KEY VALUE pairs; "
-            "{} is not one".format(opts_name, opts, _label(role, "LazyConfig"), path, bad[0]))
+            "{} is not one".format(opts_name, opts, name, bad[0]))
     try:
         return LazyConfig.apply_overrides(lazy, opts)
     except Exception as e:
-        raise ValueError("{}={} do not apply to the {} {!r}: {}: {}".format(
-            opts_name, opts, _label(role, "LazyConfig"), path, type(e).__name__, e)) from e
+        raise ValueError("{}={} do not apply to the {}: {}: {}".format(
+            opts_name, opts, name, type(e).__name__, e)) from e
+
+
+def _lazy_model(config: DictConfig):
+    """A LazyConfig's ``model`` LazyCall; raises naming the fix where it has none."""
+    model = lazy_get(config, "model")
+    if model is None:
+        raise ValueError("the LazyConfig has no `model`: a LazyConfig detector defines it as "
+                         "`model = L(GeneralizedRCNN)(...)` or `L(RetinaNet)(...)`, as "
+                         "Detectron2's configs do")
+    return model
 
 
 def _target_name(node) -> str:
@@ -168,11 +179,7 @@ def detector_settings(config: DetectorConfig) -> DetectorSettings:
             _floats(config.MODEL.PIXEL_STD), int(config.INPUT.MIN_SIZE_TEST),
             int(config.INPUT.MAX_SIZE_TEST), tuple(config.DATASETS.TRAIN),
             tuple(config.DATASETS.TEST))
-    model = lazy_get(config, "model")
-    if model is None:
-        raise ValueError("the LazyConfig has no `model`: a LazyConfig detector defines it as "
-                         "`model = L(GeneralizedRCNN)(...)` or `L(RetinaNet)(...)`, as "
-                         "Detectron2's configs do")
+    model = _lazy_model(config)
     input_format = (lazy_get(model, "input_format")
                     or lazy_get(config, "dataloader.test.mapper.image_format"))
     if input_format is None:
@@ -197,6 +204,4 @@ def build_detector(config: DetectorConfig, device: str = "cpu") -> torch.nn.Modu
         cfg.defrost()
         cfg.MODEL.DEVICE = str(device)
         return build_model(cfg)
-    if lazy_get(config, "model") is None:
-        raise ValueError("the LazyConfig has no `model` to build")
-    return instantiate(config.model).to(torch.device(device))
+    return instantiate(_lazy_model(config)).to(torch.device(device))

@@ -11,8 +11,8 @@ from detectron2.config import configurable
 
 from ...config.detector import (
     build_detector,
+    describe_config,
     detector_settings,
-    is_lazy_config,
     load_detector_config,
     meta_architecture_of,
 )
@@ -82,29 +82,25 @@ def build_teacher(
         device: where the teacher runs.
     """
     path = resolve_teacher_config(config)
-    name = "teacher LazyConfig" if is_lazy_config(path) else "teacher config"
+    name = describe_config(path, "teacher")
     cfg = load_detector_config(path, opts, role="teacher", opts_name="KD.TEACHER.OPTS")
-    if is_lazy_config(cfg) and "model" not in cfg:
-        raise ValueError("teacher LazyConfig {!r} has no `model`: a LazyConfig teacher defines the "
-                         "detector as `model = L(GeneralizedRCNN)(...)` or `L(RetinaNet)(...)`, as "
-                         "Detectron2's configs do".format(path))
     meta_architecture = meta_architecture_of(cfg)
     if meta_architecture.startswith("Distill"):  # refused before it builds a teacher of its own
-        raise ValueError("{} {!r} builds a {}; a teacher must be a plain detector (GeneralizedRCNN "
-                         "or RetinaNet)".format(name, path, meta_architecture))
+        raise ValueError("{} builds a {}; a teacher must be a plain detector (GeneralizedRCNN or "
+                         "RetinaNet)".format(name, meta_architecture))
     try:
         model = build_detector(cfg, device)
     except Exception as e:
-        raise ValueError("the model of {} {!r} does not build: {}: {}".format(
-            name, path, type(e).__name__, e)) from e
+        raise ValueError("the model of {} does not build: {}: {}".format(
+            name, type(e).__name__, e)) from e
     if not _is_detector(model):
-        raise ValueError("{} {!r} builds a {}, not a Detectron2 detector: kd_det needs a "
+        raise ValueError("{} builds a {}, not a Detectron2 detector: kd_det needs a "
                          "GeneralizedRCNN or RetinaNet (a backbone, pixel_mean/std and RoI or "
-                         "dense heads)".format(name, path, type(model).__name__))
+                         "dense heads)".format(name, type(model).__name__))
     try:
         settings = detector_settings(cfg)
     except ValueError as e:
-        raise ValueError("{} {!r}: {}".format(name, path, e)) from e
+        raise ValueError("{}: {}".format(name, e)) from e
     load_teacher_weights(model, weights, path)
     teacher = FrozenTeacher(model, settings, autocast=autocast, channels_last=channels_last,
                             weights=weights, config=path)
