@@ -17,8 +17,8 @@ from detectron2.modeling import GeneralizedRCNN, build_model
 
 from omegaconf import OmegaConf
 
-from kd_det import deploy
-from kd_det.export import file_sha256
+from kd_det.release import deploy
+from kd_det.release.student import file_sha256
 from kd_det.modeling import DistillGeneralizedRCNN
 from kd_det.modeling.lazy_student import build_distilled_model, lazy_distilled_model, lazy_student_model
 
