@@ -31,10 +31,10 @@ import statistics
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from kd_det.utils.runs import train_and_evaluate
 
-from kd_det.utils.runs import train_and_evaluate  # noqa: E402
+# the checkout this script lies in (benchmarks/..): configs, tools/ and the default outputs
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SYN = "configs/synthetic/"
 # How a method's run gets its teacher:

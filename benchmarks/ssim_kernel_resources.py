@@ -30,13 +30,10 @@ import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from kd_det.losses import ssim_triton  # noqa: E402
-from kd_det.losses.ssim import gaussian_window_1d  # noqa: E402
+from kd_det.losses import ssim_triton
+from kd_det.losses.ssim import gaussian_window_1d
 
 SHARED_LIMIT = 227 * 1024  # per program (thread block) on sm_90
 # Issue 9's shape: (planes, height, width) of each FPN level, all windows 11x11.

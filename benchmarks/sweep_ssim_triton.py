@@ -20,16 +20,12 @@ Stops starting new configurations after ``--budget-s`` seconds (the device tool 
 import argparse
 import itertools
 import json
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from kd_det.losses import ssim_map, ssim_triton  # noqa: E402
-from kd_det.losses.ssim import minmax_normalize  # noqa: E402
+from kd_det.losses import ssim_map, ssim_triton
+from kd_det.losses.ssim import minmax_normalize
 
 SHAPES = [(8, 256, 200, 336), (8, 256, 100, 168), (8, 256, 50, 84), (8, 256, 25, 42), (8, 256, 13, 21)]
 CHECK_LEVEL = 2  # P4: several programs per plane, cheap reference

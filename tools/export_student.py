@@ -25,10 +25,6 @@ the plain student; ``--torchscript``/``--onnx`` take the test-time resize from i
 
 import argparse
 import json
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None):

@@ -19,8 +19,6 @@ import os
 import re
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 def _is_lazy_config(path):
     """Whether a run's config.yaml is a saved LazyConfig (lowercase ``model``/``train``) rather than yacs."""

@@ -22,14 +22,13 @@ import datetime
 import json
 import os
 import platform
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from kd_det.utils.metrics import COCO_BOX_KEYS, load_metrics
+from kd_det.utils.runs import train_and_evaluate
 
-from kd_det.utils.metrics import COCO_BOX_KEYS, load_metrics  # noqa: E402
-from kd_det.utils.runs import train_and_evaluate  # noqa: E402
+# the checkout this tool lies in (tools/..): the configs and the default output folders are there
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # run name -> (label, config), per architecture; the distilled students take the teacher's weights.
 # The Faster R-CNN demo's teacher is an R-18-FPN-128 trained 200 iterations (students: 150): from scratch

@@ -18,10 +18,6 @@ distillation config (its teacher is loaded as in training).  A LazyConfig (``.py
 import argparse
 import json
 import os
-import sys
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def main(argv=None):
