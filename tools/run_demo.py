@@ -102,7 +102,8 @@ def main(argv=None):
             # the teacher's AP, logged in the run itself, goes into MODEL_ZOO.md's row for it
             opts += ["KD.TEACHER.WEIGHTS", teacher_weights, "KD.TEACHER.EVAL_BEFORE_TRAIN", "True"]
         results[name], seconds[name] = train_and_evaluate(
-            name, runs[name][1], os.path.join(out_root, name), opts, args.reuse, log_name="run_demo.log")
+            name, runs[name][1], os.path.join(out_root, name), opts, args.reuse,
+            log_name="run_demo.log", root=ROOT)
     total = time.time() - started
 
     rows = [(runs[n][0], results[n], seconds[n]) for n in names]
