@@ -32,7 +32,7 @@ def main(argv=None):
 
     import torch
 
-    from kd_det.data import score_images
+    from kd_det.engine.curriculum import score_images
     from kd_det.utils.snapshot import load_snapshot
 
     if not os.path.isfile(args.snapshot):
