@@ -31,10 +31,10 @@ import statistics
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from kd_det.utils.runs import train_and_evaluate
 
-from kd_det.utils.runs import train_and_evaluate  # noqa: E402
+# the checkout this script lies in (benchmarks/..): configs, tools/ and the default outputs
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SYN = "configs/synthetic/"
 # How a method's run gets its teacher:
@@ -176,11 +176,13 @@ def run_benchmark(args):
         teacher_weights = os.path.abspath(teacher_weights)
         ap, seconds["teacher"] = train_and_evaluate(
             "teacher", teacher_cfg, os.path.join(out_root, "teacher_eval"),
-            ["MODEL.WEIGHTS", teacher_weights] + common, reuse=args.reuse, eval_only=True)
+            ["MODEL.WEIGHTS", teacher_weights] + common, reuse=args.reuse, eval_only=True,
+            root=ROOT)
     else:
         teacher_dir = os.path.join(out_root, "teacher")
         opts = common + (GPU_TEACHER_OPTS if args.setting == "gpu" else []) + ["SEED", str(args.seeds[0])]
-        ap, seconds["teacher"] = train_and_evaluate("teacher", teacher_cfg, teacher_dir, opts, reuse=args.reuse)
+        ap, seconds["teacher"] = train_and_evaluate("teacher", teacher_cfg, teacher_dir, opts,
+                                                    reuse=args.reuse, root=ROOT)
         teacher_weights = os.path.join(teacher_dir, "model_final.pth")
     results["teacher"] = {"label": "teacher ({})".format(os.path.basename(teacher_cfg)), "runs": [ap]}
 
@@ -193,7 +195,8 @@ def run_benchmark(args):
             raise SystemExit("the two-teacher method trains its second teacher with the second seed; give two seeds")
         second_dir = os.path.join(out_root, "teacher_seed{}".format(args.seeds[1]))
         opts = common + (GPU_TEACHER_OPTS if args.setting == "gpu" else []) + ["SEED", str(args.seeds[1])]
-        ap, seconds["teacher2"] = train_and_evaluate("teacher2", teacher_cfg, second_dir, opts, reuse=args.reuse)
+        ap, seconds["teacher2"] = train_and_evaluate("teacher2", teacher_cfg, second_dir, opts,
+                                                     reuse=args.reuse, root=ROOT)
         results["teacher2"] = {"label": "second teacher (seed {})".format(args.seeds[1]), "runs": [ap]}
         second_teacher = os.path.join(second_dir, "model_final.pth")
     student_common = common[:len(SETTINGS[args.setting])] + arch.get("student_opts", {}).get(args.setting, []) + \
@@ -216,7 +219,7 @@ def run_benchmark(args):
                     arch, out_root, seed, student_common, args.reuse)]
             name = "{}/seed{}".format(method, seed)
             ap, sec = train_and_evaluate(name, config, os.path.join(out_root, method, "seed{}".format(seed)), opts,
-                                         reuse=args.reuse)
+                                         reuse=args.reuse, root=ROOT)
             runs.append(ap)
             seconds[name] = sec
         results[method] = {"label": label, "config": config, "runs": runs}
@@ -230,7 +233,7 @@ def score_with_vanilla_snapshot(arch, out_root, seed, common, reuse):
 
     vanilla_dir = os.path.join(out_root, "vanilla", "seed{}".format(seed))
     train_and_evaluate("vanilla/seed{}".format(seed), arch["methods"]["vanilla"][1], vanilla_dir,
-                       common + ["SEED", str(seed)], reuse=True)
+                       common + ["SEED", str(seed)], reuse=True, root=ROOT)
     snapshots = sorted(glob.glob(os.path.join(vanilla_dir, "model_0*.pth"))) or [
         os.path.join(vanilla_dir, "model_final.pth")]
     scores = os.path.join(vanilla_dir, "scores.json")

@@ -9,8 +9,8 @@ SSIM over an FPN pyramid, forward + backward (student requires grad), against pe
 Implementations, all on the same tensors (values in [0, 1], 11x11 Gaussian window,
 sigma 1.5, K = (0.01, 0.03), data range 1, valid window):
   kd_det-fused   kd_det.losses.ssim_triton.fused_ssim_mean (Triton, CUDA only), its
-                 default vertical pass; kd_det-fused[ring/ieee], [band/ieee], [band/tf32x3]
-                 the other passes (ssim_triton.VERTICAL_PASS, DOT_PRECISION)
+                 vertical pass ("unrolled"); kd_det-fused[ring/ieee], [band/ieee],
+                 [band/tf32x3] the other passes (ssim_vertical_variants.py)
   kd_det-torch   kd_det.losses.ssim_map(...).mean() (separable grouped conv)
   pytorch-msssim pytorch_msssim.ssim (benchmark extra: pip install -e .[bench])
   kornia         kornia.metrics.ssim(padding="valid")
@@ -33,6 +33,8 @@ import torch
 from kd_det.losses import SSIMFeatureLoss, ssim_map
 from kd_det.losses import ssim_triton
 
+import ssim_vertical_variants as variants  # beside this script
+
 SHAPES = {
     # P2-P6 of an 800x1344 input
     "fpn800": [(8, 256, 200, 336), (8, 256, 100, 168), (8, 256, 50, 84), (8, 256, 25, 42), (8, 256, 13, 21)],
@@ -45,13 +47,13 @@ def fused_variant(vertical_pass, precision, num_warps):
     """fused_ssim_mean with the given vertical pass, dot precision and warps (restored afterwards)."""
 
     def fn(x, y):
-        saved = ssim_triton.VERTICAL_PASS, ssim_triton.DOT_PRECISION, ssim_triton.NUM_WARPS
-        ssim_triton.VERTICAL_PASS, ssim_triton.DOT_PRECISION, ssim_triton.NUM_WARPS = (
-            vertical_pass, precision, num_warps)
+        saved = ssim_triton.NUM_WARPS
+        ssim_triton.NUM_WARPS = num_warps
         try:
-            return ssim_triton.fused_ssim_mean(x, y)
+            with variants.vertical_pass(vertical_pass, precision):
+                return ssim_triton.fused_ssim_mean(x, y)
         finally:
-            ssim_triton.VERTICAL_PASS, ssim_triton.DOT_PRECISION, ssim_triton.NUM_WARPS = saved
+            ssim_triton.NUM_WARPS = saved
 
     return fn
 
@@ -61,12 +63,10 @@ def peers():
     if ssim_triton.is_available():
         out["kd_det-fused"] = lambda x, y: ssim_triton.fused_ssim_mean(x, y)
         # the band pass spills registers with fewer than 4 warps (ssim_kernel_resources.py)
-        for vertical_pass, precision, warps in [("unrolled", "ieee", ssim_triton.NUM_WARPS),
-                                                ("ring", "ieee", ssim_triton.NUM_WARPS), ("band", "ieee", 4),
-                                                ("band", "tf32x3", 4)]:
-            if (vertical_pass, precision) != (ssim_triton.VERTICAL_PASS, ssim_triton.DOT_PRECISION):
-                out["kd_det-fused[{}/{}]".format(vertical_pass, precision)] = fused_variant(
-                    vertical_pass, precision, warps)
+        for vertical_pass, precision, warps in [("ring", "ieee", ssim_triton.NUM_WARPS),
+                                                ("band", "ieee", 4), ("band", "tf32x3", 4)]:
+            out["kd_det-fused[{}/{}]".format(vertical_pass, precision)] = fused_variant(
+                vertical_pass, precision, warps)
     try:
         from pytorch_msssim import ssim as msssim
 

@@ -21,20 +21,18 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 
 import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
 
+from kd_det import get_kd_cfg
+
+# the checkout this script lies in (benchmarks/..): its configs/
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
-from detectron2.modeling import build_model  # noqa: E402
-from detectron2.structures import Boxes, Instances  # noqa: E402
-
-from kd_det import get_kd_cfg  # noqa: E402
 
 ARCHS = {
     "faster_rcnn": ("COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml", "COCO-Detection/faster_rcnn_R_18_FPN_1x.yaml", {

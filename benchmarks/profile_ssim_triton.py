@@ -21,17 +21,13 @@ peak memory above the inputs.
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
 from collections import defaultdict
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from kd_det.losses import ssim_triton  # noqa: E402
+from kd_det.losses import ssim_triton
 
 SHAPES = [(8, 256, 200, 336), (8, 256, 100, 168), (8, 256, 50, 84), (8, 256, 25, 42), (8, 256, 13, 21)]
 

@@ -30,13 +30,12 @@ import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from kd_det.losses import ssim_triton
+from kd_det.losses.ssim import gaussian_window_1d
 
-from kd_det.losses import ssim_triton  # noqa: E402
-from kd_det.losses.ssim import gaussian_window_1d  # noqa: E402
+import ssim_vertical_variants as variants  # beside this script: the ring and band passes
 
 SHARED_LIMIT = 227 * 1024  # per program (thread block) on sm_90
 # Issue 9's shape: (planes, height, width) of each FPN level, all windows 11x11.
@@ -179,22 +178,22 @@ def kernels_of(vertical_pass, block_w, rows, precision, window=11, sigma=1.5, un
     taps = tuple(gaussian_window_1d(window, sigma).tolist())
     common = dict(WH=taps, BLOCK_W=block_w, ROWS=rows, NORMALIZE=True, NORM_STRIDE=ssim_triton.NORM_STRIDE)
     if vertical_pass == "band":
-        common.update(KH=window, TILE=ssim_triton.TILE_ROWS, DOT_PRECISION=precision)
-        stats, grad = ssim_triton._ssim_stats_band_kernel, ssim_triton._ssim_grad_band_kernel
+        common.update(KH=window, TILE=variants.TILE_ROWS, DOT_PRECISION=precision)
+        stats, grad = variants._ssim_stats_band_kernel, variants._ssim_grad_band_kernel
     elif vertical_pass == "unrolled":
         common.update(WV=taps, UNROLL=unroll or window)
         stats, grad = ssim_triton._ssim_stats_unrolled_kernel, ssim_triton._ssim_grad_unrolled_kernel
     else:
-        common.update(KH=window, RING=ssim_triton.RING)
-        stats, grad = ssim_triton._ssim_stats_kernel, ssim_triton._ssim_grad_kernel
+        common.update(KH=window, RING=variants.RING)
+        stats, grad = variants._ssim_stats_kernel, variants._ssim_grad_kernel
     return [("stats", stats, dict(common, BACKWARD=False)), ("stats-bwd", stats, dict(common, BACKWARD=True)),
             ("grad", grad, common)]
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--passes", nargs="+", default=list(ssim_triton.VERTICAL_PASSES),
-                        choices=list(ssim_triton.VERTICAL_PASSES))
+    parser.add_argument("--passes", nargs="+", default=list(variants.PASSES),
+                        choices=list(variants.PASSES))
     parser.add_argument("--block-w", nargs="+", type=int, default=[32, 64, 128])
     parser.add_argument("--rows", type=int, default=128)
     parser.add_argument("--warps", nargs="+", type=int, default=[1, 2, 4, 8])
@@ -214,7 +213,7 @@ def main(argv=None):
     results = []
     for vp in args.passes:
         precisions = args.precisions if vp == "band" else ["-"]
-        stages = args.num_stages or [ssim_triton.BAND_NUM_STAGES if vp == "band" else None]
+        stages = args.num_stages or [variants.BAND_NUM_STAGES if vp == "band" else None]
         for bw, warps, prec, st in itertools.product(args.block_w, args.warps, precisions, stages):
             row = {"pass": vp, "block_w": bw, "rows": args.rows, "warps": warps, "precision": prec,
                    "num_stages": st}

@@ -13,14 +13,11 @@ sm_90 at the measured settings and prints model time, measured time and their ra
 import importlib.util
 import os
 import subprocess
-import sys
 import tempfile
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
+import ssim_kernel_resources as resources  # benchmarks/, this script's folder: first on sys.path
 
-import ssim_kernel_resources as resources  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 COMMIT = "c94ae13"
 # (BLOCK_W, rows per program, warps) -> measured ms on the H100: forward, forward + backward

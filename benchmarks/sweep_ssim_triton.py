@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """
-Tuning sweep of the fused SSIM kernel (GPU): vertical pass ("unrolled", "band", "ring"),
-block sizes, warps, for the "unrolled" pass its rows per loop trip (fewer: a shorter
-loop for the instruction cache, more register moves between trips) and, for the "band"
-pass, the precision of its tl.dot products.
+Tuning sweep of the fused SSIM kernel (GPU): vertical pass ("unrolled", kd_det's own;
+"band" and "ring" of ssim_vertical_variants.py), block sizes, warps, for the "unrolled"
+pass its rows per loop trip (fewer: a shorter loop for the instruction cache, more
+register moves between trips) and, for the "band" pass, the precision of its tl.dot
+products.
 Forward and forward + backward are timed apart, the latter also with the min-max
 normalisation of SSIMFeatureLoss.
 
@@ -20,16 +21,14 @@ Stops starting new configurations after ``--budget-s`` seconds (the device tool 
 import argparse
 import itertools
 import json
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from kd_det.losses import ssim_map, ssim_triton
+from kd_det.losses.ssim import minmax_normalize
 
-from kd_det.losses import ssim_map, ssim_triton  # noqa: E402
-from kd_det.losses.ssim import minmax_normalize  # noqa: E402
+import ssim_vertical_variants as variants  # beside this script
 
 SHAPES = [(8, 256, 200, 336), (8, 256, 100, 168), (8, 256, 50, 84), (8, 256, 25, 42), (8, 256, 13, 21)]
 CHECK_LEVEL = 2  # P4: several programs per plane, cheap reference
@@ -62,7 +61,7 @@ def _grid(args):
         unrolls = args.row_unroll if vp == "unrolled" else [0]
         for unroll, bw, rows, warps, prec in itertools.product(unrolls, args.block_w, args.rows, warps_list,
                                                                precisions):
-            if vp == "band" and bw < ssim_triton.TILE_ROWS:
+            if vp == "band" and bw < variants.TILE_ROWS:
                 continue  # tl.dot takes 16 columns at least
             if vp != "band" and bw < 32 * warps:
                 continue  # fewer columns than threads: replicated work
@@ -72,7 +71,7 @@ def _grid(args):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--passes", nargs="+", default=["unrolled", "band", "ring"],
-                        choices=list(ssim_triton.VERTICAL_PASSES))
+                        choices=list(variants.PASSES))
     parser.add_argument("--block-w", nargs="+", type=int, default=[32, 64, 128])
     parser.add_argument("--rows", nargs="+", type=int, default=[128])
     parser.add_argument("--warps", nargs="+", type=int, default=[1, 2, 4, 8], help="of the ring and unrolled passes")
@@ -104,7 +103,7 @@ def main(argv=None):
         if time.time() - started > args.budget_s:
             print("budget of {:.0f} s spent; remaining configurations skipped".format(args.budget_s), flush=True)
             break
-        ssim_triton.VERTICAL_PASS, ssim_triton.DOT_PRECISION = vp, (prec if prec != "-" else "ieee")
+        variants.use(vp, prec if prec != "-" else "ieee")
         ssim_triton.BLOCK_W, ssim_triton.ROWS_PER_PROGRAM, ssim_triton.NUM_WARPS = bw, rows, warps
         ssim_triton.ROW_UNROLL = unroll
         row = {"pass": vp, "row_unroll": unroll, "block_w": bw, "rows": rows, "warps": warps, "precision": prec}

@@ -22,6 +22,13 @@ TINY_PREFIX = "kd_test_tiny"
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 
+def pytest_addoption(parser):
+    parser.addoption("--ssim-variants", action="store_true",
+                     help="also run the fused SSIM kernel's tests with the ring and band "
+                          "vertical passes of benchmarks/ssim_vertical_variants.py (GPU sessions; "
+                          "make test does not)")
+
+
 @pytest.fixture(scope="session")
 def tiny_data_root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("data") / "kd_synthetic_tiny")

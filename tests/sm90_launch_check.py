@@ -9,13 +9,13 @@ GPU; only the kernels do not execute (their outputs are meaningless).  Run by
 ``tests/test_ssim_triton.py::test_launch_path_for_h100`` in a subprocess, because the
 driver swap is process-wide:
 
-    python tests/sm90_launch_check.py [vertical_pass]
+    python tests/sm90_launch_check.py
 
 ``--compilations`` counts instead how many times each kernel would be compiled over the
 FPN levels of a range of training image sizes (Detectron2's resizing and padding), by
 recording Triton's compile keys instead of compiling (nothing is compiled or run):
 
-    python tests/sm90_launch_check.py --compilations [vertical_pass]
+    python tests/sm90_launch_check.py --compilations
 """
 
 import json
@@ -113,18 +113,16 @@ class RecordingSm90Driver(DriverBase):
         return 0
 
 
-def _select_pass(vertical_pass):
+def _recording_ssim_triton():
+    """kd_det's fused SSIM module, its kernels launched on the recording sm_90 driver."""
     driver.set_active(RecordingSm90Driver())
     from kd_det.losses import ssim_triton
 
-    ssim_triton.VERTICAL_PASS = vertical_pass
-    if vertical_pass == "band":
-        ssim_triton.NUM_WARPS = 4  # it spills with fewer
     return ssim_triton
 
 
-def main(vertical_pass):
-    ssim_triton = _select_pass(vertical_pass)
+def main():
+    ssim_triton = _recording_ssim_triton()
     x = torch.rand(2, 3, 20, 24, requires_grad=True)
     y = torch.rand(2, 3, 20, 24)
     loss = ssim_triton.fused_ssim_feature_loss(x, y, 11, 1.5, 0.01, 0.03, "minmax")
@@ -159,7 +157,7 @@ def training_level_sizes(short_edges=range(640, 801, 32), aspects=(4 / 3, 16 / 9
     return sorted(sizes)
 
 
-def compilations(vertical_pass):
+def compilations():
     """{kernel: distinct compilations} of the fused loss, forward and backward, over training_level_sizes()."""
     from triton.runtime.jit import JITFunction
 
@@ -171,7 +169,7 @@ def compilations(vertical_pass):
         return kernel
 
     JITFunction._do_compile = record_compile
-    ssim_triton = _select_pass(vertical_pass)
+    ssim_triton = _recording_ssim_triton()
     sizes = training_level_sizes()
     for h, w in sizes:
         # the backward in chunks of about 3 of the 7 planes: slices that start unaligned
@@ -182,5 +180,4 @@ def compilations(vertical_pass):
 
 
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if a != "--compilations"]
-    (compilations if "--compilations" in sys.argv else main)(args[0] if args else "unrolled")
+    (compilations if "--compilations" in sys.argv else main)()

@@ -62,7 +62,8 @@ def test_student_schedule_of_the_setting_reaches_students_not_the_teacher(monkey
 
     calls = []
 
-    def fake_train_and_evaluate(name, config, out_dir, opts, reuse=False, eval_only=False):
+    def fake_train_and_evaluate(name, config, out_dir, opts, reuse=False, eval_only=False, *, root):
+        assert root == REPO  # the benchmark's own checkout runs tools/train_net.py
         calls.append((name, opts))
         return {"AP": 1.0, "AP50": 2.0, "AP75": 0.5}, 0.0
 

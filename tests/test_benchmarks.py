@@ -3,11 +3,20 @@
 import os
 import runpy
 
+import pytest
 from conftest import REPO
+
+BENCHMARKS = os.path.join(REPO, "benchmarks")
+
+
+@pytest.fixture(autouse=True)
+def beside_the_scripts(monkeypatch):
+    """The scripts import their neighbours (ssim_vertical_variants.py), as when run by path."""
+    monkeypatch.syspath_prepend(BENCHMARKS)
 
 
 def _script(name):
-    return runpy.run_path(os.path.join(REPO, "benchmarks", name), run_name="bench")
+    return runpy.run_path(os.path.join(BENCHMARKS, name), run_name="bench")
 
 
 def test_bench_ssim_reports_the_bandwidth_floor():
@@ -43,3 +52,21 @@ def test_bench_step_times_the_fused_ssim_against_pytorch_on_cuda():
     runs = {name: opts for name, _, opts in step["method_runs"](methods, "cuda")}
     assert runs["ssim"] == [] and runs["ssim[torch]"] == ["KD.SSIM.IMPL", "torch"]
     assert "ssim[torch]" not in {name for name, _, _ in step["method_runs"](methods, "cpu")}
+
+
+def test_vertical_variants_refuse_an_unknown_pass():
+    """The benchmarks' pass selection names the passes it has (no kernel runs)."""
+    import ssim_vertical_variants as variants
+
+    from kd_det.losses import ssim_triton
+
+    with pytest.raises(ValueError, match="unrolled, ring, band"):
+        variants.use("rows")
+    with variants.vertical_pass("ring"):
+        assert ssim_triton._KernelConfig.current().vertical_pass == "ring"
+        variants.VERTICAL_PASS = "rows"  # set by hand: the block restores it
+        with pytest.raises(ValueError, match="VERTICAL_PASS"):
+            ssim_triton._KernelConfig.current()
+    # afterwards kd_det launches its own pass again
+    assert ssim_triton._KernelConfig is variants.PackageKernelConfig
+    assert variants.VERTICAL_PASS == "unrolled"

@@ -23,9 +23,14 @@ from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
 
-from kd_det import deploy
-from kd_det.deploy import detections, export_torchscript, load_sample_image
-from kd_det.export import StudentCheckpointer, export_student, file_sha256, student_inference_cfg
+from kd_det.release import deploy
+from kd_det.release.deploy import detections, export_torchscript, load_sample_image
+from kd_det.release.student import (
+    StudentCheckpointer,
+    file_sha256,
+    release_student,
+    student_inference_cfg,
+)
 from kd_det.utils.complexity import model_complexity
 
 # runs in a fresh interpreter: vanilla Detectron2 only
@@ -102,7 +107,7 @@ def test_export_round_trip(kind, tiny_data_root, tmp_path, rcnn_teacher, retina_
     model = build_model(cfg)
     _one_step(model, cfg)  # trained weights, BN statistics updated
     DetectionCheckpointer(model, save_dir=str(tmp_path)).save("model_final")
-    out = export_student(cfg, str(tmp_path / "model_final.pth"), str(tmp_path / "release"))
+    out = release_student(cfg, str(tmp_path / "model_final.pth"), str(tmp_path / "release"))
 
     saved = torch.load(out["weights"], weights_only=False)["model"]
     assert not [k for k in saved if k.startswith("kd_") or k.startswith("teacher")]
@@ -151,14 +156,14 @@ def test_export_errors(tmp_path):
     from kd_det import get_kd_cfg
 
     with pytest.raises(FileNotFoundError, match="model_final.pth"):
-        export_student(get_kd_cfg(), str(tmp_path / "missing.pth"), str(tmp_path / "out"))
+        release_student(get_kd_cfg(), str(tmp_path / "missing.pth"), str(tmp_path / "out"))
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot read checkpoint"):
-        export_student(get_kd_cfg(), str(bad), str(tmp_path / "out"))
+        release_student(get_kd_cfg(), str(bad), str(tmp_path / "out"))
     torch.save({"weights": {}}, tmp_path / "odd.pth")
     with pytest.raises(ValueError, match="not a Detectron2 training checkpoint"):
-        export_student(get_kd_cfg(), str(tmp_path / "odd.pth"), str(tmp_path / "out"))
+        release_student(get_kd_cfg(), str(tmp_path / "odd.pth"), str(tmp_path / "out"))
 
 
 # the first lines of each script below: importing any of BLOCKED (set per script) raises
@@ -533,7 +538,7 @@ def test_deploy_settings_of_a_lazy_config():
     import sys as _sys
 
     from detectron2.config import LazyConfig
-    from kd_det.deploy import DeploySettings, deploy_settings
+    from kd_det.release.deploy import DeploySettings, deploy_settings
 
     lazy = LazyConfig.load(REPO + "/configs/synthetic/distill/ssim_faster_rcnn_R50_to_R18_lazy.py")
     assert deploy_settings(lazy) == DeploySettings("BGR", 128, 256, ("kd_synthetic_val",), ("kd_synthetic_train",))

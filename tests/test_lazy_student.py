@@ -17,8 +17,8 @@ from detectron2.modeling import GeneralizedRCNN, build_model
 
 from omegaconf import OmegaConf
 
-from kd_det import deploy
-from kd_det.export import file_sha256
+from kd_det.release import deploy
+from kd_det.release.student import file_sha256
 from kd_det.modeling import DistillGeneralizedRCNN
 from kd_det.modeling.lazy_student import build_distilled_model, lazy_distilled_model, lazy_student_model
 
@@ -289,7 +289,8 @@ def test_lazy_curriculum(tiny_data_root, tmp_path, rcnn_teacher):
     """A curriculum in a LazyConfig is the training loader's sampler; its phases count whole iterations."""
     from detectron2.data import get_detection_dataset_dicts
 
-    from kd_det.data.curriculum import find_curriculum_sampler, image_key, restart_curriculum
+    from kd_det.data.curriculum import find_curriculum_sampler, image_key
+    from kd_det.engine.curriculum import restart_curriculum
     from kd_det.engine.lazy import build_lazy_trainer
 
     out = tmp_path / "run"

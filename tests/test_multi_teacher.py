@@ -165,7 +165,7 @@ def test_multi_teacher_training_step(two_teachers, tmp_path):
     assert_within(torch.tensor(total, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64),
                   bound, "mean teacher weights")
     # export drops the gate and every per-teacher adapter
-    from kd_det.export import student_state_dict
+    from kd_det.release.student import student_state_dict
 
     assert not [k for k in student_state_dict(model.state_dict()) if "multi" in k or "gate" in k]
 

@@ -11,7 +11,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from kd_det.export import student_config, student_state_dict
+from kd_det.release.student import student_state_dict, vanilla_student_config
 from kd_det.losses import AttentionTransferLoss
 from kd_det.modeling import BiFPNSelfTeacher
 from kd_det.modeling.self_teacher import FastNormalizedFusion
@@ -128,7 +128,7 @@ def test_self_distillation_step_and_export(kind, tiny_data_root, tmp_path):
     sd = model.state_dict()
     kept = student_state_dict(sd)
     assert len(kept) < len(sd) and not any("self" in k for k in kept)
-    vcfg = student_config(cfg)
+    vcfg = vanilla_student_config(cfg)
     assert vcfg.MODEL.META_ARCHITECTURE == vanilla and "KD" not in vcfg
     from detectron2.config import get_cfg
 

@@ -8,6 +8,11 @@ interpreter (``TRITON_INTERPRET=1``, which must be set before Triton compiles
 anything): on a CPU-only machine ``test_kernels_in_triton_interpreter`` reruns this
 file that way in a subprocess, with small shapes and small blocks so that they still
 span several column strips and row chunks.
+
+They test kd_det's vertical pass ("unrolled").  With ``--ssim-variants`` the kernel tests
+run with the ring and band passes of ``benchmarks/ssim_vertical_variants.py`` too, and
+those passes are compiled for sm_90 (``test_kernels_compile_for_h100``): GPU sessions
+(``benchmarks/gpu/run_suite.sh tests``) pass it, ``make test`` does not.
 """
 
 import os
@@ -18,6 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import REPO
 from interpreter_bounds import checked_accesses
 from kd_det.losses import SSIMFeatureLoss, ssim_map
 from kd_det.losses import ssim_triton
@@ -108,11 +114,36 @@ def poisoned_allocations(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", poisoned(empty_like))
 
 
-@pytest.fixture(params=list(ssim_triton.VERTICAL_PASSES))
+DEFAULT_PASS = "unrolled"  # kd_det's own
+VARIANT_PASSES = ("ring", "band")  # benchmarks/ssim_vertical_variants.py
+needs_variants = pytest.mark.skipif("not config.getoption('--ssim-variants')",
+                                    reason="tests the ring and band passes of the benchmarks "
+                                           "(pytest --ssim-variants)")
+
+
+def pytest_generate_tests(metafunc):
+    """The kernel tests take kd_det's vertical pass; with --ssim-variants, the benchmarks' too."""
+    if "vertical_pass" in metafunc.fixturenames:
+        variants = VARIANT_PASSES if metafunc.config.getoption("--ssim-variants") else ()
+        metafunc.parametrize("vertical_pass", (DEFAULT_PASS,) + variants, indirect=True)
+
+
+def _variants_module(monkeypatch):
+    """benchmarks/ssim_vertical_variants.py, imported as the benchmarks import it."""
+    monkeypatch.syspath_prepend(os.path.join(REPO, "benchmarks"))
+    import ssim_vertical_variants
+
+    return ssim_vertical_variants
+
+
+@pytest.fixture
 def vertical_pass(request, monkeypatch):
-    """Each kernel test runs with every vertical pass (see ssim_triton.VERTICAL_PASS)."""
-    monkeypatch.setattr(ssim_triton, "VERTICAL_PASS", request.param)
-    return request.param
+    """The vertical pass the test's kernels launch: kd_det's, or one of the benchmarks'."""
+    if request.param == DEFAULT_PASS:
+        yield request.param
+        return
+    with _variants_module(monkeypatch).vertical_pass(request.param):
+        yield request.param
 
 
 # Roundings of a float32 evaluation, counted per term of a sum for whichever implementation has
@@ -513,27 +544,32 @@ def test_fused_non_contiguous_inputs(vertical_pass):
 
 
 @needs_kernel
-def test_fused_kernel_rejects_bad_input(monkeypatch):
+def test_fused_kernel_rejects_bad_input():
     x = torch.rand(1, 2, 8, 8, device=DEVICE)
     with pytest.raises(ValueError, match="windows up to"):
         ssim_triton.fused_ssim_mean(x, x, window_size=17)
     with pytest.raises(ValueError, match="one shape"):
         ssim_triton.fused_ssim_mean(x, x[:, :1])
-    monkeypatch.setattr(ssim_triton, "VERTICAL_PASS", "rows")
-    with pytest.raises(ValueError, match="VERTICAL_PASS"):
-        ssim_triton.fused_ssim_mean(x, x)
 
 
 @pytest.mark.numeric
 @needs_kernel
 def test_fused_backward_uses_the_forward_config(monkeypatch, vertical_pass):
-    """Tuning constants changed between forward and backward (benchmarks do) do not mix passes."""
+    """
+    The backward launches with the forward's tuning constants: it does not read them again, so
+    constants changed in between (benchmarks do) do not mix settings or passes.
+    """
     g = torch.Generator(device=DEVICE).manual_seed(2)
     x = torch.rand((1, 1, 14, 13), device=DEVICE, generator=g).requires_grad_()
     y = torch.rand((1, 1, 14, 13), device=DEVICE, generator=g)
     ref = _Reference(x, y)
     fused = ssim_triton.fused_ssim_mean(x, y)
-    monkeypatch.setattr(ssim_triton, "VERTICAL_PASS", "unknown")
+
+    def read_again(cls):
+        raise AssertionError("the backward read the tuning constants again")
+
+    monkeypatch.setattr(ssim_triton._KernelConfig, "current", classmethod(read_again))
+    monkeypatch.setattr(ssim_triton, "BLOCK_W", 7)
     (fused_grad,) = torch.autograd.grad(fused, x)
     ref.check(fused, fused_grad, "fused")
 
@@ -555,15 +591,18 @@ def test_auto_picks_the_kernel_on_cuda(monkeypatch):
 def test_kernels_in_triton_interpreter(tmp_path):
     """
     On a CPU-only machine: the kernel tests above, on CPU tensors, by Triton's interpreter.
-    Two processes at once, each with half of the tests (the "unrolled" vertical pass takes
-    about half of the interpreter's time): the test process only waits, so a 2-core
-    machine runs them in half the time (OMP_NUM_THREADS=1: a core each; the numeric
-    tests' bounds hold for any thread count, and the CPU-kernel settings, ATEN_CPU_CAPABILITY
-    and ONEDNN_MAX_CPU_ISA, pass on to them).
+    Two processes at once, each with about half of the interpreter's time (the min-max and
+    FPN tests, the rest): the test process only waits, so a 2-core machine runs them in
+    half the time (OMP_NUM_THREADS=1: a core each; the numeric tests' bounds hold for any
+    thread count, and the CPU-kernel settings, ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA,
+    pass on to them).  kd_det's vertical pass only: the benchmarks' other passes are not
+    part of the suite (``--ssim-variants``).
     """
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     runs = []
-    for k, selection in enumerate(["fused and unrolled", "fused and not unrolled"]):
+    halves = ["fused and (minmax_normalisation or feature_loss)",
+              "fused and not (minmax_normalisation or feature_loss)"]
+    for k, selection in enumerate(halves):
         log = open(tmp_path / "interpreted{}.log".format(k), "w+")
         proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
                                  "-k", selection], env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
@@ -589,21 +628,21 @@ def _has_ptxas():
 
 
 @pytest.mark.slow
+@needs_variants
 @pytest.mark.skipif(not _has_ptxas(), reason="needs Triton with its NVIDIA backend (bundled ptxas)")
-def test_kernels_compile_for_h100():
+def test_kernels_compile_for_h100(monkeypatch):
     """
-    The other vertical passes compile for sm_90 without a GPU, within its shared memory
-    and without spilling registers; the instruction count of the row loops (``--sass``)
-    parses.  The default pass is compiled, and checked the same way, by
+    The benchmarks' other vertical passes compile for sm_90 without a GPU, within its shared
+    memory and without spilling registers; the instruction count of the row loops
+    (``--sass``) parses.  kd_det's pass is compiled, and checked the same way, by
     :func:`test_launch_path_for_h100`.
     """
     import runpy
 
-    from conftest import REPO
-
+    variants = _variants_module(monkeypatch)  # ssim_kernel_resources.py imports it too
     bench = runpy.run_path(os.path.join(REPO, "benchmarks", "ssim_kernel_resources.py"))
     settings = [("ring", ssim_triton.BLOCK_W, ssim_triton.NUM_WARPS, None),
-                ("band", 32, 4, ssim_triton.BAND_NUM_STAGES)]
+                ("band", 32, 4, variants.BAND_NUM_STAGES)]
     for vertical_pass, block_w, warps, stages in settings:
         for name, fn, constexprs in bench["kernels_of"](vertical_pass, block_w, ssim_triton.ROWS_PER_PROGRAM, "ieee"):
             r = bench["compile_kernel"](fn, constexprs, warps, stages, 90)
@@ -619,17 +658,16 @@ def test_kernels_compile_for_h100():
 @pytest.mark.skipif(not _has_ptxas(), reason="needs Triton with its NVIDIA backend (bundled ptxas)")
 def test_launch_path_for_h100():
     """
-    The default pass's forward and backward go through Triton's JIT launch path for sm_90
+    The fused loss's forward and backward go through Triton's JIT launch path for sm_90
     (binding, specialisation, compilation, launcher arguments), with a driver that
     records launches instead of running them (``tests/sm90_launch_check.py``).
     """
     import json
 
-    if ssim_triton.VERTICAL_PASS != "unrolled":
-        pytest.skip("checks the default pass, unrolled")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "sm90_launch_check.py"),
-                           ssim_triton.VERTICAL_PASS], env=env, capture_output=True, text=True, timeout=1200)
+    check = os.path.join(os.path.dirname(__file__), "sm90_launch_check.py")
+    proc = subprocess.run([sys.executable, check], env=env, capture_output=True, text=True,
+                          timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     launches = json.loads(proc.stdout.strip().splitlines()[-1])
     assert [launch["kernel"] for launch in launches] == [
@@ -660,13 +698,10 @@ def test_one_compilation_per_window_over_training_sizes():
     windows = {effective_window_sizes(h, w, 11) for h, w in training_level_sizes()}
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "sm90_launch_check.py"),
-                           "--compilations", ssim_triton.VERTICAL_PASS], env=env, capture_output=True, text=True,
-                          timeout=600)
+                           "--compilations"], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     counts = json.loads(proc.stdout.strip().splitlines()[-1])["compilations"]
-    stats, grad = {"unrolled": ("_ssim_stats_unrolled_kernel", "_ssim_grad_unrolled_kernel"),
-                   "band": ("_ssim_stats_band_kernel", "_ssim_grad_band_kernel"),
-                   "ring": ("_ssim_stats_kernel", "_ssim_grad_kernel")}[ssim_triton.VERTICAL_PASS]
+    stats, grad = "_ssim_stats_unrolled_kernel", "_ssim_grad_unrolled_kernel"
     # the statistics kernel runs forward and (BACKWARD) in the backward
     assert counts == {stats: 2 * len(windows), grad: len(windows), "_minmax_grad_fixup_kernel": 1}, counts
 

@@ -134,7 +134,7 @@ def test_cli_teacher_then_distilled_student(tmp_path):
     assert len(row) == 1 and "RetinaNet R-18-FPN" in row[0] and "| SSIM |" in row[0], zoo.read_text()
     assert "warning: no flop count" not in proc.stderr and "| - | - |" not in row[0]  # params and GFLOPs filled
     assert (tmp_path / "release" / "student" / "model.ts").is_file()  # checked against the model as it was traced
-    from kd_det.export import file_sha256
+    from kd_det.release.student import file_sha256
 
     assert file_sha256(str(tmp_path / "release" / "student" / "model_final.pth"))[:12] in row[0]
     png = tmp_path / "curves.png"

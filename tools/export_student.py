@@ -15,7 +15,7 @@ inputs and outputs; runs in ONNX Runtime without torch) and ``onnx.json``; it ne
 ``pip install -e '.[onnx]'``.  Each export is checked against the model on the sample
 image and on two crops of other sizes, and fails if they disagree: detections matched one
 to one within bounds derived from float32 rounding, where only ties at the score threshold,
-the cap per image or in NMS may differ (``kd_det.deploy.match_detections``).
+the cap per image or in NMS may differ (``kd_det.release.deploy.match_detections``).
 
 A LazyConfig student (``.py``, trained with tools/lazyconfig_train_net.py; overrides as
 ``key=value``) is released as its weights and a LazyConfig ``config.yaml`` whose model is
@@ -25,10 +25,6 @@ the plain student; ``--torchscript``/``--onnx`` take the test-time resize from i
 
 import argparse
 import json
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None):
@@ -38,13 +34,14 @@ def main(argv=None):
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--torchscript", action="store_true", help="also write model.ts (traced TorchScript)")
     parser.add_argument("--onnx", action="store_true", help="also write model.onnx (needs onnx and onnxruntime)")
-    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: kd_det.deploy.ONNX_OPSET)")
+    parser.add_argument("--opset", type=int, default=None,
+                        help="ONNX opset (default: kd_det.release.deploy.ONNX_OPSET)")
     parser.add_argument("--sample-image", default="",
                         help="image to trace with (default: the first image of the first test set)")
     parser.add_argument("--device", default="cpu", help="device the TorchScript model runs on (cpu, cuda)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides used in training (KEY VALUE ..., or key=value for a .py)")
     args = parser.parse_args(argv)
-    from kd_det import deploy
+    from kd_det.release import deploy
 
     if args.onnx:
         deploy._import_onnx()  # a missing package fails before any work, with the install command
@@ -52,24 +49,24 @@ def main(argv=None):
     if args.config_file.endswith(".py"):
         from detectron2.config import LazyConfig
 
-        from kd_det.export import export_lazy_student
+        from kd_det.release.student import release_lazy_student
 
         cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
         if args.torchscript or args.onnx:
             deploy.deploy_settings(cfg)  # a test resize the sidecar cannot describe fails before any file is written
-        out = export_lazy_student(cfg, args.weights, args.output_dir)
+        out = release_lazy_student(cfg, args.weights, args.output_dir)
         # trace what was released: the student's LazyConfig and its student-only weights
         released_cfg = LazyConfig.load(out["config"])
     else:
         from detectron2.config import get_cfg
 
         from kd_det import get_kd_cfg
-        from kd_det.export import export_student
+        from kd_det.release.student import release_student
 
         cfg = get_kd_cfg()
         cfg.merge_from_file(args.config_file)
         cfg.merge_from_list(args.opts)
-        out = export_student(cfg, args.weights, args.output_dir)
+        out = release_student(cfg, args.weights, args.output_dir)
         # trace what was released: the vanilla config and the student-only weights
         released_cfg = get_cfg()
         released_cfg.merge_from_file(out["config"])

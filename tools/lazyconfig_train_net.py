@@ -27,10 +27,10 @@ from detectron2.utils import comm
 from kd_det.checkpoint import AtomicDetectionCheckpointer
 from kd_det.engine.launch import launch
 from kd_det.data import prepare_datasets, validate_registered_datasets
-from kd_det.data.curriculum import restart_curriculum
+from kd_det.engine.curriculum import restart_curriculum
 from kd_det.engine import non_finite_loss_error
 from kd_det.engine.lazy import build_lazy_trainer, lazy_teacher_eval_hook
-from kd_det.export import StudentCheckpointer
+from kd_det.release.student import StudentCheckpointer
 from kd_det.modeling.lazy_student import lazy_student_model
 from kd_det.config.lazy import dataset_names, lazy_get
 

@@ -5,7 +5,7 @@ their evaluation outputs (nothing typed by hand).
 
 For each run folder (the output directory of tools/train_net.py or
 tools/lazyconfig_train_net.py, holding config.yaml, model_final.pth and a metrics.json
-with a COCO evaluation) the student is exported with kd_det.export (student-only
+with a COCO evaluation) the student is released with kd_det.release.student (student-only
 checkpoint + vanilla Detectron2 config, yacs or LazyConfig as trained) to
 RELEASE_DIR/<run name>/, and a table row gives its config, size (parameters, GFLOPs),
 teacher, schedule, box AP and the checkpoint's SHA-256; ``--torchscript`` and ``--onnx`` add each student exported to TorchScript / ONNX.
@@ -18,8 +18,6 @@ import argparse
 import os
 import re
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _is_lazy_config(path):
@@ -36,11 +34,11 @@ def _release_yacs(config, weights, dest):
     from detectron2.config import get_cfg
 
     from kd_det import get_kd_cfg
-    from kd_det.export import export_student
+    from kd_det.release.student import release_student
 
     cfg = get_kd_cfg()
     cfg.merge_from_file(config)
-    out = export_student(cfg, weights, dest)
+    out = release_student(cfg, weights, dest)
     released = get_cfg()
     released.merge_from_file(out["config"])
     fields = {
@@ -56,12 +54,12 @@ def _release_lazy(config, weights, dest):
     """:func:`_release_yacs` for a tools/lazyconfig_train_net.py run (a saved LazyConfig)."""
     from detectron2.config import LazyConfig
 
-    from kd_det.export import export_lazy_student
+    from kd_det.release.student import release_lazy_student
     from kd_det.modeling.lazy_student import kd_node
     from kd_det.config.lazy import dataset_names, lazy_get
 
     lazy = LazyConfig.load(config)
-    out = export_lazy_student(lazy, weights, dest)
+    out = release_lazy_student(lazy, weights, dest)
     released = LazyConfig.load(out["config"])
     depth = lazy_get(released, "model.backbone.bottom_up.stages.depth")
     backbone = lazy_get(released, "model.backbone._target_", "?")
@@ -103,7 +101,7 @@ def release_run(run_dir, release_dir, torchscript=False, onnx=False):
     returns its table row as a dict. The run is tools/train_net.py's (yacs config.yaml)
     or tools/lazyconfig_train_net.py's (LazyConfig config.yaml).
     """
-    from kd_det import deploy
+    from kd_det.release import deploy
     from kd_det.utils.metrics import last_box_ap, load_metrics, metric_series
 
     name = os.path.basename(os.path.normpath(run_dir))
@@ -143,7 +141,7 @@ def release_run(run_dir, release_dir, torchscript=False, onnx=False):
 
 def _student_complexity(released, weights, config_path):
     """Parameters and GFLOPs of the released student (its config and weights), or None with a warning."""
-    from kd_det.deploy import load_student
+    from kd_det.release.deploy import load_student
     from kd_det.utils.complexity import model_complexity
 
     model = load_student(released, weights, "cpu")

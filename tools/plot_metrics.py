@@ -9,11 +9,8 @@ each ``loss_kd_*`` term, and box AP over iterations, one line per run.
 
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from kd_det.utils.metrics import load_metrics, metric_series  # noqa: E402
+from kd_det.utils.metrics import load_metrics, metric_series
 
 
 def plot_runs(runs, output, smooth=1):

@@ -22,14 +22,13 @@ import datetime
 import json
 import os
 import platform
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from kd_det.utils.metrics import COCO_BOX_KEYS, load_metrics
+from kd_det.utils.runs import train_and_evaluate
 
-from kd_det.utils.metrics import COCO_BOX_KEYS, load_metrics  # noqa: E402
-from kd_det.utils.runs import train_and_evaluate  # noqa: E402
+# the checkout this tool lies in (tools/..): the configs and the default output folders are there
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # run name -> (label, config), per architecture; the distilled students take the teacher's weights.
 # The Faster R-CNN demo's teacher is an R-18-FPN-128 trained 200 iterations (students: 150): from scratch
@@ -103,7 +102,8 @@ def main(argv=None):
             # the teacher's AP, logged in the run itself, goes into MODEL_ZOO.md's row for it
             opts += ["KD.TEACHER.WEIGHTS", teacher_weights, "KD.TEACHER.EVAL_BEFORE_TRAIN", "True"]
         results[name], seconds[name] = train_and_evaluate(
-            name, runs[name][1], os.path.join(out_root, name), opts, args.reuse, log_name="run_demo.log")
+            name, runs[name][1], os.path.join(out_root, name), opts, args.reuse,
+            log_name="run_demo.log", root=ROOT)
     total = time.time() - started
 
     rows = [(runs[n][0], results[n], seconds[n]) for n in names]

@@ -18,10 +18,6 @@ distillation config (its teacher is loaded as in training).  A LazyConfig (``.py
 import argparse
 import json
 import os
-import sys
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def main(argv=None):
@@ -36,7 +32,7 @@ def main(argv=None):
 
     import torch
 
-    from kd_det.data import score_images
+    from kd_det.engine.curriculum import score_images
     from kd_det.utils.snapshot import load_snapshot
 
     if not os.path.isfile(args.snapshot):

@@ -20,7 +20,7 @@ from kd_det.engine.launch import launch
 from kd_det.data import prepare_datasets, validate_registered_datasets
 from kd_det.engine import get_trainer_class
 from kd_det.evaluation import evaluator_name
-from kd_det.export import StudentCheckpointer, student_inference_cfg
+from kd_det.release.student import StudentCheckpointer, student_inference_cfg
 
 
 def setup(args):

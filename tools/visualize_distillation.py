@@ -21,10 +21,6 @@ statistics), one image at a time.
 import argparse
 import json
 import os
-import sys
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def _image_rgb(record, input_format):

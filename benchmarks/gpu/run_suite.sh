@@ -24,12 +24,14 @@ export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 # The kernel tests compile about 27 kernels per vertical pass (seconds each, one at a
 # time in a process): one pytest process per pass, side by side, and one for the tests
-# of no pass (the four selections partition the file).
+# of no pass (the four selections partition the file).  --ssim-variants: the ring and
+# band passes of benchmarks/ssim_vertical_variants.py too (make test runs "unrolled" only).
 run_tests() {
     local rc=0 i=0 pids=() sel
     local selections=("unrolled" "band" "ring" "not unrolled and not band and not ring")
     for sel in "${selections[@]}"; do
-        "$PY" -m pytest -q -p no:cacheprovider tests/test_ssim_triton.py -k "$sel" >"/tmp/kd_det_tests_$i.log" 2>&1 &
+        "$PY" -m pytest -q -p no:cacheprovider tests/test_ssim_triton.py --ssim-variants -k "$sel" \
+            >"/tmp/kd_det_tests_$i.log" 2>&1 &
         pids+=($!)
         i=$((i + 1))
     done
@@ -56,6 +58,7 @@ for stage in "$@"; do
         # on the CPU, at the interpreter's block sizes
         sanitize) PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 9 \
                       --print-limit 20 "$PY" -m pytest -q -p no:cacheprovider tests/test_ssim_triton.py \
+                      --ssim-variants \
                       -k "mean_and_grad or half_precision or non_contiguous or fpn_features" ;;
         step)     "$PY" benchmarks/bench_step.py --json "$OUT/step.json" ;;
         step-fast) "$PY" benchmarks/bench_step.py --teacher-autocast bf16 --channels-last --json "$OUT/step-fast.json" ;;

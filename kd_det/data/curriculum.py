@@ -1,8 +1,12 @@
-"""Instance-level curriculum (Knowledge Distillation via Instance-level Sequence Learning).
+"""
+Instance-level curriculum (Knowledge Distillation via Instance-level Sequence Learning),
+its data side: the sampler and the scores file.
 
-A snapshot of the student scores every training image (:func:`score_images`, run by
-``tools/score_images.py``); :class:`CurriculumSampler` then feeds the easiest images
-first, over phases that widen the pool, then every image uniformly.
+A snapshot of the student scores every training image
+(:func:`kd_det.engine.curriculum.score_images`, run by ``tools/score_images.py``) into a
+scores file (:func:`load_scores` reads it); :class:`CurriculumSampler` then feeds the
+easiest images first, over phases that widen the pool, then every image uniformly.  The
+trainer restarts its stream on resume (:func:`kd_det.engine.curriculum.restart_curriculum`).
 """
 
 import itertools
@@ -16,13 +20,10 @@ import torch
 from detectron2.utils import comm
 from torch.utils.data.sampler import Sampler
 
-__all__ = ["CurriculumSampler", "curriculum_sampler", "find_curriculum_sampler", "restart_curriculum",
-           "score_images", "load_scores", "image_key", "SCORE_KINDS"]
+__all__ = ["CurriculumSampler", "curriculum_sampler", "find_curriculum_sampler", "load_scores",
+           "image_key"]
 
 logger = logging.getLogger(__name__)
-
-# which loss terms make an image's difficulty
-SCORE_KINDS = ("detection", "distillation", "total")
 
 
 def image_key(record: Dict) -> str:
@@ -155,22 +156,6 @@ def find_curriculum_sampler(data_loader) -> Optional[CurriculumSampler]:
     return None
 
 
-def restart_curriculum(trainer, start_iter: int) -> bool:
-    """
-    On resume: restart the curriculum stream of ``trainer`` (a SimpleTrainer or its kind:
-    ``data_loader`` and a running ``_data_loader_iter``) at ``start_iter``'s place in the
-    curriculum, with a new iterator (so that data-loader workers get the updated
-    sampler).  Returns whether its loader has a curriculum.
-    """
-    sampler = find_curriculum_sampler(trainer.data_loader)
-    if sampler is None:
-        return False
-    if start_iter > 0:
-        sampler.set_start_iter(start_iter)
-        trainer._data_loader_iter = iter(trainer.data_loader)
-    return True
-
-
 def load_scores(path: str, dataset_dicts: List[Dict]) -> List[float]:
     """
     The score of each record of ``dataset_dicts`` from a scores file written by
@@ -195,42 +180,3 @@ def load_scores(path: str, dataset_dicts: List[Dict]) -> List[float]:
                          "dataset. Re-run tools/score_images.py on DATASETS.TRAIN".format(
                              path, len(missing), len(dataset_dicts), missing[:5]))
     return [float(scores[image_key(r)]) for r in dataset_dicts]
-
-
-@torch.no_grad()
-def score_images(model: torch.nn.Module, data_loader, kind: str = "detection") -> Dict[str, float]:
-    """
-    Difficulty of each image: the sum of the snapshot's training losses on it alone.
-
-    Args:
-        model: the student snapshot (a kd_det or Detectron2 model that returns a loss dict
-            in training mode).  Normalisation layers are kept in eval mode, so the
-            snapshot is not changed.
-        data_loader: yields single-image lists of mapped dataset dicts (with ``instances``).
-        kind: "detection" (the detector's own losses), "distillation" (the ``loss_kd_*``
-            terms) or "total".
-    Returns:
-        image key -> score.
-    """
-    if kind not in SCORE_KINDS:
-        raise ValueError("score kind must be one of {}, got {!r}".format(SCORE_KINDS, kind))
-    from detectron2.utils.events import EventStorage
-
-    was_training = model.training
-    model.train()
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.eval()
-    scores = {}
-    with EventStorage(0):
-        for batch in data_loader:
-            for record in batch:
-                losses = model([record])
-                terms = [v for k, v in losses.items()
-                         if kind == "total" or (k.startswith("loss_kd_") == (kind == "distillation"))]
-                if not terms:
-                    raise ValueError("the model returns no {} losses ({}); choose another score kind".format(
-                        kind, sorted(losses)))
-                scores[image_key(record)] = float(sum(terms))
-    model.train(was_training)
-    return scores

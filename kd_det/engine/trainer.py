@@ -8,9 +8,10 @@ from detectron2.solver.build import get_default_optimizer_params, maybe_add_grad
 from detectron2.utils.registry import Registry
 
 from ..checkpoint import AtomicDetectionCheckpointer
-from ..data.curriculum import CurriculumSampler, load_scores, restart_curriculum
+from ..data.curriculum import CurriculumSampler, load_scores
 from ..evaluation import build_evaluator
 from .accumulation import GradientAccumulationTrainer, micro_batch_cfg
+from .curriculum import restart_curriculum
 from .hooks import teacher_eval_hook
 
 __all__ = ["TRAINER_REGISTRY", "KDTrainer", "get_trainer_class", "non_finite_loss_error"]

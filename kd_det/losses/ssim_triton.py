@@ -7,31 +7,28 @@ columns of one (image, channel) plane, row by row:
 
 * horizontal pass: the 1-D Gaussian over the row, from shifted loads (L1 hits),
   with the window's weights compiled in as constants;
-* vertical pass (``VERTICAL_PASS``), one of three:
+* vertical pass: the last KH filtered rows of each quantity are kept in registers;
+  output row ``r - KH + 1`` is their weighted sum.  The row loop is unrolled
+  (``ROW_UNROLL`` rows per trip), so moving down a row renames registers: KH
+  multiply-adds per row and quantity, and a move of the history per trip.
 
-  - "unrolled" (default): the last KH filtered rows of each quantity are kept in
-    registers; output row ``r - KH + 1`` is their weighted sum.  The row loop is
-    unrolled (``ROW_UNROLL`` rows per trip), so moving down a row renames registers:
-    KH multiply-adds per row and quantity, and a move of the history per trip;
-  - "ring": each filtered row is added, with its tap weight, into a ring of 16
-    partial output rows (row ``o`` in slot ``o % 16``); a complete row is extracted
-    and its slot cleared.  About 60 operations per row and quantity;
-  - "band": 16-row tiles of filtered rows times two 16x16 band matrices of the
-    window (``tl.dot``), one completing the previous tile of output rows, one
-    starting the current.
-
-  On the H100 the unrolled pass is the fastest (``benchmarks/sweep_ssim_triton.py``,
-  benchmarks/RESULTS.md): forward + backward of issue 9's pyramid in 13.8 ms against
-  15.4 (band) and 21.4 (ring) in one sweep; ``benchmarks/ssim_kernel_resources.py --sass``
-  counts their instructions without a GPU.
+  On the H100 this "unrolled" pass is the fastest of three
+  (``benchmarks/sweep_ssim_triton.py``, benchmarks/RESULTS.md): forward + backward of
+  issue 9's pyramid in 13.8 ms against 15.4 for a "band" pass (16-row tiles times band
+  matrices of the window, ``tl.dot``) and 21.4 for a "ring" pass (a ring of 16 partial
+  output rows) in one sweep.  Those two live beside the sweep, in
+  ``benchmarks/ssim_vertical_variants.py``, which launches them through this module's
+  autograd function (:class:`_KernelConfig` is the seam);
+  ``benchmarks/ssim_kernel_resources.py --sass`` counts the passes' instructions without
+  a GPU.
 
 Forward reads nothing but the input planes and writes one partial sum per program.
 Backward recomputes the statistics the same way and writes the three SSIM
 derivatives (w.r.t. the local mean of x, E[x^2] and E[xy]) of each output position,
 into maps with KW - 1 zero columns either side and a zero row after them; a second
 sliding kernel applies the transposed window to them (no per-tap masks, thanks to the
-zero columns; the unrolled pass reads rows outside the map from the zero row, so none
-of its loads is masked) and combines them with x and y into the gradient.  Backward
+zero columns; it reads rows outside the map from the zero row, so none of its loads is
+masked) and combines them with x and y into the gradient.  Backward
 runs over chunks of planes, so the derivative maps never take more than
 ``BACKWARD_CHUNK_BYTES``.  Only the student gets a gradient: the teacher is a
 constant in distillation.
@@ -65,12 +62,13 @@ except ImportError:  # pragma: no cover - depends on the install
 
 __all__ = ["is_available", "is_interpreted", "fused_ssim_mean", "fused_ssim_feature_loss", "MAX_WINDOW"]
 
-RING = 16  # slots of the vertical ring: windows up to 15 taps
-MAX_WINDOW = RING - 1
+# Windows up to 15 taps: the limit of the ring pass the kernels began with (16 slots), kept
+# for every pass (benchmarks/ssim_vertical_variants.py still has the ring)
+MAX_WINDOW = 15
 # Columns and rows per program, warps per program.  One warp on 32 columns keeps each
 # column's window in one thread's registers: the fastest ring setting measured on the H100
 # (2026-11-21), and the unrolled pass's fewest instructions (ssim_kernel_resources.py
-# --sass).  The band pass needs 4 or 8 warps (it spills with fewer).
+# --sass).
 BLOCK_W = 32
 ROWS_PER_PROGRAM = 128
 NUM_WARPS = 1
@@ -80,31 +78,12 @@ FIXUP_BLOCK = 1024  # elements per program of the min/max gradient fix-up
 BACKWARD_CHUNK_BYTES = 256 * 2**20
 MINMAX_EPS = 1e-6  # as kd_det.losses.ssim.minmax_normalize
 NORM_STRIDE = 8  # per-plane (lo_x, 1/range_x, lo_y, 1/range_y, hi_x, unused x3)
-# How the vertical half of the window is applied (the sweep compares them on the GPU):
-#   "ring": row by row into the ring of partial output rows (above);
-#   "band": 16 rows at a time, as products of 16x16 band matrices with 16-row tiles of
-#       horizontally filtered rows (``tl.dot``).  Every input row is read once, and no
-#       per-row extraction and clearing of a ring slot is done.  DOT_PRECISION "ieee" keeps
-#       the products in fp32 on the FMA units; "tf32x3" moves them to tensor cores with
-#       three tf32 products per value (about fp32 accuracy);
-#   "unrolled": the last KH filtered rows are kept in registers and weighted with the window
-#       as immediates; the row loop is unrolled (ROW_UNROLL) so that moving the window down
-#       a row renames registers.  KH multiply-adds per row and quantity.
-VERTICAL_PASSES = ("ring", "band", "unrolled")
 # Rows per trip of the "unrolled" pass's row loop (0: the window height).  Within a trip,
 # moving the window down a row renames registers; between trips the row history moves.
 # Compiled for sm_90, 4 rows cost as many instructions as 11 and fewer registers (110-118
 # against 126-139), and compile in 20 s instead of 100 s for the three 11x11 kernels
 # (Triton's coalescing pass grows with the square of the loads in the loop).
 ROW_UNROLL = 4
-VERTICAL_PASS = "unrolled"
-TILE_ROWS = 16  # rows of one band tile; windows up to TILE_ROWS + 1 taps
-DOT_PRECISION = "ieee"
-# Software pipelining (Triton's default num_stages=3) would buffer every tap's shifted
-# 2-D tile of the band kernels in shared memory: compiled for sm_90 that is 100-400 KiB a
-# program, past the H100's 227 KiB from BLOCK_W 64 on; one stage needs 8-43 KiB
-# (benchmarks/ssim_kernel_resources.py).
-BAND_NUM_STAGES = 1
 # Size arguments the kernels are not specialised on.  By default Triton compiles a kernel
 # per pattern of which integer arguments equal 1 or are multiples of 16; with the image
 # sizes of detection training varying from batch to batch, every FPN level would bring
@@ -294,236 +273,6 @@ if triton is not None:
         tl.store(partial_ptr + pid * 4 + 2, tl.sum(n_lo, axis=0))
         tl.store(partial_ptr + pid * 4 + 3, tl.sum(n_hi, axis=0))
 
-    @triton.jit(do_not_specialize=SIZE_ARGS, do_not_specialize_on_alignment=SLICED_ARGS)
-    def _ssim_stats_kernel(
-        x_ptr, y_ptr, norm_ptr, wv_ptr, c1_ptr, c2_ptr,
-        partial_ptr, d_mu_ptr, d_exx_ptr, d_exy_ptr,
-        H, W, HO, WO, DS, n_col_blocks, n_row_blocks,
-        KH: tl.constexpr, WH: tl.constexpr, RING: tl.constexpr, BLOCK_W: tl.constexpr,
-        ROWS: tl.constexpr, BACKWARD: tl.constexpr, NORMALIZE: tl.constexpr, NORM_STRIDE: tl.constexpr,
-    ):
-        """Per output position of a (plane, column strip, row chunk): SSIM (sum) or its derivatives."""
-        pid = tl.program_id(0)
-        plane, row0, cols = _program_tile(pid, n_col_blocks, n_row_blocks, ROWS, BLOCK_W)
-        col_ok = cols < WO
-        slots = tl.arange(0, RING)
-        c1, c2, x_plane, y_plane, d_mu_plane, d_exx_plane, d_exy_plane = _stats_plane(
-            plane, x_ptr, y_ptr, d_mu_ptr, d_exx_ptr, d_exy_ptr, c1_ptr, c2_ptr, H, W, HO, DS, len(WH) - 1)
-        lo_x, inv_x, lo_y, inv_y, hi_x = _plane_norm(norm_ptr, plane, NORM_STRIDE)
-
-        a_x = tl.zeros((RING, BLOCK_W), tl.float32)
-        a_y = tl.zeros((RING, BLOCK_W), tl.float32)
-        a_xx = tl.zeros((RING, BLOCK_W), tl.float32)
-        a_yy = tl.zeros((RING, BLOCK_W), tl.float32)
-        a_xy = tl.zeros((RING, BLOCK_W), tl.float32)
-        total = tl.zeros((BLOCK_W,), tl.float32)
-        row_end = tl.minimum(row0 + ROWS, HO)
-        for r in range(row0, row_end + KH - 1):
-            h_x, h_y, h_xx, h_yy, h_xy = _horizontal_stats(
-                x_plane, y_plane, r * W + cols, col_ok, lo_x, inv_x, lo_y, inv_y,
-                tl.zeros((BLOCK_W,), tl.float32), WH, NORMALIZE)
-            # vertical pass: slot s holds output row o = r - ((r - s) mod RING), tap i = r - o
-            tap = (r - slots) & (RING - 1)
-            wv = tl.load(wv_ptr + tap, mask=tap < KH, other=0.0)[:, None]
-            a_x += wv * h_x[None, :]
-            a_y += wv * h_y[None, :]
-            a_xx += wv * h_xx[None, :]
-            a_yy += wv * h_yy[None, :]
-            a_xy += wv * h_xy[None, :]
-            # output row r - KH + 1 has all its taps now
-            o = r - KH + 1
-            done = (slots == (o & (RING - 1)))[:, None]
-            mu_x = tl.sum(tl.where(done, a_x, 0.0), axis=0)
-            mu_y = tl.sum(tl.where(done, a_y, 0.0), axis=0)
-            e_xx = tl.sum(tl.where(done, a_xx, 0.0), axis=0)
-            e_yy = tl.sum(tl.where(done, a_yy, 0.0), axis=0)
-            e_xy = tl.sum(tl.where(done, a_xy, 0.0), axis=0)
-            a_x = tl.where(done, 0.0, a_x)
-            a_y = tl.where(done, 0.0, a_y)
-            a_xx = tl.where(done, 0.0, a_xx)
-            a_yy = tl.where(done, 0.0, a_yy)
-            a_xy = tl.where(done, 0.0, a_xy)
-
-            s, g_mu, g_xx, g_xy = _ssim_and_derivatives(mu_x, mu_y, e_xx, e_yy, e_xy, c1, c2)
-            ok = col_ok & (o >= row0)
-            total = _ssim_output(d_mu_plane, d_exx_plane, d_exy_plane, o * DS + cols, ok, s, g_mu, g_xx, g_xy,
-                                 total, BACKWARD)
-        if not BACKWARD:
-            tl.store(partial_ptr + pid, tl.sum(total, axis=0))
-
-    @triton.jit(do_not_specialize=SIZE_ARGS, do_not_specialize_on_alignment=SLICED_ARGS)
-    def _ssim_grad_kernel(
-        x_ptr, y_ptr, norm_ptr, d_mu_ptr, d_exx_ptr, d_exy_ptr, wv_ptr, scale_ptr, grad_ptr, partial_ptr,
-        H, W, HO, WO, DS, n_col_blocks, n_row_blocks,
-        KH: tl.constexpr, WH: tl.constexpr, RING: tl.constexpr, BLOCK_W: tl.constexpr,
-        ROWS: tl.constexpr, NORMALIZE: tl.constexpr, NORM_STRIDE: tl.constexpr,
-    ):
-        """The gradient of the input rows of a (plane, column strip, row chunk), see :func:`_store_grad`."""
-        pid = tl.program_id(0)
-        plane, row0, cols = _program_tile(pid, n_col_blocks, n_row_blocks, ROWS, BLOCK_W)
-        col_ok = cols < W
-        slots = tl.arange(0, RING)
-        scale = tl.load(scale_ptr)
-        lo_x, inv_x, lo_y, inv_y, hi_x = _plane_norm(norm_ptr, plane, NORM_STRIDE)
-        in_plane = plane.to(tl.int64) * H * W
-        d_plane = plane.to(tl.int64) * HO * DS + len(WH) - 1
-
-        b_mu = tl.zeros((RING, BLOCK_W), tl.float32)
-        b_xx = tl.zeros((RING, BLOCK_W), tl.float32)
-        b_xy = tl.zeros((RING, BLOCK_W), tl.float32)
-        sum_gx = tl.zeros((BLOCK_W,), tl.float32)
-        sum_g = tl.zeros((BLOCK_W,), tl.float32)
-        n_lo = tl.zeros((BLOCK_W,), tl.float32)
-        n_hi = tl.zeros((BLOCK_W,), tl.float32)
-        row_end = tl.minimum(row0 + ROWS, H)
-        # output row o feeds input rows o .. o + KH - 1; input row p is complete after o = p
-        for o in range(row0 - KH + 1, row_end):
-            h_mu, h_xx, h_xy = _horizontal_transposed(
-                d_mu_ptr, d_exx_ptr, d_exy_ptr, d_plane + o * DS + cols, (o >= 0) & (o < HO) & col_ok,
-                tl.zeros((BLOCK_W,), tl.float32), WH)
-            # slot s holds input row p = o + ((s - o) mod RING), tap i = p - o
-            tap = (slots - o) & (RING - 1)
-            wv = tl.load(wv_ptr + tap, mask=tap < KH, other=0.0)[:, None]
-            b_mu += wv * h_mu[None, :]
-            b_xx += wv * h_xx[None, :]
-            b_xy += wv * h_xy[None, :]
-            p = o
-            done = (slots == (p & (RING - 1)))[:, None]
-            g_mu = tl.sum(tl.where(done, b_mu, 0.0), axis=0)
-            g_xx = tl.sum(tl.where(done, b_xx, 0.0), axis=0)
-            g_xy = tl.sum(tl.where(done, b_xy, 0.0), axis=0)
-            b_mu = tl.where(done, 0.0, b_mu)
-            b_xx = tl.where(done, 0.0, b_xx)
-            b_xy = tl.where(done, 0.0, b_xy)
-            sum_gx, sum_g, n_lo, n_hi = _store_grad(
-                x_ptr, y_ptr, grad_ptr, in_plane + p * W + cols, col_ok & (p >= row0), in_plane + p * W + cols,
-                col_ok & (p >= row0), g_mu, g_xx, g_xy, scale,
-                lo_x, inv_x, lo_y, inv_y, hi_x, sum_gx, sum_g, n_lo, n_hi, NORMALIZE)
-        if NORMALIZE:
-            _store_sums(partial_ptr, pid, sum_gx, sum_g, n_lo, n_hi)
-
-    @triton.jit
-    def _band(wv_ptr, SHIFT: tl.constexpr, KH: tl.constexpr, TILE: tl.constexpr, TRANSPOSE: tl.constexpr):
-        """(TILE, TILE) band matrix B[q, k] = wv[k - q + SHIFT] (``TRANSPOSE``: wv[q - k + SHIFT]), 0 off the window."""
-        q = tl.arange(0, TILE)[:, None]
-        k = tl.arange(0, TILE)[None, :]
-        if TRANSPOSE:
-            tap = q - k + SHIFT
-        else:
-            tap = k - q + SHIFT
-        return tl.load(wv_ptr + tap, mask=(tap >= 0) & (tap < KH), other=0.0)
-
-    @triton.jit(do_not_specialize=SIZE_ARGS, do_not_specialize_on_alignment=SLICED_ARGS)
-    def _ssim_stats_band_kernel(
-        x_ptr, y_ptr, norm_ptr, wv_ptr, c1_ptr, c2_ptr,
-        partial_ptr, d_mu_ptr, d_exx_ptr, d_exy_ptr,
-        H, W, HO, WO, DS, n_col_blocks, n_row_blocks,
-        KH: tl.constexpr, WH: tl.constexpr, TILE: tl.constexpr, BLOCK_W: tl.constexpr,
-        ROWS: tl.constexpr, BACKWARD: tl.constexpr, NORMALIZE: tl.constexpr, NORM_STRIDE: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
-    ):
-        """
-        As :func:`_ssim_stats_kernel`, with the vertical pass on TILE-row tiles.  Input
-        block b (rows b .. b + TILE - 1, horizontally filtered) feeds output tile b through
-        band ``same`` and output tile b - TILE through band ``cross``; tile b - TILE is then
-        complete (windows of at most TILE + 1 taps).
-        """
-        pid = tl.program_id(0)
-        plane, row0, cols = _program_tile(pid, n_col_blocks, n_row_blocks, ROWS, BLOCK_W)
-        col_ok = cols < WO
-        tr = tl.arange(0, TILE)
-        same = _band(wv_ptr, 0, KH, TILE, False)
-        cross = _band(wv_ptr, TILE, KH, TILE, False)
-        c1, c2, x_plane, y_plane, d_mu_plane, d_exx_plane, d_exy_plane = _stats_plane(
-            plane, x_ptr, y_ptr, d_mu_ptr, d_exx_ptr, d_exy_ptr, c1_ptr, c2_ptr, H, W, HO, DS, len(WH) - 1)
-        lo_x, inv_x, lo_y, inv_y, hi_x = _plane_norm(norm_ptr, plane, NORM_STRIDE)
-
-        p_x = tl.zeros((TILE, BLOCK_W), tl.float32)
-        p_y = tl.zeros((TILE, BLOCK_W), tl.float32)
-        p_xx = tl.zeros((TILE, BLOCK_W), tl.float32)
-        p_yy = tl.zeros((TILE, BLOCK_W), tl.float32)
-        p_xy = tl.zeros((TILE, BLOCK_W), tl.float32)
-        total = tl.zeros((TILE, BLOCK_W), tl.float32)
-        row_end = tl.minimum(row0 + ROWS, HO)
-        for b in range(row0, row_end + TILE, TILE):
-            rows = b + tr
-            # rows past H only reach outputs past HO, which are masked
-            h_x, h_y, h_xx, h_yy, h_xy = _horizontal_stats(
-                x_plane, y_plane, rows[:, None] * W + cols[None, :], (rows < H)[:, None] & col_ok[None, :],
-                lo_x, inv_x, lo_y, inv_y, tl.zeros((TILE, BLOCK_W), tl.float32), WH, NORMALIZE)
-            # output tile b - TILE is complete with this block's share
-            mu_x = tl.dot(cross, h_x, p_x, input_precision=DOT_PRECISION)
-            mu_y = tl.dot(cross, h_y, p_y, input_precision=DOT_PRECISION)
-            e_xx = tl.dot(cross, h_xx, p_xx, input_precision=DOT_PRECISION)
-            e_yy = tl.dot(cross, h_yy, p_yy, input_precision=DOT_PRECISION)
-            e_xy = tl.dot(cross, h_xy, p_xy, input_precision=DOT_PRECISION)
-            p_x = tl.dot(same, h_x, input_precision=DOT_PRECISION)
-            p_y = tl.dot(same, h_y, input_precision=DOT_PRECISION)
-            p_xx = tl.dot(same, h_xx, input_precision=DOT_PRECISION)
-            p_yy = tl.dot(same, h_yy, input_precision=DOT_PRECISION)
-            p_xy = tl.dot(same, h_xy, input_precision=DOT_PRECISION)
-
-            o = b - TILE + tr
-            ok = ((o >= row0) & (o < row_end))[:, None] & col_ok[None, :]
-            s, g_mu, g_xx, g_xy = _ssim_and_derivatives(mu_x, mu_y, e_xx, e_yy, e_xy, c1, c2)
-            total = _ssim_output(d_mu_plane, d_exx_plane, d_exy_plane, o[:, None] * DS + cols[None, :], ok, s,
-                                 g_mu, g_xx, g_xy, total, BACKWARD)
-        if not BACKWARD:
-            tl.store(partial_ptr + pid, tl.sum(tl.sum(total, axis=1), axis=0))
-
-    @triton.jit(do_not_specialize=SIZE_ARGS, do_not_specialize_on_alignment=SLICED_ARGS)
-    def _ssim_grad_band_kernel(
-        x_ptr, y_ptr, norm_ptr, d_mu_ptr, d_exx_ptr, d_exy_ptr, wv_ptr, scale_ptr, grad_ptr, partial_ptr,
-        H, W, HO, WO, DS, n_col_blocks, n_row_blocks,
-        KH: tl.constexpr, WH: tl.constexpr, TILE: tl.constexpr, BLOCK_W: tl.constexpr,
-        ROWS: tl.constexpr, NORMALIZE: tl.constexpr, NORM_STRIDE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ):
-        """
-        As :func:`_ssim_grad_kernel`, with the transposed vertical pass on TILE-row tiles:
-        derivative block d feeds input tile d (band ``same``, transposed) and input tile
-        d + TILE (band ``cross``, transposed); tile d is then complete.
-        """
-        pid = tl.program_id(0)
-        plane, row0, cols = _program_tile(pid, n_col_blocks, n_row_blocks, ROWS, BLOCK_W)
-        col_ok = cols < W
-        tr = tl.arange(0, TILE)
-        same = _band(wv_ptr, 0, KH, TILE, True)
-        cross = _band(wv_ptr, TILE, KH, TILE, True)
-        scale = tl.load(scale_ptr)
-        lo_x, inv_x, lo_y, inv_y, hi_x = _plane_norm(norm_ptr, plane, NORM_STRIDE)
-        in_plane = plane.to(tl.int64) * H * W
-        d_plane = plane.to(tl.int64) * HO * DS + len(WH) - 1
-
-        n_mu = tl.zeros((TILE, BLOCK_W), tl.float32)
-        n_xx = tl.zeros((TILE, BLOCK_W), tl.float32)
-        n_xy = tl.zeros((TILE, BLOCK_W), tl.float32)
-        sum_gx = tl.zeros((TILE, BLOCK_W), tl.float32)
-        sum_g = tl.zeros((TILE, BLOCK_W), tl.float32)
-        n_lo = tl.zeros((TILE, BLOCK_W), tl.float32)
-        n_hi = tl.zeros((TILE, BLOCK_W), tl.float32)
-        row_end = tl.minimum(row0 + ROWS, H)
-        for d in range(row0 - TILE, row_end, TILE):
-            o = d + tr
-            h_mu, h_xx, h_xy = _horizontal_transposed(
-                d_mu_ptr, d_exx_ptr, d_exy_ptr, d_plane + o[:, None] * DS + cols[None, :],
-                ((o >= 0) & (o < HO))[:, None] & col_ok[None, :], tl.zeros((TILE, BLOCK_W), tl.float32), WH)
-            g_mu = tl.dot(same, h_mu, n_mu, input_precision=DOT_PRECISION)
-            g_xx = tl.dot(same, h_xx, n_xx, input_precision=DOT_PRECISION)
-            g_xy = tl.dot(same, h_xy, n_xy, input_precision=DOT_PRECISION)
-            n_mu = tl.dot(cross, h_mu, input_precision=DOT_PRECISION)
-            n_xx = tl.dot(cross, h_xx, input_precision=DOT_PRECISION)
-            n_xy = tl.dot(cross, h_xy, input_precision=DOT_PRECISION)
-
-            p = d + tr
-            ok = ((p >= row0) & (p < row_end))[:, None] & col_ok[None, :]
-            sum_gx, sum_g, n_lo, n_hi = _store_grad(
-                x_ptr, y_ptr, grad_ptr, in_plane + p[:, None] * W + cols[None, :], ok,
-                in_plane + p[:, None] * W + cols[None, :], ok, g_mu, g_xx, g_xy, scale,
-                lo_x, inv_x, lo_y, inv_y, hi_x, sum_gx, sum_g, n_lo, n_hi, NORMALIZE)
-        if NORMALIZE:
-            _store_sums(partial_ptr, pid, tl.sum(sum_gx, axis=0), tl.sum(sum_g, axis=0), tl.sum(n_lo, axis=0),
-                        tl.sum(n_hi, axis=0))
-
     @triton.jit
     def _window_sum(rows, WV: tl.constexpr, REVERSED: tl.constexpr):
         """sum_i WV[i] * rows[i] (``REVERSED``: WV[KH - 1 - i]) over a tuple of KH (BLOCK_W,) rows."""
@@ -540,12 +289,12 @@ if triton is not None:
         BACKWARD: tl.constexpr, NORMALIZE: tl.constexpr, NORM_STRIDE: tl.constexpr,
     ):
         """
-        As :func:`_ssim_stats_kernel`, keeping the last KH = len(WV) horizontally filtered
-        rows of each quantity in a tuple, oldest first: output row r - KH + 1 is their sum
-        weighted by ``WV``.  The row loop runs UNROLL rows per trip, unrolled, so shifting
-        the tuple by a row is register renaming; the window weights are immediates.  Per
-        row and quantity that is KH multiply-adds, against the ring's 16 plus slot
-        extraction and clearing.
+        Per output position of a (plane, column strip, row chunk): SSIM (sum) or its
+        derivatives.  The last KH = len(WV) horizontally filtered rows of each quantity are
+        kept in a tuple, oldest first: output row r - KH + 1 is their sum weighted by ``WV``.
+        The row loop runs UNROLL rows per trip, unrolled, so shifting the tuple by a row is
+        register renaming; the window weights are immediates.  Per row and quantity that is
+        KH multiply-adds (a ring of partial rows took 16 plus slot extraction and clearing).
         """
         pid = tl.program_id(0)
         plane, row0, cols = _program_tile(pid, n_col_blocks, n_row_blocks, ROWS, BLOCK_W)
@@ -601,9 +350,10 @@ if triton is not None:
         NORMALIZE: tl.constexpr, NORM_STRIDE: tl.constexpr,
     ):
         """
-        As :func:`_ssim_grad_kernel`, with the history of :func:`_ssim_stats_unrolled_kernel`:
-        input row p gets sum_i WV[i] * (derivative row p - i, transposed-filtered along the
-        row), so the last KH derivative rows, newest last, are weighted by the reversed ``WV``.
+        The gradient of the input rows of a (plane, column strip, row chunk), see
+        :func:`_store_grad`, with the history of :func:`_ssim_stats_unrolled_kernel`: input
+        row p gets sum_i WV[i] * (derivative row p - i, transposed-filtered along the row),
+        so the last KH derivative rows, newest last, are weighted by the reversed ``WV``.
         Derivative rows outside the map are read from the zero row at ``ZERO_ROW`` (of DS
         zeros, after the maps' planes), so that no load needs a mask.
         """
@@ -720,22 +470,20 @@ def _derivative_maps(planes: int, ho: int, wo: int, pad: int, device) -> torch.T
 
 
 class _KernelConfig(NamedTuple):
-    """The tuning constants above, read once per forward so that its backward uses the same."""
+    """
+    The tuning constants above, read once per forward so that its backward uses the same.
+    ``benchmarks/ssim_vertical_variants.py`` puts a class with the same methods in its place
+    to launch its other vertical passes.
+    """
 
-    vertical_pass: str
-    dot_precision: str
     block_w: int
     rows: int
     num_warps: int
-    band_num_stages: int
     row_unroll: int
 
     @classmethod
     def current(cls) -> "_KernelConfig":
-        if VERTICAL_PASS not in VERTICAL_PASSES:
-            raise ValueError("ssim_triton.VERTICAL_PASS must be one of {}, got {!r}".format(
-                ", ".join(VERTICAL_PASSES), VERTICAL_PASS))
-        return cls(VERTICAL_PASS, DOT_PRECISION, BLOCK_W, ROWS_PER_PROGRAM, NUM_WARPS, BAND_NUM_STAGES, ROW_UNROLL)
+        return cls(BLOCK_W, ROWS_PER_PROGRAM, NUM_WARPS, ROW_UNROLL)
 
     def unroll(self, kh):
         """Rows per trip of the unrolled pass's loop: ROW_UNROLL, at most (and by default) kh."""
@@ -755,17 +503,9 @@ class _KernelConfig(NamedTuple):
         sizes = (h, w, ho, wo, ds, col_blocks, row_blocks)
         common = dict(WH=window.wh, BLOCK_W=self.block_w, ROWS=self.rows, BACKWARD=backward, NORMALIZE=normalize,
                       NORM_STRIDE=NORM_STRIDE, num_warps=self.num_warps)
-        if self.vertical_pass == "unrolled":
-            _ssim_stats_unrolled_kernel[(grid,)](x, y, norm, c1, c2, partial, d_mu, d_exx, d_exy, *sizes,
-                                                 WV=window.wv, UNROLL=self.unroll(len(window.wv)), **common)
-            return
-        args = (x, y, norm, window.taps_on(x.device), c1, c2, partial, d_mu, d_exx, d_exy) + sizes
-        if self.vertical_pass == "band":
-            _ssim_stats_band_kernel[(grid,)](*args, KH=len(window.wv), TILE=TILE_ROWS,
-                                             DOT_PRECISION=self.dot_precision, num_stages=self.band_num_stages,
-                                             **common)
-        else:
-            _ssim_stats_kernel[(grid,)](*args, KH=len(window.wv), RING=RING, **common)
+        _ssim_stats_unrolled_kernel[(grid,)](x, y, norm, c1, c2, partial, d_mu, d_exx, d_exy,
+                                             *sizes, WV=window.wv,
+                                             UNROLL=self.unroll(len(window.wv)), **common)
 
     def launch_grad(self, planes, x, y, norm, d_mu, d_exx, d_exy, window, scale, grad, partial, h, w, ho, wo, ds,
                     normalize):
@@ -774,21 +514,12 @@ class _KernelConfig(NamedTuple):
         grid).  The derivative maps hold ``planes`` (ho, ds) planes, then a row of ds zeros.
         """
         grid, col_blocks, row_blocks = self.grid(planes, h, w)
-        sizes = (h, w, ho, wo, ds, col_blocks, row_blocks)
         common = dict(WH=window.wh, BLOCK_W=self.block_w, ROWS=self.rows, NORMALIZE=normalize,
                       NORM_STRIDE=NORM_STRIDE, num_warps=self.num_warps)
-        if self.vertical_pass == "unrolled":
-            _ssim_grad_unrolled_kernel[(grid,)](x, y, norm, d_mu, d_exx, d_exy, scale, grad, partial,
-                                                h, w, ho, wo, ds, planes * ho * ds, col_blocks, row_blocks,
-                                                WV=window.wv, UNROLL=self.unroll(len(window.wv)), **common)
-            return
-        args = (x, y, norm, d_mu, d_exx, d_exy, window.taps_on(x.device), scale, grad, partial) + sizes
-        if self.vertical_pass == "band":
-            _ssim_grad_band_kernel[(grid,)](*args, KH=len(window.wv), TILE=TILE_ROWS,
-                                            DOT_PRECISION=self.dot_precision, num_stages=self.band_num_stages,
-                                            **common)
-        else:
-            _ssim_grad_kernel[(grid,)](*args, KH=len(window.wv), RING=RING, **common)
+        _ssim_grad_unrolled_kernel[(grid,)](x, y, norm, d_mu, d_exx, d_exy, scale, grad, partial,
+                                            h, w, ho, wo, ds, planes * ho * ds, col_blocks,
+                                            row_blocks, WV=window.wv,
+                                            UNROLL=self.unroll(len(window.wv)), **common)
 
 
 class _Window(NamedTuple):
@@ -806,12 +537,6 @@ class _Window(NamedTuple):
         # time per level than launching the kernel
         wh, wv = gaussian_window_1d(kw, sigma, "cpu"), gaussian_window_1d(kh, sigma, "cpu")
         return cls(tuple(wh.tolist()), tuple(wv.tolist()))
-
-    def taps_on(self, device) -> torch.Tensor:
-        """The vertical taps as a tensor, which the ring and band passes read.  Made only for
-        them: the copy from host memory makes PyTorch wait for the device (the default
-        unrolled pass launches with none)."""
-        return torch.tensor(self.wv, dtype=torch.float32, device=device)
 
 
 def _on_device_of(t: torch.Tensor):

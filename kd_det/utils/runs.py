@@ -1,4 +1,4 @@
-"""Running ``tools/train_net.py`` as a subprocess, as a user would (demo and benchmarks)."""
+"""Running ``tools/train_net.py`` of a given checkout in a subprocess, as a user would."""
 
 import os
 import subprocess
@@ -10,26 +10,27 @@ from .metrics import last_box_ap, load_metrics
 
 __all__ = ["train_and_evaluate", "parse_copypaste_bbox"]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # lines of train_net's output worth showing live (the full output goes to the run's log)
 _SHOW = (" eta: ", "Total training time", "copypaste: ", "Traceback", "Error", "error:")
 
 
 def train_and_evaluate(
     name: str, config: str, output_dir: str, opts: Sequence[str] = (), reuse: bool = False,
-    log_name: str = "train_net.log", eval_only: bool = False,
+    log_name: str = "train_net.log", eval_only: bool = False, *, root: str,
 ) -> Tuple[Dict[str, float], float]:
     """
-    Train and evaluate one config with ``tools/train_net.py`` in ``output_dir``.
+    Train and evaluate one config with ``root/tools/train_net.py`` in ``output_dir``.
 
     Args:
         name: label for the live output.
-        config: config file (relative to the repository root or absolute).
+        config: config file (relative to ``root`` or absolute).
         opts: "KEY VALUE" overrides.
         reuse: return the finished run's evaluation if ``model_final.pth`` and a COCO
             evaluation are already in ``output_dir``.
         eval_only: only evaluate (``--eval-only``; pass ``MODEL.WEIGHTS`` in ``opts``); the
             metrics are then read from the printed "copypaste" lines.
+        root: the kd_det checkout whose ``tools/train_net.py`` runs, in ``root`` (the caller's
+            own checkout: the installed package need not be one).
     Returns:
         (the last COCO box metrics {"AP": .., "AP50": .., ...}, wall seconds; 0 when reused)
     Raises:
@@ -45,10 +46,10 @@ def train_and_evaluate(
         except KeyError:
             pass
     os.makedirs(output_dir, exist_ok=True)
-    cmd = [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file", config] + (
+    cmd = [sys.executable, os.path.join(root, "tools", "train_net.py"), "--config-file", config] + (
         ["--eval-only"] if eval_only else []) + ["OUTPUT_DIR", output_dir] + list(opts)
-    print("[{}] {}".format(name, " ".join(os.path.relpath(c, ROOT) if c.startswith(ROOT) else c for c in cmd)),
-          flush=True)
+    print("[{}] {}".format(name, " ".join(os.path.relpath(c, root) if c.startswith(root) else c
+                                          for c in cmd)), flush=True)
     # a fresh metrics.json: Detectron2 appends, and the result must be this run's only
     if os.path.exists(metrics_file):
         os.remove(metrics_file)
@@ -56,7 +57,8 @@ def train_and_evaluate(
     start = time.time()
     with open(log_path, "w") as log:
         env = dict(os.environ, PYTHONUNBUFFERED="1")  # live progress through the pipe
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env=env)
         for line in proc.stdout:
             log.write(line)
             if any(s in line for s in _SHOW):

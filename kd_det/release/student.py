@@ -1,6 +1,7 @@
 """
-Model-zoo release of a distilled student: a student-only Detectron2 checkpoint and
-the student's own config, both loadable by vanilla Detectron2 without kd_det.
+Release of a distilled student: a student-only Detectron2 checkpoint and the student's
+own config, both loadable by vanilla Detectron2 without kd_det (what the model zoo ships).
+TorchScript/ONNX deployment of the released student is :mod:`kd_det.release.deploy`.
 """
 
 import copy
@@ -13,11 +14,11 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.modeling import META_ARCH_REGISTRY
 
-from .checkpoint import atomic_write_bytes
-from .modeling.distill_base import KDStudentMixin
+from ..checkpoint import atomic_write_bytes
+from ..modeling.distill_base import KDStudentMixin
 
-__all__ = ["student_config", "student_inference_cfg", "student_state_dict", "StudentCheckpointer", "export_student",
-           "export_lazy_student", "file_sha256"]
+__all__ = ["vanilla_student_config", "student_inference_cfg", "student_state_dict",
+           "StudentCheckpointer", "release_student", "release_lazy_student", "file_sha256"]
 
 
 def _drop_unknown_keys(cfg: CfgNode, reference: CfgNode) -> CfgNode:
@@ -33,7 +34,7 @@ def _drop_unknown_keys(cfg: CfgNode, reference: CfgNode) -> CfgNode:
     return out
 
 
-def student_config(cfg: CfgNode, weights: str = "") -> CfgNode:
+def vanilla_student_config(cfg: CfgNode, weights: str = "") -> CfgNode:
     """
     The student's config as vanilla Detectron2 reads it: the distillation
     meta-architecture replaced by the plain one (``DistillRetinaNet`` ->
@@ -91,7 +92,8 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def export_student(cfg: CfgNode, weights: str, output_dir: str, name: str = "model_final") -> Dict[str, str]:
+def release_student(cfg: CfgNode, weights: str, output_dir: str,
+                    name: str = "model_final") -> Dict[str, str]:
     """
     Write ``<name>.pth`` (student-only Detectron2 checkpoint) and ``config.yaml`` to ``output_dir``.
 
@@ -106,7 +108,7 @@ def export_student(cfg: CfgNode, weights: str, output_dir: str, name: str = "mod
     weights_out = _write_student_weights(weights, output_dir, name)
     config_out = os.path.join(output_dir, "config.yaml")
     with open(config_out, "w") as f:
-        f.write(student_config(cfg, weights_out).dump())
+        f.write(vanilla_student_config(cfg, weights_out).dump())
     return {"weights": weights_out, "config": config_out, "sha256": file_sha256(weights_out)}
 
 
@@ -130,9 +132,10 @@ def _write_student_weights(weights: str, output_dir: str, name: str) -> str:
     return weights_out
 
 
-def export_lazy_student(cfg, weights: str, output_dir: str, name: str = "model_final") -> Dict[str, str]:
+def release_lazy_student(cfg, weights: str, output_dir: str,
+                         name: str = "model_final") -> Dict[str, str]:
     """
-    :func:`export_student` for a LazyConfig: ``<name>.pth`` and ``config.yaml``
+    :func:`release_student` for a LazyConfig: ``<name>.pth`` and ``config.yaml``
     (``LazyConfig.save``), whose ``model`` is the student's plain one
     (:func:`~kd_det.modeling.lazy_student.lazy_student_model`) and whose
     ``train.init_checkpoint`` is the released weights: vanilla Detectron2 builds it with
@@ -140,7 +143,7 @@ def export_lazy_student(cfg, weights: str, output_dir: str, name: str = "model_f
     """
     from detectron2.config import LazyConfig
 
-    from .modeling.lazy_student import lazy_student_model
+    from ..modeling.lazy_student import lazy_student_model
 
     weights_out = _write_student_weights(weights, output_dir, name)
     released = copy.deepcopy(cfg)

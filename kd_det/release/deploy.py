@@ -1,7 +1,7 @@
 """
-TorchScript and ONNX export of a released student, by Detectron2's tracing route
-(``TracingAdapter`` + ``torch.jit.trace`` / ``torch.onnx.export``, as in Detectron2's
-``tools/deploy``).
+Deployment: TorchScript and ONNX export of a released student
+(:mod:`kd_det.release.student`), by Detectron2's tracing route (``TracingAdapter`` +
+``torch.jit.trace`` / ``torch.onnx.export``, as in Detectron2's ``tools/deploy``).
 
 The exported file takes one preprocessed image and returns its detections.  ``model.ts``
 loads with ``torch.jit.load`` in Python or C++ (libtorch) with torch and torchvision
@@ -13,8 +13,8 @@ matched one to one, within bounds derived from float32 rounding, and a detection
 side has must sit at a cutoff (score threshold, cap, NMS) that rounding can move it across
 (:func:`match_detections`).
 
-The student's config is a yacs ``CfgNode`` (``export_student``'s config.yaml) or a
-LazyConfig (``export_lazy_student``'s); both reduce to :class:`DeploySettings`.
+The student's config is a yacs ``CfgNode`` (``release_student``'s config.yaml) or a
+LazyConfig (``release_lazy_student``'s); both reduce to :class:`DeploySettings`.
 """
 
 import contextlib
@@ -39,9 +39,15 @@ from detectron2.structures import Boxes, pairwise_iou
 from omegaconf import DictConfig
 from PIL import Image
 
-from .checkpoint import atomic_write_bytes
-from .export import StudentCheckpointer, file_sha256
-from .config.lazy import dataset_names, lazy_get, other_test_augmentations, single_short_edge, test_resizes
+from ..checkpoint import atomic_write_bytes
+from ..config.lazy import (
+    dataset_names,
+    lazy_get,
+    other_test_augmentations,
+    single_short_edge,
+    test_resizes,
+)
+from .student import StudentCheckpointer, file_sha256
 
 __all__ = ["OUTPUT_NAMES", "DeploySettings", "deploy_settings", "detections", "preprocess", "load_sample_image",
            "load_student", "trace_student", "rounding_error", "DetectionBounds", "detection_bounds",
@@ -640,7 +646,7 @@ def _build_student(cfg, device: str) -> torch.nn.Module:
         return build_model(cfg)
     from detectron2.config import instantiate
 
-    from .modeling.lazy_student import lazy_student_model
+    from ..modeling.lazy_student import lazy_student_model
 
     if "model" not in cfg:
         raise ValueError("the LazyConfig has no `model` to export")
@@ -731,8 +737,8 @@ def export_torchscript(cfg, weights: str, output_dir: str, sample_image: str = "
     Write ``model.ts`` (the traced student) and ``torchscript.json`` to ``output_dir``.
 
     Args:
-        cfg: the student's vanilla Detectron2 config (``export_student``'s config.yaml), or
-            its LazyConfig (``export_lazy_student``'s config.yaml, or the training one).
+        cfg: the student's vanilla Detectron2 config (``release_student``'s config.yaml), or
+            its LazyConfig (``release_lazy_student``'s config.yaml, or the training one).
         weights: student-only or training checkpoint (``kd_*`` weights are ignored).
         sample_image: image file to trace with (default: the first of ``DATASETS.TEST[0]``).
         device: where the traced model runs; tracing records the device, so a CPU trace
