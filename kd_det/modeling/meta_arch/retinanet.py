@@ -1,0 +1,134 @@
+"""Distillation into a one-stage (RetinaNet) student."""
+
+from typing import Dict, List, Optional
+
+import torch
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
+
+from ...losses import prediction_difference_weights
+from ..distillers import DensePredictionDistiller
+from ..recorders import Source
+from .base import STUDENT_INPUT_SOURCES, DistillMixin
+
+__all__ = ["DistillRetinaNet", "DENSE_SOURCES", "dense_prediction_distiller"]
+
+#: what a RetinaNet student records: its input and features, and its head's outputs,
+#: ([class logits (N, A*K, H, W) per level], [box deltas (N, A*4, H, W) per level])
+DENSE_SOURCES = dict(STUDENT_INPUT_SOURCES, head=Source("head"))
+
+
+def dense_prediction_distiller(cfg, num_classes: int) -> Optional[DensePredictionDistiller]:
+    """``KD.RM`` and ``KD.SOFT_LABEL`` of a RetinaNet student, or None when both are off."""
+    distiller = DensePredictionDistiller(cfg, num_classes)
+    return distiller if distiller.enabled else None
+
+
+@META_ARCH_REGISTRY.register()
+class DistillRetinaNet(DistillMixin, RetinaNet):
+    """
+    A RetinaNet student trained beside a frozen teacher (``cfg.KD.TEACHER``).
+
+    Losses added to RetinaNet's ``loss_cls``/``loss_box_reg``, each switched in the config:
+
+    * ``loss_kd_<feature loss>``: FPN feature imitation (``cfg.KD.FEATURE``: SSIM, L2, L1),
+      weighted per position by the prediction difference when ``cfg.KD.PFI.ENABLED``;
+    * ``loss_kd_rm``: Rank Mimicking (``cfg.KD.RM``), over the anchors the student's own
+      matching made positive;
+    * ``loss_kd_soft``: soft-label classification KD (``cfg.KD.SOFT_LABEL``).
+
+    RM, PFI and soft labels need a RetinaNet teacher with the same classes, anchors
+    per position and head levels.  Inference is the student alone.
+    """
+
+    #: the vanilla meta-architecture the student is, once exported
+    student_meta_architecture = "RetinaNet"
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        teacher,
+        feature_distiller,
+        channel_stats=None,
+        extra_teachers=(),
+        multi_teacher=None,
+        inherit_prefixes=(),
+        prediction_distiller: Optional[DensePredictionDistiller] = None,
+        pfi: bool = False,
+        **kwargs
+    ):
+        """
+        Args:
+            teacher, feature_distiller, channel_stats, extra_teachers, multi_teacher,
+                inherit_prefixes: see :class:`DistillMixin`.
+            prediction_distiller: Rank Mimicking and soft labels, or None.
+            pfi: weight feature imitation per position by the prediction difference.
+            kwargs: RetinaNet's arguments.
+        """
+        super().__init__(**kwargs)
+        self._init_distillation(teacher, feature_distiller, channel_stats, extra_teachers, multi_teacher,
+                                inherit_prefixes)
+        self.kd_prediction = prediction_distiller
+        self.pfi = pfi
+        if self.uses_teacher_predictions:
+            self._check_teacher_head()
+        if pfi and feature_distiller is None:
+            raise ValueError("KD.PFI.ENABLED weights the feature imitation loss, but KD.FEATURE.LOSS is empty; "
+                             "set it to 'L2FeatureLoss' (as in the paper) or 'SSIMFeatureLoss'")
+        self._init_recorders(DENSE_SOURCES, match_anchors=prediction_distiller is not None)
+
+    @classmethod
+    def from_config(cls, cfg):
+        return cls.distill_kwargs(cfg, super().from_config(cfg))
+
+    @classmethod
+    def distill_kwargs(cls, cfg, student_kwargs: Dict) -> Dict:
+        """``student_kwargs`` (RetinaNet's arguments) with the distillation ones, from ``cfg.KD``."""
+        ret = cls._distill_from_config(cfg, student_kwargs)
+        ret.update(prediction_distiller=dense_prediction_distiller(cfg, student_kwargs["num_classes"]),
+                   pfi=cfg.KD.PFI.ENABLED)
+        return ret
+
+    @property
+    def uses_teacher_predictions(self) -> bool:
+        return self.kd_prediction is not None or self.pfi
+
+    def _check_teacher_head(self):
+        t = self.teacher
+        t.require_dense_head()
+        tm = t.model
+        problems = []
+        if tm.num_classes != self.num_classes:
+            problems.append("classes: teacher {}, student {}".format(tm.num_classes, self.num_classes))
+        ta, sa = tm.anchor_generator.num_anchors, self.anchor_generator.num_anchors
+        if list(ta) != list(sa):
+            problems.append("anchors per position: teacher {}, student {}".format(list(ta), list(sa)))
+        t_strides = [tm.backbone.output_shape()[f].stride for f in tm.head_in_features]
+        s_strides = [self.backbone.output_shape()[f].stride for f in self.head_in_features]
+        if t_strides != s_strides:
+            problems.append("head level strides: teacher {}, student {}".format(t_strides, s_strides))
+        if problems:
+            raise ValueError("RM/PFI/soft-label distillation compares per-anchor predictions, so teacher and student "
+                             "heads must match; they differ in " + "; ".join(problems) +
+                             ". Use the same NUM_CLASSES, ANCHOR_GENERATOR and head levels in both configs")
+
+    def distillation_losses(self, batched_inputs: List[Dict], recorded: Dict) -> Dict[str, torch.Tensor]:
+        all_teacher_features = self.teacher_features(batched_inputs, self.recorded_images(batched_inputs, recorded))
+        losses, position_weights = {}, None
+        if self.uses_teacher_predictions:
+            student_logits = recorded["head"][0]  # per level (N, A*K, H, W)
+            teacher_logits = self.teacher.dense_class_logits(all_teacher_features[0])
+            if self.pfi:
+                position_weights = self.pfi_weights(student_logits, teacher_logits)
+            if self.kd_prediction is not None:
+                matched, labels = self.recorded_matching(batched_inputs, student_logits)
+                gt_classes = [x.gt_classes for x in self.gt_instances(batched_inputs)]
+                losses.update(self.kd_prediction(student_logits, teacher_logits, matched, labels, gt_classes))
+        losses.update(self.feature_losses(recorded["features"], all_teacher_features, position_weights))
+        return losses
+
+    def pfi_weights(self, student_logits, teacher_logits) -> List[Optional[torch.Tensor]]:
+        """PFI weights for the feature distiller's levels (uniform on levels the head does not see)."""
+        by_level = dict(zip(self.head_in_features, prediction_difference_weights(student_logits, teacher_logits)))
+        return [by_level.get(name) for name in self.kd_feature.levels]
