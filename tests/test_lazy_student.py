@@ -453,7 +453,8 @@ def test_retinanet_student_from_built_arguments(tiny_data_root, tmp_path, retina
     model = build_distilled_model("DistillRetinaNet", kd, [TINY_PREFIX + "_train"], **RetinaNet.from_config(yacs_cfg))
     yacs = build_model(yacs_cfg)
     assert type(model) is DistillRetinaNet and _shapes(model) == _shapes(yacs)
-    assert model.kd_prediction.rm_weight == yacs.kd_prediction.rm_weight > 0 and model.pfi and yacs.pfi
+    assert model.kd_prediction.rm_weight == yacs.kd_prediction.rm_weight > 0
+    assert model.pfi and yacs.pfi
     # ints where kd_det's defaults are floats (as people write them, or as key=value overrides give them)
     kd_int = dict(kd, RM={"ENABLED": True, "WEIGHT": 4}, FEATURE={"LOSS": "SSIMFeatureLoss", "WEIGHT": 2})
     model = build_distilled_model("DistillRetinaNet", kd_int, [], **RetinaNet.from_config(yacs_cfg))

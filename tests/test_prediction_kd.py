@@ -290,7 +290,8 @@ def test_roi_soft_label_step(tiny_data_root, tmp_path, rcnn_teacher):
     losses, _ = _one_step(model, cfg)
     assert {k for k in losses if k.startswith("loss_kd")} == {"loss_kd_soft"} and torch.isfinite(losses["loss_kd_soft"])
     assert seen["logits"].shape[0] == 2 * cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE  # the sampled RoIs of 2 images
-    assert "roi_boxes" not in model._kd_recorder and "roi_logits" not in model._kd_recorder  # popped: no graph kept
+    # popped: no graph kept
+    assert "roi_boxes" not in model._kd_recorder and "roi_logits" not in model._kd_recorder
     # recompute independently: the same RoI sampling (same seed), the teacher's head on those boxes
     data = next(iter(build_detection_train_loader(cfg)))
     model.train()

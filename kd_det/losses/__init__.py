@@ -1,6 +1,12 @@
-"""Distillation losses: every one a class in DISTILL_LOSS_REGISTRY (see .registry), beside its maths."""
+"""Distillation losses: each a class in DISTILL_LOSS_REGISTRY (see .registry), beside its maths."""
 
-from .registry import DISTILL_LOSS_REGISTRY, DistillLoss, build_distill_loss, distill_loss_class, loss_names
+from .registry import (
+    DISTILL_LOSS_REGISTRY,
+    DistillLoss,
+    build_distill_loss,
+    distill_loss_class,
+    loss_names,
+)
 from .feature import (
     AttentionTransferLoss,
     FEATURE_LOSS_REGISTRY,

@@ -41,8 +41,9 @@ class _FeatureLossRegistry:
     def register(self, obj=None):
         def check(cls):
             if not (isinstance(cls, type) and issubclass(cls, FeatureLoss)):
-                raise TypeError("FEATURE_LOSS_REGISTRY holds feature losses (FeatureLoss subclasses), not {!r}; "
-                                "register other distillation losses with DISTILL_LOSS_REGISTRY".format(cls))
+                raise TypeError("FEATURE_LOSS_REGISTRY holds feature losses (FeatureLoss "
+                                "subclasses), not {!r}; register other distillation losses with "
+                                "DISTILL_LOSS_REGISTRY".format(cls))
             return DISTILL_LOSS_REGISTRY.register(cls)
 
         return check if obj is None else check(obj)

@@ -18,8 +18,9 @@ from detectron2.config import configurable
 from .precision import at_least_fp32
 from .registry import DISTILL_LOSS_REGISTRY, DistillLoss
 
-__all__ = ["rank_mimicking_loss", "soft_label_kd_loss", "softmax_kd_loss", "prediction_difference_weights",
-           "PredictionLoss", "RankMimickingLoss", "SoftLabelKDLoss", "SoftmaxKDLoss"]
+__all__ = ["rank_mimicking_loss", "soft_label_kd_loss", "softmax_kd_loss",
+           "prediction_difference_weights", "PredictionLoss", "RankMimickingLoss",
+           "SoftLabelKDLoss", "SoftmaxKDLoss"]
 
 # the soft-label modes of soft_label_kd_loss and softmax_kd_loss
 _SOFT_LABEL_MODES = ("kl", "bce")

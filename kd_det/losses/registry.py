@@ -21,7 +21,8 @@ from typing import Any, Type
 import torch
 from detectron2.utils.registry import Registry
 
-__all__ = ["DISTILL_LOSS_REGISTRY", "DistillLoss", "build_distill_loss", "distill_loss_class", "loss_names"]
+__all__ = ["DISTILL_LOSS_REGISTRY", "DistillLoss", "build_distill_loss", "distill_loss_class",
+           "loss_names"]
 
 DISTILL_LOSS_REGISTRY = Registry("KD_DISTILL_LOSS")
 DISTILL_LOSS_REGISTRY.__doc__ = """
@@ -56,7 +57,8 @@ def loss_names(base: Type[DistillLoss] = DistillLoss):
     return sorted(k for k, cls in DISTILL_LOSS_REGISTRY if issubclass(cls, base))
 
 
-def distill_loss_class(name: str, base: Type[DistillLoss] = DistillLoss, key: str = "") -> Type[DistillLoss]:
+def distill_loss_class(name: str, base: Type[DistillLoss] = DistillLoss,
+                       key: str = "") -> Type[DistillLoss]:
     """
     The registered loss class ``name``.
 
@@ -76,7 +78,8 @@ def distill_loss_class(name: str, base: Type[DistillLoss] = DistillLoss, key: st
                            what, name, base.kind or "distillation", loss_names(base))) from None
     if not issubclass(cls, base):
         raise ValueError("{} {!r} is a {} loss, but {} takes a {} loss: one of {}".format(
-            what, name, cls.kind or "different", what, base.kind or base.__name__, loss_names(base)))
+            what, name, cls.kind or "different", what, base.kind or base.__name__,
+            loss_names(base)))
     return cls
 
 

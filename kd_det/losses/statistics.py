@@ -122,7 +122,8 @@ class AdaINHeadLoss(_StatisticsLoss):
 
     short_name = "adain"
 
-    def __call__(self, student, teacher, *, head: Callable[[List[torch.Tensor], bool], List[torch.Tensor]]):
+    def __call__(self, student, teacher, *,
+                 head: Callable[[List[torch.Tensor], bool], List[torch.Tensor]]):
         transplanted = []
         for s, t in zip(student, teacher):
             mean, std = channel_statistics(s)

@@ -55,6 +55,7 @@ class _Recorder:
     """Pausing, clearing at the model's forward, and removing hooks: what both recorders share."""
 
     def __init__(self, model: nn.Module):
+        self._model = model
         self._records: Dict[str, Any] = {}
         self._recording = True
         self._handles: List[Any] = [model.register_forward_pre_hook(self._clear_stale)]
@@ -64,7 +65,7 @@ class _Recorder:
 
     @contextlib.contextmanager
     def paused(self):
-        """A context in which nothing is recorded (e.g. a second head's pass over other features)."""
+        """A context in which nothing is recorded (e.g. a second head's pass)."""
         before, self._recording = self._recording, False
         try:
             yield
@@ -96,12 +97,13 @@ class ModuleOutputRecorder(_Recorder):
                               #  "head": ([logits per level], [box deltas per level])}
     """
 
-    def __init__(self, model: nn.Module, sources: Mapping[str, Union[str, Source]], training_only: bool = False):
+    def __init__(self, model: nn.Module, sources: Mapping[str, Union[str, Source]],
+                 training_only: bool = False):
         """
         Args:
             model: the model whose submodules are recorded.
             sources: record name -> :class:`Source` (a string is the output of that submodule).
-            training_only: record only calls of modules in training mode (a student's
+            training_only: record only while ``model`` is in training mode (a student's
                 inference keeps nothing); False for a teacher, which runs in eval mode.
         Raises:
             ValueError: naming a submodule that ``model`` does not have.
@@ -115,11 +117,12 @@ class ModuleOutputRecorder(_Recorder):
                 self.remove()
                 raise ValueError("cannot record {!r}: {} has no submodule {!r}".format(
                     name, type(model).__name__, source.module))
-            self._handles.append(modules[source.module].register_forward_hook(self._hook(name, source)))
+            hook = modules[source.module].register_forward_hook(self._hook(name, source))
+            self._handles.append(hook)
 
     def _hook(self, name: str, source: Source):
         def keep(module, inputs, output):
-            if not self._recording or (self.training_only and not module.training):
+            if not self._recording or (self.training_only and not self._model.training):
                 return
             value = output if source.kind == "output" else inputs
             if source.index is not None:
@@ -136,19 +139,20 @@ class ModuleOutputRecorder(_Recorder):
 
     def __getitem__(self, name: str) -> Any:
         if name not in self._records:
-            raise KeyError("nothing recorded as {!r} since the last pop(): has {!r} run{} since?".format(
+            raise KeyError("nothing recorded as {!r} since the last pop(): has {!r} run{} "
+                           "since?".format(
                 name, self.sources[name].module if name in self.sources else name,
                 " in training mode" if self.training_only else ""))
         return self._records[name]
 
     def pop(self) -> Dict[str, Any]:
-        """Everything recorded since the last pop(), by name; cleared, so that no graph outlives its step."""
+        """Everything recorded since the last pop(), by name; cleared: no graph outlives a step."""
         records, self._records = self._records, {}
         return records
 
 
 class _RecordingMatcher:
-    """A matcher that reports each call to its recorder; anything else goes to the matcher itself."""
+    """A matcher that reports each call to its recorder; anything else goes to the matcher."""
 
     def __init__(self, matcher, recorder: "AnchorMatchRecorder"):
         self.matcher = matcher
@@ -179,7 +183,6 @@ class AnchorMatchRecorder(_Recorder):
 
     def __init__(self, model: nn.Module, attribute: str = "anchor_matcher"):
         super().__init__(model)
-        self._model = model
         self._attribute = attribute
         self.matcher = getattr(model, attribute)
         setattr(model, attribute, _RecordingMatcher(self.matcher, self))
@@ -221,9 +224,9 @@ class AnchorMatchRecorder(_Recorder):
         if device is None:
             device = calls[0][1].device if calls else torch.device("cpu")
         mismatch = RuntimeError(
-            "the anchor matcher's recorded calls (objects per call: {}) do not fit a batch with {} objects per "
-            "image; it must run once per image in the training pass (pause the recorder around any other "
-            "matching)".format([c[0] for c in calls], list(num_objects)))
+            "the anchor matcher's recorded calls (objects per call: {}) do not fit a batch with {} "
+            "objects per image; it must run once per image in the training pass (pause the "
+            "recorder around any other matching)".format([c[0] for c in calls], list(num_objects)))
         matched, labels = [], []
         for n in num_objects:
             if calls and calls[0][0] == n:
@@ -231,12 +234,13 @@ class AnchorMatchRecorder(_Recorder):
             elif n == 0:
                 # not called for an image without objects: as the matcher labels an empty image
                 m = torch.zeros(num_anchors, dtype=torch.int64, device=device)
-                lab = torch.full((num_anchors,), self.matcher.labels[0], dtype=torch.int8, device=device)
+                lab = torch.full((num_anchors,), self.matcher.labels[0], dtype=torch.int8,
+                                 device=device)
             else:
                 raise mismatch
             if len(m) != num_anchors:
-                raise RuntimeError("the anchor matcher labelled {} anchors, but the head predicts for {}".format(
-                    len(m), num_anchors))
+                raise RuntimeError("the anchor matcher labelled {} anchors, but the head predicts "
+                                   "for {}".format(len(m), num_anchors))
             matched.append(m)
             labels.append(lab)
         if calls:

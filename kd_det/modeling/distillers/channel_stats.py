@@ -74,7 +74,8 @@ class ChannelStatsDistiller(nn.Module):
         target = [teacher_features[k] for k in self.levels]
         losses = {}
         if self.stats_weight > 0:
-            losses["loss_kd_" + self.stats_loss.short_name] = self.stats_weight * self.stats_loss(student, target)
+            stats = self.stats_loss(student, target)
+            losses["loss_kd_" + self.stats_loss.short_name] = self.stats_weight * stats
         if self.adain_weight > 0:
             def head(features: List[torch.Tensor], grad: bool) -> List[torch.Tensor]:
                 return teacher.dense_head_outputs(dict(zip(self.levels, features)), grad=grad)

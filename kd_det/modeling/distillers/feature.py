@@ -129,5 +129,6 @@ class FeatureDistiller(nn.Module):
         """
         student = self.adapt(student_features)
         teacher = [teacher_features[k] for k in self.levels]
-        value = self.loss(student, teacher, level_weights=self.level_weights, position_weights=position_weights)
+        value = self.loss(student, teacher, level_weights=self.level_weights,
+                          position_weights=position_weights)
         return {"loss_kd_" + self.loss.short_name: self.weight * value}

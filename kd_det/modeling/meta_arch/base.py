@@ -44,7 +44,8 @@ class DistillForwardMixin(KDStudentMixin):
     the vanilla forward alone.
     """
 
-    def _init_recorders(self, sources: Mapping[str, Union[str, Source]], match_anchors: bool = False) -> None:
+    def _init_recorders(self, sources: Mapping[str, Union[str, Source]],
+                        match_anchors: bool = False) -> None:
         """
         Record ``sources`` (see :class:`ModuleOutputRecorder`) of the student's training
         passes and, with ``match_anchors``, its anchor matching (:class:`AnchorMatchRecorder`).
@@ -68,8 +69,9 @@ class DistillForwardMixin(KDStudentMixin):
         out.update(self.distillation_losses(batched_inputs, self._kd_recorder.pop()))
         return out
 
-    def distillation_losses(self, batched_inputs: List[Dict], recorded: Dict) -> Dict[str, torch.Tensor]:
-        """The distillation terms of the loss dict, from the batch and what the student's pass recorded."""
+    def distillation_losses(self, batched_inputs: List[Dict],
+                            recorded: Dict) -> Dict[str, torch.Tensor]:
+        """The distillation terms of the loss dict, from the batch and the student's records."""
         raise NotImplementedError
 
     @staticmethod
@@ -81,7 +83,8 @@ class DistillForwardMixin(KDStudentMixin):
         return [x["instances"].to(self.device) for x in batched_inputs]
 
     def recorded_matching(self, batched_inputs: List[Dict],
-                          class_logits: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+                          class_logits: Sequence[torch.Tensor],
+                          ) -> Tuple[torch.Tensor, torch.Tensor]:
         """
         A dense student's anchor matching of its training pass: (N, R) matched object
         indices and (N, R) matcher labels (see :meth:`AnchorMatchRecorder.pop`).
@@ -90,7 +93,8 @@ class DistillForwardMixin(KDStudentMixin):
             class_logits: the head's per-level (N, A*K, H, W) logits (they give R).
         """
         num_anchors = sum(x[0].numel() // self.num_classes for x in class_logits)
-        return self._kd_matches.pop([len(x["instances"]) for x in batched_inputs], num_anchors, self.device)
+        num_objects = [len(x["instances"]) for x in batched_inputs]
+        return self._kd_matches.pop(num_objects, num_anchors, self.device)
 
 
 class DistillMixin(DistillForwardMixin):

@@ -39,8 +39,9 @@ class DistillGeneralizedRCNN(DistillMixin, GeneralizedRCNN):
     student_meta_architecture = "GeneralizedRCNN"
 
     @configurable
-    def __init__(self, *, teacher, feature_distiller, channel_stats=None, extra_teachers=(), multi_teacher=None,
-                 inherit_prefixes=(), roi_soft_label: Optional[RoISoftLabelDistiller] = None, **kwargs):
+    def __init__(self, *, teacher, feature_distiller, channel_stats=None, extra_teachers=(),
+                 multi_teacher=None, inherit_prefixes=(),
+                 roi_soft_label: Optional[RoISoftLabelDistiller] = None, **kwargs):
         """
         Args:
             teacher, feature_distiller, channel_stats, extra_teachers, multi_teacher,
@@ -49,8 +50,8 @@ class DistillGeneralizedRCNN(DistillMixin, GeneralizedRCNN):
             kwargs: GeneralizedRCNN's arguments.
         """
         super().__init__(**kwargs)
-        self._init_distillation(teacher, feature_distiller, channel_stats, extra_teachers, multi_teacher,
-                                inherit_prefixes)
+        self._init_distillation(teacher, feature_distiller, channel_stats, extra_teachers,
+                                multi_teacher, inherit_prefixes)
         self.kd_roi_soft_label = roi_soft_label
         sources = dict(STUDENT_INPUT_SOURCES)
         if roi_soft_label is not None:
@@ -65,22 +66,25 @@ class DistillGeneralizedRCNN(DistillMixin, GeneralizedRCNN):
 
     @classmethod
     def distill_kwargs(cls, cfg, student_kwargs: Dict) -> Dict:
-        """``student_kwargs`` (GeneralizedRCNN's arguments) with the distillation ones, from ``cfg.KD``."""
+        """``student_kwargs`` (GeneralizedRCNN's) with the distillation ones, from ``cfg.KD``."""
         kd = cfg.KD
-        one_stage = [name for name, on in (("KD.RM", kd.RM.ENABLED), ("KD.PFI", kd.PFI.ENABLED)) if on]
+        one_stage = [name for name, on in (("KD.RM", kd.RM.ENABLED), ("KD.PFI", kd.PFI.ENABLED))
+                     if on]
         if one_stage:
-            raise ValueError("{} distil per-anchor predictions of one-stage detectors, but the student is a "
-                             "DistillGeneralizedRCNN; use a RetinaNet student (DistillRetinaNet) or disable "
-                             "them".format(" and ".join(one_stage)))
+            raise ValueError("{} distil per-anchor predictions of one-stage detectors, but the "
+                             "student is a DistillGeneralizedRCNN; use a RetinaNet student "
+                             "(DistillRetinaNet) or disable them".format(" and ".join(one_stage)))
         ret = cls._distill_from_config(cfg, student_kwargs)
         soft = kd.SOFT_LABEL.ENABLED and kd.SOFT_LABEL.WEIGHT > 0
         ret["roi_soft_label"] = RoISoftLabelDistiller(cfg) if soft else None
         return ret
 
-    def distillation_losses(self, batched_inputs: List[Dict], recorded: Dict) -> Dict[str, torch.Tensor]:
-        teacher_features = self.teacher_features(batched_inputs, self.recorded_images(batched_inputs, recorded))
+    def distillation_losses(self, batched_inputs: List[Dict],
+                            recorded: Dict) -> Dict[str, torch.Tensor]:
+        images = self.recorded_images(batched_inputs, recorded)
+        teacher_features = self.teacher_features(batched_inputs, images)
         losses = self.feature_losses(recorded["features"], teacher_features)
         if self.kd_roi_soft_label is not None:
-            losses.update(self.kd_roi_soft_label(recorded["roi_logits"], recorded["roi_boxes"], self.teacher,
-                                                 teacher_features[0]))
+            losses.update(self.kd_roi_soft_label(recorded["roi_logits"], recorded["roi_boxes"],
+                                                 self.teacher, teacher_features[0]))
         return losses

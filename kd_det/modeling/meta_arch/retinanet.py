@@ -11,11 +11,15 @@ from ..distillers import DensePredictionDistiller
 from ..recorders import Source
 from .base import STUDENT_INPUT_SOURCES, DistillMixin
 
-__all__ = ["DistillRetinaNet", "DENSE_SOURCES", "dense_prediction_distiller"]
+__all__ = ["DistillRetinaNet", "DENSE_SOURCES", "HEAD_TOWER_SOURCES", "dense_prediction_distiller"]
 
 #: what a RetinaNet student records: its input and features, and its head's outputs,
 #: ([class logits (N, A*K, H, W) per level], [box deltas (N, A*4, H, W) per level])
 DENSE_SOURCES = dict(STUDENT_INPUT_SOURCES, head=Source("head"))
+#: a RetinaNetHead's intermediate features, the outputs of its class and box towers before
+#: the last convs: per level (N, C, H, W) (what CrossKD feeds through the other head)
+HEAD_TOWER_SOURCES = {"cls_tower": Source("head.cls_subnet", calls="all"),
+                      "box_tower": Source("head.bbox_subnet", calls="all")}
 
 
 def dense_prediction_distiller(cfg, num_classes: int) -> Optional[DensePredictionDistiller]:
@@ -86,8 +90,8 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
     def distill_kwargs(cls, cfg, student_kwargs: Dict) -> Dict:
         """``student_kwargs`` (RetinaNet's arguments) with the distillation ones, from ``cfg.KD``."""
         ret = cls._distill_from_config(cfg, student_kwargs)
-        ret.update(prediction_distiller=dense_prediction_distiller(cfg, student_kwargs["num_classes"]),
-                   pfi=cfg.KD.PFI.ENABLED)
+        prediction = dense_prediction_distiller(cfg, student_kwargs["num_classes"])
+        ret.update(prediction_distiller=prediction, pfi=cfg.KD.PFI.ENABLED)
         return ret
 
     @property
@@ -113,8 +117,10 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
                              "heads must match; they differ in " + "; ".join(problems) +
                              ". Use the same NUM_CLASSES, ANCHOR_GENERATOR and head levels in both configs")
 
-    def distillation_losses(self, batched_inputs: List[Dict], recorded: Dict) -> Dict[str, torch.Tensor]:
-        all_teacher_features = self.teacher_features(batched_inputs, self.recorded_images(batched_inputs, recorded))
+    def distillation_losses(self, batched_inputs: List[Dict],
+                            recorded: Dict) -> Dict[str, torch.Tensor]:
+        images = self.recorded_images(batched_inputs, recorded)
+        all_teacher_features = self.teacher_features(batched_inputs, images)
         losses, position_weights = {}, None
         if self.uses_teacher_predictions:
             student_logits = recorded["head"][0]  # per level (N, A*K, H, W)
@@ -124,8 +130,10 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
             if self.kd_prediction is not None:
                 matched, labels = self.recorded_matching(batched_inputs, student_logits)
                 gt_classes = [x.gt_classes for x in self.gt_instances(batched_inputs)]
-                losses.update(self.kd_prediction(student_logits, teacher_logits, matched, labels, gt_classes))
-        losses.update(self.feature_losses(recorded["features"], all_teacher_features, position_weights))
+                losses.update(self.kd_prediction(student_logits, teacher_logits, matched, labels,
+                                                 gt_classes))
+        losses.update(self.feature_losses(recorded["features"], all_teacher_features,
+                                          position_weights))
         return losses
 
     def pfi_weights(self, student_logits, teacher_logits) -> List[Optional[torch.Tensor]]:

@@ -91,9 +91,9 @@ class SelfDistillRetinaNet(_SelfDistillMixin, RetinaNet):
     student_meta_architecture = "RetinaNet"
 
     @configurable
-    def __init__(self, *, self_teacher, feature_distiller, self_head: nn.Module, self_head_weight: float = 1.0,
-                 self_detach_input: bool = False, prediction_distiller: Optional[DensePredictionDistiller] = None,
-                 **kwargs):
+    def __init__(self, *, self_teacher, feature_distiller, self_head: nn.Module,
+                 self_head_weight: float = 1.0, self_detach_input: bool = False,
+                 prediction_distiller: Optional[DensePredictionDistiller] = None, **kwargs):
         """
         Args:
             self_teacher: the :class:`BiFPNSelfTeacher` over the student's head levels.
@@ -133,13 +133,16 @@ class SelfDistillRetinaNet(_SelfDistillMixin, RetinaNet):
         else:
             cls._check_copied_heads(ret, levels)
         ret["self_head"] = self_head
-        weight = cfg.KD.SELF.SOFT_LABEL_WEIGHT
-        ret["prediction_distiller"] = DensePredictionDistiller(
-            num_classes=student_kwargs["num_classes"], soft_label_weight=weight,
-            soft_label_loss=SoftLabelKDLoss(temperature=cfg.KD.SELF.TEMPERATURE, mode="kl")) if weight > 0 else None
+        weight, soft = cfg.KD.SELF.SOFT_LABEL_WEIGHT, None
+        if weight > 0:
+            loss = SoftLabelKDLoss(temperature=cfg.KD.SELF.TEMPERATURE, mode="kl")
+            soft = DensePredictionDistiller(num_classes=student_kwargs["num_classes"],
+                                            soft_label_loss=loss, soft_label_weight=weight)
+        ret["prediction_distiller"] = soft
         return ret
 
-    def distillation_losses(self, batched_inputs: List[Dict], recorded: Dict) -> Dict[str, torch.Tensor]:
+    def distillation_losses(self, batched_inputs: List[Dict],
+                            recorded: Dict) -> Dict[str, torch.Tensor]:
         features, predictions = recorded["features"], recorded["head"]
         gt_instances = self.gt_instances(batched_inputs)
         refined = self.refine(features)
@@ -147,9 +150,10 @@ class SelfDistillRetinaNet(_SelfDistillMixin, RetinaNet):
         self_predictions = self.kd_self_head(refined_head)
         # RetinaNet keeps an EMA of the positive-anchor count; the self-head's pass must not advance it twice
         normalizer = getattr(self, "loss_normalizer", None)
-        with self.recorders_paused():  # the recorders keep the student's own pass (and its matching)
-            head_losses = self.forward_training(self.recorded_images(batched_inputs, recorded), refined_head,
-                                                self_predictions, gt_instances)
+        images = self.recorded_images(batched_inputs, recorded)
+        with self.recorders_paused():  # the recorders keep the student's pass (and its matching)
+            head_losses = self.forward_training(images, refined_head, self_predictions,
+                                                gt_instances)
         losses = self.self_losses(head_losses)
         if normalizer is not None:
             self.loss_normalizer = normalizer
@@ -222,15 +226,18 @@ class SelfDistillGeneralizedRCNN(_SelfDistillMixin, GeneralizedRCNN):
         ret["self_roi_heads"] = self_roi_heads
         return ret
 
-    def distillation_losses(self, batched_inputs: List[Dict], recorded: Dict) -> Dict[str, torch.Tensor]:
+    def distillation_losses(self, batched_inputs: List[Dict],
+                            recorded: Dict) -> Dict[str, torch.Tensor]:
         features = recorded["features"]
         images = self.recorded_images(batched_inputs, recorded)
         gt_instances = self.gt_instances(batched_inputs)
         refined = self.refine(features)
         if self.kd_self_proposal_generator is not None:
-            proposals, self_proposal_losses = self.kd_self_proposal_generator(images, refined, gt_instances)
+            proposals, self_proposal_losses = self.kd_self_proposal_generator(
+                images, refined, gt_instances)
         else:  # precomputed proposals, as GeneralizedRCNN takes them
-            proposals, self_proposal_losses = [x["proposals"].to(self.device) for x in batched_inputs], {}
+            proposals = [x["proposals"].to(self.device) for x in batched_inputs]
+            self_proposal_losses = {}
         _, self_detector_losses = self.kd_self_roi_heads(images, refined, proposals, gt_instances)
         losses = self.self_losses(dict(self_detector_losses, **self_proposal_losses))
         losses.update(self.kd_feature(features, refined))
