@@ -63,6 +63,7 @@ class DistillForwardMixin(KDStudentMixin):
             yield
 
     def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):
+        """Detectron2's forward; in training its loss dict plus :meth:`distillation_losses`."""
         out = super().forward(batched_inputs)
         if not self.training:
             return out
@@ -80,6 +81,7 @@ class DistillForwardMixin(KDStudentMixin):
         return ImageList(recorded["images"], [tuple(x["image"].shape[-2:]) for x in batched_inputs])
 
     def gt_instances(self, batched_inputs: List[Dict]) -> List:
+        """The batch's ground truth on the student's device, as Detectron2's forward takes it."""
         return [x["instances"].to(self.device) for x in batched_inputs]
 
     def recorded_matching(self, batched_inputs: List[Dict],

@@ -11,7 +11,7 @@ from ..distillers import DensePredictionDistiller
 from ..recorders import Source
 from .base import STUDENT_INPUT_SOURCES, DistillMixin
 
-__all__ = ["DistillRetinaNet", "DENSE_SOURCES", "HEAD_TOWER_SOURCES", "dense_prediction_distiller"]
+__all__ = ["DistillRetinaNet", "DENSE_SOURCES", "HEAD_TOWER_SOURCES"]
 
 #: what a RetinaNet student records: its input and features, and its head's outputs,
 #: ([class logits (N, A*K, H, W) per level], [box deltas (N, A*4, H, W) per level])
@@ -20,12 +20,6 @@ DENSE_SOURCES = dict(STUDENT_INPUT_SOURCES, head=Source("head"))
 #: the last convs: per level (N, C, H, W) (what CrossKD feeds through the other head)
 HEAD_TOWER_SOURCES = {"cls_tower": Source("head.cls_subnet", calls="all"),
                       "box_tower": Source("head.bbox_subnet", calls="all")}
-
-
-def dense_prediction_distiller(cfg, num_classes: int) -> Optional[DensePredictionDistiller]:
-    """``KD.RM`` and ``KD.SOFT_LABEL`` of a RetinaNet student, or None when both are off."""
-    distiller = DensePredictionDistiller(cfg, num_classes)
-    return distiller if distiller.enabled else None
 
 
 @META_ARCH_REGISTRY.register()
@@ -90,8 +84,10 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
     def distill_kwargs(cls, cfg, student_kwargs: Dict) -> Dict:
         """``student_kwargs`` (RetinaNet's arguments) with the distillation ones, from ``cfg.KD``."""
         ret = cls._distill_from_config(cfg, student_kwargs)
-        prediction = dense_prediction_distiller(cfg, student_kwargs["num_classes"])
-        ret.update(prediction_distiller=prediction, pfi=cfg.KD.PFI.ENABLED)
+        # KD.RM and KD.SOFT_LABEL; None when both are off
+        prediction = DensePredictionDistiller(cfg, student_kwargs["num_classes"])
+        ret.update(prediction_distiller=prediction if prediction.enabled else None,
+                   pfi=cfg.KD.PFI.ENABLED)
         return ret
 
     @property
