@@ -391,7 +391,7 @@ def test_retinanet_self_distillation_from_built_arguments(tiny_data_root, tmp_pa
     head = RetinaNetHead(yacs_cfg, [student["backbone"].output_shape()[f] for f in student["head_in_features"]])
     model = build_self_distilled_model("SelfDistillRetinaNet", kd, self_head=head, **student)
     assert type(model) is SelfDistillRetinaNet and _shapes(model) == _shapes(build_model(yacs_cfg))
-    assert model.soft_label_weight == yacs_cfg.KD.SELF.SOFT_LABEL_WEIGHT
+    assert model.kd_prediction.soft_label_weight == yacs_cfg.KD.SELF.SOFT_LABEL_WEIGHT > 0
     # copied heads take the student's channels: a wider self-teacher is refused by name
     wide = dict(kd, SELF={"WIDTH_MULTIPLIER": 2.0})
     with pytest.raises(ValueError, match=r"take \[64\] channels, but the refined maps have 128 "
@@ -454,11 +454,12 @@ def test_retinanet_student_from_built_arguments(tiny_data_root, tmp_path, retina
     model = build_distilled_model("DistillRetinaNet", kd, [TINY_PREFIX + "_train"], **RetinaNet.from_config(yacs_cfg))
     yacs = build_model(yacs_cfg)
     assert type(model) is DistillRetinaNet and _shapes(model) == _shapes(yacs)
-    assert model.rm_weight == yacs.rm_weight > 0 and model.pfi and yacs.pfi
+    assert model.kd_prediction.rm_weight == yacs.kd_prediction.rm_weight > 0
+    assert model.pfi and yacs.pfi
     # ints where kd_det's defaults are floats (as people write them, or as key=value overrides give them)
     kd_int = dict(kd, RM={"ENABLED": True, "WEIGHT": 4}, FEATURE={"LOSS": "SSIMFeatureLoss", "WEIGHT": 2})
     model = build_distilled_model("DistillRetinaNet", kd_int, [], **RetinaNet.from_config(yacs_cfg))
-    assert model.rm_weight == 4.0 and model.kd_feature.weight == 2.0
+    assert model.kd_prediction.rm_weight == 4.0 and model.kd_feature.weight == 2.0
     # the class check reads the view's training sets: a teacher trained on other classes is refused
     with pytest.raises(ValueError, match=r"trained on DATASETS.TRAIN=.*and the student on "
                                          r"\(.coco_2017_train.,\): they have other classes"):

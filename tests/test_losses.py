@@ -486,3 +486,98 @@ def test_ssim_exponents_config_and_errors():
             SSIMFeatureLoss(exponents=bad)
     with pytest.raises(ValueError, match="computes the full SSIM only.*'auto' or 'torch'"):
         SSIMFeatureLoss(exponents=(0, 0, 1), impl="triton")
+
+
+def test_one_registry_for_every_distillation_loss():
+    """Every loss is a DistillLoss of DISTILL_LOSS_REGISTRY; the classes are the functions."""
+    from kd_det.losses import (
+        DISTILL_LOSS_REGISTRY,
+        FEATURE_LOSS_REGISTRY,
+        AdaINHeadLoss,
+        ChannelStatisticsLoss,
+        DistillLoss,
+        RankMimickingLoss,
+        SoftLabelKDLoss,
+        SoftmaxKDLoss,
+        adain,
+        build_distill_loss,
+        channel_statistics,
+        head_output_loss,
+        loss_names,
+        rank_mimicking_loss,
+        soft_label_kd_loss,
+        softmax_kd_loss,
+    )
+
+    cfg = get_kd_cfg()
+    names = loss_names()
+    assert {"SSIMFeatureLoss", "L2FeatureLoss", "L1FeatureLoss", "AttentionTransferLoss",
+            "RankMimickingLoss", "SoftLabelKDLoss", "SoftmaxKDLoss", "ChannelStatisticsLoss",
+            "AdaINHeadLoss"} <= set(names)
+    short = {}
+    for name in names:
+        loss = build_distill_loss(name, cfg)  # every one builds from a config ...
+        assert isinstance(loss, DistillLoss) and DISTILL_LOSS_REGISTRY.get(name) is type(loss)
+        short.setdefault(loss.short_name, []).append(name)
+    assert short["rm"] == ["RankMimickingLoss"] and short["stats"] == ["ChannelStatisticsLoss"]
+    # ... or from explicit arguments; the classes compute what the functions do, bit for bit
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 6, 3, generator=g), torch.randn(2, 6, 3, generator=g)
+    matched = torch.tensor([[0, 0, -1, 1, 1, -1], [-1, 0, 0, 0, -1, -1]])
+    classes = [torch.tensor([2, 0]), torch.tensor([1])]
+    rm = RankMimickingLoss(temperature=0.5)(s, t, matched_gt=matched, gt_classes=classes)
+    assert torch.equal(rm, rank_mimicking_loss(s, t, matched, classes, 0.5))
+    valid = matched >= 0
+    assert torch.equal(SoftLabelKDLoss(temperature=2.0, mode="bce")(s, t, valid_mask=valid),
+                       soft_label_kd_loss(s, t, valid, 2.0, "bce"))
+    assert torch.equal(SoftmaxKDLoss(temperature=3.0)(s[0], t[0]), softmax_kd_loss(s[0], t[0], 3.0))
+    fs, ft = [torch.randn(2, 3, 4, 4, generator=g)], [torch.randn(2, 3, 4, 4, generator=g)]
+    assert torch.equal(ChannelStatisticsLoss()(fs, ft), channel_statistics_loss(fs, ft))
+    conv = torch.nn.Conv2d(3, 2, 1)
+
+    def head(features, grad):
+        with torch.set_grad_enabled(grad):
+            return [conv(x) for x in features]
+
+    mean, std = channel_statistics(fs[0])
+    want = head_output_loss([conv(adain(ft[0], mean, std))], [conv(ft[0])])
+    assert torch.equal(AdaINHeadLoss()(fs, ft, head=head), want)
+    # KD.FEATURE.LOSS takes feature losses only, and says which
+    cfg.KD.FEATURE.LOSS = "RankMimickingLoss"
+    with pytest.raises(ValueError, match="'RankMimickingLoss' is a prediction loss, but "
+                                         "KD.FEATURE.LOSS takes a feature loss: one of "
+                                         ".*'SSIMFeatureLoss'"):
+        build_feature_loss(cfg)
+    assert "SSIMFeatureLoss" in FEATURE_LOSS_REGISTRY
+    assert "RankMimickingLoss" not in FEATURE_LOSS_REGISTRY
+    assert FEATURE_LOSS_REGISTRY.get("L1FeatureLoss") is L1FeatureLoss
+    with pytest.raises(TypeError, match="FEATURE_LOSS_REGISTRY holds feature losses"):
+        FEATURE_LOSS_REGISTRY.register(SoftmaxKDLoss)
+    with pytest.raises(ValueError, match="MODE"):
+        SoftLabelKDLoss(mode="mse")
+
+
+def test_connector_one_initialisation_and_modes():
+    from kd_det.modeling import Connector
+
+    channels_s, channels_t = {"p3": 4, "p4": 8}, {"p3": 8, "p4": 8}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        auto = Connector(channels_s, channels_t, ["p3", "p4"])
+        torch.manual_seed(3)
+        conv = torch.nn.Conv2d(4, 8, 1)  # PyTorch's draws first, then the one initialisation
+        torch.nn.init.kaiming_uniform_(conv.weight, a=1)
+    assert list(auto.keys()) == ["p3"] and torch.equal(auto["p3"].weight, conv.weight)
+    assert not auto["p3"].bias.any()
+    assert sorted(auto.state_dict()) == ["p3.bias", "p3.weight"]  # kd_feature.adapters.p3.weight
+    assert list(Connector(channels_s, channels_t, ["p3", "p4"], "conv1x1").keys()) == ["p3", "p4"]
+    assert len(Connector(channels_t, channels_t, ["p3"], "none")) == 0
+    assert len(Connector(channels_s, channels_t, ["p3"], "auto", needs_equal_channels=False)) == 0
+    x = {"p3": torch.randn(1, 4, 2, 2), "p4": torch.randn(1, 8, 2, 2)}
+    out = auto(x, ["p4", "p3"])
+    assert out[0] is x["p4"] and out[1].shape == (1, 8, 2, 2)
+    with pytest.raises(ValueError, match="student has 4 channels, teacher 8; set "
+                                         "KD.FEATURE.ADAPTER"):
+        Connector(channels_s, channels_t, ["p3"], "none")
+    with pytest.raises(ValueError, match="KD.FEATURE.ADAPTER must be"):
+        Connector(channels_s, channels_t, ["p3"], "conv3x3")

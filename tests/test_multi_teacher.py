@@ -12,7 +12,7 @@ from tolerances import ELEMENTARY, U32, U64, Bounded, assert_bounded, assert_wit
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from kd_det.modeling.multi_teacher import TeacherImportanceGate
+from kd_det.modeling.distillers import TeacherImportanceGate
 
 MULTI = "synthetic/distill/multi_ssim_faster_rcnn_to_R18.yaml"
 TEACHERS = ["synthetic/faster_rcnn_R_50_FPN.yaml", "synthetic/faster_rcnn_R_18_FPN.yaml"]

@@ -10,12 +10,10 @@ from tolerances import ELEMENTARY, Bounded, assert_bounded, assert_within, gamma
 
 from detectron2.data import build_detection_train_loader
 from detectron2.modeling import build_model
-from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from kd_det.losses import L2FeatureLoss
 from kd_det.losses.prediction import prediction_difference_weights, rank_mimicking_loss, soft_label_kd_loss
-from kd_det.modeling.distill_retinanet import match_anchors
 
 RETINA_TEACHER = "synthetic/retinanet_R_50_FPN.yaml"
 DTYPES = [torch.float32, torch.float64]
@@ -188,18 +186,6 @@ def test_pfi_weights_follow_prediction_difference():
     assert torch.isfinite(w0).all()
 
 
-def test_match_anchors():
-    anchors = [Boxes(torch.tensor([[0.0, 0, 10, 10], [0, 0, 20, 20], [50, 50, 60, 60], [0, 0, 11, 10]]))]
-    gt = Instances((64, 64))
-    gt.gt_boxes = Boxes(torch.tensor([[0.0, 0, 10, 10], [50, 50, 60, 61]]))
-    empty = Instances((64, 64))
-    empty.gt_boxes = Boxes(torch.zeros(0, 4))
-    from detectron2.modeling.matcher import Matcher
-
-    m = match_anchors(anchors, [gt, empty], Matcher([0.4, 0.5], [0, -1, 1], allow_low_quality_matches=True))
-    assert m.tolist() == [[0, -1, 1, 0], [-1, -1, -1, -1]]
-
-
 ALL_TERMS = ["KD.RM.ENABLED", True, "KD.PFI.ENABLED", True, "KD.SOFT_LABEL.ENABLED", True]
 
 
@@ -304,7 +290,8 @@ def test_roi_soft_label_step(tiny_data_root, tmp_path, rcnn_teacher):
     losses, _ = _one_step(model, cfg)
     assert {k for k in losses if k.startswith("loss_kd")} == {"loss_kd_soft"} and torch.isfinite(losses["loss_kd_soft"])
     assert seen["logits"].shape[0] == 2 * cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE  # the sampled RoIs of 2 images
-    assert model._roi_recorder._boxes is None and model._roi_recorder._logits is None  # popped: no graph kept
+    # popped: no graph kept
+    assert "roi_boxes" not in model._kd_recorder and "roi_logits" not in model._kd_recorder
     # recompute independently: the same RoI sampling (same seed), the teacher's head on those boxes
     data = next(iter(build_detection_train_loader(cfg)))
     model.train()

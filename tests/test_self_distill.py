@@ -14,7 +14,7 @@ from detectron2.utils.events import EventStorage
 from kd_det.release.student import student_state_dict, vanilla_student_config
 from kd_det.losses import AttentionTransferLoss
 from kd_det.modeling import BiFPNSelfTeacher
-from kd_det.modeling.self_teacher import FastNormalizedFusion
+from kd_det.modeling.meta_arch.self_teacher import FastNormalizedFusion
 
 CONFIGS = {
     "retina": ("synthetic/distill/self_frskd_retinanet_R18.yaml", "RetinaNet"),

@@ -1,5 +1,12 @@
-"""Distillation losses."""
+"""Distillation losses: each a class in DISTILL_LOSS_REGISTRY (see .registry), beside its maths."""
 
+from .registry import (
+    DISTILL_LOSS_REGISTRY,
+    DistillLoss,
+    build_distill_loss,
+    distill_loss_class,
+    loss_names,
+)
 from .feature import (
     AttentionTransferLoss,
     FEATURE_LOSS_REGISTRY,
@@ -13,7 +20,24 @@ from .feature import (
     ssim_feature_loss,
     standardize_channels,
 )
-from .statistics import adain, channel_statistics, channel_statistics_loss, head_output_loss
+from .prediction import (
+    PredictionLoss,
+    RankMimickingLoss,
+    SoftLabelKDLoss,
+    SoftmaxKDLoss,
+    prediction_difference_weights,
+    rank_mimicking_loss,
+    soft_label_kd_loss,
+    softmax_kd_loss,
+)
+from .statistics import (
+    AdaINHeadLoss,
+    ChannelStatisticsLoss,
+    adain,
+    channel_statistics,
+    channel_statistics_loss,
+    head_output_loss,
+)
 from .ssim import gaussian_window_1d, minmax_normalize, ssim_map
 
 __all__ = [k for k in globals().keys() if not k.startswith("_")]

@@ -2,8 +2,9 @@
 
 Every loss compares lists of per-level (N, C, H, W) tensors and reduces them the
 same way: a mean over images, channels and positions of each level, then a
-weighted mean over levels.  Losses live in :data:`FEATURE_LOSS_REGISTRY` and are
-chosen by ``cfg.KD.FEATURE.LOSS`` (the class name).
+weighted mean over levels.  They are the :class:`FeatureLoss` entries of
+:data:`~kd_det.losses.DISTILL_LOSS_REGISTRY`, chosen by ``cfg.KD.FEATURE.LOSS`` (the class
+name).
 """
 
 from typing import Optional, Sequence
@@ -11,9 +12,9 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.utils.registry import Registry
 
 from .precision import at_least_fp32, full_precision
+from .registry import DISTILL_LOSS_REGISTRY, DistillLoss, distill_loss_class, loss_names
 from .ssim import FULL_SSIM, check_exponents, minmax_normalize, ssim_map
 
 __all__ = [
@@ -30,11 +31,35 @@ __all__ = [
     "standardize_channels",
 ]
 
-FEATURE_LOSS_REGISTRY = Registry("KD_FEATURE_LOSS")
-FEATURE_LOSS_REGISTRY.__doc__ = """
-Feature imitation losses. Each is a :class:`FeatureLoss` built from a config by
-``cls(cfg)``; select one with ``cfg.KD.FEATURE.LOSS``.
-"""
+class _FeatureLossRegistry:
+    """
+    The feature losses of :data:`DISTILL_LOSS_REGISTRY`, under the name code written for
+    kd_det's earlier feature-loss registry uses (``@DISTILL_LOSS_REGISTRY.register()``):
+    registering here registers there; a loss that is not a :class:`FeatureLoss` is refused.
+    """
+
+    def register(self, obj=None):
+        def check(cls):
+            if not (isinstance(cls, type) and issubclass(cls, FeatureLoss)):
+                raise TypeError("FEATURE_LOSS_REGISTRY holds feature losses (FeatureLoss "
+                                "subclasses), not {!r}; register other distillation losses with "
+                                "DISTILL_LOSS_REGISTRY".format(cls))
+            return DISTILL_LOSS_REGISTRY.register(cls)
+
+        return check if obj is None else check(obj)
+
+    def get(self, name: str):
+        return distill_loss_class(name, FeatureLoss, "KD.FEATURE.LOSS")
+
+    def __contains__(self, name: str) -> bool:
+        return name in loss_names(FeatureLoss)
+
+    def __iter__(self):
+        return ((k, cls) for k, cls in DISTILL_LOSS_REGISTRY if issubclass(cls, FeatureLoss))
+
+
+#: the feature losses of DISTILL_LOSS_REGISTRY (an alias kept for code that registers with it)
+FEATURE_LOSS_REGISTRY = _FeatureLossRegistry()
 
 
 def _center_crop(weight: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -44,15 +69,18 @@ def _center_crop(weight: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return weight[..., top : top + height, left : left + width]
 
 
-class FeatureLoss:
+class FeatureLoss(DistillLoss):
     """
-    Base class: subclasses define :meth:`loss_map`; this class reduces it.
+    Base class of the feature losses: subclasses define :meth:`loss_map`; this class
+    reduces it.  Called as ``loss(student, teacher, level_weights=..., position_weights=...)``
+    on per-level lists (see :meth:`__call__`).
 
     A loss object holds no parameters and no state; it is a plain callable.
     """
 
     #: suffix of the loss-dict key, ``loss_kd_<short_name>``
     short_name = "feat"
+    kind = "feature"
     #: whether student and teacher must have the same channels (else an adapter is needed)
     needs_equal_channels = True
 
@@ -117,7 +145,7 @@ class FeatureLoss:
         return total
 
 
-@FEATURE_LOSS_REGISTRY.register()
+@DISTILL_LOSS_REGISTRY.register()
 class SSIMFeatureLoss(FeatureLoss):
     """
     (1 - SSIM) / 2 per position (bounded in [0, 1], as in the published SSIM-KD code).
@@ -249,7 +277,7 @@ class _LpFeatureLoss(FeatureLoss):
         raise NotImplementedError
 
 
-@FEATURE_LOSS_REGISTRY.register()
+@DISTILL_LOSS_REGISTRY.register()
 class L2FeatureLoss(_LpFeatureLoss):
     """Mean squared difference (the lp-norm imitation baseline)."""
 
@@ -259,7 +287,7 @@ class L2FeatureLoss(_LpFeatureLoss):
         return F.mse_loss(student, teacher, reduction="none")
 
 
-@FEATURE_LOSS_REGISTRY.register()
+@DISTILL_LOSS_REGISTRY.register()
 class L1FeatureLoss(_LpFeatureLoss):
     """Mean absolute difference."""
 
@@ -269,7 +297,7 @@ class L1FeatureLoss(_LpFeatureLoss):
         return F.l1_loss(student, teacher, reduction="none")
 
 
-@FEATURE_LOSS_REGISTRY.register()
+@DISTILL_LOSS_REGISTRY.register()
 class AttentionTransferLoss(FeatureLoss):
     """
     Attention transfer (Zagoruyko & Komodakis, 2017; the imitation loss of FRSKD):
@@ -298,14 +326,9 @@ class AttentionTransferLoss(FeatureLoss):
 
 
 def build_feature_loss(cfg) -> FeatureLoss:
-    """The loss named by ``cfg.KD.FEATURE.LOSS``, with a clear error for unknown names."""
+    """The feature loss named by ``cfg.KD.FEATURE.LOSS``, with a clear error for unknown names."""
     name = cfg.KD.FEATURE.LOSS
-    try:
-        cls = FEATURE_LOSS_REGISTRY.get(name)
-    except KeyError:
-        raise KeyError("unknown KD.FEATURE.LOSS {!r}; registered feature losses: {}. Register new ones "
-                       "with @kd_det.losses.FEATURE_LOSS_REGISTRY.register()".format(
-                           name, sorted(k for k, _ in FEATURE_LOSS_REGISTRY))) from None
+    cls = distill_loss_class(name, FeatureLoss, "KD.FEATURE.LOSS")
     if cfg.KD.FEATURE.NORMALIZE != "none" and not issubclass(cls, _LpFeatureLoss):
         raise ValueError("KD.FEATURE.NORMALIZE={!r} applies to the lp losses (L2FeatureLoss, L1FeatureLoss), "
                          "not to {}; {}set it to 'none'".format(

@@ -4,16 +4,31 @@ Dense (one-stage, RetinaNet-style) shapes follow Detectron2's RetinaNet: logits 
 anchor are (N, R, K) with R the anchors of all levels concatenated
 (``permute_to_N_HWA_K`` then ``cat``), or per level (N, A*K, H, W) as the head
 outputs them.  A two-stage RoI head's class logits are (R, K + 1), background last.
+
+The functions are the maths; :class:`RankMimickingLoss`, :class:`SoftLabelKDLoss` and
+:class:`SoftmaxKDLoss` are their entries in :data:`~kd_det.losses.DISTILL_LOSS_REGISTRY`.
 """
 
 from typing import List, Sequence
 
 import torch
 import torch.nn.functional as F
+from detectron2.config import configurable
 
 from .precision import at_least_fp32
+from .registry import DISTILL_LOSS_REGISTRY, DistillLoss
 
-__all__ = ["rank_mimicking_loss", "soft_label_kd_loss", "softmax_kd_loss", "prediction_difference_weights"]
+__all__ = ["rank_mimicking_loss", "soft_label_kd_loss", "softmax_kd_loss",
+           "prediction_difference_weights", "PredictionLoss", "RankMimickingLoss",
+           "SoftLabelKDLoss", "SoftmaxKDLoss"]
+
+# the soft-label modes of soft_label_kd_loss and softmax_kd_loss
+_SOFT_LABEL_MODES = ("kl", "bce")
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in _SOFT_LABEL_MODES:
+        raise ValueError("KD.SOFT_LABEL.MODE must be 'kl' or 'bce', got {!r}".format(mode))
 
 
 def _segment_log_softmax(values: torch.Tensor, segments: torch.Tensor, num_segments: int) -> torch.Tensor:
@@ -98,8 +113,7 @@ def soft_label_kd_loss(
     Returns:
         scalar: sum over classes, mean over valid anchors.
     """
-    if mode not in ("kl", "bce"):
-        raise ValueError("KD.SOFT_LABEL.MODE must be 'kl' or 'bce', got {!r}".format(mode))
+    _check_mode(mode)
     s = at_least_fp32(student_logits[valid_mask]) / temperature
     t = at_least_fp32(teacher_logits[valid_mask]).detach() / temperature
     if s.numel() == 0:
@@ -130,8 +144,7 @@ def softmax_kd_loss(
     Returns:
         scalar: sum over classes, mean over the R boxes (0 with a graph when R = 0).
     """
-    if mode not in ("kl", "bce"):
-        raise ValueError("KD.SOFT_LABEL.MODE must be 'kl' or 'bce', got {!r}".format(mode))
+    _check_mode(mode)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError("student logits {} and teacher logits {} differ in shape".format(
             tuple(student_logits.shape), tuple(teacher_logits.shape)))
@@ -170,3 +183,70 @@ def prediction_difference_weights(
         diff = (at_least_fp32(t.detach()) - at_least_fp32(s.detach())).pow(2).mean(dim=1)
         weights.append(diff / diff.mean(dim=(1, 2), keepdim=True).clamp_min(eps))
     return weights
+
+
+class PredictionLoss(DistillLoss):
+    """Base class of the losses on class predictions (logits of the same boxes or anchors)."""
+
+    kind = "prediction"
+
+
+@DISTILL_LOSS_REGISTRY.register()
+class RankMimickingLoss(PredictionLoss):
+    """
+    :func:`rank_mimicking_loss` as a registered loss:
+    ``loss(student_logits, teacher_logits, matched_gt=..., gt_classes=...)`` with (N, R, K)
+    logits, ``matched_gt`` (N, R) and ``gt_classes`` as that function takes them.
+    """
+
+    short_name = "rm"
+
+    @configurable
+    def __init__(self, *, temperature: float = 1.0):
+        self.temperature = temperature
+
+    @classmethod
+    def from_config(cls, cfg):
+        return {"temperature": cfg.KD.RM.TEMPERATURE}
+
+    def __call__(self, student, teacher, *, matched_gt, gt_classes):
+        return rank_mimicking_loss(student, teacher, matched_gt, gt_classes, self.temperature)
+
+
+class _SoftLabelLoss(PredictionLoss):
+    """Temperature and mode of the soft-label losses (``KD.SOFT_LABEL``)."""
+
+    short_name = "soft"
+
+    @configurable
+    def __init__(self, *, temperature: float = 1.0, mode: str = "kl"):
+        _check_mode(mode)
+        self.temperature = temperature
+        self.mode = mode
+
+    @classmethod
+    def from_config(cls, cfg):
+        return {"temperature": cfg.KD.SOFT_LABEL.TEMPERATURE, "mode": cfg.KD.SOFT_LABEL.MODE}
+
+
+@DISTILL_LOSS_REGISTRY.register()
+class SoftLabelKDLoss(_SoftLabelLoss):
+    """
+    :func:`soft_label_kd_loss` (sigmoid classifiers, per anchor) as a registered loss:
+    ``loss(student_logits, teacher_logits, valid_mask=...)`` with (N, R, K) logits and an
+    (N, R) bool mask.
+    """
+
+    def __call__(self, student, teacher, *, valid_mask):
+        return soft_label_kd_loss(student, teacher, valid_mask, self.temperature, self.mode)
+
+
+@DISTILL_LOSS_REGISTRY.register()
+class SoftmaxKDLoss(_SoftLabelLoss):
+    """
+    :func:`softmax_kd_loss` (softmax classifiers, e.g. RoI heads) as a registered loss:
+    ``loss(student_logits, teacher_logits)`` with (R, C) logits of the same R boxes.
+    """
+
+    def __call__(self, student, teacher):
+        return softmax_kd_loss(student, teacher, self.temperature, self.mode)

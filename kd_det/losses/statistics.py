@@ -1,13 +1,16 @@
 """Channel-statistics transfer and AdaIN (Yang et al., "Knowledge distillation via adaptive
 instance normalization", 2020), on detection feature pyramids."""
 
-from typing import Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import torch
+from detectron2.config import configurable
 
 from .precision import at_least_fp32
+from .registry import DISTILL_LOSS_REGISTRY, DistillLoss
 
-__all__ = ["channel_statistics", "channel_statistics_loss", "adain", "head_output_loss"]
+__all__ = ["channel_statistics", "channel_statistics_loss", "adain", "head_output_loss",
+           "ChannelStatisticsLoss", "AdaINHeadLoss"]
 
 
 def channel_statistics(x: torch.Tensor, eps: float = 1e-5) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -75,3 +78,56 @@ def head_output_loss(judged: Sequence[torch.Tensor], reference: Sequence[torch.T
         a, b = at_least_fp32(a), at_least_fp32(b.detach())
         total = total + (a - b).pow(2).mean() / b.var(unbiased=False).clamp_min(1e-6)
     return total / len(judged)
+
+
+class _StatisticsLoss(DistillLoss):
+    """Base class of the channel-statistics losses: no settings of their own."""
+
+    kind = "statistics"
+
+    @configurable
+    def __init__(self):
+        pass
+
+    @classmethod
+    def from_config(cls, cfg):
+        return {}
+
+
+@DISTILL_LOSS_REGISTRY.register()
+class ChannelStatisticsLoss(_StatisticsLoss):
+    """
+    :func:`channel_statistics_loss` as a registered loss: ``loss(student, teacher)`` on
+    per-level (N, C, H, W) lists of equal N and C.
+    """
+
+    short_name = "stats"
+
+    def __call__(self, student, teacher):
+        return channel_statistics_loss(student, teacher)
+
+
+@DISTILL_LOSS_REGISTRY.register()
+class AdaINHeadLoss(_StatisticsLoss):
+    """
+    The student's channel statistics transplanted into the teacher's features by
+    :func:`adain`, judged by a head: :func:`head_output_loss` of the head's outputs on the
+    transplanted features and on the teacher's own.  The gradient reaches the student
+    through its statistics only.
+
+    ``loss(student, teacher, head=...)``: per-level (N, C, H, W) lists; ``head(features,
+    grad)`` maps a per-level list to the head's per-level outputs, keeping the graph to
+    ``features`` when ``grad`` (e.g. the teacher's own dense head).
+    """
+
+    short_name = "adain"
+
+    def __call__(self, student, teacher, *,
+                 head: Callable[[List[torch.Tensor], bool], List[torch.Tensor]]):
+        transplanted = []
+        for s, t in zip(student, teacher):
+            mean, std = channel_statistics(s)
+            transplanted.append(adain(t.detach(), mean, std))
+        judged = head(transplanted, True)
+        reference = head(list(teacher), False)
+        return head_output_loss(judged, reference)

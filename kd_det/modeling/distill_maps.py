@@ -8,7 +8,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .distill_base import DistillMixin
+from .meta_arch import DistillMixin
 
 __all__ = ["distillation_maps", "check_distillation_model"]
 

@@ -32,7 +32,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from omegaconf import DictConfig, OmegaConf
 
 from ..config import get_kd_cfg
-from .distill_base import DistillMixin
+from .meta_arch import DistillMixin
 
 __all__ = ["lazy_distilled_model", "build_distilled_model", "lazy_self_distilled_model", "build_self_distilled_model",
            "lazy_student_model", "kd_view_of_lazy_student", "kd_node"]

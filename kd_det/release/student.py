@@ -15,7 +15,7 @@ from detectron2.config import CfgNode, get_cfg
 from detectron2.modeling import META_ARCH_REGISTRY
 
 from ..checkpoint import atomic_write_bytes
-from ..modeling.distill_base import KDStudentMixin
+from ..modeling.meta_arch import KDStudentMixin
 
 __all__ = ["vanilla_student_config", "student_inference_cfg", "student_state_dict",
            "StudentCheckpointer", "release_student", "release_lazy_student", "file_sha256"]

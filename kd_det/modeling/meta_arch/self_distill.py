@@ -12,22 +12,22 @@ from typing import Dict, List, Optional
 
 import torch
 from detectron2.config import configurable
-from detectron2.layers import cat
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, RetinaNet
-from detectron2.modeling.meta_arch.retinanet import RetinaNetHead, permute_to_N_HWA_K
+from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 from detectron2.modeling.proposal_generator import build_proposal_generator
 from detectron2.modeling.roi_heads import build_roi_heads
 from torch import nn
 
-from ..losses.prediction import soft_label_kd_loss
-from .distill_base import KDStudentMixin
-from .feature_distiller import FeatureDistiller
+from ...losses import SoftLabelKDLoss
+from ..distillers import DensePredictionDistiller, FeatureDistiller
+from .base import STUDENT_INPUT_SOURCES, DistillForwardMixin
+from .retinanet import DENSE_SOURCES
 from .self_teacher import BiFPNSelfTeacher
 
 __all__ = ["SelfDistillRetinaNet", "SelfDistillGeneralizedRCNN"]
 
 
-class _SelfDistillMixin(KDStudentMixin):
+class _SelfDistillMixin(DistillForwardMixin):
     """The self-teacher, its feature target and the shared loss bookkeeping."""
 
     def _init_self_distillation(self, self_teacher: BiFPNSelfTeacher, feature_distiller: FeatureDistiller,
@@ -91,9 +91,9 @@ class SelfDistillRetinaNet(_SelfDistillMixin, RetinaNet):
     student_meta_architecture = "RetinaNet"
 
     @configurable
-    def __init__(self, *, self_teacher, feature_distiller, self_head: nn.Module, self_head_weight: float = 1.0,
-                 self_detach_input: bool = False, soft_label_weight: float = 0.0, soft_label_temperature: float = 1.0,
-                 **kwargs):
+    def __init__(self, *, self_teacher, feature_distiller, self_head: nn.Module,
+                 self_head_weight: float = 1.0, self_detach_input: bool = False,
+                 prediction_distiller: Optional[DensePredictionDistiller] = None, **kwargs):
         """
         Args:
             self_teacher: the :class:`BiFPNSelfTeacher` over the student's head levels.
@@ -101,15 +101,15 @@ class SelfDistillRetinaNet(_SelfDistillMixin, RetinaNet):
             self_head: a RetinaNetHead on the refined maps.
             self_head_weight: multiplies the self-teacher head's losses.
             self_detach_input: stop the self-teacher's losses from reaching the student backbone.
-            soft_label_weight, soft_label_temperature: student scores -> self-teacher scores
-                (binary KL, see :func:`soft_label_kd_loss`); weight 0 disables it.
+            prediction_distiller: student scores -> self-teacher scores (soft labels, binary
+                KL), or None.
             kwargs: RetinaNet's arguments.
         """
         super().__init__(**kwargs)
         self._init_self_distillation(self_teacher, feature_distiller, self_head_weight, self_detach_input)
         self.kd_self_head = self_head
-        self.soft_label_weight = soft_label_weight
-        self.soft_label_temperature = soft_label_temperature
+        self.kd_prediction = prediction_distiller
+        self._init_recorders(DENSE_SOURCES, match_anchors=prediction_distiller is not None)
 
     @classmethod
     def from_config(cls, cfg):
@@ -133,41 +133,36 @@ class SelfDistillRetinaNet(_SelfDistillMixin, RetinaNet):
         else:
             cls._check_copied_heads(ret, levels)
         ret["self_head"] = self_head
-        ret["soft_label_weight"] = cfg.KD.SELF.SOFT_LABEL_WEIGHT
-        ret["soft_label_temperature"] = cfg.KD.SELF.TEMPERATURE
+        weight, soft = cfg.KD.SELF.SOFT_LABEL_WEIGHT, None
+        if weight > 0:
+            loss = SoftLabelKDLoss(temperature=cfg.KD.SELF.TEMPERATURE, mode="kl")
+            soft = DensePredictionDistiller(num_classes=student_kwargs["num_classes"],
+                                            soft_label_loss=loss, soft_label_weight=weight)
+        ret["prediction_distiller"] = soft
         return ret
 
-    def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):
-        if not self.training:
-            return super().forward(batched_inputs)
-        images = self.preprocess_image(batched_inputs)
-        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
-        features = self.backbone(images.tensor)
-        head_features = [features[f] for f in self.head_in_features]
-        predictions = self.head(head_features)
-        losses = self.forward_training(images, head_features, predictions, gt_instances)
-
+    def distillation_losses(self, batched_inputs: List[Dict],
+                            recorded: Dict) -> Dict[str, torch.Tensor]:
+        features, predictions = recorded["features"], recorded["head"]
+        gt_instances = self.gt_instances(batched_inputs)
         refined = self.refine(features)
         refined_head = [refined[f] for f in self.head_in_features]
         self_predictions = self.kd_self_head(refined_head)
         # RetinaNet keeps an EMA of the positive-anchor count; the self-head's pass must not advance it twice
         normalizer = getattr(self, "loss_normalizer", None)
-        losses.update(self.self_losses(self.forward_training(images, refined_head, self_predictions, gt_instances)))
+        images = self.recorded_images(batched_inputs, recorded)
+        with self.recorders_paused():  # the recorders keep the student's pass (and its matching)
+            head_losses = self.forward_training(images, refined_head, self_predictions,
+                                                gt_instances)
+        losses = self.self_losses(head_losses)
         if normalizer is not None:
             self.loss_normalizer = normalizer
         losses.update(self.kd_feature(features, refined))
-        if self.soft_label_weight > 0:
-            losses["loss_kd_soft"] = self.soft_label_weight * self._soft_label_loss(
-                head_features, predictions[0], self_predictions[0], gt_instances)
+        if self.kd_prediction is not None:
+            matched, labels = self.recorded_matching(batched_inputs, predictions[0])
+            losses.update(self.kd_prediction(predictions[0], self_predictions[0], matched, labels,
+                                             [x.gt_classes for x in gt_instances]))
         return losses
-
-    def _soft_label_loss(self, head_features, student_logits, self_logits, gt_instances) -> torch.Tensor:
-        s = cat([permute_to_N_HWA_K(x, self.num_classes) for x in student_logits], dim=1)
-        t = cat([permute_to_N_HWA_K(x, self.num_classes) for x in self_logits], dim=1)
-        with torch.no_grad():
-            gt_labels, _ = self.label_anchors(self.anchor_generator(head_features), gt_instances)
-            valid = torch.stack(gt_labels) >= 0
-        return soft_label_kd_loss(s, t.detach(), valid, self.soft_label_temperature, "kl")
 
 
 @META_ARCH_REGISTRY.register()
@@ -197,6 +192,7 @@ class SelfDistillGeneralizedRCNN(_SelfDistillMixin, GeneralizedRCNN):
         self._init_self_distillation(self_teacher, feature_distiller, self_head_weight, self_detach_input)
         self.kd_self_proposal_generator = self_proposal_generator
         self.kd_self_roi_heads = self_roi_heads
+        self._init_recorders(STUDENT_INPUT_SOURCES)
 
     @classmethod
     def from_config(cls, cfg):
@@ -230,20 +226,19 @@ class SelfDistillGeneralizedRCNN(_SelfDistillMixin, GeneralizedRCNN):
         ret["self_roi_heads"] = self_roi_heads
         return ret
 
-    def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):
-        if not self.training:
-            return self.inference(batched_inputs)
-        images = self.preprocess_image(batched_inputs)
-        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
-        features = self.backbone(images.tensor)
-        proposals, proposal_losses = self.proposal_generator(images, features, gt_instances)
-        _, detector_losses = self.roi_heads(images, features, proposals, gt_instances)
-        losses = dict(detector_losses)
-        losses.update(proposal_losses)
-
+    def distillation_losses(self, batched_inputs: List[Dict],
+                            recorded: Dict) -> Dict[str, torch.Tensor]:
+        features = recorded["features"]
+        images = self.recorded_images(batched_inputs, recorded)
+        gt_instances = self.gt_instances(batched_inputs)
         refined = self.refine(features)
-        self_proposals, self_proposal_losses = self.kd_self_proposal_generator(images, refined, gt_instances)
-        _, self_detector_losses = self.kd_self_roi_heads(images, refined, self_proposals, gt_instances)
-        losses.update(self.self_losses(dict(self_detector_losses, **self_proposal_losses)))
+        if self.kd_self_proposal_generator is not None:
+            proposals, self_proposal_losses = self.kd_self_proposal_generator(
+                images, refined, gt_instances)
+        else:  # precomputed proposals, as GeneralizedRCNN takes them
+            proposals = [x["proposals"].to(self.device) for x in batched_inputs]
+            self_proposal_losses = {}
+        _, self_detector_losses = self.kd_self_roi_heads(images, refined, proposals, gt_instances)
+        losses = self.self_losses(dict(self_detector_losses, **self_proposal_losses))
         losses.update(self.kd_feature(features, refined))
         return losses

@@ -1,18 +1,26 @@
-"""What every distillation meta-architecture shares: the teacher and feature imitation."""
+"""
+What every distillation meta-architecture shares: Detectron2's own training forward plus
+the distillation losses read from recorders, and (with a teacher) the teacher and feature
+imitation.
+"""
 
-from typing import Dict, List, Optional, Sequence
+import contextlib
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from detectron2.structures import ImageList
 
-from ..config.detector import detector_settings
-from .channel_stats import ChannelStatsDistiller
-from .feature_distiller import FeatureDistiller
-from .inherit import inherit_teacher_weights
-from .multi_teacher import MultiTeacherDistiller
-from .teacher import FrozenTeacher, build_teachers, check_num_classes
+from ...config.detector import detector_settings
+from ..distillers import ChannelStatsDistiller, FeatureDistiller, MultiTeacherDistiller
+from ..inherit import inherit_teacher_weights
+from ..recorders import AnchorMatchRecorder, ModuleOutputRecorder, Source
+from ..teacher import FrozenTeacher, build_teachers, check_num_classes
 
-__all__ = ["KDStudentMixin", "DistillMixin"]
+__all__ = ["KDStudentMixin", "DistillForwardMixin", "DistillMixin", "STUDENT_INPUT_SOURCES"]
+
+#: what every student records: the normalised padded batch its backbone saw (N, 3, H, W),
+#: and its backbone's outputs, name -> (N, C, H, W)
+STUDENT_INPUT_SOURCES = {"images": Source("backbone", "input", 0), "features": Source("backbone")}
 
 
 class KDStudentMixin:
@@ -29,7 +37,70 @@ class KDStudentMixin:
     kd_key_prefix = "kd_"
 
 
-class DistillMixin(KDStudentMixin):
+class DistillForwardMixin(KDStudentMixin):
+    """
+    The training forward of every kd_det meta-architecture: the vanilla Detectron2
+    forward (``super().forward``: precomputed proposals, ``vis_period`` and all), then
+    :meth:`distillation_losses` on what its recorders kept of that pass.  Inference is
+    the vanilla forward alone.
+    """
+
+    def _init_recorders(self, sources: Mapping[str, Union[str, Source]],
+                        match_anchors: bool = False) -> None:
+        """
+        Record ``sources`` (see :class:`ModuleOutputRecorder`) of the student's training
+        passes and, with ``match_anchors``, its anchor matching (:class:`AnchorMatchRecorder`).
+        """
+        self._kd_recorder = ModuleOutputRecorder(self, sources, training_only=True)
+        self._kd_matches = AnchorMatchRecorder(self) if match_anchors else None
+
+    @contextlib.contextmanager
+    def recorders_paused(self):
+        """A context in which the student's recorders keep nothing (e.g. a second head's pass)."""
+        with contextlib.ExitStack() as stack:
+            for recorder in (self._kd_recorder, self._kd_matches):
+                if recorder is not None:
+                    stack.enter_context(recorder.paused())
+            yield
+
+    def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):
+        """Detectron2's forward; in training its loss dict plus :meth:`distillation_losses`."""
+        out = super().forward(batched_inputs)
+        if not self.training:
+            return out
+        out.update(self.distillation_losses(batched_inputs, self._kd_recorder.pop()))
+        return out
+
+    def distillation_losses(self, batched_inputs: List[Dict],
+                            recorded: Dict) -> Dict[str, torch.Tensor]:
+        """The distillation terms of the loss dict, from the batch and the student's records."""
+        raise NotImplementedError
+
+    @staticmethod
+    def recorded_images(batched_inputs: List[Dict], recorded: Dict) -> ImageList:
+        """The student's batch as its backbone saw it: normalised and padded, (N, 3, H, W)."""
+        return ImageList(recorded["images"], [tuple(x["image"].shape[-2:]) for x in batched_inputs])
+
+    def gt_instances(self, batched_inputs: List[Dict]) -> List:
+        """The batch's ground truth on the student's device, as Detectron2's forward takes it."""
+        return [x["instances"].to(self.device) for x in batched_inputs]
+
+    def recorded_matching(self, batched_inputs: List[Dict],
+                          class_logits: Sequence[torch.Tensor],
+                          ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """
+        A dense student's anchor matching of its training pass: (N, R) matched object
+        indices and (N, R) matcher labels (see :meth:`AnchorMatchRecorder.pop`).
+
+        Args:
+            class_logits: the head's per-level (N, A*K, H, W) logits (they give R).
+        """
+        num_anchors = sum(x[0].numel() // self.num_classes for x in class_logits)
+        num_objects = [len(x["instances"]) for x in batched_inputs]
+        return self._kd_matches.pop(num_objects, num_anchors, self.device)
+
+
+class DistillMixin(DistillForwardMixin):
     """
     Mixed into a Detectron2 meta-architecture (before it in the bases).
 
@@ -62,19 +133,6 @@ class DistillMixin(KDStudentMixin):
         for teacher in getattr(self, "teachers", ()):
             teacher.model._apply(fn, *args, **kwargs)
         return ret
-
-    def _init_soft_label(self, weight: float, temperature: float, mode: str) -> None:
-        """Soft-label classification KD settings (``KD.SOFT_LABEL``); weight 0 disables it."""
-        self.soft_label_weight = weight
-        self.soft_label_temperature = temperature
-        self.soft_label_mode = mode
-
-    @staticmethod
-    def _soft_label_from_config(cfg) -> Dict:
-        """The ``soft_label_*`` arguments of a distillation meta-architecture, from ``KD.SOFT_LABEL``."""
-        soft = cfg.KD.SOFT_LABEL
-        return dict(soft_label_weight=soft.WEIGHT if soft.ENABLED else 0.0, soft_label_temperature=soft.TEMPERATURE,
-                    soft_label_mode=soft.MODE)
 
     @staticmethod
     def _distill_from_config(cfg, ret: Dict) -> Dict:

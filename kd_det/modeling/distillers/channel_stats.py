@@ -7,8 +7,9 @@ from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from torch import nn
 
-from ..losses.statistics import adain, channel_statistics, channel_statistics_loss, head_output_loss
-from .feature_distiller import match_levels
+from ...losses import AdaINHeadLoss, ChannelStatisticsLoss
+from .connectors import Connector
+from .feature import match_levels
 
 __all__ = ["ChannelStatsDistiller"]
 
@@ -19,11 +20,16 @@ class ChannelStatsDistiller(nn.Module):
     teacher's RPN):
 
     * ``loss_kd_stats``: the student's per-channel mean and std (after a 1x1 adapter
-      where channels differ) pulled to the teacher's;
+      where channels differ) pulled to the teacher's (:class:`ChannelStatisticsLoss`);
     * ``loss_kd_adain``: the student's statistics transplanted into the teacher's
       features by AdaIN; the teacher's head judges them: the squared difference of
-      its outputs on those features and on its own.  Its gradient reaches the
-      student through the transplanted statistics only.
+      its outputs on those features and on its own (:class:`AdaINHeadLoss`).  Its
+      gradient reaches the student through the transplanted statistics only.
+
+    The adapters are a :class:`Connector` (mode "auto") and share its initialisation,
+    Kaiming-uniform (a=1) weights and zero bias.  Before issue 31 they kept PyTorch's
+    default ``nn.Conv2d`` initialisation, so a channel-statistics student starts from
+    other adapter weights (and later random numbers) than with earlier kd_det versions.
     """
 
     @configurable
@@ -39,9 +45,9 @@ class ChannelStatsDistiller(nn.Module):
         self.levels = list(levels)
         self.stats_weight = stats_weight
         self.adain_weight = adain_weight
-        self.adapters = nn.ModuleDict({
-            k: nn.Conv2d(student_channels[k], teacher_channels[k], kernel_size=1)
-            for k in self.levels if student_channels[k] != teacher_channels[k]})
+        self.stats_loss = ChannelStatisticsLoss()
+        self.adain_loss = AdaINHeadLoss()
+        self.adapters = Connector(student_channels, teacher_channels, self.levels, "auto")
 
     @classmethod
     def from_config(cls, cfg, student_shapes: Dict[str, ShapeSpec], teacher_shapes: Dict[str, ShapeSpec],
@@ -64,18 +70,16 @@ class ChannelStatsDistiller(nn.Module):
         Returns:
             {"loss_kd_stats": .., "loss_kd_adain": ..} (terms with weight 0 left out).
         """
-        student = [self.adapters[k](student_features[k]) if k in self.adapters else student_features[k]
-                   for k in self.levels]
+        student = self.adapters(student_features, self.levels)
         target = [teacher_features[k] for k in self.levels]
         losses = {}
         if self.stats_weight > 0:
-            losses["loss_kd_stats"] = self.stats_weight * channel_statistics_loss(student, target)
+            stats = self.stats_loss(student, target)
+            losses["loss_kd_" + self.stats_loss.short_name] = self.stats_weight * stats
         if self.adain_weight > 0:
-            transplanted = {}
-            for k, s, t in zip(self.levels, student, target):
-                mean, std = channel_statistics(s)
-                transplanted[k] = adain(t.detach(), mean, std)
-            judged = teacher.dense_head_outputs(transplanted, grad=True)
-            reference = teacher.dense_head_outputs({k: t for k, t in zip(self.levels, target)})
-            losses["loss_kd_adain"] = self.adain_weight * head_output_loss(judged, reference)
+            def head(features: List[torch.Tensor], grad: bool) -> List[torch.Tensor]:
+                return teacher.dense_head_outputs(dict(zip(self.levels, features)), grad=grad)
+
+            losses["loss_kd_" + self.adain_loss.short_name] = self.adain_weight * self.adain_loss(
+                student, target, head=head)
         return losses

@@ -1,4 +1,4 @@
-"""Student-side part of feature imitation: level matching, adapters and the loss."""
+"""Feature imitation: level matching, the student-side connector and the feature loss."""
 
 from typing import Dict, List, Optional
 
@@ -7,7 +7,8 @@ from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from torch import nn
 
-from ..losses import FeatureLoss, build_feature_loss
+from ...losses import FeatureLoss, build_feature_loss
+from .connectors import Connector
 
 __all__ = ["FeatureDistiller", "match_levels"]
 
@@ -52,8 +53,9 @@ class FeatureDistiller(nn.Module):
     """
     Imitation of teacher backbone features by the student's.
 
-    Holds the student-side 1x1 adapters (they are trained with the student and
-    dropped at export) and the feature loss.
+    Holds the student-side 1x1 adapters (a :class:`Connector`, ``adapters``; trained with
+    the student and dropped at export) and the feature loss (a :class:`FeatureLoss` of
+    :data:`~kd_det.losses.DISTILL_LOSS_REGISTRY`).
     """
 
     @configurable
@@ -80,8 +82,6 @@ class FeatureDistiller(nn.Module):
             adapter: "auto" (1x1 conv where channels differ), "conv1x1" (always), "none".
         """
         super().__init__()
-        if adapter not in ("auto", "conv1x1", "none"):
-            raise ValueError("KD.FEATURE.ADAPTER must be 'auto', 'conv1x1' or 'none', got {!r}".format(adapter))
         self.levels = list(levels)
         self.loss = loss
         self.weight = weight
@@ -93,17 +93,8 @@ class FeatureDistiller(nn.Module):
                 len(level_weights), len(self.levels), self.levels))
         self.level_weights = list(level_weights) if level_weights else LEVEL_REDUCTIONS[level_reduction](
             len(self.levels))
-        self.adapters = nn.ModuleDict()
-        for name in self.levels:
-            cs, ct = student_channels[name], teacher_channels[name]
-            if adapter == "conv1x1" or (adapter == "auto" and cs != ct and loss.needs_equal_channels):
-                conv = nn.Conv2d(cs, ct, kernel_size=1)
-                nn.init.kaiming_uniform_(conv.weight, a=1)
-                nn.init.zeros_(conv.bias)
-                self.adapters[name] = conv
-            elif cs != ct and loss.needs_equal_channels:
-                raise ValueError("level {!r}: student has {} channels, teacher {}; set KD.FEATURE.ADAPTER to "
-                                 "'auto' or 'conv1x1' to learn a 1x1 adapter".format(name, cs, ct))
+        self.adapters = Connector(student_channels, teacher_channels, self.levels, adapter,
+                                  loss.needs_equal_channels)
 
     @classmethod
     def from_config(cls, cfg, student_shapes: Dict[str, ShapeSpec], teacher_shapes: Dict[str, ShapeSpec]):
@@ -121,8 +112,7 @@ class FeatureDistiller(nn.Module):
 
     def adapt(self, student_features: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
         """Student features of the imitated levels, through their adapters: list of (N, C_t, H, W)."""
-        return [self.adapters[k](student_features[k]) if k in self.adapters else student_features[k]
-                for k in self.levels]
+        return self.adapters(student_features, self.levels)
 
     def forward(
         self,
@@ -139,5 +129,6 @@ class FeatureDistiller(nn.Module):
         """
         student = self.adapt(student_features)
         teacher = [teacher_features[k] for k in self.levels]
-        value = self.loss(student, teacher, self.level_weights, position_weights)
+        value = self.loss(student, teacher, level_weights=self.level_weights,
+                          position_weights=position_weights)
         return {"loss_kd_" + self.loss.short_name: self.weight * value}

@@ -14,7 +14,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
-from .feature_distiller import FeatureDistiller
+from .feature import FeatureDistiller
 
 __all__ = ["TeacherImportanceGate", "MultiTeacherDistiller"]
 

@@ -4,38 +4,22 @@ from typing import Dict, List, Optional
 
 import torch
 from detectron2.config import configurable
-from detectron2.layers import cat
 from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
-from detectron2.modeling.meta_arch.retinanet import permute_to_N_HWA_K
-from detectron2.structures import Boxes, Instances, pairwise_iou
 
-from ..losses.prediction import prediction_difference_weights, rank_mimicking_loss, soft_label_kd_loss
-from .distill_base import DistillMixin
+from ...losses import prediction_difference_weights
+from ..distillers import DensePredictionDistiller
+from ..recorders import Source
+from .base import STUDENT_INPUT_SOURCES, DistillMixin
 
-__all__ = ["DistillRetinaNet", "match_anchors"]
+__all__ = ["DistillRetinaNet", "DENSE_SOURCES", "HEAD_TOWER_SOURCES"]
 
-
-@torch.no_grad()
-def match_anchors(anchors: List[Boxes], gt_instances: List[Instances], matcher) -> torch.Tensor:
-    """
-    The ground-truth object each anchor is a positive for, by ``matcher`` (the
-    student's RetinaNet anchor matcher).
-
-    Args:
-        anchors: per level Boxes (R_l, 4), the same for every image.
-        gt_instances: N Instances with ``gt_boxes``.
-    Returns:
-        (N, R) long: object index within its image, -1 for negative or ignored anchors.
-    """
-    anchors = Boxes.cat(anchors)
-    out = []
-    for gt in gt_instances:
-        if len(gt) == 0:
-            out.append(torch.full((len(anchors),), -1, dtype=torch.long, device=anchors.device))
-            continue
-        matched, labels = matcher(pairwise_iou(gt.gt_boxes, anchors))
-        out.append(torch.where(labels == 1, matched, torch.full_like(matched, -1)))
-    return torch.stack(out)
+#: what a RetinaNet student records: its input and features, and its head's outputs,
+#: ([class logits (N, A*K, H, W) per level], [box deltas (N, A*4, H, W) per level])
+DENSE_SOURCES = dict(STUDENT_INPUT_SOURCES, head=Source("head"))
+#: a RetinaNetHead's intermediate features, the outputs of its class and box towers before
+#: the last convs: per level (N, C, H, W) (what CrossKD feeds through the other head)
+HEAD_TOWER_SOURCES = {"cls_tower": Source("head.cls_subnet", calls="all"),
+                      "box_tower": Source("head.bbox_subnet", calls="all")}
 
 
 @META_ARCH_REGISTRY.register()
@@ -47,7 +31,8 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
 
     * ``loss_kd_<feature loss>``: FPN feature imitation (``cfg.KD.FEATURE``: SSIM, L2, L1),
       weighted per position by the prediction difference when ``cfg.KD.PFI.ENABLED``;
-    * ``loss_kd_rm``: Rank Mimicking (``cfg.KD.RM``);
+    * ``loss_kd_rm``: Rank Mimicking (``cfg.KD.RM``), over the anchors the student's own
+      matching made positive;
     * ``loss_kd_soft``: soft-label classification KD (``cfg.KD.SOFT_LABEL``).
 
     RM, PFI and soft labels need a RetinaNet teacher with the same classes, anchors
@@ -67,37 +52,29 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
         extra_teachers=(),
         multi_teacher=None,
         inherit_prefixes=(),
-        rm_weight: float = 0.0,
-        rm_temperature: float = 1.0,
+        prediction_distiller: Optional[DensePredictionDistiller] = None,
         pfi: bool = False,
-        soft_label_weight: float = 0.0,
-        soft_label_temperature: float = 1.0,
-        soft_label_mode: str = "kl",
         **kwargs
     ):
         """
         Args:
             teacher, feature_distiller, channel_stats, extra_teachers, multi_teacher,
                 inherit_prefixes: see :class:`DistillMixin`.
-            rm_weight: weight of Rank Mimicking; 0 disables it.
-            rm_temperature: its softmax temperature.
+            prediction_distiller: Rank Mimicking and soft labels, or None.
             pfi: weight feature imitation per position by the prediction difference.
-            soft_label_weight, soft_label_temperature, soft_label_mode: soft-label KD
-                (weight 0 disables it); see :func:`soft_label_kd_loss`.
             kwargs: RetinaNet's arguments.
         """
         super().__init__(**kwargs)
         self._init_distillation(teacher, feature_distiller, channel_stats, extra_teachers, multi_teacher,
                                 inherit_prefixes)
-        self.rm_weight = rm_weight
-        self.rm_temperature = rm_temperature
+        self.kd_prediction = prediction_distiller
         self.pfi = pfi
-        self._init_soft_label(soft_label_weight, soft_label_temperature, soft_label_mode)
         if self.uses_teacher_predictions:
             self._check_teacher_head()
         if pfi and feature_distiller is None:
             raise ValueError("KD.PFI.ENABLED weights the feature imitation loss, but KD.FEATURE.LOSS is empty; "
                              "set it to 'L2FeatureLoss' (as in the paper) or 'SSIMFeatureLoss'")
+        self._init_recorders(DENSE_SOURCES, match_anchors=prediction_distiller is not None)
 
     @classmethod
     def from_config(cls, cfg):
@@ -107,18 +84,15 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
     def distill_kwargs(cls, cfg, student_kwargs: Dict) -> Dict:
         """``student_kwargs`` (RetinaNet's arguments) with the distillation ones, from ``cfg.KD``."""
         ret = cls._distill_from_config(cfg, student_kwargs)
-        kd = cfg.KD
-        ret.update(
-            rm_weight=kd.RM.WEIGHT if kd.RM.ENABLED else 0.0,
-            rm_temperature=kd.RM.TEMPERATURE,
-            pfi=kd.PFI.ENABLED,
-            **cls._soft_label_from_config(cfg),
-        )
+        # KD.RM and KD.SOFT_LABEL; None when both are off
+        prediction = DensePredictionDistiller(cfg, student_kwargs["num_classes"])
+        ret.update(prediction_distiller=prediction if prediction.enabled else None,
+                   pfi=cfg.KD.PFI.ENABLED)
         return ret
 
     @property
     def uses_teacher_predictions(self) -> bool:
-        return self.rm_weight > 0 or self.pfi or self.soft_label_weight > 0
+        return self.kd_prediction is not None or self.pfi
 
     def _check_teacher_head(self):
         t = self.teacher
@@ -139,49 +113,26 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
                              "heads must match; they differ in " + "; ".join(problems) +
                              ". Use the same NUM_CLASSES, ANCHOR_GENERATOR and head levels in both configs")
 
-    def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):
-        if not self.training:
-            return super().forward(batched_inputs)
-        images = self.preprocess_image(batched_inputs)
-        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
-        features = self.backbone(images.tensor)
-        head_features = [features[f] for f in self.head_in_features]
-        predictions = self.head(head_features)
-        losses = self.forward_training(images, head_features, predictions, gt_instances)
-
+    def distillation_losses(self, batched_inputs: List[Dict],
+                            recorded: Dict) -> Dict[str, torch.Tensor]:
+        images = self.recorded_images(batched_inputs, recorded)
         all_teacher_features = self.teacher_features(batched_inputs, images)
-        position_weights = None
+        losses, position_weights = {}, None
         if self.uses_teacher_predictions:
-            student_logits = predictions[0]  # per level (N, A*K, H, W)
+            student_logits = recorded["head"][0]  # per level (N, A*K, H, W)
             teacher_logits = self.teacher.dense_class_logits(all_teacher_features[0])
             if self.pfi:
                 position_weights = self.pfi_weights(student_logits, teacher_logits)
-            losses.update(self.prediction_losses(head_features, student_logits, teacher_logits, gt_instances))
-        losses.update(self.feature_losses(features, all_teacher_features, position_weights))
+            if self.kd_prediction is not None:
+                matched, labels = self.recorded_matching(batched_inputs, student_logits)
+                gt_classes = [x.gt_classes for x in self.gt_instances(batched_inputs)]
+                losses.update(self.kd_prediction(student_logits, teacher_logits, matched, labels,
+                                                 gt_classes))
+        losses.update(self.feature_losses(recorded["features"], all_teacher_features,
+                                          position_weights))
         return losses
 
     def pfi_weights(self, student_logits, teacher_logits) -> List[Optional[torch.Tensor]]:
         """PFI weights for the feature distiller's levels (uniform on levels the head does not see)."""
         by_level = dict(zip(self.head_in_features, prediction_difference_weights(student_logits, teacher_logits)))
         return [by_level.get(name) for name in self.kd_feature.levels]
-
-    def prediction_losses(self, head_features, student_logits, teacher_logits, gt_instances) -> Dict[str, torch.Tensor]:
-        """``loss_kd_rm`` and ``loss_kd_soft`` from per-level (N, A*K, H, W) class logits."""
-        s = cat([permute_to_N_HWA_K(x, self.num_classes) for x in student_logits], dim=1)  # (N, R, K)
-        t = cat([permute_to_N_HWA_K(x, self.num_classes) for x in teacher_logits], dim=1)
-        losses = {}
-        if self.rm_weight > 0:
-            matched = match_anchors(self.anchor_generator(head_features), gt_instances, self.anchor_matcher)
-            rm = rank_mimicking_loss(s, t, matched, [g.gt_classes for g in gt_instances], self.rm_temperature)
-            losses["loss_kd_rm"] = self.rm_weight * rm
-        if self.soft_label_weight > 0:
-            valid = self._not_ignored(head_features, gt_instances)
-            soft = soft_label_kd_loss(s, t, valid, self.soft_label_temperature, self.soft_label_mode)
-            losses["loss_kd_soft"] = self.soft_label_weight * soft
-        return losses
-
-    @torch.no_grad()
-    def _not_ignored(self, head_features, gt_instances) -> torch.Tensor:
-        """(N, R) bool: anchors the matcher does not ignore (labels >= 0)."""
-        gt_labels, _ = self.label_anchors(self.anchor_generator(head_features), gt_instances)
-        return torch.stack(gt_labels) >= 0

@@ -1,0 +1,14 @@
+"""
+Distillers: the student-side components that turn what student and teacher computed into
+loss terms, each with its losses from :data:`kd_det.losses.DISTILL_LOSS_REGISTRY`:
+feature imitation, prediction distillation (RM, soft labels), channel statistics, several
+teachers, and the connectors (1x1 adapters) they share.
+"""
+
+from .connectors import CONNECTOR_MODES, Connector
+from .feature import FeatureDistiller, match_levels
+from .channel_stats import ChannelStatsDistiller
+from .multi_teacher import MultiTeacherDistiller, TeacherImportanceGate
+from .prediction import DensePredictionDistiller, RoISoftLabelDistiller
+
+__all__ = [k for k in globals().keys() if not k.startswith("_")]
