@@ -34,7 +34,7 @@ from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
 
-from kd_det import get_kd_cfg  # noqa: E402
+from kd_det import get_kd_cfg, merge_kd_config  # noqa: E402
 
 ARCHS = {
     "faster_rcnn": ("COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml", "COCO-Detection/faster_rcnn_R_18_FPN_1x.yaml", {
@@ -48,10 +48,8 @@ ARCHS = {
 
 
 def load_cfg(rel, device, opts=()):
-    cfg = get_kd_cfg()
-    cfg.merge_from_file(os.path.join(ROOT, "configs", rel))
-    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", device] + list(opts))
-    return cfg
+    return merge_kd_config(get_kd_cfg(), os.path.join(ROOT, "configs", rel),
+                           ["MODEL.WEIGHTS", "", "MODEL.DEVICE", device] + list(opts))
 
 
 def make_batch(n, h, w, num_classes, seed=0):

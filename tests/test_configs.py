@@ -18,7 +18,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from kd_det import get_kd_cfg
+from kd_det import get_kd_cfg, merge_kd_config
 from kd_det.modeling.teacher import build_teacher_cfg, num_classes_of
 
 CONFIGS = sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"),
@@ -31,8 +31,8 @@ def test_configs_found():
 
 @pytest.mark.parametrize("path", CONFIGS)
 def test_config_merges(path):
-    cfg = get_kd_cfg()
-    cfg.merge_from_file(os.path.join(REPO, path))  # unknown keys or bad values raise here
+    # unknown keys or bad values raise here
+    cfg = merge_kd_config(get_kd_cfg(), os.path.join(REPO, path))
     META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
     for teacher in ([cfg.KD.TEACHER.CONFIG] if cfg.KD.TEACHER.CONFIG else []) + list(cfg.KD.MULTI_TEACHER.CONFIGS):
         # a file of the checkout, or a name in Detectron2's model zoo
@@ -62,9 +62,7 @@ def _teacher_view(student_cfg, teacher_config):
 
 
 def _load(path):
-    cfg = get_kd_cfg()
-    cfg.merge_from_file(os.path.join(REPO, path))
-    return cfg
+    return merge_kd_config(get_kd_cfg(), os.path.join(REPO, path))
 
 
 def _teachers(cfg):

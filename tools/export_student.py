@@ -63,12 +63,10 @@ def main(argv=None):
     else:
         from detectron2.config import get_cfg
 
-        from kd_det import get_kd_cfg
+        from kd_det import get_kd_cfg, merge_kd_config
         from kd_det.export import export_student
 
-        cfg = get_kd_cfg()
-        cfg.merge_from_file(args.config_file)
-        cfg.merge_from_list(args.opts)
+        cfg = merge_kd_config(get_kd_cfg(), args.config_file, args.opts)
         out = export_student(cfg, args.weights, args.output_dir)
         # trace what was released: the vanilla config and the student-only weights
         released_cfg = get_cfg()

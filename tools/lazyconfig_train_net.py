@@ -32,7 +32,7 @@ from kd_det.engine import non_finite_loss_error
 from kd_det.engine.lazy import build_lazy_trainer, lazy_teacher_eval_hook
 from kd_det.export import StudentCheckpointer
 from kd_det.modeling.lazy_student import lazy_student_model
-from kd_det.utils.lazy import dataset_names, lazy_get
+from kd_det.config.lazy import dataset_names, lazy_get
 
 logger = logging.getLogger("kd_det.lazyconfig_train_net")
 

@@ -40,9 +40,10 @@ class _SelfDistillMixin(KDStudentMixin):
     @staticmethod
     def _self_from_config(cfg, ret: Dict, head_features: List[str]) -> Dict:
         """Add the self-teacher over ``head_features`` (or KD.SELF.IN_FEATURES, which must cover them)."""
-        if not cfg.KD.FEATURE.LOSS:
-            raise ValueError("self-distillation imitates the self-teacher's refined features, but KD.FEATURE.LOSS "
-                             "is empty; set it to 'AttentionTransferLoss' (as in FRSKD) or 'SSIMFeatureLoss'")
+        if not cfg.KD.FEATURE.ENABLED:
+            raise ValueError("self-distillation imitates the self-teacher's refined features, but "
+                             "KD.FEATURE.ENABLED is False; set it True, with KD.FEATURE.LOSS "
+                             "'AttentionTransferLoss' (as in FRSKD) or 'SSIMFeatureLoss'")
         shapes = ret["backbone"].output_shape()
         self_teacher = BiFPNSelfTeacher(cfg, shapes, head_features)
         missing = [f for f in head_features if f not in self_teacher.in_features]
@@ -84,7 +85,7 @@ class SelfDistillRetinaNet(_SelfDistillMixin, RetinaNet):
     Training losses: RetinaNet's ``loss_cls``/``loss_box_reg``; the self-teacher head's
     ``loss_self_cls``/``loss_self_box_reg``; ``loss_kd_<feature loss>`` (student features
     -> refined features, refined treated as constants); and, with
-    ``KD.SELF.SOFT_LABEL_WEIGHT`` > 0, ``loss_kd_soft`` (student class scores -> the
+    ``KD.SELF.SOFT_LABEL.ENABLED``, ``loss_kd_soft`` (student class scores -> the
     self-teacher head's).  Inference is the plain RetinaNet.
     """
 
@@ -133,8 +134,9 @@ class SelfDistillRetinaNet(_SelfDistillMixin, RetinaNet):
         else:
             cls._check_copied_heads(ret, levels)
         ret["self_head"] = self_head
-        ret["soft_label_weight"] = cfg.KD.SELF.SOFT_LABEL_WEIGHT
-        ret["soft_label_temperature"] = cfg.KD.SELF.TEMPERATURE
+        soft = cfg.KD.SELF.SOFT_LABEL
+        ret["soft_label_weight"] = soft.WEIGHT if soft.ENABLED else 0.0
+        ret["soft_label_temperature"] = soft.TEMPERATURE
         return ret
 
     def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):

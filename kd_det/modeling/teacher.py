@@ -13,7 +13,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, ImageList
 from detectron2.utils.file_io import PathManager
 
-from ..config import add_kd_config
+from ..config import add_kd_config, merge_kd_config
 from .lazy_teacher import build_lazy_teacher
 
 __all__ = ["FrozenTeacher", "build_teacher_cfg", "build_teacher", "build_teachers", "check_same_classes",
@@ -85,8 +85,7 @@ def build_teacher_cfg(student_cfg: CfgNode, path: Optional[str] = None) -> CfgNo
                          "build_teacher(), which reads both".format(path))
     cfg = add_kd_config(get_cfg())
     try:
-        cfg.merge_from_file(path)
-        cfg.merge_from_list(list(student_cfg.KD.TEACHER.OPTS))
+        merge_kd_config(cfg, path, list(student_cfg.KD.TEACHER.OPTS), opts_source="KD.TEACHER.OPTS")
     except Exception as e:
         raise ValueError("teacher config {!r} does not build: {}: {}".format(path, type(e).__name__, e)) from e
     if cfg.MODEL.META_ARCHITECTURE.startswith("Distill"):
