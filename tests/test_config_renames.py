@@ -20,7 +20,8 @@ from kd_det.config.renames import RENAMED_KEYS, TRANSLATED_VALUES, rename_opts
 CASES = {
     "trainer": (["KD.TRAINER", "MyTrainer"], ["TRAINER.NAME", "MyTrainer"]),
     "curriculum": (["KD.CURRICULUM.ENABLED", True, "KD.CURRICULUM.SCORES", "s.json",
-                    "KD.CURRICULUM.PHASE_ITERS", [2, 4], "KD.CURRICULUM.PHASE_FRACTIONS", [0.5, 0.75]],
+                    "KD.CURRICULUM.PHASE_ITERS", [2, 4],
+                    "KD.CURRICULUM.PHASE_FRACTIONS", [0.5, 0.75]],
                    ["TRAINER.CURRICULUM.ENABLED", True, "TRAINER.CURRICULUM.SCORES", "s.json",
                     "TRAINER.CURRICULUM.PHASE_ITERS", [2, 4],
                     "TRAINER.CURRICULUM.PHASE_FRACTIONS", [0.5, 0.75]]),
@@ -99,7 +100,8 @@ def test_old_keys_in_a_config_file_with_base(case, tmp_path):
 def test_old_keys_in_a_base_and_new_keys_over_them(tmp_path):
     """A file's keys override its _BASE_'s whichever names either uses."""
     (tmp_path / "base_old.yaml").write_text(yaml.safe_dump(_nested(
-        ["KD.SELF.SOFT_LABEL_WEIGHT", 0.0, "KD.CURRICULUM.SCORES", "a.json", "KD.FEATURE.LOSS", ""])))
+        ["KD.SELF.SOFT_LABEL_WEIGHT", 0.0, "KD.CURRICULUM.SCORES", "a.json",
+         "KD.FEATURE.LOSS", ""])))
     (tmp_path / "child_new.yaml").write_text(yaml.safe_dump(dict(_BASE_="base_old.yaml", **_nested(
         ["KD.SELF.SOFT_LABEL.ENABLED", True, "TRAINER.CURRICULUM.SCORES", "b.json",
          "KD.FEATURE.ENABLED", True]))))
@@ -150,8 +152,8 @@ def test_a_saved_config_with_old_keys_loads(config, tmp_path):
 def test_unknown_keys_still_fail_with_the_yacs_error(tmp_path):
     for opts in (["KD.FEATURE.LOSSS", "L2FeatureLoss"], ["KD.CURRICULUM.SCORE", "s.json"],
                  ["TRAINER.NAMES", "KDTrainer"]):
-        with pytest.raises(AssertionError, match="Non-existent key: " + opts[0].replace("KD.CURRICULUM",
-                                                                                     "TRAINER.CURRICULUM")):
+        new_name = opts[0].replace("KD.CURRICULUM", "TRAINER.CURRICULUM")
+        with pytest.raises(AssertionError, match="Non-existent key: " + new_name):
             merge_kd_config(get_kd_cfg(), opts=opts)
     (tmp_path / "bad.yaml").write_text("KD:\n  SELF:\n    SOFT_LABEL_WEIGH: 1.0\n")
     with pytest.raises(KeyError, match="Non-existent config key: KD.SELF.SOFT_LABEL_WEIGH"):
@@ -187,8 +189,8 @@ def test_lazy_config_kd_dicts_are_renamed():
 
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        node = kd_node({"FEATURE": {"LOSS": ""}, "SELF": {"SOFT_LABEL_WEIGHT": 0, "TEMPERATURE": 2}},
-                       self_distillation=True)
+        node = kd_node({"FEATURE": {"LOSS": ""},
+                        "SELF": {"SOFT_LABEL_WEIGHT": 0, "TEMPERATURE": 2}}, self_distillation=True)
     assert not node.FEATURE.ENABLED and node.FEATURE.LOSS == "SSIMFeatureLoss"
     assert not node.SELF.SOFT_LABEL.ENABLED and node.SELF.SOFT_LABEL.TEMPERATURE == 2.0
     assert len(_renames_warned(record)) == 3
@@ -202,7 +204,8 @@ SHIPPED_YAML = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), r
 SHIPPED_LAZY = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.py"), recursive=True))
 
 
-@pytest.mark.parametrize("path", SHIPPED_YAML + SHIPPED_LAZY, ids=lambda p: os.path.relpath(p, REPO))
+@pytest.mark.parametrize("path", SHIPPED_YAML + SHIPPED_LAZY,
+                         ids=lambda p: os.path.relpath(p, REPO))
 def test_shipped_configs_use_the_new_names(path):
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")

@@ -29,7 +29,8 @@ def main(argv=None):
     parser.add_argument("--config-file", required=True, help="the training config (yacs .yaml or LazyConfig .py)")
     parser.add_argument("--snapshot", required=True, help="the student checkpoint that judges difficulty")
     parser.add_argument("--score", default="detection", choices=("detection", "distillation", "total"))
-    parser.add_argument("--output", required=True, help="scores JSON, for TRAINER.CURRICULUM.SCORES")
+    parser.add_argument("--output", required=True,
+                        help="scores JSON, for TRAINER.CURRICULUM.SCORES")
     parser.add_argument("opts", nargs=argparse.REMAINDER,
                         help="config overrides (KEY VALUE ..., or key=value for a .py)")
     args = parser.parse_args(argv)

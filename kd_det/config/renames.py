@@ -22,7 +22,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from detectron2.config import CfgNode
 
-__all__ = ["RENAMED_KEYS", "TRANSLATED_VALUES", "merge_kd_config", "rename_config_dict", "rename_opts"]
+__all__ = ["RENAMED_KEYS", "TRANSLATED_VALUES", "merge_kd_config", "rename_config_dict",
+           "rename_opts"]
 
 # old key -> new key.  A key names a node too: every key under it moves with it
 # (KD.CURRICULUM.SCORES -> TRAINER.CURRICULUM.SCORES).
@@ -51,9 +52,9 @@ def _self_soft_label_weight(value) -> Optional[List[Tuple[str, Any]]]:
 # old key -> (what the warning names as its replacement, translation of its value into
 # (new key, value) pairs; None where the value is not an old use and stays as it is)
 TRANSLATED_VALUES: Dict[str, Tuple[str, Callable[[Any], Optional[List[Tuple[str, Any]]]]]] = {
-    "KD.FEATURE.LOSS": ('KD.FEATURE.ENABLED False (KD.FEATURE.LOSS "" is the old way)', _feature_loss),
-    "KD.SELF.SOFT_LABEL_WEIGHT": ("KD.SELF.SOFT_LABEL.WEIGHT and KD.SELF.SOFT_LABEL.ENABLED (False for a "
-                                  "weight of 0)", _self_soft_label_weight),
+    "KD.FEATURE.LOSS": ('KD.FEATURE.ENABLED False (for KD.FEATURE.LOSS "")', _feature_loss),
+    "KD.SELF.SOFT_LABEL_WEIGHT": ("KD.SELF.SOFT_LABEL.WEIGHT and KD.SELF.SOFT_LABEL.ENABLED "
+                                  "(False for a weight of 0)", _self_soft_label_weight),
 }
 
 # the old keys warned about in this process: once each, however many configs use them

@@ -92,8 +92,9 @@ class DistillMixin(KDStudentMixin):
                                              ("KD.SOFT_LABEL", kd.SOFT_LABEL.ENABLED),
                                              ("KD.CHANNEL_STATS", kd.CHANNEL_STATS.ENABLED)) if on]
             if others or not kd.FEATURE.ENABLED:
-                raise ValueError("several teachers (KD.MULTI_TEACHER) are combined for feature imitation "
-                                 "only: set KD.FEATURE.ENABLED True{}, or use one teacher".format(
+                raise ValueError("several teachers (KD.MULTI_TEACHER) are combined for feature "
+                                 "imitation only: set KD.FEATURE.ENABLED True{}, or use one "
+                                 "teacher".format(
                                      " and disable " + ", ".join(others) if others else ""))
             multi = MultiTeacherDistiller.from_config(cfg, student_shapes, [t.output_shape() for t in teachers])
             return dict(ret, teacher=teacher, extra_teachers=teachers[1:], feature_distiller=None,

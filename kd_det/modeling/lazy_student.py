@@ -20,8 +20,8 @@ and ``model.kd.FEATURE.WEIGHT=1.0`` overrides them on the command line.  The mod
 The training keys (yacs ``TRAINER``, formerly ``KD.TRAINER``/``KD.CURRICULUM``) act on
 tools/train_net.py's KDTrainer only, and a LazyConfig's curriculum is its loader's sampler
 (:func:`kd_det.data.curriculum.curriculum_sampler`): both are refused here.  Old key names
-are renamed as in a yacs config (:mod:`kd_det.config.renames`).  Teacher-free self-distillation (FRSKD, ``KD.SELF``) is
-:func:`lazy_self_distilled_model`.
+are renamed as in a yacs config (:mod:`kd_det.config.renames`).  Teacher-free
+self-distillation (FRSKD, ``KD.SELF``) is :func:`lazy_self_distilled_model`.
 """
 
 import copy
@@ -87,9 +87,10 @@ def kd_node(kd: Mapping, self_distillation: bool = False) -> CfgNode:
     refused = [k for k in _dotted_keys(kd) if k in _YACS_ONLY_KEYS and not (self_distillation and k == "SELF")]
     if refused:
         yacs_key = RENAMED_KEYS.get("KD." + refused[0], "KD." + refused[0])
-        raise ValueError("kd={{...}} of a LazyConfig student sets KD.{}, which only tools/train_net.py's "
-                         "KDTrainer reads (a yacs config's {}). Remove it{}, or write the student as a "
-                         "yacs config".format(refused[0], yacs_key, _LAZY_FORM.get(refused[0], "")))
+        raise ValueError("kd={{...}} of a LazyConfig student sets KD.{}, which only "
+                         "tools/train_net.py's KDTrainer reads (a yacs config's {}). Remove it{}, "
+                         "or write the student as a yacs config".format(
+                             refused[0], yacs_key, _LAZY_FORM.get(refused[0], "")))
     kd = rename_config_dict({"KD": kd}, source="kd={...} of a LazyConfig student")["KD"]
     node = get_kd_cfg().KD
     try:
