@@ -43,7 +43,7 @@ SYN = "configs/synthetic/"
 #   "two_teachers": the benchmark's teacher and a second one of the same config trained with the
 #       second seed (KD.MULTI_TEACHER);
 #   "curriculum": the benchmark's teacher, and images ordered by the same seed's vanilla student
-#       at its first checkpoint (tools/score_images.py, KD.CURRICULUM.SCORES).
+#       at its first checkpoint (tools/score_images.py, TRAINER.CURRICULUM.SCORES).
 # per architecture: the teacher config of each setting, and method -> (label, student config, teacher use)
 ARCHS = {
     "faster_rcnn": {
@@ -215,7 +215,7 @@ def run_benchmark(args):
                 if teacher_class_opts:
                     opts += ["KD.TEACHER.OPTS", repr(teacher_class_opts)]
             if use == "curriculum":
-                opts += ["KD.CURRICULUM.SCORES", score_with_vanilla_snapshot(
+                opts += ["TRAINER.CURRICULUM.SCORES", score_with_vanilla_snapshot(
                     arch, out_root, seed, student_common, args.reuse)]
             name = "{}/seed{}".format(method, seed)
             ap, sec = train_and_evaluate(name, config, os.path.join(out_root, method, "seed{}".format(seed)), opts,

@@ -29,7 +29,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 
-from kd_det import get_kd_cfg
+from kd_det import get_kd_cfg, merge_kd_config
 
 # the checkout this script lies in (benchmarks/..): its configs/
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,10 +46,8 @@ ARCHS = {
 
 
 def load_cfg(rel, device, opts=()):
-    cfg = get_kd_cfg()
-    cfg.merge_from_file(os.path.join(ROOT, "configs", rel))
-    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", device] + list(opts))
-    return cfg
+    return merge_kd_config(get_kd_cfg(), os.path.join(ROOT, "configs", rel),
+                           ["MODEL.WEIGHTS", "", "MODEL.DEVICE", device] + list(opts))
 
 
 def make_batch(n, h, w, num_classes, seed=0):

@@ -6,11 +6,11 @@ datasets in Detectron2's catalogs.
 """
 
 from . import losses, modeling  # noqa: F401  (registers meta-architectures)
-from .config import add_kd_config, get_kd_cfg
+from .config import add_kd_config, get_kd_cfg, merge_kd_config
 from .data import register_synthetic_datasets
 
 __version__ = "0.1.0"
 
 register_synthetic_datasets()
 
-__all__ = ["add_kd_config", "get_kd_cfg", "__version__"]
+__all__ = ["add_kd_config", "get_kd_cfg", "merge_kd_config", "__version__"]

@@ -9,7 +9,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
 import kd_det  # noqa: F401  (registers meta-architectures and datasets)
-from kd_det import get_kd_cfg
+from kd_det import get_kd_cfg, merge_kd_config
 from kd_det.data import SyntheticSpec, register_synthetic_datasets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,9 +42,7 @@ def config_path(rel):
 
 def tiny_cfg(config, output_dir, opts=()):
     """A repo config shrunk to seconds on a CPU: 64 px inputs, batch 2, narrow FPN."""
-    cfg = get_kd_cfg()
-    cfg.merge_from_file(config_path(config))
-    cfg.merge_from_list([
+    cfg = merge_kd_config(get_kd_cfg(), config_path(config), [
         "DATASETS.TRAIN", (TINY_PREFIX + "_train",), "DATASETS.TEST", (TINY_PREFIX + "_val",),
         "INPUT.MIN_SIZE_TRAIN", (64,), "INPUT.MAX_SIZE_TRAIN", 64, "INPUT.MIN_SIZE_TEST", 64,
         "INPUT.MAX_SIZE_TEST", 64, "SOLVER.IMS_PER_BATCH", 2, "SOLVER.MAX_ITER", 4, "SOLVER.WARMUP_ITERS", 1,

@@ -19,7 +19,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from kd_det import get_kd_cfg
+from kd_det import get_kd_cfg, merge_kd_config
 from kd_det.config.detector import build_detector, detector_settings, load_detector_config
 from kd_det.modeling.teacher import resolve_teacher_config
 
@@ -33,8 +33,8 @@ def test_configs_found():
 
 @pytest.mark.parametrize("path", CONFIGS)
 def test_config_merges(path):
-    cfg = get_kd_cfg()
-    cfg.merge_from_file(os.path.join(REPO, path))  # unknown keys or bad values raise here
+    # unknown keys or bad values raise here
+    cfg = merge_kd_config(get_kd_cfg(), os.path.join(REPO, path))
     META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
     for teacher in ([cfg.KD.TEACHER.CONFIG] if cfg.KD.TEACHER.CONFIG else []) + list(cfg.KD.MULTI_TEACHER.CONFIGS):
         # a file of the checkout, or a name in Detectron2's model zoo
@@ -55,9 +55,7 @@ def _num_classes(cfg):
 
 
 def _load(path):
-    cfg = get_kd_cfg()
-    cfg.merge_from_file(os.path.join(REPO, path))
-    return cfg
+    return merge_kd_config(get_kd_cfg(), os.path.join(REPO, path))
 
 
 def _teachers(cfg):

@@ -92,9 +92,10 @@ def test_score_tool_then_curriculum_training(tiny_data_root, tmp_path):
     scores = load_scores(scores_file, dataset)
     assert len(scores) == len(dataset) and all(s > 0 for s in scores)
 
-    cfg = tiny_cfg(config, tmp_path / "cur", ["KD.CURRICULUM.ENABLED", True, "KD.CURRICULUM.SCORES", scores_file,
-                                              "KD.CURRICULUM.PHASE_ITERS", [2], "KD.CURRICULUM.PHASE_FRACTIONS",
-                                              [0.25], "SOLVER.MAX_ITER", 2])
+    cfg = tiny_cfg(config, tmp_path / "cur", [
+        "TRAINER.CURRICULUM.ENABLED", True, "TRAINER.CURRICULUM.SCORES", scores_file,
+        "TRAINER.CURRICULUM.PHASE_ITERS", [2], "TRAINER.CURRICULUM.PHASE_FRACTIONS", [0.25],
+        "SOLVER.MAX_ITER", 2])
     trainer = KDTrainer(cfg)
     sampler = find_curriculum_sampler(trainer.data_loader)
     assert sampler is not None

@@ -386,12 +386,12 @@ def test_retinanet_self_distillation_from_built_arguments(tiny_data_root, tmp_pa
 
     yacs_cfg = tiny_cfg("synthetic/distill/self_frskd_retinanet_R18.yaml", tmp_path)
     kd = {"FEATURE": {"LOSS": yacs_cfg.KD.FEATURE.LOSS, "WEIGHT": yacs_cfg.KD.FEATURE.WEIGHT},
-          "SELF": {"SOFT_LABEL_WEIGHT": yacs_cfg.KD.SELF.SOFT_LABEL_WEIGHT}}
+          "SELF": {"SOFT_LABEL": {"WEIGHT": yacs_cfg.KD.SELF.SOFT_LABEL.WEIGHT}}}
     student = RetinaNet.from_config(yacs_cfg)
     head = RetinaNetHead(yacs_cfg, [student["backbone"].output_shape()[f] for f in student["head_in_features"]])
     model = build_self_distilled_model("SelfDistillRetinaNet", kd, self_head=head, **student)
     assert type(model) is SelfDistillRetinaNet and _shapes(model) == _shapes(build_model(yacs_cfg))
-    assert model.kd_prediction.soft_label_weight == yacs_cfg.KD.SELF.SOFT_LABEL_WEIGHT > 0
+    assert model.kd_prediction.soft_label_weight == yacs_cfg.KD.SELF.SOFT_LABEL.WEIGHT > 0
     # copied heads take the student's channels: a wider self-teacher is refused by name
     wide = dict(kd, SELF={"WIDTH_MULTIPLIER": 2.0})
     with pytest.raises(ValueError, match=r"take \[64\] channels, but the refined maps have 128 "

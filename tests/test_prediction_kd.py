@@ -224,7 +224,7 @@ def test_prediction_kd_errors(tiny_data_root, tmp_path, retina_teacher, rcnn_tea
     with pytest.raises(ValueError, match="anchors per position"):
         build_model(distill_cfg("synthetic/distill/rm_retinanet_R50_to_R18.yaml", RETINA_TEACHER, retina_teacher,
                                 tmp_path, ["MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", [[1.0]]]))
-    with pytest.raises(ValueError, match="KD.FEATURE.LOSS is empty"):
+    with pytest.raises(ValueError, match="KD.FEATURE.ENABLED is False"):
         build_model(distill_cfg("synthetic/distill/rm_retinanet_R50_to_R18.yaml", RETINA_TEACHER, retina_teacher,
                                 tmp_path, ["KD.PFI.ENABLED", True]))
     assert config_path("synthetic/distill/rm_retinanet_R50_to_R18.yaml")

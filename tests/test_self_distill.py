@@ -140,8 +140,8 @@ def test_self_distillation_step_and_export(kind, tiny_data_root, tmp_path):
 
 
 def test_self_distillation_errors(tiny_data_root, tmp_path):
-    cfg = tiny_cfg(CONFIGS["retina"][0], tmp_path, ["KD.FEATURE.LOSS", ""])
-    with pytest.raises(ValueError, match="KD.FEATURE.LOSS is empty"):
+    cfg = tiny_cfg(CONFIGS["retina"][0], tmp_path, ["KD.FEATURE.ENABLED", False])
+    with pytest.raises(ValueError, match="KD.FEATURE.ENABLED is False"):
         build_model(cfg)
     cfg = tiny_cfg(CONFIGS["retina"][0], tmp_path, ["KD.SELF.IN_FEATURES", ["p3", "p4"]])
     with pytest.raises(ValueError, match="leaves out.*p5"):

@@ -48,7 +48,7 @@ def test_evaluator_registry(tiny_data_root, tmp_path):
     cfg.TEST.EVALUATOR = "lvis"
     with pytest.raises(KeyError, match="unknown TEST.EVALUATOR 'lvis'"):
         build_evaluator(cfg, TINY_PREFIX + "_val")
-    cfg.KD.TRAINER = "NoSuchTrainer"
+    cfg.TRAINER.NAME = "NoSuchTrainer"
     with pytest.raises(KeyError, match="NoSuchTrainer.*KDTrainer"):
         get_trainer_class(cfg)
 

@@ -60,12 +60,10 @@ def main(argv=None):
     else:
         from detectron2.config import get_cfg
 
-        from kd_det import get_kd_cfg
+        from kd_det import get_kd_cfg, merge_kd_config
         from kd_det.release.student import release_student
 
-        cfg = get_kd_cfg()
-        cfg.merge_from_file(args.config_file)
-        cfg.merge_from_list(args.opts)
+        cfg = merge_kd_config(get_kd_cfg(), args.config_file, args.opts)
         out = release_student(cfg, args.weights, args.output_dir)
         # trace what was released: the vanilla config and the student-only weights
         released_cfg = get_cfg()

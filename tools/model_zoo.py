@@ -33,11 +33,10 @@ def _release_yacs(config, weights, dest):
     """Export a tools/train_net.py run; returns (row fields, its KD node or None, export paths, released config)."""
     from detectron2.config import get_cfg
 
-    from kd_det import get_kd_cfg
+    from kd_det import get_kd_cfg, merge_kd_config
     from kd_det.release.student import release_student
 
-    cfg = get_kd_cfg()
-    cfg.merge_from_file(config)
+    cfg = merge_kd_config(get_kd_cfg(), config)  # a run's config.yaml: older runs' keys are renamed
     out = release_student(cfg, weights, dest)
     released = get_cfg()
     released.merge_from_file(out["config"])
@@ -82,7 +81,7 @@ def _methods(kd, meta_architecture):
     if not meta_architecture.startswith("Distill"):
         return []
     methods = []
-    if kd.FEATURE.LOSS:
+    if kd.FEATURE.ENABLED:
         methods.append(kd.FEATURE.LOSS.replace("FeatureLoss", "") + (" (PFI)" if kd.PFI.ENABLED else ""))
     if kd.RM.ENABLED:
         methods.append("RM")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """
 Score every training image with a student snapshot, for the instance-level curriculum
-(``KD.CURRICULUM``): the snapshot's loss on each image alone, lower = easier.
+(``TRAINER.CURRICULUM``): the snapshot's loss on each image alone, lower = easier.
 
     tools/score_images.py --config-file configs/synthetic/distill/ssim_faster_rcnn_R50_to_R18.yaml \\
         --snapshot output/snapshot/model_0000049.pth --output scores.json
@@ -25,7 +25,8 @@ def main(argv=None):
     parser.add_argument("--config-file", required=True, help="the training config (yacs .yaml or LazyConfig .py)")
     parser.add_argument("--snapshot", required=True, help="the student checkpoint that judges difficulty")
     parser.add_argument("--score", default="detection", choices=("detection", "distillation", "total"))
-    parser.add_argument("--output", required=True, help="scores JSON, for KD.CURRICULUM.SCORES")
+    parser.add_argument("--output", required=True,
+                        help="scores JSON, for TRAINER.CURRICULUM.SCORES")
     parser.add_argument("opts", nargs=argparse.REMAINDER,
                         help="config overrides (KEY VALUE ..., or key=value for a .py)")
     args = parser.parse_args(argv)

@@ -8,14 +8,14 @@ Train or evaluate a detector, with or without distillation, the Detectron2 way.
     tools/train_net.py --config-file CFG --resume
     tools/train_net.py --config-file CFG --num-gpus 8      # (CPU: processes on gloo)
 
-The trainer class is ``cfg.KD.TRAINER`` (kd_det.engine.TRAINER_REGISTRY).
+The trainer class is ``cfg.TRAINER.NAME`` (kd_det.engine.TRAINER_REGISTRY).
 """
 
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 
-from kd_det import add_kd_config
+from kd_det import merge_kd_config
 from kd_det.engine.launch import launch
 from kd_det.data import prepare_datasets, validate_registered_datasets
 from kd_det.engine import get_trainer_class
@@ -24,9 +24,7 @@ from kd_det.release.student import StudentCheckpointer, student_inference_cfg
 
 
 def setup(args):
-    cfg = add_kd_config(get_cfg())
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = merge_kd_config(get_cfg(), args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
     return cfg
@@ -53,9 +51,7 @@ def prepare(args):
     used, then check every COCO- and VOC-format dataset (DATASETS.VALIDATE) so that
     bad data fails now, with the file and record to fix.
     """
-    cfg = add_kd_config(get_cfg())
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = merge_kd_config(get_cfg(), args.config_file, args.opts)
     # --eval-only reads only the test sets, which may be all a machine holds
     names = ([] if args.eval_only else list(cfg.DATASETS.TRAIN)) + list(cfg.DATASETS.TEST)
     prepare_datasets(names)

@@ -7,14 +7,16 @@ __all__ = ["add_kd_config", "get_kd_cfg"]
 
 def add_kd_config(cfg: CN) -> CN:
     """
-    Add the ``KD`` node (and kd_det's dataset/evaluator keys) to ``cfg`` in place.
-    Safe to call twice.  Returns ``cfg``.
+    Add the ``KD`` (model) and ``TRAINER`` (training loop) nodes, and kd_det's
+    dataset/solver/evaluator keys, to ``cfg`` in place.  Safe to call twice.  Returns
+    ``cfg``.  Load config files and overrides into it with
+    :func:`kd_det.config.merge_kd_config`, which renames the keys of older versions.
     """
     if "KD" in cfg:
         return cfg
+    # The model's distillation keys.  Each method is switched on and off by its ENABLED key;
+    # kd_det/config/renames.py maps the keys of older kd_det versions to these.
     cfg.KD = CN()
-    # Name in kd_det.engine.TRAINER_REGISTRY.
-    cfg.KD.TRAINER = "KDTrainer"
 
     cfg.KD.TEACHER = CN()
     # The teacher's own Detectron2 config (a path: a yacs .yaml, or a LazyConfig .py such as
@@ -48,8 +50,9 @@ def add_kd_config(cfg: CN) -> CN:
 
     # Feature imitation between student and teacher FPN outputs.
     cfg.KD.FEATURE = CN()
+    cfg.KD.FEATURE.ENABLED = True
     # Class name in kd_det.losses.FEATURE_LOSS_REGISTRY: "SSIMFeatureLoss",
-    # "L2FeatureLoss", "L1FeatureLoss"; "" disables feature imitation.
+    # "L2FeatureLoss", "L1FeatureLoss", "AttentionTransferLoss".
     cfg.KD.FEATURE.LOSS = "SSIMFeatureLoss"
     cfg.KD.FEATURE.WEIGHT = 4.0
     # FPN levels to imitate; empty means every level both backbones output.
@@ -137,19 +140,25 @@ def add_kd_config(cfg: CN) -> CN:
     cfg.KD.SELF.HEAD_WEIGHT = 1.0
     # True: the self-teacher's losses do not reach the student's backbone
     cfg.KD.SELF.DETACH_INPUT = False
-    # RetinaNet only: student class scores -> self-teacher head's scores (binary KL), 0 disables
-    cfg.KD.SELF.SOFT_LABEL_WEIGHT = 1.0
-    cfg.KD.SELF.TEMPERATURE = 1.0
+    # RetinaNet only: student class scores -> self-teacher head's scores (binary KL)
+    cfg.KD.SELF.SOFT_LABEL = CN()
+    cfg.KD.SELF.SOFT_LABEL.ENABLED = True
+    cfg.KD.SELF.SOFT_LABEL.WEIGHT = 1.0
+    cfg.KD.SELF.SOFT_LABEL.TEMPERATURE = 1.0
 
+    # The training loop, beside SOLVER and DATALOADER (tools/train_net.py).
+    cfg.TRAINER = CN()
+    # Name in kd_det.engine.TRAINER_REGISTRY.
+    cfg.TRAINER.NAME = "KDTrainer"
     # Instance-level curriculum: a student snapshot's per-image scores
     # (tools/score_images.py) order the training images from easy to hard.  Phase p ends at
     # iteration PHASE_ITERS[p] and draws from the easiest PHASE_FRACTIONS[p] of the images;
     # after the last phase every image is drawn uniformly.
-    cfg.KD.CURRICULUM = CN()
-    cfg.KD.CURRICULUM.ENABLED = False
-    cfg.KD.CURRICULUM.SCORES = ""
-    cfg.KD.CURRICULUM.PHASE_ITERS = []
-    cfg.KD.CURRICULUM.PHASE_FRACTIONS = []
+    cfg.TRAINER.CURRICULUM = CN()
+    cfg.TRAINER.CURRICULUM.ENABLED = False
+    cfg.TRAINER.CURRICULUM.SCORES = ""
+    cfg.TRAINER.CURRICULUM.PHASE_ITERS = []
+    cfg.TRAINER.CURRICULUM.PHASE_FRACTIONS = []
 
     # Checks of COCO- and VOC-format datasets by tools/train_net.py before training: "full"
     # (annotations and image files), "annotations", or "none".

@@ -19,6 +19,7 @@ from detectron2.modeling import build_model
 from omegaconf import DictConfig
 
 from .defaults import get_kd_cfg
+from .renames import merge_kd_config
 from .lazy import dataset_names, lazy_get, single_short_edge, test_resizes
 
 __all__ = ["DetectorSettings", "is_lazy_config", "describe_config", "load_detector_config",
@@ -80,8 +81,7 @@ def load_detector_config(path: str, opts: Sequence[str] = (), *, role: str = "",
     if not is_lazy_config(path):
         cfg = get_kd_cfg()
         try:
-            cfg.merge_from_file(path)
-            cfg.merge_from_list(opts)
+            merge_kd_config(cfg, path, opts, opts_source=opts_name)
         except Exception as e:
             raise ValueError("{} does not build: {}: {}".format(name, type(e).__name__, e)) from e
         return cfg

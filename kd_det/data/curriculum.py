@@ -62,13 +62,14 @@ class CurriculumSampler(Sampler):
             start_iter: the first iteration (set on resume with :meth:`set_start_iter`).
         """
         if len(phase_iters) != len(phase_fractions):
-            raise ValueError("KD.CURRICULUM.PHASE_ITERS ({}) and PHASE_FRACTIONS ({}) need one entry per "
-                             "phase".format(list(phase_iters), list(phase_fractions)))
+            raise ValueError("TRAINER.CURRICULUM.PHASE_ITERS ({}) and PHASE_FRACTIONS ({}) need "
+                             "one entry per phase".format(list(phase_iters), list(phase_fractions)))
         if any(b <= a for a, b in zip(phase_iters, phase_iters[1:])) or any(i <= 0 for i in phase_iters):
-            raise ValueError("KD.CURRICULUM.PHASE_ITERS must be positive and increasing, got {}".format(
-                list(phase_iters)))
+            raise ValueError("TRAINER.CURRICULUM.PHASE_ITERS must be positive and increasing, "
+                             "got {}".format(list(phase_iters)))
         if any(not 0 < f <= 1 for f in phase_fractions):
-            raise ValueError("KD.CURRICULUM.PHASE_FRACTIONS must lie in (0, 1], got {}".format(list(phase_fractions)))
+            raise ValueError("TRAINER.CURRICULUM.PHASE_FRACTIONS must lie in (0, 1], got {}".format(
+                list(phase_fractions)))
         if len(scores) == 0:
             raise ValueError("CurriculumSampler needs at least one image")
         self._order = sorted(range(len(scores)), key=lambda i: (scores[i], i))  # easiest first, ties by index
@@ -124,7 +125,7 @@ def curriculum_sampler(dataset: List[Dict], scores: str, phase_iters: Sequence[i
                        phase_fractions: Sequence[float], images_per_iter: Optional[int] = None,
                        seed: Optional[int] = None) -> CurriculumSampler:
     """
-    The :class:`CurriculumSampler` of a LazyConfig's training loader (``KD.CURRICULUM``
+    The :class:`CurriculumSampler` of a LazyConfig's training loader (``TRAINER.CURRICULUM``
     in a yacs config)::
 
         dataloader.train.sampler = L(curriculum_sampler)(
@@ -165,8 +166,9 @@ def load_scores(path: str, dataset_dicts: List[Dict]) -> List[float]:
         FileNotFoundError / ValueError naming the file, the images without a score and the fix.
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError("KD.CURRICULUM.SCORES={!r} does not exist; score the training images with a "
-                                "student snapshot first: tools/score_images.py --config-file <config> "
+        raise FileNotFoundError("TRAINER.CURRICULUM.SCORES={!r} does not exist; score the training "
+                                "images with a student snapshot first: "
+                                "tools/score_images.py --config-file <config> "
                                 "--snapshot <model.pth> --output {}".format(path, path))
     try:
         with open(path) as f:

@@ -1,4 +1,4 @@
-"""Trainers, chosen by ``cfg.KD.TRAINER`` from :data:`TRAINER_REGISTRY`."""
+"""Trainers, chosen by ``cfg.TRAINER.NAME`` from :data:`TRAINER_REGISTRY`."""
 
 import torch
 from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
@@ -18,7 +18,7 @@ __all__ = ["TRAINER_REGISTRY", "KDTrainer", "get_trainer_class", "non_finite_los
 
 TRAINER_REGISTRY = Registry("KD_TRAINER")
 TRAINER_REGISTRY.__doc__ = """
-Trainer classes (subclasses of Detectron2's DefaultTrainer), selected by ``cfg.KD.TRAINER``.
+Trainer classes (subclasses of Detectron2's DefaultTrainer), selected by ``cfg.TRAINER.NAME``.
 Register new ones with ``@TRAINER_REGISTRY.register()``.
 """
 
@@ -72,18 +72,18 @@ class KDTrainer(DefaultTrainer):
     def build_train_loader(cls, cfg):
         """
         Detectron2's loader, of ``SOLVER.IMS_PER_BATCH / SOLVER.GRAD_ACCUM_STEPS`` images
-        per step; with ``KD.CURRICULUM.ENABLED`` its sampler is a :class:`CurriculumSampler`.
+        per step; with ``TRAINER.CURRICULUM.ENABLED`` its sampler is a :class:`CurriculumSampler`.
         """
         images_per_iter = cfg.SOLVER.IMS_PER_BATCH  # per optimizer step, all micro-batches together
         cfg = micro_batch_cfg(cfg)
-        if not cfg.KD.CURRICULUM.ENABLED:
+        if not cfg.TRAINER.CURRICULUM.ENABLED:
             return super().build_train_loader(cfg)
         # the same records, in the same order, that Detectron2's loader would use
         dataset = get_detection_dataset_dicts(
             cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
             min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
             proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None)
-        cur = cfg.KD.CURRICULUM
+        cur = cfg.TRAINER.CURRICULUM
         sampler = CurriculumSampler(load_scores(cur.SCORES, dataset), cur.PHASE_ITERS, cur.PHASE_FRACTIONS,
                                     images_per_iter, seed=cfg.SEED if cfg.SEED >= 0 else None)
         return build_detection_train_loader(cfg, dataset=dataset, sampler=sampler)
@@ -140,9 +140,9 @@ def non_finite_loss_error(error: FloatingPointError, checkpointer, fixes: str = 
 
 
 def get_trainer_class(cfg):
-    """The trainer class named by ``cfg.KD.TRAINER``, with a clear error for unknown names."""
+    """The trainer class named by ``cfg.TRAINER.NAME``, with a clear error for unknown names."""
     try:
-        return TRAINER_REGISTRY.get(cfg.KD.TRAINER)
+        return TRAINER_REGISTRY.get(cfg.TRAINER.NAME)
     except KeyError:
-        raise KeyError("unknown KD.TRAINER {!r}; registered trainers: {}".format(
-            cfg.KD.TRAINER, sorted(k for k, _ in TRAINER_REGISTRY))) from None
+        raise KeyError("unknown TRAINER.NAME {!r}; registered trainers: {}".format(
+            cfg.TRAINER.NAME, sorted(k for k, _ in TRAINER_REGISTRY))) from None

@@ -35,15 +35,15 @@ def check_distillation_model(model) -> None:
         raise ValueError("KD.MULTI_TEACHER: each teacher has its own adapters and per-image weights; maps are "
                          "drawn for one teacher only (use a config with KD.TEACHER alone)")
     if model.kd_feature is None:
-        raise ValueError("the config imitates no features (KD.FEATURE.LOSS is empty): set it to the loss to map, "
-                         "e.g. KD.FEATURE.LOSS SSIMFeatureLoss")
+        raise ValueError("the config imitates no features (KD.FEATURE.ENABLED is False): set it "
+                         "True, with KD.FEATURE.LOSS the loss to map, e.g. SSIMFeatureLoss")
 
 
 @torch.no_grad()
 def distillation_maps(model, batched_inputs: List[Dict]) -> List[Dict]:
     """
     Args:
-        model: a ``Distill*`` model with feature imitation (``KD.FEATURE.LOSS``); it is
+        model: a ``Distill*`` model with feature imitation (``KD.FEATURE``); it is
             run as it is (train or eval mode: BatchNorm statistics differ).
         batched_inputs: Detectron2 inputs, each computed alone (batch of one), so no
             padding of another image enters its maps.

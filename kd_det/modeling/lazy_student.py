@@ -17,10 +17,11 @@ In the config, a plain student model (``L(GeneralizedRCNN)(...)`` or
 and ``model.kd.FEATURE.WEIGHT=1.0`` overrides them on the command line.  The model-level
 ``KD`` keys apply, and ``KD.TEACHER.EVAL_BEFORE_TRAIN``/``MIN_AP``, which
 ``tools/lazyconfig_train_net.py`` reads (:func:`kd_det.engine.lazy.lazy_teacher_eval_hook`).
-``KD.TRAINER`` acts on tools/train_net.py's KDTrainer only, and a LazyConfig's curriculum
-is its loader's sampler (:func:`kd_det.data.curriculum.curriculum_sampler`): both are
-refused here.  Teacher-free self-distillation (FRSKD, ``KD.SELF``) is
-:func:`lazy_self_distilled_model`.
+The training keys (yacs ``TRAINER``, formerly ``KD.TRAINER``/``KD.CURRICULUM``) act on
+tools/train_net.py's KDTrainer only, and a LazyConfig's curriculum is its loader's sampler
+(:func:`kd_det.data.curriculum.curriculum_sampler`): both are refused here.  Old key names
+are renamed as in a yacs config (:mod:`kd_det.config.renames`).  Teacher-free
+self-distillation (FRSKD, ``KD.SELF``) is :func:`lazy_self_distilled_model`.
 """
 
 import copy
@@ -32,13 +33,15 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from omegaconf import DictConfig, OmegaConf
 
 from ..config import get_kd_cfg
+from ..config.renames import RENAMED_KEYS, rename_config_dict
 from .meta_arch import DistillMixin
 
 __all__ = ["lazy_distilled_model", "build_distilled_model", "lazy_self_distilled_model", "build_self_distilled_model",
            "lazy_student_model", "kd_view_of_lazy_student", "kd_node"]
 
-# KD keys that only the yacs training loop (KDTrainer, tools/train_net.py) reads, or
-# whose meta-architecture (FRSKD self-distillation) is built from a yacs config only.
+# KD keys that only the yacs training loop (KDTrainer, tools/train_net.py) reads (the old
+# names of TRAINER.NAME and TRAINER.CURRICULUM), or whose meta-architecture (FRSKD
+# self-distillation) is built from a yacs config only.
 _YACS_ONLY_KEYS = ("TRAINER", "CURRICULUM", "SELF")
 # where a LazyConfig says the same
 _LAZY_FORM = {"CURRICULUM": " (in a LazyConfig the curriculum is the training loader's sampler: "
@@ -83,9 +86,12 @@ def kd_node(kd: Mapping, self_distillation: bool = False) -> CfgNode:
     kd = _to_dict(kd)
     refused = [k for k in _dotted_keys(kd) if k in _YACS_ONLY_KEYS and not (self_distillation and k == "SELF")]
     if refused:
-        raise ValueError("kd={{...}} of a LazyConfig student sets KD.{}, which only tools/train_net.py's KDTrainer "
-                         "reads (a yacs config). Remove it{}, or write the student as a yacs config".format(
-                             refused[0], _LAZY_FORM.get(refused[0], "")))
+        yacs_key = RENAMED_KEYS.get("KD." + refused[0], "KD." + refused[0])
+        raise ValueError("kd={{...}} of a LazyConfig student sets KD.{}, which only "
+                         "tools/train_net.py's KDTrainer reads (a yacs config's {}). Remove it{}, "
+                         "or write the student as a yacs config".format(
+                             refused[0], yacs_key, _LAZY_FORM.get(refused[0], "")))
+    kd = rename_config_dict({"KD": kd}, source="kd={...} of a LazyConfig student")["KD"]
     node = get_kd_cfg().KD
     try:
         node.merge_from_other_cfg(CfgNode(_ints_as_floats(kd, node)))

@@ -44,12 +44,10 @@ def _yacs(config_file, opts, weights, split, names):
     from detectron2.data import transforms as T
     from detectron2.modeling import build_model
 
-    from ..config import get_kd_cfg
+    from ..config import get_kd_cfg, merge_kd_config
     from ..data import prepare_datasets
 
-    cfg = get_kd_cfg()
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(opts)
+    cfg = merge_kd_config(get_kd_cfg(), config_file, opts)
     cfg.freeze()
     names = names or list(cfg.DATASETS.TRAIN if split == "train" else cfg.DATASETS.TEST)
     prepare_datasets(names)

@@ -151,14 +151,15 @@ class DistillMixin(DistillForwardMixin):
             others = [name for name, on in (("KD.RM", kd.RM.ENABLED), ("KD.PFI", kd.PFI.ENABLED),
                                              ("KD.SOFT_LABEL", kd.SOFT_LABEL.ENABLED),
                                              ("KD.CHANNEL_STATS", kd.CHANNEL_STATS.ENABLED)) if on]
-            if others or not kd.FEATURE.LOSS:
-                raise ValueError("several teachers (KD.MULTI_TEACHER) are combined for feature imitation only: set "
-                                 "KD.FEATURE.LOSS{}, or use one teacher".format(
+            if others or not kd.FEATURE.ENABLED:
+                raise ValueError("several teachers (KD.MULTI_TEACHER) are combined for feature "
+                                 "imitation only: set KD.FEATURE.ENABLED True{}, or use one "
+                                 "teacher".format(
                                      " and disable " + ", ".join(others) if others else ""))
             multi = MultiTeacherDistiller.from_config(cfg, student_shapes, [t.output_shape() for t in teachers])
             return dict(ret, teacher=teacher, extra_teachers=teachers[1:], feature_distiller=None,
                         channel_stats=None, multi_teacher=multi)
-        if cfg.KD.FEATURE.LOSS:
+        if cfg.KD.FEATURE.ENABLED:
             feature = FeatureDistiller(cfg, student_shapes, teacher.output_shape())
         if cfg.KD.CHANNEL_STATS.ENABLED:
             stats = ChannelStatsDistiller(cfg, student_shapes, teacher.output_shape(), teacher.dense_head_levels)

@@ -72,8 +72,9 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
         if self.uses_teacher_predictions:
             self._check_teacher_head()
         if pfi and feature_distiller is None:
-            raise ValueError("KD.PFI.ENABLED weights the feature imitation loss, but KD.FEATURE.LOSS is empty; "
-                             "set it to 'L2FeatureLoss' (as in the paper) or 'SSIMFeatureLoss'")
+            raise ValueError("KD.PFI.ENABLED weights the feature imitation loss, but "
+                             "KD.FEATURE.ENABLED is False; set it True, with KD.FEATURE.LOSS "
+                             "'L2FeatureLoss' (as in the paper) or 'SSIMFeatureLoss'")
         self._init_recorders(DENSE_SOURCES, match_anchors=prediction_distiller is not None)
 
     @classmethod

@@ -40,9 +40,10 @@ class _SelfDistillMixin(DistillForwardMixin):
     @staticmethod
     def _self_from_config(cfg, ret: Dict, head_features: List[str]) -> Dict:
         """Add the self-teacher over ``head_features`` (or KD.SELF.IN_FEATURES, which must cover them)."""
-        if not cfg.KD.FEATURE.LOSS:
-            raise ValueError("self-distillation imitates the self-teacher's refined features, but KD.FEATURE.LOSS "
-                             "is empty; set it to 'AttentionTransferLoss' (as in FRSKD) or 'SSIMFeatureLoss'")
+        if not cfg.KD.FEATURE.ENABLED:
+            raise ValueError("self-distillation imitates the self-teacher's refined features, but "
+                             "KD.FEATURE.ENABLED is False; set it True, with KD.FEATURE.LOSS "
+                             "'AttentionTransferLoss' (as in FRSKD) or 'SSIMFeatureLoss'")
         shapes = ret["backbone"].output_shape()
         self_teacher = BiFPNSelfTeacher(cfg, shapes, head_features)
         missing = [f for f in head_features if f not in self_teacher.in_features]
@@ -84,7 +85,7 @@ class SelfDistillRetinaNet(_SelfDistillMixin, RetinaNet):
     Training losses: RetinaNet's ``loss_cls``/``loss_box_reg``; the self-teacher head's
     ``loss_self_cls``/``loss_self_box_reg``; ``loss_kd_<feature loss>`` (student features
     -> refined features, refined treated as constants); and, with
-    ``KD.SELF.SOFT_LABEL_WEIGHT`` > 0, ``loss_kd_soft`` (student class scores -> the
+    ``KD.SELF.SOFT_LABEL.ENABLED``, ``loss_kd_soft`` (student class scores -> the
     self-teacher head's).  Inference is the plain RetinaNet.
     """
 
@@ -133,12 +134,13 @@ class SelfDistillRetinaNet(_SelfDistillMixin, RetinaNet):
         else:
             cls._check_copied_heads(ret, levels)
         ret["self_head"] = self_head
-        weight, soft = cfg.KD.SELF.SOFT_LABEL_WEIGHT, None
+        soft = cfg.KD.SELF.SOFT_LABEL
+        weight, distiller = (soft.WEIGHT if soft.ENABLED else 0.0), None
         if weight > 0:
-            loss = SoftLabelKDLoss(temperature=cfg.KD.SELF.TEMPERATURE, mode="kl")
-            soft = DensePredictionDistiller(num_classes=student_kwargs["num_classes"],
-                                            soft_label_loss=loss, soft_label_weight=weight)
-        ret["prediction_distiller"] = soft
+            loss = SoftLabelKDLoss(temperature=soft.TEMPERATURE, mode="kl")
+            distiller = DensePredictionDistiller(num_classes=student_kwargs["num_classes"],
+                                                 soft_label_loss=loss, soft_label_weight=weight)
+        ret["prediction_distiller"] = distiller
         return ret
 
     def distillation_losses(self, batched_inputs: List[Dict],
