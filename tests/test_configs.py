@@ -15,7 +15,7 @@ from tolerances import U32, assert_within
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
-from detectron2.modeling import META_ARCH_REGISTRY, build_model
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
@@ -154,11 +154,11 @@ def test_full_size_lazy_distillation_config_trains_a_step(tmp_path, monkeypatch)
     monkeypatch.chdir(REPO)
     lazy = LazyConfig.load(os.path.join(REPO, "configs/COCO-Distillation/ssim_faster_rcnn_R101_to_R18_1x_lazy.py"))
     teacher_cfg = get_kd_cfg()
-    teacher_cfg.merge_from_file(lazy.model.kd.TEACHER.CONFIG)
+    teacher_cfg.merge_from_file(lazy.model.teacher.config)
     teacher_cfg.MODEL.DEVICE = "cpu"
     torch.manual_seed(0)
     DetectionCheckpointer(build_model(teacher_cfg), save_dir=str(tmp_path)).save("teacher")
-    lazy = LazyConfig.apply_overrides(lazy, ["model.kd.TEACHER.WEIGHTS=" + str(tmp_path / "teacher.pth")])
+    lazy = LazyConfig.apply_overrides(lazy, ["model.teacher.weights=" + str(tmp_path / "teacher.pth")])
     student = instantiate(lazy.model)
     assert type(student).__name__ == "DistillGeneralizedRCNN"
     _one_full_size_step(student, lazy.model.roi_heads.num_classes)
@@ -185,6 +185,51 @@ def test_coco_teacher_configs_are_the_model_zoo_ones(name):
     zoo = get_kd_cfg()
     zoo.merge_from_file(model_zoo.get_config_file("COCO-Detection/{}.yaml".format(name)))
     assert not [d for d in _differences(ours, zoo) if not d.startswith("OUTPUT_DIR")]
+
+
+def _settings(obj):
+    """What a distiller or loss is, beside its weights: its class and plain attributes, nested."""
+    if obj is None:
+        return None
+    plain = {k: v for k, v in vars(obj).items() if not k.startswith("_") and k != "training"}
+    return type(obj).__name__, {k: _settings(v) if hasattr(v, "__dict__") and not isinstance(v, type) else v
+                                for k, v in plain.items()}
+
+
+def _assert_same_distillation(lazy, yacs, student_shapes, teacher_shapes):
+    """
+    A distilled LazyConfig's teacher and distiller arguments against its yacs twin's KD: the
+    distillers each builds (levels, channels, losses, weights, adapters), the teacher's
+    settings and the teacher check before training.
+    """
+    from detectron2.config import instantiate
+
+    from kd_det.modeling import DensePredictionDistiller, FeatureDistiller
+
+    kd, model = yacs.KD, lazy.model
+    teacher = model.teacher
+    assert (teacher.weights, tuple(teacher.get("opts", ())), teacher.get("autocast", ""),
+            teacher.get("channels_last", False)) == (kd.TEACHER.WEIGHTS, tuple(kd.TEACHER.OPTS),
+                                                     kd.TEACHER.AUTOCAST, kd.TEACHER.CHANNELS_LAST)
+    assert ("expected_classes" in teacher) == kd.TEACHER.CHECK_CLASSES
+    assert dict(lazy.train.teacher_eval) == {"enabled": kd.TEACHER.EVAL_BEFORE_TRAIN, "min_ap": kd.TEACHER.MIN_AP}
+    feature = instantiate(model.feature_distiller)
+    twin = FeatureDistiller(yacs, student_shapes, teacher_shapes)
+    assert _settings(feature) == _settings(twin)
+    assert {k: v.shape for k, v in feature.state_dict().items()} == {
+        k: v.shape for k, v in twin.state_dict().items()}
+    assert bool(model.get("pfi", False)) == kd.PFI.ENABLED
+    if "prediction_distiller" in model:
+        prediction = instantiate(model.prediction_distiller)
+        twin = DensePredictionDistiller(yacs, yacs.MODEL.RETINANET.NUM_CLASSES)
+        assert (prediction.num_classes, prediction.rm_weight, prediction.soft_label_weight) == (
+            twin.num_classes, twin.rm_weight, twin.soft_label_weight)
+        assert _settings(prediction.rm_loss) == _settings(twin.rm_loss)
+    else:
+        assert not (kd.RM.ENABLED or kd.SOFT_LABEL.ENABLED)
+    assert not ({"channel_stats", "roi_soft_label", "extra_teachers", "multi_teacher",
+                 "inherit_prefixes"} & set(model.keys()))
+    assert not (kd.CHANNEL_STATS.ENABLED or kd.MULTI_TEACHER.CONFIGS or kd.INHERIT.PREFIXES)
 
 
 # model attributes that the state dict does not show, per architecture
@@ -219,20 +264,20 @@ def test_coco_lazy_config_is_its_yaml_twin(name, monkeypatch):
     """
     from detectron2.config import LazyConfig, instantiate
 
-    from kd_det.modeling.lazy_student import kd_node, lazy_student_model
+    from kd_det.modeling.lazy_student import lazy_student_model
 
     monkeypatch.chdir(REPO)
     lazy = LazyConfig.load(os.path.join(REPO, "configs/COCO-Distillation/{}_lazy.py".format(name)))
     yacs = _load("configs/COCO-Distillation/{}.yaml".format(name))
-    kd = kd_node(lazy.model.kd)
     # the same teacher: Detectron2's own config of the published model and kd_det's copy of it
-    assert load_detector_config(resolve_teacher_config(kd.TEACHER.CONFIG)).MODEL == \
-        load_detector_config(resolve_teacher_config(yacs.KD.TEACHER.CONFIG)).MODEL
-    kd.TEACHER.CONFIG = yacs.KD.TEACHER.CONFIG
-    assert kd == yacs.KD
+    teacher_config = load_detector_config(resolve_teacher_config(lazy.model.teacher.config))
+    assert teacher_config.MODEL == load_detector_config(resolve_teacher_config(yacs.KD.TEACHER.CONFIG)).MODEL
 
     torch.manual_seed(0)
     student = instantiate(lazy_student_model(lazy.model))
+    # the same distillation: the LazyConfig's explicit arguments are what yacs builds from KD
+    _assert_same_distillation(lazy, yacs, student.backbone.output_shape(),
+                              build_backbone(teacher_config).output_shape())
     yacs.MODEL.META_ARCHITECTURE = yacs.MODEL.META_ARCHITECTURE.replace("Distill", "")
     yacs.MODEL.DEVICE = "cpu"
     twin = build_model(yacs)

@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """
 Train or evaluate a detector written as a Detectron2 LazyConfig (``.py``), distilled
-(:func:`kd_det.modeling.lazy_student.lazy_distilled_model`) or plain (e.g. a teacher).
+(``model`` a kd_det meta-architecture with its teacher and distillers as arguments, see
+:mod:`kd_det.modeling.lazy_student`) or plain (e.g. a teacher).
 
     tools/lazyconfig_train_net.py --config-file configs/synthetic/distill/ssim_faster_rcnn_R50_to_R18_lazy.py
-    tools/lazyconfig_train_net.py --config-file CFG train.max_iter=1000 model.kd.FEATURE.WEIGHT=1.0
+    tools/lazyconfig_train_net.py --config-file CFG train.max_iter=1000 model.feature_distiller.weight=1.0
     tools/lazyconfig_train_net.py --config-file CFG --eval-only train.init_checkpoint=out/model_final.pth
     tools/lazyconfig_train_net.py --config-file CFG --resume
     tools/lazyconfig_train_net.py --config-file CFG --num-gpus 8      # (CPU: processes on gloo)
@@ -12,9 +13,10 @@ Train or evaluate a detector written as a Detectron2 LazyConfig (``.py``), disti
 The config has Detectron2's LazyConfig training keys: ``model``, ``dataloader.train``,
 ``dataloader.test``, ``dataloader.evaluator``, ``optimizer``, ``lr_multiplier`` and
 ``train`` (output_dir, init_checkpoint, max_iter, amp.enabled, ddp, checkpointer,
-eval_period, log_period, device; and kd_det's grad_accum_steps, optional: yacs
-``SOLVER.GRAD_ACCUM_STEPS``). Overrides are ``key=value``. Evaluation builds the
-student alone: neither the teacher nor its weights are needed.
+eval_period, log_period, device; and kd_det's, optional: grad_accum_steps, yacs
+``SOLVER.GRAD_ACCUM_STEPS``; teacher_eval = dict(enabled=..., min_ap=...), yacs
+``KD.TEACHER.EVAL_BEFORE_TRAIN``/``MIN_AP``). Overrides are ``key=value``. Evaluation
+builds the student alone: neither the teacher nor its weights are needed.
 """
 
 import logging
@@ -66,7 +68,7 @@ def do_train(args, cfg):
     trainer = build_lazy_trainer(cfg, model, optimizer)  # with train.grad_accum_steps, accumulating
     checkpointer = AtomicDetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     trainer.register_hooks([
-        # model.kd.TEACHER.EVAL_BEFORE_TRAIN / MIN_AP: the teacher scored before the first step
+        # train.teacher_eval: the model's teachers scored before the first step
         lazy_teacher_eval_hook(cfg),
         hooks.IterationTimer(),
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
@@ -81,7 +83,7 @@ def do_train(args, cfg):
     try:
         trainer.train(start_iter, cfg.train.max_iter)
     except FloatingPointError as e:
-        raise non_finite_loss_error(e, checkpointer, "Lower optimizer.lr or the model.kd.* loss weights") from e
+        raise non_finite_loss_error(e, checkpointer, "Lower optimizer.lr or the distillers' weights (e.g. model.feature_distiller.weight)") from e
 
 
 def load_config(args):

@@ -30,10 +30,11 @@ def _is_lazy_config(path):
 
 
 def _release_yacs(config, weights, dest):
-    """Export a tools/train_net.py run; returns (row fields, its KD node or None, export paths, released config)."""
+    """Export a tools/train_net.py run; returns (row fields, its DistillationSummary, export paths, released config)."""
     from detectron2.config import get_cfg
 
     from kd_det import get_kd_cfg, merge_kd_config
+    from kd_det.config.summary import distillation_summary
     from kd_det.release.student import release_student
 
     cfg = merge_kd_config(get_kd_cfg(), config)  # a run's config.yaml: older runs' keys are renamed
@@ -46,7 +47,7 @@ def _release_yacs(config, weights, dest):
         "schedule": "{} it x {} img".format(cfg.SOLVER.MAX_ITER, cfg.SOLVER.IMS_PER_BATCH),
         "dataset": "{} / {}".format(",".join(cfg.DATASETS.TRAIN), ",".join(cfg.DATASETS.TEST)),
     }
-    return fields, cfg.KD, out, released
+    return fields, distillation_summary(cfg), out, released
 
 
 def _release_lazy(config, weights, dest):
@@ -54,7 +55,7 @@ def _release_lazy(config, weights, dest):
     from detectron2.config import LazyConfig
 
     from kd_det.release.student import release_lazy_student
-    from kd_det.modeling.lazy_student import kd_node
+    from kd_det.config.summary import distillation_summary
     from kd_det.config.lazy import dataset_names, lazy_get
 
     lazy = LazyConfig.load(config)
@@ -71,27 +72,7 @@ def _release_lazy(config, weights, dest):
         "dataset": "{} / {}".format(",".join(dataset_names(lazy_get(lazy, "dataloader.train.dataset.names"))),
                                     ",".join(dataset_names(lazy_get(lazy, "dataloader.test.dataset.names")))),
     }
-    return fields, kd_node(lazy_get(lazy, "model.kd", {}), self_distillation=True), out, released
-
-
-def _methods(kd, meta_architecture):
-    """The distillation methods a KD node enables for ``meta_architecture``, e.g. ["SSIM (PFI)", "RM"]."""
-    if meta_architecture.startswith("SelfDistill"):
-        return ["FRSKD self-distillation ({})".format(kd.FEATURE.LOSS.replace("Loss", ""))]
-    if not meta_architecture.startswith("Distill"):
-        return []
-    methods = []
-    if kd.FEATURE.ENABLED:
-        methods.append(kd.FEATURE.LOSS.replace("FeatureLoss", "") + (" (PFI)" if kd.PFI.ENABLED else ""))
-    if kd.RM.ENABLED:
-        methods.append("RM")
-    if kd.SOFT_LABEL.ENABLED:
-        methods.append("soft-label")
-    if kd.CHANNEL_STATS.ENABLED:
-        methods.append("channel stats")
-    if kd.INHERIT.PREFIXES:
-        methods.append("init from teacher")
-    return methods
+    return fields, distillation_summary(lazy), out, released
 
 
 def release_run(run_dir, release_dir, torchscript=False, onnx=False):
@@ -120,8 +101,7 @@ def release_run(run_dir, release_dir, torchscript=False, onnx=False):
     if onnx:
         deploy.export_onnx(released, out["weights"], dest)
     meta_architecture = fields.pop("meta_architecture")
-    methods = _methods(kd, meta_architecture)
-    teacher = kd.TEACHER.CONFIG if meta_architecture.startswith("Distill") else ""
+    methods, teacher = list(kd.methods), kd.teacher  # kd: kd_det.config.summary.DistillationSummary
     _, teacher_ap = metric_series(records, "teacher/bbox/AP")  # logged with KD.TEACHER.EVAL_BEFORE_TRAIN
     return dict(fields, **{
         "name": name,

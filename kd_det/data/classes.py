@@ -4,11 +4,11 @@ space: class index i must mean the same object for both (a teacher that teaches 
 under another name spoils a distillation run without any error).
 """
 
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence, Union
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-__all__ = ["ClassNames", "registered_thing_classes", "check_same_classes"]
+__all__ = ["ClassNames", "registered_thing_classes", "thing_classes", "check_same_classes"]
 
 
 class ClassNames(list):
@@ -33,6 +33,21 @@ def registered_thing_classes(dataset_names: Iterable[str]) -> Optional[ClassName
             if classes:
                 return ClassNames(classes, dataset_names)
     return None
+
+
+def thing_classes(names: Union[str, Iterable[str]]) -> Optional[ClassNames]:
+    """
+    The class names of a student trained on the datasets ``names`` (one name or several,
+    as ``get_detection_dataset_dicts`` takes them), for ``build_teacher(expected_classes=...)``
+    in a LazyConfig, evaluated when the model is built::
+
+        model.teacher = L(build_teacher)(config=..., weights=...,
+            expected_classes=L(thing_classes)(names="${dataloader.train.dataset.names}"))
+
+    None (nothing is checked) when none of them is registered with ``thing_classes``; the
+    yacs ``KD.TEACHER.CHECK_CLASSES False`` is ``expected_classes=None``.
+    """
+    return registered_thing_classes((names,) if isinstance(names, str) else tuple(names))
 
 
 def _student(expected: Sequence[str]) -> str:

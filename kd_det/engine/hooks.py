@@ -1,11 +1,12 @@
 """Training hooks kd_det adds to Detectron2's defaults."""
 
 import contextlib
+import functools
 import logging
 import os
 import random
 from collections import OrderedDict
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -13,14 +14,15 @@ import torch
 from detectron2.data import DatasetMapper, build_detection_test_loader, get_detection_dataset_dicts
 from detectron2.data import transforms as T
 from detectron2.engine import HookBase
-from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.evaluation import DatasetEvaluator, inference_on_dataset, print_csv_format
 from detectron2.evaluation.testing import flatten_results_dict
 from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
 
 from ..evaluation import build_evaluator
 
-__all__ = ["TeacherEvalHook", "evaluate_teacher", "teacher_eval_hook"]
+__all__ = ["TeacherEvalHook", "evaluate_teacher", "evaluate_teacher_on", "teacher_test_loader",
+           "teacher_eval_hook"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,16 +46,23 @@ def preserved_rng_state():
             torch.cuda.set_rng_state_all(cuda_states)
 
 
-def _teacher_test_loader(teacher, dataset_name: str, student_cfg):
+def teacher_test_loader(teacher, dataset_name: str, num_workers: int = 0,
+                        default_test_size: Tuple[int, int] = (800, 1333)):
     """
     The test loader of ``dataset_name`` prepared as the teacher's own config prepares test
     images (Detectron2's ``build_detection_test_loader(teacher_cfg, name)``): its test-time
-    resize and channel order, the student's number of loader workers.
+    resize and channel order.
+
+    Args:
+        teacher: a :class:`~kd_det.modeling.FrozenTeacher`.
+        num_workers: loader workers (the student's).
+        default_test_size: (shortest edge, longest edge at most) for a teacher whose config
+            says none (a LazyConfig without a test-time resize): the student's.
     """
     min_size, max_size = teacher.test_size
     if min_size is None:
         # a LazyConfig teacher without a test-time resize: evaluate it at the student's test size
-        min_size, max_size = student_cfg.INPUT.MIN_SIZE_TEST, student_cfg.INPUT.MAX_SIZE_TEST
+        min_size, max_size = default_test_size
         logger.info("teacher %s has no ResizeShortestEdge in dataloader.test.mapper.augmentations: "
                     "it is evaluated at the student's test size (%d, max %d)", teacher.config,
                     min_size, max_size)
@@ -63,24 +72,26 @@ def _teacher_test_loader(teacher, dataset_name: str, student_cfg):
     resize = T.ResizeShortestEdge(min_size, max_size, "choice")
     mapper = DatasetMapper(is_train=False, augmentations=[resize],
                            image_format=teacher.input_format)
-    return build_detection_test_loader(dataset, mapper=mapper,
-                                       num_workers=student_cfg.DATALOADER.NUM_WORKERS)
+    return build_detection_test_loader(dataset, mapper=mapper, num_workers=num_workers)
 
 
-def evaluate_teacher(student_cfg, teacher, output_dir: str) -> Dict[str, Dict]:
+def evaluate_teacher_on(teacher, dataset_names: Sequence[str],
+                        build_evaluator: Callable[[str, str], DatasetEvaluator], output_dir: str,
+                        num_workers: int = 0,
+                        default_test_size: Tuple[int, int] = (800, 1333)) -> Dict[str, Dict]:
     """
-    Evaluate a :class:`~kd_det.modeling.FrozenTeacher` on the student's
-    ``DATASETS.TEST``, each set loaded with the teacher's own input settings
-    (test size, channel order) and scored by the student's evaluator.
+    Evaluate a :class:`~kd_det.modeling.FrozenTeacher` on ``dataset_names``, each set
+    loaded with the teacher's own input settings (:func:`teacher_test_loader`) and scored
+    by ``build_evaluator(dataset_name, output_dir)`` (the student's evaluator).
 
     Returns:
         dataset name -> evaluator results (e.g. {"bbox": {"AP": ..}}); empty on
         processes other than the main one.
     """
     results = OrderedDict()
-    for name in student_cfg.DATASETS.TEST:
-        loader = _teacher_test_loader(teacher, name, student_cfg)
-        evaluator = build_evaluator(student_cfg, name, os.path.join(output_dir, name))
+    for name in dataset_names:
+        loader = teacher_test_loader(teacher, name, num_workers, default_test_size)
+        evaluator = build_evaluator(name, os.path.join(output_dir, name))
         results[name] = inference_on_dataset(teacher.model, loader, evaluator) or {}
         if comm.is_main_process() and results[name]:
             logger.info("Teacher ({}) on {}:".format(teacher.meta_architecture, name))
@@ -88,10 +99,21 @@ def evaluate_teacher(student_cfg, teacher, output_dir: str) -> Dict[str, Dict]:
     return results
 
 
+def evaluate_teacher(student_cfg, teacher, output_dir: str) -> Dict[str, Dict]:
+    """
+    :func:`evaluate_teacher_on` the yacs student's ``DATASETS.TEST``, scored by its
+    evaluator (``TEST.EVALUATOR``), with its loader workers and test size.
+    """
+    return evaluate_teacher_on(
+        teacher, student_cfg.DATASETS.TEST, functools.partial(build_evaluator, student_cfg),
+        output_dir, student_cfg.DATALOADER.NUM_WORKERS,
+        (student_cfg.INPUT.MIN_SIZE_TEST, student_cfg.INPUT.MAX_SIZE_TEST))
+
+
 class TeacherEvalHook(HookBase):
     """
     Before the first iteration of a run (not when resuming), evaluate every teacher
-    of the model on ``DATASETS.TEST`` and log its metrics as ``teacher/...``
+    of the model (its ``teachers``) and log its metrics as ``teacher/...``
     (``teacher<k>/...`` for the k-th of several teachers; a dataset level is added
     when there are several test sets, as Detectron2 does).  The global random state
     is restored afterwards, so the run trains exactly as it would without this hook.
@@ -101,9 +123,23 @@ class TeacherEvalHook(HookBase):
     silently.
     """
 
-    def __init__(self, cfg, min_ap: float = 0.0):
-        self._cfg = cfg
+    def __init__(self, evaluate: Callable[[object, str], Dict[str, Dict]], output_dir: str,
+                 min_ap: float = 0.0, keys: Optional[Dict[str, str]] = None):
+        """
+        Args:
+            evaluate: ``evaluate(teacher, output_dir)`` -> test set name -> results (e.g.
+                :func:`evaluate_teacher` with the student's config bound).
+            output_dir: the run's; each teacher's results go to ``inference_teacher<k>`` in it.
+            min_ap: the box AP each teacher must reach on every test set; 0: not checked.
+            keys: how the error names the settings, ``min_ap`` and ``teacher_config`` (the
+                yacs keys by default; a LazyConfig's are other).
+        """
+        self._evaluate = evaluate
+        self._output_dir = output_dir
         self._min_ap = float(min_ap)
+        self._keys = dict({"min_ap": "KD.TEACHER.MIN_AP", "teacher_config": "KD.TEACHER.CONFIG",
+                           "input": "the config's INPUT.FORMAT and MODEL.PIXEL_MEAN/PIXEL_STD"},
+                          **(keys or {}))
 
     def before_train(self):
         if self.trainer.iter > 0:
@@ -112,14 +148,13 @@ class TeacherEvalHook(HookBase):
         if isinstance(model, DistributedDataParallel):
             model = model.module
         teachers = getattr(model, "teachers", [])
-        cfg = self._cfg
         too_low: List[str] = []
         for k, teacher in enumerate(teachers):
             prefix = "teacher" if len(teachers) == 1 else "teacher{}".format(k)
             with preserved_rng_state():
-                results = evaluate_teacher(cfg, teacher, os.path.join(cfg.OUTPUT_DIR, "inference_" + prefix))
+                results = self._evaluate(teacher, os.path.join(self._output_dir, "inference_" + prefix))
             if comm.is_main_process():
-                logged = results[cfg.DATASETS.TEST[0]] if len(results) == 1 else results
+                logged = next(iter(results.values())) if len(results) == 1 else results
                 scalars = {prefix + "/" + key: v for key, v in flatten_results_dict(logged).items()}
                 self.trainer.storage.put_scalars(**scalars, smoothing_hint=False)
                 for name, res in results.items():
@@ -133,11 +168,12 @@ class TeacherEvalHook(HookBase):
         # every process stops, or none: the main one alone has the metrics
         too_low = comm.all_gather(too_low)[0]
         if too_low:
+            keys = self._keys
             raise ValueError(
-                "{}, below KD.TEACHER.MIN_AP={}; training did not start. Check that the teacher checkpoint is "
-                "the trained one for its config (KD.TEACHER.CONFIG), and that the config's INPUT.FORMAT and "
-                "MODEL.PIXEL_MEAN/PIXEL_STD are those it was trained with; or lower KD.TEACHER.MIN_AP".format(
-                    "; ".join(too_low), self._min_ap))
+                "{}, below {}={}; training did not start. Check that the teacher checkpoint is "
+                "the trained one for its config ({}), and that {} are those it was trained with; or "
+                "lower {}".format("; ".join(too_low), keys["min_ap"], self._min_ap,
+                                  keys["teacher_config"], keys["input"], keys["min_ap"]))
 
 
 def teacher_eval_hook(cfg) -> Optional[TeacherEvalHook]:
@@ -154,5 +190,5 @@ def teacher_eval_hook(cfg) -> Optional[TeacherEvalHook]:
                          "dataloader.test.dataset.names), which are empty: name a test set, or set KD.TEACHER.MIN_AP "
                          "0".format(teacher.MIN_AP))
     if (teacher.EVAL_BEFORE_TRAIN or teacher.MIN_AP > 0) and cfg.DATASETS.TEST:
-        return TeacherEvalHook(cfg, teacher.MIN_AP)
+        return TeacherEvalHook(functools.partial(evaluate_teacher, cfg), cfg.OUTPUT_DIR, teacher.MIN_AP)
     return None

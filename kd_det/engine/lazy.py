@@ -1,7 +1,9 @@
 """Pieces for training from Detectron2 LazyConfigs (``tools/lazyconfig_train_net.py``)."""
 
 import copy
-from typing import Iterable, Optional, Union
+import functools
+import sys
+from typing import Dict, Iterable, Optional, Tuple, Union
 
 import torch
 from detectron2.config import CfgNode, instantiate
@@ -9,13 +11,11 @@ from detectron2.engine import AMPTrainer, SimpleTrainer
 from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils.registry import locate
 
-from ..config import get_kd_cfg
-from ..modeling.lazy_student import kd_node
-from ..config.lazy import dataset_names, is_call_of, lazy_get
+from ..config.lazy import dataset_names, is_call_of, lazy_get, single_short_edge, test_resizes
 from .accumulation import GradientAccumulationTrainer, micro_batch_size
-from .hooks import TeacherEvalHook, teacher_eval_hook
+from .hooks import TeacherEvalHook, evaluate_teacher_on
 
-__all__ = ["clipped_optimizer", "lazy_teacher_eval_hook", "build_lazy_trainer"]
+__all__ = ["clipped_optimizer", "lazy_teacher_eval_hook", "evaluate_lazy_teacher", "build_lazy_trainer"]
 
 
 def clipped_optimizer(optimizer_class: Union[str, type], params: Iterable, clip_type: str = "norm",
@@ -43,24 +43,85 @@ def clipped_optimizer(optimizer_class: Union[str, type], params: Iterable, clip_
     return maybe_add_gradient_clipping(clip, cls)(params, **optimizer_kwargs)
 
 
+def _teacher_eval_settings(cfg) -> Tuple[bool, float, str]:
+    """
+    (enabled, min_ap, the min_ap key's name) of ``train.teacher_eval``.  A config of the
+    deprecated ``kd={...}`` form (kd_det.modeling.lazy_student) says it in
+    ``model.kd.TEACHER.EVAL_BEFORE_TRAIN``/``MIN_AP``, read here as the plain keys they are.
+    """
+    node = lazy_get(cfg, "train.teacher_eval")
+    if node is not None:
+        unknown = sorted(set(node.keys()) - {"enabled", "min_ap"})
+        if unknown:
+            raise ValueError("train.teacher_eval takes enabled and min_ap (yacs "
+                             "KD.TEACHER.EVAL_BEFORE_TRAIN and MIN_AP), not {}".format(unknown))
+        return (bool(lazy_get(node, "enabled", False)), float(lazy_get(node, "min_ap", 0.0)),
+                "train.teacher_eval.min_ap")
+    old = lazy_get(cfg, "model.kd.TEACHER")
+    return (bool(lazy_get(old, "EVAL_BEFORE_TRAIN", False)), float(lazy_get(old, "MIN_AP", 0.0)),
+            "model.kd.TEACHER.MIN_AP")
+
+
+def _lazy_test_size(cfg) -> Tuple[int, int]:
+    """The student's test resize (dataloader.test's ResizeShortestEdge), else Detectron2's default."""
+    resize = test_resizes(cfg)
+    short = single_short_edge(resize[0]) if resize else None
+    if short is None:
+        return 800, 1333
+    return short, int(lazy_get(resize[0], "max_size", sys.maxsize))
+
+
+def evaluate_lazy_teacher(cfg, teacher, output_dir: str) -> Dict[str, Dict]:
+    """
+    :func:`~kd_det.engine.hooks.evaluate_teacher_on` a LazyConfig student's test sets
+    (``dataloader.test.dataset.names``), each scored by its ``dataloader.evaluator`` for
+    that set, with its loader workers and (for a teacher without one) its test size.
+    """
+    names = dataset_names(lazy_get(cfg, "dataloader.test.dataset.names"))
+
+    def build_evaluator(name: str, out: str):
+        evaluator = copy.deepcopy(cfg.dataloader.evaluator)
+        evaluator.dataset_name = name
+        if "output_dir" in evaluator:  # COCOEvaluator's; others write nothing
+            evaluator.output_dir = out
+        return instantiate(evaluator)
+
+    return evaluate_teacher_on(teacher, names, build_evaluator, output_dir,
+                               int(lazy_get(cfg, "dataloader.test.num_workers", 0)),
+                               _lazy_test_size(cfg))
+
+
 def lazy_teacher_eval_hook(cfg) -> Optional[TeacherEvalHook]:
     """
-    :func:`~kd_det.engine.hooks.teacher_eval_hook` for a LazyConfig student: the
-    ``model.kd.TEACHER.EVAL_BEFORE_TRAIN``/``MIN_AP`` check on ``dataloader.test``'s
-    sets (each teacher at its own test size, scored by the dataset's kd_det evaluator,
-    logged as ``teacher/...`` in ``train.output_dir``'s metrics.json); None for a
-    plain model or when not asked for.
+    The :class:`~kd_det.engine.hooks.TeacherEvalHook` that a LazyConfig's
+    ``train.teacher_eval = dict(enabled=..., min_ap=...)`` asks for (yacs
+    ``KD.TEACHER.EVAL_BEFORE_TRAIN``/``MIN_AP``; ``min_ap`` > 0 implies ``enabled``): every
+    teacher of the built model (its ``teachers``, each at its own test size and input
+    format) scored on ``dataloader.test``'s sets by ``dataloader.evaluator`` before the
+    first step, logged as ``teacher/...`` in ``train.output_dir``'s metrics.json.  None
+    when not asked for, or (without min_ap) there is no test set; a model without
+    teachers evaluates none.
+
+    Raises:
+        ValueError when ``min_ap`` is set and there is no test set or evaluator to check it.
     """
-    kd = lazy_get(cfg, "model.kd")
-    if kd is None:
+    enabled, min_ap, min_ap_key = _teacher_eval_settings(cfg)
+    if not (enabled or min_ap > 0):
         return None
-    view = get_kd_cfg()
-    view.KD = kd_node(kd, self_distillation=True)  # a self-distilled student's KD.SELF; it has no teachers
-    view.DATASETS.TEST = dataset_names(lazy_get(cfg, "dataloader.test.dataset.names"))
-    view.DATALOADER.NUM_WORKERS = int(lazy_get(cfg, "dataloader.test.num_workers", 0))
-    view.OUTPUT_DIR = str(lazy_get(cfg, "train.output_dir", "./output"))
-    view.freeze()
-    return teacher_eval_hook(view)
+    names = dataset_names(lazy_get(cfg, "dataloader.test.dataset.names"))
+    has_evaluator = lazy_get(cfg, "dataloader.evaluator") is not None
+    if min_ap > 0 and not (names and has_evaluator):
+        raise ValueError("{}={} is checked on the test sets (dataloader.test.dataset.names) with "
+                         "dataloader.evaluator, {}: name a test set and its evaluator, or set {} "
+                         "0".format(min_ap_key, min_ap,
+                                    "which are empty" if not names else "which is missing",
+                                    min_ap_key))
+    if not (names and has_evaluator):
+        return None
+    keys = {"min_ap": min_ap_key, "teacher_config": "model.teacher.config",
+            "input": "its config's input format and pixel mean/std"}
+    return TeacherEvalHook(functools.partial(evaluate_lazy_teacher, cfg),
+                           str(lazy_get(cfg, "train.output_dir", "./output")), min_ap, keys)
 
 
 def build_lazy_trainer(cfg, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> SimpleTrainer:

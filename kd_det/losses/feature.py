@@ -310,8 +310,13 @@ class AttentionTransferLoss(FeatureLoss):
     short_name = "at"
     needs_equal_channels = False
 
-    def __init__(self, cfg=None):
-        pass
+    @configurable
+    def __init__(self):
+        """No settings: ``AttentionTransferLoss()``, or ``AttentionTransferLoss(cfg)``."""
+
+    @classmethod
+    def from_config(cls, cfg):
+        return {}
 
     @staticmethod
     def attention(x: torch.Tensor) -> torch.Tensor:

@@ -1,43 +1,121 @@
 """
-A distilled student written as a Detectron2 LazyConfig (``.py``), trained with
-``tools/lazyconfig_train_net.py``.
+LazyConfig students: the student alone of a distilled model (:func:`lazy_student_model`),
+and the deprecated ``kd={...}`` form of earlier kd_det versions (a compatibility layer).
 
-In the config, a plain student model (``L(GeneralizedRCNN)(...)`` or
-``L(RetinaNet)(...)``) becomes its distillation meta-architecture with
-:func:`lazy_distilled_model`; the distillation settings are the keys of the yacs
-``KD`` node, as a dict::
+A LazyConfig student composes its distillation directly, as Detectron2's projects do: the
+student's own LazyCall, retargeted to its distillation meta-architecture, with the
+teacher and the distillers as further arguments (see ``configs/**/*_lazy.py``)::
 
-    model = lazy_distilled_model(
-        student_model,
-        kd={"TEACHER": {"CONFIG": "...", "WEIGHTS": "..."},
-            "FEATURE": {"LOSS": "SSIMFeatureLoss", "WEIGHT": 2.0, "LEVEL_REDUCTION": "sum"}},
-        train_datasets="${dataloader.train.dataset.names}",
-    )
+    model = copy.deepcopy(student)            # L(GeneralizedRCNN)(...)
+    model._target_ = DistillGeneralizedRCNN
+    model.teacher = L(build_teacher)(config="teacher.yaml", weights="teacher.pth",
+        expected_classes=L(thing_classes)(names="${dataloader.train.dataset.names}"))
+    model.feature_distiller = L(FeatureDistiller)(levels=["p2", "p3", "p4", "p5", "p6"],
+        student_channels=64, teacher_channels=128, loss=L(SSIMFeatureLoss)(), weight=2.0)
 
-and ``model.kd.FEATURE.WEIGHT=1.0`` overrides them on the command line.  The model-level
-``KD`` keys apply, and ``KD.TEACHER.EVAL_BEFORE_TRAIN``/``MIN_AP``, which
-``tools/lazyconfig_train_net.py`` reads (:func:`kd_det.engine.lazy.lazy_teacher_eval_hook`).
-The training keys (yacs ``TRAINER``, formerly ``KD.TRAINER``/``KD.CURRICULUM``) act on
-tools/train_net.py's KDTrainer only, and a LazyConfig's curriculum is its loader's sampler
-(:func:`kd_det.data.curriculum.curriculum_sampler`): both are refused here.  Old key names
-are renamed as in a yacs config (:mod:`kd_det.config.renames`).  Teacher-free
-self-distillation (FRSKD, ``KD.SELF``) is :func:`lazy_self_distilled_model`.
+and ``model.feature_distiller.weight=1.0`` overrides one on the command line.  Arguments
+are built in the order they are listed, so the teacher and distillers come after the
+student's own (the yacs order, which sets the random initialisation).
+
+**Compatibility layer (deprecated).** Before issue 31 a LazyConfig student was
+``lazy_distilled_model(student, kd={...})`` (or :func:`lazy_self_distilled_model`), with
+the distillation settings keyed as the yacs ``KD`` node, and its LazyCall targeted
+:func:`build_distilled_model` / :func:`build_self_distilled_model`.  Runs saved such
+configs (their ``config.yaml``, written by ``LazyConfig.save``) and users wrote such
+``.py`` files, so these names still work, with one ``FutureWarning`` per process naming
+the new form.  They translate ``kd`` into the explicit arguments through the yacs schema
+they were written in: kd_det's default config merged with the dict (old key names renamed
+by :mod:`kd_det.config.renames`), read by the meta-architecture's own yacs ``from_config``
+pieces (``distill_kwargs`` / ``self_distill_kwargs``).  That is the one place outside a
+``from_config`` that builds a yacs node for a LazyConfig, and it is only for this old form.
 """
 
 import copy
+import inspect
+import warnings
 from typing import Dict, Mapping, Sequence
 
 import torch
 from detectron2.config import CfgNode
 from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.utils.registry import locate
 from omegaconf import DictConfig, OmegaConf
 
 from ..config import get_kd_cfg
 from ..config.renames import RENAMED_KEYS, rename_config_dict
 from .meta_arch import DistillMixin
 
-__all__ = ["lazy_distilled_model", "build_distilled_model", "lazy_self_distilled_model", "build_self_distilled_model",
-           "lazy_student_model", "kd_view_of_lazy_student", "kd_node"]
+__all__ = ["lazy_student_model", "distillation_arguments",
+           # the deprecated kd={...} form
+           "lazy_distilled_model", "build_distilled_model", "lazy_self_distilled_model",
+           "build_self_distilled_model", "kd_node"]
+
+
+def _target(model):
+    """The callable a LazyCall node names (its ``_target_``, located if a string), or None."""
+    target = model.get("_target_", None) if hasattr(model, "get") else None
+    return locate(target) if isinstance(target, str) else target
+
+
+def distillation_arguments(cls: type) -> Sequence[str]:
+    """
+    The constructor arguments of a kd_det meta-architecture ``cls`` that its vanilla
+    Detectron2 class (``cls.student_meta_architecture``) does not take: the teacher(s),
+    distillers and settings of distillation, e.g. ``teacher``, ``feature_distiller``.
+    Read from the two ``__init__`` signatures, so a new argument needs no list here.
+    """
+    vanilla = META_ARCH_REGISTRY.get(cls.student_meta_architecture)
+
+    def named(c):
+        return {n for n, p in inspect.signature(c.__init__).parameters.items()
+                if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
+    return sorted(named(cls) - named(vanilla))
+
+
+def lazy_student_model(model):
+    """
+    The LazyCall of the student alone, for evaluation, export and deployment, which
+    need neither the teacher nor its weights: a distillation meta-architecture's LazyCall
+    (e.g. ``L(DistillRetinaNet)(...)``, or the deprecated ``lazy_distilled_model`` form)
+    with its vanilla class (``student_meta_architecture``) as target and without its
+    distillation arguments (:func:`distillation_arguments`).  Other LazyCalls are
+    returned unchanged (the same object).
+    """
+    target = _target(model)
+    if target in (build_distilled_model, build_self_distilled_model):
+        return _old_form_student(model, target)
+    name = getattr(target, "student_meta_architecture", "") if isinstance(target, type) else ""
+    if not name:
+        return model
+    node = copy.deepcopy(model)
+    drop = set(distillation_arguments(target))
+    for key in [k for k in node.keys() if k in drop]:
+        del node[key]  # not pop(): it would resolve an interpolation that may point outside this node
+    node._target_ = META_ARCH_REGISTRY.get(name)
+    return node
+
+
+# --- the deprecated kd={...} form -------------------------------------------------------
+
+_NEW_FORM = ("compose the distillation directly, as configs/**/*_lazy.py do: "
+             "model._target_ = DistillGeneralizedRCNN (or DistillRetinaNet, SelfDistill...); "
+             "model.teacher = L(build_teacher)(config=..., weights=...); "
+             "model.feature_distiller = L(FeatureDistiller)(...); and train.teacher_eval = "
+             "dict(enabled=..., min_ap=...) for KD.TEACHER.EVAL_BEFORE_TRAIN/MIN_AP")
+_WARNED = set()
+
+
+def _warn_old_form() -> None:
+    """One FutureWarning per process for the kd={...} form, whichever of its names is used."""
+    if _WARNED:
+        return
+    _WARNED.add("kd")
+    warnings.warn("a LazyConfig student with kd={...} (kd_det.modeling.lazy_student."
+                  "lazy_distilled_model / build_distilled_model and their self-distillation "
+                  "twins) is deprecated and still builds; " + _NEW_FORM, FutureWarning,
+                  stacklevel=3)
+
 
 # KD keys that only the yacs training loop (KDTrainer, tools/train_net.py) reads (the old
 # names of TRAINER.NAME and TRAINER.CURRICULUM), or whose meta-architecture (FRSKD
@@ -80,8 +158,9 @@ def _ints_as_floats(kd: Dict, defaults: CfgNode) -> Dict:
 
 def kd_node(kd: Mapping, self_distillation: bool = False) -> CfgNode:
     """
-    kd_det's default ``KD`` node with ``kd`` merged in; unknown and yacs-only keys are
-    errors (``KD.SELF`` is taken for a ``self_distillation`` student).
+    The deprecated form's ``kd`` dict as kd_det's default ``KD`` node with it merged in;
+    unknown and yacs-only keys are errors (``KD.SELF`` is taken for a
+    ``self_distillation`` student).
     """
     kd = _to_dict(kd)
     refused = [k for k in _dotted_keys(kd) if k in _YACS_ONLY_KEYS and not (self_distillation and k == "SELF")]
@@ -136,8 +215,8 @@ def _target_name(node) -> str:
 
 def lazy_distilled_model(student, kd: Mapping, train_datasets: Sequence[str] = (), meta_architecture: str = ""):
     """
-    The LazyCall of the distilled student: ``student`` (a LazyCall of GeneralizedRCNN
-    or RetinaNet, left unchanged) with the same arguments, built by
+    Deprecated (see the module's docstring): the LazyCall of the distilled student,
+    ``student`` (a LazyCall of GeneralizedRCNN or RetinaNet, left unchanged) built by
     :func:`build_distilled_model` as ``meta_architecture`` (default: "Distill" + the
     student's class, e.g. DistillRetinaNet).
 
@@ -148,6 +227,7 @@ def lazy_distilled_model(student, kd: Mapping, train_datasets: Sequence[str] = (
             interpolation such as "${dataloader.train.dataset.names}"), for
             ``KD.TEACHER.CHECK_CLASSES``.
     """
+    _warn_old_form()
     name = _target_name(student)
     meta_architecture = meta_architecture or "Distill" + name
     cls = _distill_class(meta_architecture)
@@ -171,18 +251,18 @@ _SELF_HEADS = {"RetinaNet": ("head",), "GeneralizedRCNN": ("proposal_generator",
 
 def lazy_self_distilled_model(student, kd: Mapping, meta_architecture: str = ""):
     """
-    The LazyCall of a teacher-free self-distilled student (FRSKD, ``KD.SELF``):
-    ``student`` (a LazyCall of GeneralizedRCNN or RetinaNet, left unchanged) built by
+    Deprecated (see the module's docstring): the LazyCall of a teacher-free
+    self-distilled student (FRSKD, ``KD.SELF``), ``student`` (a LazyCall of
+    GeneralizedRCNN or RetinaNet, left unchanged) built by
     :func:`build_self_distilled_model` as ``meta_architecture`` (default "SelfDistill" +
     the student's class).  The self-teacher's detection heads are copies of the
     student's own head LazyCalls (``self_head``; ``self_proposal_generator`` and
-    ``self_roi_heads``), initialised on their own, so the refined maps keep the
-    student's channels (``KD.SELF.WIDTH_MULTIPLIER`` 1.0).
+    ``self_roi_heads``), initialised on their own.
 
     Args:
-        kd: the ``KD`` settings, keyed as the yacs ``KD`` node: ``SELF`` and ``FEATURE``
-            (``AttentionTransferLoss`` as in FRSKD, or ``SSIMFeatureLoss``).
+        kd: the ``KD`` settings, keyed as the yacs ``KD`` node: ``SELF`` and ``FEATURE``.
     """
+    _warn_old_form()
     name = _target_name(student)
     meta_architecture = meta_architecture or "SelfDistill" + name
     cls = _self_distill_class(meta_architecture)
@@ -199,24 +279,12 @@ def lazy_self_distilled_model(student, kd: Mapping, meta_architecture: str = "")
     return node
 
 
-def build_self_distilled_model(meta_architecture: str, kd: Mapping, **kwargs) -> torch.nn.Module:
+def _kd_view(meta_architecture: str, kd: Mapping, train_datasets: Sequence[str],
+             student_kwargs: Mapping) -> CfgNode:
     """
-    The target of :func:`lazy_self_distilled_model`'s LazyCall: ``meta_architecture``
-    (e.g. SelfDistillRetinaNet) from the student's built arguments, its self-teacher
-    heads (``self_*``) and the self-teacher and feature target of ``kd``.
-    """
-    cls = _self_distill_class(meta_architecture)
-    heads = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith("self_")}
-    cfg = kd_view_of_lazy_student(meta_architecture, kd, (), kwargs)
-    return cls(**cls.self_distill_kwargs(cfg, dict(kwargs), **heads))
-
-
-def kd_view_of_lazy_student(meta_architecture: str, kd: Mapping, train_datasets: Sequence[str],
-                            student_kwargs: Mapping) -> CfgNode:
-    """
-    The yacs config kd_det's builders read, for a LazyConfig student: ``KD`` from
-    ``kd``, and the few student settings they need (meta-architecture, class count,
-    device, training sets), taken from the built arguments.
+    The yacs config the old form was written in: ``KD`` from ``kd``, and the few student
+    settings its ``from_config`` pieces read (meta-architecture, class count, device,
+    training sets), taken from the built arguments.
     """
     cfg = get_kd_cfg()
     cfg.KD = kd_node(kd, self_distillation=meta_architecture.startswith("SelfDistill"))
@@ -236,34 +304,37 @@ def kd_view_of_lazy_student(meta_architecture: str, kd: Mapping, train_datasets:
 def build_distilled_model(meta_architecture: str, kd: Mapping, train_datasets: Sequence[str] = (),
                           **student_kwargs) -> torch.nn.Module:
     """
-    The target of :func:`lazy_distilled_model`'s LazyCall: ``meta_architecture``
-    (e.g. DistillGeneralizedRCNN) from the student's built arguments (backbone, heads,
-    ...) and the teacher and distillation modules of ``kd``.
+    Deprecated (see the module's docstring): the target of :func:`lazy_distilled_model`'s
+    LazyCall, ``meta_architecture`` (e.g. DistillGeneralizedRCNN) from the student's
+    built arguments (backbone, heads, ...) and the teacher and distillation modules of
+    ``kd``.
     """
+    _warn_old_form()
     cls = _distill_class(meta_architecture)
-    cfg = kd_view_of_lazy_student(meta_architecture, kd, train_datasets, student_kwargs)
+    cfg = _kd_view(meta_architecture, kd, train_datasets, student_kwargs)
     return cls(**cls.distill_kwargs(cfg, dict(student_kwargs)))
 
 
-def lazy_student_model(model):
+def build_self_distilled_model(meta_architecture: str, kd: Mapping, **kwargs) -> torch.nn.Module:
     """
-    The LazyCall of the student alone (its plain meta-architecture, no teacher nor
-    distillation modules) from a :func:`lazy_distilled_model` one: for evaluation and
-    export, which need neither the teacher nor its weights. Other LazyCalls are
-    returned unchanged.
+    Deprecated (see the module's docstring): the target of
+    :func:`lazy_self_distilled_model`'s LazyCall, ``meta_architecture`` (e.g.
+    SelfDistillRetinaNet) from the student's built arguments, its self-teacher heads
+    (``self_*``) and the self-teacher and feature target of ``kd``.
     """
-    target = model.get("_target_", None)
-    builders = (build_distilled_model, build_self_distilled_model)
-    if target not in builders and target not in [_qualname(b) for b in builders]:
-        return model
-    self_distilled = target in (build_self_distilled_model, _qualname(build_self_distilled_model))
+    _warn_old_form()
+    cls = _self_distill_class(meta_architecture)
+    heads = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith("self_")}
+    cfg = _kd_view(meta_architecture, kd, (), kwargs)
+    return cls(**cls.self_distill_kwargs(cfg, dict(kwargs), **heads))
+
+
+def _old_form_student(model, target):
+    """:func:`lazy_student_model` of a deprecated-form LazyCall (no warning: nothing is built)."""
+    self_distilled = target is build_self_distilled_model
     cls = (_self_distill_class if self_distilled else _distill_class)(model.meta_architecture)
     node = copy.deepcopy(model)
     for key in [k for k in node.keys() if k in ("meta_architecture", "kd", "train_datasets") or k.startswith("self_")]:
         del node[key]  # not pop(): it would resolve an interpolation that may point outside this node
     node._target_ = META_ARCH_REGISTRY.get(cls.student_meta_architecture)
     return node
-
-
-def _qualname(fn) -> str:
-    return fn.__module__ + "." + fn.__qualname__

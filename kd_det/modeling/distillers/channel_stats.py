@@ -9,7 +9,7 @@ from torch import nn
 
 from ...losses import AdaINHeadLoss, ChannelStatisticsLoss
 from .connectors import Connector
-from .feature import match_levels
+from .feature import Channels, check_level_shapes, match_levels, per_level_channels
 
 __all__ = ["ChannelStatsDistiller"]
 
@@ -33,21 +33,26 @@ class ChannelStatsDistiller(nn.Module):
     """
 
     @configurable
-    def __init__(self, *, levels: List[str], student_channels: Dict[str, int], teacher_channels: Dict[str, int],
-                 stats_weight: float, adain_weight: float):
+    def __init__(self, *, levels: List[str], student_channels: Channels, teacher_channels: Channels,
+                 stats_weight: float = 1.0, adain_weight: float = 1.0):
         """
         Args:
-            levels: the teacher head's levels (all of them: the head judges whole pyramids).
-            student_channels, teacher_channels: channels per level.
+            levels: the teacher head's levels (all of them: the head judges whole pyramids),
+                e.g. ["p3", "p4", "p5", "p6", "p7"] for a RetinaNet teacher, its RPN's
+                ["p2", ..., "p6"] for a two-stage one (the meta-architecture checks).
+            student_channels, teacher_channels: channels per level, a dict or one int for
+                every level (checked against both backbones by the meta-architecture).
             stats_weight, adain_weight: weights of the two losses (0 disables one).
         """
         super().__init__()
         self.levels = list(levels)
+        self.student_channels = per_level_channels(student_channels, self.levels, "student_channels")
+        self.teacher_channels = per_level_channels(teacher_channels, self.levels, "teacher_channels")
         self.stats_weight = stats_weight
         self.adain_weight = adain_weight
         self.stats_loss = ChannelStatisticsLoss()
         self.adain_loss = AdaINHeadLoss()
-        self.adapters = Connector(student_channels, teacher_channels, self.levels, "auto")
+        self.adapters = Connector(self.student_channels, self.teacher_channels, self.levels, "auto")
 
     @classmethod
     def from_config(cls, cfg, student_shapes: Dict[str, ShapeSpec], teacher_shapes: Dict[str, ShapeSpec],
@@ -60,6 +65,19 @@ class ChannelStatsDistiller(nn.Module):
             "stats_weight": cfg.KD.CHANNEL_STATS.WEIGHT,
             "adain_weight": cfg.KD.CHANNEL_STATS.ADAIN_WEIGHT,
         }
+
+    def check_shapes(self, student_shapes: Dict[str, ShapeSpec], teacher) -> None:
+        """
+        Raise unless the levels are the teacher's dense-head levels and the channels fit
+        both backbones (``teacher``: a :class:`FrozenTeacher`).
+        """
+        head_levels = teacher.dense_head_levels
+        if sorted(self.levels) != sorted(head_levels):
+            raise ValueError("channel_stats levels {} must be the levels of the teacher's dense head "
+                             "(its RetinaNet head or RPN), {}: its head judges whole pyramids; set "
+                             "levels={}".format(self.levels, head_levels, head_levels))
+        check_level_shapes("channel_stats", self.levels, self.student_channels, self.teacher_channels,
+                           student_shapes, teacher.output_shape())
 
     def forward(self, student_features: Dict[str, torch.Tensor], teacher_features: Dict[str, torch.Tensor],
                 teacher) -> Dict[str, torch.Tensor]:

@@ -1,6 +1,6 @@
 """Feature imitation: level matching, the student-side connector and the feature loss."""
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 from detectron2.config import configurable
@@ -10,7 +10,64 @@ from torch import nn
 from ...losses import FeatureLoss, build_feature_loss
 from .connectors import Connector
 
-__all__ = ["FeatureDistiller", "match_levels"]
+__all__ = ["FeatureDistiller", "match_levels", "per_level_channels", "check_level_shapes"]
+
+#: channels of each level: a dict, or one int for every level (what a LazyConfig can write
+#: without knowing a backbone's output shapes)
+Channels = Union[int, Mapping[str, int]]
+
+
+def per_level_channels(channels: Channels, levels: Sequence[str], what: str = "channels") -> Dict[str, int]:
+    """
+    ``channels`` as a dict over ``levels``: an int is every level's count.
+
+    Raises:
+        ValueError: a dict that leaves out one of ``levels`` (named by ``what``).
+    """
+    if isinstance(channels, int):
+        return {k: channels for k in levels}
+    missing = [k for k in levels if k not in channels]
+    if missing:
+        raise ValueError("{} {} gives no channel count for levels {}: give one per level, or one "
+                         "int for every level".format(what, dict(channels), missing))
+    return {k: int(channels[k]) for k in levels}
+
+
+def check_level_shapes(component: str, levels: Sequence[str], student_channels: Dict[str, int],
+                       teacher_channels: Dict[str, int], student_shapes: Dict[str, ShapeSpec],
+                       teacher_shapes: Dict[str, ShapeSpec], teacher: str = "teacher") -> None:
+    """
+    Check a distiller's explicit levels and channel counts against the backbones it was
+    given to: each level output by both with one stride, and the channels it was built for.
+    (A distiller built from a yacs config took them from these shapes: always true there.)
+
+    Args:
+        component: how messages name the distiller, e.g. "feature_distiller".
+        student_shapes, teacher_shapes: the backbones' ``output_shape()``.
+        teacher: what the target is, for messages ("teacher", "self-teacher").
+    Raises:
+        ValueError naming the level, the numbers and the argument to change.
+    """
+    for name in levels:
+        for who, shapes in (("student", student_shapes), (teacher, teacher_shapes)):
+            if name not in shapes:
+                raise ValueError("{} imitates level {!r}, which the {}'s backbone does not output "
+                                 "(it has {}): set its levels to levels both output".format(
+                                     component, name, who, sorted(shapes)))
+        if student_shapes[name].stride != teacher_shapes[name].stride:
+            raise ValueError("{}: level {!r} has stride {} in the student but {} in the {}; "
+                             "imitate only levels of equal stride".format(
+                                 component, name, student_shapes[name].stride,
+                                 teacher_shapes[name].stride, teacher))
+        for who, given, shapes, arg in (("student", student_channels, student_shapes,
+                                         "student_channels"),
+                                        (teacher, teacher_channels, teacher_shapes,
+                                         "teacher_channels")):
+            if given[name] != shapes[name].channels:
+                raise ValueError("{} was built for {} channels of the {} at level {!r}, but its "
+                                 "backbone outputs {}: set {}={}".format(
+                                     component, given[name], who, name, shapes[name].channels,
+                                     arg, shapes[name].channels))
 
 
 def match_levels(
@@ -63,8 +120,8 @@ class FeatureDistiller(nn.Module):
         self,
         *,
         levels: List[str],
-        student_channels: Dict[str, int],
-        teacher_channels: Dict[str, int],
+        student_channels: Channels,
+        teacher_channels: Channels,
         loss: FeatureLoss,
         weight: float,
         level_weights: Optional[List[float]] = None,
@@ -73,9 +130,12 @@ class FeatureDistiller(nn.Module):
     ):
         """
         Args:
-            levels: feature names to imitate.
-            student_channels, teacher_channels: channels of each level.
-            loss: the feature loss.
+            levels: feature names to imitate, e.g. ["p2", "p3", "p4", "p5", "p6"]; each must be
+                output by both backbones with one stride (the meta-architecture checks).
+            student_channels, teacher_channels: channels of each level, a dict or one int for
+                every level (e.g. ``student_channels=64, teacher_channels=256`` for FPNs of
+                those widths; the meta-architecture checks them against both backbones).
+            loss: the feature loss, e.g. ``SSIMFeatureLoss()``.
             weight: multiplies the loss.
             level_weights: per-level weights; None/empty: ``level_reduction`` decides.
             level_reduction: "mean" (weights 1/L) or "sum" (weights 1) over the L levels.
@@ -93,7 +153,9 @@ class FeatureDistiller(nn.Module):
                 len(level_weights), len(self.levels), self.levels))
         self.level_weights = list(level_weights) if level_weights else LEVEL_REDUCTIONS[level_reduction](
             len(self.levels))
-        self.adapters = Connector(student_channels, teacher_channels, self.levels, adapter,
+        self.student_channels = per_level_channels(student_channels, self.levels, "student_channels")
+        self.teacher_channels = per_level_channels(teacher_channels, self.levels, "teacher_channels")
+        self.adapters = Connector(self.student_channels, self.teacher_channels, self.levels, adapter,
                                   loss.needs_equal_channels)
 
     @classmethod
@@ -109,6 +171,12 @@ class FeatureDistiller(nn.Module):
             "level_reduction": cfg.KD.FEATURE.LEVEL_REDUCTION,
             "adapter": cfg.KD.FEATURE.ADAPTER,
         }
+
+    def check_shapes(self, student_shapes: Dict[str, ShapeSpec], teacher_shapes: Dict[str, ShapeSpec],
+                     component: str = "feature_distiller", teacher: str = "teacher") -> None:
+        """Raise unless the levels and channels fit these backbones (see :func:`check_level_shapes`)."""
+        check_level_shapes(component, self.levels, self.student_channels, self.teacher_channels,
+                           student_shapes, teacher_shapes, teacher)
 
     def adapt(self, student_features: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
         """Student features of the imitated levels, through their adapters: list of (N, C_t, H, W)."""

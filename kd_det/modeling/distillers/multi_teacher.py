@@ -10,11 +10,12 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
-from .feature import FeatureDistiller
+from .feature import Channels, FeatureDistiller, per_level_channels
 
 __all__ = ["TeacherImportanceGate", "MultiTeacherDistiller"]
 
@@ -28,9 +29,17 @@ class TeacherImportanceGate(nn.Module):
     distillation loss, and never shapes the student's features itself.
     """
 
-    def __init__(self, levels: List[str], channels: Dict[str, int], num_teachers: int, latent_dim: int = 64):
+    def __init__(self, levels: List[str], channels: Channels, num_teachers: int, latent_dim: int = 64):
+        """
+        Args:
+            levels: the student's levels it pools (those of the feature distillers).
+            channels: the student's channels per level, a dict or one int for every level.
+            num_teachers: how many teachers it weighs.
+            latent_dim: size of the embedding and of each teacher's latent vector.
+        """
         super().__init__()
         self.levels = list(levels)
+        channels = per_level_channels(channels, self.levels, "TeacherImportanceGate channels")
         self.embed = nn.Linear(sum(channels[k] for k in self.levels), latent_dim)
         self.teacher_latents = nn.Parameter(torch.randn(num_teachers, latent_dim) / latent_dim ** 0.5)
 
@@ -48,11 +57,21 @@ class MultiTeacherDistiller(nn.Module):
     each teacher is logged as ``kd_teacher<k>_weight``.
     """
 
-    def __init__(self, distillers: Sequence[FeatureDistiller], gate: Optional[TeacherImportanceGate] = None,
+    @configurable
+    def __init__(self, *, distillers: Sequence[FeatureDistiller], gate: Optional[TeacherImportanceGate] = None,
                  fixed_weights: Optional[Sequence[float]] = None):
+        """
+        Args:
+            distillers: one per teacher, in the order of the student's teachers (the first
+                is ``teacher``, the others ``extra_teachers``).
+            gate: per-image weights learned from the student's features; or
+            fixed_weights: one non-negative weight per teacher (normalised to sum 1).
+        """
         super().__init__()
         if (gate is None) == (fixed_weights is None):
-            raise ValueError("give either a gate or fixed weights")
+            raise ValueError("give MultiTeacherDistiller either a gate or fixed weights "
+                             "(KD.MULTI_TEACHER.FIXED_WEIGHTS), not {}".format(
+                                 "both" if gate is not None else "neither"))
         self.distillers = nn.ModuleList(distillers)
         self.gate = gate
         if fixed_weights is not None:
@@ -66,14 +85,15 @@ class MultiTeacherDistiller(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, student_shapes: Dict[str, ShapeSpec], teacher_shapes: List[Dict[str, ShapeSpec]]):
+        # the distillers first, then the gate: the order their random initialisation is drawn in
         distillers = [FeatureDistiller(cfg, student_shapes, shapes) for shapes in teacher_shapes]
         mt = cfg.KD.MULTI_TEACHER
         if mt.FIXED_WEIGHTS:
-            return cls(distillers, fixed_weights=list(mt.FIXED_WEIGHTS))
+            return {"distillers": distillers, "fixed_weights": list(mt.FIXED_WEIGHTS)}
         levels = distillers[0].levels
         gate = TeacherImportanceGate(levels, {k: student_shapes[k].channels for k in levels}, len(distillers),
                                      mt.GATE_DIM)
-        return cls(distillers, gate=gate)
+        return {"distillers": distillers, "gate": gate}
 
     def teacher_weights(self, student_features: Dict[str, torch.Tensor]) -> torch.Tensor:
         """(N, num_teachers) per-image weights."""

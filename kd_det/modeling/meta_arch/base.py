@@ -110,20 +110,59 @@ class DistillMixin(DistillForwardMixin):
     teachers, ``self.kd_multi_teacher`` (a :class:`MultiTeacherDistiller`, which then
     replaces ``kd_feature``).  ``inherit_prefixes`` (``KD.INHERIT.PREFIXES``) name the
     teacher weights the student starts from (see :func:`inherit_teacher_weights`).
+
+    The constructor arguments (each meta-architecture's ``__init__``) are explicit, so a
+    LazyConfig composes them with ``L(...)``; the shapes its distillers were given as
+    plain numbers are checked here against the student's and the teachers' backbones.
+    In a LazyConfig, list ``teacher`` and the distillers after the student's own
+    arguments: ``instantiate`` builds arguments in order, and that order (student,
+    teacher, distillers) is the yacs one, which sets the random initialisation.
     """
 
     def _init_distillation(self, teacher: FrozenTeacher, feature_distiller: Optional[FeatureDistiller],
                            channel_stats: Optional[ChannelStatsDistiller] = None,
                            extra_teachers: Sequence[FrozenTeacher] = (),
                            multi_teacher: Optional[MultiTeacherDistiller] = None,
-                           inherit_prefixes: Sequence[str] = ()):
+                           inherit_prefixes: Sequence[str] = (), num_classes: int = 0):
+        """
+        Args:
+            num_classes: the student's class count, which every teacher must have.
+        """
+        if not isinstance(teacher, FrozenTeacher):
+            raise ValueError("teacher must be a FrozenTeacher, e.g. built by "
+                             "L(kd_det.modeling.build_teacher)(config=..., weights=...); got "
+                             "{}".format(type(teacher).__name__))
         self.teacher = teacher
         self.teachers = [teacher] + list(extra_teachers)
         self.kd_feature = feature_distiller
         self.kd_stats = channel_stats
         self.kd_multi_teacher = multi_teacher
+        self._check_distillation(num_classes)
         # the student's initial weights; MODEL.WEIGHTS and --resume load over them
         inherit_teacher_weights(self, teacher.model, inherit_prefixes)
+
+    def _check_distillation(self, num_classes: int) -> None:
+        """The teachers and distillers fit together and fit the student's and teachers' shapes."""
+        check_num_classes(self.teachers, num_classes)
+        student_shapes = self.backbone.output_shape()
+        if len(self.teachers) > 1 or self.kd_multi_teacher is not None:
+            multi = self.kd_multi_teacher
+            if multi is None or self.kd_feature is not None or self.kd_stats is not None:
+                raise ValueError("several teachers (teacher and extra_teachers; KD.MULTI_TEACHER) are "
+                                 "combined for feature imitation only, by multi_teacher="
+                                 "MultiTeacherDistiller(...) with one FeatureDistiller per teacher; "
+                                 "give it, and no feature_distiller or channel_stats")
+            if len(multi.distillers) != len(self.teachers):
+                raise ValueError("multi_teacher has {} feature distillers for {} teachers (teacher and "
+                                 "extra_teachers): give one per teacher, in order".format(
+                                     len(multi.distillers), len(self.teachers)))
+            for k, (distiller, teacher) in enumerate(zip(multi.distillers, self.teachers)):
+                distiller.check_shapes(student_shapes, teacher.output_shape(),
+                                       "multi_teacher.distillers[{}]".format(k))
+        if self.kd_feature is not None:
+            self.kd_feature.check_shapes(student_shapes, self.teacher.output_shape())
+        if self.kd_stats is not None:
+            self.kd_stats.check_shapes(student_shapes, self.teacher)
 
     def _apply(self, fn, *args, **kwargs):
         # The teachers are not submodules (see FrozenTeacher), so nn.Module would leave them
@@ -156,7 +195,7 @@ class DistillMixin(DistillForwardMixin):
                                  "imitation only: set KD.FEATURE.ENABLED True{}, or use one "
                                  "teacher".format(
                                      " and disable " + ", ".join(others) if others else ""))
-            multi = MultiTeacherDistiller.from_config(cfg, student_shapes, [t.output_shape() for t in teachers])
+            multi = MultiTeacherDistiller(cfg, student_shapes, [t.output_shape() for t in teachers])
             return dict(ret, teacher=teacher, extra_teachers=teachers[1:], feature_distiller=None,
                         channel_stats=None, multi_teacher=multi)
         if cfg.KD.FEATURE.ENABLED:

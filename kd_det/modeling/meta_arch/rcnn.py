@@ -32,7 +32,14 @@ class DistillGeneralizedRCNN(DistillMixin, GeneralizedRCNN):
       (``cfg.KD.SOFT_LABEL``, a :class:`RoISoftLabelDistiller`): the teacher's box head
       classifies the student's sampled RoIs on the teacher's features.
 
-    Inference is the student alone.
+    Inference is the student alone.  In a LazyConfig, the student's ``L(GeneralizedRCNN)``
+    call with this class as its target and the distillation arguments added::
+
+        model._target_ = DistillGeneralizedRCNN
+        model.teacher = L(build_teacher)(config="teacher.yaml", weights="teacher.pth",
+            expected_classes=L(thing_classes)(names="${dataloader.train.dataset.names}"))
+        model.feature_distiller = L(FeatureDistiller)(levels=["p2", "p3", "p4", "p5", "p6"],
+            student_channels=64, teacher_channels=256, loss=L(SSIMFeatureLoss)(), weight=2.0)
     """
 
     #: the vanilla meta-architecture the student is, once exported
@@ -46,12 +53,14 @@ class DistillGeneralizedRCNN(DistillMixin, GeneralizedRCNN):
         Args:
             teacher, feature_distiller, channel_stats, extra_teachers, multi_teacher,
                 inherit_prefixes: see :class:`DistillMixin`.
-            roi_soft_label: RoI soft-label KD, or None.
+            roi_soft_label: RoI soft-label KD, or None (or a weight of 0).
             kwargs: GeneralizedRCNN's arguments.
         """
         super().__init__(**kwargs)
         self._init_distillation(teacher, feature_distiller, channel_stats, extra_teachers,
-                                multi_teacher, inherit_prefixes)
+                                multi_teacher, inherit_prefixes, self.roi_heads.num_classes)
+        if roi_soft_label is not None and not roi_soft_label.weight > 0:
+            roi_soft_label = None  # a weight of 0 switches it off, as KD.SOFT_LABEL.WEIGHT 0 does
         self.kd_roi_soft_label = roi_soft_label
         sources = dict(STUDENT_INPUT_SOURCES)
         if roi_soft_label is not None:

@@ -36,7 +36,17 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
     * ``loss_kd_soft``: soft-label classification KD (``cfg.KD.SOFT_LABEL``).
 
     RM, PFI and soft labels need a RetinaNet teacher with the same classes, anchors
-    per position and head levels.  Inference is the student alone.
+    per position and head levels.  Inference is the student alone.  In a LazyConfig, the
+    student's ``L(RetinaNet)`` call with this class as its target and the distillation
+    arguments added, e.g. RM + PFI::
+
+        model._target_ = DistillRetinaNet
+        model.teacher = L(build_teacher)(config="teacher.yaml", weights="teacher.pth")
+        model.feature_distiller = L(FeatureDistiller)(levels=["p3", "p4", "p5", "p6", "p7"],
+            student_channels=256, teacher_channels=256, loss=L(L2FeatureLoss)(), weight=1.0)
+        model.prediction_distiller = L(DensePredictionDistiller)(num_classes="${..num_classes}",
+            rm_loss=L(RankMimickingLoss)(), rm_weight=4.0)
+        model.pfi = True
     """
 
     #: the vanilla meta-architecture the student is, once exported
@@ -60,21 +70,30 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
         Args:
             teacher, feature_distiller, channel_stats, extra_teachers, multi_teacher,
                 inherit_prefixes: see :class:`DistillMixin`.
-            prediction_distiller: Rank Mimicking and soft labels, or None.
+            prediction_distiller: Rank Mimicking and soft labels, or None (or both weights 0).
             pfi: weight feature imitation per position by the prediction difference.
             kwargs: RetinaNet's arguments.
         """
         super().__init__(**kwargs)
         self._init_distillation(teacher, feature_distiller, channel_stats, extra_teachers, multi_teacher,
-                                inherit_prefixes)
+                                inherit_prefixes, self.num_classes)
+        if prediction_distiller is not None:
+            if not prediction_distiller.enabled:
+                prediction_distiller = None  # weights of 0 switch it off, as in a yacs config
+            elif prediction_distiller.num_classes != self.num_classes:
+                raise ValueError("prediction_distiller has num_classes={} but the student {}: give it "
+                                 "the student's (num_classes=\"${{..num_classes}}\" in a "
+                                 "LazyConfig)".format(prediction_distiller.num_classes,
+                                                       self.num_classes))
         self.kd_prediction = prediction_distiller
         self.pfi = pfi
         if self.uses_teacher_predictions:
             self._check_teacher_head()
         if pfi and feature_distiller is None:
-            raise ValueError("KD.PFI.ENABLED weights the feature imitation loss, but "
-                             "KD.FEATURE.ENABLED is False; set it True, with KD.FEATURE.LOSS "
-                             "'L2FeatureLoss' (as in the paper) or 'SSIMFeatureLoss'")
+            raise ValueError("KD.PFI.ENABLED (pfi) weights the feature imitation loss, but "
+                             "KD.FEATURE.ENABLED is False (no feature_distiller); set it True, "
+                             "with KD.FEATURE.LOSS 'L2FeatureLoss' (as in the paper) or "
+                             "'SSIMFeatureLoss'")
         self._init_recorders(DENSE_SOURCES, match_anchors=prediction_distiller is not None)
 
     @classmethod

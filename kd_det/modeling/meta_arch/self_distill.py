@@ -27,11 +27,47 @@ from .self_teacher import BiFPNSelfTeacher
 __all__ = ["SelfDistillRetinaNet", "SelfDistillGeneralizedRCNN"]
 
 
+def _check_head_input(name: str, head: Optional[nn.Module], width: int) -> None:
+    """
+    Raise unless a self-teacher head's first convolution (a RetinaNet head's or an RPN
+    head's, which read the pyramid) takes the refined maps' ``width`` channels.
+    """
+    first = next((m for m in head.modules() if isinstance(m, nn.Conv2d)), None) if head else None
+    if first is not None and first.in_channels != width:
+        raise ValueError("{} takes {} channels, but the self-teacher's refined maps have {} (its width; "
+                         "KD.SELF.WIDTH_MULTIPLIER): build the head for {} channels, or give the "
+                         "self-teacher width={}".format(name, first.in_channels, width, width,
+                                                        first.in_channels))
+
+
 class _SelfDistillMixin(DistillForwardMixin):
     """The self-teacher, its feature target and the shared loss bookkeeping."""
 
     def _init_self_distillation(self, self_teacher: BiFPNSelfTeacher, feature_distiller: FeatureDistiller,
-                                head_weight: float, detach_input: bool):
+                                head_weight: float, detach_input: bool, head_features: List[str],
+                                heads: Dict[str, nn.Module]):
+        """
+        Args:
+            head_features: the levels the student's (and the self-teacher's) heads read.
+            heads: the self-teacher's detection heads by argument name (their input
+                channels are checked against the refined maps' width).
+        """
+        if feature_distiller is None:
+            raise ValueError("self-distillation imitates the self-teacher's refined features, but "
+                             "KD.FEATURE.ENABLED is False (no feature_distiller); set it True, with "
+                             "KD.FEATURE.LOSS 'AttentionTransferLoss' (as in FRSKD) or "
+                             "'SSIMFeatureLoss'")
+        shapes = self.backbone.output_shape()
+        self_teacher.check_student(shapes)
+        missing = [f for f in head_features if f not in self_teacher.in_features]
+        if missing:
+            raise ValueError("the self-teacher's detection head needs levels {}, but KD.SELF.IN_FEATURES "
+                             "(self_teacher in_features) leaves out {}".format(list(head_features),
+                                                                               missing))
+        feature_distiller.check_shapes(shapes, self_teacher.output_shape(), "feature_distiller",
+                                       "self-teacher")
+        for name, head in heads.items():
+            _check_head_input(name, head, self_teacher.width)
         self.kd_self_teacher = self_teacher
         self.kd_feature = feature_distiller
         self.self_head_weight = head_weight
@@ -107,7 +143,8 @@ class SelfDistillRetinaNet(_SelfDistillMixin, RetinaNet):
             kwargs: RetinaNet's arguments.
         """
         super().__init__(**kwargs)
-        self._init_self_distillation(self_teacher, feature_distiller, self_head_weight, self_detach_input)
+        self._init_self_distillation(self_teacher, feature_distiller, self_head_weight, self_detach_input,
+                                     list(self.head_in_features), {"self_head": self_head})
         self.kd_self_head = self_head
         self.kd_prediction = prediction_distiller
         self._init_recorders(DENSE_SOURCES, match_anchors=prediction_distiller is not None)
@@ -191,7 +228,10 @@ class SelfDistillGeneralizedRCNN(_SelfDistillMixin, GeneralizedRCNN):
             kwargs: GeneralizedRCNN's arguments.
         """
         super().__init__(**kwargs)
-        self._init_self_distillation(self_teacher, feature_distiller, self_head_weight, self_detach_input)
+        self._init_self_distillation(
+            self_teacher, feature_distiller, self_head_weight, self_detach_input,
+            self._head_levels(self.backbone.output_shape(), self.proposal_generator, self.roi_heads),
+            {"self_proposal_generator": self_proposal_generator})
         self.kd_self_proposal_generator = self_proposal_generator
         self.kd_self_roi_heads = self_roi_heads
         self._init_recorders(STUDENT_INPUT_SOURCES)
@@ -213,8 +253,7 @@ class SelfDistillGeneralizedRCNN(_SelfDistillMixin, GeneralizedRCNN):
                 ``cfg.MODEL``.
         """
         shapes = student_kwargs["backbone"].output_shape()
-        levels = sorted(set(student_kwargs["proposal_generator"].in_features)
-                        | set(student_kwargs["roi_heads"].in_features), key=lambda f: shapes[f].stride)
+        levels = cls._head_levels(shapes, student_kwargs["proposal_generator"], student_kwargs["roi_heads"])
         ret = cls._self_from_config(cfg, dict(student_kwargs), levels)
         refined = ret["self_teacher"].output_shape()
         if (self_proposal_generator is None) != (self_roi_heads is None):
@@ -227,6 +266,14 @@ class SelfDistillGeneralizedRCNN(_SelfDistillMixin, GeneralizedRCNN):
         ret["self_proposal_generator"] = self_proposal_generator
         ret["self_roi_heads"] = self_roi_heads
         return ret
+
+    @staticmethod
+    def _head_levels(shapes: Dict, proposal_generator, roi_heads) -> List[str]:
+        """The levels the RPN and RoI heads read, fine to coarse (precomputed proposals: no RPN)."""
+        levels = set(roi_heads.in_features)
+        if proposal_generator is not None:
+            levels |= set(proposal_generator.in_features)
+        return sorted(levels, key=lambda f: shapes[f].stride)
 
     def distillation_losses(self, batched_inputs: List[Dict],
                             recorded: Dict) -> Dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ on the ground truth through its own detection head, needs no teacher checkpoint 
 is dropped at export (it lives under a ``kd_`` key).
 """
 
-from typing import Dict, List
+from typing import Dict, List, Mapping, Union
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,17 @@ class SeparableConvBlock(nn.Sequential):
         )
 
 
+def _shape_spec(input_shapes, level: str) -> ShapeSpec:
+    """Level ``level`` of :class:`BiFPNSelfTeacher`'s ``input_shapes`` (stride None where not given)."""
+    if isinstance(input_shapes, int):
+        return ShapeSpec(channels=input_shapes)
+    if level not in input_shapes:
+        raise ValueError("the self-teacher's input_shapes give no level {!r} (they have {})".format(
+            level, sorted(input_shapes)))
+    shape = input_shapes[level]
+    return ShapeSpec(channels=int(shape)) if isinstance(shape, int) else shape
+
+
 def _resize_to(x: torch.Tensor, like: torch.Tensor, mode: str) -> torch.Tensor:
     """``x`` resampled to the spatial size of ``like``: nearest upsampling, or max-pool downsampling."""
     size = like.shape[-2:]
@@ -74,27 +85,31 @@ class BiFPNSelfTeacher(nn.Module):
     """
 
     @configurable
-    def __init__(self, *, in_features: List[str], input_shapes: Dict[str, ShapeSpec], width: int, norm: str = "GN"):
+    def __init__(self, *, in_features: List[str],
+                 input_shapes: Union[int, Mapping[str, Union[ShapeSpec, int]]], width: int,
+                 norm: str = "GN"):
         """
         Args:
             in_features: pyramid levels, finest first (e.g. p2..p6 or p3..p7).
-            input_shapes: the student backbone's output shapes.
+            input_shapes: the student backbone's output shapes; or, where they are not known
+                (a LazyConfig), its channels: per level, or one int for every level (the
+                student checks them, and gives the strides, when it is built).
             width: channels of every refined map.
             norm: Detectron2 norm name for the lateral and fused convs ("GN", "BN", "SyncBN", "").
         """
         super().__init__()
         if len(in_features) < 2:
             raise ValueError("the self-teacher needs at least two pyramid levels, got {}".format(in_features))
-        strides = [input_shapes[f].stride for f in in_features]
-        if strides != sorted(strides):
-            raise ValueError("KD.SELF.IN_FEATURES must go from fine to coarse; strides {} of {}".format(
-                strides, in_features))
+        shapes = {f: _shape_spec(input_shapes, f) for f in in_features}
+        strides = [shapes[f].stride for f in in_features]
         self.in_features = list(in_features)
+        self._check_order(strides)
         self._strides = dict(zip(in_features, strides))
+        self.input_channels = {f: shapes[f].channels for f in in_features}
         self.width = width
         n = len(in_features)
         self.lateral = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(input_shapes[f].channels, width, 1, bias=not norm),
+            nn.Sequential(nn.Conv2d(shapes[f].channels, width, 1, bias=not norm),
                           get_norm(norm, width) or nn.Identity())
             for f in in_features)
         # top-down: levels n-2 .. 0; bottom-up: levels 1 .. n-1
@@ -117,6 +132,28 @@ class BiFPNSelfTeacher(nn.Module):
             "width": int(round(cfg.KD.SELF.WIDTH_MULTIPLIER * channels)),
             "norm": cfg.KD.SELF.NORM,
         }
+
+    def _check_order(self, strides: List) -> None:
+        if None not in strides and strides != sorted(strides):
+            raise ValueError("KD.SELF.IN_FEATURES must go from fine to coarse; strides {} of {}".format(
+                strides, self.in_features))
+
+    def check_student(self, shapes: Dict[str, ShapeSpec]) -> None:
+        """
+        Raise unless the student's backbone (``shapes``, its ``output_shape()``) outputs the
+        levels and channels this self-teacher was built for; takes its strides.
+        """
+        missing = [f for f in self.in_features if f not in shapes]
+        if missing:
+            raise ValueError("self_teacher levels {} are not student backbone outputs ({})".format(
+                missing, sorted(shapes)))
+        self._check_order([shapes[f].stride for f in self.in_features])
+        for f in self.in_features:
+            if self.input_channels[f] != shapes[f].channels:
+                raise ValueError("self_teacher was built for {} channels at level {!r}, but the student's "
+                                 "backbone outputs {}: set its input_shapes={}".format(
+                                     self.input_channels[f], f, shapes[f].channels, shapes[f].channels))
+        self._strides = {f: shapes[f].stride for f in self.in_features}
 
     def output_shape(self) -> Dict[str, ShapeSpec]:
         return {f: ShapeSpec(channels=self.width, stride=self._strides[f]) for f in self.in_features}
