@@ -1,5 +1,6 @@
 """A distilled student written as a LazyConfig, and tools/lazyconfig_train_net.py."""
 
+import copy
 import importlib.util
 import json
 import os
@@ -20,7 +21,8 @@ from omegaconf import OmegaConf
 from kd_det.release import deploy
 from kd_det.release.student import file_sha256
 from kd_det.modeling import DistillGeneralizedRCNN
-from kd_det.modeling.lazy_student import build_distilled_model, lazy_distilled_model, lazy_student_model
+from kd_det.modeling import lazy_student as compat
+from kd_det.modeling.lazy_student import lazy_student_model
 
 LAZY_SSIM = config_path("synthetic/distill/ssim_faster_rcnn_R50_to_R18_lazy.py")
 YAML_SSIM = "synthetic/distill/ssim_faster_rcnn_R50_to_R18.yaml"
@@ -38,8 +40,8 @@ def _load_tool():
 
 
 def _teacher_opts(weights):
-    return ["model.kd.TEACHER.CONFIG=" + config_path("synthetic/faster_rcnn_R_50_FPN.yaml"),
-            "model.kd.TEACHER.WEIGHTS=" + weights]
+    return ["model.teacher.config=" + config_path("synthetic/faster_rcnn_R_50_FPN.yaml"),
+            "model.teacher.weights=" + weights]
 
 
 def _tiny_run(teacher_weights, out, batch, *extra):
@@ -58,23 +60,64 @@ def _shapes(model):
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
+def _seeded(build, seed=3):
+    torch.manual_seed(seed)
+    return build()
+
+
+def assert_same_weights(a, b):
+    """Two models with the same state_dict keys and bitwise equal tensors."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    assert not [k for k in sa if not torch.equal(sa[k], sb[k])]
+
+
+def assert_same_losses(a, b, batch, seed=4):
+    """One training forward of each on ``batch`` (same random sampling): equal loss dicts."""
+    from detectron2.utils.events import EventStorage
+
+    losses = []
+    for model in (a, b):
+        torch.manual_seed(seed)
+        with EventStorage(0):
+            losses.append(model.train()(batch))
+    assert sorted(losses[0]) == sorted(losses[1])
+    assert all(torch.equal(losses[0][k], losses[1][k]) for k in losses[0]), losses
+    return losses[0]
+
+
 def test_lazy_student_is_the_yaml_student(tiny_data_root, tmp_path, rcnn_teacher):
-    lazy = LazyConfig.apply_overrides(LazyConfig.load(LAZY_SSIM), _teacher_opts(rcnn_teacher))
-    model = instantiate(lazy.model)
-    yacs = build_model(tiny_cfg(YAML_SSIM, tmp_path, ["KD.TEACHER.CONFIG", config_path(
-        "synthetic/faster_rcnn_R_50_FPN.yaml"), "KD.TEACHER.WEIGHTS", rcnn_teacher]))
+    lazy = LazyConfig.apply_overrides(LazyConfig.load(LAZY_SSIM), _teacher_opts(rcnn_teacher) + [
+        "dataloader.train.dataset.names={}_train".format(TINY_PREFIX), "dataloader.train.total_batch_size=2",
+        "dataloader.train.mapper.augmentations.0.short_edge_length=[64]",
+        "dataloader.train.mapper.augmentations.0.max_size=64"])
+    cfg = tiny_cfg(YAML_SSIM, tmp_path, ["KD.TEACHER.CONFIG", config_path(
+        "synthetic/faster_rcnn_R_50_FPN.yaml"), "KD.TEACHER.WEIGHTS", rcnn_teacher])
+    # built in the yacs twin's order (student, teacher, adapters): the same initial weights
+    model = _seeded(lambda: instantiate(lazy.model))
+    yacs = _seeded(lambda: build_model(cfg))
     assert type(model) is DistillGeneralizedRCNN
-    # same student, same adapters (R-50 FPN-128 teacher, FPN-64 student), same loss settings
-    assert _shapes(model) == _shapes(yacs)
     assert any(k.startswith("kd_feature.adapters") for k in model.state_dict())
+    assert_same_weights(model, yacs)
     assert model.kd_feature.level_weights == yacs.kd_feature.level_weights
     assert model.kd_feature.weight == yacs.kd_feature.weight == 2.0
     saved = torch.load(rcnn_teacher, map_location="cpu", weights_only=False)["model"]
     assert all(torch.equal(saved[k], v) for k, v in model.teacher.model.state_dict().items())
-    # the CHECK_CLASSES view names the dataloader's training set (an interpolation in the config)
+    # ... and the same losses, distillation included, on one batch
+    yacs.roi_heads.batch_size_per_image = model.roi_heads.batch_size_per_image  # tiny_cfg's 32
+    yacs.proposal_generator.pre_nms_topk = model.proposal_generator.pre_nms_topk
+    yacs.proposal_generator.post_nms_topk = model.proposal_generator.post_nms_topk
+    losses = assert_same_losses(model, yacs, next(iter(instantiate(lazy.dataloader.train))))
+    assert losses["loss_kd_ssim"] > 0
+    # the class check reads the dataloader's training set (an interpolation in the config)
+    assert list(instantiate(lazy.model.teacher.expected_classes)) == list(
+        MetadataCatalog.get(TINY_PREFIX + "_train").thing_classes)
     student = instantiate(lazy_student_model(lazy.model))
     assert type(student) is GeneralizedRCNN and _shapes(student) == {
         k: v for k, v in _shapes(yacs).items() if not k.startswith("kd_")}
+    # command-line overrides name the real arguments
+    over = LazyConfig.apply_overrides(lazy, ["model.feature_distiller.weight=1.0"])
+    assert instantiate(over.model).kd_feature.weight == 1.0
 
 
 @pytest.mark.slow
@@ -82,9 +125,12 @@ def test_lazy_faster_rcnn_student_with_roi_soft_labels(tiny_data_root, rcnn_teac
     """Soft-label KD on the student's sampled RoIs (the teacher's box head scoring them) from a LazyConfig."""
     from detectron2.utils.events import EventStorage
 
+    from kd_det.losses import SoftmaxKDLoss
+    from kd_det.modeling import RoISoftLabelDistiller
+
     lazy = LazyConfig.apply_overrides(LazyConfig.load(LAZY_SSIM), _teacher_opts(rcnn_teacher) + [
-        "model.kd.SOFT_LABEL.ENABLED=True", "model.kd.SOFT_LABEL.WEIGHT=1",
         "dataloader.train.dataset.names={}_train".format(TINY_PREFIX), "dataloader.train.total_batch_size=2"])
+    lazy.model.roi_soft_label = L(RoISoftLabelDistiller)(loss=L(SoftmaxKDLoss)(temperature=1.0), weight=1.0)
     model = instantiate(lazy.model).train()
     with EventStorage(0):
         losses = model(next(iter(instantiate(lazy.dataloader.train))))
@@ -111,7 +157,7 @@ def test_lazy_student_trains_resumes_and_evaluates_without_its_teacher(tiny_data
     out = tmp_path / "run"
     small = _tiny_run(rcnn_teacher, out, 2, "train.checkpointer.period=1")
     tool.main(tool.default_argument_parser().parse_args(
-        ["--config-file", LAZY_SSIM] + small + ["train.max_iter=2", "model.kd.TEACHER.EVAL_BEFORE_TRAIN=True"]))
+        ["--config-file", LAZY_SSIM] + small + ["train.max_iter=2", "train.teacher_eval.enabled=True"]))
     final = torch.load(out / "model_final.pth", weights_only=False)
     assert final["iteration"] == 1
     assert not [k for k in final["model"] if k.startswith("teacher")]
@@ -121,7 +167,7 @@ def test_lazy_student_trains_resumes_and_evaluates_without_its_teacher(tiny_data
     metrics = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
     assert all("loss_kd_ssim" in m for m in metrics if "total_loss" in m)
     assert any("bbox/AP" in m for m in metrics)  # evaluated at the end
-    # the teacher, scored before the first step (EVAL_BEFORE_TRAIN), as tools/train_net.py logs it
+    # the teacher, scored before the first step (train.teacher_eval), as tools/train_net.py logs it
     teacher_ap = [m for m in metrics if "teacher/bbox/AP" in m]
     assert len(teacher_ap) == 1 and teacher_ap[0]["iteration"] == 0
     assert (out / "inference_teacher" / (TINY_PREFIX + "_val") / "coco_instances_results.json").is_file()
@@ -134,7 +180,7 @@ def test_lazy_student_trains_resumes_and_evaluates_without_its_teacher(tiny_data
 
     # evaluation builds the student alone: the teacher's weights need not exist
     results = tool.main(tool.default_argument_parser().parse_args(
-        ["--config-file", LAZY_SSIM, "--eval-only", "model.kd.TEACHER.WEIGHTS=/nonexistent/teacher.pth",
+        ["--config-file", LAZY_SSIM, "--eval-only", "model.teacher.weights=/nonexistent/teacher.pth",
          "dataloader.test.dataset.names={}_val".format(TINY_PREFIX), "train.output_dir=" + str(tmp_path / "eval"),
          "train.init_checkpoint=" + str(out / "model_final.pth")]))
     assert "AP" in results["bbox"]
@@ -194,35 +240,62 @@ def test_lazy_config_overrides_must_be_key_value(tmp_path):
 
 
 def test_lazy_student_errors(tiny_data_root, rcnn_teacher):
-    lazy = LazyConfig.load(LAZY_SSIM)
-    student = lazy_student_model(lazy.model)
-    with pytest.raises(ValueError, match=r"does not fit kd_det's KD keys.*FEATURE.LOSSS"):
-        lazy_distilled_model(student, kd={"FEATURE": {"LOSSS": "SSIMFeatureLoss"}})
-    with pytest.raises(ValueError, match=r"KD.CURRICULUM, which only tools/train_net.py's KDTrainer reads"):
-        lazy_distilled_model(student, kd={"CURRICULUM": {"ENABLED": True}})
-    with pytest.raises(ValueError, match=r"meta_architecture 'DistillRetinaNet' distils a RetinaNet student, but the LazyCall builds "
-                                         r"a GeneralizedRCNN"):
-        lazy_distilled_model(student, kd={}, meta_architecture="DistillRetinaNet")
-    with pytest.raises(ValueError, match=r"'SelfDistillRetinaNet' is not a kd_det distillation meta-architecture "
-                                         r"with a teacher"):
-        lazy_distilled_model(student, kd={}, meta_architecture="SelfDistillRetinaNet")
-    with pytest.raises(ValueError, match=r"takes the student's LazyCall"):
-        lazy_distilled_model({"backbone": None}, kd={})
-    # the yacs checks apply as they are: a missing teacher, a loss name that does not exist
-    bad = LazyConfig.apply_overrides(lazy, ["model.kd.TEACHER.WEIGHTS=/nonexistent/teacher.pth",
-                                            "model.kd.TEACHER.CONFIG=" + config_path(
-                                                "synthetic/faster_rcnn_R_50_FPN.yaml")])
+    def lazy(*opts):  # apply_overrides changes the config it is given
+        return LazyConfig.apply_overrides(LazyConfig.load(LAZY_SSIM), _teacher_opts(rcnn_teacher) + list(opts))
+
+    # shapes a config gives as numbers are checked against the backbones, naming the argument
+    bad = lazy("model.feature_distiller.teacher_channels=256")
+    with pytest.raises(ValueError, match=r"feature_distiller was built for 256 channels of the teacher at level "
+                                         r"'p2', but its backbone outputs 128: set teacher_channels=128"):
+        instantiate(bad.model)
+    bad = lazy("model.feature_distiller.levels=[p3,p7]")
+    with pytest.raises(ValueError, match=r"feature_distiller imitates level 'p7', which the student's backbone "
+                                         r"does not output"):
+        instantiate(bad.model)
+    bad = lazy("model.feature_distiller.student_channels={p2: 64}")
+    with pytest.raises(ValueError, match=r"student_channels \{'p2': 64\} gives no channel count for levels "
+                                         r"\['p3', 'p4', 'p5', 'p6'\]"):
+        instantiate(bad.model)
+    bad = lazy("model.teacher=null")
+    with pytest.raises(ValueError, match=r"teacher must be a FrozenTeacher, e.g. built by "
+                                         r"L\(kd_det.modeling.build_teacher\)"):
+        instantiate(bad.model)
+    # the teacher's own checks apply as they are: a missing checkpoint
+    bad = lazy("model.teacher.weights=/nonexistent/teacher.pth")
     with pytest.raises(FileNotFoundError, match="teacher weights KD.TEACHER.WEIGHTS='/nonexistent/teacher.pth' not "
                                                 "found"):
         instantiate(bad.model)
-    bad = LazyConfig.apply_overrides(LazyConfig.load(LAZY_SSIM), _teacher_opts(rcnn_teacher) + [
-        "model.kd.FEATURE.LOSS=SSIMLoss"])
-    with pytest.raises(KeyError, match="SSIMLoss"):
-        instantiate(bad.model)
-    assert build_distilled_model is bad.model._target_
     # a plain LazyCall is not a distilled one: lazy_student_model leaves it as it is
     plain = L(GeneralizedRCNN)(backbone=None)
     assert lazy_student_model(plain) is plain
+    # the distillation arguments are read from the constructors, not listed by hand
+    assert compat.distillation_arguments(DistillGeneralizedRCNN) == [
+        "channel_stats", "extra_teachers", "feature_distiller", "inherit_prefixes", "multi_teacher",
+        "roi_soft_label", "teacher"]
+
+
+def test_old_form_kd_errors(tiny_data_root, rcnn_teacher):
+    """The deprecated kd={...} form keeps its checks, when the config loads and when it builds."""
+    student = lazy_student_model(LazyConfig.load(LAZY_SSIM).model)
+    with pytest.raises(ValueError, match=r"does not fit kd_det's KD keys.*FEATURE.LOSSS"):
+        compat.lazy_distilled_model(student, kd={"FEATURE": {"LOSSS": "SSIMFeatureLoss"}})
+    with pytest.raises(ValueError, match=r"KD.CURRICULUM, which only tools/train_net.py's KDTrainer reads"):
+        compat.lazy_distilled_model(student, kd={"CURRICULUM": {"ENABLED": True}})
+    with pytest.raises(ValueError, match=r"meta_architecture 'DistillRetinaNet' distils a RetinaNet student, but the "
+                                         r"LazyCall builds a GeneralizedRCNN"):
+        compat.lazy_distilled_model(student, kd={}, meta_architecture="DistillRetinaNet")
+    with pytest.raises(ValueError, match=r"'SelfDistillRetinaNet' is not a kd_det distillation meta-architecture "
+                                         r"with a teacher"):
+        compat.lazy_distilled_model(student, kd={}, meta_architecture="SelfDistillRetinaNet")
+    with pytest.raises(ValueError, match=r"takes the student's LazyCall"):
+        compat.lazy_distilled_model({"backbone": None}, kd={})
+    old = LazyConfig.load(LAZY_SSIM)
+    old.model = compat.lazy_distilled_model(student, kd={"TEACHER": {
+        "CONFIG": config_path("synthetic/faster_rcnn_R_50_FPN.yaml"), "WEIGHTS": rcnn_teacher}})
+    bad = LazyConfig.apply_overrides(old, ["model.kd.FEATURE.LOSS=SSIMLoss"])
+    with pytest.raises(KeyError, match="SSIMLoss"):
+        instantiate(bad.model)
+    assert compat.build_distilled_model is bad.model._target_
 
 
 @pytest.mark.slow
@@ -231,16 +304,19 @@ def test_teacher_min_ap_stops_a_lazy_run_before_its_first_step(tiny_data_root, t
 
     tool = _load_tool()
     out = tmp_path / "run"
-    opts = _tiny_run(rcnn_teacher, out, 2, "train.max_iter=2", "model.kd.TEACHER.MIN_AP=99.0")
+    opts = _tiny_run(rcnn_teacher, out, 2, "train.max_iter=2", "train.teacher_eval.min_ap=99.0")
     with pytest.raises(ValueError, match=r"teacher \(weights .*\) has box AP [0-9.]+ on {}, below "
-                                         r"KD.TEACHER.MIN_AP=99.0; training did not start".format(TINY_PREFIX + "_val")):
+                                         r"train.teacher_eval.min_ap=99.0; training did not start".format(
+                                             TINY_PREFIX + "_val")):
         tool.main(tool.default_argument_parser().parse_args(["--config-file", LAZY_SSIM] + opts))
     assert not list(out.glob("model_*.pth"))
     # nothing to check it on: refused by name
-    lazy = LazyConfig.apply_overrides(LazyConfig.load(LAZY_SSIM), ["model.kd.TEACHER.MIN_AP=30",
+    lazy = LazyConfig.apply_overrides(LazyConfig.load(LAZY_SSIM), ["train.teacher_eval.min_ap=30",
                                                                    "dataloader.test.dataset.names=[]"])
-    with pytest.raises(ValueError, match=r"MIN_AP=30.0 is checked on the test sets .*dataloader.test.dataset.names"):
+    with pytest.raises(ValueError, match=r"min_ap=30.0 is checked on the test sets .*dataloader.test.dataset.names"):
         lazy_teacher_eval_hook(lazy)
+    with pytest.raises(ValueError, match=r"train.teacher_eval takes enabled and min_ap .*not \['min_AP'\]"):
+        lazy_teacher_eval_hook(LazyConfig.apply_overrides(LazyConfig.load(LAZY_SSIM), ["train.teacher_eval.min_AP=3"]))
     assert lazy_teacher_eval_hook(LazyConfig.load(LAZY_SSIM)) is None  # not asked for
     assert lazy_teacher_eval_hook(LazyConfig.load(config_path("synthetic/faster_rcnn_R_50_FPN_lazy.py"))) is None
 
@@ -332,9 +408,9 @@ def test_lazy_curriculum(tiny_data_root, tmp_path, rcnn_teacher):
     tool.main(tool.default_argument_parser().parse_args(["--config-file", str(config), "--resume"] + opts[:-2] + [
         "train.max_iter=3", "train.grad_accum_steps=2"]))
     assert torch.load(out / "model_final.pth", weights_only=False)["iteration"] == 2
-    # in kd, the curriculum is refused with the LazyConfig form named
+    # in the deprecated kd={...} form, the curriculum is refused with the LazyConfig form named
     with pytest.raises(ValueError, match=r"dataloader.train.sampler = L\(kd_det.data.curriculum.curriculum_sampler"):
-        lazy_distilled_model(lazy_student_model(lazy.model), kd={"CURRICULUM": {"ENABLED": True}})
+        compat.lazy_distilled_model(lazy_student_model(lazy.model), kd={"CURRICULUM": {"ENABLED": True}})
 
 
 LAZY_FRSKD = config_path("synthetic/distill/self_frskd_faster_rcnn_R18_lazy.py")
@@ -346,9 +422,11 @@ def test_lazy_self_distilled_student_is_the_yaml_one_and_trains(tiny_data_root, 
     from kd_det.modeling import SelfDistillGeneralizedRCNN
 
     lazy = LazyConfig.load(LAZY_FRSKD)
-    model = instantiate(lazy.model)
-    yacs = build_model(tiny_cfg("synthetic/distill/self_frskd_faster_rcnn_R18.yaml", tmp_path))
-    assert type(model) is SelfDistillGeneralizedRCNN and _shapes(model) == _shapes(yacs)
+    # built in the yacs twin's order (student, self-teacher, its feature target, its heads)
+    model = _seeded(lambda: instantiate(lazy.model))
+    yacs = _seeded(lambda: build_model(tiny_cfg("synthetic/distill/self_frskd_faster_rcnn_R18.yaml", tmp_path)))
+    assert type(model) is SelfDistillGeneralizedRCNN
+    assert_same_weights(model, yacs)
     assert any(k.startswith("kd_self_roi_heads.") for k in _shapes(model))
     # the self-teacher's heads are initialised on their own, not copies of the student's weights
     assert not torch.equal(model.kd_self_roi_heads.box_predictor.cls_score.weight,
@@ -356,7 +434,16 @@ def test_lazy_self_distilled_student_is_the_yaml_one_and_trains(tiny_data_root, 
     assert type(instantiate(lazy_student_model(lazy.model))) is GeneralizedRCNN
     from kd_det.engine.lazy import lazy_teacher_eval_hook
 
-    assert lazy_teacher_eval_hook(LazyConfig.apply_overrides(lazy, ["model.kd.SELF.NORM=BN"])) is None  # no teacher
+    assert lazy_teacher_eval_hook(lazy) is None  # no teacher, no train.teacher_eval
+    # a self-teacher built for other channels than the student's is refused by name
+    bad = LazyConfig.apply_overrides(LazyConfig.load(LAZY_FRSKD), ["model.self_teacher.input_shapes=128"])
+    with pytest.raises(ValueError, match=r"self_teacher was built for 128 channels at level 'p2', but the student's "
+                                         r"backbone outputs 64: set its input_shapes=64"):
+        instantiate(bad.model)
+    bad = LazyConfig.apply_overrides(LazyConfig.load(LAZY_FRSKD), ["model.self_teacher.width=128"])
+    with pytest.raises(ValueError, match=r"self_proposal_generator takes 64 channels, but the self-teacher's refined "
+                                         r"maps have 128 \(its width; KD.SELF.WIDTH_MULTIPLIER\)"):
+        instantiate(bad.model)
 
     tool = _load_tool()
     out = tmp_path / "run"
@@ -377,31 +464,69 @@ def test_lazy_self_distilled_student_is_the_yaml_one_and_trains(tiny_data_root, 
         "GeneralizedRCNN", "FRSKD self-distillation (AttentionTransfer)", "")
 
 
-def test_retinanet_self_distillation_from_built_arguments(tiny_data_root, tmp_path):
+def test_retinanet_self_distillation_from_explicit_arguments(tiny_data_root, tmp_path):
+    """SelfDistillRetinaNet from explicit arguments (what a LazyConfig composes) is its yacs twin."""
+    from detectron2.modeling import RetinaNet
+    from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
+
+    from kd_det.losses import AttentionTransferLoss, SoftLabelKDLoss
+    from kd_det.modeling import BiFPNSelfTeacher, DensePredictionDistiller, FeatureDistiller, SelfDistillRetinaNet
+
+    cfg = tiny_cfg("synthetic/distill/self_frskd_retinanet_R18.yaml", tmp_path)
+    soft = cfg.KD.SELF.SOFT_LABEL
+
+    def explicit(width=64):
+        student = RetinaNet.from_config(cfg)
+        levels = list(student["head_in_features"])
+        return SelfDistillRetinaNet(
+            **student,
+            self_teacher=BiFPNSelfTeacher(in_features=levels, input_shapes=64, width=width, norm=cfg.KD.SELF.NORM),
+            feature_distiller=FeatureDistiller(levels=levels, student_channels=64, teacher_channels=width,
+                                               loss=AttentionTransferLoss(), weight=cfg.KD.FEATURE.WEIGHT),
+            self_head=RetinaNetHead(cfg, [student["backbone"].output_shape()[f] for f in levels]),
+            prediction_distiller=DensePredictionDistiller(
+                num_classes=student["num_classes"], soft_label_loss=SoftLabelKDLoss(temperature=soft.TEMPERATURE),
+                soft_label_weight=soft.WEIGHT))
+
+    model = _seeded(explicit)
+    yacs = _seeded(lambda: build_model(cfg))
+    assert type(model) is SelfDistillRetinaNet
+    assert_same_weights(model, yacs)
+    assert model.kd_prediction.soft_label_weight == yacs.kd_prediction.soft_label_weight > 0
+    # a head for the student's channels on wider refined maps is refused by name
+    with pytest.raises(ValueError, match=r"self_head takes 64 channels, but the self-teacher's refined maps have 128"):
+        explicit(width=128)
+
+
+def test_old_form_self_distillation_still_builds(tiny_data_root, tmp_path):
+    """build_self_distilled_model (the deprecated form's target) for a RetinaNet student."""
     from detectron2.modeling import RetinaNet
     from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 
     from kd_det.modeling import SelfDistillRetinaNet
-    from kd_det.modeling.lazy_student import build_self_distilled_model, lazy_self_distilled_model
 
     yacs_cfg = tiny_cfg("synthetic/distill/self_frskd_retinanet_R18.yaml", tmp_path)
     kd = {"FEATURE": {"LOSS": yacs_cfg.KD.FEATURE.LOSS, "WEIGHT": yacs_cfg.KD.FEATURE.WEIGHT},
           "SELF": {"SOFT_LABEL": {"WEIGHT": yacs_cfg.KD.SELF.SOFT_LABEL.WEIGHT}}}
     student = RetinaNet.from_config(yacs_cfg)
     head = RetinaNetHead(yacs_cfg, [student["backbone"].output_shape()[f] for f in student["head_in_features"]])
-    model = build_self_distilled_model("SelfDistillRetinaNet", kd, self_head=head, **student)
+    model = compat.build_self_distilled_model("SelfDistillRetinaNet", kd, self_head=head, **student)
     assert type(model) is SelfDistillRetinaNet and _shapes(model) == _shapes(build_model(yacs_cfg))
     assert model.kd_prediction.soft_label_weight == yacs_cfg.KD.SELF.SOFT_LABEL.WEIGHT > 0
     # copied heads take the student's channels: a wider self-teacher is refused by name
     wide = dict(kd, SELF={"WIDTH_MULTIPLIER": 2.0})
     with pytest.raises(ValueError, match=r"take \[64\] channels, but the refined maps have 128 "
                                          r"\(KD.SELF.WIDTH_MULTIPLIER\)"):
-        build_self_distilled_model("SelfDistillRetinaNet", wide, self_head=head, **RetinaNet.from_config(yacs_cfg))
+        compat.build_self_distilled_model("SelfDistillRetinaNet", wide, self_head=head,
+                                          **RetinaNet.from_config(yacs_cfg))
     # KD.SELF belongs to self-distillation: a distilled (teacher) student refuses it and names the way
     with pytest.raises(ValueError, match=r"KD.SELF.*lazy_self_distilled_model"):
-        lazy_distilled_model(lazy_student_model(LazyConfig.load(LAZY_SSIM).model), kd={"SELF": {"NORM": "BN"}})
+        compat.lazy_distilled_model(lazy_student_model(LazyConfig.load(LAZY_SSIM).model), kd={"SELF": {"NORM": "BN"}})
     with pytest.raises(ValueError, match=r"'DistillRetinaNet' is not a kd_det self-distillation"):
-        lazy_self_distilled_model(L(RetinaNet)(), kd={}, meta_architecture="DistillRetinaNet")
+        compat.lazy_self_distilled_model(L(RetinaNet)(), kd={}, meta_architecture="DistillRetinaNet")
+    old = compat.lazy_self_distilled_model(lazy_student_model(LazyConfig.load(LAZY_SSIM).model), kd={
+        "FEATURE": {"LOSS": "AttentionTransferLoss", "WEIGHT": 1.0}})
+    assert type(instantiate(lazy_student_model(old))) is GeneralizedRCNN
 
 
 @pytest.mark.numeric
@@ -440,27 +565,137 @@ def test_plain_lazy_config_trains_and_missing_training_keys_are_named(tiny_data_
         tool.main(tool.default_argument_parser().parse_args(["--config-file", str(model_only)]))
 
 
-def test_retinanet_student_from_built_arguments(tiny_data_root, tmp_path, retina_teacher):
-    """build_distilled_model (the LazyCall's target) for a RetinaNet student, with RM and PFI."""
+def test_retinanet_student_from_explicit_arguments(tiny_data_root, tmp_path, retina_teacher):
+    """DistillRetinaNet with RM and PFI from explicit arguments (what a LazyConfig composes) is its yacs twin."""
     from detectron2.modeling import RetinaNet
 
-    from kd_det.modeling import DistillRetinaNet
+    from kd_det.data.classes import thing_classes
+    from kd_det.losses import L2FeatureLoss, RankMimickingLoss
+    from kd_det.modeling import DensePredictionDistiller, DistillRetinaNet, FeatureDistiller, build_teacher
 
-    teacher = {"CONFIG": config_path("synthetic/retinanet_R_50_FPN.yaml"), "WEIGHTS": retina_teacher}
-    yacs_cfg = tiny_cfg("synthetic/distill/rm_pfi_retinanet_R50_to_R18.yaml", tmp_path, [
-        "KD.TEACHER.CONFIG", teacher["CONFIG"], "KD.TEACHER.WEIGHTS", teacher["WEIGHTS"]])
-    kd = {"TEACHER": teacher, "FEATURE": {"LOSS": yacs_cfg.KD.FEATURE.LOSS, "WEIGHT": yacs_cfg.KD.FEATURE.WEIGHT},
-          "RM": {"ENABLED": True, "WEIGHT": yacs_cfg.KD.RM.WEIGHT}, "PFI": {"ENABLED": True}}
-    model = build_distilled_model("DistillRetinaNet", kd, [TINY_PREFIX + "_train"], **RetinaNet.from_config(yacs_cfg))
-    yacs = build_model(yacs_cfg)
-    assert type(model) is DistillRetinaNet and _shapes(model) == _shapes(yacs)
+    teacher_config = config_path("synthetic/retinanet_R_50_FPN.yaml")
+    cfg = tiny_cfg("synthetic/distill/rm_pfi_retinanet_R50_to_R18.yaml", tmp_path, [
+        "KD.TEACHER.CONFIG", teacher_config, "KD.TEACHER.WEIGHTS", retina_teacher])
+    assert (cfg.KD.FEATURE.LOSS, cfg.KD.FEATURE.ADAPTER, cfg.KD.FEATURE.LEVEL_REDUCTION) == (
+        "L2FeatureLoss", "auto", "mean")
+
+    def explicit(train_sets=(TINY_PREFIX + "_train",), **over):
+        student = RetinaNet.from_config(cfg)  # in the yacs order: the student, the teacher, the adapters
+        teacher = build_teacher(teacher_config, retina_teacher, expected_classes=thing_classes(train_sets))
+        args = dict(feature_distiller=FeatureDistiller(
+            levels=["p3", "p4", "p5", "p6", "p7"], student_channels=64, teacher_channels=128, loss=L2FeatureLoss(),
+            weight=cfg.KD.FEATURE.WEIGHT), prediction_distiller=DensePredictionDistiller(
+            num_classes=student["num_classes"], rm_loss=RankMimickingLoss(temperature=cfg.KD.RM.TEMPERATURE),
+            rm_weight=cfg.KD.RM.WEIGHT), pfi=True)
+        return DistillRetinaNet(**student, teacher=teacher, **dict(args, **over))
+
+    model = _seeded(explicit)
+    yacs = _seeded(lambda: build_model(cfg))
+    assert type(model) is DistillRetinaNet
+    assert_same_weights(model, yacs)
     assert model.kd_prediction.rm_weight == yacs.kd_prediction.rm_weight > 0
     assert model.pfi and yacs.pfi
-    # ints where kd_det's defaults are floats (as people write them, or as key=value overrides give them)
-    kd_int = dict(kd, RM={"ENABLED": True, "WEIGHT": 4}, FEATURE={"LOSS": "SSIMFeatureLoss", "WEIGHT": 2})
-    model = build_distilled_model("DistillRetinaNet", kd_int, [], **RetinaNet.from_config(yacs_cfg))
-    assert model.kd_prediction.rm_weight == 4.0 and model.kd_feature.weight == 2.0
-    # the class check reads the view's training sets: a teacher trained on other classes is refused
+    losses = assert_same_losses(model, yacs, next(iter(_tiny_loader(cfg))))
+    assert losses["loss_kd_rm"] > 0 and losses["loss_kd_l2"] > 0
+    # a weight of 0 switches a distiller off, as in a yacs config
+    off = explicit(prediction_distiller=DensePredictionDistiller(num_classes=cfg.MODEL.RETINANET.NUM_CLASSES,
+                                                                 rm_loss=RankMimickingLoss(), rm_weight=0.0))
+    assert off.kd_prediction is None
+    with pytest.raises(ValueError, match=r"prediction_distiller has num_classes=3 but the student 5"):
+        explicit(prediction_distiller=DensePredictionDistiller(num_classes=3, rm_loss=RankMimickingLoss(),
+                                                               rm_weight=1.0))
+    with pytest.raises(ValueError, match=r"KD.PFI.ENABLED \(pfi\) weights the feature imitation loss"):
+        explicit(feature_distiller=None)
+    # the class check reads the student's training sets: a teacher trained on other classes is refused
     with pytest.raises(ValueError, match=r"trained on DATASETS.TRAIN=.*and the student on "
                                          r"\(.coco_2017_train.,\): they have other classes"):
-        build_distilled_model("DistillRetinaNet", kd, ["coco_2017_train"], **RetinaNet.from_config(yacs_cfg))
+        explicit(train_sets="coco_2017_train")
+
+
+def _tiny_loader(cfg):
+    from detectron2.data import build_detection_train_loader
+
+    return build_detection_train_loader(cfg)
+
+
+def test_old_form_saved_config_still_builds_the_same_model(tiny_data_root, tmp_path, rcnn_teacher, monkeypatch):
+    """
+    A run's config.yaml of the deprecated form (build_distilled_model with kd={...}, as earlier
+    kd_det versions saved it) builds the same model as the new form, with one FutureWarning;
+    its student, its teacher check and its model-zoo row still read.
+    """
+    import warnings
+
+    from kd_det.config.summary import distillation_summary
+    from kd_det.engine.lazy import lazy_teacher_eval_hook
+
+    new = LazyConfig.apply_overrides(LazyConfig.load(LAZY_SSIM), _teacher_opts(rcnn_teacher) + [
+        "dataloader.train.dataset.names={}_train".format(TINY_PREFIX)])
+    old = LazyConfig.load(LAZY_SSIM)
+    del old.train["teacher_eval"]
+    old.model = compat.lazy_distilled_model(lazy_student_model(new.model), kd={
+        "TEACHER": {"CONFIG": config_path("synthetic/faster_rcnn_R_50_FPN.yaml"), "WEIGHTS": rcnn_teacher,
+                    "MIN_AP": 10.0},
+        "FEATURE": {"LOSS": "SSIMFeatureLoss", "LEVEL_REDUCTION": "sum", "WEIGHT": 2}},  # an int, as people write
+        train_datasets="${dataloader.train.dataset.names}")
+    old.dataloader.train.dataset.names = TINY_PREFIX + "_train"
+    LazyConfig.save(old, str(tmp_path / "config.yaml"))
+    text = (tmp_path / "config.yaml").read_text()
+    assert "_target_: kd_det.modeling.lazy_student.build_distilled_model" in text and "kd:" in text
+
+    monkeypatch.setattr(compat, "_WARNED", set())  # a fresh process
+    saved = LazyConfig.load(str(tmp_path / "config.yaml"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = _seeded(lambda: instantiate(saved.model))
+        instantiate(saved.model)  # warned once per process
+    ours = [w for w in caught if issubclass(w.category, FutureWarning) and "kd={...}" in str(w.message)]
+    assert len(ours) == 1 and "model.teacher = L(build_teacher)" in str(ours[0].message)
+    assert type(model) is DistillGeneralizedRCNN and model.kd_feature.weight == 2.0
+    ours = _seeded(lambda: instantiate(new.model))
+    assert _shapes(model) == _shapes(ours) and model.kd_feature.level_weights == ours.kd_feature.level_weights
+    # LazyConfig.save sorts the keys, so a saved config builds its modules in another order than
+    # its .py did; the old form as the .py wrote it builds bitwise the new form's model
+    assert_same_weights(_seeded(lambda: instantiate(old.model)), ours)
+    assert type(instantiate(lazy_student_model(saved.model))) is GeneralizedRCNN
+    hook = lazy_teacher_eval_hook(saved)  # its KD.TEACHER.MIN_AP still asks for the check
+    assert hook is not None and hook._min_ap == 10.0 and hook._keys["min_ap"] == "model.kd.TEACHER.MIN_AP"
+    summary = distillation_summary(saved)
+    assert (summary.meta_architecture, summary.methods, summary.teacher) == (
+        "DistillGeneralizedRCNN", ("SSIM",), config_path("synthetic/faster_rcnn_R_50_FPN.yaml"))
+    assert distillation_summary(new) == summary
+
+
+@pytest.mark.slow
+def test_lazy_multi_teacher_student_is_the_yaml_one(tiny_data_root, tmp_path, rcnn_teacher):
+    """Several teachers from explicit arguments: extra_teachers and a MultiTeacherDistiller, the yacs twin's."""
+    from kd_det.losses import SSIMFeatureLoss
+    from kd_det.modeling import FeatureDistiller, MultiTeacherDistiller, TeacherImportanceGate, build_teacher
+
+    teacher_config = config_path("synthetic/faster_rcnn_R_50_FPN.yaml")
+    cfg = tiny_cfg("synthetic/distill/multi_ssim_faster_rcnn_to_R18.yaml", tmp_path, [
+        "KD.MULTI_TEACHER.CONFIGS", [teacher_config] * 2, "KD.MULTI_TEACHER.WEIGHTS", [rcnn_teacher] * 2])
+    lazy = LazyConfig.apply_overrides(LazyConfig.load(LAZY_SSIM), _teacher_opts(rcnn_teacher) + [
+        "dataloader.train.dataset.names={}_train".format(TINY_PREFIX)])
+    levels = ["p2", "p3", "p4", "p5", "p6"]
+    lazy.model.extra_teachers = [copy.deepcopy(lazy.model.teacher)]
+    distiller = L(FeatureDistiller)(levels=levels, student_channels=64, teacher_channels=128,
+                                    loss=L(SSIMFeatureLoss)(), weight=2.0, level_reduction="sum")
+    lazy.model.multi_teacher = L(MultiTeacherDistiller)(
+        distillers=[distiller, copy.deepcopy(distiller)],
+        gate=L(TeacherImportanceGate)(levels=levels, channels=64, num_teachers=2,
+                                      latent_dim=cfg.KD.MULTI_TEACHER.GATE_DIM))
+    del lazy.model.feature_distiller
+    model = _seeded(lambda: instantiate(lazy.model))
+    yacs = _seeded(lambda: build_model(cfg))
+    assert len(model.teachers) == 2 and model.kd_feature is None
+    assert_same_weights(model, yacs)
+    # several teachers need the multi-teacher distiller, and one feature distiller per teacher
+    lazy.model.feature_distiller = distiller
+    with pytest.raises(ValueError, match=r"several teachers .* are combined for feature imitation only, by "
+                                         r"multi_teacher=MultiTeacherDistiller"):
+        instantiate(lazy.model)
+    del lazy.model.feature_distiller
+    lazy.model.multi_teacher.distillers = [distiller]
+    with pytest.raises(ValueError, match=r"multi_teacher has 1 feature distillers for 2 teachers"):
+        instantiate(lazy.model)

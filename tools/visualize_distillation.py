@@ -9,7 +9,7 @@ losses to summary.json and print their mean.
     tools/visualize_distillation.py --config-file configs/synthetic/distill/ssim_faster_rcnn_R50_to_R18.yaml \\
         --weights output/synthetic/distill/ssim_faster_rcnn_R50_to_R18/model_final.pth --output-dir vis
     tools/visualize_distillation.py --config-file CFG.py --weights W --dataset kd_synthetic_train --num-images 8 \\
-        --output-dir vis model.kd.FEATURE.LOSS=L2FeatureLoss
+        --output-dir vis model.feature_distiller.loss._target_=kd_det.losses.L2FeatureLoss
 
 The weights are a training checkpoint of the distillation config (they hold the student
 and its adapters; the teacher is loaded from ``KD.TEACHER`` as in training).  Images are

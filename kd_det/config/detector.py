@@ -124,7 +124,7 @@ def meta_architecture_of(config: DetectorConfig) -> str:
     """
     The meta-architecture a config builds: yacs ``MODEL.META_ARCHITECTURE``; for a
     LazyConfig the class its ``model`` calls, or the ``meta_architecture`` argument of
-    a builder that takes one (kd_det's ``lazy_distilled_model``); "" without a model.
+    a builder that takes one (kd_det's deprecated ``lazy_distilled_model``); "" without a model.
     """
     if isinstance(config, CfgNode):
         return config.MODEL.META_ARCHITECTURE

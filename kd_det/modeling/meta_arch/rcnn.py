@@ -46,7 +46,7 @@ class DistillGeneralizedRCNN(DistillMixin, GeneralizedRCNN):
     student_meta_architecture = "GeneralizedRCNN"
 
     @configurable
-    def __init__(self, *, teacher, feature_distiller, channel_stats=None, extra_teachers=(),
+    def __init__(self, *, teacher, feature_distiller=None, channel_stats=None, extra_teachers=(),
                  multi_teacher=None, inherit_prefixes=(),
                  roi_soft_label: Optional[RoISoftLabelDistiller] = None, **kwargs):
         """

@@ -57,7 +57,7 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
         self,
         *,
         teacher,
-        feature_distiller,
+        feature_distiller=None,
         channel_stats=None,
         extra_teachers=(),
         multi_teacher=None,
