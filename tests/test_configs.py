@@ -158,7 +158,8 @@ def test_full_size_lazy_distillation_config_trains_a_step(tmp_path, monkeypatch)
     teacher_cfg.MODEL.DEVICE = "cpu"
     torch.manual_seed(0)
     DetectionCheckpointer(build_model(teacher_cfg), save_dir=str(tmp_path)).save("teacher")
-    lazy = LazyConfig.apply_overrides(lazy, ["model.teacher.weights=" + str(tmp_path / "teacher.pth")])
+    lazy = LazyConfig.apply_overrides(lazy, ["model.teacher.weights=" + str(tmp_path /
+                                                                            "teacher.pth")])
     student = instantiate(lazy.model)
     assert type(student).__name__ == "DistillGeneralizedRCNN"
     _one_full_size_step(student, lazy.model.roi_heads.num_classes)
@@ -192,8 +193,9 @@ def _settings(obj):
     if obj is None:
         return None
     plain = {k: v for k, v in vars(obj).items() if not k.startswith("_") and k != "training"}
-    return type(obj).__name__, {k: _settings(v) if hasattr(v, "__dict__") and not isinstance(v, type) else v
-                                for k, v in plain.items()}
+    nested = {k: _settings(v) if hasattr(v, "__dict__") and not isinstance(v, type) else v
+              for k, v in plain.items()}
+    return type(obj).__name__, nested
 
 
 def _assert_same_distillation(lazy, yacs, student_shapes, teacher_shapes):
@@ -212,7 +214,8 @@ def _assert_same_distillation(lazy, yacs, student_shapes, teacher_shapes):
             teacher.get("channels_last", False)) == (kd.TEACHER.WEIGHTS, tuple(kd.TEACHER.OPTS),
                                                      kd.TEACHER.AUTOCAST, kd.TEACHER.CHANNELS_LAST)
     assert ("expected_classes" in teacher) == kd.TEACHER.CHECK_CLASSES
-    assert dict(lazy.train.teacher_eval) == {"enabled": kd.TEACHER.EVAL_BEFORE_TRAIN, "min_ap": kd.TEACHER.MIN_AP}
+    assert dict(lazy.train.teacher_eval) == {"enabled": kd.TEACHER.EVAL_BEFORE_TRAIN,
+                                             "min_ap": kd.TEACHER.MIN_AP}
     feature = instantiate(model.feature_distiller)
     twin = FeatureDistiller(yacs, student_shapes, teacher_shapes)
     assert _settings(feature) == _settings(twin)
@@ -271,7 +274,8 @@ def test_coco_lazy_config_is_its_yaml_twin(name, monkeypatch):
     yacs = _load("configs/COCO-Distillation/{}.yaml".format(name))
     # the same teacher: Detectron2's own config of the published model and kd_det's copy of it
     teacher_config = load_detector_config(resolve_teacher_config(lazy.model.teacher.config))
-    assert teacher_config.MODEL == load_detector_config(resolve_teacher_config(yacs.KD.TEACHER.CONFIG)).MODEL
+    twin_teacher = load_detector_config(resolve_teacher_config(yacs.KD.TEACHER.CONFIG))
+    assert teacher_config.MODEL == twin_teacher.MODEL
 
     torch.manual_seed(0)
     student = instantiate(lazy_student_model(lazy.model))

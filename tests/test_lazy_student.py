@@ -88,7 +88,8 @@ def assert_same_losses(a, b, batch, seed=4):
 
 def test_lazy_student_is_the_yaml_student(tiny_data_root, tmp_path, rcnn_teacher):
     lazy = LazyConfig.apply_overrides(LazyConfig.load(LAZY_SSIM), _teacher_opts(rcnn_teacher) + [
-        "dataloader.train.dataset.names={}_train".format(TINY_PREFIX), "dataloader.train.total_batch_size=2",
+        "dataloader.train.dataset.names={}_train".format(TINY_PREFIX),
+        "dataloader.train.total_batch_size=2",
         "dataloader.train.mapper.augmentations.0.short_edge_length=[64]",
         "dataloader.train.mapper.augmentations.0.max_size=64"])
     cfg = tiny_cfg(YAML_SSIM, tmp_path, ["KD.TEACHER.CONFIG", config_path(
@@ -130,7 +131,8 @@ def test_lazy_faster_rcnn_student_with_roi_soft_labels(tiny_data_root, rcnn_teac
 
     lazy = LazyConfig.apply_overrides(LazyConfig.load(LAZY_SSIM), _teacher_opts(rcnn_teacher) + [
         "dataloader.train.dataset.names={}_train".format(TINY_PREFIX), "dataloader.train.total_batch_size=2"])
-    lazy.model.roi_soft_label = L(RoISoftLabelDistiller)(loss=L(SoftmaxKDLoss)(temperature=1.0), weight=1.0)
+    lazy.model.roi_soft_label = L(RoISoftLabelDistiller)(loss=L(SoftmaxKDLoss)(temperature=1.0),
+                                                         weight=1.0)
     model = instantiate(lazy.model).train()
     with EventStorage(0):
         losses = model(next(iter(instantiate(lazy.dataloader.train))))
@@ -157,7 +159,8 @@ def test_lazy_student_trains_resumes_and_evaluates_without_its_teacher(tiny_data
     out = tmp_path / "run"
     small = _tiny_run(rcnn_teacher, out, 2, "train.checkpointer.period=1")
     tool.main(tool.default_argument_parser().parse_args(
-        ["--config-file", LAZY_SSIM] + small + ["train.max_iter=2", "train.teacher_eval.enabled=True"]))
+        ["--config-file", LAZY_SSIM] + small + ["train.max_iter=2",
+                                                "train.teacher_eval.enabled=True"]))
     final = torch.load(out / "model_final.pth", weights_only=False)
     assert final["iteration"] == 1
     assert not [k for k in final["model"] if k.startswith("teacher")]
@@ -180,7 +183,8 @@ def test_lazy_student_trains_resumes_and_evaluates_without_its_teacher(tiny_data
 
     # evaluation builds the student alone: the teacher's weights need not exist
     results = tool.main(tool.default_argument_parser().parse_args(
-        ["--config-file", LAZY_SSIM, "--eval-only", "model.teacher.weights=/nonexistent/teacher.pth",
+        ["--config-file", LAZY_SSIM, "--eval-only",
+         "model.teacher.weights=/nonexistent/teacher.pth",
          "dataloader.test.dataset.names={}_val".format(TINY_PREFIX), "train.output_dir=" + str(tmp_path / "eval"),
          "train.init_checkpoint=" + str(out / "model_final.pth")]))
     assert "AP" in results["bbox"]
@@ -241,20 +245,22 @@ def test_lazy_config_overrides_must_be_key_value(tmp_path):
 
 def test_lazy_student_errors(tiny_data_root, rcnn_teacher):
     def lazy(*opts):  # apply_overrides changes the config it is given
-        return LazyConfig.apply_overrides(LazyConfig.load(LAZY_SSIM), _teacher_opts(rcnn_teacher) + list(opts))
+        return LazyConfig.apply_overrides(LazyConfig.load(LAZY_SSIM),
+                                          _teacher_opts(rcnn_teacher) + list(opts))
 
     # shapes a config gives as numbers are checked against the backbones, naming the argument
     bad = lazy("model.feature_distiller.teacher_channels=256")
-    with pytest.raises(ValueError, match=r"feature_distiller was built for 256 channels of the teacher at level "
-                                         r"'p2', but its backbone outputs 128: set teacher_channels=128"):
+    with pytest.raises(ValueError, match=r"feature_distiller was built for 256 channels of the "
+                                         r"teacher at level 'p2', but its backbone outputs 128: "
+                                         r"set teacher_channels=128"):
         instantiate(bad.model)
     bad = lazy("model.feature_distiller.levels=[p3,p7]")
-    with pytest.raises(ValueError, match=r"feature_distiller imitates level 'p7', which the student's backbone "
-                                         r"does not output"):
+    with pytest.raises(ValueError, match=r"feature_distiller imitates level 'p7', which the "
+                                         r"student's backbone does not output"):
         instantiate(bad.model)
     bad = lazy("model.feature_distiller.student_channels={p2: 64}")
-    with pytest.raises(ValueError, match=r"student_channels \{'p2': 64\} gives no channel count for levels "
-                                         r"\['p3', 'p4', 'p5', 'p6'\]"):
+    with pytest.raises(ValueError, match=r"student_channels \{'p2': 64\} gives no channel count "
+                                         r"for levels \['p3', 'p4', 'p5', 'p6'\]"):
         instantiate(bad.model)
     bad = lazy("model.teacher=null")
     with pytest.raises(ValueError, match=r"teacher must be a FrozenTeacher, e.g. built by "
@@ -262,8 +268,9 @@ def test_lazy_student_errors(tiny_data_root, rcnn_teacher):
         instantiate(bad.model)
     # the teacher's own checks apply as they are: a missing checkpoint
     bad = lazy("model.teacher.weights=/nonexistent/teacher.pth")
-    with pytest.raises(FileNotFoundError, match="teacher weights KD.TEACHER.WEIGHTS='/nonexistent/teacher.pth' not "
-                                                "found"):
+    with pytest.raises(FileNotFoundError, match="teacher weights "
+                                                "KD.TEACHER.WEIGHTS='/nonexistent/teacher.pth' "
+                                                "not found"):
         instantiate(bad.model)
     # a plain LazyCall is not a distilled one: lazy_student_model leaves it as it is
     plain = L(GeneralizedRCNN)(backbone=None)
@@ -281,8 +288,9 @@ def test_old_form_kd_errors(tiny_data_root, rcnn_teacher):
         compat.lazy_distilled_model(student, kd={"FEATURE": {"LOSSS": "SSIMFeatureLoss"}})
     with pytest.raises(ValueError, match=r"KD.CURRICULUM, which only tools/train_net.py's KDTrainer reads"):
         compat.lazy_distilled_model(student, kd={"CURRICULUM": {"ENABLED": True}})
-    with pytest.raises(ValueError, match=r"meta_architecture 'DistillRetinaNet' distils a RetinaNet student, but the "
-                                         r"LazyCall builds a GeneralizedRCNN"):
+    with pytest.raises(ValueError, match=r"meta_architecture 'DistillRetinaNet' distils a "
+                                         r"RetinaNet student, but the LazyCall builds a "
+                                         r"GeneralizedRCNN"):
         compat.lazy_distilled_model(student, kd={}, meta_architecture="DistillRetinaNet")
     with pytest.raises(ValueError, match=r"'SelfDistillRetinaNet' is not a kd_det distillation meta-architecture "
                                          r"with a teacher"):
@@ -306,17 +314,20 @@ def test_teacher_min_ap_stops_a_lazy_run_before_its_first_step(tiny_data_root, t
     out = tmp_path / "run"
     opts = _tiny_run(rcnn_teacher, out, 2, "train.max_iter=2", "train.teacher_eval.min_ap=99.0")
     with pytest.raises(ValueError, match=r"teacher \(weights .*\) has box AP [0-9.]+ on {}, below "
-                                         r"train.teacher_eval.min_ap=99.0; training did not start".format(
-                                             TINY_PREFIX + "_val")):
+                                         r"train.teacher_eval.min_ap=99.0; training did not "
+                                         r"start".format(TINY_PREFIX + "_val")):
         tool.main(tool.default_argument_parser().parse_args(["--config-file", LAZY_SSIM] + opts))
     assert not list(out.glob("model_*.pth"))
     # nothing to check it on: refused by name
     lazy = LazyConfig.apply_overrides(LazyConfig.load(LAZY_SSIM), ["train.teacher_eval.min_ap=30",
                                                                    "dataloader.test.dataset.names=[]"])
-    with pytest.raises(ValueError, match=r"min_ap=30.0 is checked on the test sets .*dataloader.test.dataset.names"):
+    with pytest.raises(ValueError, match=r"min_ap=30.0 is checked on the test sets "
+                                         r".*dataloader.test.dataset.names"):
         lazy_teacher_eval_hook(lazy)
-    with pytest.raises(ValueError, match=r"train.teacher_eval takes enabled and min_ap .*not \['min_AP'\]"):
-        lazy_teacher_eval_hook(LazyConfig.apply_overrides(LazyConfig.load(LAZY_SSIM), ["train.teacher_eval.min_AP=3"]))
+    typo = LazyConfig.apply_overrides(LazyConfig.load(LAZY_SSIM), ["train.teacher_eval.min_AP=3"])
+    with pytest.raises(ValueError, match=r"train.teacher_eval takes enabled and min_ap "
+                                         r".*not \['min_AP'\]"):
+        lazy_teacher_eval_hook(typo)
     assert lazy_teacher_eval_hook(LazyConfig.load(LAZY_SSIM)) is None  # not asked for
     assert lazy_teacher_eval_hook(LazyConfig.load(config_path("synthetic/faster_rcnn_R_50_FPN_lazy.py"))) is None
 
@@ -410,7 +421,8 @@ def test_lazy_curriculum(tiny_data_root, tmp_path, rcnn_teacher):
     assert torch.load(out / "model_final.pth", weights_only=False)["iteration"] == 2
     # in the deprecated kd={...} form, the curriculum is refused with the LazyConfig form named
     with pytest.raises(ValueError, match=r"dataloader.train.sampler = L\(kd_det.data.curriculum.curriculum_sampler"):
-        compat.lazy_distilled_model(lazy_student_model(lazy.model), kd={"CURRICULUM": {"ENABLED": True}})
+        compat.lazy_distilled_model(lazy_student_model(lazy.model),
+                                    kd={"CURRICULUM": {"ENABLED": True}})
 
 
 LAZY_FRSKD = config_path("synthetic/distill/self_frskd_faster_rcnn_R18_lazy.py")
@@ -424,7 +436,8 @@ def test_lazy_self_distilled_student_is_the_yaml_one_and_trains(tiny_data_root, 
     lazy = LazyConfig.load(LAZY_FRSKD)
     # built in the yacs twin's order (student, self-teacher, its feature target, its heads)
     model = _seeded(lambda: instantiate(lazy.model))
-    yacs = _seeded(lambda: build_model(tiny_cfg("synthetic/distill/self_frskd_faster_rcnn_R18.yaml", tmp_path)))
+    yacs_cfg = tiny_cfg("synthetic/distill/self_frskd_faster_rcnn_R18.yaml", tmp_path)
+    yacs = _seeded(lambda: build_model(yacs_cfg))
     assert type(model) is SelfDistillGeneralizedRCNN
     assert_same_weights(model, yacs)
     assert any(k.startswith("kd_self_roi_heads.") for k in _shapes(model))
@@ -436,13 +449,16 @@ def test_lazy_self_distilled_student_is_the_yaml_one_and_trains(tiny_data_root, 
 
     assert lazy_teacher_eval_hook(lazy) is None  # no teacher, no train.teacher_eval
     # a self-teacher built for other channels than the student's is refused by name
-    bad = LazyConfig.apply_overrides(LazyConfig.load(LAZY_FRSKD), ["model.self_teacher.input_shapes=128"])
-    with pytest.raises(ValueError, match=r"self_teacher was built for 128 channels at level 'p2', but the student's "
-                                         r"backbone outputs 64: set its input_shapes=64"):
+    bad = LazyConfig.apply_overrides(LazyConfig.load(LAZY_FRSKD),
+                                     ["model.self_teacher.input_shapes=128"])
+    with pytest.raises(ValueError, match=r"self_teacher was built for 128 channels at level 'p2', "
+                                         r"but the student's backbone outputs 64: set its "
+                                         r"input_shapes=64"):
         instantiate(bad.model)
     bad = LazyConfig.apply_overrides(LazyConfig.load(LAZY_FRSKD), ["model.self_teacher.width=128"])
-    with pytest.raises(ValueError, match=r"self_proposal_generator takes 64 channels, but the self-teacher's refined "
-                                         r"maps have 128 \(its width; KD.SELF.WIDTH_MULTIPLIER\)"):
+    with pytest.raises(ValueError, match=r"self_proposal_generator takes 64 channels, but the "
+                                         r"self-teacher's refined maps have 128 \(its width; "
+                                         r"KD.SELF.WIDTH_MULTIPLIER\)"):
         instantiate(bad.model)
 
     tool = _load_tool()
@@ -465,12 +481,13 @@ def test_lazy_self_distilled_student_is_the_yaml_one_and_trains(tiny_data_root, 
 
 
 def test_retinanet_self_distillation_from_explicit_arguments(tiny_data_root, tmp_path):
-    """SelfDistillRetinaNet from explicit arguments (what a LazyConfig composes) is its yacs twin."""
+    """SelfDistillRetinaNet from explicit arguments (as a LazyConfig composes it): its yacs twin."""
     from detectron2.modeling import RetinaNet
     from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 
     from kd_det.losses import AttentionTransferLoss, SoftLabelKDLoss
-    from kd_det.modeling import BiFPNSelfTeacher, DensePredictionDistiller, FeatureDistiller, SelfDistillRetinaNet
+    from kd_det.modeling import (BiFPNSelfTeacher, DensePredictionDistiller, FeatureDistiller,
+                                 SelfDistillRetinaNet)
 
     cfg = tiny_cfg("synthetic/distill/self_frskd_retinanet_R18.yaml", tmp_path)
     soft = cfg.KD.SELF.SOFT_LABEL
@@ -480,12 +497,15 @@ def test_retinanet_self_distillation_from_explicit_arguments(tiny_data_root, tmp
         levels = list(student["head_in_features"])
         return SelfDistillRetinaNet(
             **student,
-            self_teacher=BiFPNSelfTeacher(in_features=levels, input_shapes=64, width=width, norm=cfg.KD.SELF.NORM),
-            feature_distiller=FeatureDistiller(levels=levels, student_channels=64, teacher_channels=width,
-                                               loss=AttentionTransferLoss(), weight=cfg.KD.FEATURE.WEIGHT),
+            self_teacher=BiFPNSelfTeacher(in_features=levels, input_shapes=64, width=width,
+                                          norm=cfg.KD.SELF.NORM),
+            feature_distiller=FeatureDistiller(levels=levels, student_channels=64,
+                                               teacher_channels=width, loss=AttentionTransferLoss(),
+                                               weight=cfg.KD.FEATURE.WEIGHT),
             self_head=RetinaNetHead(cfg, [student["backbone"].output_shape()[f] for f in levels]),
             prediction_distiller=DensePredictionDistiller(
-                num_classes=student["num_classes"], soft_label_loss=SoftLabelKDLoss(temperature=soft.TEMPERATURE),
+                num_classes=student["num_classes"],
+                soft_label_loss=SoftLabelKDLoss(temperature=soft.TEMPERATURE),
                 soft_label_weight=soft.WEIGHT))
 
     model = _seeded(explicit)
@@ -494,7 +514,8 @@ def test_retinanet_self_distillation_from_explicit_arguments(tiny_data_root, tmp
     assert_same_weights(model, yacs)
     assert model.kd_prediction.soft_label_weight == yacs.kd_prediction.soft_label_weight > 0
     # a head for the student's channels on wider refined maps is refused by name
-    with pytest.raises(ValueError, match=r"self_head takes 64 channels, but the self-teacher's refined maps have 128"):
+    with pytest.raises(ValueError, match=r"self_head takes 64 channels, but the self-teacher's "
+                                         r"refined maps have 128"):
         explicit(width=128)
 
 
@@ -521,11 +542,14 @@ def test_old_form_self_distillation_still_builds(tiny_data_root, tmp_path):
                                           **RetinaNet.from_config(yacs_cfg))
     # KD.SELF belongs to self-distillation: a distilled (teacher) student refuses it and names the way
     with pytest.raises(ValueError, match=r"KD.SELF.*lazy_self_distilled_model"):
-        compat.lazy_distilled_model(lazy_student_model(LazyConfig.load(LAZY_SSIM).model), kd={"SELF": {"NORM": "BN"}})
+        compat.lazy_distilled_model(lazy_student_model(LazyConfig.load(LAZY_SSIM).model),
+                                    kd={"SELF": {"NORM": "BN"}})
     with pytest.raises(ValueError, match=r"'DistillRetinaNet' is not a kd_det self-distillation"):
-        compat.lazy_self_distilled_model(L(RetinaNet)(), kd={}, meta_architecture="DistillRetinaNet")
-    old = compat.lazy_self_distilled_model(lazy_student_model(LazyConfig.load(LAZY_SSIM).model), kd={
-        "FEATURE": {"LOSS": "AttentionTransferLoss", "WEIGHT": 1.0}})
+        compat.lazy_self_distilled_model(L(RetinaNet)(), kd={},
+                                         meta_architecture="DistillRetinaNet")
+    old = compat.lazy_self_distilled_model(
+        lazy_student_model(LazyConfig.load(LAZY_SSIM).model),
+        kd={"FEATURE": {"LOSS": "AttentionTransferLoss", "WEIGHT": 1.0}})
     assert type(instantiate(lazy_student_model(old))) is GeneralizedRCNN
 
 
@@ -566,12 +590,13 @@ def test_plain_lazy_config_trains_and_missing_training_keys_are_named(tiny_data_
 
 
 def test_retinanet_student_from_explicit_arguments(tiny_data_root, tmp_path, retina_teacher):
-    """DistillRetinaNet with RM and PFI from explicit arguments (what a LazyConfig composes) is its yacs twin."""
+    """DistillRetinaNet, RM and PFI, from explicit arguments (as in a LazyConfig): its twin."""
     from detectron2.modeling import RetinaNet
 
     from kd_det.data.classes import thing_classes
     from kd_det.losses import L2FeatureLoss, RankMimickingLoss
-    from kd_det.modeling import DensePredictionDistiller, DistillRetinaNet, FeatureDistiller, build_teacher
+    from kd_det.modeling import (DensePredictionDistiller, DistillRetinaNet, FeatureDistiller,
+                                 build_teacher)
 
     teacher_config = config_path("synthetic/retinanet_R_50_FPN.yaml")
     cfg = tiny_cfg("synthetic/distill/rm_pfi_retinanet_R50_to_R18.yaml", tmp_path, [
@@ -580,13 +605,18 @@ def test_retinanet_student_from_explicit_arguments(tiny_data_root, tmp_path, ret
         "L2FeatureLoss", "auto", "mean")
 
     def explicit(train_sets=(TINY_PREFIX + "_train",), **over):
-        student = RetinaNet.from_config(cfg)  # in the yacs order: the student, the teacher, the adapters
-        teacher = build_teacher(teacher_config, retina_teacher, expected_classes=thing_classes(train_sets))
+        # in the yacs order: the student, the teacher, the adapters
+        student = RetinaNet.from_config(cfg)
+        teacher = build_teacher(teacher_config, retina_teacher,
+                                expected_classes=thing_classes(train_sets))
         args = dict(feature_distiller=FeatureDistiller(
-            levels=["p3", "p4", "p5", "p6", "p7"], student_channels=64, teacher_channels=128, loss=L2FeatureLoss(),
-            weight=cfg.KD.FEATURE.WEIGHT), prediction_distiller=DensePredictionDistiller(
-            num_classes=student["num_classes"], rm_loss=RankMimickingLoss(temperature=cfg.KD.RM.TEMPERATURE),
-            rm_weight=cfg.KD.RM.WEIGHT), pfi=True)
+            levels=["p3", "p4", "p5", "p6", "p7"], student_channels=64, teacher_channels=128,
+            loss=L2FeatureLoss(), weight=cfg.KD.FEATURE.WEIGHT),
+            prediction_distiller=DensePredictionDistiller(
+                num_classes=student["num_classes"],
+                rm_loss=RankMimickingLoss(temperature=cfg.KD.RM.TEMPERATURE),
+                rm_weight=cfg.KD.RM.WEIGHT),
+            pfi=True)
         return DistillRetinaNet(**student, teacher=teacher, **dict(args, **over))
 
     model = _seeded(explicit)
@@ -598,15 +628,16 @@ def test_retinanet_student_from_explicit_arguments(tiny_data_root, tmp_path, ret
     losses = assert_same_losses(model, yacs, next(iter(_tiny_loader(cfg))))
     assert losses["loss_kd_rm"] > 0 and losses["loss_kd_l2"] > 0
     # a weight of 0 switches a distiller off, as in a yacs config
-    off = explicit(prediction_distiller=DensePredictionDistiller(num_classes=cfg.MODEL.RETINANET.NUM_CLASSES,
-                                                                 rm_loss=RankMimickingLoss(), rm_weight=0.0))
+    off = explicit(prediction_distiller=DensePredictionDistiller(
+        num_classes=cfg.MODEL.RETINANET.NUM_CLASSES, rm_loss=RankMimickingLoss(), rm_weight=0.0))
     assert off.kd_prediction is None
-    with pytest.raises(ValueError, match=r"prediction_distiller has num_classes=3 but the student 5"):
-        explicit(prediction_distiller=DensePredictionDistiller(num_classes=3, rm_loss=RankMimickingLoss(),
-                                                               rm_weight=1.0))
-    with pytest.raises(ValueError, match=r"KD.PFI.ENABLED \(pfi\) weights the feature imitation loss"):
+    with pytest.raises(ValueError, match=r"prediction_distiller has num_classes=3 but the "
+                                         r"student 5"):
+        explicit(prediction_distiller=DensePredictionDistiller(
+            num_classes=3, rm_loss=RankMimickingLoss(), rm_weight=1.0))
+    with pytest.raises(ValueError, match=r"KD.PFI.ENABLED \(pfi\) weights the feature imitation"):
         explicit(feature_distiller=None)
-    # the class check reads the student's training sets: a teacher trained on other classes is refused
+    # the class check reads the student's training sets: a teacher of other classes is refused
     with pytest.raises(ValueError, match=r"trained on DATASETS.TRAIN=.*and the student on "
                                          r"\(.coco_2017_train.,\): they have other classes"):
         explicit(train_sets="coco_2017_train")
@@ -618,7 +649,8 @@ def _tiny_loader(cfg):
     return build_detection_train_loader(cfg)
 
 
-def test_old_form_saved_config_still_builds_the_same_model(tiny_data_root, tmp_path, rcnn_teacher, monkeypatch):
+def test_old_form_saved_config_still_builds_the_same_model(tiny_data_root, tmp_path, rcnn_teacher,
+                                                           monkeypatch):
     """
     A run's config.yaml of the deprecated form (build_distilled_model with kd={...}, as earlier
     kd_det versions saved it) builds the same model as the new form, with one FutureWarning;
@@ -634,9 +666,10 @@ def test_old_form_saved_config_still_builds_the_same_model(tiny_data_root, tmp_p
     old = LazyConfig.load(LAZY_SSIM)
     del old.train["teacher_eval"]
     old.model = compat.lazy_distilled_model(lazy_student_model(new.model), kd={
-        "TEACHER": {"CONFIG": config_path("synthetic/faster_rcnn_R_50_FPN.yaml"), "WEIGHTS": rcnn_teacher,
-                    "MIN_AP": 10.0},
-        "FEATURE": {"LOSS": "SSIMFeatureLoss", "LEVEL_REDUCTION": "sum", "WEIGHT": 2}},  # an int, as people write
+        "TEACHER": {"CONFIG": config_path("synthetic/faster_rcnn_R_50_FPN.yaml"),
+                    "WEIGHTS": rcnn_teacher, "MIN_AP": 10.0},
+        # an int weight, as people write it
+        "FEATURE": {"LOSS": "SSIMFeatureLoss", "LEVEL_REDUCTION": "sum", "WEIGHT": 2}},
         train_datasets="${dataloader.train.dataset.names}")
     old.dataloader.train.dataset.names = TINY_PREFIX + "_train"
     LazyConfig.save(old, str(tmp_path / "config.yaml"))
@@ -649,17 +682,20 @@ def test_old_form_saved_config_still_builds_the_same_model(tiny_data_root, tmp_p
         warnings.simplefilter("always")
         model = _seeded(lambda: instantiate(saved.model))
         instantiate(saved.model)  # warned once per process
-    ours = [w for w in caught if issubclass(w.category, FutureWarning) and "kd={...}" in str(w.message)]
-    assert len(ours) == 1 and "model.teacher = L(build_teacher)" in str(ours[0].message)
+    warned = [w for w in caught
+              if issubclass(w.category, FutureWarning) and "kd={...}" in str(w.message)]
+    assert len(warned) == 1 and "model.teacher = L(build_teacher)" in str(warned[0].message)
     assert type(model) is DistillGeneralizedRCNN and model.kd_feature.weight == 2.0
     ours = _seeded(lambda: instantiate(new.model))
-    assert _shapes(model) == _shapes(ours) and model.kd_feature.level_weights == ours.kd_feature.level_weights
+    assert _shapes(model) == _shapes(ours)
+    assert model.kd_feature.level_weights == ours.kd_feature.level_weights
     # LazyConfig.save sorts the keys, so a saved config builds its modules in another order than
     # its .py did; the old form as the .py wrote it builds bitwise the new form's model
     assert_same_weights(_seeded(lambda: instantiate(old.model)), ours)
     assert type(instantiate(lazy_student_model(saved.model))) is GeneralizedRCNN
     hook = lazy_teacher_eval_hook(saved)  # its KD.TEACHER.MIN_AP still asks for the check
-    assert hook is not None and hook._min_ap == 10.0 and hook._keys["min_ap"] == "model.kd.TEACHER.MIN_AP"
+    assert hook is not None and hook._min_ap == 10.0
+    assert hook._keys["min_ap"] == "model.kd.TEACHER.MIN_AP"
     summary = distillation_summary(saved)
     assert (summary.meta_architecture, summary.methods, summary.teacher) == (
         "DistillGeneralizedRCNN", ("SSIM",), config_path("synthetic/faster_rcnn_R_50_FPN.yaml"))
@@ -668,13 +704,14 @@ def test_old_form_saved_config_still_builds_the_same_model(tiny_data_root, tmp_p
 
 @pytest.mark.slow
 def test_lazy_multi_teacher_student_is_the_yaml_one(tiny_data_root, tmp_path, rcnn_teacher):
-    """Several teachers from explicit arguments: extra_teachers and a MultiTeacherDistiller, the yacs twin's."""
+    """Several teachers, explicit: extra_teachers and a MultiTeacherDistiller, as in yacs."""
     from kd_det.losses import SSIMFeatureLoss
-    from kd_det.modeling import FeatureDistiller, MultiTeacherDistiller, TeacherImportanceGate, build_teacher
+    from kd_det.modeling import FeatureDistiller, MultiTeacherDistiller, TeacherImportanceGate
 
     teacher_config = config_path("synthetic/faster_rcnn_R_50_FPN.yaml")
     cfg = tiny_cfg("synthetic/distill/multi_ssim_faster_rcnn_to_R18.yaml", tmp_path, [
-        "KD.MULTI_TEACHER.CONFIGS", [teacher_config] * 2, "KD.MULTI_TEACHER.WEIGHTS", [rcnn_teacher] * 2])
+        "KD.MULTI_TEACHER.CONFIGS", [teacher_config] * 2,
+        "KD.MULTI_TEACHER.WEIGHTS", [rcnn_teacher] * 2])
     lazy = LazyConfig.apply_overrides(LazyConfig.load(LAZY_SSIM), _teacher_opts(rcnn_teacher) + [
         "dataloader.train.dataset.names={}_train".format(TINY_PREFIX)])
     levels = ["p2", "p3", "p4", "p5", "p6"]
@@ -692,8 +729,8 @@ def test_lazy_multi_teacher_student_is_the_yaml_one(tiny_data_root, tmp_path, rc
     assert_same_weights(model, yacs)
     # several teachers need the multi-teacher distiller, and one feature distiller per teacher
     lazy.model.feature_distiller = distiller
-    with pytest.raises(ValueError, match=r"several teachers .* are combined for feature imitation only, by "
-                                         r"multi_teacher=MultiTeacherDistiller"):
+    with pytest.raises(ValueError, match=r"several teachers .* are combined for feature imitation "
+                                         r"only, by multi_teacher=MultiTeacherDistiller"):
         instantiate(lazy.model)
     del lazy.model.feature_distiller
     lazy.model.multi_teacher.distillers = [distiller]

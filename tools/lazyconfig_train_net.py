@@ -5,7 +5,7 @@ Train or evaluate a detector written as a Detectron2 LazyConfig (``.py``), disti
 :mod:`kd_det.modeling.lazy_student`) or plain (e.g. a teacher).
 
     tools/lazyconfig_train_net.py --config-file configs/synthetic/distill/ssim_faster_rcnn_R50_to_R18_lazy.py
-    tools/lazyconfig_train_net.py --config-file CFG train.max_iter=1000 model.feature_distiller.weight=1.0
+    tools/lazyconfig_train_net.py --config-file CFG model.feature_distiller.weight=1.0
     tools/lazyconfig_train_net.py --config-file CFG --eval-only train.init_checkpoint=out/model_final.pth
     tools/lazyconfig_train_net.py --config-file CFG --resume
     tools/lazyconfig_train_net.py --config-file CFG --num-gpus 8      # (CPU: processes on gloo)
@@ -83,7 +83,8 @@ def do_train(args, cfg):
     try:
         trainer.train(start_iter, cfg.train.max_iter)
     except FloatingPointError as e:
-        raise non_finite_loss_error(e, checkpointer, "Lower optimizer.lr or the distillers' weights (e.g. model.feature_distiller.weight)") from e
+        raise non_finite_loss_error(e, checkpointer, "Lower optimizer.lr or the distillers' "
+                                    "weights (e.g. model.feature_distiller.weight)") from e
 
 
 def load_config(args):

@@ -30,7 +30,7 @@ def _is_lazy_config(path):
 
 
 def _release_yacs(config, weights, dest):
-    """Export a tools/train_net.py run; returns (row fields, its DistillationSummary, export paths, released config)."""
+    """Export a tools/train_net.py run: (row fields, DistillationSummary, paths, released cfg)."""
     from detectron2.config import get_cfg
 
     from kd_det import get_kd_cfg, merge_kd_config

@@ -17,7 +17,8 @@ from detectron2.modeling import ResNet
 from kd_det.data.classes import thing_classes
 from kd_det.evaluation import has_cpp_ops
 from kd_det.losses import L2FeatureLoss, RankMimickingLoss
-from kd_det.modeling import DensePredictionDistiller, DistillRetinaNet, FeatureDistiller, build_teacher
+from kd_det.modeling import (DensePredictionDistiller, DistillRetinaNet, FeatureDistiller,
+                             build_teacher)
 
 _zoo = model_zoo.get_config("COCO-Detection/retinanet_R_50_FPN_1x.py")
 dataloader = _zoo.dataloader

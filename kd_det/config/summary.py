@@ -46,7 +46,8 @@ def _yacs_methods(kd, meta_architecture: str) -> List[str]:
         return []
     methods = []
     if kd.FEATURE.ENABLED:
-        methods.append(_short(kd.FEATURE.LOSS, "FeatureLoss") + (" (PFI)" if kd.PFI.ENABLED else ""))
+        pfi = " (PFI)" if kd.PFI.ENABLED else ""
+        methods.append(_short(kd.FEATURE.LOSS, "FeatureLoss") + pfi)
     if kd.RM.ENABLED:
         methods.append("RM")
     if kd.SOFT_LABEL.ENABLED:
@@ -127,8 +128,9 @@ def distillation_summary(config) -> DistillationSummary:
     model = lazy_get(config, "model")
     old = lazy_get(model, "kd")
     if old is not None:  # the deprecated form: kd keyed as the yacs KD node
-        old = OmegaConf.to_container(old, resolve=True) if isinstance(old, DictConfig) else dict(old)
-        renamed = rename_config_dict({"KD": old}, source="kd={...} of a LazyConfig student")
+        if isinstance(old, DictConfig):
+            old = OmegaConf.to_container(old, resolve=True)
+        renamed = rename_config_dict({"KD": dict(old)}, source="kd={...} of a LazyConfig student")
         kd = _OldKD(renamed["KD"], get_kd_cfg().KD)
         return DistillationSummary(meta, tuple(_yacs_methods(kd, meta)),
                                    kd.TEACHER.CONFIG if distilled else "")

@@ -152,7 +152,8 @@ class TeacherEvalHook(HookBase):
         for k, teacher in enumerate(teachers):
             prefix = "teacher" if len(teachers) == 1 else "teacher{}".format(k)
             with preserved_rng_state():
-                results = self._evaluate(teacher, os.path.join(self._output_dir, "inference_" + prefix))
+                results = self._evaluate(teacher,
+                                         os.path.join(self._output_dir, "inference_" + prefix))
             if comm.is_main_process():
                 logged = next(iter(results.values())) if len(results) == 1 else results
                 scalars = {prefix + "/" + key: v for key, v in flatten_results_dict(logged).items()}
@@ -171,8 +172,8 @@ class TeacherEvalHook(HookBase):
             keys = self._keys
             raise ValueError(
                 "{}, below {}={}; training did not start. Check that the teacher checkpoint is "
-                "the trained one for its config ({}), and that {} are those it was trained with; or "
-                "lower {}".format("; ".join(too_low), keys["min_ap"], self._min_ap,
+                "the trained one for its config ({}), and that {} are those it was trained "
+                "with; or lower {}".format("; ".join(too_low), keys["min_ap"], self._min_ap,
                                   keys["teacher_config"], keys["input"], keys["min_ap"]))
 
 
@@ -190,5 +191,6 @@ def teacher_eval_hook(cfg) -> Optional[TeacherEvalHook]:
                          "dataloader.test.dataset.names), which are empty: name a test set, or set KD.TEACHER.MIN_AP "
                          "0".format(teacher.MIN_AP))
     if (teacher.EVAL_BEFORE_TRAIN or teacher.MIN_AP > 0) and cfg.DATASETS.TEST:
-        return TeacherEvalHook(functools.partial(evaluate_teacher, cfg), cfg.OUTPUT_DIR, teacher.MIN_AP)
+        return TeacherEvalHook(functools.partial(evaluate_teacher, cfg), cfg.OUTPUT_DIR,
+                               teacher.MIN_AP)
     return None

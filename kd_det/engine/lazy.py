@@ -15,7 +15,8 @@ from ..config.lazy import dataset_names, is_call_of, lazy_get, single_short_edge
 from .accumulation import GradientAccumulationTrainer, micro_batch_size
 from .hooks import TeacherEvalHook, evaluate_teacher_on
 
-__all__ = ["clipped_optimizer", "lazy_teacher_eval_hook", "evaluate_lazy_teacher", "build_lazy_trainer"]
+__all__ = ["clipped_optimizer", "lazy_teacher_eval_hook", "evaluate_lazy_teacher",
+           "build_lazy_trainer"]
 
 
 def clipped_optimizer(optimizer_class: Union[str, type], params: Iterable, clip_type: str = "norm",
@@ -63,7 +64,7 @@ def _teacher_eval_settings(cfg) -> Tuple[bool, float, str]:
 
 
 def _lazy_test_size(cfg) -> Tuple[int, int]:
-    """The student's test resize (dataloader.test's ResizeShortestEdge), else Detectron2's default."""
+    """The student's test resize (dataloader.test's ResizeShortestEdge), else Detectron2's."""
     resize = test_resizes(cfg)
     short = single_short_edge(resize[0]) if resize else None
     if short is None:

@@ -91,7 +91,7 @@ def lazy_student_model(model):
     node = copy.deepcopy(model)
     drop = set(distillation_arguments(target))
     for key in [k for k in node.keys() if k in drop]:
-        del node[key]  # not pop(): it would resolve an interpolation that may point outside this node
+        del node[key]  # not pop(): it would resolve an interpolation that may point elsewhere
     node._target_ = META_ARCH_REGISTRY.get(name)
     return node
 

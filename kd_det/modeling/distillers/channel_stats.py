@@ -46,8 +46,10 @@ class ChannelStatsDistiller(nn.Module):
         """
         super().__init__()
         self.levels = list(levels)
-        self.student_channels = per_level_channels(student_channels, self.levels, "student_channels")
-        self.teacher_channels = per_level_channels(teacher_channels, self.levels, "teacher_channels")
+        self.student_channels = per_level_channels(student_channels, self.levels,
+                                                   "student_channels")
+        self.teacher_channels = per_level_channels(teacher_channels, self.levels,
+                                                   "teacher_channels")
         self.stats_weight = stats_weight
         self.adain_weight = adain_weight
         self.stats_loss = ChannelStatisticsLoss()
@@ -73,11 +75,12 @@ class ChannelStatsDistiller(nn.Module):
         """
         head_levels = teacher.dense_head_levels
         if sorted(self.levels) != sorted(head_levels):
-            raise ValueError("channel_stats levels {} must be the levels of the teacher's dense head "
-                             "(its RetinaNet head or RPN), {}: its head judges whole pyramids; set "
-                             "levels={}".format(self.levels, head_levels, head_levels))
-        check_level_shapes("channel_stats", self.levels, self.student_channels, self.teacher_channels,
-                           student_shapes, teacher.output_shape())
+            raise ValueError("channel_stats levels {} must be the levels of the teacher's dense "
+                             "head (its RetinaNet head or RPN), {}: its head judges whole "
+                             "pyramids; set levels={}".format(self.levels, head_levels,
+                                                              head_levels))
+        check_level_shapes("channel_stats", self.levels, self.student_channels,
+                           self.teacher_channels, student_shapes, teacher.output_shape())
 
     def forward(self, student_features: Dict[str, torch.Tensor], teacher_features: Dict[str, torch.Tensor],
                 teacher) -> Dict[str, torch.Tensor]:

@@ -17,7 +17,8 @@ __all__ = ["FeatureDistiller", "match_levels", "per_level_channels", "check_leve
 Channels = Union[int, Mapping[str, int]]
 
 
-def per_level_channels(channels: Channels, levels: Sequence[str], what: str = "channels") -> Dict[str, int]:
+def per_level_channels(channels: Channels, levels: Sequence[str],
+                       what: str = "channels") -> Dict[str, int]:
     """
     ``channels`` as a dict over ``levels``: an int is every level's count.
 
@@ -153,10 +154,12 @@ class FeatureDistiller(nn.Module):
                 len(level_weights), len(self.levels), self.levels))
         self.level_weights = list(level_weights) if level_weights else LEVEL_REDUCTIONS[level_reduction](
             len(self.levels))
-        self.student_channels = per_level_channels(student_channels, self.levels, "student_channels")
-        self.teacher_channels = per_level_channels(teacher_channels, self.levels, "teacher_channels")
-        self.adapters = Connector(self.student_channels, self.teacher_channels, self.levels, adapter,
-                                  loss.needs_equal_channels)
+        self.student_channels = per_level_channels(student_channels, self.levels,
+                                                   "student_channels")
+        self.teacher_channels = per_level_channels(teacher_channels, self.levels,
+                                                   "teacher_channels")
+        self.adapters = Connector(self.student_channels, self.teacher_channels, self.levels,
+                                  adapter, loss.needs_equal_channels)
 
     @classmethod
     def from_config(cls, cfg, student_shapes: Dict[str, ShapeSpec], teacher_shapes: Dict[str, ShapeSpec]):
@@ -172,9 +175,10 @@ class FeatureDistiller(nn.Module):
             "adapter": cfg.KD.FEATURE.ADAPTER,
         }
 
-    def check_shapes(self, student_shapes: Dict[str, ShapeSpec], teacher_shapes: Dict[str, ShapeSpec],
-                     component: str = "feature_distiller", teacher: str = "teacher") -> None:
-        """Raise unless the levels and channels fit these backbones (see :func:`check_level_shapes`)."""
+    def check_shapes(self, student_shapes: Dict[str, ShapeSpec],
+                     teacher_shapes: Dict[str, ShapeSpec], component: str = "feature_distiller",
+                     teacher: str = "teacher") -> None:
+        """Raise unless the levels and channels fit these backbones (:func:`check_level_shapes`)."""
         check_level_shapes(component, self.levels, self.student_channels, self.teacher_channels,
                            student_shapes, teacher_shapes, teacher)
 

@@ -29,7 +29,8 @@ class TeacherImportanceGate(nn.Module):
     distillation loss, and never shapes the student's features itself.
     """
 
-    def __init__(self, levels: List[str], channels: Channels, num_teachers: int, latent_dim: int = 64):
+    def __init__(self, levels: List[str], channels: Channels, num_teachers: int,
+                 latent_dim: int = 64):
         """
         Args:
             levels: the student's levels it pools (those of the feature distillers).
@@ -58,7 +59,8 @@ class MultiTeacherDistiller(nn.Module):
     """
 
     @configurable
-    def __init__(self, *, distillers: Sequence[FeatureDistiller], gate: Optional[TeacherImportanceGate] = None,
+    def __init__(self, *, distillers: Sequence[FeatureDistiller],
+                 gate: Optional[TeacherImportanceGate] = None,
                  fixed_weights: Optional[Sequence[float]] = None):
         """
         Args:

@@ -148,13 +148,15 @@ class DistillMixin(DistillForwardMixin):
         if len(self.teachers) > 1 or self.kd_multi_teacher is not None:
             multi = self.kd_multi_teacher
             if multi is None or self.kd_feature is not None or self.kd_stats is not None:
-                raise ValueError("several teachers (teacher and extra_teachers; KD.MULTI_TEACHER) are "
-                                 "combined for feature imitation only, by multi_teacher="
-                                 "MultiTeacherDistiller(...) with one FeatureDistiller per teacher; "
-                                 "give it, and no feature_distiller or channel_stats")
+                raise ValueError("several teachers (teacher and extra_teachers; "
+                                 "KD.MULTI_TEACHER) are combined for feature imitation only, by "
+                                 "multi_teacher=MultiTeacherDistiller(...) with one "
+                                 "FeatureDistiller per teacher; give it, and no feature_distiller "
+                                 "or channel_stats")
             if len(multi.distillers) != len(self.teachers):
-                raise ValueError("multi_teacher has {} feature distillers for {} teachers (teacher and "
-                                 "extra_teachers): give one per teacher, in order".format(
+                raise ValueError("multi_teacher has {} feature distillers for {} teachers "
+                                 "(teacher and extra_teachers): give one per teacher, in "
+                                 "order".format(
                                      len(multi.distillers), len(self.teachers)))
             for k, (distiller, teacher) in enumerate(zip(multi.distillers, self.teachers)):
                 distiller.check_shapes(student_shapes, teacher.output_shape(),

@@ -81,9 +81,9 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
             if not prediction_distiller.enabled:
                 prediction_distiller = None  # weights of 0 switch it off, as in a yacs config
             elif prediction_distiller.num_classes != self.num_classes:
-                raise ValueError("prediction_distiller has num_classes={} but the student {}: give it "
-                                 "the student's (num_classes=\"${{..num_classes}}\" in a "
-                                 "LazyConfig)".format(prediction_distiller.num_classes,
+                raise ValueError("prediction_distiller has num_classes={} but the student {}: "
+                                 "give it the student's (num_classes=\"${{..num_classes}}\" in "
+                                 "a LazyConfig)".format(prediction_distiller.num_classes,
                                                        self.num_classes))
         self.kd_prediction = prediction_distiller
         self.pfi = pfi

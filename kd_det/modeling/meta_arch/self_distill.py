@@ -34,10 +34,10 @@ def _check_head_input(name: str, head: Optional[nn.Module], width: int) -> None:
     """
     first = next((m for m in head.modules() if isinstance(m, nn.Conv2d)), None) if head else None
     if first is not None and first.in_channels != width:
-        raise ValueError("{} takes {} channels, but the self-teacher's refined maps have {} (its width; "
-                         "KD.SELF.WIDTH_MULTIPLIER): build the head for {} channels, or give the "
-                         "self-teacher width={}".format(name, first.in_channels, width, width,
-                                                        first.in_channels))
+        raise ValueError("{} takes {} channels, but the self-teacher's refined maps have {} (its "
+                         "width; KD.SELF.WIDTH_MULTIPLIER): build the head for {} channels, or "
+                         "give the self-teacher width={}".format(
+                             name, first.in_channels, width, width, first.in_channels))
 
 
 class _SelfDistillMixin(DistillForwardMixin):
@@ -53,17 +53,17 @@ class _SelfDistillMixin(DistillForwardMixin):
                 channels are checked against the refined maps' width).
         """
         if feature_distiller is None:
-            raise ValueError("self-distillation imitates the self-teacher's refined features, but "
-                             "KD.FEATURE.ENABLED is False (no feature_distiller); set it True, with "
-                             "KD.FEATURE.LOSS 'AttentionTransferLoss' (as in FRSKD) or "
+            raise ValueError("self-distillation imitates the self-teacher's refined features, "
+                             "but KD.FEATURE.ENABLED is False (no feature_distiller); set it "
+                             "True, with KD.FEATURE.LOSS 'AttentionTransferLoss' (as in FRSKD) or "
                              "'SSIMFeatureLoss'")
         shapes = self.backbone.output_shape()
         self_teacher.check_student(shapes)
         missing = [f for f in head_features if f not in self_teacher.in_features]
         if missing:
-            raise ValueError("the self-teacher's detection head needs levels {}, but KD.SELF.IN_FEATURES "
-                             "(self_teacher in_features) leaves out {}".format(list(head_features),
-                                                                               missing))
+            raise ValueError("the self-teacher's detection head needs levels {}, but "
+                             "KD.SELF.IN_FEATURES (self_teacher in_features) leaves out "
+                             "{}".format(list(head_features), missing))
         feature_distiller.check_shapes(shapes, self_teacher.output_shape(), "feature_distiller",
                                        "self-teacher")
         for name, head in heads.items():
@@ -143,8 +143,9 @@ class SelfDistillRetinaNet(_SelfDistillMixin, RetinaNet):
             kwargs: RetinaNet's arguments.
         """
         super().__init__(**kwargs)
-        self._init_self_distillation(self_teacher, feature_distiller, self_head_weight, self_detach_input,
-                                     list(self.head_in_features), {"self_head": self_head})
+        self._init_self_distillation(self_teacher, feature_distiller, self_head_weight,
+                                     self_detach_input, list(self.head_in_features),
+                                     {"self_head": self_head})
         self.kd_self_head = self_head
         self.kd_prediction = prediction_distiller
         self._init_recorders(DENSE_SOURCES, match_anchors=prediction_distiller is not None)
@@ -212,7 +213,16 @@ class SelfDistillGeneralizedRCNN(_SelfDistillMixin, GeneralizedRCNN):
     The self-teacher's detection head is a second RPN and ROI heads (built from the
     same config) on the refined maps; their losses are ``loss_self_*``.  The student's
     pyramid imitates the refined one (``loss_kd_<feature loss>``).  Inference is the
-    plain GeneralizedRCNN.
+    plain GeneralizedRCNN.  In a LazyConfig (see
+    ``configs/synthetic/distill/self_frskd_faster_rcnn_R18_lazy.py``)::
+
+        model._target_ = SelfDistillGeneralizedRCNN
+        model.self_teacher = L(BiFPNSelfTeacher)(in_features=["p2", "p3", "p4", "p5", "p6"],
+                                                 input_shapes=64, width=64)
+        model.feature_distiller = L(FeatureDistiller)(levels=[...], student_channels=64,
+            teacher_channels=64, loss=L(AttentionTransferLoss)(), weight=1.0)
+        model.self_proposal_generator = copy.deepcopy(model.proposal_generator)
+        model.self_roi_heads = copy.deepcopy(model.roi_heads)
     """
 
     student_meta_architecture = "GeneralizedRCNN"
@@ -230,7 +240,8 @@ class SelfDistillGeneralizedRCNN(_SelfDistillMixin, GeneralizedRCNN):
         super().__init__(**kwargs)
         self._init_self_distillation(
             self_teacher, feature_distiller, self_head_weight, self_detach_input,
-            self._head_levels(self.backbone.output_shape(), self.proposal_generator, self.roi_heads),
+            self._head_levels(self.backbone.output_shape(), self.proposal_generator,
+                              self.roi_heads),
             {"self_proposal_generator": self_proposal_generator})
         self.kd_self_proposal_generator = self_proposal_generator
         self.kd_self_roi_heads = self_roi_heads
@@ -253,7 +264,8 @@ class SelfDistillGeneralizedRCNN(_SelfDistillMixin, GeneralizedRCNN):
                 ``cfg.MODEL``.
         """
         shapes = student_kwargs["backbone"].output_shape()
-        levels = cls._head_levels(shapes, student_kwargs["proposal_generator"], student_kwargs["roi_heads"])
+        levels = cls._head_levels(shapes, student_kwargs["proposal_generator"],
+                                  student_kwargs["roi_heads"])
         ret = cls._self_from_config(cfg, dict(student_kwargs), levels)
         refined = ret["self_teacher"].output_shape()
         if (self_proposal_generator is None) != (self_roi_heads is None):

@@ -49,7 +49,7 @@ class SeparableConvBlock(nn.Sequential):
 
 
 def _shape_spec(input_shapes, level: str) -> ShapeSpec:
-    """Level ``level`` of :class:`BiFPNSelfTeacher`'s ``input_shapes`` (stride None where not given)."""
+    """Level ``level`` of :class:`BiFPNSelfTeacher`'s ``input_shapes`` (stride None: not given)."""
     if isinstance(input_shapes, int):
         return ShapeSpec(channels=input_shapes)
     if level not in input_shapes:
@@ -135,8 +135,8 @@ class BiFPNSelfTeacher(nn.Module):
 
     def _check_order(self, strides: List) -> None:
         if None not in strides and strides != sorted(strides):
-            raise ValueError("KD.SELF.IN_FEATURES must go from fine to coarse; strides {} of {}".format(
-                strides, self.in_features))
+            raise ValueError("KD.SELF.IN_FEATURES must go from fine to coarse; strides {} of "
+                             "{}".format(strides, self.in_features))
 
     def check_student(self, shapes: Dict[str, ShapeSpec]) -> None:
         """
@@ -150,9 +150,10 @@ class BiFPNSelfTeacher(nn.Module):
         self._check_order([shapes[f].stride for f in self.in_features])
         for f in self.in_features:
             if self.input_channels[f] != shapes[f].channels:
-                raise ValueError("self_teacher was built for {} channels at level {!r}, but the student's "
-                                 "backbone outputs {}: set its input_shapes={}".format(
-                                     self.input_channels[f], f, shapes[f].channels, shapes[f].channels))
+                raise ValueError("self_teacher was built for {} channels at level {!r}, but the "
+                                 "student's backbone outputs {}: set its input_shapes={}".format(
+                                     self.input_channels[f], f, shapes[f].channels,
+                                     shapes[f].channels))
         self._strides = {f: shapes[f].stride for f in self.in_features}
 
     def output_shape(self) -> Dict[str, ShapeSpec]:
