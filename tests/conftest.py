@@ -10,7 +10,7 @@ from detectron2.modeling import build_model
 
 import kd_det  # noqa: F401  (registers meta-architectures and datasets)
 from kd_det import get_kd_cfg, merge_kd_config
-from kd_det.data import SyntheticSpec, register_synthetic_datasets
+from kd_det.data import SyntheticSpec, ensure_synthetic_dataset, register_synthetic_datasets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_SPEC = SyntheticSpec(num_train=16, num_val=6, image_size=64, min_object_size=8, max_object_size=28,
@@ -33,6 +33,8 @@ def pytest_addoption(parser):
 def tiny_data_root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("data") / "kd_synthetic_tiny")
     register_synthetic_datasets(root, TINY_SPEC, prefix=TINY_PREFIX)
+    # written now, not on first load: evaluators read the json when they are built
+    ensure_synthetic_dataset(root, TINY_SPEC)
     return root
 
 

@@ -172,14 +172,13 @@ def test_feature_loss_names_are_not_old_keys():
 
 
 def test_teacher_opts_are_renamed(tmp_path):
-    from kd_det.modeling.teacher import build_teacher_cfg
+    from kd_det.config.detector import load_detector_config
 
-    student = get_kd_cfg()
-    student.MODEL.DEVICE = "cpu"
-    student.KD.TEACHER.OPTS = ["KD.SELF.TEMPERATURE", 2.0]
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        teacher = build_teacher_cfg(student, config_path("synthetic/retinanet_R_50_FPN.yaml"))
+        teacher = load_detector_config(config_path("synthetic/retinanet_R_50_FPN.yaml"),
+                                       ["KD.SELF.TEMPERATURE", 2.0], role="teacher",
+                                       opts_name="KD.TEACHER.OPTS")
     assert teacher.KD.SELF.SOFT_LABEL.TEMPERATURE == 2.0
     assert ["KD.TEACHER.OPTS" in m for m in _renames_warned(record)] == [True]
 

@@ -25,12 +25,8 @@ from detectron2.modeling import build_model
 
 from kd_det.release import deploy
 from kd_det.release.deploy import detections, export_torchscript, load_sample_image
-from kd_det.release.student import (
-    StudentCheckpointer,
-    file_sha256,
-    release_student,
-    student_inference_cfg,
-)
+from kd_det.config.student import student_model_config
+from kd_det.release.student import StudentCheckpointer, file_sha256, release_student
 from kd_det.utils.complexity import model_complexity
 
 # runs in a fresh interpreter: vanilla Detectron2 only
@@ -135,7 +131,7 @@ def test_export_round_trip(kind, tiny_data_root, tmp_path, rcnn_teacher, retina_
     # --eval-only's student: built without the teacher (its weights need not exist), kd_ weights skipped
     cfg.defrost()
     cfg.KD.TEACHER.WEIGHTS = str(tmp_path / "no_teacher_here.pth")
-    student = build_model(student_inference_cfg(cfg)).eval()
+    student = build_model(student_model_config(cfg)).eval()
     assert type(student).__name__ == arch and not hasattr(student, "teacher")
     incompatible = StudentCheckpointer(student)._load_model(
         {"model": torch.load(tmp_path / "model_final.pth", weights_only=False)["model"]})

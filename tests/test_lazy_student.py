@@ -275,10 +275,12 @@ def test_lazy_student_errors(tiny_data_root, rcnn_teacher):
     # a plain LazyCall is not a distilled one: lazy_student_model leaves it as it is
     plain = L(GeneralizedRCNN)(backbone=None)
     assert lazy_student_model(plain) is plain
-    # the distillation arguments are read from the constructors, not listed by hand
-    assert compat.distillation_arguments(DistillGeneralizedRCNN) == [
-        "channel_stats", "extra_teachers", "feature_distiller", "inherit_prefixes", "multi_teacher",
-        "roi_soft_label", "teacher"]
+    # the student alone: the arguments only distillation takes are dropped (read from the
+    # constructors), and the interpolations they held with them
+    student = lazy_student_model(lazy().model)
+    assert student._target_ is GeneralizedRCNN and set(student.keys()) == {
+        "_target_", "backbone", "proposal_generator", "roi_heads", "pixel_mean", "pixel_std",
+        "input_format"}
 
 
 def test_old_form_kd_errors(tiny_data_root, rcnn_teacher):
@@ -658,7 +660,7 @@ def test_old_form_saved_config_still_builds_the_same_model(tiny_data_root, tmp_p
     """
     import warnings
 
-    from kd_det.config.summary import distillation_summary
+    from kd_det.config.run import distillation_summary
     from kd_det.engine.lazy import lazy_teacher_eval_hook
 
     new = LazyConfig.apply_overrides(LazyConfig.load(LAZY_SSIM), _teacher_opts(rcnn_teacher) + [

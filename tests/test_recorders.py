@@ -237,6 +237,6 @@ def test_self_distilled_retinanet_records_the_students_pass(tiny_data_root, tmp_
     k = model.num_classes
     s, t = (torch.cat([x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, k) for x in logits], dim=1)
             for logits in seen)
-    want = cfg.KD.SELF.SOFT_LABEL_WEIGHT * soft_label_kd_loss(s, t.detach(), valid,
-                                                              cfg.KD.SELF.TEMPERATURE)
+    want = cfg.KD.SELF.SOFT_LABEL.WEIGHT * soft_label_kd_loss(s, t.detach(), valid,
+                                                              cfg.KD.SELF.SOFT_LABEL.TEMPERATURE)
     assert torch.equal(losses["loss_kd_soft"], want)

@@ -11,7 +11,8 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from kd_det.release.student import student_state_dict, vanilla_student_config
+from kd_det.config.student import vanilla_student_config
+from kd_det.release.student import student_state_dict
 from kd_det.losses import AttentionTransferLoss
 from kd_det.modeling import BiFPNSelfTeacher
 from kd_det.modeling.meta_arch.self_teacher import FastNormalizedFusion

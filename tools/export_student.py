@@ -46,28 +46,18 @@ def main(argv=None):
     if args.onnx:
         deploy._import_onnx()  # a missing package fails before any work, with the install command
 
-    if args.config_file.endswith(".py"):
-        from detectron2.config import LazyConfig
+    from kd_det.config.detector import load_detector_config
+    from kd_det.config.student import load_student_config
+    from kd_det.release.student import release_student
 
-        from kd_det.release.student import release_lazy_student
-
-        cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
-        if args.torchscript or args.onnx:
-            deploy.deploy_settings(cfg)  # a test resize the sidecar cannot describe fails before any file is written
-        out = release_lazy_student(cfg, args.weights, args.output_dir)
-        # trace what was released: the student's LazyConfig and its student-only weights
-        released_cfg = LazyConfig.load(out["config"])
-    else:
-        from detectron2.config import get_cfg
-
-        from kd_det import get_kd_cfg, merge_kd_config
-        from kd_det.release.student import release_student
-
-        cfg = merge_kd_config(get_kd_cfg(), args.config_file, args.opts)
-        out = release_student(cfg, args.weights, args.output_dir)
-        # trace what was released: the vanilla config and the student-only weights
-        released_cfg = get_cfg()
-        released_cfg.merge_from_file(out["config"])
+    cfg = load_detector_config(args.config_file, args.opts, opts_name="the command line")
+    if args.torchscript or args.onnx:
+        # a test resize the sidecar cannot describe fails before any file is written
+        deploy.deploy_settings(cfg)
+    out = release_student(cfg, args.weights, args.output_dir)
+    # trace what was released: the student's own config, as vanilla Detectron2 loads it, and
+    # its student-only weights
+    released_cfg = load_student_config(out["config"])
     if args.torchscript:
         out.update(deploy.export_torchscript(released_cfg, out["weights"], args.output_dir, args.sample_image,
                                              args.device))

@@ -33,7 +33,7 @@ from kd_det.engine.curriculum import restart_curriculum
 from kd_det.engine import non_finite_loss_error
 from kd_det.engine.lazy import build_lazy_trainer, lazy_teacher_eval_hook
 from kd_det.release.student import StudentCheckpointer
-from kd_det.modeling.lazy_student import lazy_student_model
+from kd_det.config.student import student_model_call
 from kd_det.config.lazy import dataset_names, lazy_get
 
 logger = logging.getLogger("kd_det.lazyconfig_train_net")
@@ -106,7 +106,7 @@ def main(args):
     default_setup(cfg, args)
     if args.eval_only:
         # the student alone: evaluating it needs neither the teacher nor its weights
-        model = instantiate(lazy_student_model(cfg.model))
+        model = instantiate(student_model_call(cfg.model))
         model.to(cfg.train.device)
         model = defaults.create_ddp_model(model)
         StudentCheckpointer(model).load(cfg.train.init_checkpoint)

@@ -20,59 +20,30 @@ import re
 import sys
 
 
-def _is_lazy_config(path):
-    """Whether a run's config.yaml is a saved LazyConfig (lowercase ``model``/``train``) rather than yacs."""
-    # top-level keys read from the text: a saved LazyConfig holds python object tags (ShapeSpec)
-    # that only LazyConfig.load's unsafe loader constructs
-    with open(path) as f:
-        keys = {line.split(":", 1)[0] for line in f if line[:1].isalpha() and ":" in line}
-    return "model" in keys and "MODEL" not in keys
-
-
-def _release_yacs(config, weights, dest):
-    """Export a tools/train_net.py run: (row fields, DistillationSummary, paths, released cfg)."""
-    from detectron2.config import get_cfg
-
-    from kd_det import get_kd_cfg, merge_kd_config
-    from kd_det.config.summary import distillation_summary
+def _release(config, weights, dest):
+    """
+    Release a run; returns (row fields, its DistillationSummary, export paths, released config).
+    The run is tools/train_net.py's (yacs config.yaml) or tools/lazyconfig_train_net.py's (a
+    saved LazyConfig).
+    """
+    from kd_det.config.detector import detector_settings, load_detector_config, meta_architecture_of
+    from kd_det.config.run import backbone_name, distillation_summary, training_schedule
+    from kd_det.config.student import load_student_config
     from kd_det.release.student import release_student
 
-    cfg = merge_kd_config(get_kd_cfg(), config)  # a run's config.yaml: older runs' keys are renamed
+    cfg = load_detector_config(config)  # a run's config.yaml: older runs' keys are renamed
     out = release_student(cfg, weights, dest)
-    released = get_cfg()
-    released.merge_from_file(out["config"])
+    released = load_student_config(out["config"])
+    settings = detector_settings(cfg)
+    iterations, batch = ("?" if v is None else v for v in training_schedule(cfg))
     fields = {
-        "meta_architecture": cfg.MODEL.META_ARCHITECTURE,
-        "backbone": "R-{}-FPN".format(cfg.MODEL.RESNETS.DEPTH),
-        "schedule": "{} it x {} img".format(cfg.SOLVER.MAX_ITER, cfg.SOLVER.IMS_PER_BATCH),
-        "dataset": "{} / {}".format(",".join(cfg.DATASETS.TRAIN), ",".join(cfg.DATASETS.TEST)),
+        "meta_architecture": meta_architecture_of(cfg),
+        "backbone": backbone_name(cfg),
+        "schedule": "{} it x {} img".format(iterations, batch),
+        "dataset": "{} / {}".format(",".join(settings.train_datasets),
+                                    ",".join(settings.test_datasets)),
     }
     return fields, distillation_summary(cfg), out, released
-
-
-def _release_lazy(config, weights, dest):
-    """:func:`_release_yacs` for a tools/lazyconfig_train_net.py run (a saved LazyConfig)."""
-    from detectron2.config import LazyConfig
-
-    from kd_det.release.student import release_lazy_student
-    from kd_det.config.summary import distillation_summary
-    from kd_det.config.lazy import dataset_names, lazy_get
-
-    lazy = LazyConfig.load(config)
-    out = release_lazy_student(lazy, weights, dest)
-    released = LazyConfig.load(out["config"])
-    depth = lazy_get(released, "model.backbone.bottom_up.stages.depth")
-    backbone = lazy_get(released, "model.backbone._target_", "?")
-    fields = {
-        "meta_architecture": str(lazy_get(lazy, "model.meta_architecture", "")) or str(
-            released.model._target_).rsplit(".", 1)[-1],
-        "backbone": "R-{}-FPN".format(depth) if depth else str(backbone).rsplit(".", 1)[-1],
-        "schedule": "{} it x {} img".format(lazy_get(lazy, "train.max_iter", "?"),
-                                           lazy_get(lazy, "dataloader.train.total_batch_size", "?")),
-        "dataset": "{} / {}".format(",".join(dataset_names(lazy_get(lazy, "dataloader.train.dataset.names"))),
-                                    ",".join(dataset_names(lazy_get(lazy, "dataloader.test.dataset.names")))),
-    }
-    return fields, distillation_summary(lazy), out, released
 
 
 def release_run(run_dir, release_dir, torchscript=False, onnx=False):
@@ -93,15 +64,14 @@ def release_run(run_dir, release_dir, torchscript=False, onnx=False):
     records = load_metrics(os.path.join(run_dir, "metrics.json"))
     ap = last_box_ap(records)
     dest = os.path.join(release_dir, name)
-    release = _release_lazy if _is_lazy_config(config) else _release_yacs
-    fields, kd, out, released = release(config, os.path.join(run_dir, "model_final.pth"), dest)
+    fields, kd, out, released = _release(config, os.path.join(run_dir, "model_final.pth"), dest)
     complexity = _student_complexity(released, out["weights"], out["config"])
     if torchscript:
         deploy.export_torchscript(released, out["weights"], dest)
     if onnx:
         deploy.export_onnx(released, out["weights"], dest)
     meta_architecture = fields.pop("meta_architecture")
-    methods, teacher = list(kd.methods), kd.teacher  # kd: kd_det.config.summary.DistillationSummary
+    methods, teacher = list(kd.methods), kd.teacher  # kd: kd_det.config.run.DistillationSummary
     _, teacher_ap = metric_series(records, "teacher/bbox/AP")  # logged with KD.TEACHER.EVAL_BEFORE_TRAIN
     return dict(fields, **{
         "name": name,

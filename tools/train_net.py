@@ -20,7 +20,8 @@ from kd_det.engine.launch import launch
 from kd_det.data import prepare_datasets, validate_registered_datasets
 from kd_det.engine import get_trainer_class
 from kd_det.evaluation import evaluator_name
-from kd_det.release.student import StudentCheckpointer, student_inference_cfg
+from kd_det.config.student import student_model_config
+from kd_det.release.student import StudentCheckpointer
 
 
 def setup(args):
@@ -35,7 +36,7 @@ def main(args):
     trainer_cls = get_trainer_class(cfg)
     if args.eval_only:
         # the student alone: evaluating it needs neither the teacher nor its weights
-        model = trainer_cls.build_model(student_inference_cfg(cfg))
+        model = trainer_cls.build_model(student_model_config(cfg))
         StudentCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = trainer_cls.test(cfg, model)
         verify_results(cfg, res)

@@ -9,6 +9,7 @@ model, and never asks which kind of config they came from.
     model = build_detector(config, "cpu")    # weights not loaded
 """
 
+import os
 import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
@@ -17,13 +18,21 @@ import torch
 from detectron2.config import CfgNode, LazyConfig, instantiate
 from detectron2.modeling import build_model
 from omegaconf import DictConfig
+from PIL import Image
 
 from .defaults import get_kd_cfg
 from .renames import merge_kd_config
-from .lazy import dataset_names, lazy_get, single_short_edge, test_resizes
+from .lazy import (
+    dataset_names,
+    lazy_get,
+    other_test_augmentations,
+    single_short_edge,
+    test_resizes,
+)
 
-__all__ = ["DetectorSettings", "is_lazy_config", "describe_config", "load_detector_config",
-           "detector_settings", "meta_architecture_of", "build_detector"]
+__all__ = ["DetectorSettings", "is_lazy_config", "describe_config", "train_command",
+           "load_detector_config", "detector_settings", "meta_architecture_of", "build_detector",
+           "detector_weights", "fixed_test_resize"]
 
 DetectorConfig = Union[CfgNode, DictConfig]
 
@@ -48,10 +57,25 @@ class DetectorSettings:
     test_datasets: Tuple[str, ...] = ()
 
 
+def _is_saved_lazy_config(path: str) -> bool:
+    """Whether a ``.yaml`` file is a saved LazyConfig (lowercase ``model``), not a yacs config."""
+    # top-level keys read from the text: a saved LazyConfig holds python object tags
+    # (ShapeSpec) that only LazyConfig.load's unsafe loader constructs
+    with open(path) as f:
+        keys = {line.split(":", 1)[0] for line in f if line[:1].isalpha() and ":" in line}
+    return "model" in keys and "MODEL" not in keys
+
+
 def is_lazy_config(config) -> bool:
-    """Whether ``config`` (a file path or a loaded config) is a LazyConfig, not a yacs config."""
+    """
+    Whether ``config`` is a LazyConfig, not a yacs config: a loaded config, or a file
+    path (a ``.py``, or a ``.yaml`` that ``LazyConfig.save`` wrote, e.g. the config.yaml
+    of a tools/lazyconfig_train_net.py run).
+    """
     if isinstance(config, str):
-        return config.endswith(".py")
+        if config.endswith(".py"):
+            return True
+        return os.path.isfile(config) and _is_saved_lazy_config(config)
     return not isinstance(config, CfgNode)
 
 
@@ -61,13 +85,20 @@ def describe_config(path: str, role: str = "") -> str:
     return "{} {!r}".format("{} {}".format(role, kind) if role else kind, path)
 
 
+def train_command(path: str) -> str:
+    """The command that trains a detector from the config file ``path``."""
+    tool = "lazyconfig_train_net.py" if is_lazy_config(path) else "train_net.py"
+    return "tools/{} --config-file {}".format(tool, path)
+
+
 def load_detector_config(path: str, opts: Sequence[str] = (), *, role: str = "",
                          opts_name: str = "opts") -> DetectorConfig:
     """
     Load a detector config with command-line style overrides, as the Detectron2 tools do.
 
     Args:
-        path: a yacs ``.yaml`` (kd_det's defaults included) or a LazyConfig ``.py``.
+        path: a yacs ``.yaml`` (kd_det's defaults included; older kd_det keys renamed) or a
+            LazyConfig (``.py``, or a ``.yaml`` that ``LazyConfig.save`` wrote).
         opts: yacs ``KEY VALUE ...`` pairs, or a LazyConfig's ``"key=value"`` strings.
         role, opts_name: what the config and the overrides are to the caller (e.g.
             "teacher" and "KD.TEACHER.OPTS"), for the messages.
@@ -194,14 +225,68 @@ def detector_settings(config: DetectorConfig) -> DetectorSettings:
         dataset_names(lazy_get(config, "dataloader.test.dataset.names")))
 
 
-def build_detector(config: DetectorConfig, device: str = "cpu") -> torch.nn.Module:
+def build_detector(config: DetectorConfig, device: Optional[str] = "cpu") -> torch.nn.Module:
     """
     The model of a config on ``device``, weights not loaded: yacs ``build_model`` (with
     ``MODEL.DEVICE`` = ``device``), or ``instantiate`` of a LazyConfig's ``model``.
+
+    Args:
+        device: None: the config's own (``MODEL.DEVICE``, a LazyConfig's ``train.device``,
+            else "cpu").
     """
     if isinstance(config, CfgNode):
         cfg = config.clone()
         cfg.defrost()
-        cfg.MODEL.DEVICE = str(device)
+        cfg.MODEL.DEVICE = str(device or config.MODEL.DEVICE)
         return build_model(cfg)
+    device = device or lazy_get(config, "train.device", "cpu")
     return instantiate(_lazy_model(config)).to(torch.device(device))
+
+
+def detector_weights(config: DetectorConfig) -> str:
+    """The weights a config names: ``MODEL.WEIGHTS``, a LazyConfig's ``train.init_checkpoint``."""
+    if isinstance(config, CfgNode):
+        return config.MODEL.WEIGHTS
+    return str(lazy_get(config, "train.init_checkpoint", ""))
+
+
+def fixed_test_resize(config: DetectorConfig) -> Tuple[int, int]:
+    """
+    The test-time preprocessing of a config as ``DefaultPredictor`` does it, which is what
+    a deployed model repeats (its sidecar JSON, ``tools/predict_exported.py``): one
+    bilinear ``ResizeShortestEdge`` to a fixed shortest edge.  A yacs config's is
+    ``INPUT.MIN_SIZE_TEST``/``MAX_SIZE_TEST``; a LazyConfig's is
+    ``dataloader.test.mapper.augmentations``, which must be exactly that.
+
+    Returns:
+        (shortest edge, longest edge at most).
+    Raises:
+        ValueError naming the fix where a LazyConfig's test augmentations are anything else.
+    """
+    if isinstance(config, CfgNode):
+        return config.INPUT.MIN_SIZE_TEST, config.INPUT.MAX_SIZE_TEST
+    if lazy_get(config, "dataloader.test") is None:
+        raise ValueError(
+            "the LazyConfig has no dataloader.test: the export takes the test-time resize from "
+            "dataloader.test.mapper.augmentations (a ResizeShortestEdge, as in Detectron2's "
+            "configs) and the sample image and class names from dataloader.test.dataset.names; "
+            "add it")
+    resizes, others = test_resizes(config), other_test_augmentations(config)
+    if len(resizes) != 1 or others:
+        raise ValueError(
+            "dataloader.test.mapper.augmentations of the LazyConfig is {} ResizeShortestEdge and "
+            "{}: an exported model's preprocessing (its sidecar JSON, predict_exported.py) is one "
+            "ResizeShortestEdge(short_edge_length=N, max_size=M), as DefaultPredictor's".format(
+                len(resizes), others or "nothing else"))
+    short = single_short_edge(resizes[0])
+    if short is None:
+        raise ValueError(
+            "the test ResizeShortestEdge of the LazyConfig draws its short edge from {}: a "
+            "deployed model needs one size; set "
+            "dataloader.test.mapper.augmentations.0.short_edge_length=N".format(
+                list(lazy_get(resizes[0], "short_edge_length"))))
+    interp = lazy_get(resizes[0], "interp", Image.BILINEAR)
+    if int(interp) != int(Image.BILINEAR):
+        raise ValueError("the test ResizeShortestEdge of the LazyConfig uses interp={}; exports "
+                         "describe bilinear resizing (DefaultPredictor's) only".format(interp))
+    return short, int(lazy_get(resizes[0], "max_size", sys.maxsize))

@@ -1,6 +1,7 @@
 """
-LazyConfig students: the student alone of a distilled model (:func:`lazy_student_model`),
-and the deprecated ``kd={...}`` form of earlier kd_det versions (a compatibility layer).
+LazyConfig students: the deprecated ``kd={...}`` form of earlier kd_det versions (a
+compatibility layer), and :data:`lazy_student_model`, the student alone of a distilled
+model (:func:`kd_det.config.student.student_model_call`, kept here under its old name).
 
 A LazyConfig student composes its distillation directly, as Detectron2's projects do: the
 student's own LazyCall, retargeted to its distillation meta-architecture, with the
@@ -31,69 +32,31 @@ pieces (``distill_kwargs`` / ``self_distill_kwargs``).  That is the one place ou
 """
 
 import copy
-import inspect
 import warnings
 from typing import Dict, Mapping, Sequence
 
 import torch
 from detectron2.config import CfgNode
 from detectron2.modeling import META_ARCH_REGISTRY
-from detectron2.utils.registry import locate
 from omegaconf import DictConfig, OmegaConf
 
 from ..config import get_kd_cfg
 from ..config.renames import RENAMED_KEYS, rename_config_dict
+from ..config.student import student_model_call
 from .meta_arch import DistillMixin
 
-__all__ = ["lazy_student_model", "distillation_arguments",
+__all__ = ["lazy_student_model",
            # the deprecated kd={...} form
            "lazy_distilled_model", "build_distilled_model", "lazy_self_distilled_model",
            "build_self_distilled_model", "kd_node"]
 
 
-def _target(model):
-    """The callable a LazyCall node names (its ``_target_``, located if a string), or None."""
-    target = model.get("_target_", None) if hasattr(model, "get") else None
-    return locate(target) if isinstance(target, str) else target
-
-
-def distillation_arguments(cls: type) -> Sequence[str]:
-    """
-    The constructor arguments of a kd_det meta-architecture ``cls`` that its vanilla
-    Detectron2 class (``cls.student_meta_architecture``) does not take: the teacher(s),
-    distillers and settings of distillation, e.g. ``teacher``, ``feature_distiller``.
-    Read from the two ``__init__`` signatures, so a new argument needs no list here.
-    """
-    vanilla = META_ARCH_REGISTRY.get(cls.student_meta_architecture)
-
-    def named(c):
-        return {n for n, p in inspect.signature(c.__init__).parameters.items()
-                if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
-
-    return sorted(named(cls) - named(vanilla))
-
-
-def lazy_student_model(model):
-    """
-    The LazyCall of the student alone, for evaluation, export and deployment, which
-    need neither the teacher nor its weights: a distillation meta-architecture's LazyCall
-    (e.g. ``L(DistillRetinaNet)(...)``, or the deprecated ``lazy_distilled_model`` form)
-    with its vanilla class (``student_meta_architecture``) as target and without its
-    distillation arguments (:func:`distillation_arguments`).  Other LazyCalls are
-    returned unchanged (the same object).
-    """
-    target = _target(model)
-    if target in (build_distilled_model, build_self_distilled_model):
-        return _old_form_student(model, target)
-    name = getattr(target, "student_meta_architecture", "") if isinstance(target, type) else ""
-    if not name:
-        return model
-    node = copy.deepcopy(model)
-    drop = set(distillation_arguments(target))
-    for key in [k for k in node.keys() if k in drop]:
-        del node[key]  # not pop(): it would resolve an interpolation that may point elsewhere
-    node._target_ = META_ARCH_REGISTRY.get(name)
-    return node
+#: The LazyCall of the student alone (:func:`kd_det.config.student.student_model_call`), for
+#: evaluation, export and deployment, which need neither the teacher nor its weights: a
+#: distillation meta-architecture's LazyCall (or the deprecated form's) with its vanilla
+#: class as target and without the arguments only distillation takes.  Kept under this name
+#: for LazyConfigs that import it from here.
+lazy_student_model = student_model_call
 
 
 # --- the deprecated kd={...} form -------------------------------------------------------
@@ -327,14 +290,3 @@ def build_self_distilled_model(meta_architecture: str, kd: Mapping, **kwargs) ->
     heads = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith("self_")}
     cfg = _kd_view(meta_architecture, kd, (), kwargs)
     return cls(**cls.self_distill_kwargs(cfg, dict(kwargs), **heads))
-
-
-def _old_form_student(model, target):
-    """:func:`lazy_student_model` of a deprecated-form LazyCall (no warning: nothing is built)."""
-    self_distilled = target is build_self_distilled_model
-    cls = (_self_distill_class if self_distilled else _distill_class)(model.meta_architecture)
-    node = copy.deepcopy(model)
-    for key in [k for k in node.keys() if k in ("meta_architecture", "kd", "train_datasets") or k.startswith("self_")]:
-        del node[key]  # not pop(): it would resolve an interpolation that may point outside this node
-    node._target_ = META_ARCH_REGISTRY.get(cls.student_meta_architecture)
-    return node

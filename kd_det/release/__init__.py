@@ -2,22 +2,13 @@
 Releasing a distilled student, in two steps:
 
 - :mod:`kd_det.release.student`: the student-only Detectron2 checkpoint and the student's
-  own config (yacs or LazyConfig), which vanilla Detectron2 loads without kd_det;
+  own config (:mod:`kd_det.config.student`), which vanilla Detectron2 loads without kd_det;
 - :mod:`kd_det.release.deploy`: TorchScript and ONNX exports of that student, checked
   against the eager model, for a deployment without Detectron2.
 """
 
 from .deploy import ONNX_OPSET, DeploySettings, export_onnx, export_torchscript, load_student
-from .student import (
-    StudentCheckpointer,
-    file_sha256,
-    release_lazy_student,
-    release_student,
-    student_inference_cfg,
-    student_state_dict,
-    vanilla_student_config,
-)
+from .student import StudentCheckpointer, file_sha256, release_student, student_state_dict
 
-__all__ = ["StudentCheckpointer", "file_sha256", "release_student", "release_lazy_student",
-           "student_inference_cfg", "student_state_dict", "vanilla_student_config", "ONNX_OPSET",
-           "DeploySettings", "export_torchscript", "export_onnx", "load_student"]
+__all__ = ["StudentCheckpointer", "file_sha256", "release_student", "student_state_dict",
+           "ONNX_OPSET", "DeploySettings", "export_torchscript", "export_onnx", "load_student"]

@@ -13,8 +13,8 @@ matched one to one, within bounds derived from float32 rounding, and a detection
 side has must sit at a cutoff (score threshold, cap, NMS) that rounding can move it across
 (:func:`match_detections`).
 
-The student's config is a yacs ``CfgNode`` (``release_student``'s config.yaml) or a
-LazyConfig (``release_lazy_student``'s); both reduce to :class:`DeploySettings`.
+The student's config (``release_student``'s config.yaml, yacs or LazyConfig) reduces to
+:class:`DeploySettings`.
 """
 
 import contextlib
@@ -30,23 +30,20 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import detection_utils
 from detectron2.data import transforms as T
-from detectron2.modeling import GeneralizedRCNN, build_model
+from detectron2.modeling import GeneralizedRCNN
 from detectron2.structures import Boxes, pairwise_iou
-from omegaconf import DictConfig
-from PIL import Image
 
 from ..checkpoint import atomic_write_bytes
-from ..config.lazy import (
-    dataset_names,
-    lazy_get,
-    other_test_augmentations,
-    single_short_edge,
-    test_resizes,
+from ..config.detector import (
+    DetectorConfig,
+    build_detector,
+    detector_settings,
+    fixed_test_resize,
 )
+from ..config.student import student_model_config
 from .student import StudentCheckpointer, file_sha256
 
 __all__ = ["OUTPUT_NAMES", "DeploySettings", "deploy_settings", "detections", "preprocess", "load_sample_image",
@@ -118,49 +115,19 @@ class DeploySettings:
     train_datasets: Tuple[str, ...] = ()
 
 
-def _lazy_deploy_settings(lazy) -> DeploySettings:
+def deploy_settings(cfg: Union[DetectorConfig, DeploySettings]) -> DeploySettings:
     """
-    :class:`DeploySettings` of a LazyConfig student: the resize of
-    ``dataloader.test.mapper.augmentations``, which must be one fixed-size
-    ``ResizeShortestEdge`` (what Detectron2's LazyConfigs use, and what the sidecar JSON
-    can describe), and the input format of ``model.input_format`` or the test mapper.
+    The :class:`DeploySettings` of a student's config (returned as is when already one):
+    its test-time resize, which must be one fixed-size bilinear ``ResizeShortestEdge``
+    (:func:`~kd_det.config.detector.fixed_test_resize`: what the sidecar JSON can
+    describe), its input format and its datasets.
     """
-    if lazy_get(lazy, "dataloader.test") is None:
-        raise ValueError("the LazyConfig has no dataloader.test: the export takes the test-time resize from "
-                         "dataloader.test.mapper.augmentations (a ResizeShortestEdge, as in Detectron2's configs) "
-                         "and the sample image and class names from dataloader.test.dataset.names; add it")
-    resizes, others = test_resizes(lazy), other_test_augmentations(lazy)
-    if len(resizes) != 1 or others:
-        raise ValueError("dataloader.test.mapper.augmentations of the LazyConfig is {} ResizeShortestEdge and {}: an "
-                         "exported model's preprocessing (its sidecar JSON, predict_exported.py) is one "
-                         "ResizeShortestEdge(short_edge_length=N, max_size=M), as DefaultPredictor's".format(
-                             len(resizes), others or "nothing else"))
-    short = single_short_edge(resizes[0])
-    if short is None:
-        raise ValueError("the test ResizeShortestEdge of the LazyConfig draws its short edge from {}: a deployed model "
-                         "needs one size; set dataloader.test.mapper.augmentations.0.short_edge_length=N".format(
-                             list(lazy_get(resizes[0], "short_edge_length"))))
-    interp = lazy_get(resizes[0], "interp", Image.BILINEAR)
-    if int(interp) != int(Image.BILINEAR):
-        raise ValueError("the test ResizeShortestEdge of the LazyConfig uses interp={}; exports describe bilinear "
-                         "resizing (DefaultPredictor's) only".format(interp))
-    input_format = lazy_get(lazy, "model.input_format") or lazy_get(lazy, "dataloader.test.mapper.image_format")
-    if input_format is None:
-        raise ValueError("the LazyConfig names no input format: set model.input_format (or "
-                         "dataloader.test.mapper.image_format) to the channel order the student was trained on")
-    return DeploySettings(str(input_format), short, int(lazy_get(resizes[0], "max_size", sys.maxsize)),
-                          dataset_names(lazy_get(lazy, "dataloader.test.dataset.names")),
-                          dataset_names(lazy_get(lazy, "dataloader.train.dataset.names")))
-
-
-def deploy_settings(cfg: Union[CfgNode, DictConfig, DeploySettings]) -> DeploySettings:
-    """The :class:`DeploySettings` of a yacs config or a LazyConfig (returned as is when already one)."""
     if isinstance(cfg, DeploySettings):
         return cfg
-    if isinstance(cfg, CfgNode):
-        return DeploySettings(cfg.INPUT.FORMAT, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST,
-                              tuple(cfg.DATASETS.TEST), tuple(cfg.DATASETS.TRAIN))
-    return _lazy_deploy_settings(cfg)
+    min_size, max_size = fixed_test_resize(cfg)
+    settings = detector_settings(cfg)
+    return DeploySettings(settings.input_format, min_size, max_size, settings.test_datasets,
+                          settings.train_datasets)
 
 
 def detections(model: torch.nn.Module, image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -638,33 +605,19 @@ def _class_names(settings: DeploySettings) -> Optional[List[str]]:
     return None
 
 
-def _build_student(cfg, device: str) -> torch.nn.Module:
-    if isinstance(cfg, CfgNode):
-        cfg = cfg.clone()
-        cfg.defrost()
-        cfg.MODEL.DEVICE = device
-        return build_model(cfg)
-    from detectron2.config import instantiate
-
-    from ..modeling.lazy_student import lazy_student_model
-
-    if "model" not in cfg:
-        raise ValueError("the LazyConfig has no `model` to export")
-    return instantiate(lazy_student_model(cfg.model)).to(torch.device(device))
-
-
 def load_student(cfg, weights: str, device: str = "cpu") -> torch.nn.Module:
     """
     The student of ``cfg`` (eval mode, on ``device``) with ``weights``: a student-only or a
     training checkpoint (``kd_*`` and teacher weights are ignored).
 
     Args:
-        cfg: a yacs config, or a LazyConfig whose ``model`` is the student (plain, or the
-            :func:`~kd_det.modeling.lazy_student.lazy_distilled_model` of one: its student is taken).
+        cfg: the student's config, or its distillation config (the student is taken:
+            :func:`~kd_det.config.student.student_model_config`).
     Raises:
         FileNotFoundError / ValueError naming the fix when the weights are missing or are not this student's.
     """
-    model = _build_student(cfg, device).eval()
+    # the student alone: exporting it never builds the teacher nor needs its weights
+    model = build_detector(student_model_config(cfg), device).eval()
     if not os.path.isfile(weights):
         raise FileNotFoundError("no checkpoint at {!r}: pass the exported student's weights (export_student's "
                                 "model_final.pth) or the training run's".format(weights))
@@ -738,7 +691,7 @@ def export_torchscript(cfg, weights: str, output_dir: str, sample_image: str = "
 
     Args:
         cfg: the student's vanilla Detectron2 config (``release_student``'s config.yaml), or
-            its LazyConfig (``release_lazy_student``'s config.yaml, or the training one).
+            its training config.
         weights: student-only or training checkpoint (``kd_*`` weights are ignored).
         sample_image: image file to trace with (default: the first of ``DATASETS.TEST[0]``).
         device: where the traced model runs; tracing records the device, so a CPU trace

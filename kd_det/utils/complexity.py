@@ -6,30 +6,19 @@ one flop) on real test images, preprocessed as at test time.
 
 import itertools
 import warnings
-from typing import Dict, Iterable, Tuple
+from typing import Dict
 
 import torch
-from detectron2.config import CfgNode, instantiate
-from detectron2.data import build_detection_test_loader
 from detectron2.utils.analysis import FlopCountAnalysis, parameter_count
 
-from ..config.lazy import dataset_names, lazy_get
+from ..config.detector import DetectorConfig
+from ..config.loaders import test_loader
 
 __all__ = ["model_complexity"]
 
 
-def _test_loader(cfg) -> Tuple[Iterable, str]:
-    """The test loader of a yacs config (``DATASETS.TEST[0]``) or a LazyConfig (``dataloader.test``); its name."""
-    if isinstance(cfg, CfgNode):
-        if not cfg.DATASETS.TEST:
-            raise ValueError("counting flops needs test images: the config has no DATASETS.TEST")
-        return build_detection_test_loader(cfg, cfg.DATASETS.TEST[0]), cfg.DATASETS.TEST[0]
-    if lazy_get(cfg, "dataloader.test") is None:
-        raise ValueError("counting flops needs test images: the LazyConfig has no dataloader.test")
-    return instantiate(cfg.dataloader.test), ",".join(dataset_names(lazy_get(cfg, "dataloader.test.dataset.names")))
-
-
-def model_complexity(cfg, model: torch.nn.Module, num_images: int = 5) -> Dict[str, float]:
+def model_complexity(cfg: DetectorConfig, model: torch.nn.Module,
+                     num_images: int = 5) -> Dict[str, float]:
     """
     Args:
         cfg: the model's config, yacs (its ``DATASETS.TEST[0]`` supplies the images,
@@ -40,7 +29,10 @@ def model_complexity(cfg, model: torch.nn.Module, num_images: int = 5) -> Dict[s
         {"params_m": parameters in millions, "gflops": mean per image, in 1e9
         multiply-adds, "images": how many were counted, "size": mean "HxW" input}.
     """
-    loader, test_set = _test_loader(cfg)
+    try:
+        loader, test_set = test_loader(cfg)
+    except ValueError as e:
+        raise ValueError("counting flops needs test images: {}".format(e)) from e
     was_training = model.training
     model.eval()
     counts, heights, widths = [], [], []

@@ -7,9 +7,9 @@ import copy
 
 from detectron2.config import LazyCall as L
 
+from kd_det.config.student import student_model_call
 from kd_det.losses import AttentionTransferLoss
 from kd_det.modeling import BiFPNSelfTeacher, FeatureDistiller, SelfDistillGeneralizedRCNN
-from kd_det.modeling.lazy_student import lazy_student_model
 
 from ..faster_rcnn_R_50_FPN_lazy import dataloader, lr_multiplier, optimizer, train
 from .ssim_faster_rcnn_R50_to_R18_lazy import model as _ssim_student
@@ -17,7 +17,7 @@ from .ssim_faster_rcnn_R50_to_R18_lazy import model as _ssim_student
 LEVELS = ["p2", "p3", "p4", "p5", "p6"]  # the levels its RPN and ROI heads read
 
 # the R-18-FPN-64 student of the SSIM config, without its teacher
-model = lazy_student_model(_ssim_student)
+model = student_model_call(_ssim_student)
 # in the yacs twin's order: the student, the self-teacher, its feature target, its heads
 model._target_ = SelfDistillGeneralizedRCNN
 model.self_teacher = L(BiFPNSelfTeacher)(

@@ -6,14 +6,9 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
 
+from ...config.detector import train_command
+
 __all__ = ["load_teacher_weights", "train_command"]
-
-
-def train_command(config_path: str) -> str:
-    """The command that trains a teacher from ``config_path``."""
-    if config_path.endswith(".py"):
-        return "tools/lazyconfig_train_net.py --config-file {}".format(config_path)
-    return "tools/train_net.py --config-file {}".format(config_path)
 
 
 def _local_weights_file(path: str, config_path: str) -> str:

@@ -1,6 +1,7 @@
 """
-What a student's config distils, in words (for model-zoo tables), read from a yacs config
-or a LazyConfig without building anything::
+What a training run's config says about the run, of either kind, for reports such as the
+model zoo's table (``tools/model_zoo.py``): the student's backbone, the schedule, and what
+it distils, in words (:func:`distillation_summary`), read without building anything::
 
     summary = distillation_summary(config)   # a CfgNode, or a loaded LazyConfig
     summary.methods                          # e.g. ("SSIM (PFI)", "RM")
@@ -8,17 +9,42 @@ or a LazyConfig without building anything::
 """
 
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 from detectron2.config import CfgNode
 from omegaconf import DictConfig, OmegaConf
 
 from .defaults import get_kd_cfg
-from .detector import meta_architecture_of
+from .detector import DetectorConfig, meta_architecture_of
 from .lazy import lazy_get
 from .renames import rename_config_dict
 
-__all__ = ["DistillationSummary", "distillation_summary"]
+__all__ = ["backbone_name", "training_schedule", "DistillationSummary", "distillation_summary"]
+
+
+def backbone_name(config: DetectorConfig) -> str:
+    """
+    The student's backbone, e.g. "R-50-FPN": yacs ``MODEL.RESNETS.DEPTH``; a LazyConfig's
+    ``model.backbone.bottom_up.stages.depth``, else the class its ``model.backbone`` calls.
+    """
+    if isinstance(config, CfgNode):
+        return "R-{}-FPN".format(config.MODEL.RESNETS.DEPTH)
+    depth = lazy_get(config, "model.backbone.bottom_up.stages.depth")
+    if depth:
+        return "R-{}-FPN".format(depth)
+    return str(lazy_get(config, "model.backbone._target_", "?")).rsplit(".", 1)[-1]
+
+
+def training_schedule(config: DetectorConfig) -> Tuple[Optional[int], Optional[int]]:
+    """
+    (iterations, images per batch): yacs ``SOLVER.MAX_ITER`` and ``IMS_PER_BATCH``; a
+    LazyConfig's ``train.max_iter`` and ``dataloader.train.total_batch_size`` (None where
+    it has none).
+    """
+    if isinstance(config, CfgNode):
+        return config.SOLVER.MAX_ITER, config.SOLVER.IMS_PER_BATCH
+    return (lazy_get(config, "train.max_iter"),
+            lazy_get(config, "dataloader.train.total_batch_size"))
 
 
 @dataclass(frozen=True)
