@@ -32,7 +32,7 @@ def _yaml(node) -> str:
 
 
 def _builder_form(direct_model):
-    """The direct-form LazyCall as the deprecated lazy_distilled_model(student, kd={...}) wrote it."""
+    """The direct-form LazyCall as the deprecated lazy_distilled_model(student, kd=...) has it."""
     from kd_det.modeling import lazy_student as compat
 
     student = copy.deepcopy(direct_model)
