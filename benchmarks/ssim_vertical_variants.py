@@ -25,7 +25,7 @@ apply)::
         loss = ssim_triton.fused_ssim_mean(x, y)
     variants.use("ring")   # until variants.use("unrolled"): the sweep's way
 
-The kernel tests run with them too: ``pytest tests/test_ssim_triton.py --ssim-variants``
+The kernel tests run with them too: ``pytest tests/losses/test_ssim_triton.py --ssim-variants``
 (not part of ``make test``; ``benchmarks/gpu/run_suite.sh tests`` passes it).
 """
 

@@ -30,17 +30,17 @@ run_tests() {
     local rc=0 i=0 pids=() sel
     local selections=("unrolled" "band" "ring" "not unrolled and not band and not ring")
     for sel in "${selections[@]}"; do
-        "$PY" -m pytest -q -p no:cacheprovider tests/test_ssim_triton.py --ssim-variants -k "$sel" \
+        "$PY" -m pytest -q -p no:cacheprovider tests/losses/test_ssim_triton.py --ssim-variants -k "$sel" \
             >"/tmp/kd_det_tests_$i.log" 2>&1 &
         pids+=($!)
         i=$((i + 1))
     done
     for i in "${!pids[@]}"; do
         wait "${pids[$i]}" || rc=$?
-        echo "--- tests/test_ssim_triton.py -k '${selections[$i]}'"
+        echo "--- tests/losses/test_ssim_triton.py -k '${selections[$i]}'"
         tail -n 30 "/tmp/kd_det_tests_$i.log"
     done
-    "$PY" -m pytest -q -p no:cacheprovider tests/test_losses.py || rc=$?
+    "$PY" -m pytest -q -p no:cacheprovider tests/losses/test_losses.py || rc=$?
     return $rc
 }
 
@@ -54,10 +54,10 @@ for stage in "$@"; do
         sweep)    "$PY" benchmarks/sweep_ssim_triton.py --json "$OUT/sweep.json" ;;
         profile)  "$PY" benchmarks/profile_ssim_triton.py --json "$OUT/profile.json" ;;
         # memcheck of the kernels on exact-size allocations (the caching allocator's blocks
-        # would hide reads past a tensor's end); tests/interpreter_bounds.py checks the same
+        # would hide reads past a tensor's end); tests/losses/interpreter_bounds.py checks the same
         # on the CPU, at the interpreter's block sizes
         sanitize) PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 9 \
-                      --print-limit 20 "$PY" -m pytest -q -p no:cacheprovider tests/test_ssim_triton.py \
+                      --print-limit 20 "$PY" -m pytest -q -p no:cacheprovider tests/losses/test_ssim_triton.py \
                       --ssim-variants \
                       -k "mean_and_grad or half_precision or non_contiguous or fpn_features" ;;
         step)     "$PY" benchmarks/bench_step.py --json "$OUT/step.json" ;;

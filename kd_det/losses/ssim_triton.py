@@ -40,7 +40,7 @@ gradient through the min and max goes, as ``torch.amin``/``amax`` send it, in eq
 shares to the positions holding the extreme value (a small fix-up kernel).
 
 Values match :func:`kd_det.losses.ssim.ssim_map` (same valid window, same
-formula, fp32 accumulation); ``tests/test_ssim_triton.py`` checks values and
+formula, fp32 accumulation); ``tests/losses/test_ssim_triton.py`` checks values and
 gradients, on the GPU and, on CPU-only machines, in Triton's interpreter
 (``TRITON_INTERPRET=1``).
 """

@@ -6,16 +6,16 @@ Triton's active driver is replaced by one that reports an sm_90 device and recor
 launches instead of performing them: argument binding, specialisation, the cache key,
 compilation to a cubin and the launcher's argument list all run as they would on the
 GPU; only the kernels do not execute (their outputs are meaningless).  Run by
-``tests/test_ssim_triton.py::test_launch_path_for_h100`` in a subprocess, because the
+``tests/losses/test_ssim_triton.py::test_launch_path_for_h100`` in a subprocess, because the
 driver swap is process-wide:
 
-    python tests/sm90_launch_check.py
+    python tests/losses/sm90_launch_check.py
 
 ``--compilations`` counts instead how many times each kernel would be compiled over the
 FPN levels of a range of training image sizes (Detectron2's resizing and padding), by
 recording Triton's compile keys instead of compiling (nothing is compiled or run):
 
-    python tests/sm90_launch_check.py --compilations
+    python tests/losses/sm90_launch_check.py --compilations
 """
 
 import json

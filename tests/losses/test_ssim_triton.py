@@ -660,7 +660,7 @@ def test_launch_path_for_h100():
     """
     The fused loss's forward and backward go through Triton's JIT launch path for sm_90
     (binding, specialisation, compilation, launcher arguments), with a driver that
-    records launches instead of running them (``tests/sm90_launch_check.py``).
+    records launches instead of running them (``tests/losses/sm90_launch_check.py``).
     """
     import json
 
@@ -685,7 +685,7 @@ def test_one_compilation_per_window_over_training_sizes():
     Over the FPN levels of Detectron2's training image sizes (110 level shapes), each
     kernel is compiled once per window shape (and direction), not per pattern of sizes
     divisible by 16 or pointer alignments (101 compilations before ``SIZE_ARGS``).  Counted
-    from Triton's compile keys on the sm_90 driver of ``tests/sm90_launch_check.py``;
+    from Triton's compile keys on the sm_90 driver of ``tests/losses/sm90_launch_check.py``;
     nothing is compiled.
     """
     import json
