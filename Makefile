@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.kd_det_installed
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 TEST_WORKERS ?= 2
 
-.PHONY: install demo test test-fast test-numeric-matrix bench clean-output
+.PHONY: install demo test test-fast test-numeric-matrix lint format bench clean-output
 
 install: $(STAMP)
 
@@ -17,7 +17,7 @@ $(STAMP): setup.py tools/install_detectron2.py
 	$(PY) -m pip install -q setuptools wheel
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) tools/install_detectron2.py
-	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,lint]"
 	touch $(STAMP)
 
 demo: install
@@ -34,6 +34,19 @@ test-fast: install
 # the numeric tests again with other CPU kernels than this machine's own (CI runs it after `test`)
 test-numeric-matrix: install
 	PY=$(PY) .ci/numeric_matrix
+
+# black, isort and flake8 at 100 columns, as Detectron2 (settings: setup.cfg, pyproject.toml);
+# `make format` rewrites the files, `make lint` (run by CI) only checks them
+LINT_PATHS := kd_det tools tests benchmarks configs setup.py
+
+lint: install
+	$(PY) -m black --check -q $(LINT_PATHS)
+	$(PY) -m isort --check-only -q $(LINT_PATHS)
+	$(PY) -m flake8 $(LINT_PATHS)
+
+format: install
+	$(PY) -m black -q $(LINT_PATHS)
+	$(PY) -m isort -q $(LINT_PATHS)
 
 clean-output:
 	rm -rf output demo_report
