@@ -27,5 +27,8 @@ setup(
         # pytest-xdist: `make test` runs the tests in two processes, a fifth less time on 2 cores
         "test": ["pytest", "pytest-xdist", "pytorch-msssim==1.0.0", "onnx", "onnxruntime"],
         "bench": ["pytorch-msssim==1.0.0", "kornia"],
+        # `make lint` / `make format` (setup.cfg, pyproject.toml): Detectron2's formatters, pinned
+        # because each release formats a little differently
+        "lint": ["black==26.10.1", "isort==9.0.2", "flake8==7.5.0"],
     },
 )

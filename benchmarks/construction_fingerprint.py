@@ -30,20 +30,47 @@ import tempfile
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64", "INPUT.MIN_SIZE_TEST",
-         "64", "INPUT.MAX_SIZE_TEST", "64", "SOLVER.IMS_PER_BATCH", "2",
-         "DATALOADER.NUM_WORKERS", "0", "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "1",
-         "SOLVER.CHECKPOINT_PERIOD", "100000", "DATASETS.TEST", "()", "SEED", "5"]
+SMALL = [
+    "INPUT.MIN_SIZE_TRAIN",
+    "(64,)",
+    "INPUT.MAX_SIZE_TRAIN",
+    "64",
+    "INPUT.MIN_SIZE_TEST",
+    "64",
+    "INPUT.MAX_SIZE_TEST",
+    "64",
+    "SOLVER.IMS_PER_BATCH",
+    "2",
+    "DATALOADER.NUM_WORKERS",
+    "0",
+    "SOLVER.STEPS",
+    "()",
+    "SOLVER.WARMUP_ITERS",
+    "1",
+    "SOLVER.CHECKPOINT_PERIOD",
+    "100000",
+    "DATASETS.TEST",
+    "()",
+    "SEED",
+    "5",
+]
 # name -> (config, teacher run or None, extra options)
 RUNS = [
     ("rcnn_teacher", "configs/synthetic/faster_rcnn_R_18_FPN128_long.yaml", None, []),
     ("rcnn_vanilla", "configs/synthetic/faster_rcnn_R_18_FPN.yaml", None, []),
-    ("rcnn_ssim", "configs/synthetic/distill/ssim_faster_rcnn_R18long_to_R18.yaml",
-     "rcnn_teacher", []),
+    (
+        "rcnn_ssim",
+        "configs/synthetic/distill/ssim_faster_rcnn_R18long_to_R18.yaml",
+        "rcnn_teacher",
+        [],
+    ),
     ("retina_teacher", "configs/synthetic/retinanet_R_50_FPN.yaml", None, []),
-    ("retina_rm_pfi", "configs/synthetic/distill/rm_pfi_retinanet_R50_to_R18.yaml",
-     "retina_teacher",
-     ["KD.TEACHER.CONFIG", "configs/synthetic/retinanet_R_50_FPN.yaml"]),
+    (
+        "retina_rm_pfi",
+        "configs/synthetic/distill/rm_pfi_retinanet_R50_to_R18.yaml",
+        "retina_teacher",
+        ["KD.TEACHER.CONFIG", "configs/synthetic/retinanet_R_50_FPN.yaml"],
+    ),
 ]
 
 
@@ -68,23 +95,33 @@ def last_losses(output_dir: str) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--iters", type=int, default=4)
     parser.add_argument("--out", default="", help="output root (default: a temporary directory)")
     parser.add_argument("--json", default="", help="also write the fingerprints to this file")
     args = parser.parse_args(argv)
     out = args.out or tempfile.mkdtemp(prefix="kd_fingerprint_")
     env = dict(os.environ, DETECTRON2_DATASETS=os.path.join(out, "datasets"))
-    result = {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-              "threads": torch.get_num_threads(), "iters": args.iters, "runs": {}}
+    result = {
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "iters": args.iters,
+        "runs": {},
+    }
     for name, config, teacher, extra in RUNS:
         run_dir = os.path.join(out, name)
         opts = SMALL + ["SOLVER.MAX_ITER", str(args.iters), "OUTPUT_DIR", run_dir] + extra
         if teacher:
             opts += ["KD.TEACHER.WEIGHTS", os.path.join(out, teacher, "model_final.pth")]
-        cmd = [sys.executable, os.path.join(ROOT, "tools", "train_net.py"),
-               "--config-file", config] + opts
+        cmd = [
+            sys.executable,
+            os.path.join(ROOT, "tools", "train_net.py"),
+            "--config-file",
+            config,
+        ] + opts
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             sys.exit("{} failed:\n{}".format(name, (proc.stdout + proc.stderr)[-4000:]))

@@ -29,7 +29,13 @@ import torch
 
 from kd_det.losses import ssim_triton
 
-SHAPES = [(8, 256, 200, 336), (8, 256, 100, 168), (8, 256, 50, 84), (8, 256, 25, 42), (8, 256, 13, 21)]
+SHAPES = [
+    (8, 256, 200, 336),
+    (8, 256, 100, 168),
+    (8, 256, 50, 84),
+    (8, 256, 25, 42),
+    (8, 256, 13, 21),
+]
 
 
 def kernel_times(fn, reps):
@@ -63,15 +69,22 @@ def host_and_wall(fn, reps=10):
         torch.cuda.synchronize()
         host.append((t1 - t0) * 1e3)
         wall.append((time.perf_counter() - t0) * 1e3)
-    return {"wall_ms": statistics.median(wall), "host_ms": statistics.median(host),
-            "peak_gib": (torch.cuda.max_memory_allocated() - base) / 2**30}
+    return {
+        "wall_ms": statistics.median(wall),
+        "host_ms": statistics.median(host),
+        "peak_gib": (torch.cuda.max_memory_allocated() - base) / 2**30,
+    }
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--levels", type=int, nargs="+", default=list(range(len(SHAPES))))
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--once", action="store_true", help="one plain forward + backward, no profiler (for ncu)")
+    parser.add_argument(
+        "--once", action="store_true", help="one plain forward + backward, no profiler (for ncu)"
+    )
     parser.add_argument("--chunk-mb", type=int, nargs="*", default=[256, 512, 1024])
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
@@ -107,8 +120,10 @@ def main(argv=None):
             for normalize in (False, True):
                 row = host_and_wall(lambda: step(normalize))
                 label = "{} MB chunks, {}".format(mb, "min-max" if normalize else "plain")
-                print("{:<28} wall {wall_ms:6.2f} ms  host enqueue {host_ms:6.2f} ms  peak extra "
-                      "{peak_gib:.3f} GiB".format(label, **row))
+                print(
+                    "{:<28} wall {wall_ms:6.2f} ms  host enqueue {host_ms:6.2f} ms  peak extra "
+                    "{peak_gib:.3f} GiB".format(label, **row)
+                )
                 result["chunks"][label] = row
         finally:
             ssim_triton.BACKWARD_CHUNK_BYTES = default_chunk

@@ -25,8 +25,13 @@ MEASURED = {(32, 64, 1): (6.1, 20.4), (128, 64, 4): (None, 23.7)}
 
 
 def old_module():
-    source = subprocess.run(["git", "show", COMMIT + ":kd_det/losses/ssim_triton.py"], cwd=HERE,
-                            capture_output=True, text=True, check=True).stdout
+    source = subprocess.run(
+        ["git", "show", COMMIT + ":kd_det/losses/ssim_triton.py"],
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     path = os.path.join(tempfile.mkdtemp(), "ssim_triton_{}.py".format(COMMIT))
     with open(path, "w") as f:
         f.write(source)
@@ -43,18 +48,34 @@ def main():
     for (block_w, rows, warps), (fwd_ms, total_ms) in MEASURED.items():
         common = dict(KH=11, KW=11, RING=16, BLOCK_W=block_w, ROWS=rows)
         model = {}
-        for name, fn, constexprs in [("stats", old._ssim_stats_kernel, dict(common, BACKWARD=False)),
-                                     ("stats-bwd", old._ssim_stats_kernel, dict(common, BACKWARD=True)),
-                                     ("grad", old._ssim_grad_kernel, common)]:
+        for name, fn, constexprs in [
+            ("stats", old._ssim_stats_kernel, dict(common, BACKWARD=False)),
+            ("stats-bwd", old._ssim_stats_kernel, dict(common, BACKWARD=True)),
+            ("grad", old._ssim_grad_kernel, common),
+        ]:
             r = resources.compile_kernel(fn, constexprs, warps, None, 90)
             pipes = resources.by_pipe(resources.row_loop(r["cubin"]))
             model[name] = resources.issue_bound_ms("ring", name, pipes, block_w, rows, warps)
         total = sum(model.values())
-        print("ring at {} (BLOCK_W {}, {} rows, {} warps): model forward {:.2f} ms{}, forward + backward "
-              "{:.2f} ms, measured {:.1f} ms (x{:.2f})".format(
-                  COMMIT, block_w, rows, warps, model["stats"],
-                  ", measured {:.1f} ms (x{:.2f})".format(fwd_ms, fwd_ms / model["stats"]) if fwd_ms else "",
-                  total, total_ms, total_ms / total), flush=True)
+        print(
+            "ring at {} (BLOCK_W {}, {} rows, {} warps): model forward {:.2f} ms{}, "
+            "forward + backward {:.2f} ms, measured {:.1f} ms (x{:.2f})".format(
+                COMMIT,
+                block_w,
+                rows,
+                warps,
+                model["stats"],
+                (
+                    ", measured {:.1f} ms (x{:.2f})".format(fwd_ms, fwd_ms / model["stats"])
+                    if fwd_ms
+                    else ""
+                ),
+                total,
+                total_ms,
+                total_ms / total,
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -73,19 +73,53 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=SIZE_ARGS, do_not_specialize_on_alignment=SLICED_ARGS)
     def _ssim_stats_kernel(
-        x_ptr, y_ptr, norm_ptr, wv_ptr, c1_ptr, c2_ptr,
-        partial_ptr, d_mu_ptr, d_exx_ptr, d_exy_ptr,
-        H, W, HO, WO, DS, n_col_blocks, n_row_blocks,
-        KH: tl.constexpr, WH: tl.constexpr, RING: tl.constexpr, BLOCK_W: tl.constexpr,
-        ROWS: tl.constexpr, BACKWARD: tl.constexpr, NORMALIZE: tl.constexpr, NORM_STRIDE: tl.constexpr,
+        x_ptr,
+        y_ptr,
+        norm_ptr,
+        wv_ptr,
+        c1_ptr,
+        c2_ptr,
+        partial_ptr,
+        d_mu_ptr,
+        d_exx_ptr,
+        d_exy_ptr,
+        H,
+        W,
+        HO,
+        WO,
+        DS,
+        n_col_blocks,
+        n_row_blocks,
+        KH: tl.constexpr,
+        WH: tl.constexpr,
+        RING: tl.constexpr,
+        BLOCK_W: tl.constexpr,
+        ROWS: tl.constexpr,
+        BACKWARD: tl.constexpr,
+        NORMALIZE: tl.constexpr,
+        NORM_STRIDE: tl.constexpr,
     ):
-        """Per output position of a (plane, column strip, row chunk): SSIM (sum) or its derivatives."""
+        """Per output position of a (plane, column strip, row chunk): SSIM (sum) or its
+        derivatives."""
         pid = tl.program_id(0)
         plane, row0, cols = _program_tile(pid, n_col_blocks, n_row_blocks, ROWS, BLOCK_W)
         col_ok = cols < WO
         slots = tl.arange(0, RING)
         c1, c2, x_plane, y_plane, d_mu_plane, d_exx_plane, d_exy_plane = _stats_plane(
-            plane, x_ptr, y_ptr, d_mu_ptr, d_exx_ptr, d_exy_ptr, c1_ptr, c2_ptr, H, W, HO, DS, len(WH) - 1)
+            plane,
+            x_ptr,
+            y_ptr,
+            d_mu_ptr,
+            d_exx_ptr,
+            d_exy_ptr,
+            c1_ptr,
+            c2_ptr,
+            H,
+            W,
+            HO,
+            DS,
+            len(WH) - 1,
+        )
         lo_x, inv_x, lo_y, inv_y, hi_x = _plane_norm(norm_ptr, plane, NORM_STRIDE)
 
         a_x = tl.zeros((RING, BLOCK_W), tl.float32)
@@ -97,8 +131,18 @@ if triton is not None:
         row_end = tl.minimum(row0 + ROWS, HO)
         for r in range(row0, row_end + KH - 1):
             h_x, h_y, h_xx, h_yy, h_xy = _horizontal_stats(
-                x_plane, y_plane, r * W + cols, col_ok, lo_x, inv_x, lo_y, inv_y,
-                tl.zeros((BLOCK_W,), tl.float32), WH, NORMALIZE)
+                x_plane,
+                y_plane,
+                r * W + cols,
+                col_ok,
+                lo_x,
+                inv_x,
+                lo_y,
+                inv_y,
+                tl.zeros((BLOCK_W,), tl.float32),
+                WH,
+                NORMALIZE,
+            )
             # vertical pass: slot s holds output row o = r - ((r - s) mod RING), tap i = r - o
             tap = (r - slots) & (RING - 1)
             wv = tl.load(wv_ptr + tap, mask=tap < KH, other=0.0)[:, None]
@@ -123,19 +167,51 @@ if triton is not None:
 
             s, g_mu, g_xx, g_xy = _ssim_and_derivatives(mu_x, mu_y, e_xx, e_yy, e_xy, c1, c2)
             ok = col_ok & (o >= row0)
-            total = _ssim_output(d_mu_plane, d_exx_plane, d_exy_plane, o * DS + cols, ok, s, g_mu, g_xx, g_xy,
-                                 total, BACKWARD)
+            total = _ssim_output(
+                d_mu_plane,
+                d_exx_plane,
+                d_exy_plane,
+                o * DS + cols,
+                ok,
+                s,
+                g_mu,
+                g_xx,
+                g_xy,
+                total,
+                BACKWARD,
+            )
         if not BACKWARD:
             tl.store(partial_ptr + pid, tl.sum(total, axis=0))
 
     @triton.jit(do_not_specialize=SIZE_ARGS, do_not_specialize_on_alignment=SLICED_ARGS)
     def _ssim_grad_kernel(
-        x_ptr, y_ptr, norm_ptr, d_mu_ptr, d_exx_ptr, d_exy_ptr, wv_ptr, scale_ptr, grad_ptr, partial_ptr,
-        H, W, HO, WO, DS, n_col_blocks, n_row_blocks,
-        KH: tl.constexpr, WH: tl.constexpr, RING: tl.constexpr, BLOCK_W: tl.constexpr,
-        ROWS: tl.constexpr, NORMALIZE: tl.constexpr, NORM_STRIDE: tl.constexpr,
+        x_ptr,
+        y_ptr,
+        norm_ptr,
+        d_mu_ptr,
+        d_exx_ptr,
+        d_exy_ptr,
+        wv_ptr,
+        scale_ptr,
+        grad_ptr,
+        partial_ptr,
+        H,
+        W,
+        HO,
+        WO,
+        DS,
+        n_col_blocks,
+        n_row_blocks,
+        KH: tl.constexpr,
+        WH: tl.constexpr,
+        RING: tl.constexpr,
+        BLOCK_W: tl.constexpr,
+        ROWS: tl.constexpr,
+        NORMALIZE: tl.constexpr,
+        NORM_STRIDE: tl.constexpr,
     ):
-        """The gradient of the input rows of a (plane, column strip, row chunk), see :func:`_store_grad`."""
+        """The gradient of the input rows of a (plane, column strip, row chunk), see
+        :func:`_store_grad`."""
         pid = tl.program_id(0)
         plane, row0, cols = _program_tile(pid, n_col_blocks, n_row_blocks, ROWS, BLOCK_W)
         col_ok = cols < W
@@ -156,8 +232,14 @@ if triton is not None:
         # output row o feeds input rows o .. o + KH - 1; input row p is complete after o = p
         for o in range(row0 - KH + 1, row_end):
             h_mu, h_xx, h_xy = _horizontal_transposed(
-                d_mu_ptr, d_exx_ptr, d_exy_ptr, d_plane + o * DS + cols, (o >= 0) & (o < HO) & col_ok,
-                tl.zeros((BLOCK_W,), tl.float32), WH)
+                d_mu_ptr,
+                d_exx_ptr,
+                d_exy_ptr,
+                d_plane + o * DS + cols,
+                (o >= 0) & (o < HO) & col_ok,
+                tl.zeros((BLOCK_W,), tl.float32),
+                WH,
+            )
             # slot s holds input row p = o + ((s - o) mod RING), tap i = p - o
             tap = (slots - o) & (RING - 1)
             wv = tl.load(wv_ptr + tap, mask=tap < KH, other=0.0)[:, None]
@@ -173,15 +255,37 @@ if triton is not None:
             b_xx = tl.where(done, 0.0, b_xx)
             b_xy = tl.where(done, 0.0, b_xy)
             sum_gx, sum_g, n_lo, n_hi = _store_grad(
-                x_ptr, y_ptr, grad_ptr, in_plane + p * W + cols, col_ok & (p >= row0), in_plane + p * W + cols,
-                col_ok & (p >= row0), g_mu, g_xx, g_xy, scale,
-                lo_x, inv_x, lo_y, inv_y, hi_x, sum_gx, sum_g, n_lo, n_hi, NORMALIZE)
+                x_ptr,
+                y_ptr,
+                grad_ptr,
+                in_plane + p * W + cols,
+                col_ok & (p >= row0),
+                in_plane + p * W + cols,
+                col_ok & (p >= row0),
+                g_mu,
+                g_xx,
+                g_xy,
+                scale,
+                lo_x,
+                inv_x,
+                lo_y,
+                inv_y,
+                hi_x,
+                sum_gx,
+                sum_g,
+                n_lo,
+                n_hi,
+                NORMALIZE,
+            )
         if NORMALIZE:
             _store_sums(partial_ptr, pid, sum_gx, sum_g, n_lo, n_hi)
 
     @triton.jit
-    def _band(wv_ptr, SHIFT: tl.constexpr, KH: tl.constexpr, TILE: tl.constexpr, TRANSPOSE: tl.constexpr):
-        """(TILE, TILE) band matrix B[q, k] = wv[k - q + SHIFT] (``TRANSPOSE``: wv[q - k + SHIFT]), 0 off the window."""
+    def _band(
+        wv_ptr, SHIFT: tl.constexpr, KH: tl.constexpr, TILE: tl.constexpr, TRANSPOSE: tl.constexpr
+    ):
+        """(TILE, TILE) band matrix B[q, k] = wv[k - q + SHIFT] (``TRANSPOSE``: wv[q - k + SHIFT]),
+        0 off the window."""
         q = tl.arange(0, TILE)[:, None]
         k = tl.arange(0, TILE)[None, :]
         if TRANSPOSE:
@@ -192,11 +296,31 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=SIZE_ARGS, do_not_specialize_on_alignment=SLICED_ARGS)
     def _ssim_stats_band_kernel(
-        x_ptr, y_ptr, norm_ptr, wv_ptr, c1_ptr, c2_ptr,
-        partial_ptr, d_mu_ptr, d_exx_ptr, d_exy_ptr,
-        H, W, HO, WO, DS, n_col_blocks, n_row_blocks,
-        KH: tl.constexpr, WH: tl.constexpr, TILE: tl.constexpr, BLOCK_W: tl.constexpr,
-        ROWS: tl.constexpr, BACKWARD: tl.constexpr, NORMALIZE: tl.constexpr, NORM_STRIDE: tl.constexpr,
+        x_ptr,
+        y_ptr,
+        norm_ptr,
+        wv_ptr,
+        c1_ptr,
+        c2_ptr,
+        partial_ptr,
+        d_mu_ptr,
+        d_exx_ptr,
+        d_exy_ptr,
+        H,
+        W,
+        HO,
+        WO,
+        DS,
+        n_col_blocks,
+        n_row_blocks,
+        KH: tl.constexpr,
+        WH: tl.constexpr,
+        TILE: tl.constexpr,
+        BLOCK_W: tl.constexpr,
+        ROWS: tl.constexpr,
+        BACKWARD: tl.constexpr,
+        NORMALIZE: tl.constexpr,
+        NORM_STRIDE: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
     ):
         """
@@ -212,7 +336,20 @@ if triton is not None:
         same = _band(wv_ptr, 0, KH, TILE, False)
         cross = _band(wv_ptr, TILE, KH, TILE, False)
         c1, c2, x_plane, y_plane, d_mu_plane, d_exx_plane, d_exy_plane = _stats_plane(
-            plane, x_ptr, y_ptr, d_mu_ptr, d_exx_ptr, d_exy_ptr, c1_ptr, c2_ptr, H, W, HO, DS, len(WH) - 1)
+            plane,
+            x_ptr,
+            y_ptr,
+            d_mu_ptr,
+            d_exx_ptr,
+            d_exy_ptr,
+            c1_ptr,
+            c2_ptr,
+            H,
+            W,
+            HO,
+            DS,
+            len(WH) - 1,
+        )
         lo_x, inv_x, lo_y, inv_y, hi_x = _plane_norm(norm_ptr, plane, NORM_STRIDE)
 
         p_x = tl.zeros((TILE, BLOCK_W), tl.float32)
@@ -226,8 +363,18 @@ if triton is not None:
             rows = b + tr
             # rows past H only reach outputs past HO, which are masked
             h_x, h_y, h_xx, h_yy, h_xy = _horizontal_stats(
-                x_plane, y_plane, rows[:, None] * W + cols[None, :], (rows < H)[:, None] & col_ok[None, :],
-                lo_x, inv_x, lo_y, inv_y, tl.zeros((TILE, BLOCK_W), tl.float32), WH, NORMALIZE)
+                x_plane,
+                y_plane,
+                rows[:, None] * W + cols[None, :],
+                (rows < H)[:, None] & col_ok[None, :],
+                lo_x,
+                inv_x,
+                lo_y,
+                inv_y,
+                tl.zeros((TILE, BLOCK_W), tl.float32),
+                WH,
+                NORMALIZE,
+            )
             # output tile b - TILE is complete with this block's share
             mu_x = tl.dot(cross, h_x, p_x, input_precision=DOT_PRECISION)
             mu_y = tl.dot(cross, h_y, p_y, input_precision=DOT_PRECISION)
@@ -243,17 +390,49 @@ if triton is not None:
             o = b - TILE + tr
             ok = ((o >= row0) & (o < row_end))[:, None] & col_ok[None, :]
             s, g_mu, g_xx, g_xy = _ssim_and_derivatives(mu_x, mu_y, e_xx, e_yy, e_xy, c1, c2)
-            total = _ssim_output(d_mu_plane, d_exx_plane, d_exy_plane, o[:, None] * DS + cols[None, :], ok, s,
-                                 g_mu, g_xx, g_xy, total, BACKWARD)
+            total = _ssim_output(
+                d_mu_plane,
+                d_exx_plane,
+                d_exy_plane,
+                o[:, None] * DS + cols[None, :],
+                ok,
+                s,
+                g_mu,
+                g_xx,
+                g_xy,
+                total,
+                BACKWARD,
+            )
         if not BACKWARD:
             tl.store(partial_ptr + pid, tl.sum(tl.sum(total, axis=1), axis=0))
 
     @triton.jit(do_not_specialize=SIZE_ARGS, do_not_specialize_on_alignment=SLICED_ARGS)
     def _ssim_grad_band_kernel(
-        x_ptr, y_ptr, norm_ptr, d_mu_ptr, d_exx_ptr, d_exy_ptr, wv_ptr, scale_ptr, grad_ptr, partial_ptr,
-        H, W, HO, WO, DS, n_col_blocks, n_row_blocks,
-        KH: tl.constexpr, WH: tl.constexpr, TILE: tl.constexpr, BLOCK_W: tl.constexpr,
-        ROWS: tl.constexpr, NORMALIZE: tl.constexpr, NORM_STRIDE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        x_ptr,
+        y_ptr,
+        norm_ptr,
+        d_mu_ptr,
+        d_exx_ptr,
+        d_exy_ptr,
+        wv_ptr,
+        scale_ptr,
+        grad_ptr,
+        partial_ptr,
+        H,
+        W,
+        HO,
+        WO,
+        DS,
+        n_col_blocks,
+        n_row_blocks,
+        KH: tl.constexpr,
+        WH: tl.constexpr,
+        TILE: tl.constexpr,
+        BLOCK_W: tl.constexpr,
+        ROWS: tl.constexpr,
+        NORMALIZE: tl.constexpr,
+        NORM_STRIDE: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
     ):
         """
         As :func:`_ssim_grad_kernel`, with the transposed vertical pass on TILE-row tiles:
@@ -282,8 +461,14 @@ if triton is not None:
         for d in range(row0 - TILE, row_end, TILE):
             o = d + tr
             h_mu, h_xx, h_xy = _horizontal_transposed(
-                d_mu_ptr, d_exx_ptr, d_exy_ptr, d_plane + o[:, None] * DS + cols[None, :],
-                ((o >= 0) & (o < HO))[:, None] & col_ok[None, :], tl.zeros((TILE, BLOCK_W), tl.float32), WH)
+                d_mu_ptr,
+                d_exx_ptr,
+                d_exy_ptr,
+                d_plane + o[:, None] * DS + cols[None, :],
+                ((o >= 0) & (o < HO))[:, None] & col_ok[None, :],
+                tl.zeros((TILE, BLOCK_W), tl.float32),
+                WH,
+            )
             g_mu = tl.dot(same, h_mu, n_mu, input_precision=DOT_PRECISION)
             g_xx = tl.dot(same, h_xx, n_xx, input_precision=DOT_PRECISION)
             g_xy = tl.dot(same, h_xy, n_xy, input_precision=DOT_PRECISION)
@@ -294,12 +479,37 @@ if triton is not None:
             p = d + tr
             ok = ((p >= row0) & (p < row_end))[:, None] & col_ok[None, :]
             sum_gx, sum_g, n_lo, n_hi = _store_grad(
-                x_ptr, y_ptr, grad_ptr, in_plane + p[:, None] * W + cols[None, :], ok,
-                in_plane + p[:, None] * W + cols[None, :], ok, g_mu, g_xx, g_xy, scale,
-                lo_x, inv_x, lo_y, inv_y, hi_x, sum_gx, sum_g, n_lo, n_hi, NORMALIZE)
+                x_ptr,
+                y_ptr,
+                grad_ptr,
+                in_plane + p[:, None] * W + cols[None, :],
+                ok,
+                in_plane + p[:, None] * W + cols[None, :],
+                ok,
+                g_mu,
+                g_xx,
+                g_xy,
+                scale,
+                lo_x,
+                inv_x,
+                lo_y,
+                inv_y,
+                hi_x,
+                sum_gx,
+                sum_g,
+                n_lo,
+                n_hi,
+                NORMALIZE,
+            )
         if NORMALIZE:
-            _store_sums(partial_ptr, pid, tl.sum(sum_gx, axis=0), tl.sum(sum_g, axis=0), tl.sum(n_lo, axis=0),
-                        tl.sum(n_hi, axis=0))
+            _store_sums(
+                partial_ptr,
+                pid,
+                tl.sum(sum_gx, axis=0),
+                tl.sum(sum_g, axis=0),
+                tl.sum(n_lo, axis=0),
+                tl.sum(n_hi, axis=0),
+            )
 
 
 def _taps_on(window, device) -> torch.Tensor:
@@ -326,10 +536,20 @@ class VariantKernelConfig(NamedTuple):
     @classmethod
     def current(cls) -> "VariantKernelConfig":
         if VERTICAL_PASS not in PASSES:
-            raise ValueError("ssim_vertical_variants.VERTICAL_PASS must be one of {}, got {!r}".
-                             format(", ".join(PASSES), VERTICAL_PASS))
-        return cls(VERTICAL_PASS, DOT_PRECISION, ssim_triton.BLOCK_W, ssim_triton.ROWS_PER_PROGRAM,
-                   ssim_triton.NUM_WARPS, BAND_NUM_STAGES, ssim_triton.ROW_UNROLL)
+            raise ValueError(
+                "ssim_vertical_variants.VERTICAL_PASS must be one of {}, got {!r}".format(
+                    ", ".join(PASSES), VERTICAL_PASS
+                )
+            )
+        return cls(
+            VERTICAL_PASS,
+            DOT_PRECISION,
+            ssim_triton.BLOCK_W,
+            ssim_triton.ROWS_PER_PROGRAM,
+            ssim_triton.NUM_WARPS,
+            BAND_NUM_STAGES,
+            ssim_triton.ROW_UNROLL,
+        )
 
     def package(self):
         """kd_det's launcher of the same settings (the unrolled pass)."""
@@ -338,42 +558,170 @@ class VariantKernelConfig(NamedTuple):
     def grid(self, planes, rows, cols):
         return self.package().grid(planes, rows, cols)
 
-    def launch_stats(self, planes, x, y, norm, window, c1, c2, partial, d_mu, d_exx, d_exy,
-                     h, w, ho, wo, ds, backward, normalize):
+    def launch_stats(
+        self,
+        planes,
+        x,
+        y,
+        norm,
+        window,
+        c1,
+        c2,
+        partial,
+        d_mu,
+        d_exx,
+        d_exy,
+        h,
+        w,
+        ho,
+        wo,
+        ds,
+        backward,
+        normalize,
+    ):
         """As ``_KernelConfig.launch_stats``, with this config's vertical pass."""
         if self.vertical_pass == "unrolled":
-            self.package().launch_stats(planes, x, y, norm, window, c1, c2, partial, d_mu, d_exx,
-                                        d_exy, h, w, ho, wo, ds, backward, normalize)
+            self.package().launch_stats(
+                planes,
+                x,
+                y,
+                norm,
+                window,
+                c1,
+                c2,
+                partial,
+                d_mu,
+                d_exx,
+                d_exy,
+                h,
+                w,
+                ho,
+                wo,
+                ds,
+                backward,
+                normalize,
+            )
             return
         grid, col_blocks, row_blocks = self.grid(planes, ho, wo)
-        args = (x, y, norm, _taps_on(window, x.device), c1, c2, partial, d_mu, d_exx, d_exy,
-                h, w, ho, wo, ds, col_blocks, row_blocks)
-        common = dict(WH=window.wh, BLOCK_W=self.block_w, ROWS=self.rows, BACKWARD=backward,
-                      NORMALIZE=normalize, NORM_STRIDE=ssim_triton.NORM_STRIDE,
-                      num_warps=self.num_warps)
+        args = (
+            x,
+            y,
+            norm,
+            _taps_on(window, x.device),
+            c1,
+            c2,
+            partial,
+            d_mu,
+            d_exx,
+            d_exy,
+            h,
+            w,
+            ho,
+            wo,
+            ds,
+            col_blocks,
+            row_blocks,
+        )
+        common = dict(
+            WH=window.wh,
+            BLOCK_W=self.block_w,
+            ROWS=self.rows,
+            BACKWARD=backward,
+            NORMALIZE=normalize,
+            NORM_STRIDE=ssim_triton.NORM_STRIDE,
+            num_warps=self.num_warps,
+        )
         if self.vertical_pass == "band":
-            _ssim_stats_band_kernel[(grid,)](*args, KH=len(window.wv), TILE=TILE_ROWS,
-                                             DOT_PRECISION=self.dot_precision,
-                                             num_stages=self.band_num_stages, **common)
+            _ssim_stats_band_kernel[(grid,)](
+                *args,
+                KH=len(window.wv),
+                TILE=TILE_ROWS,
+                DOT_PRECISION=self.dot_precision,
+                num_stages=self.band_num_stages,
+                **common
+            )
         else:
             _ssim_stats_kernel[(grid,)](*args, KH=len(window.wv), RING=RING, **common)
 
-    def launch_grad(self, planes, x, y, norm, d_mu, d_exx, d_exy, window, scale, grad, partial,
-                    h, w, ho, wo, ds, normalize):
+    def launch_grad(
+        self,
+        planes,
+        x,
+        y,
+        norm,
+        d_mu,
+        d_exx,
+        d_exy,
+        window,
+        scale,
+        grad,
+        partial,
+        h,
+        w,
+        ho,
+        wo,
+        ds,
+        normalize,
+    ):
         """As ``_KernelConfig.launch_grad``, with this config's vertical pass."""
         if self.vertical_pass == "unrolled":
-            self.package().launch_grad(planes, x, y, norm, d_mu, d_exx, d_exy, window, scale, grad,
-                                       partial, h, w, ho, wo, ds, normalize)
+            self.package().launch_grad(
+                planes,
+                x,
+                y,
+                norm,
+                d_mu,
+                d_exx,
+                d_exy,
+                window,
+                scale,
+                grad,
+                partial,
+                h,
+                w,
+                ho,
+                wo,
+                ds,
+                normalize,
+            )
             return
         grid, col_blocks, row_blocks = self.grid(planes, h, w)
-        args = (x, y, norm, d_mu, d_exx, d_exy, _taps_on(window, x.device), scale, grad, partial,
-                h, w, ho, wo, ds, col_blocks, row_blocks)
-        common = dict(WH=window.wh, BLOCK_W=self.block_w, ROWS=self.rows, NORMALIZE=normalize,
-                      NORM_STRIDE=ssim_triton.NORM_STRIDE, num_warps=self.num_warps)
+        args = (
+            x,
+            y,
+            norm,
+            d_mu,
+            d_exx,
+            d_exy,
+            _taps_on(window, x.device),
+            scale,
+            grad,
+            partial,
+            h,
+            w,
+            ho,
+            wo,
+            ds,
+            col_blocks,
+            row_blocks,
+        )
+        common = dict(
+            WH=window.wh,
+            BLOCK_W=self.block_w,
+            ROWS=self.rows,
+            NORMALIZE=normalize,
+            NORM_STRIDE=ssim_triton.NORM_STRIDE,
+            num_warps=self.num_warps,
+        )
         if self.vertical_pass == "band":
-            _ssim_grad_band_kernel[(grid,)](*args, KH=len(window.wv), TILE=TILE_ROWS,
-                                            DOT_PRECISION=self.dot_precision,
-                                            num_stages=self.band_num_stages, **common)
+            _ssim_grad_band_kernel[(grid,)](
+                *args,
+                KH=len(window.wv),
+                TILE=TILE_ROWS,
+                DOT_PRECISION=self.dot_precision,
+                num_stages=self.band_num_stages,
+                **common
+            )
         else:
             _ssim_grad_kernel[(grid,)](*args, KH=len(window.wv), RING=RING, **common)
 
@@ -385,8 +733,9 @@ def use(vertical_pass: str, precision: str = "ieee") -> None:
     """
     global VERTICAL_PASS, DOT_PRECISION
     if vertical_pass not in PASSES:
-        raise ValueError("vertical pass must be one of {}, got {!r}".format(", ".join(PASSES),
-                                                                           vertical_pass))
+        raise ValueError(
+            "vertical pass must be one of {}, got {!r}".format(", ".join(PASSES), vertical_pass)
+        )
     VERTICAL_PASS, DOT_PRECISION = vertical_pass, precision
     ssim_triton._KernelConfig = VariantKernelConfig
 

@@ -1,4 +1,5 @@
-"""Crash-safe checkpoints: a file is complete or absent, and ``last_checkpoint`` names a complete file."""
+"""Crash-safe checkpoints: a file is complete or absent, and ``last_checkpoint`` names a complete
+file."""
 
 import errno
 import os
@@ -108,13 +109,16 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
         last = "none yet"
         if self.has_checkpoint():
             last = self.get_checkpoint_file()
-        return ("{} while saving {}. Nothing was lost: the last complete checkpoint is {}. "
-                "Free space in {} (or set OUTPUT_DIR to a larger disk and copy the run there), "
-                "then continue with --resume.").format(
-                    error.strerror or "disk full", save_file, last, self.save_dir)
+        return (
+            "{} while saving {}. Nothing was lost: the last complete checkpoint is {}. "
+            "Free space in {} (or set OUTPUT_DIR to a larger disk and copy the run there), "
+            "then continue with --resume."
+        ).format(error.strerror or "disk full", save_file, last, self.save_dir)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         if not self._is_local():
             return super().tag_last_checkpoint(last_filename_basename)
-        atomic_write_bytes(os.path.join(self.save_dir, "last_checkpoint"),
-                           lambda f: f.write(last_filename_basename.encode()))
+        atomic_write_bytes(
+            os.path.join(self.save_dir, "last_checkpoint"),
+            lambda f: f.write(last_filename_basename.encode()),
+        )

@@ -4,7 +4,6 @@ import os
 
 import pytest
 import torch
-
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
@@ -13,20 +12,32 @@ from kd_det import get_kd_cfg, merge_kd_config
 from kd_det.data import SyntheticSpec, ensure_synthetic_dataset, register_synthetic_datasets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_SPEC = SyntheticSpec(num_train=16, num_val=6, image_size=64, min_object_size=8, max_object_size=28,
-                          max_objects=4, seed=3)
+TINY_SPEC = SyntheticSpec(
+    num_train=16,
+    num_val=6,
+    image_size=64,
+    min_object_size=8,
+    max_object_size=28,
+    max_objects=4,
+    seed=3,
+)
 TINY_PREFIX = "kd_test_tiny"
 
 # at most 2 threads (the CI machine has 2 cores), fewer where OMP_NUM_THREADS says so; one per
 # pytest-xdist worker (`make test` runs two), so that the workers do not oversubscribe the cores
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
+torch.set_num_threads(
+    1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads())
+)
 
 
 def pytest_addoption(parser):
-    parser.addoption("--ssim-variants", action="store_true",
-                     help="also run the fused SSIM kernel's tests with the ring and band "
-                          "vertical passes of benchmarks/ssim_vertical_variants.py (GPU sessions; "
-                          "make test does not)")
+    parser.addoption(
+        "--ssim-variants",
+        action="store_true",
+        help="also run the fused SSIM kernel's tests with the ring and band "
+        "vertical passes of benchmarks/ssim_vertical_variants.py (GPU sessions; "
+        "make test does not)",
+    )
 
 
 @pytest.fixture(scope="session")
@@ -44,23 +55,59 @@ def config_path(rel):
 
 def tiny_cfg(config, output_dir, opts=()):
     """A repo config shrunk to seconds on a CPU: 64 px inputs, batch 2, narrow FPN."""
-    cfg = merge_kd_config(get_kd_cfg(), config_path(config), [
-        "DATASETS.TRAIN", (TINY_PREFIX + "_train",), "DATASETS.TEST", (TINY_PREFIX + "_val",),
-        "INPUT.MIN_SIZE_TRAIN", (64,), "INPUT.MAX_SIZE_TRAIN", 64, "INPUT.MIN_SIZE_TEST", 64,
-        "INPUT.MAX_SIZE_TEST", 64, "SOLVER.IMS_PER_BATCH", 2, "SOLVER.MAX_ITER", 4, "SOLVER.WARMUP_ITERS", 1,
-        "SOLVER.STEPS", (), "SOLVER.CHECKPOINT_PERIOD", 1000, "DATALOADER.NUM_WORKERS", 0,
-        "MODEL.RPN.PRE_NMS_TOPK_TRAIN", 200, "MODEL.RPN.POST_NMS_TOPK_TRAIN", 64,
-        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 32, "OUTPUT_DIR", str(output_dir), "SEED", 7,
-    ] + list(opts))
+    cfg = merge_kd_config(
+        get_kd_cfg(),
+        config_path(config),
+        [
+            "DATASETS.TRAIN",
+            (TINY_PREFIX + "_train",),
+            "DATASETS.TEST",
+            (TINY_PREFIX + "_val",),
+            "INPUT.MIN_SIZE_TRAIN",
+            (64,),
+            "INPUT.MAX_SIZE_TRAIN",
+            64,
+            "INPUT.MIN_SIZE_TEST",
+            64,
+            "INPUT.MAX_SIZE_TEST",
+            64,
+            "SOLVER.IMS_PER_BATCH",
+            2,
+            "SOLVER.MAX_ITER",
+            4,
+            "SOLVER.WARMUP_ITERS",
+            1,
+            "SOLVER.STEPS",
+            (),
+            "SOLVER.CHECKPOINT_PERIOD",
+            1000,
+            "DATALOADER.NUM_WORKERS",
+            0,
+            "MODEL.RPN.PRE_NMS_TOPK_TRAIN",
+            200,
+            "MODEL.RPN.POST_NMS_TOPK_TRAIN",
+            64,
+            "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+            32,
+            "OUTPUT_DIR",
+            str(output_dir),
+            "SEED",
+            7,
+        ]
+        + list(opts),
+    )
     return cfg
 
 
 def save_random_teacher(config, path, opts=()):
-    """A teacher checkpoint in Detectron2 format (randomly initialised: tests need its shapes, not its skill)."""
+    """A teacher checkpoint in Detectron2 format (randomly initialised: tests need its shapes, not
+    its skill)."""
     cfg = tiny_cfg(config, os.path.dirname(path), opts)
     torch.manual_seed(0)
     model = build_model(cfg)
-    DetectionCheckpointer(model, save_dir=os.path.dirname(path)).save(os.path.splitext(os.path.basename(path))[0])
+    DetectionCheckpointer(model, save_dir=os.path.dirname(path)).save(
+        os.path.splitext(os.path.basename(path))[0]
+    )
     return path
 
 

@@ -90,16 +90,20 @@ def assert_within(got: torch.Tensor, ref: torch.Tensor, bound: Number, what: str
     so a failure says how far off it was.
     """
     # dtype given: a Python float would otherwise become float32 first
-    got, ref = (torch.as_tensor(t.detach() if torch.is_tensor(t) else t, dtype=torch.float64)
-                for t in (got, ref))
+    got, ref = (
+        torch.as_tensor(t.detach() if torch.is_tensor(t) else t, dtype=torch.float64)
+        for t in (got, ref)
+    )
     what = what or "values"
     assert got.shape == ref.shape, "{}: shape {} != reference {}".format(
-        what, tuple(got.shape), tuple(ref.shape))
+        what, tuple(got.shape), tuple(ref.shape)
+    )
     bound = torch.as_tensor(bound, dtype=torch.float64).expand_as(ref)
     finite = torch.isfinite(ref)
     same = torch.isfinite(got) == finite
-    assert same.all() and torch.equal(got[~finite].nan_to_num(), ref[~finite].nan_to_num()), \
-        "{}: non-finite values differ".format(what)
+    assert same.all() and torch.equal(
+        got[~finite].nan_to_num(), ref[~finite].nan_to_num()
+    ), "{}: non-finite values differ".format(what)
     err = torch.where(finite, got - ref, torch.zeros_like(ref)).abs()
     ratio = err / bound.clamp_min(torch.finfo(torch.float64).tiny)
     if not ratio.numel() or ratio.max() <= 1:
@@ -109,13 +113,22 @@ def assert_within(got: torch.Tensor, ref: torch.Tensor, bound: Number, what: str
     raise AssertionError(
         "{}: |got - ref| exceeds its bound at {}: got {:.9g}, ref {:.9g}, error {:.3g} > "
         "bound {:.3g} ({:.2f}x); {} of {} elements over".format(
-            what, index, got.flatten()[worst].item(), ref.flatten()[worst].item(),
-            err.flatten()[worst].item(), bound.flatten()[worst].item(),
-            ratio.flatten()[worst].item(), int((ratio > 1).sum()), ratio.numel()))
+            what,
+            index,
+            got.flatten()[worst].item(),
+            ref.flatten()[worst].item(),
+            err.flatten()[worst].item(),
+            bound.flatten()[worst].item(),
+            ratio.flatten()[worst].item(),
+            int((ratio > 1).sum()),
+            ratio.numel(),
+        )
+    )
 
 
-def assert_relative(got: torch.Tensor, ref: torch.Tensor, rel: float, what: str = "",
-                    scale: Optional[Number] = None) -> None:
+def assert_relative(
+    got: torch.Tensor, ref: torch.Tensor, rel: float, what: str = "", scale: Optional[Number] = None
+) -> None:
     """
     Assert ``max |got - ref| <= rel * scale``, with ``scale = max |ref|`` unless given:
     a norm-wise bound for arrays (gradients) whose small elements carry errors of the
@@ -282,8 +295,9 @@ class Bounded:
         mu = v.mean(dim, keepdim=True)
         centred = (v - mu).abs()
         moved = 2 * (centred * (e + e.mean(dim, keepdim=True))).mean(dim, keepdim=keepdim)
-        rounding = gamma(2 * n + 4, self.u) * ((v * v).mean(dim, keepdim=keepdim)
-                                               + mu.pow(2).reshape(moved.shape))
+        rounding = gamma(2 * n + 4, self.u) * (
+            (v * v).mean(dim, keepdim=keepdim) + mu.pow(2).reshape(moved.shape)
+        )
         return Bounded(v.var(dim, unbiased=False, keepdim=keepdim), moved + rounding, self.dtype)
 
 

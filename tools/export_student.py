@@ -4,8 +4,10 @@ Export a distilled student for release: a student-only Detectron2 checkpoint and
 its own config, loadable by vanilla Detectron2 (``get_cfg().merge_from_file`` +
 ``build_model`` + ``DetectionCheckpointer``) with no kd_det import.
 
-    tools/export_student.py --config-file configs/synthetic/distill/ssim_retinanet_R50_to_R18.yaml \\
-        --weights output/synthetic/ssim_retinanet_R50_to_R18/model_final.pth --output-dir release/ssim_r18
+    tools/export_student.py \\
+        --config-file configs/synthetic/distill/ssim_retinanet_R50_to_R18.yaml \\
+        --weights output/synthetic/ssim_retinanet_R50_to_R18/model_final.pth \\
+        --output-dir release/ssim_r18
 
 With ``--torchscript`` it also writes ``model.ts``, the student traced with
 Detectron2's ``TracingAdapter`` (one image in, boxes/scores/classes out; loads with
@@ -28,18 +30,41 @@ import json
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", required=True, help="the training config (yacs .yaml or LazyConfig .py)")
-    parser.add_argument("--weights", required=True, help="the training checkpoint (model_final.pth)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config-file", required=True, help="the training config (yacs .yaml or LazyConfig .py)"
+    )
+    parser.add_argument(
+        "--weights", required=True, help="the training checkpoint (model_final.pth)"
+    )
     parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--torchscript", action="store_true", help="also write model.ts (traced TorchScript)")
-    parser.add_argument("--onnx", action="store_true", help="also write model.onnx (needs onnx and onnxruntime)")
-    parser.add_argument("--opset", type=int, default=None,
-                        help="ONNX opset (default: kd_det.release.deploy.ONNX_OPSET)")
-    parser.add_argument("--sample-image", default="",
-                        help="image to trace with (default: the first image of the first test set)")
-    parser.add_argument("--device", default="cpu", help="device the TorchScript model runs on (cpu, cuda)")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides used in training (KEY VALUE ..., or key=value for a .py)")
+    parser.add_argument(
+        "--torchscript", action="store_true", help="also write model.ts (traced TorchScript)"
+    )
+    parser.add_argument(
+        "--onnx", action="store_true", help="also write model.onnx (needs onnx and onnxruntime)"
+    )
+    parser.add_argument(
+        "--opset",
+        type=int,
+        default=None,
+        help="ONNX opset (default: kd_det.release.deploy.ONNX_OPSET)",
+    )
+    parser.add_argument(
+        "--sample-image",
+        default="",
+        help="image to trace with (default: the first image of the first test set)",
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="device the TorchScript model runs on (cpu, cuda)"
+    )
+    parser.add_argument(
+        "opts",
+        nargs=argparse.REMAINDER,
+        help="config overrides used in training (KEY VALUE ..., or key=value for a .py)",
+    )
     args = parser.parse_args(argv)
     from kd_det.release import deploy
 
@@ -59,13 +84,27 @@ def main(argv=None):
     # its student-only weights
     released_cfg = load_student_config(out["config"])
     if args.torchscript:
-        out.update(deploy.export_torchscript(released_cfg, out["weights"], args.output_dir, args.sample_image,
-                                             args.device))
+        out.update(
+            deploy.export_torchscript(
+                released_cfg, out["weights"], args.output_dir, args.sample_image, args.device
+            )
+        )
     if args.onnx:
-        exported = deploy.export_onnx(released_cfg, out["weights"], args.output_dir, args.sample_image,
-                                      args.opset or deploy.ONNX_OPSET)
-        out.update({"onnx": exported["onnx"], "onnx_metadata": exported["metadata"],
-                    "onnx_sha256": exported["sha256"], "onnx_checked": exported["checked"]})
+        exported = deploy.export_onnx(
+            released_cfg,
+            out["weights"],
+            args.output_dir,
+            args.sample_image,
+            args.opset or deploy.ONNX_OPSET,
+        )
+        out.update(
+            {
+                "onnx": exported["onnx"],
+                "onnx_metadata": exported["metadata"],
+                "onnx_sha256": exported["sha256"],
+                "onnx_checked": exported["checked"],
+            }
+        )
     print(json.dumps(out, indent=2))
     return out
 

@@ -105,20 +105,25 @@ _EXT_MODULES_LINE = re.compile(r"^\s*ext_modules=get_extensions\(\),\s*$", re.M)
 _CMDCLASS_LINE = re.compile(r"^\s*cmdclass=\{\"build_ext\":.*\},\s*$", re.M)
 _BLACK_PIN = re.compile(r"^\s*\"black==[^\"]*\",\s*$", re.M)
 _REMOVED_NUMPY_ALIAS = re.compile(r"\bnp\.(str|int|float|object)\b(?!\.)")
-_MODEL_ZOO_CONFIGS_DATA = "package_data={\"detectron2.model_zoo\": get_model_zoo_configs()},"
+_MODEL_ZOO_CONFIGS_DATA = 'package_data={"detectron2.model_zoo": get_model_zoo_configs()},'
 # the configs where the sdist has them, relative to the package (setup.py runs in the sdist's root)
 _MODEL_ZOO_CONFIGS_DATA_FIXED = (
-    "package_data={\"detectron2.model_zoo\": [  # kd_det: the sdist has its configs in the package already\n"
-    "        os.path.relpath(p, os.path.join(\"detectron2\", \"model_zoo\"))\n"
-    "        for p in glob.glob(os.path.join(\"detectron2\", \"model_zoo\", \"configs\", \"**\", \"*\"),\n"
+    'package_data={"detectron2.model_zoo": [  # kd_det: the sdist has its configs in the package '
+    "already\n"
+    '        os.path.relpath(p, os.path.join("detectron2", "model_zoo"))\n'
+    '        for p in glob.glob(os.path.join("detectron2", "model_zoo", "configs", "**", "*"),\n'
     "                           recursive=True)\n"
     "        if os.path.isfile(p)]},"
 )
 _PKG_RESOURCES_IMPORT = "import pkg_resources\n"
-_PKG_RESOURCES_CONFIG = re.compile(r"pkg_resources\.resource_filename\(\s*\"detectron2\.model_zoo\",\s*"
-                                   r"os\.path\.join\(\"configs\", config_path\)\s*\)")
+_PKG_RESOURCES_CONFIG = re.compile(
+    r"pkg_resources\.resource_filename\(\s*\"detectron2\.model_zoo\",\s*"
+    r"os\.path\.join\(\"configs\", config_path\)\s*\)"
+)
 _CONFIG_BESIDE_MODULE = (
-    "os.path.join(os.path.dirname(os.path.abspath(__file__)), \"configs\", config_path)  # kd_det: no pkg_resources")
+    'os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", config_path)'
+    "  # kd_det: no pkg_resources"
+)
 _EXPORT_CAFFE2_IMPORT = "from .api import *\n"
 _EXPORT_CAFFE2_IMPORT_GUARDED = (
     "try:  # kd_det: Caffe2 is not part of PyTorch 2.x; tracing and scripting do not need it\n"
@@ -177,10 +182,15 @@ def patch_detectron2_package(package_dir: str) -> bool:
                 text = f.read()
             fixed = _REMOVED_NUMPY_ALIAS.sub(r"\1", text.replace("Image.LINEAR", "Image.BILINEAR"))
             relative = os.path.relpath(path, package_dir)
-            if relative == os.path.join("export", "__init__.py") and _EXPORT_CAFFE2_IMPORT_GUARDED not in fixed:
+            if (
+                relative == os.path.join("export", "__init__.py")
+                and _EXPORT_CAFFE2_IMPORT_GUARDED not in fixed
+            ):
                 fixed = fixed.replace(_EXPORT_CAFFE2_IMPORT, _EXPORT_CAFFE2_IMPORT_GUARDED)
             if relative == os.path.join("model_zoo", "model_zoo.py"):
-                fixed = _PKG_RESOURCES_CONFIG.sub(_CONFIG_BESIDE_MODULE, fixed.replace(_PKG_RESOURCES_IMPORT, ""))
+                fixed = _PKG_RESOURCES_CONFIG.sub(
+                    _CONFIG_BESIDE_MODULE, fixed.replace(_PKG_RESOURCES_IMPORT, "")
+                )
             if fixed != text:
                 with open(path, "w") as f:
                     f.write(fixed)
@@ -216,7 +226,9 @@ def _refresh_pure_python_build(package_dir) -> bool:
         print("updated the detectron2._C placeholder at", path)
     if patch_detectron2_package(package_dir):
         print("applied kd_det's source fixes to", package_dir)
-    return not os.path.isfile(os.path.join(package_dir, "model_zoo", "configs", "Base-RCNN-FPN.yaml"))
+    return not os.path.isfile(
+        os.path.join(package_dir, "model_zoo", "configs", "Base-RCNN-FPN.yaml")
+    )
 
 
 def pip(*args):
@@ -228,7 +240,17 @@ def pip(*args):
 def _patched_source(tmp: str) -> str:
     """Download the sdist into ``tmp``, unpack and patch it; returns the source folder."""
     # --no-build-isolation: metadata preparation runs setup.py, which imports torch.
-    pip("download", "-q", "--no-deps", "--no-binary", ":all:", "--no-build-isolation", "-d", tmp, SDIST)
+    pip(
+        "download",
+        "-q",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        "--no-build-isolation",
+        "-d",
+        tmp,
+        SDIST,
+    )
     (archive,) = glob.glob(os.path.join(tmp, "*.tar.gz"))
     with tarfile.open(archive) as tar:
         tar.extractall(tmp, filter="data")
@@ -238,19 +260,33 @@ def _patched_source(tmp: str) -> str:
 
 
 def build_wheel(wheel_dir: str) -> None:
-    """The patched Detectron2 as a wheel in ``wheel_dir`` (pure Python: any Python 3, any platform)."""
+    """The patched Detectron2 as a wheel in ``wheel_dir`` (pure Python: any Python 3, any
+    platform)."""
     os.makedirs(wheel_dir, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="kd_det_d2_") as tmp:
-        pip("wheel", "-q", "--no-deps", "--no-build-isolation", "-w", wheel_dir, _patched_source(tmp))
+        pip(
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            wheel_dir,
+            _patched_source(tmp),
+        )
     print("detectron2 wheel written to", wheel_dir)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--force", action="store_true", help="reinstall even if detectron2 imports")
-    parser.add_argument("--wheel-dir", default="",
-                        help="build a pure-Python wheel of the patched sdist into this folder instead of installing "
-                             "(for machines without the package registry, e.g. the GPU machine)")
+    parser.add_argument(
+        "--wheel-dir",
+        default="",
+        help="build a pure-Python wheel of the patched sdist into this folder "
+        "instead of installing (for machines without the package registry, e.g. the GPU machine)",
+    )
     args = parser.parse_args()
 
     if args.wheel_dir:
@@ -261,8 +297,11 @@ def main():
         import detectron2
 
         if not _refresh_pure_python_build(os.path.dirname(detectron2.__file__)):
-            print("detectron2 {} already installed at {}".format(detectron2.__version__,
-                                                               os.path.dirname(detectron2.__file__)))
+            print(
+                "detectron2 {} already installed at {}".format(
+                    detectron2.__version__, os.path.dirname(detectron2.__file__)
+                )
+            )
             return
         print("the installed pure-Python detectron2 lacks its model zoo configs: reinstalling it")
         reinstall = True
@@ -274,11 +313,19 @@ def main():
 
     with tempfile.TemporaryDirectory(prefix="kd_det_d2_") as tmp:
         # a reinstall replaces Detectron2 only; its dependencies stay as they are
-        pip("install", "-q", "--no-build-isolation", *(["--force-reinstall", "--no-deps"] if reinstall else []),
-            _patched_source(tmp))
+        pip(
+            "install",
+            "-q",
+            "--no-build-isolation",
+            *(["--force-reinstall", "--no-deps"] if reinstall else []),
+            _patched_source(tmp)
+        )
 
     if not detectron2_importable():
-        sys.exit("detectron2 was installed but does not import; run: {} -c 'import detectron2.modeling'".format(sys.executable))
+        sys.exit(
+            "detectron2 was installed but does not import; "
+            "run: {} -c 'import detectron2.modeling'".format(sys.executable)
+        )
     print("detectron2 installed (pure Python, without the C++ extension)")
 
 

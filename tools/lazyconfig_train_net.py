@@ -4,9 +4,11 @@ Train or evaluate a detector written as a Detectron2 LazyConfig (``.py``), disti
 (``model`` a kd_det meta-architecture with its teacher and distillers as arguments, see
 :mod:`kd_det.modeling.lazy_student`) or plain (e.g. a teacher).
 
-    tools/lazyconfig_train_net.py --config-file configs/synthetic/distill/ssim_faster_rcnn_R50_to_R18_lazy.py
+    tools/lazyconfig_train_net.py \\
+        --config-file configs/synthetic/distill/ssim_faster_rcnn_R50_to_R18_lazy.py
     tools/lazyconfig_train_net.py --config-file CFG model.feature_distiller.weight=1.0
-    tools/lazyconfig_train_net.py --config-file CFG --eval-only train.init_checkpoint=out/model_final.pth
+    tools/lazyconfig_train_net.py --config-file CFG --eval-only \\
+        train.init_checkpoint=out/model_final.pth
     tools/lazyconfig_train_net.py --config-file CFG --resume
     tools/lazyconfig_train_net.py --config-file CFG --num-gpus 8      # (CPU: processes on gloo)
 
@@ -27,14 +29,14 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
 from kd_det.checkpoint import AtomicDetectionCheckpointer
-from kd_det.engine.launch import launch
+from kd_det.config.lazy import dataset_names, lazy_get
+from kd_det.config.student import student_model_call
 from kd_det.data import prepare_datasets, validate_registered_datasets
-from kd_det.engine.curriculum import restart_curriculum
 from kd_det.engine import non_finite_loss_error
+from kd_det.engine.curriculum import restart_curriculum
+from kd_det.engine.launch import launch
 from kd_det.engine.lazy import build_lazy_trainer, lazy_teacher_eval_hook
 from kd_det.release.student import StudentCheckpointer
-from kd_det.config.student import student_model_call
-from kd_det.config.lazy import dataset_names, lazy_get
 
 logger = logging.getLogger("kd_det.lazyconfig_train_net")
 
@@ -42,14 +44,19 @@ logger = logging.getLogger("kd_det.lazyconfig_train_net")
 def datasets_used(cfg, eval_only: bool = False):
     """The dataset names of ``dataloader.train`` (unless ``eval_only``) and ``dataloader.test``."""
     splits = ["test"] if eval_only else ["train", "test"]
-    return [name for split in splits
-            for name in dataset_names(lazy_get(cfg, "dataloader.{}.dataset.names".format(split)))]
+    return [
+        name
+        for split in splits
+        for name in dataset_names(lazy_get(cfg, "dataloader.{}.dataset.names".format(split)))
+    ]
 
 
 def do_test(cfg, model):
     if "evaluator" not in cfg.dataloader:
         return {}
-    results = inference_on_dataset(model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator))
+    results = inference_on_dataset(
+        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+    )
     if comm.is_main_process():
         print_csv_format(results)
     return results
@@ -67,37 +74,64 @@ def do_train(args, cfg):
     model = defaults.create_ddp_model(model, **cfg.train.ddp)
     trainer = build_lazy_trainer(cfg, model, optimizer)  # with train.grad_accum_steps, accumulating
     checkpointer = AtomicDetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
-    trainer.register_hooks([
-        # train.teacher_eval: the model's teachers scored before the first step
-        lazy_teacher_eval_hook(cfg),
-        hooks.IterationTimer(),
-        hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
-        hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if comm.is_main_process() else None,
-        hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
-        hooks.PeriodicWriter(defaults.default_writers(cfg.train.output_dir, cfg.train.max_iter),
-                             period=cfg.train.log_period) if comm.is_main_process() else None,
-    ])
+    trainer.register_hooks(
+        [
+            # train.teacher_eval: the model's teachers scored before the first step
+            lazy_teacher_eval_hook(cfg),
+            hooks.IterationTimer(),
+            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            (
+                hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
+                if comm.is_main_process()
+                else None
+            ),
+            hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
+            (
+                hooks.PeriodicWriter(
+                    defaults.default_writers(cfg.train.output_dir, cfg.train.max_iter),
+                    period=cfg.train.log_period,
+                )
+                if comm.is_main_process()
+                else None
+            ),
+        ]
+    )
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
-    restart_curriculum(trainer, start_iter)  # a curriculum sampler's stream continues where training resumes
+    restart_curriculum(
+        trainer, start_iter
+    )  # a curriculum sampler's stream continues where training resumes
     try:
         trainer.train(start_iter, cfg.train.max_iter)
     except FloatingPointError as e:
-        raise non_finite_loss_error(e, checkpointer, "Lower optimizer.lr or the distillers' "
-                                    "weights (e.g. model.feature_distiller.weight)") from e
+        raise non_finite_loss_error(
+            e,
+            checkpointer,
+            "Lower optimizer.lr or the distillers' "
+            "weights (e.g. model.feature_distiller.weight)",
+        ) from e
 
 
 def load_config(args):
-    """The LazyConfig of ``args.config_file`` with ``args.opts`` applied; missing training keys are an error."""
+    """The LazyConfig of ``args.config_file`` with ``args.opts`` applied; missing training keys are
+    an error."""
     cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
-    needed = ("model", "dataloader", "train") if args.eval_only else (
-        "model", "dataloader", "optimizer", "lr_multiplier", "train")
+    needed = (
+        ("model", "dataloader", "train")
+        if args.eval_only
+        else ("model", "dataloader", "optimizer", "lr_multiplier", "train")
+    )
     missing = [k for k in needed if k not in cfg]
     if missing:
-        raise ValueError("LazyConfig {!r} has no {}: {} needs {} (as Detectron2's configs/common: "
-                         "train.py, optim.py, schedules)".format(args.config_file, ", ".join(missing),
-                                                                  "evaluation" if args.eval_only else "training",
-                                                                  ", ".join(needed)))
+        raise ValueError(
+            "LazyConfig {!r} has no {}: {} needs {} (as Detectron2's configs/common: "
+            "train.py, optim.py, schedules)".format(
+                args.config_file,
+                ", ".join(missing),
+                "evaluation" if args.eval_only else "training",
+                ", ".join(needed),
+            )
+        )
     return cfg
 
 
@@ -130,12 +164,20 @@ def cli(argv=None):
     args = parser.parse_args(argv)
     bad = [o for o in args.opts if "=" not in o]
     if bad:
-        parser.error("LazyConfig overrides are key=value (e.g. train.max_iter=1000), not yacs KEY VALUE pairs; "
-                     "got {!r}".format(bad[0]))
+        parser.error(
+            "LazyConfig overrides are key=value (e.g. train.max_iter=1000), "
+            "not yacs KEY VALUE pairs; got {!r}".format(bad[0])
+        )
     print("Command Line Args:", args)
     prepare(args)
-    return launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-                  dist_url=args.dist_url, args=(args,))
+    return launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
 
 
 if __name__ == "__main__":

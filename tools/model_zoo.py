@@ -8,7 +8,8 @@ tools/lazyconfig_train_net.py, holding config.yaml, model_final.pth and a metric
 with a COCO evaluation) the student is released with kd_det.release.student (student-only
 checkpoint + vanilla Detectron2 config, yacs or LazyConfig as trained) to
 RELEASE_DIR/<run name>/, and a table row gives its config, size (parameters, GFLOPs),
-teacher, schedule, box AP and the checkpoint's SHA-256; ``--torchscript`` and ``--onnx`` add each student exported to TorchScript / ONNX.
+teacher, schedule, box AP and the checkpoint's SHA-256; ``--torchscript`` and ``--onnx`` add
+each student exported to TorchScript / ONNX.
 
     tools/model_zoo.py output/demo/retinanet/student output/demo/retinanet/ssim_kd \\
         --release-dir release -o MODEL_ZOO.md
@@ -40,8 +41,9 @@ def _release(config, weights, dest):
         "meta_architecture": meta_architecture_of(cfg),
         "backbone": backbone_name(cfg),
         "schedule": "{} it x {} img".format(iterations, batch),
-        "dataset": "{} / {}".format(",".join(settings.train_datasets),
-                                    ",".join(settings.test_datasets)),
+        "dataset": "{} / {}".format(
+            ",".join(settings.train_datasets), ",".join(settings.test_datasets)
+        ),
     }
     return fields, distillation_summary(cfg), out, released
 
@@ -58,8 +60,11 @@ def release_run(run_dir, release_dir, torchscript=False, onnx=False):
     name = os.path.basename(os.path.normpath(run_dir))
     for f in ("config.yaml", "model_final.pth", "metrics.json"):
         if not os.path.isfile(os.path.join(run_dir, f)):
-            raise FileNotFoundError("{} has no {}: pass the OUTPUT_DIR of a finished, evaluated training run".format(
-                run_dir, f))
+            raise FileNotFoundError(
+                "{} has no {}: pass the OUTPUT_DIR of a finished, evaluated training run".format(
+                    run_dir, f
+                )
+            )
     config = os.path.join(run_dir, "config.yaml")
     records = load_metrics(os.path.join(run_dir, "metrics.json"))
     ap = last_box_ap(records)
@@ -72,73 +77,119 @@ def release_run(run_dir, release_dir, torchscript=False, onnx=False):
         deploy.export_onnx(released, out["weights"], dest)
     meta_architecture = fields.pop("meta_architecture")
     methods, teacher = list(kd.methods), kd.teacher  # kd: kd_det.config.run.DistillationSummary
-    _, teacher_ap = metric_series(records, "teacher/bbox/AP")  # logged with KD.TEACHER.EVAL_BEFORE_TRAIN
-    return dict(fields, **{
-        "name": name,
-        "arch": re.sub(r"^(Self)?Distill", "", meta_architecture),
-        "distillation": " + ".join(methods) if methods else "none",
-        "teacher": teacher,
-        "teacher_ap": "{:.2f}".format(teacher_ap[-1]) if teacher and teacher_ap else "-",
-        "ap": ap,
-        "weights": out["weights"],
-        "config": out["config"],
-        "sha256": out["sha256"],
-        "params": "{:.1f}".format(complexity["params_m"]) if complexity else "-",
-        "gflops": "{:.2f}".format(complexity["gflops"]) if complexity else "-",
-    })
+    _, teacher_ap = metric_series(
+        records, "teacher/bbox/AP"
+    )  # logged with KD.TEACHER.EVAL_BEFORE_TRAIN
+    return dict(
+        fields,
+        **{
+            "name": name,
+            "arch": re.sub(r"^(Self)?Distill", "", meta_architecture),
+            "distillation": " + ".join(methods) if methods else "none",
+            "teacher": teacher,
+            "teacher_ap": "{:.2f}".format(teacher_ap[-1]) if teacher and teacher_ap else "-",
+            "ap": ap,
+            "weights": out["weights"],
+            "config": out["config"],
+            "sha256": out["sha256"],
+            "params": "{:.1f}".format(complexity["params_m"]) if complexity else "-",
+            "gflops": "{:.2f}".format(complexity["gflops"]) if complexity else "-",
+        }
+    )
 
 
 def _student_complexity(released, weights, config_path):
-    """Parameters and GFLOPs of the released student (its config and weights), or None with a warning."""
+    """Parameters and GFLOPs of the released student (its config and weights), or None with a
+    warning."""
     from kd_det.release.deploy import load_student
     from kd_det.utils.complexity import model_complexity
 
     model = load_student(released, weights, "cpu")
     try:
         return model_complexity(released, model)
-    except Exception as e:  # the test images may live on another machine: the row is still worth writing
-        print("warning: no flop count for {} ({}: {}); the row says '-'".format(config_path, type(e).__name__, e),
-              file=sys.stderr)
+    except (
+        Exception
+    ) as e:  # the test images may live on another machine: the row is still worth writing
+        print(
+            "warning: no flop count for {} ({}: {}); the row says '-'".format(
+                config_path, type(e).__name__, e
+            ),
+            file=sys.stderr,
+        )
         return None
 
 
 def format_model_zoo(rows, source_note=""):
-    lines = ["# kd_det model zoo", "",
-             "Generated by `tools/model_zoo.py` from each run's evaluation (metrics.json) and exported checkpoint; "
-             "do not edit by hand.{}".format(" " + source_note if source_note else ""), "",
-             "Each checkpoint is a student-only Detectron2 checkpoint; load it with vanilla Detectron2:",
-             "`cfg = get_cfg(); cfg.merge_from_file(\"<release>/config.yaml\"); model = build_model(cfg); "
-             "DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)`; where config.yaml is a LazyConfig (a student "
-             "trained with `tools/lazyconfig_train_net.py`): `cfg = LazyConfig.load(\"<release>/config.yaml\"); "
-             "model = instantiate(cfg.model); DetectionCheckpointer(model).load(cfg.train.init_checkpoint)`.", "",
-             "Params and GFLOPs are the student's, counted as Detectron2's `tools/analyze_model.py` does (fvcore: "
-             "a multiply-add is one flop), averaged over the first 5 test images at the test input size.", "",
-             "| name | model | params (M) | GFLOPs | distillation | teacher config | teacher AP | schedule | "
-             "train / test | box AP | AP50 | AP75 | sha256 (first 12) |",
-             "|---|---|---:|---:|---|---|---:|---|---|---:|---:|---:|---|"]
+    lines = [
+        "# kd_det model zoo",
+        "",
+        "Generated by `tools/model_zoo.py` from each run's evaluation (metrics.json) "
+        "and exported checkpoint; do not edit by hand.{}".format(
+            " " + source_note if source_note else ""
+        ),
+        "",
+        "Each checkpoint is a student-only Detectron2 checkpoint; load it with vanilla Detectron2:",
+        '`cfg = get_cfg(); cfg.merge_from_file("<release>/config.yaml"); model = build_model(cfg); '
+        "DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)`; "
+        "where config.yaml is a LazyConfig (a student "
+        "trained with `tools/lazyconfig_train_net.py`): "
+        '`cfg = LazyConfig.load("<release>/config.yaml"); '
+        "model = instantiate(cfg.model); "
+        "DetectionCheckpointer(model).load(cfg.train.init_checkpoint)`.",
+        "",
+        "Params and GFLOPs are the student's, counted as Detectron2's `tools/analyze_model.py` "
+        "does (fvcore: a multiply-add is one flop), averaged over the first 5 test images "
+        "at the test input size.",
+        "",
+        "| name | model | params (M) | GFLOPs | distillation | teacher config | teacher AP "
+        "| schedule | train / test | box AP | AP50 | AP75 | sha256 (first 12) |",
+        "|---|---|---:|---:|---|---|---:|---|---|---:|---:|---:|---|",
+    ]
     for r in rows:
-        lines.append("| {name} | {arch} {backbone} | {params} | {gflops} | {distillation} | {teacher} | {teacher_ap} | {schedule} | {dataset} | "
-                     "{a:.2f} | {a50:.2f} | {a75:.2f} | `{sha}` |".format(
-                         a=r["ap"]["AP"], a50=r["ap"]["AP50"], a75=r["ap"]["AP75"], sha=r["sha256"][:12],
-                         **{k: (("`{}`".format(v) if v else "-") if k == "teacher" else v) for k, v in r.items()}))
+        lines.append(
+            "| {name} | {arch} {backbone} | {params} | {gflops} | {distillation} | {teacher} "
+            "| {teacher_ap} | {schedule} | {dataset} | "
+            "{a:.2f} | {a50:.2f} | {a75:.2f} | `{sha}` |".format(
+                a=r["ap"]["AP"],
+                a50=r["ap"]["AP50"],
+                a75=r["ap"]["AP75"],
+                sha=r["sha256"][:12],
+                **{
+                    k: (("`{}`".format(v) if v else "-") if k == "teacher" else v)
+                    for k, v in r.items()
+                }
+            )
+        )
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("runs", nargs="+", help="training OUTPUT_DIRs")
     parser.add_argument("--release-dir", default="release")
     parser.add_argument("-o", "--output", default="MODEL_ZOO.md")
-    parser.add_argument("--torchscript", action="store_true",
-                        help="also trace each student to model.ts (see tools/export_student.py --torchscript)")
-    parser.add_argument("--onnx", action="store_true",
-                        help="also export each student to model.onnx (see tools/export_student.py --onnx)")
+    parser.add_argument(
+        "--torchscript",
+        action="store_true",
+        help="also trace each student to model.ts (see tools/export_student.py --torchscript)",
+    )
+    parser.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also export each student to model.onnx (see tools/export_student.py --onnx)",
+    )
     parser.add_argument("--note", default="", help="a sentence on where the runs come from")
     args = parser.parse_args(argv)
     rows = [release_run(r, args.release_dir, args.torchscript, args.onnx) for r in args.runs]
     with open(args.output, "w") as f:
         f.write(format_model_zoo(rows, args.note))
-    print("wrote {} ({} models; checkpoints under {})".format(args.output, len(rows), args.release_dir))
+    print(
+        "wrote {} ({} models; checkpoints under {})".format(
+            args.output, len(rows), args.release_dir
+        )
+    )
     return rows
 
 

@@ -31,11 +31,17 @@ def load_metadata(model_path, metadata_path=""):
     """The sidecar JSON of ``model_path`` (``onnx.json`` / ``torchscript.json`` beside it)."""
     ext = os.path.splitext(model_path)[1]
     if ext not in SIDECARS:
-        raise ValueError("{!r} is neither an ONNX (.onnx) nor a TorchScript (.ts) model".format(model_path))
-    path = metadata_path or os.path.join(os.path.dirname(os.path.abspath(model_path)), SIDECARS[ext])
+        raise ValueError(
+            "{!r} is neither an ONNX (.onnx) nor a TorchScript (.ts) model".format(model_path)
+        )
+    path = metadata_path or os.path.join(
+        os.path.dirname(os.path.abspath(model_path)), SIDECARS[ext]
+    )
     if not os.path.isfile(path):
-        raise FileNotFoundError("no {} beside {!r}: export_student.py writes it with the model; pass --metadata "
-                                "if it was moved".format(SIDECARS[ext], model_path))
+        raise FileNotFoundError(
+            "no {} beside {!r}: export_student.py writes it with the model; pass --metadata "
+            "if it was moved".format(SIDECARS[ext], model_path)
+        )
     with open(path) as f:
         return json.load(f)
 
@@ -59,7 +65,9 @@ def preprocess(image, metadata):
     """
     spec = metadata["input"]
     rgb = image.convert("RGB")
-    new_h, new_w = resized_shape(rgb.height, rgb.width, spec["min_size_test"], spec["max_size_test"])
+    new_h, new_w = resized_shape(
+        rgb.height, rgb.width, spec["min_size_test"], spec["max_size_test"]
+    )
     array = np.asarray(rgb.resize((new_w, new_h), Image.BILINEAR))
     if spec["format"] == "BGR":
         array = array[:, :, ::-1]
@@ -112,9 +120,16 @@ def predict(run, metadata, image_path, min_score=0.0):
     array = preprocess(image, metadata)
     boxes, scores, classes = postprocess(*run(array), array.shape[1:], (image.height, image.width))
     names = metadata.get("classes") or []
-    dets = [{"class": names[c] if c < len(names) else int(c), "class_id": int(c), "score": float(s),
-             "box": [float(v) for v in b]}
-            for b, s, c in zip(boxes, scores, classes) if s >= min_score]
+    dets = [
+        {
+            "class": names[c] if c < len(names) else int(c),
+            "class_id": int(c),
+            "score": float(s),
+            "box": [float(v) for v in b],
+        }
+        for b, s, c in zip(boxes, scores, classes)
+        if s >= min_score
+    ]
     return {"file": image_path, "height": image.height, "width": image.width, "detections": dets}
 
 
@@ -123,20 +138,33 @@ def draw(image_path, result, out_path):
     canvas = ImageDraw.Draw(image)
     for det in result["detections"]:
         canvas.rectangle(det["box"], outline=(255, 64, 0), width=2)
-        canvas.text((det["box"][0] + 2, det["box"][1] + 1), "{} {:.2f}".format(det["class"], det["score"]),
-                    fill=(255, 64, 0))
+        canvas.text(
+            (det["box"][0] + 2, det["box"][1] + 1),
+            "{} {:.2f}".format(det["class"], det["score"]),
+            fill=(255, 64, 0),
+        )
     image.save(out_path)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", required=True, help="model.onnx or model.ts")
-    parser.add_argument("--metadata", default="", help="its sidecar JSON (default: beside the model)")
+    parser.add_argument(
+        "--metadata", default="", help="its sidecar JSON (default: beside the model)"
+    )
     parser.add_argument("--input", nargs="+", required=True, help="image files")
-    parser.add_argument("--min-score", type=float, default=0.0,
-                        help="drop detections below this score (the model already applies the config's test "
-                             "threshold)")
-    parser.add_argument("--output-dir", default="", help="write each image with its boxes drawn here")
+    parser.add_argument(
+        "--min-score",
+        type=float,
+        default=0.0,
+        help="drop detections below this score (the model already applies the config's test "
+        "threshold)",
+    )
+    parser.add_argument(
+        "--output-dir", default="", help="write each image with its boxes drawn here"
+    )
     args = parser.parse_args(argv)
 
     metadata = load_metadata(args.model, args.metadata)

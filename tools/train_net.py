@@ -16,11 +16,11 @@ from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 
 from kd_det import merge_kd_config
-from kd_det.engine.launch import launch
+from kd_det.config.student import student_model_config
 from kd_det.data import prepare_datasets, validate_registered_datasets
 from kd_det.engine import get_trainer_class
+from kd_det.engine.launch import launch
 from kd_det.evaluation import evaluator_name
-from kd_det.config.student import student_model_config
 from kd_det.release.student import StudentCheckpointer
 
 
@@ -37,7 +37,9 @@ def main(args):
     if args.eval_only:
         # the student alone: evaluating it needs neither the teacher nor its weights
         model = trainer_cls.build_model(student_model_config(cfg))
-        StudentCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        StudentCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
         res = trainer_cls.test(cfg, model)
         verify_results(cfg, res)
         return res
@@ -57,8 +59,11 @@ def prepare(args):
     names = ([] if args.eval_only else list(cfg.DATASETS.TRAIN)) + list(cfg.DATASETS.TEST)
     prepare_datasets(names)
     if cfg.DATASETS.VALIDATE != "none":
-        validate_registered_datasets(names, check_images=cfg.DATASETS.VALIDATE == "full",
-                                     voc_evaluated=[n for n in cfg.DATASETS.TEST if _evaluated_with_voc(cfg, n)])
+        validate_registered_datasets(
+            names,
+            check_images=cfg.DATASETS.VALIDATE == "full",
+            voc_evaluated=[n for n in cfg.DATASETS.TEST if _evaluated_with_voc(cfg, n)],
+        )
 
 
 def _evaluated_with_voc(cfg, dataset_name: str) -> bool:

@@ -2,7 +2,8 @@
 # model-zoo LazyConfig COCO-Detection/retinanet_R_50_FPN_1x.py (its COCO data, SGD at 0.01, 1x
 # schedule): Rank Mimicking + Prediction-guided Feature Imitation from the published R-101-FPN 3x
 # RetinaNet (40.4 box AP) to an R-18-FPN student.
-#   tools/lazyconfig_train_net.py --config-file configs/COCO-Distillation/rm_pfi_retinanet_R101_to_R18_1x_lazy.py \
+#   tools/lazyconfig_train_net.py \
+#       --config-file configs/COCO-Distillation/rm_pfi_retinanet_R101_to_R18_1x_lazy.py \
 #       --num-gpus 8 train.init_checkpoint=/path/to/R-18.pkl
 # train.init_checkpoint: torchvision's ImageNet R-18 converted with Detectron2's
 # tools/convert-torchvision-to-d2.py (hence RGB input and torchvision's normalisation below).
@@ -17,8 +18,12 @@ from detectron2.modeling import ResNet
 from kd_det.data.classes import thing_classes
 from kd_det.evaluation import has_cpp_ops
 from kd_det.losses import L2FeatureLoss, RankMimickingLoss
-from kd_det.modeling import (DensePredictionDistiller, DistillRetinaNet, FeatureDistiller,
-                             build_teacher)
+from kd_det.modeling import (
+    DensePredictionDistiller,
+    DistillRetinaNet,
+    FeatureDistiller,
+    build_teacher,
+)
 
 _zoo = model_zoo.get_config("COCO-Detection/retinanet_R_50_FPN_1x.py")
 dataloader = _zoo.dataloader

@@ -2,7 +2,8 @@
 # model-zoo LazyConfigs (common/models/mask_rcnn_fpn.py without its mask head, common/data/coco.py,
 # common/optim.py's SGD at 0.02, the 1x schedule): SSIM feature distillation from the published
 # R-101-FPN 3x Faster R-CNN (42.0 box AP) to an R-18-FPN student.
-#   tools/lazyconfig_train_net.py --config-file configs/COCO-Distillation/ssim_faster_rcnn_R101_to_R18_1x_lazy.py \
+#   tools/lazyconfig_train_net.py \
+#       --config-file configs/COCO-Distillation/ssim_faster_rcnn_R101_to_R18_1x_lazy.py \
 #       --num-gpus 8 train.init_checkpoint=/path/to/R-18.pkl
 # train.init_checkpoint: torchvision's ImageNet R-18 converted with Detectron2's
 # tools/convert-torchvision-to-d2.py (hence RGB input and torchvision's normalisation below).

@@ -8,10 +8,14 @@
 # and the training sets' names (dataloader.train.dataset.names; KD.TEACHER.CHECK_CLASSES).
 # With its training keys (optimizer, lr_multiplier, train: the yaml's SOLVER) it also trains:
 #   tools/lazyconfig_train_net.py --config-file configs/synthetic/faster_rcnn_R_50_FPN_lazy.py
-from detectron2.config import LazyCall as L
-from detectron2.data import (DatasetMapper, build_detection_test_loader, build_detection_train_loader,
-                             get_detection_dataset_dicts)
 import detectron2.data.transforms as T
+from detectron2.config import LazyCall as L
+from detectron2.data import (
+    DatasetMapper,
+    build_detection_test_loader,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
 from detectron2.evaluation import COCOEvaluator
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import FPN, GeneralizedRCNN, ResNet, StandardROIHeads
@@ -27,8 +31,8 @@ from detectron2.solver import WarmupParamScheduler
 from detectron2.solver.build import get_default_optimizer_params
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
-from kd_det.evaluation import has_cpp_ops
 from kd_det.engine.lazy import clipped_optimizer
+from kd_det.evaluation import has_cpp_ops
 
 FPN_CHANNELS = 128
 NUM_CLASSES = 5
@@ -55,7 +59,9 @@ model = L(GeneralizedRCNN)(
             strides=[4, 8, 16, 32, 64],
             offset=0.0,
         ),
-        anchor_matcher=L(Matcher)(thresholds=[0.3, 0.7], labels=[0, -1, 1], allow_low_quality_matches=True),
+        anchor_matcher=L(Matcher)(
+            thresholds=[0.3, 0.7], labels=[0, -1, 1], allow_low_quality_matches=True
+        ),
         box2box_transform=L(Box2BoxTransform)(weights=[1.0, 1.0, 1.0, 1.0]),
         batch_size_per_image=256,
         positive_fraction=0.5,
@@ -67,7 +73,9 @@ model = L(GeneralizedRCNN)(
         num_classes=NUM_CLASSES,
         batch_size_per_image=64,
         positive_fraction=0.25,
-        proposal_matcher=L(Matcher)(thresholds=[0.5], labels=[0, 1], allow_low_quality_matches=False),
+        proposal_matcher=L(Matcher)(
+            thresholds=[0.5], labels=[0, 1], allow_low_quality_matches=False
+        ),
         box_in_features=["p2", "p3", "p4", "p5"],
         box_pooler=L(ROIPooler)(
             output_size=7,
@@ -100,7 +108,9 @@ dataloader = dict(
         mapper=L(DatasetMapper)(
             is_train=True,
             augmentations=[
-                L(T.ResizeShortestEdge)(short_edge_length=(128,), max_size=256, sample_style="choice"),
+                L(T.ResizeShortestEdge)(
+                    short_edge_length=(128,), max_size=256, sample_style="choice"
+                ),
                 L(T.RandomFlip)(horizontal=True),
             ],
             image_format="BGR",
@@ -120,7 +130,8 @@ dataloader = dict(
     ),
 )
 dataloader["evaluator"] = L(COCOEvaluator)(
-    dataset_name="${..test.dataset.names}", use_fast_impl=has_cpp_ops(), output_dir=None)
+    dataset_name="${..test.dataset.names}", use_fast_impl=has_cpp_ops(), output_dir=None
+)
 
 # The yaml's SOLVER (Base-synthetic-RCNN.yaml): from scratch, AdamW 1e-3 with weight decay 0.05
 # (none on norm layers), each parameter's gradient clipped to norm 5, warmup 20 iterations,
@@ -136,7 +147,9 @@ optimizer = L(clipped_optimizer)(
     clip_value=5.0,
 )
 lr_multiplier = L(WarmupParamScheduler)(
-    scheduler=L(MultiStepParamScheduler)(values=[1.0, 0.1, 0.01], milestones=[120, 140], num_updates=MAX_ITER),
+    scheduler=L(MultiStepParamScheduler)(
+        values=[1.0, 0.1, 0.01], milestones=[120, 140], num_updates=MAX_ITER
+    ),
     warmup_length=20 / MAX_ITER,
     warmup_factor=0.001,
 )

@@ -21,7 +21,6 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from .defaults import get_kd_cfg
-from .renames import merge_kd_config
 from .lazy import (
     dataset_names,
     lazy_get,
@@ -29,10 +28,20 @@ from .lazy import (
     single_short_edge,
     test_resizes,
 )
+from .renames import merge_kd_config
 
-__all__ = ["DetectorSettings", "is_lazy_config", "describe_config", "train_command",
-           "load_detector_config", "detector_settings", "meta_architecture_of", "build_detector",
-           "detector_weights", "fixed_test_resize"]
+__all__ = [
+    "DetectorSettings",
+    "is_lazy_config",
+    "describe_config",
+    "train_command",
+    "load_detector_config",
+    "detector_settings",
+    "meta_architecture_of",
+    "build_detector",
+    "detector_weights",
+    "fixed_test_resize",
+]
 
 DetectorConfig = Union[CfgNode, DictConfig]
 
@@ -91,8 +100,9 @@ def train_command(path: str) -> str:
     return "tools/{} --config-file {}".format(tool, path)
 
 
-def load_detector_config(path: str, opts: Sequence[str] = (), *, role: str = "",
-                         opts_name: str = "opts") -> DetectorConfig:
+def load_detector_config(
+    path: str, opts: Sequence[str] = (), *, role: str = "", opts_name: str = "opts"
+) -> DetectorConfig:
     """
     Load a detector config with command-line style overrides, as the Detectron2 tools do.
 
@@ -124,22 +134,28 @@ def load_detector_config(path: str, opts: Sequence[str] = (), *, role: str = "",
     if bad:
         raise ValueError(
             "{}={} for the {}: a LazyConfig takes overrides as 'key=value' strings (e.g. "
-            "\"model.roi_heads.box_predictor.test_score_thresh=0.05\"), not yacs KEY VALUE pairs; "
-            "{} is not one".format(opts_name, opts, name, bad[0]))
+            '"model.roi_heads.box_predictor.test_score_thresh=0.05"), not yacs KEY VALUE pairs; '
+            "{} is not one".format(opts_name, opts, name, bad[0])
+        )
     try:
         return LazyConfig.apply_overrides(lazy, opts)
     except Exception as e:
-        raise ValueError("{}={} do not apply to the {}: {}: {}".format(
-            opts_name, opts, name, type(e).__name__, e)) from e
+        raise ValueError(
+            "{}={} do not apply to the {}: {}: {}".format(
+                opts_name, opts, name, type(e).__name__, e
+            )
+        ) from e
 
 
 def _lazy_model(config: DictConfig):
     """A LazyConfig's ``model`` LazyCall; raises naming the fix where it has none."""
     model = lazy_get(config, "model")
     if model is None:
-        raise ValueError("the LazyConfig has no `model`: a LazyConfig detector defines it as "
-                         "`model = L(GeneralizedRCNN)(...)` or `L(RetinaNet)(...)`, as "
-                         "Detectron2's configs do")
+        raise ValueError(
+            "the LazyConfig has no `model`: a LazyConfig detector defines it as "
+            "`model = L(GeneralizedRCNN)(...)` or `L(RetinaNet)(...)`, as "
+            "Detectron2's configs do"
+        )
     return model
 
 
@@ -170,8 +186,10 @@ def _lazy_num_classes(model) -> int:
         value = lazy_get(model, key)
         if value is not None:
             return int(value)
-    raise ValueError("the LazyConfig's model names no class count: set model.num_classes "
-                     "(RetinaNet) or model.roi_heads.num_classes (R-CNN)")
+    raise ValueError(
+        "the LazyConfig's model names no class count: set model.num_classes "
+        "(RetinaNet) or model.roi_heads.num_classes (R-CNN)"
+    )
 
 
 def _lazy_test_size(lazy) -> Tuple[Optional[int], Optional[int]]:
@@ -203,26 +221,44 @@ def detector_settings(config: DetectorConfig) -> DetectorSettings:
     """
     if isinstance(config, CfgNode):
         meta = config.MODEL.META_ARCHITECTURE
-        num_classes = config.MODEL.RETINANET.NUM_CLASSES if "RetinaNet" in meta else \
-            config.MODEL.ROI_HEADS.NUM_CLASSES
+        num_classes = (
+            config.MODEL.RETINANET.NUM_CLASSES
+            if "RetinaNet" in meta
+            else config.MODEL.ROI_HEADS.NUM_CLASSES
+        )
         return DetectorSettings(
-            meta, int(num_classes), config.INPUT.FORMAT, _floats(config.MODEL.PIXEL_MEAN),
-            _floats(config.MODEL.PIXEL_STD), int(config.INPUT.MIN_SIZE_TEST),
-            int(config.INPUT.MAX_SIZE_TEST), tuple(config.DATASETS.TRAIN),
-            tuple(config.DATASETS.TEST))
+            meta,
+            int(num_classes),
+            config.INPUT.FORMAT,
+            _floats(config.MODEL.PIXEL_MEAN),
+            _floats(config.MODEL.PIXEL_STD),
+            int(config.INPUT.MIN_SIZE_TEST),
+            int(config.INPUT.MAX_SIZE_TEST),
+            tuple(config.DATASETS.TRAIN),
+            tuple(config.DATASETS.TEST),
+        )
     model = _lazy_model(config)
-    input_format = (lazy_get(model, "input_format")
-                    or lazy_get(config, "dataloader.test.mapper.image_format"))
+    input_format = lazy_get(model, "input_format") or lazy_get(
+        config, "dataloader.test.mapper.image_format"
+    )
     if input_format is None:
-        raise ValueError("the LazyConfig names no input format: set model.input_format (or "
-                         "dataloader.test.mapper.image_format) to the channel order the model was "
-                         "trained on, \"BGR\" or \"RGB\"")
+        raise ValueError(
+            "the LazyConfig names no input format: set model.input_format (or "
+            "dataloader.test.mapper.image_format) to the channel order the model was "
+            'trained on, "BGR" or "RGB"'
+        )
     min_size, max_size = _lazy_test_size(config)
     return DetectorSettings(
-        meta_architecture_of(config), _lazy_num_classes(model), str(input_format),
-        _floats(lazy_get(model, "pixel_mean", ())), _floats(lazy_get(model, "pixel_std", ())),
-        min_size, max_size, dataset_names(lazy_get(config, "dataloader.train.dataset.names")),
-        dataset_names(lazy_get(config, "dataloader.test.dataset.names")))
+        meta_architecture_of(config),
+        _lazy_num_classes(model),
+        str(input_format),
+        _floats(lazy_get(model, "pixel_mean", ())),
+        _floats(lazy_get(model, "pixel_std", ())),
+        min_size,
+        max_size,
+        dataset_names(lazy_get(config, "dataloader.train.dataset.names")),
+        dataset_names(lazy_get(config, "dataloader.test.dataset.names")),
+    )
 
 
 def build_detector(config: DetectorConfig, device: Optional[str] = "cpu") -> torch.nn.Module:
@@ -270,23 +306,30 @@ def fixed_test_resize(config: DetectorConfig) -> Tuple[int, int]:
             "the LazyConfig has no dataloader.test: the export takes the test-time resize from "
             "dataloader.test.mapper.augmentations (a ResizeShortestEdge, as in Detectron2's "
             "configs) and the sample image and class names from dataloader.test.dataset.names; "
-            "add it")
+            "add it"
+        )
     resizes, others = test_resizes(config), other_test_augmentations(config)
     if len(resizes) != 1 or others:
         raise ValueError(
             "dataloader.test.mapper.augmentations of the LazyConfig is {} ResizeShortestEdge and "
             "{}: an exported model's preprocessing (its sidecar JSON, predict_exported.py) is one "
             "ResizeShortestEdge(short_edge_length=N, max_size=M), as DefaultPredictor's".format(
-                len(resizes), others or "nothing else"))
+                len(resizes), others or "nothing else"
+            )
+        )
     short = single_short_edge(resizes[0])
     if short is None:
         raise ValueError(
             "the test ResizeShortestEdge of the LazyConfig draws its short edge from {}: a "
             "deployed model needs one size; set "
             "dataloader.test.mapper.augmentations.0.short_edge_length=N".format(
-                list(lazy_get(resizes[0], "short_edge_length"))))
+                list(lazy_get(resizes[0], "short_edge_length"))
+            )
+        )
     interp = lazy_get(resizes[0], "interp", Image.BILINEAR)
     if int(interp) != int(Image.BILINEAR):
-        raise ValueError("the test ResizeShortestEdge of the LazyConfig uses interp={}; exports "
-                         "describe bilinear resizing (DefaultPredictor's) only".format(interp))
+        raise ValueError(
+            "the test ResizeShortestEdge of the LazyConfig uses interp={}; exports "
+            "describe bilinear resizing (DefaultPredictor's) only".format(interp)
+        )
     return short, int(lazy_get(resizes[0], "max_size", sys.maxsize))

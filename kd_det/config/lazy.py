@@ -6,7 +6,14 @@ instantiating it: the few things kd_det needs from a teacher's or a student's co
 
 from typing import List, Optional, Tuple
 
-__all__ = ["lazy_get", "is_call_of", "dataset_names", "test_resizes", "other_test_augmentations", "single_short_edge"]
+__all__ = [
+    "lazy_get",
+    "is_call_of",
+    "dataset_names",
+    "test_resizes",
+    "other_test_augmentations",
+    "single_short_edge",
+]
 
 
 def lazy_get(node, dotted: str, default=None):
@@ -49,7 +56,9 @@ def other_test_augmentations(lazy) -> List[str]:
     for a in _test_augmentations(lazy):
         if not is_call_of(a, "ResizeShortestEdge"):
             target = lazy_get(a, "_target_", type(a).__name__)
-            names.append(target if isinstance(target, str) else getattr(target, "__name__", str(target)))
+            names.append(
+                target if isinstance(target, str) else getattr(target, "__name__", str(target))
+            )
     return names
 
 

@@ -57,10 +57,16 @@ def annotated_loader(config: DetectorConfig, names: Sequence[str], split: str) -
     if isinstance(config, CfgNode):
         filter_empty = config.DATALOADER.FILTER_EMPTY_ANNOTATIONS if split == "train" else False
         dataset = get_detection_dataset_dicts(names, filter_empty=filter_empty)
-        mapper = DatasetMapper(config, is_train=True, augmentations=[
-            T.ResizeShortestEdge(config.INPUT.MIN_SIZE_TEST, config.INPUT.MAX_SIZE_TEST)])
-        return build_detection_test_loader(dataset, mapper=mapper,
-                                           num_workers=config.DATALOADER.NUM_WORKERS)
+        mapper = DatasetMapper(
+            config,
+            is_train=True,
+            augmentations=[
+                T.ResizeShortestEdge(config.INPUT.MIN_SIZE_TEST, config.INPUT.MAX_SIZE_TEST)
+            ],
+        )
+        return build_detection_test_loader(
+            dataset, mapper=mapper, num_workers=config.DATALOADER.NUM_WORKERS
+        )
     own = list(dataset_names(lazy_get(config, "dataloader.train.dataset.names")))
     if split == "train" and names == own:
         dataset = instantiate(config.dataloader.train.dataset)  # with the config's own filtering

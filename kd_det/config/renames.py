@@ -22,8 +22,13 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from detectron2.config import CfgNode
 
-__all__ = ["RENAMED_KEYS", "TRANSLATED_VALUES", "merge_kd_config", "rename_config_dict",
-           "rename_opts"]
+__all__ = [
+    "RENAMED_KEYS",
+    "TRANSLATED_VALUES",
+    "merge_kd_config",
+    "rename_config_dict",
+    "rename_opts",
+]
 
 # old key -> new key.  A key names a node too: every key under it moves with it
 # (KD.CURRICULUM.SCORES -> TRAINER.CURRICULUM.SCORES).
@@ -53,8 +58,10 @@ def _self_soft_label_weight(value) -> Optional[List[Tuple[str, Any]]]:
 # (new key, value) pairs; None where the value is not an old use and stays as it is)
 TRANSLATED_VALUES: Dict[str, Tuple[str, Callable[[Any], Optional[List[Tuple[str, Any]]]]]] = {
     "KD.FEATURE.LOSS": ('KD.FEATURE.ENABLED False (for KD.FEATURE.LOSS "")', _feature_loss),
-    "KD.SELF.SOFT_LABEL_WEIGHT": ("KD.SELF.SOFT_LABEL.WEIGHT and KD.SELF.SOFT_LABEL.ENABLED "
-                                  "(False for a weight of 0)", _self_soft_label_weight),
+    "KD.SELF.SOFT_LABEL_WEIGHT": (
+        "KD.SELF.SOFT_LABEL.WEIGHT and KD.SELF.SOFT_LABEL.ENABLED " "(False for a weight of 0)",
+        _self_soft_label_weight,
+    ),
 }
 
 # the old keys warned about in this process: once each, however many configs use them
@@ -65,8 +72,13 @@ def _warn(old: str, new: str, source: str) -> None:
     if old in _WARNED:
         return
     _WARNED.add(old)
-    warnings.warn("kd_det config key {} is now {}; the old name still loads, rename it{}".format(
-        old, new, " (seen in {})".format(source) if source else ""), FutureWarning, stacklevel=3)
+    warnings.warn(
+        "kd_det config key {} is now {}; the old name still loads, rename it{}".format(
+            old, new, " (seen in {})".format(source) if source else ""
+        ),
+        FutureWarning,
+        stacklevel=3,
+    )
 
 
 def _parent(d: Dict, dotted: str):
@@ -127,7 +139,7 @@ def rename_opts(opts: Sequence, source: str = "") -> List:
         for old, new in RENAMED_KEYS.items():
             if key == old or key.startswith(old + "."):
                 _warn(old, new, source)
-                renamed = [(new + key[len(old):], value)]
+                renamed = [(new + key[len(old) :], value)]
         if key in TRANSLATED_VALUES:
             new, translate = TRANSLATED_VALUES[key]
             # command-line values are strings: compare what yacs will make of them
@@ -146,8 +158,9 @@ class _RenamingLoader(CfgNode):
     @classmethod
     def load_yaml_with_base(cls, filename: str, allow_unsafe: bool = False) -> Dict[str, Any]:
         # fvcore loads each _BASE_ through cls.load_yaml_with_base: bases come back renamed
-        return rename_config_dict(super().load_yaml_with_base(filename, allow_unsafe=allow_unsafe),
-                                  source=filename)
+        return rename_config_dict(
+            super().load_yaml_with_base(filename, allow_unsafe=allow_unsafe), source=filename
+        )
 
 
 def _merge_from_file(cfg: CfgNode, path: str) -> None:
@@ -161,13 +174,16 @@ def _merge_from_file(cfg: CfgNode, path: str) -> None:
     if loaded_ver is None:
         loaded_ver = guess_version(loaded, path)
     assert loaded_ver <= cfg.VERSION, "Cannot merge a v{} config into a v{} config.".format(
-        loaded_ver, cfg.VERSION)
+        loaded_ver, cfg.VERSION
+    )
     if loaded_ver == cfg.VERSION:
         cfg.merge_from_other_cfg(loaded)
         return
     logging.getLogger(__name__).warning(
         "Loading an old v{} config file '{}' by automatically upgrading to v{}.".format(
-            loaded_ver, path, cfg.VERSION))
+            loaded_ver, path, cfg.VERSION
+        )
+    )
     old = downgrade_config(cfg, to_version=loaded_ver)
     old.merge_from_other_cfg(loaded)
     new = upgrade_config(old)
@@ -175,8 +191,12 @@ def _merge_from_file(cfg: CfgNode, path: str) -> None:
     cfg.update(new)
 
 
-def merge_kd_config(cfg: CfgNode, config_file: Optional[str] = None, opts: Sequence = (),
-                    opts_source: str = "the command line") -> CfgNode:
+def merge_kd_config(
+    cfg: CfgNode,
+    config_file: Optional[str] = None,
+    opts: Sequence = (),
+    opts_source: str = "the command line",
+) -> CfgNode:
     """
     Merge a config file, then a ``KEY VALUE ...`` list, into ``cfg`` (kd_det's keys are
     added first if missing), renaming old kd_det keys in both (see :data:`RENAMED_KEYS`).

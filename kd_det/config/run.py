@@ -43,8 +43,10 @@ def training_schedule(config: DetectorConfig) -> Tuple[Optional[int], Optional[i
     """
     if isinstance(config, CfgNode):
         return config.SOLVER.MAX_ITER, config.SOLVER.IMS_PER_BATCH
-    return (lazy_get(config, "train.max_iter"),
-            lazy_get(config, "dataloader.train.total_batch_size"))
+    return (
+        lazy_get(config, "train.max_iter"),
+        lazy_get(config, "dataloader.train.total_batch_size"),
+    )
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,8 @@ def _lazy_methods(model, meta_architecture: str) -> List[str]:
     if _weighted(prediction, "rm_loss", "rm_weight"):
         methods.append("RM")
     if _weighted(prediction, "soft_label_loss", "soft_label_weight") or _weighted(
-            lazy_get(model, "roi_soft_label"), "loss", "weight"):
+        lazy_get(model, "roi_soft_label"), "loss", "weight"
+    ):
         methods.append("soft-label")
     if lazy_get(model, "channel_stats") is not None:
         methods.append("channel stats")
@@ -149,8 +152,9 @@ def distillation_summary(config) -> DistillationSummary:
     distilled = meta.startswith("Distill")
     if isinstance(config, CfgNode):
         kd = config.KD
-        return DistillationSummary(meta, tuple(_yacs_methods(kd, meta)),
-                                   kd.TEACHER.CONFIG if distilled else "")
+        return DistillationSummary(
+            meta, tuple(_yacs_methods(kd, meta)), kd.TEACHER.CONFIG if distilled else ""
+        )
     model = lazy_get(config, "model")
     old = lazy_get(model, "kd")
     if old is not None:  # the deprecated form: kd keyed as the yacs KD node
@@ -158,7 +162,11 @@ def distillation_summary(config) -> DistillationSummary:
             old = OmegaConf.to_container(old, resolve=True)
         renamed = rename_config_dict({"KD": dict(old)}, source="kd={...} of a LazyConfig student")
         kd = _OldKD(renamed["KD"], get_kd_cfg().KD)
-        return DistillationSummary(meta, tuple(_yacs_methods(kd, meta)),
-                                   kd.TEACHER.CONFIG if distilled else "")
-    return DistillationSummary(meta, tuple(_lazy_methods(model, meta)),
-                               str(lazy_get(model, "teacher.config", "")) if distilled else "")
+        return DistillationSummary(
+            meta, tuple(_yacs_methods(kd, meta)), kd.TEACHER.CONFIG if distilled else ""
+        )
+    return DistillationSummary(
+        meta,
+        tuple(_lazy_methods(model, meta)),
+        str(lazy_get(model, "teacher.config", "")) if distilled else "",
+    )

@@ -20,8 +20,13 @@ from detectron2.utils.registry import locate
 from .detector import DetectorConfig, is_lazy_config
 from .lazy import lazy_get
 
-__all__ = ["student_model_call", "student_model_config", "vanilla_student_config",
-           "save_config", "load_student_config"]
+__all__ = [
+    "student_model_call",
+    "student_model_config",
+    "vanilla_student_config",
+    "save_config",
+    "load_student_config",
+]
 
 
 def _student_name(meta_architecture: str) -> str:
@@ -36,17 +41,23 @@ def _registered(name: str) -> type:
     try:
         return META_ARCH_REGISTRY.get(name)
     except KeyError:
-        names = sorted(k for k, c in META_ARCH_REGISTRY
-                       if getattr(c, "student_meta_architecture", ""))
-        raise ValueError("{!r} is not a registered meta-architecture; a kd_det student is one of "
-                         "{}".format(name, names)) from None
+        names = sorted(
+            k for k, c in META_ARCH_REGISTRY if getattr(c, "student_meta_architecture", "")
+        )
+        raise ValueError(
+            "{!r} is not a registered meta-architecture; a kd_det student is one of "
+            "{}".format(name, names)
+        ) from None
 
 
 def _keyword_names(fn) -> Set[str]:
     """The named parameters of ``fn`` (not ``self``, ``*args`` or ``**kwargs``)."""
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return {name for name, p in inspect.signature(fn).parameters.items()
-            if p.kind in kinds and name != "self"}
+    return {
+        name
+        for name, p in inspect.signature(fn).parameters.items()
+        if p.kind in kinds and name != "self"
+    }
 
 
 def _distillation_arguments(distill_class, student_class) -> Set[str]:

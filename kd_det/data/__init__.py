@@ -3,7 +3,17 @@
 from .classes import ClassNames, check_same_classes, registered_thing_classes
 from .curriculum import CurriculumSampler, load_scores
 from .datasets import prepare_datasets, register_synthetic_datasets, synthetic_root
-from .validation import DatasetError, validate_coco_json, validate_registered_datasets, validate_voc_dataset
-from .synthetic import CLASS_NAMES, SyntheticSpec, ensure_synthetic_dataset, generate_synthetic_dataset
+from .synthetic import (
+    CLASS_NAMES,
+    SyntheticSpec,
+    ensure_synthetic_dataset,
+    generate_synthetic_dataset,
+)
+from .validation import (
+    DatasetError,
+    validate_coco_json,
+    validate_registered_datasets,
+    validate_voc_dataset,
+)
 
 __all__ = [k for k in globals().keys() if not k.startswith("_")]

@@ -80,14 +80,20 @@ def check_same_classes(
     student = list(expected)
     if sorted(student) == sorted(teacher):
         i = next(i for i, (a, b) in enumerate(zip(student, teacher)) if a != b)
-        what = ("the same classes in another order (class {} is {!r} for the teacher, {!r} for the "
-                "student)".format(i, teacher[i], student[i]))
+        what = (
+            "the same classes in another order (class {} is {!r} for the teacher, {!r} for the "
+            "student)".format(i, teacher[i], student[i])
+        )
     else:
-        what = ("other classes (the teacher's {} are not among the student's; the student's {} not "
-                "among the teacher's)".format(sorted(set(teacher) - set(student))[:5],
-                                             sorted(set(student) - set(teacher))[:5]))
+        what = (
+            "other classes (the teacher's {} are not among the student's; the student's {} not "
+            "among the teacher's)".format(
+                sorted(set(teacher) - set(student))[:5], sorted(set(student) - set(teacher))[:5]
+            )
+        )
     raise ValueError(
         "teacher config {!r} was trained on DATASETS.TRAIN={} and the student on {}: they have {}, "
         "so the teacher's predictions would teach the wrong classes. Train the teacher on the "
         "student's label space; if the classes do correspond, set KD.TEACHER.CHECK_CLASSES "
-        "False".format(teacher_config, tuple(teacher_train), _student(expected), what))
+        "False".format(teacher_config, tuple(teacher_train), _student(expected), what)
+    )

@@ -20,8 +20,13 @@ import torch
 from detectron2.utils import comm
 from torch.utils.data.sampler import Sampler
 
-__all__ = ["CurriculumSampler", "curriculum_sampler", "find_curriculum_sampler", "load_scores",
-           "image_key"]
+__all__ = [
+    "CurriculumSampler",
+    "curriculum_sampler",
+    "find_curriculum_sampler",
+    "load_scores",
+    "image_key",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -62,19 +67,32 @@ class CurriculumSampler(Sampler):
             start_iter: the first iteration (set on resume with :meth:`set_start_iter`).
         """
         if len(phase_iters) != len(phase_fractions):
-            raise ValueError("TRAINER.CURRICULUM.PHASE_ITERS ({}) and PHASE_FRACTIONS ({}) need "
-                             "one entry per phase".format(list(phase_iters), list(phase_fractions)))
-        if any(b <= a for a, b in zip(phase_iters, phase_iters[1:])) or any(i <= 0 for i in phase_iters):
-            raise ValueError("TRAINER.CURRICULUM.PHASE_ITERS must be positive and increasing, "
-                             "got {}".format(list(phase_iters)))
+            raise ValueError(
+                "TRAINER.CURRICULUM.PHASE_ITERS ({}) and PHASE_FRACTIONS ({}) need "
+                "one entry per phase".format(list(phase_iters), list(phase_fractions))
+            )
+        if any(b <= a for a, b in zip(phase_iters, phase_iters[1:])) or any(
+            i <= 0 for i in phase_iters
+        ):
+            raise ValueError(
+                "TRAINER.CURRICULUM.PHASE_ITERS must be positive and increasing, "
+                "got {}".format(list(phase_iters))
+            )
         if any(not 0 < f <= 1 for f in phase_fractions):
-            raise ValueError("TRAINER.CURRICULUM.PHASE_FRACTIONS must lie in (0, 1], got {}".format(
-                list(phase_fractions)))
+            raise ValueError(
+                "TRAINER.CURRICULUM.PHASE_FRACTIONS must lie in (0, 1], got {}".format(
+                    list(phase_fractions)
+                )
+            )
         if len(scores) == 0:
             raise ValueError("CurriculumSampler needs at least one image")
-        self._order = sorted(range(len(scores)), key=lambda i: (scores[i], i))  # easiest first, ties by index
+        self._order = sorted(
+            range(len(scores)), key=lambda i: (scores[i], i)
+        )  # easiest first, ties by index
         self._n = len(scores)
-        self._phase_ends = [int(i) * images_per_iter for i in phase_iters]  # global stream positions
+        self._phase_ends = [
+            int(i) * images_per_iter for i in phase_iters
+        ]  # global stream positions
         self._pool_sizes = [max(1, math.ceil(f * self._n)) for f in phase_fractions]
         self._images_per_iter = images_per_iter
         self._seed = int(comm.shared_random_seed() if seed is None else seed)
@@ -83,7 +101,8 @@ class CurriculumSampler(Sampler):
         self._start = start_iter * images_per_iter
 
     def set_start_iter(self, start_iter: int) -> None:
-        """Resume: the stream restarts at ``start_iter``'s position (used by the next ``iter()``)."""
+        """Resume: the stream restarts at ``start_iter``'s position (used by the next
+        ``iter()``)."""
         self._start = start_iter * self._images_per_iter
 
     def pool(self, iteration: int) -> List[int]:
@@ -106,7 +125,9 @@ class CurriculumSampler(Sampler):
         for p, (start, end, pool) in enumerate(self._segments()):
             if end is not None and end <= self._start:
                 continue
-            g = torch.Generator().manual_seed(self._seed + p)  # each phase's passes do not depend on resume
+            g = torch.Generator().manual_seed(
+                self._seed + p
+            )  # each phase's passes do not depend on resume
             pos = start
             while end is None or pos < end:
                 for i in torch.randperm(len(pool), generator=g).tolist():
@@ -121,9 +142,14 @@ class CurriculumSampler(Sampler):
         yield from itertools.islice(self._global_stream(), self._rank, None, self._world_size)
 
 
-def curriculum_sampler(dataset: List[Dict], scores: str, phase_iters: Sequence[int],
-                       phase_fractions: Sequence[float], images_per_iter: Optional[int] = None,
-                       seed: Optional[int] = None) -> CurriculumSampler:
+def curriculum_sampler(
+    dataset: List[Dict],
+    scores: str,
+    phase_iters: Sequence[int],
+    phase_fractions: Sequence[float],
+    images_per_iter: Optional[int] = None,
+    seed: Optional[int] = None,
+) -> CurriculumSampler:
     """
     The :class:`CurriculumSampler` of a LazyConfig's training loader (``TRAINER.CURRICULUM``
     in a yacs config)::
@@ -140,14 +166,19 @@ def curriculum_sampler(dataset: List[Dict], scores: str, phase_iters: Sequence[i
             ``tools/lazyconfig_train_net.py`` sets it from ``dataloader.train.total_batch_size``.
     """
     if images_per_iter is None:
-        raise ValueError("curriculum_sampler needs images_per_iter, the images of one iteration "
-                         "(dataloader.train.total_batch_size): kd_det's tools/lazyconfig_train_net.py sets it; "
-                         "elsewhere set dataloader.train.sampler.images_per_iter")
-    return CurriculumSampler(load_scores(scores, dataset), phase_iters, phase_fractions, int(images_per_iter), seed)
+        raise ValueError(
+            "curriculum_sampler needs images_per_iter, the images of one iteration "
+            "(dataloader.train.total_batch_size): kd_det's tools/lazyconfig_train_net.py sets it; "
+            "elsewhere set dataloader.train.sampler.images_per_iter"
+        )
+    return CurriculumSampler(
+        load_scores(scores, dataset), phase_iters, phase_fractions, int(images_per_iter), seed
+    )
 
 
 def find_curriculum_sampler(data_loader) -> Optional[CurriculumSampler]:
-    """The CurriculumSampler under Detectron2's loader wrappers (aspect-ratio grouping, ToIterableDataset), or None."""
+    """The CurriculumSampler under Detectron2's loader wrappers (aspect-ratio grouping,
+    ToIterableDataset), or None."""
     obj = data_loader
     for _ in range(4):
         sampler = getattr(obj, "sampler", None)
@@ -166,19 +197,27 @@ def load_scores(path: str, dataset_dicts: List[Dict]) -> List[float]:
         FileNotFoundError / ValueError naming the file, the images without a score and the fix.
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError("TRAINER.CURRICULUM.SCORES={!r} does not exist; score the training "
-                                "images with a student snapshot first: "
-                                "tools/score_images.py --config-file <config> "
-                                "--snapshot <model.pth> --output {}".format(path, path))
+        raise FileNotFoundError(
+            "TRAINER.CURRICULUM.SCORES={!r} does not exist; score the training "
+            "images with a student snapshot first: "
+            "tools/score_images.py --config-file <config> "
+            "--snapshot <model.pth> --output {}".format(path, path)
+        )
     try:
         with open(path) as f:
             scores = json.load(f)["scores"]
     except (ValueError, KeyError, TypeError) as e:
-        raise ValueError("{} is not a scores file of tools/score_images.py ({}: {})".format(
-            path, type(e).__name__, e)) from e
+        raise ValueError(
+            "{} is not a scores file of tools/score_images.py ({}: {})".format(
+                path, type(e).__name__, e
+            )
+        ) from e
     missing = [image_key(r) for r in dataset_dicts if image_key(r) not in scores]
     if missing:
-        raise ValueError("{}: {} of {} training images have no score (first: {}); the file was made for another "
-                         "dataset. Re-run tools/score_images.py on DATASETS.TRAIN".format(
-                             path, len(missing), len(dataset_dicts), missing[:5]))
+        raise ValueError(
+            "{}: {} of {} training images have no score (first: {}); the file was made for another "
+            "dataset. Re-run tools/score_images.py on DATASETS.TRAIN".format(
+                path, len(missing), len(dataset_dicts), missing[:5]
+            )
+        )
     return [float(scores[image_key(r)]) for r in dataset_dicts]

@@ -25,10 +25,14 @@ _PREPARERS: Dict[str, Callable[[], None]] = {}
 
 
 def synthetic_root() -> str:
-    return os.path.join(os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets")), "kd_synthetic")
+    return os.path.join(
+        os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets")), "kd_synthetic"
+    )
 
 
-def register_synthetic_datasets(root: str = None, spec: SyntheticSpec = SyntheticSpec(), prefix="kd_synthetic"):
+def register_synthetic_datasets(
+    root: str = None, spec: SyntheticSpec = SyntheticSpec(), prefix="kd_synthetic"
+):
     """Register the COCO- and VOC-format views of the synthetic dataset at ``root``."""
     root = root or synthetic_root()
 
@@ -46,7 +50,10 @@ def register_synthetic_datasets(root: str = None, spec: SyntheticSpec = Syntheti
 
         DatasetCatalog.register(coco_name, load_coco)
         MetadataCatalog.get(coco_name).set(
-            json_file=json_file, image_root=image_root, evaluator_type="coco", thing_classes=list(CLASS_NAMES)
+            json_file=json_file,
+            image_root=image_root,
+            evaluator_type="coco",
+            thing_classes=list(CLASS_NAMES),
         )
         voc_name = "{}_voc_{}".format(prefix, split)
 
@@ -56,13 +63,18 @@ def register_synthetic_datasets(root: str = None, spec: SyntheticSpec = Syntheti
 
         DatasetCatalog.register(voc_name, load_voc)
         MetadataCatalog.get(voc_name).set(
-            thing_classes=list(CLASS_NAMES), dirname=root, year=2007, split=split, evaluator_type="pascal_voc"
+            thing_classes=list(CLASS_NAMES),
+            dirname=root,
+            year=2007,
+            split=split,
+            evaluator_type="pascal_voc",
         )
         _PREPARERS[coco_name] = _PREPARERS[voc_name] = ensure
 
 
 def prepare_datasets(names: Iterable[str]) -> None:
-    """Generate the files of every kd_det-generated dataset among ``names`` (others are left alone)."""
+    """Generate the files of every kd_det-generated dataset among ``names`` (others are left
+    alone)."""
     for name in names:
         if name in _PREPARERS:
             _PREPARERS[name]()

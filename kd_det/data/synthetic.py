@@ -50,9 +50,16 @@ class SyntheticSpec:
         return {"train": self.num_train, "val": self.num_val}
 
 
-def _polygon(cx: float, cy: float, radius: float, sides: int, angle: float) -> List[Tuple[float, float]]:
-    return [(cx + radius * math.cos(angle + 2 * math.pi * k / sides),
-             cy + radius * math.sin(angle + 2 * math.pi * k / sides)) for k in range(sides)]
+def _polygon(
+    cx: float, cy: float, radius: float, sides: int, angle: float
+) -> List[Tuple[float, float]]:
+    return [
+        (
+            cx + radius * math.cos(angle + 2 * math.pi * k / sides),
+            cy + radius * math.sin(angle + 2 * math.pi * k / sides),
+        )
+        for k in range(sides)
+    ]
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, cls: int, cx, cy, size, angle, fill) -> None:
@@ -68,8 +75,15 @@ def _draw_shape(draw: ImageDraw.ImageDraw, cls: int, cx, cy, size, angle, fill) 
         ca, sa = math.cos(angle * 0.5), math.sin(angle * 0.5)
         for dx, dy in ((ca, sa), (-sa, ca)):
             px, py = -dy * t, dx * t
-            draw.polygon([(cx - dx * r + px, cy - dy * r + py), (cx + dx * r + px, cy + dy * r + py),
-                          (cx + dx * r - px, cy + dy * r - py), (cx - dx * r - px, cy - dy * r - py)], fill=fill)
+            draw.polygon(
+                [
+                    (cx - dx * r + px, cy - dy * r + py),
+                    (cx + dx * r + px, cy + dy * r + py),
+                    (cx + dx * r - px, cy + dy * r - py),
+                    (cx - dx * r - px, cy - dy * r - py),
+                ],
+                fill=fill,
+            )
     elif cls == 4:  # hexagon
         draw.polygon(_polygon(cx, cy, r, 6, angle), fill=fill)
     else:
@@ -108,8 +122,11 @@ def render_image(spec: SyntheticSpec, index: int, split: str) -> Tuple[np.ndarra
     for _ in range(rng.randint(1, 5)):
         x, y = rng.uniform(0, size, 2)
         r = rng.uniform(3, size / 4)
-        draw.ellipse([x - r, y - r * rng.uniform(0.4, 1), x + r, y + r], outline=_random_color(rng),
-                     width=int(rng.randint(1, 3)))
+        draw.ellipse(
+            [x - r, y - r * rng.uniform(0.4, 1), x + r, y + r],
+            outline=_random_color(rng),
+            width=int(rng.randint(1, 3)),
+        )
 
     objects = []
     log_min, log_max = math.log(spec.min_object_size), math.log(spec.max_object_size)
@@ -136,7 +153,9 @@ def render_image(spec: SyntheticSpec, index: int, split: str) -> Tuple[np.ndarra
         x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
         if len(xs) < 0.35 * (x1 - x0) * (y1 - y0) and cls != 3:
             continue  # mostly occluded: the visible part no longer shows the shape
-        annotations.append({"category_id": cls, "bbox": [float(x0), float(y0), float(x1), float(y1)]})
+        annotations.append(
+            {"category_id": cls, "bbox": [float(x0), float(y0), float(x1), float(y1)]}
+        )
     return np.asarray(image), annotations
 
 
@@ -174,19 +193,38 @@ def generate_synthetic_dataset(root: str, spec: SyntheticSpec = SyntheticSpec())
             for index in range(count):
                 image_id = "{}_{:06d}".format(split, index)
                 pixels, objects = render_image(spec, index, split)
-                Image.fromarray(pixels).save(os.path.join(tmp, "JPEGImages", image_id + ".jpg"), quality=95)
+                Image.fromarray(pixels).save(
+                    os.path.join(tmp, "JPEGImages", image_id + ".jpg"), quality=95
+                )
                 with open(os.path.join(tmp, "Annotations", image_id + ".xml"), "wb") as f:
                     f.write(_voc_xml(image_id, spec.image_size, objects))
                 ids.append(image_id)
-                images.append({"id": index + 1, "file_name": image_id + ".jpg",
-                               "height": spec.image_size, "width": spec.image_size})
+                images.append(
+                    {
+                        "id": index + 1,
+                        "file_name": image_id + ".jpg",
+                        "height": spec.image_size,
+                        "width": spec.image_size,
+                    }
+                )
                 for obj in objects:
                     x0, y0, x1, y1 = obj["bbox"]
-                    annotations.append({"id": len(annotations) + 1, "image_id": index + 1,
-                                        "category_id": obj["category_id"] + 1, "bbox": [x0, y0, x1 - x0, y1 - y0],
-                                        "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
-            with open(os.path.join(tmp, "annotations", "instances_{}.json".format(split)), "w") as f:
-                json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
+                    annotations.append(
+                        {
+                            "id": len(annotations) + 1,
+                            "image_id": index + 1,
+                            "category_id": obj["category_id"] + 1,
+                            "bbox": [x0, y0, x1 - x0, y1 - y0],
+                            "area": (x1 - x0) * (y1 - y0),
+                            "iscrowd": 0,
+                        }
+                    )
+            with open(
+                os.path.join(tmp, "annotations", "instances_{}.json".format(split)), "w"
+            ) as f:
+                json.dump(
+                    {"images": images, "annotations": annotations, "categories": categories}, f
+                )
             with open(os.path.join(tmp, "ImageSets", "Main", split + ".txt"), "w") as f:
                 f.write("\n".join(ids) + "\n")
         with open(os.path.join(tmp, "SPEC.json"), "w") as f:

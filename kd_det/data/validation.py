@@ -11,21 +11,29 @@ from typing import Dict, Iterable, List, Sequence
 
 from detectron2.data import MetadataCatalog
 
-__all__ = ["DatasetError", "validate_coco_json", "validate_voc_dataset", "validate_registered_datasets"]
+__all__ = [
+    "DatasetError",
+    "validate_coco_json",
+    "validate_voc_dataset",
+    "validate_registered_datasets",
+]
 
 # EXIF orientations that swap width and height (Detectron2's read_image applies them)
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 
 
 class DatasetError(ValueError):
-    """A dataset file that cannot be trained on; the message names the file, the record and the fix."""
+    """A dataset file that cannot be trained on; the message names the file, the record and the
+    fix."""
 
 
 def _fail(json_file: str, what: str, fix: str):
     raise DatasetError("{}: {}. {}".format(json_file, what, fix))
 
 
-def validate_coco_json(json_file: str, image_root: str, check_images: bool = True, tolerance: float = 1.0) -> Dict:
+def validate_coco_json(
+    json_file: str, image_root: str, check_images: bool = True, tolerance: float = 1.0
+) -> Dict:
     """
     Validate a COCO instances file and its images.
 
@@ -42,55 +50,117 @@ def validate_coco_json(json_file: str, image_root: str, check_images: bool = Tru
         DatasetError naming the file and the offending record.
     """
     if not os.path.isfile(json_file):
-        _fail(json_file, "file not found", "Check the dataset path ($DETECTRON2_DATASETS) or the registration.")
+        _fail(
+            json_file,
+            "file not found",
+            "Check the dataset path ($DETECTRON2_DATASETS) or the registration.",
+        )
     try:
         with open(json_file) as f:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        _fail(json_file, "not valid JSON ({})".format(e), "Regenerate or re-download the annotation file.")
+        _fail(
+            json_file,
+            "not valid JSON ({})".format(e),
+            "Regenerate or re-download the annotation file.",
+        )
     if not isinstance(data, dict):
-        _fail(json_file, "top level is a {}, not an object".format(type(data).__name__),
-              "A COCO instances file is an object with 'images', 'annotations' and 'categories'.")
+        _fail(
+            json_file,
+            "top level is a {}, not an object".format(type(data).__name__),
+            "A COCO instances file is an object with 'images', 'annotations' and 'categories'.",
+        )
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
-            _fail(json_file, "missing or non-list '{}'".format(key),
-                  "A COCO instances file needs 'images', 'annotations' and 'categories' lists.")
+            _fail(
+                json_file,
+                "missing or non-list '{}'".format(key),
+                "A COCO instances file needs 'images', 'annotations' and 'categories' lists.",
+            )
 
     category_ids = {c.get("id") for c in data["categories"]}
     images = {}
     for i, img in enumerate(data["images"]):
         for key in ("id", "file_name", "width", "height"):
             if key not in img:
-                _fail(json_file, "images[{}] has no '{}'".format(i, key), "Every image record needs id, file_name, "
-                      "width and height.")
-        if not (isinstance(img["width"], (int, float)) and isinstance(img["height"], (int, float))
-                and img["width"] > 0 and img["height"] > 0):
-            _fail(json_file, "image id {} ({}) has width/height {}x{}".format(
-                img["id"], img["file_name"], img["width"], img["height"]), "Sizes must be positive numbers.")
+                _fail(
+                    json_file,
+                    "images[{}] has no '{}'".format(i, key),
+                    "Every image record needs id, file_name, " "width and height.",
+                )
+        if not (
+            isinstance(img["width"], (int, float))
+            and isinstance(img["height"], (int, float))
+            and img["width"] > 0
+            and img["height"] > 0
+        ):
+            _fail(
+                json_file,
+                "image id {} ({}) has width/height {}x{}".format(
+                    img["id"], img["file_name"], img["width"], img["height"]
+                ),
+                "Sizes must be positive numbers.",
+            )
         if img["id"] in images:
-            _fail(json_file, "image id {} appears twice".format(img["id"]), "Image ids must be unique.")
+            _fail(
+                json_file,
+                "image id {} appears twice".format(img["id"]),
+                "Image ids must be unique.",
+            )
         images[img["id"]] = img
 
     for i, ann in enumerate(data["annotations"]):
         ident = "annotation id {} (annotations[{}])".format(ann.get("id", "?"), i)
         if ann.get("image_id") not in images:
-            _fail(json_file, "{} refers to image_id {!r}, which is not in 'images'".format(ident, ann.get("image_id")),
-                  "Remove the annotation or add its image.")
+            _fail(
+                json_file,
+                "{} refers to image_id {!r}, which is not in 'images'".format(
+                    ident, ann.get("image_id")
+                ),
+                "Remove the annotation or add its image.",
+            )
         if ann.get("category_id") not in category_ids:
-            _fail(json_file, "{} has category_id {!r}, not one of the categories {}".format(
-                ident, ann.get("category_id"), sorted(category_ids)), "Fix the category id or the category list.")
+            _fail(
+                json_file,
+                "{} has category_id {!r}, not one of the categories {}".format(
+                    ident, ann.get("category_id"), sorted(category_ids)
+                ),
+                "Fix the category id or the category list.",
+            )
         bbox = ann.get("bbox")
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
-            _fail(json_file, "{} has bbox {!r}".format(ident, bbox), "A COCO bbox is [x, y, width, height].")
+        if not (
+            isinstance(bbox, list)
+            and len(bbox) == 4
+            and all(isinstance(v, (int, float)) for v in bbox)
+        ):
+            _fail(
+                json_file,
+                "{} has bbox {!r}".format(ident, bbox),
+                "A COCO bbox is [x, y, width, height].",
+            )
         x, y, w, h = bbox
         img = images[ann["image_id"]]
         if w <= 0 or h <= 0:
-            _fail(json_file, "{} in {} has a box of non-positive size {}x{}".format(ident, img["file_name"], w, h),
-                  "Remove degenerate boxes (or mark them iscrowd/ignore).")
-        if x < -tolerance or y < -tolerance or x + w > img["width"] + tolerance or y + h > img["height"] + tolerance:
-            _fail(json_file, "{} in {} has box [{}, {}, {}, {}] outside the {}x{} image".format(
-                ident, img["file_name"], x, y, w, h, img["width"], img["height"]),
-                "Clip boxes to the image, or correct the image's width/height.")
+            _fail(
+                json_file,
+                "{} in {} has a box of non-positive size {}x{}".format(
+                    ident, img["file_name"], w, h
+                ),
+                "Remove degenerate boxes (or mark them iscrowd/ignore).",
+            )
+        if (
+            x < -tolerance
+            or y < -tolerance
+            or x + w > img["width"] + tolerance
+            or y + h > img["height"] + tolerance
+        ):
+            _fail(
+                json_file,
+                "{} in {} has box [{}, {}, {}, {}] outside the {}x{} image".format(
+                    ident, img["file_name"], x, y, w, h, img["width"], img["height"]
+                ),
+                "Clip boxes to the image, or correct the image's width/height.",
+            )
 
     if check_images:
         from PIL import Image
@@ -98,33 +168,59 @@ def validate_coco_json(json_file: str, image_root: str, check_images: bool = Tru
         for img in images.values():
             path = os.path.join(image_root, img["file_name"])
             if not os.path.isfile(path):
-                _fail(json_file, "image id {}: file {} not found".format(img["id"], path),
-                      "Check the image root ({}) or remove the record.".format(image_root))
+                _fail(
+                    json_file,
+                    "image id {}: file {} not found".format(img["id"], path),
+                    "Check the image root ({}) or remove the record.".format(image_root),
+                )
             try:
                 with Image.open(path) as im:  # reads the header only
                     im.size
             except Exception as e:
-                _fail(json_file, "image id {}: {} cannot be read ({}: {})".format(img["id"], path, type(e).__name__, e),
-                      "Replace the corrupt file or remove the record.")
+                _fail(
+                    json_file,
+                    "image id {}: {} cannot be read ({}: {})".format(
+                        img["id"], path, type(e).__name__, e
+                    ),
+                    "Replace the corrupt file or remove the record.",
+                )
     return {k: len(data[k]) for k in ("images", "annotations", "categories")}
 
 
 def _voc_text(xml_file: str, element, path: str, what: str, convert=str):
-    """``element.find(path).text`` through ``convert``; a missing or malformed field fails naming ``what``."""
+    """``element.find(path).text`` through ``convert``; a missing or malformed field fails naming
+    ``what``."""
     node = element.find(path)
     if node is None or node.text is None:
-        _fail(xml_file, "{} has no <{}>".format(what, path), "Add the field (PASCAL VOC annotation format).")
+        _fail(
+            xml_file,
+            "{} has no <{}>".format(what, path),
+            "Add the field (PASCAL VOC annotation format).",
+        )
     try:
         return convert(node.text.strip())
     except ValueError:
-        _fail(xml_file, "{} has <{}> {!r}, not {}".format(what, path, node.text,
-                                                          "an integer" if convert is int else "a number"),
-              "Write {} there.".format("an integer (the PASCAL VOC evaluator parses it with int())"
-                                       if convert is int else "a number"))
+        _fail(
+            xml_file,
+            "{} has <{}> {!r}, not {}".format(
+                what, path, node.text, "an integer" if convert is int else "a number"
+            ),
+            "Write {} there.".format(
+                "an integer (the PASCAL VOC evaluator parses it with int())"
+                if convert is int
+                else "a number"
+            ),
+        )
 
 
-def validate_voc_dataset(dirname: str, split: str, class_names: Sequence[str], check_images: bool = True,
-                         for_evaluation: bool = False, tolerance: float = 1.0) -> Dict:
+def validate_voc_dataset(
+    dirname: str,
+    split: str,
+    class_names: Sequence[str],
+    check_images: bool = True,
+    for_evaluation: bool = False,
+    tolerance: float = 1.0,
+) -> Dict:
     """
     Validate a PASCAL VOC-format split as Detectron2 reads it (``load_voc_instances``).
 
@@ -146,16 +242,23 @@ def validate_voc_dataset(dirname: str, split: str, class_names: Sequence[str], c
     """
     split_file = os.path.join(dirname, "ImageSets", "Main", split + ".txt")
     if not os.path.isfile(split_file):
-        _fail(split_file, "file not found", "Check the dataset path ($DETECTRON2_DATASETS holds VOC2007/, VOC2012/) "
-              "or the registration's dirname and split.")
+        _fail(
+            split_file,
+            "file not found",
+            "Check the dataset path ($DETECTRON2_DATASETS holds VOC2007/, VOC2012/) "
+            "or the registration's dirname and split.",
+        )
     ids = []
     with open(split_file) as f:
         for line_number, line in enumerate(f, 1):
             fields = line.split()
             if len(fields) > 1:
-                _fail(split_file, "line {} has {} fields ({!r})".format(line_number, len(fields), line.strip()),
-                      "A split file lists one image id per line (the per-class files such as "
-                      "aeroplane_train.txt are not split files).")
+                _fail(
+                    split_file,
+                    "line {} has {} fields ({!r})".format(line_number, len(fields), line.strip()),
+                    "A split file lists one image id per line (the per-class files such as "
+                    "aeroplane_train.txt are not split files).",
+                )
             ids.extend(fields)
     if not ids:
         _fail(split_file, "lists no images", "Write one image id per line.")
@@ -167,35 +270,66 @@ def validate_voc_dataset(dirname: str, split: str, class_names: Sequence[str], c
     for image_id in ids:
         xml_file = os.path.join(dirname, "Annotations", image_id + ".xml")
         if not os.path.isfile(xml_file):
-            _fail(xml_file, "not found (image id {!r} is listed in {})".format(image_id, split_file),
-                  "Add the annotation file or remove the id from the split file.")
+            _fail(
+                xml_file,
+                "not found (image id {!r} is listed in {})".format(image_id, split_file),
+                "Add the annotation file or remove the id from the split file.",
+            )
         try:
             tree = ET.parse(xml_file)
         except ET.ParseError as e:
-            _fail(xml_file, "not valid XML ({})".format(e), "Regenerate or re-download the annotation file.")
+            _fail(
+                xml_file,
+                "not valid XML ({})".format(e),
+                "Regenerate or re-download the annotation file.",
+            )
         width = _voc_text(xml_file, tree, "size/width", "the annotation", int)
         height = _voc_text(xml_file, tree, "size/height", "the annotation", int)
         if width <= 0 or height <= 0:
-            _fail(xml_file, "<size> is {}x{}".format(width, height), "Write the image's width and height in pixels.")
+            _fail(
+                xml_file,
+                "<size> is {}x{}".format(width, height),
+                "Write the image's width and height in pixels.",
+            )
         for k, obj in enumerate(tree.findall("object")):
             what = "object {}".format(k)
             name = _voc_text(xml_file, obj, "name", what)
             if name not in classes:
-                _fail(xml_file, "object {} is named {!r}, not one of the {} classes {}".format(
-                    k, name, len(class_names), list(class_names)),
+                _fail(
+                    xml_file,
+                    "object {} is named {!r}, not one of the {} classes {}".format(
+                        k, name, len(class_names), list(class_names)
+                    ),
                     "Fix the name, or register the dataset with its own class names "
-                    "(detectron2.data.datasets.register_pascal_voc(..., class_names=...)).")
+                    "(detectron2.data.datasets.register_pascal_voc(..., class_names=...)).",
+                )
             corner = int if for_evaluation else float
-            x0, y0, x1, y1 = (_voc_text(xml_file, obj, "bndbox/" + c, what, corner) for c in ("xmin", "ymin", "xmax",
-                                                                                                "ymax"))
+            x0, y0, x1, y1 = (
+                _voc_text(xml_file, obj, "bndbox/" + c, what, corner)
+                for c in ("xmin", "ymin", "xmax", "ymax")
+            )
             if x1 <= x0 or y1 <= y0:
-                _fail(xml_file, "object {} ({}) has box xmin={} ymin={} xmax={} ymax={} of non-positive size".format(
-                    k, name, x0, y0, x1, y1), "Remove the degenerate box or fix its corners.")
+                _fail(
+                    xml_file,
+                    (
+                        "object {} ({}) has box xmin={} ymin={} xmax={} ymax={} "
+                        "of non-positive size"
+                    ).format(k, name, x0, y0, x1, y1),
+                    "Remove the degenerate box or fix its corners.",
+                )
             # 1-based inclusive corners: the image spans 1..width, 1..height
-            if x0 < 1 - tolerance or y0 < 1 - tolerance or x1 > width + tolerance or y1 > height + tolerance:
-                _fail(xml_file, "object {} ({}) has box xmin={} ymin={} xmax={} ymax={} outside the {}x{} "
-                      "image".format(k, name, x0, y0, x1, y1, width, height),
-                      "Clip the box to the image (VOC corners are 1-based), or correct <size>.")
+            if (
+                x0 < 1 - tolerance
+                or y0 < 1 - tolerance
+                or x1 > width + tolerance
+                or y1 > height + tolerance
+            ):
+                _fail(
+                    xml_file,
+                    "object {} ({}) has box xmin={} ymin={} xmax={} ymax={} outside the {}x{} "
+                    "image".format(k, name, x0, y0, x1, y1, width, height),
+                    "Clip the box to the image (VOC corners are 1-based), or correct <size>.",
+                )
             if for_evaluation:
                 _voc_text(xml_file, obj, "pose", what)
                 _voc_text(xml_file, obj, "truncated", what, int)
@@ -204,24 +338,34 @@ def validate_voc_dataset(dirname: str, split: str, class_names: Sequence[str], c
         if check_images:
             path = os.path.join(dirname, "JPEGImages", image_id + ".jpg")
             if not os.path.isfile(path):
-                _fail(xml_file, "image {} not found".format(path), "Add the image or remove the id from {}.".format(
-                    split_file))
+                _fail(
+                    xml_file,
+                    "image {} not found".format(path),
+                    "Add the image or remove the id from {}.".format(split_file),
+                )
             try:
                 with Image.open(path) as im:  # reads the header only
                     size = im.size
                     if im.getexif().get(0x0112) in _TRANSPOSING_ORIENTATIONS:
                         size = size[::-1]
             except Exception as e:
-                _fail(xml_file, "image {} cannot be read ({}: {})".format(path, type(e).__name__, e),
-                      "Replace the corrupt file or remove the id from {}.".format(split_file))
+                _fail(
+                    xml_file,
+                    "image {} cannot be read ({}: {})".format(path, type(e).__name__, e),
+                    "Replace the corrupt file or remove the id from {}.".format(split_file),
+                )
             if size != (width, height):
-                _fail(xml_file, "<size> says {}x{} but {} is {}x{}".format(width, height, path, *size),
-                      "Correct <size> (Detectron2 stops training at this image otherwise).")
+                _fail(
+                    xml_file,
+                    "<size> says {}x{} but {} is {}x{}".format(width, height, path, *size),
+                    "Correct <size> (Detectron2 stops training at this image otherwise).",
+                )
     return {"images": len(ids), "objects": objects}
 
 
-def validate_registered_datasets(names: Iterable[str], check_images: bool = True,
-                                 voc_evaluated: Iterable[str] = ()) -> List[str]:
+def validate_registered_datasets(
+    names: Iterable[str], check_images: bool = True, voc_evaluated: Iterable[str] = ()
+) -> List[str]:
     """
     Validate every COCO-format dataset among ``names`` (those whose metadata has
     ``json_file`` and ``image_root``) and every PASCAL VOC-format one (``dirname``,
@@ -239,10 +383,18 @@ def validate_registered_datasets(names: Iterable[str], check_images: bool = True
             validate_coco_json(json_file, image_root, check_images)
         elif dirname and split and getattr(meta, "thing_classes", None):
             if name in voc_evaluated and getattr(meta, "year", None) not in (2007, 2012):
-                raise DatasetError("dataset {!r} is evaluated with PASCAL VOC AP but its metadata has year={!r}. "
-                                   "Register it with year=2007 (11-point AP) or 2012 (area under the curve), or "
-                                   "set TEST.EVALUATOR.".format(name, getattr(meta, "year", None)))
-            validate_voc_dataset(dirname, split, meta.thing_classes, check_images, for_evaluation=name in voc_evaluated)
+                raise DatasetError(
+                    "dataset {!r} is evaluated with PASCAL VOC AP but its metadata has year={!r}. "
+                    "Register it with year=2007 (11-point AP) or 2012 (area under the curve), or "
+                    "set TEST.EVALUATOR.".format(name, getattr(meta, "year", None))
+                )
+            validate_voc_dataset(
+                dirname,
+                split,
+                meta.thing_classes,
+                check_images,
+                for_evaluation=name in voc_evaluated,
+            )
         else:
             continue
         done.append(name)

@@ -12,8 +12,12 @@ from torch.nn.parallel import DistributedDataParallel
 __all__ = ["GradientAccumulationTrainer", "micro_batch_cfg", "micro_batch_size"]
 
 
-def micro_batch_size(batch: int, steps: int, batch_key: str = "SOLVER.IMS_PER_BATCH",
-                     steps_key: str = "SOLVER.GRAD_ACCUM_STEPS") -> int:
+def micro_batch_size(
+    batch: int,
+    steps: int,
+    batch_key: str = "SOLVER.IMS_PER_BATCH",
+    steps_key: str = "SOLVER.GRAD_ACCUM_STEPS",
+) -> int:
     """
     The images of one micro-batch (all processes together) when a batch of ``batch``
     is accumulated over ``steps``; the key names are for the error message.
@@ -25,9 +29,12 @@ def micro_batch_size(batch: int, steps: int, batch_key: str = "SOLVER.IMS_PER_BA
 
     world = comm.get_world_size()
     if steps < 1 or batch % (steps * world):
-        raise ValueError("{}={} must be a multiple of {}={} times the {} process(es): each process takes {} / ({} x "
-                         "processes) images per micro-batch. Change either".format(
-                             batch_key, batch, steps_key, steps, world, batch_key, steps_key))
+        raise ValueError(
+            "{}={} must be a multiple of {}={} times the {} process(es): each process takes "
+            "{} / ({} x processes) images per micro-batch. Change either".format(
+                batch_key, batch, steps_key, steps, world, batch_key, steps_key
+            )
+        )
     return batch // steps
 
 
@@ -88,7 +95,9 @@ class GradientAccumulationTrainer(SimpleTrainer):
     def run_step(self):
         assert self.model.training, "[GradientAccumulationTrainer] model was changed to eval mode!"
         if self.amp:
-            assert torch.cuda.is_available(), "[GradientAccumulationTrainer] CUDA is required for AMP training!"
+            assert (
+                torch.cuda.is_available()
+            ), "[GradientAccumulationTrainer] CUDA is required for AMP training!"
         self.optimizer.zero_grad()
         data_time = 0.0
         mean_losses: Dict[str, torch.Tensor] = {}
@@ -99,14 +108,18 @@ class GradientAccumulationTrainer(SimpleTrainer):
             last = i == self.steps - 1
             sync = contextlib.nullcontext()
             if not last and isinstance(self.model, DistributedDataParallel):
-                sync = self.model.no_sync()  # all-reduce the gradients once, after the last micro-batch
+                sync = (
+                    self.model.no_sync()
+                )  # all-reduce the gradients once, after the last micro-batch
             with sync:
                 with torch.autocast("cuda") if self.amp else contextlib.nullcontext():
                     loss_dict = self.model(data)
                     if isinstance(loss_dict, torch.Tensor):
                         loss_dict = {"total_loss": loss_dict}
                     losses = sum(loss_dict.values()) / self.steps
-                (self.grad_scaler.scale(losses) if self.grad_scaler is not None else losses).backward()
+                (
+                    self.grad_scaler.scale(losses) if self.grad_scaler is not None else losses
+                ).backward()
             for k, v in loss_dict.items():
                 mean_losses[k] = mean_losses.get(k, 0.0) + v.detach() / self.steps
         # raises FloatingPointError on a non-finite loss, before the optimizer steps

@@ -63,11 +63,17 @@ def score_images(model: torch.nn.Module, data_loader, kind: str = "detection") -
         for batch in data_loader:
             for record in batch:
                 losses = model([record])
-                terms = [v for k, v in losses.items()
-                         if kind == "total" or (k.startswith("loss_kd_") == (kind == "distillation"))]
+                terms = [
+                    v
+                    for k, v in losses.items()
+                    if kind == "total" or (k.startswith("loss_kd_") == (kind == "distillation"))
+                ]
                 if not terms:
-                    raise ValueError("the model returns no {} losses ({}); choose another score kind".format(
-                        kind, sorted(losses)))
+                    raise ValueError(
+                        "the model returns no {} losses ({}); choose another score kind".format(
+                            kind, sorted(losses)
+                        )
+                    )
                 scores[image_key(record)] = float(sum(terms))
     model.train(was_training)
     return scores

@@ -10,7 +10,6 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-
 from detectron2.data import DatasetMapper, build_detection_test_loader, get_detection_dataset_dicts
 from detectron2.data import transforms as T
 from detectron2.engine import HookBase
@@ -21,8 +20,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..evaluation import build_evaluator
 
-__all__ = ["TeacherEvalHook", "evaluate_teacher", "evaluate_teacher_on", "teacher_test_loader",
-           "teacher_eval_hook"]
+__all__ = [
+    "TeacherEvalHook",
+    "evaluate_teacher",
+    "evaluate_teacher_on",
+    "teacher_test_loader",
+    "teacher_eval_hook",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +50,12 @@ def preserved_rng_state():
             torch.cuda.set_rng_state_all(cuda_states)
 
 
-def teacher_test_loader(teacher, dataset_name: str, num_workers: int = 0,
-                        default_test_size: Tuple[int, int] = (800, 1333)):
+def teacher_test_loader(
+    teacher,
+    dataset_name: str,
+    num_workers: int = 0,
+    default_test_size: Tuple[int, int] = (800, 1333),
+):
     """
     The test loader of ``dataset_name`` prepared as the teacher's own config prepares test
     images (Detectron2's ``build_detection_test_loader(teacher_cfg, name)``): its test-time
@@ -63,22 +71,31 @@ def teacher_test_loader(teacher, dataset_name: str, num_workers: int = 0,
     if min_size is None:
         # a LazyConfig teacher without a test-time resize: evaluate it at the student's test size
         min_size, max_size = default_test_size
-        logger.info("teacher %s has no ResizeShortestEdge in dataloader.test.mapper.augmentations: "
-                    "it is evaluated at the student's test size (%d, max %d)", teacher.config,
-                    min_size, max_size)
+        logger.info(
+            "teacher %s has no ResizeShortestEdge in dataloader.test.mapper.augmentations: "
+            "it is evaluated at the student's test size (%d, max %d)",
+            teacher.config,
+            min_size,
+            max_size,
+        )
     dataset = get_detection_dataset_dicts([dataset_name], filter_empty=False)
     # what DatasetMapper(teacher_cfg, is_train=False) is: at test time it drops annotations,
     # so only the resize and the channel order matter
     resize = T.ResizeShortestEdge(min_size, max_size, "choice")
-    mapper = DatasetMapper(is_train=False, augmentations=[resize],
-                           image_format=teacher.input_format)
+    mapper = DatasetMapper(
+        is_train=False, augmentations=[resize], image_format=teacher.input_format
+    )
     return build_detection_test_loader(dataset, mapper=mapper, num_workers=num_workers)
 
 
-def evaluate_teacher_on(teacher, dataset_names: Sequence[str],
-                        build_evaluator: Callable[[str, str], DatasetEvaluator], output_dir: str,
-                        num_workers: int = 0,
-                        default_test_size: Tuple[int, int] = (800, 1333)) -> Dict[str, Dict]:
+def evaluate_teacher_on(
+    teacher,
+    dataset_names: Sequence[str],
+    build_evaluator: Callable[[str, str], DatasetEvaluator],
+    output_dir: str,
+    num_workers: int = 0,
+    default_test_size: Tuple[int, int] = (800, 1333),
+) -> Dict[str, Dict]:
     """
     Evaluate a :class:`~kd_det.modeling.FrozenTeacher` on ``dataset_names``, each set
     loaded with the teacher's own input settings (:func:`teacher_test_loader`) and scored
@@ -105,9 +122,13 @@ def evaluate_teacher(student_cfg, teacher, output_dir: str) -> Dict[str, Dict]:
     evaluator (``TEST.EVALUATOR``), with its loader workers and test size.
     """
     return evaluate_teacher_on(
-        teacher, student_cfg.DATASETS.TEST, functools.partial(build_evaluator, student_cfg),
-        output_dir, student_cfg.DATALOADER.NUM_WORKERS,
-        (student_cfg.INPUT.MIN_SIZE_TEST, student_cfg.INPUT.MAX_SIZE_TEST))
+        teacher,
+        student_cfg.DATASETS.TEST,
+        functools.partial(build_evaluator, student_cfg),
+        output_dir,
+        student_cfg.DATALOADER.NUM_WORKERS,
+        (student_cfg.INPUT.MIN_SIZE_TEST, student_cfg.INPUT.MAX_SIZE_TEST),
+    )
 
 
 class TeacherEvalHook(HookBase):
@@ -123,8 +144,13 @@ class TeacherEvalHook(HookBase):
     silently.
     """
 
-    def __init__(self, evaluate: Callable[[object, str], Dict[str, Dict]], output_dir: str,
-                 min_ap: float = 0.0, keys: Optional[Dict[str, str]] = None):
+    def __init__(
+        self,
+        evaluate: Callable[[object, str], Dict[str, Dict]],
+        output_dir: str,
+        min_ap: float = 0.0,
+        keys: Optional[Dict[str, str]] = None,
+    ):
         """
         Args:
             evaluate: ``evaluate(teacher, output_dir)`` -> test set name -> results (e.g.
@@ -137,9 +163,14 @@ class TeacherEvalHook(HookBase):
         self._evaluate = evaluate
         self._output_dir = output_dir
         self._min_ap = float(min_ap)
-        self._keys = dict({"min_ap": "KD.TEACHER.MIN_AP", "teacher_config": "KD.TEACHER.CONFIG",
-                           "input": "the config's INPUT.FORMAT and MODEL.PIXEL_MEAN/PIXEL_STD"},
-                          **(keys or {}))
+        self._keys = dict(
+            {
+                "min_ap": "KD.TEACHER.MIN_AP",
+                "teacher_config": "KD.TEACHER.CONFIG",
+                "input": "the config's INPUT.FORMAT and MODEL.PIXEL_MEAN/PIXEL_STD",
+            },
+            **(keys or {})
+        )
 
     def before_train(self):
         if self.trainer.iter > 0:
@@ -152,8 +183,9 @@ class TeacherEvalHook(HookBase):
         for k, teacher in enumerate(teachers):
             prefix = "teacher" if len(teachers) == 1 else "teacher{}".format(k)
             with preserved_rng_state():
-                results = self._evaluate(teacher,
-                                         os.path.join(self._output_dir, "inference_" + prefix))
+                results = self._evaluate(
+                    teacher, os.path.join(self._output_dir, "inference_" + prefix)
+                )
             if comm.is_main_process():
                 logged = next(iter(results.values())) if len(results) == 1 else results
                 scalars = {prefix + "/" + key: v for key, v in flatten_results_dict(logged).items()}
@@ -161,11 +193,17 @@ class TeacherEvalHook(HookBase):
                 for name, res in results.items():
                     ap = res.get("bbox", {}).get("AP")
                     if self._min_ap > 0 and ap is None:
-                        too_low.append("{} (weights {}) has no box AP on {} (the evaluator gave {})".format(
-                            prefix, teacher.weights, name, sorted(res)))
+                        too_low.append(
+                            "{} (weights {}) has no box AP on {} (the evaluator gave {})".format(
+                                prefix, teacher.weights, name, sorted(res)
+                            )
+                        )
                     elif ap is not None and ap < self._min_ap:
-                        too_low.append("{} (weights {}) has box AP {:.2f} on {}".format(
-                            prefix, teacher.weights, ap, name))
+                        too_low.append(
+                            "{} (weights {}) has box AP {:.2f} on {}".format(
+                                prefix, teacher.weights, ap, name
+                            )
+                        )
         # every process stops, or none: the main one alone has the metrics
         too_low = comm.all_gather(too_low)[0]
         if too_low:
@@ -173,8 +211,15 @@ class TeacherEvalHook(HookBase):
             raise ValueError(
                 "{}, below {}={}; training did not start. Check that the teacher checkpoint is "
                 "the trained one for its config ({}), and that {} are those it was trained "
-                "with; or lower {}".format("; ".join(too_low), keys["min_ap"], self._min_ap,
-                                  keys["teacher_config"], keys["input"], keys["min_ap"]))
+                "with; or lower {}".format(
+                    "; ".join(too_low),
+                    keys["min_ap"],
+                    self._min_ap,
+                    keys["teacher_config"],
+                    keys["input"],
+                    keys["min_ap"],
+                )
+            )
 
 
 def teacher_eval_hook(cfg) -> Optional[TeacherEvalHook]:
@@ -187,10 +232,13 @@ def teacher_eval_hook(cfg) -> Optional[TeacherEvalHook]:
     """
     teacher = cfg.KD.TEACHER
     if teacher.MIN_AP > 0 and not cfg.DATASETS.TEST:
-        raise ValueError("KD.TEACHER.MIN_AP={} is checked on the test sets (DATASETS.TEST; a LazyConfig's "
-                         "dataloader.test.dataset.names), which are empty: name a test set, or set KD.TEACHER.MIN_AP "
-                         "0".format(teacher.MIN_AP))
+        raise ValueError(
+            "KD.TEACHER.MIN_AP={} is checked on the test sets (DATASETS.TEST; a LazyConfig's "
+            "dataloader.test.dataset.names), which are empty: name a test set, or set "
+            "KD.TEACHER.MIN_AP 0".format(teacher.MIN_AP)
+        )
     if (teacher.EVAL_BEFORE_TRAIN or teacher.MIN_AP > 0) and cfg.DATASETS.TEST:
-        return TeacherEvalHook(functools.partial(evaluate_teacher, cfg), cfg.OUTPUT_DIR,
-                               teacher.MIN_AP)
+        return TeacherEvalHook(
+            functools.partial(evaluate_teacher, cfg), cfg.OUTPUT_DIR, teacher.MIN_AP
+        )
     return None

@@ -21,7 +21,6 @@ def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist
     the same way v0.6 does.
     """
     import torch
-
     from detectron2.engine import launch as d2_launch
 
     world_size = num_machines * num_gpus_per_machine
@@ -36,12 +35,13 @@ def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist
         )
 
     import torch.multiprocessing as mp
-
     from detectron2.engine.launch import _find_free_port
 
     if dist_url in (None, "auto"):
         if num_machines != 1:
-            raise ValueError("dist_url=auto is not supported for multi-machine jobs; give tcp://HOST:PORT")
+            raise ValueError(
+                "dist_url=auto is not supported for multi-machine jobs; give tcp://HOST:PORT"
+            )
         dist_url = "tcp://127.0.0.1:{}".format(_find_free_port())
     mp.spawn(
         _cpu_worker,
@@ -53,11 +53,12 @@ def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist
 
 def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank, dist_url, args):
     import torch.distributed as dist
-
     from detectron2.utils import comm
 
     global_rank = machine_rank * num_per_machine + local_rank
-    dist.init_process_group(backend="gloo", init_method=dist_url, world_size=world_size, rank=global_rank)
+    dist.init_process_group(
+        backend="gloo", init_method=dist_url, world_size=world_size, rank=global_rank
+    )
     # Detectron2's comm.get_local_rank() reads this group (same construction as v0.6).
     num_machines = world_size // num_per_machine
     for i in range(num_machines):

@@ -15,12 +15,22 @@ from ..config.lazy import dataset_names, is_call_of, lazy_get, single_short_edge
 from .accumulation import GradientAccumulationTrainer, micro_batch_size
 from .hooks import TeacherEvalHook, evaluate_teacher_on
 
-__all__ = ["clipped_optimizer", "lazy_teacher_eval_hook", "evaluate_lazy_teacher",
-           "build_lazy_trainer"]
+__all__ = [
+    "clipped_optimizer",
+    "lazy_teacher_eval_hook",
+    "evaluate_lazy_teacher",
+    "build_lazy_trainer",
+]
 
 
-def clipped_optimizer(optimizer_class: Union[str, type], params: Iterable, clip_type: str = "norm",
-                      clip_value: float = 1.0, norm_type: float = 2.0, **optimizer_kwargs) -> torch.optim.Optimizer:
+def clipped_optimizer(
+    optimizer_class: Union[str, type],
+    params: Iterable,
+    clip_type: str = "norm",
+    clip_value: float = 1.0,
+    norm_type: float = 2.0,
+    **optimizer_kwargs
+) -> torch.optim.Optimizer:
     """
     ``optimizer_class(params, **optimizer_kwargs)`` with Detectron2's gradient clipping
     (yacs ``SOLVER.CLIP_GRADIENTS``: "value" or "norm", per parameter), which a
@@ -36,11 +46,25 @@ def clipped_optimizer(optimizer_class: Union[str, type], params: Iterable, clip_
     """
     cls = locate(optimizer_class) if isinstance(optimizer_class, str) else optimizer_class
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
-        raise ValueError("optimizer_class={!r} is not a torch.optim.Optimizer class".format(optimizer_class))
+        raise ValueError(
+            "optimizer_class={!r} is not a torch.optim.Optimizer class".format(optimizer_class)
+        )
     if clip_type not in ("value", "norm"):
-        raise ValueError("clip_type={!r}: Detectron2 clips gradients by 'value' or 'norm'".format(clip_type))
-    clip = CfgNode({"SOLVER": {"CLIP_GRADIENTS": {"ENABLED": True, "CLIP_TYPE": clip_type,
-                                                  "CLIP_VALUE": float(clip_value), "NORM_TYPE": float(norm_type)}}})
+        raise ValueError(
+            "clip_type={!r}: Detectron2 clips gradients by 'value' or 'norm'".format(clip_type)
+        )
+    clip = CfgNode(
+        {
+            "SOLVER": {
+                "CLIP_GRADIENTS": {
+                    "ENABLED": True,
+                    "CLIP_TYPE": clip_type,
+                    "CLIP_VALUE": float(clip_value),
+                    "NORM_TYPE": float(norm_type),
+                }
+            }
+        }
+    )
     return maybe_add_gradient_clipping(clip, cls)(params, **optimizer_kwargs)
 
 
@@ -54,13 +78,21 @@ def _teacher_eval_settings(cfg) -> Tuple[bool, float, str]:
     if node is not None:
         unknown = sorted(set(node.keys()) - {"enabled", "min_ap"})
         if unknown:
-            raise ValueError("train.teacher_eval takes enabled and min_ap (yacs "
-                             "KD.TEACHER.EVAL_BEFORE_TRAIN and MIN_AP), not {}".format(unknown))
-        return (bool(lazy_get(node, "enabled", False)), float(lazy_get(node, "min_ap", 0.0)),
-                "train.teacher_eval.min_ap")
+            raise ValueError(
+                "train.teacher_eval takes enabled and min_ap (yacs "
+                "KD.TEACHER.EVAL_BEFORE_TRAIN and MIN_AP), not {}".format(unknown)
+            )
+        return (
+            bool(lazy_get(node, "enabled", False)),
+            float(lazy_get(node, "min_ap", 0.0)),
+            "train.teacher_eval.min_ap",
+        )
     old = lazy_get(cfg, "model.kd.TEACHER")
-    return (bool(lazy_get(old, "EVAL_BEFORE_TRAIN", False)), float(lazy_get(old, "MIN_AP", 0.0)),
-            "model.kd.TEACHER.MIN_AP")
+    return (
+        bool(lazy_get(old, "EVAL_BEFORE_TRAIN", False)),
+        float(lazy_get(old, "MIN_AP", 0.0)),
+        "model.kd.TEACHER.MIN_AP",
+    )
 
 
 def _lazy_test_size(cfg) -> Tuple[int, int]:
@@ -87,9 +119,14 @@ def evaluate_lazy_teacher(cfg, teacher, output_dir: str) -> Dict[str, Dict]:
             evaluator.output_dir = out
         return instantiate(evaluator)
 
-    return evaluate_teacher_on(teacher, names, build_evaluator, output_dir,
-                               int(lazy_get(cfg, "dataloader.test.num_workers", 0)),
-                               _lazy_test_size(cfg))
+    return evaluate_teacher_on(
+        teacher,
+        names,
+        build_evaluator,
+        output_dir,
+        int(lazy_get(cfg, "dataloader.test.num_workers", 0)),
+        _lazy_test_size(cfg),
+    )
 
 
 def lazy_teacher_eval_hook(cfg) -> Optional[TeacherEvalHook]:
@@ -112,20 +149,34 @@ def lazy_teacher_eval_hook(cfg) -> Optional[TeacherEvalHook]:
     names = dataset_names(lazy_get(cfg, "dataloader.test.dataset.names"))
     has_evaluator = lazy_get(cfg, "dataloader.evaluator") is not None
     if min_ap > 0 and not (names and has_evaluator):
-        raise ValueError("{}={} is checked on the test sets (dataloader.test.dataset.names) with "
-                         "dataloader.evaluator, {}: name a test set and its evaluator, or set {} "
-                         "0".format(min_ap_key, min_ap,
-                                    "which are empty" if not names else "which is missing",
-                                    min_ap_key))
+        raise ValueError(
+            "{}={} is checked on the test sets (dataloader.test.dataset.names) with "
+            "dataloader.evaluator, {}: name a test set and its evaluator, or set {} "
+            "0".format(
+                min_ap_key,
+                min_ap,
+                "which are empty" if not names else "which is missing",
+                min_ap_key,
+            )
+        )
     if not (names and has_evaluator):
         return None
-    keys = {"min_ap": min_ap_key, "teacher_config": "model.teacher.config",
-            "input": "its config's input format and pixel mean/std"}
-    return TeacherEvalHook(functools.partial(evaluate_lazy_teacher, cfg),
-                           str(lazy_get(cfg, "train.output_dir", "./output")), min_ap, keys)
+    keys = {
+        "min_ap": min_ap_key,
+        "teacher_config": "model.teacher.config",
+        "input": "its config's input format and pixel mean/std",
+    }
+    return TeacherEvalHook(
+        functools.partial(evaluate_lazy_teacher, cfg),
+        str(lazy_get(cfg, "train.output_dir", "./output")),
+        min_ap,
+        keys,
+    )
 
 
-def build_lazy_trainer(cfg, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> SimpleTrainer:
+def build_lazy_trainer(
+    cfg, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> SimpleTrainer:
     """
     The trainer of Detectron2's lazyconfig_train_net (``AMPTrainer`` with
     ``train.amp.enabled``, else ``SimpleTrainer``) over ``dataloader.train``; with
@@ -142,8 +193,9 @@ def build_lazy_trainer(cfg, model: torch.nn.Module, optimizer: torch.optim.Optim
         # the curriculum's phases count iterations: all micro-batches of one together
         loader_cfg.sampler.images_per_iter = images_per_iter
     if steps != 1:
-        loader_cfg.total_batch_size = micro_batch_size(images_per_iter, steps, "dataloader.train.total_batch_size",
-                                                       "train.grad_accum_steps")
+        loader_cfg.total_batch_size = micro_batch_size(
+            images_per_iter, steps, "dataloader.train.total_batch_size", "train.grad_accum_steps"
+        )
     amp = bool(lazy_get(cfg, "train.amp.enabled", False))
     trainer = (AMPTrainer if amp else SimpleTrainer)(model, instantiate(loader_cfg), optimizer)
     return GradientAccumulationTrainer(trainer, steps, amp=amp) if steps > 1 else trainer

@@ -40,15 +40,17 @@ class KDTrainer(DefaultTrainer):
         micro_batch_cfg(cfg)  # a batch that does not split is an error before anything is built
         super().__init__(cfg)
         if cfg.SOLVER.GRAD_ACCUM_STEPS > 1:
-            self._trainer = GradientAccumulationTrainer(self._trainer, cfg.SOLVER.GRAD_ACCUM_STEPS,
-                                                        amp=cfg.SOLVER.AMP.ENABLED)
+            self._trainer = GradientAccumulationTrainer(
+                self._trainer, cfg.SOLVER.GRAD_ACCUM_STEPS, amp=cfg.SOLVER.AMP.ENABLED
+            )
 
     def build_hooks(self):
         # DefaultTrainer made self.checkpointer just before calling this; the hooks
         # (PeriodicCheckpointer) must get the crash-safe one, with the same state.
         old = self.checkpointer
         self.checkpointer = AtomicDetectionCheckpointer(
-            old.model, old.save_dir, save_to_disk=old.save_to_disk, **old.checkpointables)
+            old.model, old.save_dir, save_to_disk=old.save_to_disk, **old.checkpointables
+        )
         hooks = super().build_hooks()
         teacher_eval = teacher_eval_hook(self.cfg)
         if teacher_eval is not None:
@@ -80,12 +82,21 @@ class KDTrainer(DefaultTrainer):
             return super().build_train_loader(cfg)
         # the same records, in the same order, that Detectron2's loader would use
         dataset = get_detection_dataset_dicts(
-            cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
-            min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
-            proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None)
+            cfg.DATASETS.TRAIN,
+            filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+            min_keypoints=(
+                cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0
+            ),
+            proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+        )
         cur = cfg.TRAINER.CURRICULUM
-        sampler = CurriculumSampler(load_scores(cur.SCORES, dataset), cur.PHASE_ITERS, cur.PHASE_FRACTIONS,
-                                    images_per_iter, seed=cfg.SEED if cfg.SEED >= 0 else None)
+        sampler = CurriculumSampler(
+            load_scores(cur.SCORES, dataset),
+            cur.PHASE_ITERS,
+            cur.PHASE_FRACTIONS,
+            images_per_iter,
+            seed=cfg.SEED if cfg.SEED >= 0 else None,
+        )
         return build_detection_train_loader(cfg, dataset=dataset, sampler=sampler)
 
     def resume_or_load(self, resume=True):
@@ -126,8 +137,11 @@ class KDTrainer(DefaultTrainer):
         return maybe_add_gradient_clipping(cfg, torch.optim.AdamW)(params, lr=cfg.SOLVER.BASE_LR)
 
 
-def non_finite_loss_error(error: FloatingPointError, checkpointer, fixes: str = "Lower SOLVER.BASE_LR or the KD.* "
-                          "weights, or enable SOLVER.CLIP_GRADIENTS") -> FloatingPointError:
+def non_finite_loss_error(
+    error: FloatingPointError,
+    checkpointer,
+    fixes: str = "Lower SOLVER.BASE_LR or the KD.* " "weights, or enable SOLVER.CLIP_GRADIENTS",
+) -> FloatingPointError:
     """
     Detectron2's non-finite-loss error, saying what was kept and what to do. Detectron2
     raises it before optimizer.step(): the weights are those of the last good step, and
@@ -135,8 +149,11 @@ def non_finite_loss_error(error: FloatingPointError, checkpointer, fixes: str = 
     """
     last = checkpointer.get_checkpoint_file() if checkpointer.has_checkpoint() else "none yet"
     return FloatingPointError(
-        "{}\nA loss term above is not finite (NaN/inf); training stopped before the optimizer step. Last complete "
-        "checkpoint: {}. {}, then continue with --resume.".format(error, last, fixes))
+        "{}\nA loss term above is not finite (NaN/inf); training stopped before the optimizer "
+        "step. Last complete checkpoint: {}. {}, then continue with --resume.".format(
+            error, last, fixes
+        )
+    )
 
 
 def get_trainer_class(cfg):
@@ -144,5 +161,8 @@ def get_trainer_class(cfg):
     try:
         return TRAINER_REGISTRY.get(cfg.TRAINER.NAME)
     except KeyError:
-        raise KeyError("unknown TRAINER.NAME {!r}; registered trainers: {}".format(
-            cfg.TRAINER.NAME, sorted(k for k, _ in TRAINER_REGISTRY))) from None
+        raise KeyError(
+            "unknown TRAINER.NAME {!r}; registered trainers: {}".format(
+                cfg.TRAINER.NAME, sorted(k for k, _ in TRAINER_REGISTRY)
+            )
+        ) from None

@@ -49,24 +49,32 @@ def pascal_voc(cfg, dataset_name: str, output_dir: str) -> DatasetEvaluator:
 
 
 def evaluator_name(cfg, dataset_name: str) -> str:
-    """The registered evaluator name for ``dataset_name``: ``cfg.TEST.EVALUATOR`` or the dataset's ``evaluator_type``."""
+    """The registered evaluator name for ``dataset_name``: ``cfg.TEST.EVALUATOR`` or the dataset's
+    ``evaluator_type``."""
     if cfg.TEST.EVALUATOR:
         return cfg.TEST.EVALUATOR
     evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
     if evaluator_type not in _BY_EVALUATOR_TYPE:
-        raise ValueError("dataset {!r} has evaluator_type {!r}, which kd_det has no evaluator for; set "
-                         "TEST.EVALUATOR to one of {}".format(
-                             dataset_name, evaluator_type, sorted(k for k, _ in EVALUATOR_REGISTRY)))
+        raise ValueError(
+            "dataset {!r} has evaluator_type {!r}, which kd_det has no evaluator for; set "
+            "TEST.EVALUATOR to one of {}".format(
+                dataset_name, evaluator_type, sorted(k for k, _ in EVALUATOR_REGISTRY)
+            )
+        )
     return _BY_EVALUATOR_TYPE[evaluator_type]
 
 
 def build_evaluator(cfg, dataset_name: str, output_dir: str = None) -> DatasetEvaluator:
-    """The evaluator for ``dataset_name``: ``cfg.TEST.EVALUATOR`` or the dataset's ``evaluator_type``."""
+    """The evaluator for ``dataset_name``: ``cfg.TEST.EVALUATOR`` or the dataset's
+    ``evaluator_type``."""
     output_dir = output_dir or os.path.join(cfg.OUTPUT_DIR, "inference")
     name = evaluator_name(cfg, dataset_name)
     try:
         factory = EVALUATOR_REGISTRY.get(name)
     except KeyError:
-        raise KeyError("unknown TEST.EVALUATOR {!r}; registered evaluators: {}".format(
-            name, sorted(k for k, _ in EVALUATOR_REGISTRY))) from None
+        raise KeyError(
+            "unknown TEST.EVALUATOR {!r}; registered evaluators: {}".format(
+                name, sorted(k for k, _ in EVALUATOR_REGISTRY)
+            )
+        ) from None
     return factory(cfg, dataset_name, output_dir)

@@ -1,15 +1,8 @@
 """Distillation losses: each a class in DISTILL_LOSS_REGISTRY (see .registry), beside its maths."""
 
-from .registry import (
-    DISTILL_LOSS_REGISTRY,
-    DistillLoss,
-    build_distill_loss,
-    distill_loss_class,
-    loss_names,
-)
 from .feature import (
-    AttentionTransferLoss,
     FEATURE_LOSS_REGISTRY,
+    AttentionTransferLoss,
     FeatureLoss,
     L1FeatureLoss,
     L2FeatureLoss,
@@ -30,6 +23,14 @@ from .prediction import (
     soft_label_kd_loss,
     softmax_kd_loss,
 )
+from .registry import (
+    DISTILL_LOSS_REGISTRY,
+    DistillLoss,
+    build_distill_loss,
+    distill_loss_class,
+    loss_names,
+)
+from .ssim import gaussian_window_1d, minmax_normalize, ssim_map
 from .statistics import (
     AdaINHeadLoss,
     ChannelStatisticsLoss,
@@ -38,6 +39,5 @@ from .statistics import (
     channel_statistics_loss,
     head_output_loss,
 )
-from .ssim import gaussian_window_1d, minmax_normalize, ssim_map
 
 __all__ = [k for k in globals().keys() if not k.startswith("_")]

@@ -31,6 +31,7 @@ __all__ = [
     "standardize_channels",
 ]
 
+
 class _FeatureLossRegistry:
     """
     The feature losses of :data:`DISTILL_LOSS_REGISTRY`, under the name code written for
@@ -41,9 +42,11 @@ class _FeatureLossRegistry:
     def register(self, obj=None):
         def check(cls):
             if not (isinstance(cls, type) and issubclass(cls, FeatureLoss)):
-                raise TypeError("FEATURE_LOSS_REGISTRY holds feature losses (FeatureLoss "
-                                "subclasses), not {!r}; register other distillation losses with "
-                                "DISTILL_LOSS_REGISTRY".format(cls))
+                raise TypeError(
+                    "FEATURE_LOSS_REGISTRY holds feature losses (FeatureLoss "
+                    "subclasses), not {!r}; register other distillation losses with "
+                    "DISTILL_LOSS_REGISTRY".format(cls)
+                )
             return DISTILL_LOSS_REGISTRY.register(cls)
 
         return check if obj is None else check(obj)
@@ -94,7 +97,10 @@ class FeatureLoss(DistillLoss):
         raise NotImplementedError
 
     def level_loss(
-        self, student: torch.Tensor, teacher: torch.Tensor, position_weight: Optional[torch.Tensor] = None
+        self,
+        student: torch.Tensor,
+        teacher: torch.Tensor,
+        position_weight: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """
         Scalar loss of one level: the mean of :meth:`loss_map`, or, with
@@ -106,7 +112,9 @@ class FeatureLoss(DistillLoss):
             lmap = self.loss_map(at_least_fp32(student), at_least_fp32(teacher))
             if position_weight is None:
                 return lmap.mean()
-            w = _center_crop(at_least_fp32(position_weight), lmap.shape[-2], lmap.shape[-1]).unsqueeze(1)
+            w = _center_crop(
+                at_least_fp32(position_weight), lmap.shape[-2], lmap.shape[-1]
+            ).unsqueeze(1)
             return (lmap * w).sum() / (w.sum() * lmap.shape[1]).clamp_min(1e-12)
 
     def __call__(
@@ -126,20 +134,27 @@ class FeatureLoss(DistillLoss):
             scalar tensor.
         """
         if len(student) != len(teacher) or len(student) == 0:
-            raise ValueError("feature loss needs the same non-zero number of student and teacher "
-                             "levels, got {} and {}".format(len(student), len(teacher)))
+            raise ValueError(
+                "feature loss needs the same non-zero number of student and teacher "
+                "levels, got {} and {}".format(len(student), len(teacher))
+            )
         if level_weights is None or len(level_weights) == 0:
             level_weights = [1.0 / len(student)] * len(student)
         if len(level_weights) != len(student):
-            raise ValueError("KD.FEATURE.LEVEL_WEIGHTS has {} entries for {} levels".format(
-                len(level_weights), len(student)))
+            raise ValueError(
+                "KD.FEATURE.LEVEL_WEIGHTS has {} entries for {} levels".format(
+                    len(level_weights), len(student)
+                )
+            )
         total = at_least_fp32(student[0].new_zeros(()))
         for i, (s, t) in enumerate(zip(student, teacher)):
             compared = slice(None) if self.needs_equal_channels else slice(-2, None)
             if s.shape[compared] != t.shape[compared] or s.shape[0] != t.shape[0]:
-                raise ValueError("student and teacher features differ in shape at level {}: {} vs {}; "
-                                 "use an adapter (KD.FEATURE.ADAPTER) for channels and the same input size "
-                                 "and strides for H, W".format(i, tuple(s.shape), tuple(t.shape)))
+                raise ValueError(
+                    "student and teacher features differ in shape at level {}: {} vs {}; "
+                    "use an adapter (KD.FEATURE.ADAPTER) for channels and the same input size "
+                    "and strides for H, W".format(i, tuple(s.shape), tuple(t.shape))
+                )
             pw = None if position_weights is None else position_weights[i]
             total = total + level_weights[i] * self.level_loss(s, t.detach(), pw)
         return total
@@ -167,17 +182,33 @@ class SSIMFeatureLoss(FeatureLoss):
     short_name = "ssim"
 
     @configurable
-    def __init__(self, *, window_size=11, sigma=1.5, k1=0.01, k2=0.03, normalize="minmax", impl="auto",
-                 exponents=FULL_SSIM):
+    def __init__(
+        self,
+        *,
+        window_size=11,
+        sigma=1.5,
+        k1=0.01,
+        k2=0.03,
+        normalize="minmax",
+        impl="auto",
+        exponents=FULL_SSIM
+    ):
         if normalize not in ("minmax", "none"):
-            raise ValueError("KD.SSIM.NORMALIZE must be 'minmax' or 'none', got {!r}".format(normalize))
+            raise ValueError(
+                "KD.SSIM.NORMALIZE must be 'minmax' or 'none', got {!r}".format(normalize)
+            )
         if impl not in ("auto", "torch", "triton"):
-            raise ValueError("KD.SSIM.IMPL must be 'auto', 'torch' or 'triton', got {!r}".format(impl))
+            raise ValueError(
+                "KD.SSIM.IMPL must be 'auto', 'torch' or 'triton', got {!r}".format(impl)
+            )
         self.exponents = check_exponents(exponents)
         if impl == "triton" and self.exponents != FULL_SSIM:
-            raise ValueError("KD.SSIM.IMPL 'triton' (the fused kernel) computes the full SSIM only, but "
-                             "KD.SSIM.EXPONENTS is {}; set KD.SSIM.IMPL to 'auto' or 'torch'".format(
-                                 list(self.exponents)))
+            raise ValueError(
+                "KD.SSIM.IMPL 'triton' (the fused kernel) computes the full SSIM only, but "
+                "KD.SSIM.EXPONENTS is {}; set KD.SSIM.IMPL to 'auto' or 'torch'".format(
+                    list(self.exponents)
+                )
+            )
         self.window_size = window_size
         self.sigma = sigma
         self.k1 = k1
@@ -208,14 +239,21 @@ class SSIMFeatureLoss(FeatureLoss):
         if self.normalize == "minmax":
             student, teacher = minmax_normalize(student), minmax_normalize(teacher)
         c1, c2 = self._constants(teacher)
-        return (1.0 - ssim_map(student, teacher, self.window_size, self.sigma, c1, c2, self.exponents)) / 2.0
+        return (
+            1.0 - ssim_map(student, teacher, self.window_size, self.sigma, c1, c2, self.exponents)
+        ) / 2.0
 
     def level_loss(self, student, teacher, position_weight=None):
-        if position_weight is None and self.exponents == FULL_SSIM and _use_fused_ssim(self.impl, student):
+        if (
+            position_weight is None
+            and self.exponents == FULL_SSIM
+            and _use_fused_ssim(self.impl, student)
+        ):
             from .ssim_triton import fused_ssim_feature_loss
 
-            return fused_ssim_feature_loss(student, teacher, self.window_size, self.sigma, self.k1, self.k2,
-                                           self.normalize)
+            return fused_ssim_feature_loss(
+                student, teacher, self.window_size, self.sigma, self.k1, self.k2, self.normalize
+            )
         return super().level_loss(student, teacher, position_weight)
 
 
@@ -226,8 +264,10 @@ def _use_fused_ssim(impl: str, x: torch.Tensor) -> bool:
 
     available = x.is_cuda and ssim_triton.is_available()
     if impl == "triton" and not available:
-        raise RuntimeError("KD.SSIM.IMPL='triton' needs CUDA tensors and an importable Triton; "
-                           "set KD.SSIM.IMPL to 'auto' or 'torch'")
+        raise RuntimeError(
+            "KD.SSIM.IMPL='triton' needs CUDA tensors and an importable Triton; "
+            "set KD.SSIM.IMPL to 'auto' or 'torch'"
+        )
     return available
 
 
@@ -246,8 +286,10 @@ def standardize_channels(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 # How the lp losses may rescale each (image, channel) map before comparing (KD.FEATURE.NORMALIZE).
 # Raw FPN features of different networks differ in scale by orders of magnitude, so a raw
 # L2 loss's size (and the weight it needs) depends on the teacher; both options make it scale-free.
-#   "minmax": to [0, 1], the normalisation of SSIM-KD (lp vs SSIM then differ only in the loss form);
-#   "channel": zero mean and unit variance (as in PKD, Cao et al. 2022: MSE then equals 2 (1 - Pearson r)).
+#   "minmax": to [0, 1], the normalisation of SSIM-KD (lp vs SSIM then differ only in the loss
+#     form);
+#   "channel": zero mean and unit variance (as in PKD, Cao et al. 2022: MSE then equals
+#     2 (1 - Pearson r)).
 LP_NORMALIZATIONS = {
     "none": lambda x: x,
     "minmax": minmax_normalize,
@@ -261,8 +303,11 @@ class _LpFeatureLoss(FeatureLoss):
     @configurable
     def __init__(self, *, normalize: str = "none"):
         if normalize not in LP_NORMALIZATIONS:
-            raise ValueError("KD.FEATURE.NORMALIZE must be one of {}, got {!r}".format(
-                sorted(LP_NORMALIZATIONS), normalize))
+            raise ValueError(
+                "KD.FEATURE.NORMALIZE must be one of {}, got {!r}".format(
+                    sorted(LP_NORMALIZATIONS), normalize
+                )
+            )
         self.normalize = normalize
 
     @classmethod
@@ -335,15 +380,20 @@ def build_feature_loss(cfg) -> FeatureLoss:
     name = cfg.KD.FEATURE.LOSS
     cls = distill_loss_class(name, FeatureLoss, "KD.FEATURE.LOSS")
     if cfg.KD.FEATURE.NORMALIZE != "none" and not issubclass(cls, _LpFeatureLoss):
-        raise ValueError("KD.FEATURE.NORMALIZE={!r} applies to the lp losses (L2FeatureLoss, L1FeatureLoss), "
-                         "not to {}; {}set it to 'none'".format(
-                             cfg.KD.FEATURE.NORMALIZE, name,
-                             "SSIM normalises with KD.SSIM.NORMALIZE; " if name == "SSIMFeatureLoss" else ""))
+        raise ValueError(
+            "KD.FEATURE.NORMALIZE={!r} applies to the lp losses (L2FeatureLoss, L1FeatureLoss), "
+            "not to {}; {}set it to 'none'".format(
+                cfg.KD.FEATURE.NORMALIZE,
+                name,
+                "SSIM normalises with KD.SSIM.NORMALIZE; " if name == "SSIMFeatureLoss" else "",
+            )
+        )
     return cls(cfg)
 
 
 def ssim_feature_loss(student, teacher, level_weights=None, **ssim_kwargs) -> torch.Tensor:
-    """Functional form of :class:`SSIMFeatureLoss`; ``ssim_kwargs`` are its constructor arguments."""
+    """Functional form of :class:`SSIMFeatureLoss`; ``ssim_kwargs`` are its constructor
+    arguments."""
     return SSIMFeatureLoss(**ssim_kwargs)(student, teacher, level_weights)
 
 

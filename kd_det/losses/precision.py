@@ -21,7 +21,8 @@ def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
 
 
 def full_precision(x: torch.Tensor):
-    """A context in which autocast leaves ``x``'s device type alone (a no-op where it is not active)."""
+    """A context in which autocast leaves ``x``'s device type alone (a no-op where it is not
+    active)."""
     if not torch.is_autocast_enabled(x.device.type):
         return contextlib.nullcontext()
     return torch.autocast(x.device.type, enabled=False)

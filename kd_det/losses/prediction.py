@@ -18,9 +18,16 @@ from detectron2.config import configurable
 from .precision import at_least_fp32
 from .registry import DISTILL_LOSS_REGISTRY, DistillLoss
 
-__all__ = ["rank_mimicking_loss", "soft_label_kd_loss", "softmax_kd_loss",
-           "prediction_difference_weights", "PredictionLoss", "RankMimickingLoss",
-           "SoftLabelKDLoss", "SoftmaxKDLoss"]
+__all__ = [
+    "rank_mimicking_loss",
+    "soft_label_kd_loss",
+    "softmax_kd_loss",
+    "prediction_difference_weights",
+    "PredictionLoss",
+    "RankMimickingLoss",
+    "SoftLabelKDLoss",
+    "SoftmaxKDLoss",
+]
 
 # the soft-label modes of soft_label_kd_loss and softmax_kd_loss
 _SOFT_LABEL_MODES = ("kl", "bce")
@@ -31,8 +38,11 @@ def _check_mode(mode: str) -> None:
         raise ValueError("KD.SOFT_LABEL.MODE must be 'kl' or 'bce', got {!r}".format(mode))
 
 
-def _segment_log_softmax(values: torch.Tensor, segments: torch.Tensor, num_segments: int) -> torch.Tensor:
-    """log-softmax of ``values`` (P,) within the groups given by ``segments`` (P,) in [0, num_segments)."""
+def _segment_log_softmax(
+    values: torch.Tensor, segments: torch.Tensor, num_segments: int
+) -> torch.Tensor:
+    """log-softmax of ``values`` (P,) within the groups given by ``segments`` (P,)
+    in [0, num_segments)."""
     seg_max = values.new_full((num_segments,), float("-inf"))
     seg_max = seg_max.scatter_reduce(0, segments, values.detach(), reduce="amax", include_self=True)
     shifted = values - seg_max[segments]
@@ -65,9 +75,12 @@ def rank_mimicking_loss(
         An object with a single positive anchor contributes 0 (both distributions are one-hot).
     """
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError("student and teacher class logits differ in shape: {} vs {}; rank mimicking needs the same "
-                         "anchors per position and classes".format(tuple(student_logits.shape),
-                                                                   tuple(teacher_logits.shape)))
+        raise ValueError(
+            "student and teacher class logits differ in shape: {} vs {}; rank mimicking needs "
+            "the same anchors per position and classes".format(
+                tuple(student_logits.shape), tuple(teacher_logits.shape)
+            )
+        )
     s_scores, t_scores, segments = [], [], []
     offset = 0
     for i, classes in enumerate(gt_classes):
@@ -146,8 +159,11 @@ def softmax_kd_loss(
     """
     _check_mode(mode)
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError("student logits {} and teacher logits {} differ in shape".format(
-            tuple(student_logits.shape), tuple(teacher_logits.shape)))
+        raise ValueError(
+            "student logits {} and teacher logits {} differ in shape".format(
+                tuple(student_logits.shape), tuple(teacher_logits.shape)
+            )
+        )
     if student_logits.shape[0] == 0:
         return student_logits.sum() * 0.0
     log_p_s = F.log_softmax(at_least_fp32(student_logits) / temperature, dim=1)
@@ -160,7 +176,9 @@ def softmax_kd_loss(
 
 
 def prediction_difference_weights(
-    student_logits: Sequence[torch.Tensor], teacher_logits: Sequence[torch.Tensor], eps: float = 1e-12
+    student_logits: Sequence[torch.Tensor],
+    teacher_logits: Sequence[torch.Tensor],
+    eps: float = 1e-12,
 ) -> List[torch.Tensor]:
     """
     Prediction-guided Feature Imitation weights (Li et al., AAAI 2022): per level
@@ -178,8 +196,10 @@ def prediction_difference_weights(
     weights = []
     for s, t in zip(student_logits, teacher_logits):
         if s.shape != t.shape:
-            raise ValueError("student and teacher class logits differ in shape: {} vs {}; PFI needs the same "
-                             "anchors per position, classes and strides".format(tuple(s.shape), tuple(t.shape)))
+            raise ValueError(
+                "student and teacher class logits differ in shape: {} vs {}; PFI needs the same "
+                "anchors per position, classes and strides".format(tuple(s.shape), tuple(t.shape))
+            )
         diff = (at_least_fp32(t.detach()) - at_least_fp32(s.detach())).pow(2).mean(dim=1)
         weights.append(diff / diff.mean(dim=(1, 2), keepdim=True).clamp_min(eps))
     return weights

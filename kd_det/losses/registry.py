@@ -21,8 +21,13 @@ from typing import Any, Type
 import torch
 from detectron2.utils.registry import Registry
 
-__all__ = ["DISTILL_LOSS_REGISTRY", "DistillLoss", "build_distill_loss", "distill_loss_class",
-           "loss_names"]
+__all__ = [
+    "DISTILL_LOSS_REGISTRY",
+    "DistillLoss",
+    "build_distill_loss",
+    "distill_loss_class",
+    "loss_names",
+]
 
 DISTILL_LOSS_REGISTRY = Registry("KD_DISTILL_LOSS")
 DISTILL_LOSS_REGISTRY.__doc__ = """
@@ -57,8 +62,9 @@ def loss_names(base: Type[DistillLoss] = DistillLoss):
     return sorted(k for k, cls in DISTILL_LOSS_REGISTRY if issubclass(cls, base))
 
 
-def distill_loss_class(name: str, base: Type[DistillLoss] = DistillLoss,
-                       key: str = "") -> Type[DistillLoss]:
+def distill_loss_class(
+    name: str, base: Type[DistillLoss] = DistillLoss, key: str = ""
+) -> Type[DistillLoss]:
     """
     The registered loss class ``name``.
 
@@ -73,18 +79,29 @@ def distill_loss_class(name: str, base: Type[DistillLoss] = DistillLoss,
     try:
         cls = DISTILL_LOSS_REGISTRY.get(name)
     except KeyError:
-        raise KeyError("unknown {} {!r}; registered {} losses: {}. Register new ones with "
-                       "@kd_det.losses.DISTILL_LOSS_REGISTRY.register()".format(
-                           what, name, base.kind or "distillation", loss_names(base))) from None
+        raise KeyError(
+            "unknown {} {!r}; registered {} losses: {}. Register new ones with "
+            "@kd_det.losses.DISTILL_LOSS_REGISTRY.register()".format(
+                what, name, base.kind or "distillation", loss_names(base)
+            )
+        ) from None
     if not issubclass(cls, base):
-        raise ValueError("{} {!r} is a {} loss, but {} takes a {} loss: one of {}".format(
-            what, name, cls.kind or "different", what, base.kind or base.__name__,
-            loss_names(base)))
+        raise ValueError(
+            "{} {!r} is a {} loss, but {} takes a {} loss: one of {}".format(
+                what,
+                name,
+                cls.kind or "different",
+                what,
+                base.kind or base.__name__,
+                loss_names(base),
+            )
+        )
     return cls
 
 
-def build_distill_loss(name: str, cfg=None, *, base: Type[DistillLoss] = DistillLoss, key: str = "",
-                       **kwargs) -> DistillLoss:
+def build_distill_loss(
+    name: str, cfg=None, *, base: Type[DistillLoss] = DistillLoss, key: str = "", **kwargs
+) -> DistillLoss:
     """
     The registered loss ``name`` (see :func:`distill_loss_class`), built from ``cfg`` (its
     ``from_config``) or, without a config, from the explicit ``kwargs``.

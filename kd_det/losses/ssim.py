@@ -14,8 +14,14 @@ from typing import Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["gaussian_window_1d", "effective_window_sizes", "ssim_map", "minmax_normalize", "FULL_SSIM",
-           "check_exponents"]
+__all__ = [
+    "gaussian_window_1d",
+    "effective_window_sizes",
+    "ssim_map",
+    "minmax_normalize",
+    "FULL_SSIM",
+    "check_exponents",
+]
 
 #: (luminance, contrast, structure) exponents of the usual SSIM
 FULL_SSIM = (1.0, 1.0, 1.0)
@@ -55,12 +61,15 @@ def _separable_blur(x: torch.Tensor, win_h: torch.Tensor, win_w: torch.Tensor) -
 
 
 def check_exponents(exponents: Sequence[float]) -> Tuple[float, float, float]:
-    """``exponents`` as a (luminance, contrast, structure) tuple; ValueError unless three, >= 0, one > 0."""
+    """``exponents`` as a (luminance, contrast, structure) tuple; ValueError unless three,
+    >= 0, one > 0."""
     values = tuple(float(e) for e in exponents)
     if len(values) != 3 or min(values) < 0 or max(values) == 0:
-        raise ValueError("KD.SSIM.EXPONENTS must be three non-negative exponents (luminance, contrast, structure), "
-                         "not all 0, e.g. [1.0, 1.0, 1.0] for SSIM or [0.0, 0.0, 1.0] for its structure term "
-                         "alone; got {}".format(list(exponents)))
+        raise ValueError(
+            "KD.SSIM.EXPONENTS must be three non-negative exponents (luminance, contrast, "
+            "structure), not all 0, e.g. [1.0, 1.0, 1.0] for SSIM or [0.0, 0.0, 1.0] for its "
+            "structure term alone; got {}".format(list(exponents))
+        )
     return values
 
 
@@ -134,8 +143,11 @@ def ssim_map(
         :func:`effective_window_sizes`.
     """
     if x.shape != y.shape or x.dim() != 4:
-        raise ValueError("ssim_map expects two (N, C, H, W) tensors of one shape, got {} and {}".format(
-            tuple(x.shape), tuple(y.shape)))
+        raise ValueError(
+            "ssim_map expects two (N, C, H, W) tensors of one shape, got {} and {}".format(
+                tuple(x.shape), tuple(y.shape)
+            )
+        )
     n, c, h, w = x.shape
     kh, kw = effective_window_sizes(h, w, window_size)
     win_h = gaussian_window_1d(kh, sigma, x.device, x.dtype)
@@ -143,7 +155,9 @@ def ssim_map(
 
     # Five blurs rather than one over the concatenated maps: on the CPU the concatenated
     # grouped convolution measured 1.6x slower (and it copies all five maps).
-    mu_x, mu_y, e_xx, e_yy, e_xy = (_separable_blur(m, win_h, win_w) for m in (x, y, x * x, y * y, x * y))
+    mu_x, mu_y, e_xx, e_yy, e_xy = (
+        _separable_blur(m, win_h, win_w) for m in (x, y, x * x, y * y, x * y)
+    )
     mu_xx, mu_yy, mu_xy = mu_x * mu_x, mu_y * mu_y, mu_x * mu_y
     sigma_xx = e_xx - mu_xx
     sigma_yy = e_yy - mu_yy

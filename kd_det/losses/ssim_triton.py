@@ -60,7 +60,13 @@ try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs may lack it.
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-__all__ = ["is_available", "is_interpreted", "fused_ssim_mean", "fused_ssim_feature_loss", "MAX_WINDOW"]
+__all__ = [
+    "is_available",
+    "is_interpreted",
+    "fused_ssim_mean",
+    "fused_ssim_feature_loss",
+    "MAX_WINDOW",
+]
 
 # Windows up to 15 taps: the limit of the ring pass the kernels began with (16 slots), kept
 # for every pass (benchmarks/ssim_vertical_variants.py still has the ring)
@@ -89,14 +95,26 @@ ROW_UNROLL = 4
 # sizes of detection training varying from batch to batch, every FPN level would bring
 # new patterns, each a compilation of seconds.  The kernels read one column per thread,
 # so knowing those divisibilities would not change their code.
-SIZE_ARGS = ("H", "W", "HO", "WO", "DS", "ZERO_ROW", "n_col_blocks", "n_row_blocks", "HW", "n_blocks")
+SIZE_ARGS = (
+    "H",
+    "W",
+    "HO",
+    "WO",
+    "DS",
+    "ZERO_ROW",
+    "n_col_blocks",
+    "n_row_blocks",
+    "HW",
+    "n_blocks",
+)
 # Likewise for the alignment of the per-plane inputs, which the backward passes as slices
 # of planes (chunks) starting anywhere.
 SLICED_ARGS = ("x_ptr", "y_ptr", "grad_ptr", "c1_ptr", "c2_ptr", "norm_ptr")
 
 
 def is_interpreted() -> bool:
-    """Triton's interpreter (``TRITON_INTERPRET=1``) runs the kernels on CPU tensors (slowly; for tests)."""
+    """Triton's interpreter (``TRITON_INTERPRET=1``) runs the kernels on CPU tensors (slowly; for
+    tests)."""
     return triton is not None and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -108,9 +126,9 @@ if triton is not None:
 
     @triton.jit
     def _load(ptr, mask):
-        """``tl.load``, 0 where ``mask`` is false; ``mask`` None: every address is in bounds.  A masked
-        load costs a second instruction (its register is zeroed first), so the unrolled kernels
-        clamp their addresses into the maps instead and mask only what they store."""
+        """``tl.load``, 0 where ``mask`` is false; ``mask`` None: every address is in bounds.  A
+        masked load costs a second instruction (its register is zeroed first), so the unrolled
+        kernels clamp their addresses into the maps instead and mask only what they store."""
         if mask is None:
             return tl.load(ptr)
         else:
@@ -118,7 +136,8 @@ if triton is not None:
 
     @triton.jit
     def _load_plane_row(ptr, offs, mask, lo, inv, NORMALIZE: tl.constexpr):
-        """Values at ``ptr + offs`` (offs: an int tensor, or a constant added to a pointer tensor), as fp32."""
+        """Values at ``ptr + offs`` (offs: an int tensor, or a constant added to a pointer tensor),
+        as fp32."""
         v = _load(ptr + offs, mask).to(tl.float32)
         if NORMALIZE:
             v = (v - lo) * inv
@@ -126,7 +145,8 @@ if triton is not None:
 
     @triton.jit
     def _load_shifted(ptr, offs, mask, lo, NORMALIZE: tl.constexpr):
-        """Values at ``ptr + offs`` as fp32, less ``lo`` with ``NORMALIZE`` (the min-max rescaling's shift)."""
+        """Values at ``ptr + offs`` as fp32, less ``lo`` with ``NORMALIZE`` (the min-max rescaling's
+        shift)."""
         v = _load(ptr + offs, mask).to(tl.float32)
         if NORMALIZE:
             v = v - lo
@@ -134,7 +154,8 @@ if triton is not None:
 
     @triton.jit
     def _program_tile(pid, n_col_blocks, n_row_blocks, ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
-        """(plane, first row, columns) of a program: planes outermost, then row chunks, then column strips."""
+        """(plane, first row, columns) of a program: planes outermost, then row chunks, then column
+        strips."""
         plane = pid // (n_col_blocks * n_row_blocks)
         rest = pid % (n_col_blocks * n_row_blocks)
         row0 = (rest // n_col_blocks) * ROWS
@@ -145,11 +166,28 @@ if triton is not None:
     def _plane_norm(norm_ptr, plane, NORM_STRIDE: tl.constexpr):
         """The plane's min-max normalisation: (lo_x, inv_x, lo_y, inv_y, hi_x)."""
         base = norm_ptr + plane * NORM_STRIDE
-        return tl.load(base), tl.load(base + 1), tl.load(base + 2), tl.load(base + 3), tl.load(base + 4)
+        return (
+            tl.load(base),
+            tl.load(base + 1),
+            tl.load(base + 2),
+            tl.load(base + 3),
+            tl.load(base + 4),
+        )
 
     @triton.jit
-    def _horizontal_stats(x_plane, y_plane, at, m, lo_x, inv_x, lo_y, inv_y, zero,
-                          WH: tl.constexpr, NORMALIZE: tl.constexpr):
+    def _horizontal_stats(
+        x_plane,
+        y_plane,
+        at,
+        m,
+        lo_x,
+        inv_x,
+        lo_y,
+        inv_y,
+        zero,
+        WH: tl.constexpr,
+        NORMALIZE: tl.constexpr,
+    ):
         """
         The 1-D window ``WH`` along rows of x, y, x^2, y^2, xy at offsets ``at`` (a row, or a
         tile of rows), of the normalised maps with ``NORMALIZE``.
@@ -183,7 +221,8 @@ if triton is not None:
 
     @triton.jit
     def _ssim_and_derivatives(mu_x, mu_y, e_xx, e_yy, e_xy, c1, c2):
-        """SSIM from the local statistics, and dS/d mu_x, dS/d E[x^2], dS/d E[xy] (y is the constant teacher)."""
+        """SSIM from the local statistics, and dS/d mu_x, dS/d E[x^2], dS/d E[xy] (y is the constant
+        teacher)."""
         n1 = 2.0 * mu_x * mu_y + c1
         n2 = 2.0 * (e_xy - mu_x * mu_y) + c2
         d1 = mu_x * mu_x + mu_y * mu_y + c1
@@ -196,8 +235,21 @@ if triton is not None:
         return s, g_mu, g_xx, g_xy
 
     @triton.jit
-    def _stats_plane(plane, x_ptr, y_ptr, d_mu_ptr, d_exx_ptr, d_exy_ptr, c1_ptr, c2_ptr, H, W, HO, DS,
-                     PAD: tl.constexpr):
+    def _stats_plane(
+        plane,
+        x_ptr,
+        y_ptr,
+        d_mu_ptr,
+        d_exx_ptr,
+        d_exy_ptr,
+        c1_ptr,
+        c2_ptr,
+        H,
+        W,
+        HO,
+        DS,
+        PAD: tl.constexpr,
+    ):
         """
         A plane's (c1, c2) and pointers to its x, y and derivative maps (row stride DS, PAD zero
         columns): per-row offsets from them fit in 32 bits.
@@ -207,11 +259,22 @@ if triton is not None:
         x_plane = x_ptr + plane.to(tl.int64) * H * W
         y_plane = y_ptr + plane.to(tl.int64) * H * W
         d_plane = plane.to(tl.int64) * HO * DS + PAD
-        return c1, c2, x_plane, y_plane, d_mu_ptr + d_plane, d_exx_ptr + d_plane, d_exy_ptr + d_plane
+        return (
+            c1,
+            c2,
+            x_plane,
+            y_plane,
+            d_mu_ptr + d_plane,
+            d_exx_ptr + d_plane,
+            d_exy_ptr + d_plane,
+        )
 
     @triton.jit
-    def _ssim_output(d_mu_ptr, d_exx_ptr, d_exy_ptr, offs, ok, s, g_mu, g_xx, g_xy, total, BACKWARD: tl.constexpr):
-        """Backward: the three SSIM derivatives stored at ``offs``; forward: SSIM added to ``total``."""
+    def _ssim_output(
+        d_mu_ptr, d_exx_ptr, d_exy_ptr, offs, ok, s, g_mu, g_xx, g_xy, total, BACKWARD: tl.constexpr
+    ):
+        """Backward: the three SSIM derivatives stored at ``offs``; forward: SSIM added to
+        ``total``."""
         if BACKWARD:
             tl.store(d_mu_ptr + offs, g_mu, mask=ok)
             tl.store(d_exx_ptr + offs, g_xx, mask=ok)
@@ -241,8 +304,29 @@ if triton is not None:
         return h_mu, h_xx, h_xy
 
     @triton.jit
-    def _store_grad(x_ptr, y_ptr, grad_ptr, offs, ok, ld_offs, ld_mask, g_mu, g_xx, g_xy, scale,
-                    lo_x, inv_x, lo_y, inv_y, hi_x, sum_gx, sum_g, n_lo, n_hi, NORMALIZE: tl.constexpr):
+    def _store_grad(
+        x_ptr,
+        y_ptr,
+        grad_ptr,
+        offs,
+        ok,
+        ld_offs,
+        ld_mask,
+        g_mu,
+        g_xx,
+        g_xy,
+        scale,
+        lo_x,
+        inv_x,
+        lo_y,
+        inv_y,
+        hi_x,
+        sum_gx,
+        sum_g,
+        n_lo,
+        n_hi,
+        NORMALIZE: tl.constexpr,
+    ):
         """
         g' = scale * (W^T d_mu + 2 x' W^T d_exx + y' W^T d_exy) at ``offs`` where ``ok``, x',
         y' the (normalised) inputs, loaded from ``ld_offs`` (``offs``, or where lanes outside
@@ -275,7 +359,8 @@ if triton is not None:
 
     @triton.jit
     def _window_sum(rows, WV: tl.constexpr, REVERSED: tl.constexpr):
-        """sum_i WV[i] * rows[i] (``REVERSED``: WV[KH - 1 - i]) over a tuple of KH (BLOCK_W,) rows."""
+        """sum_i WV[i] * rows[i] (``REVERSED``: WV[KH - 1 - i]) over a tuple of KH (BLOCK_W,)
+        rows."""
         acc = WV[len(WV) - 1 if REVERSED else 0] * rows[0]
         for i in tl.static_range(1, len(WV)):
             acc += WV[len(WV) - 1 - i if REVERSED else i] * rows[i]
@@ -283,10 +368,30 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=SIZE_ARGS, do_not_specialize_on_alignment=SLICED_ARGS)
     def _ssim_stats_unrolled_kernel(
-        x_ptr, y_ptr, norm_ptr, c1_ptr, c2_ptr, partial_ptr, d_mu_ptr, d_exx_ptr, d_exy_ptr,
-        H, W, HO, WO, DS, n_col_blocks, n_row_blocks,
-        WV: tl.constexpr, WH: tl.constexpr, UNROLL: tl.constexpr, BLOCK_W: tl.constexpr, ROWS: tl.constexpr,
-        BACKWARD: tl.constexpr, NORMALIZE: tl.constexpr, NORM_STRIDE: tl.constexpr,
+        x_ptr,
+        y_ptr,
+        norm_ptr,
+        c1_ptr,
+        c2_ptr,
+        partial_ptr,
+        d_mu_ptr,
+        d_exx_ptr,
+        d_exy_ptr,
+        H,
+        W,
+        HO,
+        WO,
+        DS,
+        n_col_blocks,
+        n_row_blocks,
+        WV: tl.constexpr,
+        WH: tl.constexpr,
+        UNROLL: tl.constexpr,
+        BLOCK_W: tl.constexpr,
+        ROWS: tl.constexpr,
+        BACKWARD: tl.constexpr,
+        NORMALIZE: tl.constexpr,
+        NORM_STRIDE: tl.constexpr,
     ):
         """
         Per output position of a (plane, column strip, row chunk): SSIM (sum) or its
@@ -300,7 +405,20 @@ if triton is not None:
         plane, row0, cols = _program_tile(pid, n_col_blocks, n_row_blocks, ROWS, BLOCK_W)
         col_ok = cols < WO
         c1, c2, x_plane, y_plane, d_mu_plane, d_exx_plane, d_exy_plane = _stats_plane(
-            plane, x_ptr, y_ptr, d_mu_ptr, d_exx_ptr, d_exy_ptr, c1_ptr, c2_ptr, H, W, HO, DS, len(WH) - 1)
+            plane,
+            x_ptr,
+            y_ptr,
+            d_mu_ptr,
+            d_exx_ptr,
+            d_exy_ptr,
+            c1_ptr,
+            c2_ptr,
+            H,
+            W,
+            HO,
+            DS,
+            len(WH) - 1,
+        )
         lo_x, inv_x, lo_y, inv_y, hi_x = _plane_norm(norm_ptr, plane, NORM_STRIDE)
         # loads are unmasked: lanes past the last output column read the plane's last window
         # and rows past H its last row; what they produce is masked where it is stored
@@ -320,20 +438,47 @@ if triton is not None:
             for k in tl.static_range(UNROLL):
                 r = t + k
                 h_x, h_y, h_xx, h_yy, h_xy = _horizontal_stats(
-                    x_plane, y_plane, tl.minimum(r, H - 1) * W + cols_ld, None, lo_x, inv_x, lo_y, inv_y, zero, WH,
-                    NORMALIZE)
+                    x_plane,
+                    y_plane,
+                    tl.minimum(r, H - 1) * W + cols_ld,
+                    None,
+                    lo_x,
+                    inv_x,
+                    lo_y,
+                    inv_y,
+                    zero,
+                    WH,
+                    NORMALIZE,
+                )
                 q_x = q_x[1:] + (h_x,)
                 q_y = q_y[1:] + (h_y,)
                 q_xx = q_xx[1:] + (h_xx,)
                 q_yy = q_yy[1:] + (h_yy,)
                 q_xy = q_xy[1:] + (h_xy,)
                 s, g_mu, g_xx, g_xy = _ssim_and_derivatives(
-                    _window_sum(q_x, WV, False), _window_sum(q_y, WV, False), _window_sum(q_xx, WV, False),
-                    _window_sum(q_yy, WV, False), _window_sum(q_xy, WV, False), c1, c2)
+                    _window_sum(q_x, WV, False),
+                    _window_sum(q_y, WV, False),
+                    _window_sum(q_xx, WV, False),
+                    _window_sum(q_yy, WV, False),
+                    _window_sum(q_xy, WV, False),
+                    c1,
+                    c2,
+                )
                 o = r - len(WV) + 1
                 ok = col_ok & (o >= row0) & (o < row_end)
-                total = _ssim_output(d_mu_plane, d_exx_plane, d_exy_plane, o * DS + cols, ok, s, g_mu, g_xx,
-                                     g_xy, total, BACKWARD)
+                total = _ssim_output(
+                    d_mu_plane,
+                    d_exx_plane,
+                    d_exy_plane,
+                    o * DS + cols,
+                    ok,
+                    s,
+                    g_mu,
+                    g_xx,
+                    g_xy,
+                    total,
+                    BACKWARD,
+                )
                 if not BACKWARD:
                     # without stores in the loop the compiler hoists the loads of all KH rows
                     # to its top: 255 registers and spills on sm_90; a barrier per row keeps
@@ -344,10 +489,30 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=SIZE_ARGS, do_not_specialize_on_alignment=SLICED_ARGS)
     def _ssim_grad_unrolled_kernel(
-        x_ptr, y_ptr, norm_ptr, d_mu_ptr, d_exx_ptr, d_exy_ptr, scale_ptr, grad_ptr, partial_ptr,
-        H, W, HO, WO, DS, ZERO_ROW, n_col_blocks, n_row_blocks,
-        WV: tl.constexpr, WH: tl.constexpr, UNROLL: tl.constexpr, BLOCK_W: tl.constexpr, ROWS: tl.constexpr,
-        NORMALIZE: tl.constexpr, NORM_STRIDE: tl.constexpr,
+        x_ptr,
+        y_ptr,
+        norm_ptr,
+        d_mu_ptr,
+        d_exx_ptr,
+        d_exy_ptr,
+        scale_ptr,
+        grad_ptr,
+        partial_ptr,
+        H,
+        W,
+        HO,
+        WO,
+        DS,
+        ZERO_ROW,
+        n_col_blocks,
+        n_row_blocks,
+        WV: tl.constexpr,
+        WH: tl.constexpr,
+        UNROLL: tl.constexpr,
+        BLOCK_W: tl.constexpr,
+        ROWS: tl.constexpr,
+        NORMALIZE: tl.constexpr,
+        NORM_STRIDE: tl.constexpr,
     ):
         """
         The gradient of the input rows of a (plane, column strip, row chunk), see
@@ -371,7 +536,9 @@ if triton is not None:
         d_mu_plane = d_mu_ptr + d_start + len(WH) - 1
         d_exx_plane = d_exx_ptr + d_start + len(WH) - 1
         d_exy_plane = d_exy_ptr + d_start + len(WH) - 1
-        zero_row = (ZERO_ROW - d_start).to(tl.int32)  # as a row offset from the plane; maps are chunked: < 2**31
+        zero_row = (ZERO_ROW - d_start).to(
+            tl.int32
+        )  # as a row offset from the plane; maps are chunked: < 2**31
         # lanes past the last column read (and compute from) the plane's last column, and rows
         # before the first or past the last (the first window, the last trip's extra rows) the
         # plane's first or last row: their gradient is not stored and the sums skip them
@@ -392,22 +559,42 @@ if triton is not None:
                 o = t + k
                 d_row = tl.where((o >= 0) & (o < HO), o * DS, zero_row)
                 h_mu, h_xx, h_xy = _horizontal_transposed(
-                    d_mu_plane, d_exx_plane, d_exy_plane, d_row + cols_ld, None, zero, WH)
+                    d_mu_plane, d_exx_plane, d_exy_plane, d_row + cols_ld, None, zero, WH
+                )
                 q_mu = q_mu[1:] + (h_mu,)
                 q_xx = q_xx[1:] + (h_xx,)
                 q_xy = q_xy[1:] + (h_xy,)
                 p = o
                 sum_gx, sum_g, n_lo, n_hi = _store_grad(
-                    x_plane, y_plane, grad_plane, p * W + cols, col_ok & (p >= row0) & (p < row_end),
-                    tl.minimum(tl.maximum(p, 0), H - 1) * W + cols_ld, None,
-                    _window_sum(q_mu, WV, True), _window_sum(q_xx, WV, True), _window_sum(q_xy, WV, True), scale,
-                    lo_x, inv_x, lo_y, inv_y, hi_x, sum_gx, sum_g, n_lo, n_hi, NORMALIZE)
+                    x_plane,
+                    y_plane,
+                    grad_plane,
+                    p * W + cols,
+                    col_ok & (p >= row0) & (p < row_end),
+                    tl.minimum(tl.maximum(p, 0), H - 1) * W + cols_ld,
+                    None,
+                    _window_sum(q_mu, WV, True),
+                    _window_sum(q_xx, WV, True),
+                    _window_sum(q_xy, WV, True),
+                    scale,
+                    lo_x,
+                    inv_x,
+                    lo_y,
+                    inv_y,
+                    hi_x,
+                    sum_gx,
+                    sum_g,
+                    n_lo,
+                    n_hi,
+                    NORMALIZE,
+                )
         if NORMALIZE:
             _store_sums(partial_ptr, pid, sum_gx, sum_g, n_lo, n_hi)
 
     @triton.jit(do_not_specialize=SIZE_ARGS, do_not_specialize_on_alignment=SLICED_ARGS)
     def _minmax_grad_fixup_kernel(x_ptr, grad_ptr, fix_ptr, HW, n_blocks, BLOCK: tl.constexpr):
-        """grad += c_lo where x == min, c_hi where x == max, per plane: fix = (lo, hi, c_lo, c_hi)."""
+        """grad += c_lo where x == min, c_hi where x == max, per plane:
+        fix = (lo, hi, c_lo, c_hi)."""
         pid = tl.program_id(0)
         plane = pid // n_blocks
         offs = (pid % n_blocks) * BLOCK + tl.arange(0, BLOCK)
@@ -460,12 +647,14 @@ def _derivative_maps(planes: int, ho: int, wo: int, pad: int, device) -> torch.T
     length = -(-(planes * ho * ds + ds) // 32) * 32
     rows = planes * ho
     d_maps = torch.empty((3, length), dtype=torch.float32, device=device)
-    d_maps[:, rows * ds:].zero_()
+    d_maps[:, rows * ds :].zero_()
     if pad:
         d_maps[:, :pad].zero_()
         # a row's right padding and the next row's left padding are adjacent: one fill of
         # rows runs of 2 pad values (the last run ends in the zero row), not two of pad
-        d_maps.as_strided((3, rows, 2 * pad), (length, ds, 1), d_maps.storage_offset() + pad + wo).zero_()
+        d_maps.as_strided(
+            (3, rows, 2 * pad), (length, ds, 1), d_maps.storage_offset() + pad + wo
+        ).zero_()
     return d_maps
 
 
@@ -493,33 +682,113 @@ class _KernelConfig(NamedTuple):
         col_blocks, row_blocks = _cdiv(cols, self.block_w), _cdiv(rows, self.rows)
         return planes * col_blocks * row_blocks, col_blocks, row_blocks
 
-    def launch_stats(self, planes, x, y, norm, window, c1, c2, partial, d_mu, d_exx, d_exy, h, w, ho, wo, ds,
-                     backward, normalize):
+    def launch_stats(
+        self,
+        planes,
+        x,
+        y,
+        norm,
+        window,
+        c1,
+        c2,
+        partial,
+        d_mu,
+        d_exx,
+        d_exy,
+        h,
+        w,
+        ho,
+        wo,
+        ds,
+        backward,
+        normalize,
+    ):
         """
         The statistics kernel over output rows: SSIM partial sums (one per program), or its
         derivatives into (planes, ho, ds) maps, ``ds`` = wo + 2 (kw - 1), at column kw - 1 on.
         """
         grid, col_blocks, row_blocks = self.grid(planes, ho, wo)
         sizes = (h, w, ho, wo, ds, col_blocks, row_blocks)
-        common = dict(WH=window.wh, BLOCK_W=self.block_w, ROWS=self.rows, BACKWARD=backward, NORMALIZE=normalize,
-                      NORM_STRIDE=NORM_STRIDE, num_warps=self.num_warps)
-        _ssim_stats_unrolled_kernel[(grid,)](x, y, norm, c1, c2, partial, d_mu, d_exx, d_exy,
-                                             *sizes, WV=window.wv,
-                                             UNROLL=self.unroll(len(window.wv)), **common)
+        common = dict(
+            WH=window.wh,
+            BLOCK_W=self.block_w,
+            ROWS=self.rows,
+            BACKWARD=backward,
+            NORMALIZE=normalize,
+            NORM_STRIDE=NORM_STRIDE,
+            num_warps=self.num_warps,
+        )
+        _ssim_stats_unrolled_kernel[(grid,)](
+            x,
+            y,
+            norm,
+            c1,
+            c2,
+            partial,
+            d_mu,
+            d_exx,
+            d_exy,
+            *sizes,
+            WV=window.wv,
+            UNROLL=self.unroll(len(window.wv)),
+            **common
+        )
 
-    def launch_grad(self, planes, x, y, norm, d_mu, d_exx, d_exy, window, scale, grad, partial, h, w, ho, wo, ds,
-                    normalize):
+    def launch_grad(
+        self,
+        planes,
+        x,
+        y,
+        norm,
+        d_mu,
+        d_exx,
+        d_exy,
+        window,
+        scale,
+        grad,
+        partial,
+        h,
+        w,
+        ho,
+        wo,
+        ds,
+        normalize,
+    ):
         """
         The gradient kernel over input rows; ``partial`` holds 4 values per program (see
         grid).  The derivative maps hold ``planes`` (ho, ds) planes, then a row of ds zeros.
         """
         grid, col_blocks, row_blocks = self.grid(planes, h, w)
-        common = dict(WH=window.wh, BLOCK_W=self.block_w, ROWS=self.rows, NORMALIZE=normalize,
-                      NORM_STRIDE=NORM_STRIDE, num_warps=self.num_warps)
-        _ssim_grad_unrolled_kernel[(grid,)](x, y, norm, d_mu, d_exx, d_exy, scale, grad, partial,
-                                            h, w, ho, wo, ds, planes * ho * ds, col_blocks,
-                                            row_blocks, WV=window.wv,
-                                            UNROLL=self.unroll(len(window.wv)), **common)
+        common = dict(
+            WH=window.wh,
+            BLOCK_W=self.block_w,
+            ROWS=self.rows,
+            NORMALIZE=normalize,
+            NORM_STRIDE=NORM_STRIDE,
+            num_warps=self.num_warps,
+        )
+        _ssim_grad_unrolled_kernel[(grid,)](
+            x,
+            y,
+            norm,
+            d_mu,
+            d_exx,
+            d_exy,
+            scale,
+            grad,
+            partial,
+            h,
+            w,
+            ho,
+            wo,
+            ds,
+            planes * ho * ds,
+            col_blocks,
+            row_blocks,
+            WV=window.wv,
+            UNROLL=self.unroll(len(window.wv)),
+            **common
+        )
 
 
 class _Window(NamedTuple):
@@ -577,11 +846,35 @@ class _FusedSSIMMean(torch.autograd.Function):
         if normalize:
             lo_x, hi_x, inv_x, unclamped = _minmax(x)
             lo_y, _, inv_y, _ = _minmax(y)
-            norm[:, 0], norm[:, 1], norm[:, 2], norm[:, 3], norm[:, 4] = lo_x, inv_x, lo_y, inv_y, hi_x
+            norm[:, 0], norm[:, 1], norm[:, 2], norm[:, 3], norm[:, 4] = (
+                lo_x,
+                inv_x,
+                lo_y,
+                inv_y,
+                hi_x,
+            )
         config = _KernelConfig.current()
         partial = torch.empty(config.grid(planes, ho, wo)[0], dtype=torch.float32, device=x.device)
-        config.launch_stats(planes, x, y, norm, window, c1, c2, partial, partial, partial, partial,
-                            h, w, ho, wo, wo, False, normalize)
+        config.launch_stats(
+            planes,
+            x,
+            y,
+            norm,
+            window,
+            c1,
+            c2,
+            partial,
+            partial,
+            partial,
+            partial,
+            h,
+            w,
+            ho,
+            wo,
+            wo,
+            False,
+            normalize,
+        )
         count = planes * ho * wo
         ctx.save_for_backward(x, y, c1, c2, norm, unclamped if normalize else norm)
         ctx.shape = (n, c, h, w, ho, wo, kh, kw, count)
@@ -612,32 +905,84 @@ class _FusedSSIMMean(torch.autograd.Function):
             p1 = min(planes, p0 + chunk)
             if p1 - p0 < chunk:
                 # a shorter last chunk's zero row is a row of the previous chunk's planes
-                d_maps[:, (p1 - p0) * ho * ds:(p1 - p0) * ho * ds + ds].zero_()
+                d_maps[:, (p1 - p0) * ho * ds : (p1 - p0) * ho * ds + ds].zero_()
             cx, cy, cnorm, cgrad = x[p0:p1], y[p0:p1], norm[p0:p1], grad[p0:p1]
-            config.launch_stats(p1 - p0, cx, cy, cnorm, window, c1[p0:p1], c2[p0:p1], d_mu, d_mu, d_exx, d_exy,
-                                h, w, ho, wo, ds, True, normalize)
+            config.launch_stats(
+                p1 - p0,
+                cx,
+                cy,
+                cnorm,
+                window,
+                c1[p0:p1],
+                c2[p0:p1],
+                d_mu,
+                d_mu,
+                d_exx,
+                d_exy,
+                h,
+                w,
+                ho,
+                wo,
+                ds,
+                True,
+                normalize,
+            )
             # per program: the four sums above; without normalisation the kernel stores none
-            partial = (torch.empty((config.grid(p1 - p0, h, w)[0], 4), dtype=torch.float32, device=x.device)
-                       if normalize else scale)
-            config.launch_grad(p1 - p0, cx, cy, cnorm, d_mu, d_exx, d_exy, window, scale, cgrad, partial,
-                               h, w, ho, wo, ds, normalize)
+            partial = (
+                torch.empty(
+                    (config.grid(p1 - p0, h, w)[0], 4), dtype=torch.float32, device=x.device
+                )
+                if normalize
+                else scale
+            )
+            config.launch_grad(
+                p1 - p0,
+                cx,
+                cy,
+                cnorm,
+                d_mu,
+                d_exx,
+                d_exy,
+                window,
+                scale,
+                cgrad,
+                partial,
+                h,
+                w,
+                ho,
+                wo,
+                ds,
+                normalize,
+            )
             if normalize:
                 sums[p0:p1] = partial.view(p1 - p0, -1, 4).sum(1)
         del d_maps, d_mu, d_exx, d_exy
         if normalize:
             # x' = (x - lo) * inv, inv = 1 / clamp_min(hi - lo, eps):
-            # dL/dlo = inv * (u * sum g'x' - sum g'), dL/dhi = -u * inv * sum g'x', u = [hi - lo >= eps];
+            # dL/dlo = inv * (u * sum g'x' - sum g'), dL/dhi = -u * inv * sum g'x',
+            # u = [hi - lo >= eps];
             # amin/amax share their gradient equally between the positions holding the extreme
             sum_gx, sum_g, n_lo, n_hi = sums.unbind(1)
             inv, u = norm[:, 1], unclamped.float()
-            fix = torch.stack([norm[:, 0], norm[:, 4], inv * (u * sum_gx - sum_g) / n_lo,
-                               -u * inv * sum_gx / n_hi], dim=1).contiguous()
+            fix = torch.stack(
+                [
+                    norm[:, 0],
+                    norm[:, 4],
+                    inv * (u * sum_gx - sum_g) / n_lo,
+                    -u * inv * sum_gx / n_hi,
+                ],
+                dim=1,
+            ).contiguous()
             n_blocks = _cdiv(h * w, FIXUP_BLOCK)
-            _minmax_grad_fixup_kernel[(planes * n_blocks,)](x, grad, fix, h * w, n_blocks, BLOCK=FIXUP_BLOCK)
+            _minmax_grad_fixup_kernel[(planes * n_blocks,)](
+                x, grad, fix, h * w, n_blocks, BLOCK=FIXUP_BLOCK
+            )
         return grad.view(n, c, h, w), None, None, None, None, None, None
 
 
-def fused_ssim_mean(x, y, window_size=11, sigma=1.5, c1=0.01**2, c2=0.03**2, normalize=False) -> torch.Tensor:
+def fused_ssim_mean(
+    x, y, window_size=11, sigma=1.5, c1=0.01**2, c2=0.03**2, normalize=False
+) -> torch.Tensor:
     """
     Mean SSIM of (N, C, H, W) tensors ``x`` (gets a gradient) and ``y``
     (constant), equal to ``ssim_map(x, y, ...).mean()``, or with ``normalize`` to
@@ -650,12 +995,17 @@ def fused_ssim_mean(x, y, window_size=11, sigma=1.5, c1=0.01**2, c2=0.03**2, nor
     if window_size > MAX_WINDOW:
         raise ValueError("the fused SSIM kernel supports windows up to {} taps".format(MAX_WINDOW))
     if x.shape != y.shape or x.dim() != 4:
-        raise ValueError("fused_ssim_mean expects two (N, C, H, W) tensors of one shape, got {} and {}".format(
-            tuple(x.shape), tuple(y.shape)))
+        raise ValueError(
+            "fused_ssim_mean expects two (N, C, H, W) tensors of one shape, got {} and {}".format(
+                tuple(x.shape), tuple(y.shape)
+            )
+        )
     return _FusedSSIMMean.apply(x, y.detach(), window_size, sigma, c1, c2, bool(normalize))
 
 
-def fused_ssim_feature_loss(student, teacher, window_size, sigma, k1, k2, normalize) -> torch.Tensor:
+def fused_ssim_feature_loss(
+    student, teacher, window_size, sigma, k1, k2, normalize
+) -> torch.Tensor:
     """One level of :class:`SSIMFeatureLoss`: ``(1 - mean SSIM) / 2``, fused on the GPU."""
     teacher = teacher.detach()
     if normalize == "minmax":
@@ -663,6 +1013,7 @@ def fused_ssim_feature_loss(student, teacher, window_size, sigma, k1, k2, normal
     else:
         flat = teacher.flatten(2)
         value_range = (flat.amax(dim=2) - flat.amin(dim=2)).clamp_min(1e-6).flatten()
-        mean = fused_ssim_mean(student, teacher, window_size, sigma, (k1 * value_range) ** 2,
-                               (k2 * value_range) ** 2)
+        mean = fused_ssim_mean(
+            student, teacher, window_size, sigma, (k1 * value_range) ** 2, (k2 * value_range) ** 2
+        )
     return (1.0 - mean) / 2.0

@@ -9,8 +9,14 @@ from detectron2.config import configurable
 from .precision import at_least_fp32
 from .registry import DISTILL_LOSS_REGISTRY, DistillLoss
 
-__all__ = ["channel_statistics", "channel_statistics_loss", "adain", "head_output_loss",
-           "ChannelStatisticsLoss", "AdaINHeadLoss"]
+__all__ = [
+    "channel_statistics",
+    "channel_statistics_loss",
+    "adain",
+    "head_output_loss",
+    "ChannelStatisticsLoss",
+    "AdaINHeadLoss",
+]
 
 
 def channel_statistics(x: torch.Tensor, eps: float = 1e-5) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -28,7 +34,9 @@ def channel_statistics(x: torch.Tensor, eps: float = 1e-5) -> Tuple[torch.Tensor
     return mean, std
 
 
-def channel_statistics_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> torch.Tensor:
+def channel_statistics_loss(
+    student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]
+) -> torch.Tensor:
     """
     ((mu_s - mu_t)^2 + (sigma_s - sigma_t)^2) / mean(sigma_t^2) per (image, channel),
     averaged over images and channels, then over levels.  The teacher's statistics are
@@ -67,7 +75,9 @@ def adain(content: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch
     return normalized * std[..., None, None] + mean[..., None, None]
 
 
-def head_output_loss(judged: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> torch.Tensor:
+def head_output_loss(
+    judged: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]
+) -> torch.Tensor:
     """
     Mean squared difference of a head's outputs on AdaIN features and on the originals,
     divided by the variance of the originals (scale-free, like the statistics loss),
@@ -122,8 +132,9 @@ class AdaINHeadLoss(_StatisticsLoss):
 
     short_name = "adain"
 
-    def __call__(self, student, teacher, *,
-                 head: Callable[[List[torch.Tensor], bool], List[torch.Tensor]]):
+    def __call__(
+        self, student, teacher, *, head: Callable[[List[torch.Tensor], bool], List[torch.Tensor]]
+    ):
         transplanted = []
         for s, t in zip(student, teacher):
             mean, std = channel_statistics(s)

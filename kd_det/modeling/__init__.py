@@ -1,12 +1,5 @@
 """Distillation meta-architectures (registered in Detectron2's META_ARCH_REGISTRY on import)."""
 
-from .meta_arch import (
-    BiFPNSelfTeacher,
-    DistillGeneralizedRCNN,
-    DistillRetinaNet,
-    SelfDistillGeneralizedRCNN,
-    SelfDistillRetinaNet,
-)
 from .distillers import (
     ChannelStatsDistiller,
     Connector,
@@ -17,8 +10,15 @@ from .distillers import (
     TeacherImportanceGate,
     match_levels,
 )
-from .recorders import AnchorMatchRecorder, ModuleOutputRecorder, Source
 from .inherit import inherit_teacher_weights
+from .meta_arch import (
+    BiFPNSelfTeacher,
+    DistillGeneralizedRCNN,
+    DistillRetinaNet,
+    SelfDistillGeneralizedRCNN,
+    SelfDistillRetinaNet,
+)
+from .recorders import AnchorMatchRecorder, ModuleOutputRecorder, Source
 from .teacher import FrozenTeacher, build_teacher, build_teachers
 
 __all__ = [k for k in globals().keys() if not k.startswith("_")]

@@ -27,16 +27,25 @@ def _uncrop(lmap: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 def check_distillation_model(model) -> None:
-    """Raise ValueError, naming the fix, unless ``model`` is a one-teacher ``Distill*`` model imitating features."""
+    """Raise ValueError, naming the fix, unless ``model`` is a one-teacher ``Distill*`` model
+    imitating features."""
     if not isinstance(model, DistillMixin):
-        raise ValueError("{} has no teacher: distillation maps need a Distill* meta-architecture (a distillation "
-                         "config, not the teacher's or a released student's)".format(type(model).__name__))
+        raise ValueError(
+            "{} has no teacher: distillation maps need a Distill* meta-architecture (a "
+            "distillation config, not the teacher's or a released student's)".format(
+                type(model).__name__
+            )
+        )
     if getattr(model, "kd_multi_teacher", None) is not None:
-        raise ValueError("KD.MULTI_TEACHER: each teacher has its own adapters and per-image weights; maps are "
-                         "drawn for one teacher only (use a config with KD.TEACHER alone)")
+        raise ValueError(
+            "KD.MULTI_TEACHER: each teacher has its own adapters and per-image weights; maps are "
+            "drawn for one teacher only (use a config with KD.TEACHER alone)"
+        )
     if model.kd_feature is None:
-        raise ValueError("the config imitates no features (KD.FEATURE.ENABLED is False): set it "
-                         "True, with KD.FEATURE.LOSS the loss to map, e.g. SSIMFeatureLoss")
+        raise ValueError(
+            "the config imitates no features (KD.FEATURE.ENABLED is False): set it "
+            "True, with KD.FEATURE.LOSS the loss to map, e.g. SSIMFeatureLoss"
+        )
 
 
 @torch.no_grad()
@@ -71,12 +80,18 @@ def distillation_maps(model, batched_inputs: List[Dict]) -> List[Dict]:
             s, t = student[i], teacher[name].to(student[i].dtype)
             lmap = distiller.loss.loss_map(s.float(), t.float())[0].mean(dim=0)  # (H', W')
             height, width = s.shape[-2:]
-            level = {"teacher": _activation(t[0]).cpu(), "student": _activation(s[0]).cpu(),
-                     "loss": _uncrop(lmap, height, width).cpu(), "loss_mean": float(lmap.mean())}
+            level = {
+                "teacher": _activation(t[0]).cpu(),
+                "student": _activation(s[0]).cpu(),
+                "loss": _uncrop(lmap, height, width).cpu(),
+                "loss_mean": float(lmap.mean()),
+            }
             pw = None if weights is None else weights[i]
             if pw is not None:
                 level["pfi"] = pw[0].float().cpu()
-                level["pfi_loss"] = float(distiller.loss.level_loss(s.float(), t.float(), pw.float()))
+                level["pfi_loss"] = float(
+                    distiller.loss.level_loss(s.float(), t.float(), pw.float())
+                )
             levels[name] = level
             total += distiller.level_weights[i] * level.get("pfi_loss", level["loss_mean"])
         results.append({"levels": levels, "loss": distiller.weight * total})
@@ -84,7 +99,8 @@ def distillation_maps(model, batched_inputs: List[Dict]) -> List[Dict]:
 
 
 def _position_weights(model, features, teacher_features) -> Optional[List[Optional[torch.Tensor]]]:
-    """PFI's per-level (1, H, W) weights, as the RetinaNet student's forward computes them; None without PFI."""
+    """PFI's per-level (1, H, W) weights, as the RetinaNet student's forward computes them; None
+    without PFI."""
     if not getattr(model, "pfi", False):
         return None
     student_logits = model.head([features[f] for f in model.head_in_features])[0]

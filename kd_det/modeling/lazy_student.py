@@ -45,10 +45,15 @@ from ..config.renames import RENAMED_KEYS, rename_config_dict
 from ..config.student import student_model_call
 from .meta_arch import DistillMixin
 
-__all__ = ["lazy_student_model",
-           # the deprecated kd={...} form
-           "lazy_distilled_model", "build_distilled_model", "lazy_self_distilled_model",
-           "build_self_distilled_model", "kd_node"]
+__all__ = [
+    "lazy_student_model",
+    # the deprecated kd={...} form
+    "lazy_distilled_model",
+    "build_distilled_model",
+    "lazy_self_distilled_model",
+    "build_self_distilled_model",
+    "kd_node",
+]
 
 
 #: The LazyCall of the student alone (:func:`kd_det.config.student.student_model_call`), for
@@ -61,11 +66,13 @@ lazy_student_model = student_model_call
 
 # --- the deprecated kd={...} form -------------------------------------------------------
 
-_NEW_FORM = ("compose the distillation directly, as configs/**/*_lazy.py do: "
-             "model._target_ = DistillGeneralizedRCNN (or DistillRetinaNet, SelfDistill...); "
-             "model.teacher = L(build_teacher)(config=..., weights=...); "
-             "model.feature_distiller = L(FeatureDistiller)(...); and train.teacher_eval = "
-             "dict(enabled=..., min_ap=...) for KD.TEACHER.EVAL_BEFORE_TRAIN/MIN_AP")
+_NEW_FORM = (
+    "compose the distillation directly, as configs/**/*_lazy.py do: "
+    "model._target_ = DistillGeneralizedRCNN (or DistillRetinaNet, SelfDistill...); "
+    "model.teacher = L(build_teacher)(config=..., weights=...); "
+    "model.feature_distiller = L(FeatureDistiller)(...); and train.teacher_eval = "
+    "dict(enabled=..., min_ap=...) for KD.TEACHER.EVAL_BEFORE_TRAIN/MIN_AP"
+)
 _WARNED = set()
 
 
@@ -74,10 +81,13 @@ def _warn_old_form() -> None:
     if _WARNED:
         return
     _WARNED.add("kd")
-    warnings.warn("a LazyConfig student with kd={...} (kd_det.modeling.lazy_student."
-                  "lazy_distilled_model / build_distilled_model and their self-distillation "
-                  "twins) is deprecated and still builds; " + _NEW_FORM, FutureWarning,
-                  stacklevel=3)
+    warnings.warn(
+        "a LazyConfig student with kd={...} (kd_det.modeling.lazy_student."
+        "lazy_distilled_model / build_distilled_model and their self-distillation "
+        "twins) is deprecated and still builds; " + _NEW_FORM,
+        FutureWarning,
+        stacklevel=3,
+    )
 
 
 # KD keys that only the yacs training loop (KDTrainer, tools/train_net.py) reads (the old
@@ -85,9 +95,11 @@ def _warn_old_form() -> None:
 # self-distillation) is built from a yacs config only.
 _YACS_ONLY_KEYS = ("TRAINER", "CURRICULUM", "SELF")
 # where a LazyConfig says the same
-_LAZY_FORM = {"CURRICULUM": " (in a LazyConfig the curriculum is the training loader's sampler: "
-                            "dataloader.train.sampler = L(kd_det.data.curriculum.curriculum_sampler)(...))",
-              "SELF": " (self-distillation, which has no teacher, is lazy_self_distilled_model(student, kd))"}
+_LAZY_FORM = {
+    "CURRICULUM": " (in a LazyConfig the curriculum is the training loader's sampler: "
+    "dataloader.train.sampler = L(kd_det.data.curriculum.curriculum_sampler)(...))",
+    "SELF": " (self-distillation, which has no teacher, is lazy_self_distilled_model(student, kd))",
+}
 
 
 def _to_dict(node) -> Dict:
@@ -126,21 +138,31 @@ def kd_node(kd: Mapping, self_distillation: bool = False) -> CfgNode:
     ``self_distillation`` student).
     """
     kd = _to_dict(kd)
-    refused = [k for k in _dotted_keys(kd) if k in _YACS_ONLY_KEYS and not (self_distillation and k == "SELF")]
+    refused = [
+        k
+        for k in _dotted_keys(kd)
+        if k in _YACS_ONLY_KEYS and not (self_distillation and k == "SELF")
+    ]
     if refused:
         yacs_key = RENAMED_KEYS.get("KD." + refused[0], "KD." + refused[0])
-        raise ValueError("kd={{...}} of a LazyConfig student sets KD.{}, which only "
-                         "tools/train_net.py's KDTrainer reads (a yacs config's {}). Remove it{}, "
-                         "or write the student as a yacs config".format(
-                             refused[0], yacs_key, _LAZY_FORM.get(refused[0], "")))
+        raise ValueError(
+            "kd={{...}} of a LazyConfig student sets KD.{}, which only "
+            "tools/train_net.py's KDTrainer reads (a yacs config's {}). Remove it{}, "
+            "or write the student as a yacs config".format(
+                refused[0], yacs_key, _LAZY_FORM.get(refused[0], "")
+            )
+        )
     kd = rename_config_dict({"KD": kd}, source="kd={...} of a LazyConfig student")["KD"]
     node = get_kd_cfg().KD
     try:
         node.merge_from_other_cfg(CfgNode(_ints_as_floats(kd, node)))
     except (KeyError, ValueError) as e:
-        raise ValueError("kd={{...}} of a LazyConfig student does not fit kd_det's KD keys ({}). It takes the keys "
-                         "of the yacs KD node (kd_det/config/defaults.py), e.g. {{'TEACHER': {{'CONFIG': ..., 'WEIGHTS': ...}}, "
-                         "'FEATURE': {{'LOSS': 'SSIMFeatureLoss'}}}}".format(e)) from e
+        raise ValueError(
+            "kd={{...}} of a LazyConfig student does not fit kd_det's KD keys ({}). It takes the "
+            "keys of the yacs KD node (kd_det/config/defaults.py), e.g. "
+            "{{'TEACHER': {{'CONFIG': ..., 'WEIGHTS': ...}}, "
+            "'FEATURE': {{'LOSS': 'SSIMFeatureLoss'}}}}".format(e)
+        ) from e
     return node
 
 
@@ -150,9 +172,13 @@ def _distill_class(meta_architecture: str):
     except KeyError:
         cls = None
     if cls is None or not (isinstance(cls, type) and issubclass(cls, DistillMixin)):
-        names = sorted(k for k, c in META_ARCH_REGISTRY if isinstance(c, type) and issubclass(c, DistillMixin))
-        raise ValueError("{!r} is not a kd_det distillation meta-architecture with a teacher; a LazyConfig student "
-                         "is one of {}".format(meta_architecture, names))
+        names = sorted(
+            k for k, c in META_ARCH_REGISTRY if isinstance(c, type) and issubclass(c, DistillMixin)
+        )
+        raise ValueError(
+            "{!r} is not a kd_det distillation meta-architecture with a teacher; a LazyConfig "
+            "student is one of {}".format(meta_architecture, names)
+        )
     return cls
 
 
@@ -163,20 +189,27 @@ def _self_distill_class(meta_architecture: str):
         cls = None
     if cls is None or not hasattr(cls, "self_distill_kwargs"):
         names = sorted(k for k, c in META_ARCH_REGISTRY if hasattr(c, "self_distill_kwargs"))
-        raise ValueError("{!r} is not a kd_det self-distillation meta-architecture; one of {}".format(
-            meta_architecture, names))
+        raise ValueError(
+            "{!r} is not a kd_det self-distillation meta-architecture; one of {}".format(
+                meta_architecture, names
+            )
+        )
     return cls
 
 
 def _target_name(node) -> str:
     target = node.get("_target_", None) if hasattr(node, "get") else None
     if target is None:
-        raise ValueError("lazy_distilled_model() takes the student's LazyCall, e.g. L(GeneralizedRCNN)(...), "
-                         "got {}".format(type(node).__name__))
+        raise ValueError(
+            "lazy_distilled_model() takes the student's LazyCall, e.g. L(GeneralizedRCNN)(...), "
+            "got {}".format(type(node).__name__)
+        )
     return target.rsplit(".", 1)[-1] if isinstance(target, str) else target.__name__
 
 
-def lazy_distilled_model(student, kd: Mapping, train_datasets: Sequence[str] = (), meta_architecture: str = ""):
+def lazy_distilled_model(
+    student, kd: Mapping, train_datasets: Sequence[str] = (), meta_architecture: str = ""
+):
     """
     Deprecated (see the module's docstring): the LazyCall of the distilled student,
     ``student`` (a LazyCall of GeneralizedRCNN or RetinaNet, left unchanged) built by
@@ -195,10 +228,16 @@ def lazy_distilled_model(student, kd: Mapping, train_datasets: Sequence[str] = (
     meta_architecture = meta_architecture or "Distill" + name
     cls = _distill_class(meta_architecture)
     if cls.student_meta_architecture != name:
-        raise ValueError("meta_architecture {!r} distils a {} student, but the LazyCall builds a {}: leave "
-                         "meta_architecture empty (Distill{}) or pass a {} student".format(
-                             meta_architecture, cls.student_meta_architecture, name, name,
-                             cls.student_meta_architecture))
+        raise ValueError(
+            "meta_architecture {!r} distils a {} student, but the LazyCall builds a {}: leave "
+            "meta_architecture empty (Distill{}) or pass a {} student".format(
+                meta_architecture,
+                cls.student_meta_architecture,
+                name,
+                name,
+                cls.student_meta_architecture,
+            )
+        )
     kd_node(kd)  # fail when the config loads, not after the student is built
     node = copy.deepcopy(student)
     node._target_ = build_distilled_model
@@ -230,8 +269,11 @@ def lazy_self_distilled_model(student, kd: Mapping, meta_architecture: str = "")
     meta_architecture = meta_architecture or "SelfDistill" + name
     cls = _self_distill_class(meta_architecture)
     if cls.student_meta_architecture != name or name not in _SELF_HEADS:
-        raise ValueError("meta_architecture {!r} self-distils a {} student, but the LazyCall builds a {}".format(
-            meta_architecture, cls.student_meta_architecture, name))
+        raise ValueError(
+            "meta_architecture {!r} self-distils a {} student, but the LazyCall builds a {}".format(
+                meta_architecture, cls.student_meta_architecture, name
+            )
+        )
     kd_node(kd, self_distillation=True)  # fail when the config loads
     node = copy.deepcopy(student)
     node._target_ = build_self_distilled_model
@@ -242,8 +284,9 @@ def lazy_self_distilled_model(student, kd: Mapping, meta_architecture: str = "")
     return node
 
 
-def _kd_view(meta_architecture: str, kd: Mapping, train_datasets: Sequence[str],
-             student_kwargs: Mapping) -> CfgNode:
+def _kd_view(
+    meta_architecture: str, kd: Mapping, train_datasets: Sequence[str], student_kwargs: Mapping
+) -> CfgNode:
     """
     The yacs config the old form was written in: ``KD`` from ``kd``, and the few student
     settings its ``from_config`` pieces read (meta-architecture, class count, device,
@@ -259,13 +302,16 @@ def _kd_view(meta_architecture: str, kd: Mapping, train_datasets: Sequence[str],
     # a LazyConfig model is built on the CPU; the teacher follows the student's .to()
     params = list(student_kwargs["backbone"].parameters())
     cfg.MODEL.DEVICE = str(params[0].device) if params else "cpu"
-    cfg.DATASETS.TRAIN = (train_datasets,) if isinstance(train_datasets, str) else tuple(train_datasets)
+    cfg.DATASETS.TRAIN = (
+        (train_datasets,) if isinstance(train_datasets, str) else tuple(train_datasets)
+    )
     cfg.freeze()
     return cfg
 
 
-def build_distilled_model(meta_architecture: str, kd: Mapping, train_datasets: Sequence[str] = (),
-                          **student_kwargs) -> torch.nn.Module:
+def build_distilled_model(
+    meta_architecture: str, kd: Mapping, train_datasets: Sequence[str] = (), **student_kwargs
+) -> torch.nn.Module:
     """
     Deprecated (see the module's docstring): the target of :func:`lazy_distilled_model`'s
     LazyCall, ``meta_architecture`` (e.g. DistillGeneralizedRCNN) from the student's

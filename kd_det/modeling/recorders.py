@@ -97,8 +97,12 @@ class ModuleOutputRecorder(_Recorder):
                               #  "head": ([logits per level], [box deltas per level])}
     """
 
-    def __init__(self, model: nn.Module, sources: Mapping[str, Union[str, Source]],
-                 training_only: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        sources: Mapping[str, Union[str, Source]],
+        training_only: bool = False,
+    ):
         """
         Args:
             model: the model whose submodules are recorded.
@@ -115,8 +119,11 @@ class ModuleOutputRecorder(_Recorder):
         for name, source in self.sources.items():
             if source.module not in modules:
                 self.remove()
-                raise ValueError("cannot record {!r}: {} has no submodule {!r}".format(
-                    name, type(model).__name__, source.module))
+                raise ValueError(
+                    "cannot record {!r}: {} has no submodule {!r}".format(
+                        name, type(model).__name__, source.module
+                    )
+                )
             hook = modules[source.module].register_forward_hook(self._hook(name, source))
             self._handles.append(hook)
 
@@ -139,10 +146,14 @@ class ModuleOutputRecorder(_Recorder):
 
     def __getitem__(self, name: str) -> Any:
         if name not in self._records:
-            raise KeyError("nothing recorded as {!r} since the last pop(): has {!r} run{} "
-                           "since?".format(
-                name, self.sources[name].module if name in self.sources else name,
-                " in training mode" if self.training_only else ""))
+            raise KeyError(
+                "nothing recorded as {!r} since the last pop(): has {!r} run{} "
+                "since?".format(
+                    name,
+                    self.sources[name].module if name in self.sources else name,
+                    " in training mode" if self.training_only else "",
+                )
+            )
         return self._records[name]
 
     def pop(self) -> Dict[str, Any]:
@@ -201,8 +212,9 @@ class AnchorMatchRecorder(_Recorder):
         """Matcher calls recorded since the last pop()."""
         return len(self._records.get("calls", ()))
 
-    def pop(self, num_objects: Sequence[int], num_anchors: int,
-            device: Optional[torch.device] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    def pop(
+        self, num_objects: Sequence[int], num_anchors: int, device: Optional[torch.device] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """
         The matching of the last training pass, cleared.
 
@@ -226,7 +238,8 @@ class AnchorMatchRecorder(_Recorder):
         mismatch = RuntimeError(
             "the anchor matcher's recorded calls (objects per call: {}) do not fit a batch with {} "
             "objects per image; it must run once per image in the training pass (pause the "
-            "recorder around any other matching)".format([c[0] for c in calls], list(num_objects)))
+            "recorder around any other matching)".format([c[0] for c in calls], list(num_objects))
+        )
         matched, labels = [], []
         for n in num_objects:
             if calls and calls[0][0] == n:
@@ -234,13 +247,16 @@ class AnchorMatchRecorder(_Recorder):
             elif n == 0:
                 # not called for an image without objects: as the matcher labels an empty image
                 m = torch.zeros(num_anchors, dtype=torch.int64, device=device)
-                lab = torch.full((num_anchors,), self.matcher.labels[0], dtype=torch.int8,
-                                 device=device)
+                lab = torch.full(
+                    (num_anchors,), self.matcher.labels[0], dtype=torch.int8, device=device
+                )
             else:
                 raise mismatch
             if len(m) != num_anchors:
-                raise RuntimeError("the anchor matcher labelled {} anchors, but the head predicts "
-                                   "for {}".format(len(m), num_anchors))
+                raise RuntimeError(
+                    "the anchor matcher labelled {} anchors, but the head predicts "
+                    "for {}".format(len(m), num_anchors)
+                )
             matched.append(m)
             labels.append(lab)
         if calls:

@@ -10,5 +10,14 @@ Releasing a distilled student, in two steps:
 from .deploy import ONNX_OPSET, DeploySettings, export_onnx, export_torchscript, load_student
 from .student import StudentCheckpointer, file_sha256, release_student, student_state_dict
 
-__all__ = ["StudentCheckpointer", "file_sha256", "release_student", "student_state_dict",
-           "ONNX_OPSET", "DeploySettings", "export_torchscript", "export_onnx", "load_student"]
+__all__ = [
+    "StudentCheckpointer",
+    "file_sha256",
+    "release_student",
+    "student_state_dict",
+    "ONNX_OPSET",
+    "DeploySettings",
+    "export_torchscript",
+    "export_onnx",
+    "load_student",
+]

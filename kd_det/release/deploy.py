@@ -30,8 +30,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data import detection_utils
+from detectron2.data import DatasetCatalog, MetadataCatalog, detection_utils
 from detectron2.data import transforms as T
 from detectron2.modeling import GeneralizedRCNN
 from detectron2.structures import Boxes, pairwise_iou
@@ -46,10 +45,26 @@ from ..config.detector import (
 from ..config.student import student_model_config
 from .student import StudentCheckpointer, file_sha256
 
-__all__ = ["OUTPUT_NAMES", "DeploySettings", "deploy_settings", "detections", "preprocess", "load_sample_image",
-           "load_student", "trace_student", "rounding_error", "DetectionBounds", "detection_bounds",
-           "relaxed_test_settings", "DetectionMatch", "match_detections", "compare_detections",
-           "compare_traced", "export_torchscript", "export_onnx"]
+__all__ = [
+    "OUTPUT_NAMES",
+    "DeploySettings",
+    "deploy_settings",
+    "detections",
+    "preprocess",
+    "load_sample_image",
+    "load_student",
+    "trace_student",
+    "rounding_error",
+    "DetectionBounds",
+    "detection_bounds",
+    "relaxed_test_settings",
+    "DetectionMatch",
+    "match_detections",
+    "compare_detections",
+    "compare_traced",
+    "export_torchscript",
+    "export_onnx",
+]
 
 OUTPUT_NAMES = ("boxes", "scores", "classes")
 
@@ -76,7 +91,7 @@ OUTPUT_NAMES = ("boxes", "scores", "classes")
 # scalar kernels on one thread against its AVX512 ones on two differ by at most 14% of the
 # score bound below and 17% of the box bound; float32 against float64, and eager against ONNX
 # Runtime (under the ONNX bound), by at most 4% and 1.3% (images of 64 to 1216 px).
-_U32 = 2.0 ** -24  # float32's unit roundoff
+_U32 = 2.0**-24  # float32's unit roundoff
 # Scores are sigmoid(z) (RetinaNet; slope at most 1/4) or softmax(z)_c (R-CNN; it moves by
 # at most 2 p (1 - p) max|dz| <= max|dz| / 2), in [0, 1]: |dp| <= |dz| / 2.
 SCORE_PER_LOGIT = 0.5
@@ -126,11 +141,14 @@ def deploy_settings(cfg: Union[DetectorConfig, DeploySettings]) -> DeploySetting
         return cfg
     min_size, max_size = fixed_test_resize(cfg)
     settings = detector_settings(cfg)
-    return DeploySettings(settings.input_format, min_size, max_size, settings.test_datasets,
-                          settings.train_datasets)
+    return DeploySettings(
+        settings.input_format, min_size, max_size, settings.test_datasets, settings.train_datasets
+    )
 
 
-def detections(model: torch.nn.Module, image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def detections(
+    model: torch.nn.Module, image: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """
     Detections of a GeneralizedRCNN or RetinaNet (eval mode) on one preprocessed image.
 
@@ -181,14 +199,18 @@ def load_sample_image(cfg, path: str = "") -> Tuple[np.ndarray, str]:
     settings = deploy_settings(cfg)
     if not path:
         if not settings.test_datasets:
-            raise ValueError("tracing needs a sample image: pass --sample-image PATH (the config has no "
-                             "test set to take one from)")
+            raise ValueError(
+                "tracing needs a sample image: pass --sample-image PATH (the config has no "
+                "test set to take one from)"
+            )
         name = settings.test_datasets[0]
         try:
             records = DatasetCatalog.get(name)
         except Exception as e:
-            raise ValueError("tracing needs a sample image and test set {!r} cannot be loaded ({}: {}): pass "
-                             "--sample-image PATH".format(name, type(e).__name__, e)) from e
+            raise ValueError(
+                "tracing needs a sample image and test set {!r} cannot be loaded ({}: {}): pass "
+                "--sample-image PATH".format(name, type(e).__name__, e)
+            ) from e
         if not records:
             raise ValueError("test set {!r} is empty: pass --sample-image PATH".format(name))
         path = records[0]["file_name"]
@@ -215,9 +237,14 @@ def trace_student(model: torch.nn.Module, image: torch.Tensor) -> torch.jit.Scri
 
 
 def _other_sizes(image: torch.Tensor) -> List[torch.Tensor]:
-    """``image`` and two crops of other sizes: a traced graph that baked in a shape fails on them."""
+    """``image`` and two crops of other sizes: a traced graph that baked in a shape fails on
+    them."""
     _, h, w = image.shape
-    return [image, image[:, : max(h * 3 // 4, 32), :].contiguous(), image[:, :, : max(w * 5 // 8, 32)].contiguous()]
+    return [
+        image,
+        image[:, : max(h * 3 // 4, 32), :].contiguous(),
+        image[:, :, : max(w * 5 // 8, 32)].contiguous(),
+    ]
 
 
 def _test_settings(model: torch.nn.Module) -> Tuple[torch.nn.Module, Tuple[str, str, str]]:
@@ -265,9 +292,14 @@ def rounding_error(model: torch.nn.Module) -> float:
     return total * _U32
 
 
-def detection_bounds(model: torch.nn.Module, image_size: Sequence[int],
-                     box: Optional[float] = None, score: Optional[float] = None,
-                     factor: float = 1.0, postprocessed: bool = False) -> DetectionBounds:
+def detection_bounds(
+    model: torch.nn.Module,
+    image_size: Sequence[int],
+    box: Optional[float] = None,
+    score: Optional[float] = None,
+    factor: float = 1.0,
+    postprocessed: bool = False,
+) -> DetectionBounds:
     """
     :class:`DetectionBounds` of a GeneralizedRCNN or RetinaNet (a DenseDetector) on an
     image of ``image_size`` (H, W): its test-time cutoffs, and unless given, the bounds
@@ -286,8 +318,16 @@ def detection_bounds(model: torch.nn.Module, image_size: Sequence[int],
     dz = factor * rounding_error(model)
     box = BOX_PER_LOGIT * dz * max(size) if box is None else float(box)
     score = SCORE_PER_LOGIT * dz if score is None else float(score)
-    return DetectionBounds(size, box, score, float(score_thresh), float(nms_thresh), int(cap),
-                           nms_before_clip=not rcnn, drops_empty=postprocessed or not rcnn)
+    return DetectionBounds(
+        size,
+        box,
+        score,
+        float(score_thresh),
+        float(nms_thresh),
+        int(cap),
+        nms_before_clip=not rcnn,
+        drops_empty=postprocessed or not rcnn,
+    )
 
 
 @contextlib.contextmanager
@@ -342,8 +382,11 @@ def _agree(a, b, bounds: DetectionBounds) -> Tuple[torch.Tensor, torch.Tensor, t
     """(N, M) IoU, largest coordinate difference, and whether a[i] and b[j] agree."""
     iou = pairwise_iou(Boxes(a[0]), Boxes(b[0]))
     box_diff = _box_diff(a[0], b[0])
-    agree = ((a[2][:, None] == b[2][None]) & (box_diff <= bounds.box)
-             & ((a[1][:, None] - b[1][None]).abs() <= bounds.score))
+    agree = (
+        (a[2][:, None] == b[2][None])
+        & (box_diff <= bounds.box)
+        & ((a[1][:, None] - b[1][None]).abs() <= bounds.score)
+    )
     return iou, box_diff, agree
 
 
@@ -362,8 +405,8 @@ def _iou_bound(a: torch.Tensor, b: torch.Tensor, delta: float) -> torch.Tensor:
     wi, hi = wi.clamp(min=0), hi.clamp(min=0)
     inter = wi * hi
     union = (wa * ha)[:, None] + (wb * hb)[None] - inter
-    d_inter = 2 * delta * (wi + hi) + 4 * delta ** 2
-    d_union = (2 * delta * (wa + ha) + 4 * delta ** 2)[:, None] + d_inter
+    d_inter = 2 * delta * (wi + hi) + 4 * delta**2
+    d_union = (2 * delta * (wa + ha) + 4 * delta**2)[:, None] + d_inter
     iou = torch.where(inter > 0, inter / union.clamp(min=1e-300), torch.zeros_like(inter))
     low = union - d_union
     bound = (d_inter + iou * d_union) / low.clamp(min=1e-300)
@@ -374,11 +417,19 @@ def _describe(dets, i: int, name: str) -> str:
     boxes, scores, classes = dets
     box = ", ".join("{:.2f}".format(float(v)) for v in boxes[i])
     return "detection {} of {} (class {}, score {:.6g}, box [{}])".format(
-        i, name, int(classes[i]), float(scores[i]), box)
+        i, name, int(classes[i]), float(scores[i]), box
+    )
 
 
-def _nearest(dets, i: int, others, iou: torch.Tensor, box_diff: torch.Tensor,
-             bounds: DetectionBounds, where: str) -> str:
+def _nearest(
+    dets,
+    i: int,
+    others,
+    iou: torch.Tensor,
+    box_diff: torch.Tensor,
+    bounds: DetectionBounds,
+    where: str,
+) -> str:
     """What differs between detection ``i`` and the nearest of ``others`` (by IoU, then box)."""
     if not len(others[0]):
         return "{} has no detections".format(where)
@@ -387,13 +438,15 @@ def _nearest(dets, i: int, others, iou: torch.Tensor, box_diff: torch.Tensor,
     if int(others[2][j]) != int(dets[2][i]):
         differs.append("class {} (not {})".format(int(others[2][j]), int(dets[2][i])))
     if float(box_diff[i, j]) > bounds.box:
-        differs.append("box by {:.3g} px (bound {:.3g} px)".format(float(box_diff[i, j]),
-                                                                   bounds.box))
+        differs.append(
+            "box by {:.3g} px (bound {:.3g} px)".format(float(box_diff[i, j]), bounds.box)
+        )
     score_diff = abs(float(others[1][j]) - float(dets[1][i]))
     if score_diff > bounds.score:
         differs.append("score by {:.3g} (bound {:.3g})".format(score_diff, bounds.score))
-    nearest = "the nearest in {}, its detection {} (IoU {:.3f}), ".format(where, j,
-                                                                          float(iou[i, j]))
+    nearest = "the nearest in {}, its detection {} (IoU {:.3f}), ".format(
+        where, j, float(iou[i, j])
+    )
     if not differs:
         return nearest + "agrees but is the counterpart of another"
     return nearest + "differs: " + ", ".join(differs)
@@ -403,12 +456,23 @@ def _on_border(boxes: torch.Tensor, bounds: DetectionBounds) -> torch.Tensor:
     """Whether each box (..., 4) touches the image's border, within the box bound."""
     h, w = bounds.image_size
     margin = bounds.box
-    return ((boxes[..., 0] <= margin) | (boxes[..., 1] <= margin) | (boxes[..., 2] >= w - margin)
-            | (boxes[..., 3] >= h - margin))
+    return (
+        (boxes[..., 0] <= margin)
+        | (boxes[..., 1] <= margin)
+        | (boxes[..., 2] >= w - margin)
+        | (boxes[..., 3] >= h - margin)
+    )
 
 
-def _why_absent(dets, i: int, others, iou: torch.Tensor, iou_bound: torch.Tensor,
-                bounds: DetectionBounds, where: str) -> Optional[str]:
+def _why_absent(
+    dets,
+    i: int,
+    others,
+    iou: torch.Tensor,
+    iou_bound: torch.Tensor,
+    bounds: DetectionBounds,
+    where: str,
+) -> Optional[str]:
     """
     Why detection ``i`` of one run may be absent from ``others``, the other run's, given
     that its box and score may differ there by the bounds; None where nothing explains it.
@@ -419,8 +483,9 @@ def _why_absent(dets, i: int, others, iou: torch.Tensor, iou_bound: torch.Tensor
     boxes, scores, classes = dets
     score = float(scores[i])
     if score <= bounds.score_thresh + bounds.score:
-        return "its score is within {:.2g} of the threshold {:.4g}".format(bounds.score,
-                                                                           bounds.score_thresh)
+        return "its score is within {:.2g} of the threshold {:.4g}".format(
+            bounds.score, bounds.score_thresh
+        )
     full = 0 < len(others[1]) and 0 <= bounds.max_detections <= len(others[1])
     if full and score <= float(others[1].min()) + bounds.score:
         return "it ranks near the cap of {} detections in {}".format(bounds.max_detections, where)
@@ -442,12 +507,17 @@ def _why_absent(dets, i: int, others, iou: torch.Tensor, iou_bound: torch.Tensor
         return None
     j = int(torch.nonzero(suppressors)[0])
     return "NMS in {} may suppress it by its detection {} (IoU {:.4f}, threshold {:.4g})".format(
-        where, j, float(iou[i, j]), bounds.nms_thresh)
+        where, j, float(iou[i, j]), bounds.nms_thresh
+    )
 
 
-def match_detections(a: Detections, b: Detections, bounds: DetectionBounds,
-                     candidates: Union[None, Detections, Callable[[], Detections]] = None,
-                     names: Tuple[str, str] = ("the model", "the export")) -> DetectionMatch:
+def match_detections(
+    a: Detections,
+    b: Detections,
+    bounds: DetectionBounds,
+    candidates: Union[None, Detections, Callable[[], Detections]] = None,
+    names: Tuple[str, str] = ("the model", "the export"),
+) -> DetectionMatch:
     """
     Match the detections of two runs of one detector on one image one to one, and explain
     the rest.
@@ -482,8 +552,10 @@ def match_detections(a: Detections, b: Detections, bounds: DetectionBounds,
     a, b = _as_detections(a), _as_detections(b)
     iou, box_diff, agree = _agree(a, b, bounds)
     pairs, used_a, used_b = [], set(), set()
-    ranked = sorted(torch.nonzero(agree).tolist(), key=lambda ij: (-float(iou[ij[0], ij[1]]),
-                                                                    float(box_diff[ij[0], ij[1]])))
+    ranked = sorted(
+        torch.nonzero(agree).tolist(),
+        key=lambda ij: (-float(iou[ij[0], ij[1]]), float(box_diff[ij[0], ij[1]])),
+    )
     for i, j in ranked:
         if i not in used_a and j not in used_b:
             pairs.append((i, j))
@@ -517,33 +589,41 @@ def match_detections(a: Detections, b: Detections, bounds: DetectionBounds,
         width, height = (b[0][j, 2:] - b[0][j, :2]).tolist()
         if bounds.drops_empty and min(width, height) <= bounds.box:
             # which the candidates, dropping it too, cannot show
-            match.unmatched.append(missing + "its box is empty within {:.2g} px, and empty boxes "
-                                             "are dropped".format(bounds.box))
+            match.unmatched.append(
+                missing + "its box is empty within {:.2g} px, and empty boxes "
+                "are dropped".format(bounds.box)
+            )
             continue
         if candidates is not None:
             # one row at a time: the candidates of a low threshold without NMS are many
-            row = tuple(t[j:j + 1] for t in b)
+            row = tuple(t[j : j + 1] for t in b)
             cand_iou, cand_box_diff, cand_agree = _agree(row, candidates, bounds)
             if not cand_agree.any():
                 nearest = _nearest(row, 0, candidates, cand_iou, cand_box_diff, bounds, "them")
-                match.disagreements.append("{} is not among what {} detects without NMS, cap or "
-                                           "threshold: {}".format(_describe(b, j, names[1]),
-                                                                  names[0], nearest))
+                match.disagreements.append(
+                    "{} is not among what {} detects without NMS, cap or "
+                    "threshold: {}".format(_describe(b, j, names[1]), names[0], nearest)
+                )
                 continue
         why = _why_absent(b, j, a, iou.t(), iou_bound, bounds, names[0])
         if why is None:
-            match.disagreements.append(missing + _nearest(b, j, a, iou.t(), box_diff.t(), bounds,
-                                                          names[0]))
+            match.disagreements.append(
+                missing + _nearest(b, j, a, iou.t(), box_diff.t(), bounds, names[0])
+            )
         else:
             match.unmatched.append(missing + why)
     return match
 
 
-def compare_detections(model: torch.nn.Module,
-                       run: Callable[[torch.Tensor], Sequence[torch.Tensor]],
-                       images: Sequence[torch.Tensor], what: str = "the traced student",
-                       box_atol: Optional[float] = None, score_atol: Optional[float] = None,
-                       factor: float = 1.0) -> List[Dict[str, object]]:
+def compare_detections(
+    model: torch.nn.Module,
+    run: Callable[[torch.Tensor], Sequence[torch.Tensor]],
+    images: Sequence[torch.Tensor],
+    what: str = "the traced student",
+    box_atol: Optional[float] = None,
+    score_atol: Optional[float] = None,
+    factor: float = 1.0,
+) -> List[Dict[str, object]]:
     """
     Run the eager model and an exported one (``run``: image -> boxes, scores, classes) on
     each image and match their detections (:func:`match_detections`, with what the model
@@ -568,8 +648,10 @@ def compare_detections(model: torch.nn.Module,
             out = list(run(image))
         size = [int(image.shape[1]), int(image.shape[2])]
         if len(out) != 3:
-            raise RuntimeError("{} gives {} outputs on a {}x{} image, not boxes, scores and "
-                               "classes".format(what, len(out), size[0], size[1]))
+            raise RuntimeError(
+                "{} gives {} outputs on a {}x{} image, not boxes, scores and "
+                "classes".format(what, len(out), size[0], size[1])
+            )
         bounds = detection_bounds(model, size, box_atol, score_atol, factor)
 
         def candidates():
@@ -579,20 +661,37 @@ def compare_detections(model: torch.nn.Module,
         match = match_detections(eager, out, bounds, candidates, ("the model", what))
         if match.disagreements:
             more = len(match.disagreements) - 1
-            raise RuntimeError("{} disagrees with the model on a {}x{} image, where it gives {} "
-                               "detections and the model {}: {}{}".format(
-                                   what, size[0], size[1], len(out[0]), len(eager[0]),
-                                   match.disagreements[0],
-                                   " (and {} more)".format(more) if more else ""))
-        rows.append({"size": size, "detections": len(eager[0]), "exported": len(out[0]),
-                     "matched": len(match.pairs), "unmatched": match.unmatched,
-                     "max_box_diff": match.max_box_diff, "max_score_diff": match.max_score_diff,
-                     "box_bound": bounds.box, "score_bound": bounds.score})
+            raise RuntimeError(
+                "{} disagrees with the model on a {}x{} image, where it gives {} "
+                "detections and the model {}: {}{}".format(
+                    what,
+                    size[0],
+                    size[1],
+                    len(out[0]),
+                    len(eager[0]),
+                    match.disagreements[0],
+                    " (and {} more)".format(more) if more else "",
+                )
+            )
+        rows.append(
+            {
+                "size": size,
+                "detections": len(eager[0]),
+                "exported": len(out[0]),
+                "matched": len(match.pairs),
+                "unmatched": match.unmatched,
+                "max_box_diff": match.max_box_diff,
+                "max_score_diff": match.max_score_diff,
+                "box_bound": bounds.box,
+                "score_bound": bounds.score,
+            }
+        )
     return rows
 
 
-def compare_traced(model: torch.nn.Module, traced: torch.jit.ScriptModule,
-                   images: Sequence[torch.Tensor]) -> List[Dict[str, object]]:
+def compare_traced(
+    model: torch.nn.Module, traced: torch.jit.ScriptModule, images: Sequence[torch.Tensor]
+) -> List[Dict[str, object]]:
     """:func:`compare_detections` for a traced TorchScript student."""
     return compare_detections(model, traced, images)
 
@@ -614,22 +713,31 @@ def load_student(cfg, weights: str, device: str = "cpu") -> torch.nn.Module:
         cfg: the student's config, or its distillation config (the student is taken:
             :func:`~kd_det.config.student.student_model_config`).
     Raises:
-        FileNotFoundError / ValueError naming the fix when the weights are missing or are not this student's.
+        FileNotFoundError / ValueError naming the fix when the weights are missing or are not this
+            student's.
     """
     # the student alone: exporting it never builds the teacher nor needs its weights
     model = build_detector(student_model_config(cfg), device).eval()
     if not os.path.isfile(weights):
-        raise FileNotFoundError("no checkpoint at {!r}: pass the exported student's weights (export_student's "
-                                "model_final.pth) or the training run's".format(weights))
+        raise FileNotFoundError(
+            "no checkpoint at {!r}: pass the exported student's weights (export_student's "
+            "model_final.pth) or the training run's".format(weights)
+        )
     checkpointer = StudentCheckpointer(model)
     incompatible = checkpointer._load_model(checkpointer._load_file(weights))
     if incompatible.missing_keys:
-        raise ValueError("{!r} lacks {} weights of the student (e.g. {!r}): pass this student's own checkpoint".format(
-            weights, len(incompatible.missing_keys), incompatible.missing_keys[0]))
+        raise ValueError(
+            "{!r} lacks {} weights of the student (e.g. {!r}): "
+            "pass this student's own checkpoint".format(
+                weights, len(incompatible.missing_keys), incompatible.missing_keys[0]
+            )
+        )
     return model
 
 
-def _check_images(cfg: DeploySettings, sample_image: str, device: str) -> Tuple[List[torch.Tensor], str]:
+def _check_images(
+    cfg: DeploySettings, sample_image: str, device: str
+) -> Tuple[List[torch.Tensor], str]:
     """The preprocessed sample image and two crops of other sizes; and the sample's file."""
     image, image_path = load_sample_image(cfg, sample_image)
     return _other_sizes(preprocess(cfg, image).to(device)), image_path
@@ -638,8 +746,11 @@ def _check_images(cfg: DeploySettings, sample_image: str, device: str) -> Tuple[
 def _warn_if_nothing_detected(checked: List[Dict[str, object]], image_path: str, what: str) -> None:
     if not any(row["detections"] for row in checked):
         logging.getLogger(__name__).warning(
-            "%s was checked on %s and two crops, where it detects nothing: the check compared empty outputs only. "
-            "Pass --sample-image with objects the student finds.", what, image_path)
+            "%s was checked on %s and two crops, where it detects nothing: the check compared "
+            "empty outputs only. Pass --sample-image with objects the student finds.",
+            what,
+            image_path,
+        )
 
 
 def _score_thresh(model: torch.nn.Module) -> float:
@@ -648,8 +759,14 @@ def _score_thresh(model: torch.nn.Module) -> float:
     return float(getattr(owner, names[0]))
 
 
-def _metadata(settings: DeploySettings, model: torch.nn.Module, path: str, image_path: str,
-              checked: List[Dict[str, object]], tensor: str) -> Dict[str, object]:
+def _metadata(
+    settings: DeploySettings,
+    model: torch.nn.Module,
+    path: str,
+    image_path: str,
+    checked: List[Dict[str, object]],
+    tensor: str,
+) -> Dict[str, object]:
     """What a deployment needs to know beside the exported file: preprocessing, outputs, classes."""
     return {
         "file": os.path.basename(path),
@@ -659,14 +776,14 @@ def _metadata(settings: DeploySettings, model: torch.nn.Module, path: str, image
         "input": {
             "tensor": tensor,
             "format": settings.input_format,
-            "resize": "shortest edge to min_size_test, longest at most max_size_test (bilinear), as Detectron2's "
-                      "DefaultPredictor; the model normalises and pads itself",
+            "resize": "shortest edge to min_size_test, longest at most max_size_test (bilinear), "
+            "as Detectron2's DefaultPredictor; the model normalises and pads itself",
             "min_size_test": settings.min_size_test,
             "max_size_test": settings.max_size_test,
         },
         "outputs": {
-            "boxes": "(N, 4) float32, x0 y0 x1 y1 in the pixels of the input tensor: divide by the resize scale "
-                     "for the original image",
+            "boxes": "(N, 4) float32, x0 y0 x1 y1 in the pixels of the input tensor: divide by "
+            "the resize scale for the original image",
             "scores": "(N,) float32",
             "classes": "(N,) int64, indices into 'classes'",
         },
@@ -684,8 +801,9 @@ def _write_metadata(output_dir: str, name: str, metadata: Dict[str, object]) -> 
     return path
 
 
-def export_torchscript(cfg, weights: str, output_dir: str, sample_image: str = "",
-                       device: str = "cpu") -> Dict[str, object]:
+def export_torchscript(
+    cfg, weights: str, output_dir: str, sample_image: str = "", device: str = "cpu"
+) -> Dict[str, object]:
     """
     Write ``model.ts`` (the traced student) and ``torchscript.json`` to ``output_dir``.
 
@@ -697,7 +815,8 @@ def export_torchscript(cfg, weights: str, output_dir: str, sample_image: str = "
         device: where the traced model runs; tracing records the device, so a CPU trace
             runs on the CPU and a ``cuda`` trace on the GPU.
     Returns:
-        {"torchscript": path, "metadata": path, "sha256": ..., "checked": rows of :func:`compare_detections`}.
+        {"torchscript": path, "metadata": path, "sha256": ..., "checked": rows of
+            :func:`compare_detections`}.
     """
     settings = deploy_settings(cfg)  # a config the sidecar cannot describe fails before any work
     model = load_student(cfg, weights, device)
@@ -712,12 +831,23 @@ def export_torchscript(cfg, weights: str, output_dir: str, sample_image: str = "
         warnings.simplefilter("ignore", FutureWarning)
         buffer = traced.save_to_buffer()
     atomic_write_bytes(path, lambda f: f.write(buffer))
-    metadata = _metadata(settings, model, path, image_path, checked,
-                         "(3, H, W) float32 on the device above, pixel values 0-255, channels in 'format'; one "
-                         "image per call, any H and W")
+    metadata = _metadata(
+        settings,
+        model,
+        path,
+        image_path,
+        checked,
+        "(3, H, W) float32 on the device above, pixel values 0-255, channels in 'format'; one "
+        "image per call, any H and W",
+    )
     metadata["device"] = device
     metadata_path = _write_metadata(output_dir, "torchscript.json", metadata)
-    return {"torchscript": path, "metadata": metadata_path, "sha256": metadata["sha256"], "checked": checked}
+    return {
+        "torchscript": path,
+        "metadata": metadata_path,
+        "sha256": metadata["sha256"],
+        "checked": checked,
+    }
 
 
 def _import_onnx():
@@ -725,13 +855,16 @@ def _import_onnx():
         import onnx
         import onnxruntime
     except ImportError as e:
-        raise ImportError("ONNX export needs the onnx and onnxruntime packages ({}): pip install -e '.[onnx]' in the "
-                          "kd_det checkout, or pip install onnx onnxruntime".format(e)) from e
+        raise ImportError(
+            "ONNX export needs the onnx and onnxruntime packages ({}): pip install -e '.[onnx]' "
+            "in the kd_det checkout, or pip install onnx onnxruntime".format(e)
+        ) from e
     return onnx, onnxruntime
 
 
-def export_onnx(cfg, weights: str, output_dir: str, sample_image: str = "",
-                opset: int = ONNX_OPSET) -> Dict[str, object]:
+def export_onnx(
+    cfg, weights: str, output_dir: str, sample_image: str = "", opset: int = ONNX_OPSET
+) -> Dict[str, object]:
     """
     Write ``model.onnx`` (the student traced and converted by PyTorch's TorchScript-based
     ONNX exporter) and ``onnx.json`` to ``output_dir``; the file is checked with
@@ -743,18 +876,22 @@ def export_onnx(cfg, weights: str, output_dir: str, sample_image: str = "",
         opset: ONNX opset; at least 16, where RoiAlign gained Detectron2's half-pixel
             (``aligned=True``) coordinates.
     Returns:
-        {"onnx": path, "metadata": path, "sha256": ..., "checked": rows of :func:`compare_detections`}.
+        {"onnx": path, "metadata": path, "sha256": ..., "checked": rows of
+            :func:`compare_detections`}.
     """
     if opset < 16:
-        raise ValueError("ONNX opset {} has no half-pixel RoiAlign (Detectron2's ROIAlignV2): use opset 16 or "
-                         "later".format(opset))
+        raise ValueError(
+            "ONNX opset {} has no half-pixel RoiAlign (Detectron2's ROIAlignV2): use opset 16 or "
+            "later".format(opset)
+        )
     onnx, onnxruntime = _import_onnx()
     from detectron2.export import TracingAdapter
 
     settings = deploy_settings(cfg)
     model = load_student(cfg, weights, "cpu")
     images, image_path = _check_images(settings, sample_image, "cpu")
-    # eval(): the exporter restores the wrapper's mode afterwards, and a new wrapper is in training mode
+    # eval(): the exporter restores the wrapper's mode afterwards, and a new wrapper is in training
+    # mode
     adapter = TracingAdapter(model, images[0], detections).eval()
     buffer = io.BytesIO()
     with warnings.catch_warnings():
@@ -763,24 +900,54 @@ def export_onnx(cfg, weights: str, output_dir: str, sample_image: str = "",
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        # advanced indexing with negative indices would export wrongly: the ONNX Runtime check below would see it
+        # advanced indexing with negative indices would export wrongly: the ONNX Runtime check below
+        # would see it
         warnings.filterwarnings("ignore", "Exporting aten::index operator", UserWarning)
-        torch.onnx.export(adapter, adapter.flattened_inputs, buffer, dynamo=False, opset_version=opset,
-                          input_names=["image"], output_names=list(OUTPUT_NAMES),
-                          dynamic_axes={"image": {1: "height", 2: "width"}, "boxes": {0: "detections"},
-                                        "scores": {0: "detections"}, "classes": {0: "detections"}})
+        torch.onnx.export(
+            adapter,
+            adapter.flattened_inputs,
+            buffer,
+            dynamo=False,
+            opset_version=opset,
+            input_names=["image"],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_axes={
+                "image": {1: "height", 2: "width"},
+                "boxes": {0: "detections"},
+                "scores": {0: "detections"},
+                "classes": {0: "detections"},
+            },
+        )
     # checked before it is written: a file that disagrees with the model is never left behind
     onnx.checker.check_model(onnx.load_model_from_string(buffer.getvalue()))
     session = onnxruntime.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
-    checked = compare_detections(model, lambda image: session.run(None, {"image": image.numpy()}), images,
-                                 "the ONNX student (ONNX Runtime)", factor=ONNX_FACTOR)
+    checked = compare_detections(
+        model,
+        lambda image: session.run(None, {"image": image.numpy()}),
+        images,
+        "the ONNX student (ONNX Runtime)",
+        factor=ONNX_FACTOR,
+    )
     _warn_if_nothing_detected(checked, image_path, "the ONNX student")
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "model.onnx")
     atomic_write_bytes(path, lambda f: f.write(buffer.getvalue()))
-    metadata = _metadata(settings, model, path, image_path, checked,
-                         "'image': (3, H, W) float32, pixel values 0-255, channels in 'format'; one image per call, "
-                         "any H and W")
-    metadata.update({"opset": opset, "onnx": onnx.__version__, "onnxruntime_checked": onnxruntime.__version__})
+    metadata = _metadata(
+        settings,
+        model,
+        path,
+        image_path,
+        checked,
+        "'image': (3, H, W) float32, pixel values 0-255, channels in 'format'; one image per call, "
+        "any H and W",
+    )
+    metadata.update(
+        {"opset": opset, "onnx": onnx.__version__, "onnxruntime_checked": onnxruntime.__version__}
+    )
     metadata_path = _write_metadata(output_dir, "onnx.json", metadata)
-    return {"onnx": path, "metadata": metadata_path, "sha256": metadata["sha256"], "checked": checked}
+    return {
+        "onnx": path,
+        "metadata": metadata_path,
+        "sha256": metadata["sha256"],
+        "checked": checked,
+    }

@@ -20,8 +20,11 @@ __all__ = ["student_state_dict", "StudentCheckpointer", "release_student", "file
 
 
 def student_state_dict(checkpoint_model: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """The student's weights of a distillation checkpoint's ``model`` dict (``kd_*`` keys dropped)."""
-    return {k: v for k, v in checkpoint_model.items() if not k.startswith(KDStudentMixin.kd_key_prefix)}
+    """The student's weights of a distillation checkpoint's ``model`` dict (``kd_*`` keys
+    dropped)."""
+    return {
+        k: v for k, v in checkpoint_model.items() if not k.startswith(KDStudentMixin.kd_key_prefix)
+    }
 
 
 class StudentCheckpointer(DetectionCheckpointer):
@@ -44,8 +47,9 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def release_student(config: DetectorConfig, weights: str, output_dir: str,
-                    name: str = "model_final") -> Dict[str, str]:
+def release_student(
+    config: DetectorConfig, weights: str, output_dir: str, name: str = "model_final"
+) -> Dict[str, str]:
     """
     Write ``<name>.pth`` (student-only Detectron2 checkpoint) and ``config.yaml`` to
     ``output_dir``: the student's own config with the released weights as its weights
@@ -58,7 +62,8 @@ def release_student(config: DetectorConfig, weights: str, output_dir: str,
     Returns:
         {"weights": path, "config": path, "sha256": hex digest of the weights file}.
     Raises:
-        FileNotFoundError / ValueError naming the checkpoint when it is missing or not a Detectron2 checkpoint.
+        FileNotFoundError / ValueError naming the checkpoint when it is missing or not a Detectron2
+            checkpoint.
     """
     weights_out = _write_student_weights(weights, output_dir, name)
     config_out = os.path.join(output_dir, "config.yaml")
@@ -67,20 +72,31 @@ def release_student(config: DetectorConfig, weights: str, output_dir: str,
 
 
 def _write_student_weights(weights: str, output_dir: str, name: str) -> str:
-    """Write ``output_dir/<name>.pth``: the student's weights of the training checkpoint ``weights``."""
+    """Write ``output_dir/<name>.pth``: the student's weights of the training checkpoint
+    ``weights``."""
     if not os.path.isfile(weights):
-        raise FileNotFoundError("no checkpoint at {!r}: pass the training run's model_final.pth (or another "
-                                "model_XXXXXXX.pth from its OUTPUT_DIR)".format(weights))
+        raise FileNotFoundError(
+            "no checkpoint at {!r}: pass the training run's model_final.pth (or another "
+            "model_XXXXXXX.pth from its OUTPUT_DIR)".format(weights)
+        )
     try:
         ckpt = torch.load(weights, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise ValueError("cannot read checkpoint {!r}: {}: {}".format(weights, type(e).__name__, e)) from e
+        raise ValueError(
+            "cannot read checkpoint {!r}: {}: {}".format(weights, type(e).__name__, e)
+        ) from e
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
-        raise ValueError("{!r} is not a Detectron2 training checkpoint (a dict with a 'model' state dict)".format(weights))
+        raise ValueError(
+            "{!r} is not a Detectron2 training checkpoint "
+            "(a dict with a 'model' state dict)".format(weights)
+        )
     os.makedirs(output_dir, exist_ok=True)
     weights_out = os.path.join(output_dir, name + ".pth")
     # iteration kept for provenance; optimizer/scheduler state are training-only
-    student = {"model": student_state_dict(ckpt["model"]), "iteration": ckpt.get("iteration"),
-               "__author__": "kd_det export_student"}
+    student = {
+        "model": student_state_dict(ckpt["model"]),
+        "iteration": ckpt.get("iteration"),
+        "__author__": "kd_det export_student",
+    }
     atomic_write_bytes(weights_out, lambda f: torch.save(student, f))
     return weights_out

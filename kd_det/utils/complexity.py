@@ -17,8 +17,9 @@ from ..config.loaders import test_loader
 __all__ = ["model_complexity"]
 
 
-def model_complexity(cfg: DetectorConfig, model: torch.nn.Module,
-                     num_images: int = 5) -> Dict[str, float]:
+def model_complexity(
+    cfg: DetectorConfig, model: torch.nn.Module, num_images: int = 5
+) -> Dict[str, float]:
     """
     Args:
         cfg: the model's config, yacs (its ``DATASETS.TEST[0]`` supplies the images,

@@ -42,7 +42,8 @@ def metric_series(records: List[Dict], key: str) -> Tuple[List[int], List[float]
 
 
 def last_box_ap(records: List[Dict]) -> Dict[str, float]:
-    """The last COCO box evaluation in the records: {"AP": .., "AP50": .., ...} (NaN where absent)."""
+    """The last COCO box evaluation in the records: {"AP": .., "AP50": .., ...} (NaN where
+    absent)."""
     for rec in reversed(records):
         if "bbox/AP" in rec:
             return {k: float(rec.get("bbox/" + k, math.nan)) for k in COCO_BOX_KEYS}

@@ -15,8 +15,15 @@ _SHOW = (" eta: ", "Total training time", "copypaste: ", "Traceback", "Error", "
 
 
 def train_and_evaluate(
-    name: str, config: str, output_dir: str, opts: Sequence[str] = (), reuse: bool = False,
-    log_name: str = "train_net.log", eval_only: bool = False, *, root: str,
+    name: str,
+    config: str,
+    output_dir: str,
+    opts: Sequence[str] = (),
+    reuse: bool = False,
+    log_name: str = "train_net.log",
+    eval_only: bool = False,
+    *,
+    root: str,
 ) -> Tuple[Dict[str, float], float]:
     """
     Train and evaluate one config with ``root/tools/train_net.py`` in ``output_dir``.
@@ -46,10 +53,18 @@ def train_and_evaluate(
         except KeyError:
             pass
     os.makedirs(output_dir, exist_ok=True)
-    cmd = [sys.executable, os.path.join(root, "tools", "train_net.py"), "--config-file", config] + (
-        ["--eval-only"] if eval_only else []) + ["OUTPUT_DIR", output_dir] + list(opts)
-    print("[{}] {}".format(name, " ".join(os.path.relpath(c, root) if c.startswith(root) else c
-                                          for c in cmd)), flush=True)
+    cmd = (
+        [sys.executable, os.path.join(root, "tools", "train_net.py"), "--config-file", config]
+        + (["--eval-only"] if eval_only else [])
+        + ["OUTPUT_DIR", output_dir]
+        + list(opts)
+    )
+    print(
+        "[{}] {}".format(
+            name, " ".join(os.path.relpath(c, root) if c.startswith(root) else c for c in cmd)
+        ),
+        flush=True,
+    )
     # a fresh metrics.json: Detectron2 appends, and the result must be this run's only
     if os.path.exists(metrics_file):
         os.remove(metrics_file)
@@ -57,8 +72,9 @@ def train_and_evaluate(
     start = time.time()
     with open(log_path, "w") as log:
         env = dict(os.environ, PYTHONUNBUFFERED="1")  # live progress through the pipe
-        proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, env=env)
+        proc = subprocess.Popen(
+            cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        )
         for line in proc.stdout:
             log.write(line)
             if any(s in line for s in _SHOW):
@@ -68,7 +84,9 @@ def train_and_evaluate(
     if rc != 0:
         with open(log_path) as f:
             sys.stderr.write("".join(f.readlines()[-30:]))
-        raise SystemExit("[{}] tools/train_net.py failed (exit {}); full log: {}".format(name, rc, log_path))
+        raise SystemExit(
+            "[{}] tools/train_net.py failed (exit {}); full log: {}".format(name, rc, log_path)
+        )
     if eval_only:
         with open(log_path) as f:
             return parse_copypaste_bbox(f.read()), seconds
@@ -83,7 +101,9 @@ def parse_copypaste_bbox(log: str) -> Dict[str, float]:
         copypaste: AP,AP50,AP75,APs,APm,APl
         copypaste: 5.3012,13.6389,2.9113,5.7012,5.4123,nan
     """
-    lines = [ln.split("copypaste: ", 1)[1].strip() for ln in log.splitlines() if "copypaste: " in ln]
+    lines = [
+        ln.split("copypaste: ", 1)[1].strip() for ln in log.splitlines() if "copypaste: " in ln
+    ]
     for i in range(len(lines) - 3, -1, -1):
         if lines[i] == "Task: bbox":
             keys, values = lines[i + 1].split(","), lines[i + 2].split(",")

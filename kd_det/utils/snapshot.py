@@ -22,7 +22,10 @@ __all__ = ["load_snapshot"]
 
 
 def load_snapshot(
-    config_file: str, opts: Sequence[str], weights: Optional[str], split: str = "train",
+    config_file: str,
+    opts: Sequence[str],
+    weights: Optional[str],
+    split: str = "train",
     names: Optional[Sequence[str]] = None,
 ) -> Tuple[torch.nn.Module, object, List[str]]:
     """
@@ -45,8 +48,11 @@ def load_snapshot(
         raise ValueError("split must be 'train' or 'test', got {!r}".format(split))
     config = load_detector_config(config_file, opts, opts_name="the command line")
     settings = detector_settings(config)
-    names = list(names) if names else list(
-        settings.train_datasets if split == "train" else settings.test_datasets)
+    names = (
+        list(names)
+        if names
+        else list(settings.train_datasets if split == "train" else settings.test_datasets)
+    )
     prepare_datasets(names)
     model = build_detector(config, device=None)  # on the config's own device
     DetectionCheckpointer(model).load(weights or detector_weights(config))

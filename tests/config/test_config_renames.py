@@ -19,16 +19,34 @@ from kd_det.config.renames import RENAMED_KEYS, TRANSLATED_VALUES, rename_opts
 # (old KEY VALUE list, the same with the new keys): every entry of the rename map
 CASES = {
     "trainer": (["KD.TRAINER", "MyTrainer"], ["TRAINER.NAME", "MyTrainer"]),
-    "curriculum": (["KD.CURRICULUM.ENABLED", True, "KD.CURRICULUM.SCORES", "s.json",
-                    "KD.CURRICULUM.PHASE_ITERS", [2, 4],
-                    "KD.CURRICULUM.PHASE_FRACTIONS", [0.5, 0.75]],
-                   ["TRAINER.CURRICULUM.ENABLED", True, "TRAINER.CURRICULUM.SCORES", "s.json",
-                    "TRAINER.CURRICULUM.PHASE_ITERS", [2, 4],
-                    "TRAINER.CURRICULUM.PHASE_FRACTIONS", [0.5, 0.75]]),
+    "curriculum": (
+        [
+            "KD.CURRICULUM.ENABLED",
+            True,
+            "KD.CURRICULUM.SCORES",
+            "s.json",
+            "KD.CURRICULUM.PHASE_ITERS",
+            [2, 4],
+            "KD.CURRICULUM.PHASE_FRACTIONS",
+            [0.5, 0.75],
+        ],
+        [
+            "TRAINER.CURRICULUM.ENABLED",
+            True,
+            "TRAINER.CURRICULUM.SCORES",
+            "s.json",
+            "TRAINER.CURRICULUM.PHASE_ITERS",
+            [2, 4],
+            "TRAINER.CURRICULUM.PHASE_FRACTIONS",
+            [0.5, 0.75],
+        ],
+    ),
     "self_temperature": (["KD.SELF.TEMPERATURE", 2.0], ["KD.SELF.SOFT_LABEL.TEMPERATURE", 2.0]),
     "self_weight_off": (["KD.SELF.SOFT_LABEL_WEIGHT", 0.0], ["KD.SELF.SOFT_LABEL.ENABLED", False]),
-    "self_weight": (["KD.SELF.SOFT_LABEL_WEIGHT", 2.0],
-                    ["KD.SELF.SOFT_LABEL.ENABLED", True, "KD.SELF.SOFT_LABEL.WEIGHT", 2.0]),
+    "self_weight": (
+        ["KD.SELF.SOFT_LABEL_WEIGHT", 2.0],
+        ["KD.SELF.SOFT_LABEL.ENABLED", True, "KD.SELF.SOFT_LABEL.WEIGHT", 2.0],
+    ),
     "feature_off": (["KD.FEATURE.LOSS", ""], ["KD.FEATURE.ENABLED", False]),
 }
 
@@ -99,21 +117,55 @@ def test_old_keys_in_a_config_file_with_base(case, tmp_path):
 
 def test_old_keys_in_a_base_and_new_keys_over_them(tmp_path):
     """A file's keys override its _BASE_'s whichever names either uses."""
-    (tmp_path / "base_old.yaml").write_text(yaml.safe_dump(_nested(
-        ["KD.SELF.SOFT_LABEL_WEIGHT", 0.0, "KD.CURRICULUM.SCORES", "a.json",
-         "KD.FEATURE.LOSS", ""])))
-    (tmp_path / "child_new.yaml").write_text(yaml.safe_dump(dict(_BASE_="base_old.yaml", **_nested(
-        ["KD.SELF.SOFT_LABEL.ENABLED", True, "TRAINER.CURRICULUM.SCORES", "b.json",
-         "KD.FEATURE.ENABLED", True]))))
+    (tmp_path / "base_old.yaml").write_text(
+        yaml.safe_dump(
+            _nested(
+                [
+                    "KD.SELF.SOFT_LABEL_WEIGHT",
+                    0.0,
+                    "KD.CURRICULUM.SCORES",
+                    "a.json",
+                    "KD.FEATURE.LOSS",
+                    "",
+                ]
+            )
+        )
+    )
+    (tmp_path / "child_new.yaml").write_text(
+        yaml.safe_dump(
+            dict(
+                _BASE_="base_old.yaml",
+                **_nested(
+                    [
+                        "KD.SELF.SOFT_LABEL.ENABLED",
+                        True,
+                        "TRAINER.CURRICULUM.SCORES",
+                        "b.json",
+                        "KD.FEATURE.ENABLED",
+                        True,
+                    ]
+                )
+            )
+        )
+    )
     cfg, warned = _merge(str(tmp_path / "child_new.yaml"))
     assert cfg.KD.SELF.SOFT_LABEL.ENABLED and cfg.TRAINER.CURRICULUM.SCORES == "b.json"
     assert cfg.KD.FEATURE.ENABLED and cfg.KD.FEATURE.LOSS == "SSIMFeatureLoss"
     assert len(warned) == 3
 
-    (tmp_path / "base_new.yaml").write_text(yaml.safe_dump(_nested(
-        ["KD.SELF.SOFT_LABEL.ENABLED", False, "TRAINER.CURRICULUM.SCORES", "a.json"])))
-    (tmp_path / "child_old.yaml").write_text(yaml.safe_dump(dict(_BASE_="base_new.yaml", **_nested(
-        ["KD.SELF.SOFT_LABEL_WEIGHT", 3.0, "KD.CURRICULUM.SCORES", "b.json"]))))
+    (tmp_path / "base_new.yaml").write_text(
+        yaml.safe_dump(
+            _nested(["KD.SELF.SOFT_LABEL.ENABLED", False, "TRAINER.CURRICULUM.SCORES", "a.json"])
+        )
+    )
+    (tmp_path / "child_old.yaml").write_text(
+        yaml.safe_dump(
+            dict(
+                _BASE_="base_new.yaml",
+                **_nested(["KD.SELF.SOFT_LABEL_WEIGHT", 3.0, "KD.CURRICULUM.SCORES", "b.json"])
+            )
+        )
+    )
     cfg, _ = _merge(str(tmp_path / "child_old.yaml"))
     assert cfg.KD.SELF.SOFT_LABEL.ENABLED and cfg.KD.SELF.SOFT_LABEL.WEIGHT == 3.0
     assert cfg.TRAINER.CURRICULUM.SCORES == "b.json"
@@ -132,9 +184,14 @@ def _to_old_layout(d):
     return d
 
 
-@pytest.mark.parametrize("config", ["synthetic/distill/soft_label_retinanet_R50_to_R18.yaml",
-                                    "synthetic/distill/curriculum_ssim_faster_rcnn_R50_to_R18.yaml",
-                                    "synthetic/distill/self_frskd_retinanet_R18.yaml"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        "synthetic/distill/soft_label_retinanet_R50_to_R18.yaml",
+        "synthetic/distill/curriculum_ssim_faster_rcnn_R50_to_R18.yaml",
+        "synthetic/distill/self_frskd_retinanet_R18.yaml",
+    ],
+)
 def test_a_saved_config_with_old_keys_loads(config, tmp_path):
     """A run's config.yaml written by an older kd_det (tools/model_zoo.py, --resume, snapshots)."""
     cfg, _ = _merge(config_path(config))
@@ -150,8 +207,11 @@ def test_a_saved_config_with_old_keys_loads(config, tmp_path):
 
 
 def test_unknown_keys_still_fail_with_the_yacs_error(tmp_path):
-    for opts in (["KD.FEATURE.LOSSS", "L2FeatureLoss"], ["KD.CURRICULUM.SCORE", "s.json"],
-                 ["TRAINER.NAMES", "KDTrainer"]):
+    for opts in (
+        ["KD.FEATURE.LOSSS", "L2FeatureLoss"],
+        ["KD.CURRICULUM.SCORE", "s.json"],
+        ["TRAINER.NAMES", "KDTrainer"],
+    ):
         new_name = opts[0].replace("KD.CURRICULUM", "TRAINER.CURRICULUM")
         with pytest.raises(AssertionError, match="Non-existent key: " + new_name):
             merge_kd_config(get_kd_cfg(), opts=opts)
@@ -176,9 +236,12 @@ def test_teacher_opts_are_renamed(tmp_path):
 
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        teacher = load_detector_config(config_path("synthetic/retinanet_R_50_FPN.yaml"),
-                                       ["KD.SELF.TEMPERATURE", 2.0], role="teacher",
-                                       opts_name="KD.TEACHER.OPTS")
+        teacher = load_detector_config(
+            config_path("synthetic/retinanet_R_50_FPN.yaml"),
+            ["KD.SELF.TEMPERATURE", 2.0],
+            role="teacher",
+            opts_name="KD.TEACHER.OPTS",
+        )
     assert teacher.KD.SELF.SOFT_LABEL.TEMPERATURE == 2.0
     assert ["KD.TEACHER.OPTS" in m for m in _renames_warned(record)] == [True]
 
@@ -188,8 +251,10 @@ def test_lazy_config_kd_dicts_are_renamed():
 
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        node = kd_node({"FEATURE": {"LOSS": ""},
-                        "SELF": {"SOFT_LABEL_WEIGHT": 0, "TEMPERATURE": 2}}, self_distillation=True)
+        node = kd_node(
+            {"FEATURE": {"LOSS": ""}, "SELF": {"SOFT_LABEL_WEIGHT": 0, "TEMPERATURE": 2}},
+            self_distillation=True,
+        )
     assert not node.FEATURE.ENABLED and node.FEATURE.LOSS == "SSIMFeatureLoss"
     assert not node.SELF.SOFT_LABEL.ENABLED and node.SELF.SOFT_LABEL.TEMPERATURE == 2.0
     assert len(_renames_warned(record)) == 3
@@ -203,8 +268,9 @@ SHIPPED_YAML = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), r
 SHIPPED_LAZY = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.py"), recursive=True))
 
 
-@pytest.mark.parametrize("path", SHIPPED_YAML + SHIPPED_LAZY,
-                         ids=lambda p: os.path.relpath(p, REPO))
+@pytest.mark.parametrize(
+    "path", SHIPPED_YAML + SHIPPED_LAZY, ids=lambda p: os.path.relpath(p, REPO)
+)
 def test_shipped_configs_use_the_new_names(path):
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")

@@ -39,8 +39,11 @@ def _builder_form(direct_model):
     for key in ("teacher", "feature_distiller"):
         del student[key]
     student._target_ = GeneralizedRCNN
-    return compat.lazy_distilled_model(student, kd={"TEACHER": {"CONFIG": "teacher.yaml"}},
-                                       train_datasets="${dataloader.train.dataset.names}")
+    return compat.lazy_distilled_model(
+        student,
+        kd={"TEACHER": {"CONFIG": "teacher.yaml"}},
+        train_datasets="${dataloader.train.dataset.names}",
+    )
 
 
 def test_student_model_call_of_both_lazy_forms(tmp_path):
@@ -106,4 +109,5 @@ def test_run_description_of_yacs_and_lazy_twins():
     assert summary.teacher == "configs/synthetic/faster_rcnn_R_50_FPN.yaml"
     frskd = config_path("synthetic/distill/self_frskd_faster_rcnn_R18")
     assert distillation_summary(load_detector_config(frskd + "_lazy.py")) == distillation_summary(
-        load_detector_config(frskd + ".yaml"))
+        load_detector_config(frskd + ".yaml")
+    )

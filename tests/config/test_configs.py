@@ -10,21 +10,22 @@ import os
 import pytest
 import torch
 from conftest import REPO
-from tolerances import U32, assert_within
-
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
+from tolerances import U32, assert_within
 
 from kd_det import get_kd_cfg, merge_kd_config
 from kd_det.config.detector import build_detector, detector_settings, load_detector_config
 from kd_det.modeling.teacher import resolve_teacher_config
 
-CONFIGS = sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"),
-                                                               recursive=True))
+CONFIGS = sorted(
+    os.path.relpath(p, REPO)
+    for p in glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True)
+)
 
 
 def test_configs_found():
@@ -36,9 +37,13 @@ def test_config_merges(path):
     # unknown keys or bad values raise here
     cfg = merge_kd_config(get_kd_cfg(), os.path.join(REPO, path))
     META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
-    for teacher in ([cfg.KD.TEACHER.CONFIG] if cfg.KD.TEACHER.CONFIG else []) + list(cfg.KD.MULTI_TEACHER.CONFIGS):
+    for teacher in ([cfg.KD.TEACHER.CONFIG] if cfg.KD.TEACHER.CONFIG else []) + list(
+        cfg.KD.MULTI_TEACHER.CONFIGS
+    ):
         # a file of the checkout, or a name in Detectron2's model zoo
-        assert os.path.isfile(os.path.join(REPO, teacher)) or os.path.isfile(_zoo_config(teacher)), teacher
+        assert os.path.isfile(os.path.join(REPO, teacher)) or os.path.isfile(
+            _zoo_config(teacher)
+        ), teacher
 
 
 def _zoo_config(name):
@@ -69,16 +74,21 @@ def test_class_count_fits_the_datasets(path):
     cfg = _load(path)
     for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
         classes = MetadataCatalog.get(name).get("thing_classes", None)
-        assert classes is not None, "{} names {!r}, which has no registered classes".format(path, name)
+        assert classes is not None, "{} names {!r}, which has no registered classes".format(
+            path, name
+        )
         assert _num_classes(cfg) == len(classes), "{}: {} classes, {!r} has {}".format(
-            path, _num_classes(cfg), name, len(classes))
+            path, _num_classes(cfg), name, len(classes)
+        )
 
 
 DISTILL_CONFIGS = [p for p in CONFIGS if _teachers(_load(p))]
 
 
 def test_distillation_configs_found():
-    assert {"COCO-Distillation", "PascalVOC-Distillation", "distill"} <= {p.split(os.sep)[-2] for p in DISTILL_CONFIGS}
+    assert {"COCO-Distillation", "PascalVOC-Distillation", "distill"} <= {
+        p.split(os.sep)[-2] for p in DISTILL_CONFIGS
+    }
 
 
 @pytest.mark.parametrize("path", DISTILL_CONFIGS)
@@ -91,14 +101,23 @@ def test_student_fits_its_teachers(path, monkeypatch):
         settings = detector_settings(teacher)
         assert settings.num_classes == _num_classes(cfg), (path, teacher_config)
         assert settings.train_datasets == tuple(cfg.DATASETS.TRAIN), (path, teacher_config)
-        if "synthetic" not in path.split(os.sep):  # real runs score the teacher before spending GPU days on it
+        if "synthetic" not in path.split(
+            os.sep
+        ):  # real runs score the teacher before spending GPU days on it
             assert cfg.KD.TEACHER.EVAL_BEFORE_TRAIN, path
-        if weights.startswith("detectron2://"):  # the published weights of that very model-zoo config
+        if weights.startswith(
+            "detectron2://"
+        ):  # the published weights of that very model-zoo config
             from detectron2 import model_zoo
 
-            zoo_name = teacher_config[len("configs/"):] if teacher_config.startswith("configs/") else teacher_config
-            assert weights.replace("detectron2://", "https://dl.fbaipublicfiles.com/detectron2/") == \
-                model_zoo.get_checkpoint_url(zoo_name), (path, weights)
+            zoo_name = (
+                teacher_config[len("configs/") :]
+                if teacher_config.startswith("configs/")
+                else teacher_config
+            )
+            assert weights.replace(
+                "detectron2://", "https://dl.fbaipublicfiles.com/detectron2/"
+            ) == model_zoo.get_checkpoint_url(zoo_name), (path, weights)
             continue
         # training the teacher with its own config writes the weights the student config loads
         lazy = not isinstance(teacher, CfgNode)
@@ -109,9 +128,14 @@ def test_student_fits_its_teachers(path, monkeypatch):
 
 # both detectors and both real datasets (the configs of a family differ only in KD keys,
 # which the synthetic tests cover)
-@pytest.mark.parametrize("path", ["configs/COCO-Distillation/ssim_faster_rcnn_R50_to_R18_1x.yaml",
-                                  "configs/PascalVOC-Distillation/rm_pfi_retinanet_R50_to_R18.yaml",
-                                  "configs/COCO-Distillation/ssim_faster_rcnn_R101LSJ_to_R18_1x.yaml"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "configs/COCO-Distillation/ssim_faster_rcnn_R50_to_R18_1x.yaml",
+        "configs/PascalVOC-Distillation/rm_pfi_retinanet_R50_to_R18.yaml",
+        "configs/COCO-Distillation/ssim_faster_rcnn_R101LSJ_to_R18_1x.yaml",
+    ],
+)
 @pytest.mark.slow
 def test_full_size_distillation_config_trains_a_step(path, tmp_path, monkeypatch):
     """
@@ -131,11 +155,15 @@ def test_full_size_distillation_config_trains_a_step(path, tmp_path, monkeypatch
 
 
 def _one_full_size_step(student, num_classes):
-    """One training step of a full-size distilled student on a 96x128 image: finite losses, KD terms, gradients."""
+    """One training step of a full-size distilled student on a 96x128 image: finite losses, KD
+    terms, gradients."""
     student.train()
     last_class = num_classes - 1
-    instances = Instances((96, 128), gt_boxes=Boxes(torch.tensor([[10.0, 12.0, 60.0, 80.0], [70.0, 5.0, 120.0, 40.0]])),
-                          gt_classes=torch.tensor([0, last_class]))
+    instances = Instances(
+        (96, 128),
+        gt_boxes=Boxes(torch.tensor([[10.0, 12.0, 60.0, 80.0], [70.0, 5.0, 120.0, 40.0]])),
+        gt_classes=torch.tensor([0, last_class]),
+    )
     image = torch.randint(0, 256, (3, 96, 128), dtype=torch.uint8)
     with EventStorage(0):
         losses = student([{"image": image, "instances": instances, "height": 96, "width": 128}])
@@ -143,23 +171,31 @@ def _one_full_size_step(student, num_classes):
     assert kd_terms, sorted(losses)
     assert all(torch.isfinite(v) for v in losses.values()), losses
     sum(losses.values()).backward()
-    assert all(p.grad is not None for n, p in student.named_parameters() if n.startswith("backbone.bottom_up.res5"))
+    assert all(
+        p.grad is not None
+        for n, p in student.named_parameters()
+        if n.startswith("backbone.bottom_up.res5")
+    )
 
 
 @pytest.mark.slow
 def test_full_size_lazy_distillation_config_trains_a_step(tmp_path, monkeypatch):
-    """The COCO SSIM LazyConfig as shipped (model-zoo R-101 teacher config, R-18 student) builds and trains on a CPU."""
+    """The COCO SSIM LazyConfig as shipped (model-zoo R-101 teacher config, R-18 student) builds and
+    trains on a CPU."""
     from detectron2.config import LazyConfig, instantiate
 
     monkeypatch.chdir(REPO)
-    lazy = LazyConfig.load(os.path.join(REPO, "configs/COCO-Distillation/ssim_faster_rcnn_R101_to_R18_1x_lazy.py"))
+    lazy = LazyConfig.load(
+        os.path.join(REPO, "configs/COCO-Distillation/ssim_faster_rcnn_R101_to_R18_1x_lazy.py")
+    )
     teacher_cfg = get_kd_cfg()
     teacher_cfg.merge_from_file(lazy.model.teacher.config)
     teacher_cfg.MODEL.DEVICE = "cpu"
     torch.manual_seed(0)
     DetectionCheckpointer(build_model(teacher_cfg), save_dir=str(tmp_path)).save("teacher")
-    lazy = LazyConfig.apply_overrides(lazy, ["model.teacher.weights=" + str(tmp_path /
-                                                                            "teacher.pth")])
+    lazy = LazyConfig.apply_overrides(
+        lazy, ["model.teacher.weights=" + str(tmp_path / "teacher.pth")]
+    )
     student = instantiate(lazy.model)
     assert type(student).__name__ == "DistillGeneralizedRCNN"
     _one_full_size_step(student, lazy.model.roi_heads.num_classes)
@@ -176,10 +212,18 @@ def _differences(ours, theirs, prefix=""):
     return out
 
 
-@pytest.mark.parametrize("name", ["faster_rcnn_R_50_FPN_1x", "faster_rcnn_R_101_FPN_3x", "retinanet_R_50_FPN_1x",
-                                  "retinanet_R_101_FPN_3x"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "faster_rcnn_R_50_FPN_1x",
+        "faster_rcnn_R_101_FPN_3x",
+        "retinanet_R_50_FPN_1x",
+        "retinanet_R_101_FPN_3x",
+    ],
+)
 def test_coco_teacher_configs_are_the_model_zoo_ones(name):
-    """kd_det's copies of Detectron2's COCO configs build the model-zoo models exactly (the published teachers)."""
+    """kd_det's copies of Detectron2's COCO configs build the model-zoo models exactly (the
+    published teachers)."""
     from detectron2 import model_zoo
 
     ours = _load("configs/COCO-Detection/{}.yaml".format(name))
@@ -193,8 +237,10 @@ def _settings(obj):
     if obj is None:
         return None
     plain = {k: v for k, v in vars(obj).items() if not k.startswith("_") and k != "training"}
-    nested = {k: _settings(v) if hasattr(v, "__dict__") and not isinstance(v, type) else v
-              for k, v in plain.items()}
+    nested = {
+        k: _settings(v) if hasattr(v, "__dict__") and not isinstance(v, type) else v
+        for k, v in plain.items()
+    }
     return type(obj).__name__, nested
 
 
@@ -210,45 +256,80 @@ def _assert_same_distillation(lazy, yacs, student_shapes, teacher_shapes):
 
     kd, model = yacs.KD, lazy.model
     teacher = model.teacher
-    assert (teacher.weights, tuple(teacher.get("opts", ())), teacher.get("autocast", ""),
-            teacher.get("channels_last", False)) == (kd.TEACHER.WEIGHTS, tuple(kd.TEACHER.OPTS),
-                                                     kd.TEACHER.AUTOCAST, kd.TEACHER.CHANNELS_LAST)
+    assert (
+        teacher.weights,
+        tuple(teacher.get("opts", ())),
+        teacher.get("autocast", ""),
+        teacher.get("channels_last", False),
+    ) == (kd.TEACHER.WEIGHTS, tuple(kd.TEACHER.OPTS), kd.TEACHER.AUTOCAST, kd.TEACHER.CHANNELS_LAST)
     assert ("expected_classes" in teacher) == kd.TEACHER.CHECK_CLASSES
-    assert dict(lazy.train.teacher_eval) == {"enabled": kd.TEACHER.EVAL_BEFORE_TRAIN,
-                                             "min_ap": kd.TEACHER.MIN_AP}
+    assert dict(lazy.train.teacher_eval) == {
+        "enabled": kd.TEACHER.EVAL_BEFORE_TRAIN,
+        "min_ap": kd.TEACHER.MIN_AP,
+    }
     feature = instantiate(model.feature_distiller)
     twin = FeatureDistiller(yacs, student_shapes, teacher_shapes)
     assert _settings(feature) == _settings(twin)
     assert {k: v.shape for k, v in feature.state_dict().items()} == {
-        k: v.shape for k, v in twin.state_dict().items()}
+        k: v.shape for k, v in twin.state_dict().items()
+    }
     assert bool(model.get("pfi", False)) == kd.PFI.ENABLED
     if "prediction_distiller" in model:
         prediction = instantiate(model.prediction_distiller)
         twin = DensePredictionDistiller(yacs, yacs.MODEL.RETINANET.NUM_CLASSES)
         assert (prediction.num_classes, prediction.rm_weight, prediction.soft_label_weight) == (
-            twin.num_classes, twin.rm_weight, twin.soft_label_weight)
+            twin.num_classes,
+            twin.rm_weight,
+            twin.soft_label_weight,
+        )
         assert _settings(prediction.rm_loss) == _settings(twin.rm_loss)
     else:
         assert not (kd.RM.ENABLED or kd.SOFT_LABEL.ENABLED)
-    assert not ({"channel_stats", "roi_soft_label", "extra_teachers", "multi_teacher",
-                 "inherit_prefixes"} & set(model.keys()))
+    assert not (
+        {"channel_stats", "roi_soft_label", "extra_teachers", "multi_teacher", "inherit_prefixes"}
+        & set(model.keys())
+    )
     assert not (kd.CHANNEL_STATS.ENABLED or kd.MULTI_TEACHER.CONFIGS or kd.INHERIT.PREFIXES)
 
 
 # model attributes that the state dict does not show, per architecture
 _TWIN_ATTRIBUTES = {
-    "RetinaNet": ["num_classes", "smooth_l1_beta", "focal_loss_alpha", "focal_loss_gamma", "test_score_thresh",
-                  "test_topk_candidates", "test_nms_thresh", "max_detections_per_image", "head_in_features",
-                  "box_reg_loss_type", "box2box_transform.weights", "anchor_matcher.thresholds"],
-    "GeneralizedRCNN": ["roi_heads.num_classes", "roi_heads.batch_size_per_image", "roi_heads.positive_fraction",
-                        "roi_heads.proposal_append_gt", "roi_heads.mask_on", "roi_heads.box_in_features",
-                        "roi_heads.proposal_matcher.thresholds", "roi_heads.box_predictor.test_score_thresh",
-                        "roi_heads.box_predictor.test_nms_thresh", "roi_heads.box_predictor.test_topk_per_image",
-                        "roi_heads.box_predictor.smooth_l1_beta", "roi_heads.box_predictor.box2box_transform.weights",
-                        "proposal_generator.pre_nms_topk", "proposal_generator.post_nms_topk",
-                        "proposal_generator.nms_thresh", "proposal_generator.batch_size_per_image",
-                        "proposal_generator.positive_fraction", "proposal_generator.smooth_l1_beta",
-                        "proposal_generator.anchor_matcher.thresholds", "proposal_generator.in_features"],
+    "RetinaNet": [
+        "num_classes",
+        "smooth_l1_beta",
+        "focal_loss_alpha",
+        "focal_loss_gamma",
+        "test_score_thresh",
+        "test_topk_candidates",
+        "test_nms_thresh",
+        "max_detections_per_image",
+        "head_in_features",
+        "box_reg_loss_type",
+        "box2box_transform.weights",
+        "anchor_matcher.thresholds",
+    ],
+    "GeneralizedRCNN": [
+        "roi_heads.num_classes",
+        "roi_heads.batch_size_per_image",
+        "roi_heads.positive_fraction",
+        "roi_heads.proposal_append_gt",
+        "roi_heads.mask_on",
+        "roi_heads.box_in_features",
+        "roi_heads.proposal_matcher.thresholds",
+        "roi_heads.box_predictor.test_score_thresh",
+        "roi_heads.box_predictor.test_nms_thresh",
+        "roi_heads.box_predictor.test_topk_per_image",
+        "roi_heads.box_predictor.smooth_l1_beta",
+        "roi_heads.box_predictor.box2box_transform.weights",
+        "proposal_generator.pre_nms_topk",
+        "proposal_generator.post_nms_topk",
+        "proposal_generator.nms_thresh",
+        "proposal_generator.batch_size_per_image",
+        "proposal_generator.positive_fraction",
+        "proposal_generator.smooth_l1_beta",
+        "proposal_generator.anchor_matcher.thresholds",
+        "proposal_generator.in_features",
+    ],
 }
 
 
@@ -259,7 +340,9 @@ def _dotted(obj, name):
 
 
 @pytest.mark.numeric
-@pytest.mark.parametrize("name", ["rm_pfi_retinanet_R101_to_R18_1x", "ssim_faster_rcnn_R101_to_R18_1x"])
+@pytest.mark.parametrize(
+    "name", ["rm_pfi_retinanet_R101_to_R18_1x", "ssim_faster_rcnn_R101_to_R18_1x"]
+)
 def test_coco_lazy_config_is_its_yaml_twin(name, monkeypatch):
     """
     A COCO LazyConfig (on Detectron2's model-zoo LazyConfigs) and its yaml twin give the
@@ -280,29 +363,46 @@ def test_coco_lazy_config_is_its_yaml_twin(name, monkeypatch):
     torch.manual_seed(0)
     student = instantiate(lazy_student_model(lazy.model))
     # the same distillation: the LazyConfig's explicit arguments are what yacs builds from KD
-    _assert_same_distillation(lazy, yacs, student.backbone.output_shape(),
-                              build_backbone(teacher_config).output_shape())
+    _assert_same_distillation(
+        lazy, yacs, student.backbone.output_shape(), build_backbone(teacher_config).output_shape()
+    )
     yacs.MODEL.META_ARCHITECTURE = yacs.MODEL.META_ARCHITECTURE.replace("Distill", "")
     yacs.MODEL.DEVICE = "cpu"
     twin = build_model(yacs)
     assert type(student) is type(twin)
-    assert {k: v.shape for k, v in student.state_dict().items()} == {k: v.shape for k, v in twin.state_dict().items()}
+    assert {k: v.shape for k, v in student.state_dict().items()} == {
+        k: v.shape for k, v in twin.state_dict().items()
+    }
     for attr in _TWIN_ATTRIBUTES[type(twin).__name__] + ["input_format"]:
         assert _dotted(student, attr) == _dotted(twin, attr), attr
-    assert torch.equal(student.pixel_mean, twin.pixel_mean) and torch.equal(student.pixel_std, twin.pixel_std)
-    anchors = [m for m in (student, student.proposal_generator if hasattr(student, "proposal_generator") else None)
-               if hasattr(m, "anchor_generator")][0].anchor_generator
-    twin_anchors = [m for m in (twin, getattr(twin, "proposal_generator", None))
-                    if hasattr(m, "anchor_generator")][0].anchor_generator
+    assert torch.equal(student.pixel_mean, twin.pixel_mean) and torch.equal(
+        student.pixel_std, twin.pixel_std
+    )
+    anchors = [
+        m
+        for m in (
+            student,
+            student.proposal_generator if hasattr(student, "proposal_generator") else None,
+        )
+        if hasattr(m, "anchor_generator")
+    ][0].anchor_generator
+    twin_anchors = [
+        m
+        for m in (twin, getattr(twin, "proposal_generator", None))
+        if hasattr(m, "anchor_generator")
+    ][0].anchor_generator
     # the sizes are written differently (decimal literals vs x * 2 ** (k / 3), one float64 ulp
     # apart at most); Detectron2 computes cell anchors in float64 and rounds them to float32 once,
     # so the twins' anchors differ by at most one rounding each: 2 u |a|
     for a, b in zip(anchors.cell_anchors, twin_anchors.cell_anchors):
         assert_within(a, b, 2 * U32 * b.double().abs(), "cell anchors")
     assert [c.__class__ for c in student.backbone.bottom_up.modules()] == [
-        c.__class__ for c in twin.backbone.bottom_up.modules()]  # BasicBlocks, FrozenBN
+        c.__class__ for c in twin.backbone.bottom_up.modules()
+    ]  # BasicBlocks, FrozenBN
     frozen = {n for n, p in student.named_parameters() if not p.requires_grad}
-    assert frozen == {n for n, p in twin.named_parameters() if not p.requires_grad} and frozen  # FREEZE_AT 2
+    assert (
+        frozen == {n for n, p in twin.named_parameters() if not p.requires_grad} and frozen
+    )  # FREEZE_AT 2
 
     # data, solver, schedule
     train_resize = lazy.dataloader.train.mapper.augmentations[0]
@@ -310,13 +410,19 @@ def test_coco_lazy_config_is_its_yaml_twin(name, monkeypatch):
     assert train_resize.max_size == yacs.INPUT.MAX_SIZE_TRAIN
     assert train_resize.sample_style == yacs.INPUT.MIN_SIZE_TRAIN_SAMPLING == "choice"
     test_resize = lazy.dataloader.test.mapper.augmentations[0]
-    assert (test_resize.short_edge_length, test_resize.max_size) == (yacs.INPUT.MIN_SIZE_TEST, yacs.INPUT.MAX_SIZE_TEST)
+    assert (test_resize.short_edge_length, test_resize.max_size) == (
+        yacs.INPUT.MIN_SIZE_TEST,
+        yacs.INPUT.MAX_SIZE_TEST,
+    )
     assert lazy.dataloader.test.mapper.image_format == yacs.INPUT.FORMAT == "RGB"
     assert (lazy.dataloader.train.dataset.names,) == tuple(yacs.DATASETS.TRAIN)
     assert (lazy.dataloader.test.dataset.names,) == tuple(yacs.DATASETS.TEST)
     assert lazy.dataloader.train.total_batch_size == yacs.SOLVER.IMS_PER_BATCH
     assert (lazy.optimizer.lr, lazy.optimizer.momentum, lazy.optimizer.weight_decay) == (
-        yacs.SOLVER.BASE_LR, yacs.SOLVER.MOMENTUM, yacs.SOLVER.WEIGHT_DECAY)
+        yacs.SOLVER.BASE_LR,
+        yacs.SOLVER.MOMENTUM,
+        yacs.SOLVER.WEIGHT_DECAY,
+    )
     assert lazy.train.max_iter == yacs.SOLVER.MAX_ITER
     schedule = instantiate(lazy.lr_multiplier)
     for it in (0, 500, 1000, 59999, 60000, 79999, 80000, 89999):
@@ -329,4 +435,6 @@ def test_coco_lazy_config_is_its_yaml_twin(name, monkeypatch):
         assert schedule(it / lazy.train.max_iter) == pytest.approx(expected, rel=32 * 2.0**-53), it
     from kd_det.evaluation import has_cpp_ops
 
-    assert lazy.dataloader.evaluator.use_fast_impl == has_cpp_ops()  # pure-Python Detectron2: pycocotools
+    assert (
+        lazy.dataloader.evaluator.use_fast_impl == has_cpp_ops()
+    )  # pure-Python Detectron2: pycocotools

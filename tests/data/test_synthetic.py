@@ -6,10 +6,14 @@ import os
 
 import numpy as np
 from conftest import TINY_PREFIX, TINY_SPEC
-
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from kd_det.data import CLASS_NAMES, SyntheticSpec, ensure_synthetic_dataset, generate_synthetic_dataset
+from kd_det.data import (
+    CLASS_NAMES,
+    SyntheticSpec,
+    ensure_synthetic_dataset,
+    generate_synthetic_dataset,
+)
 from kd_det.data.synthetic import render_image
 
 
@@ -20,8 +24,12 @@ def test_generation_is_deterministic(tmp_path):
     cmp = filecmp.dircmp(str(tmp_path / "a"), str(tmp_path / "b"))
     assert not cmp.diff_files and not cmp.left_only and not cmp.right_only
     for sub in ("JPEGImages", "Annotations", "annotations"):
-        match, mismatch, errors = filecmp.cmpfiles(str(tmp_path / "a" / sub), str(tmp_path / "b" / sub),
-                                                   os.listdir(str(tmp_path / "a" / sub)), shallow=False)
+        match, mismatch, errors = filecmp.cmpfiles(
+            str(tmp_path / "a" / sub),
+            str(tmp_path / "b" / sub),
+            os.listdir(str(tmp_path / "a" / sub)),
+            shallow=False,
+        )
         assert match and not mismatch and not errors
     other = SyntheticSpec(num_train=5, num_val=3, image_size=48, seed=12)
     assert not np.array_equal(render_image(spec, 0, "train")[0], render_image(other, 0, "train")[0])
@@ -34,7 +42,9 @@ def test_ensure_does_not_regenerate(tmp_path):
     stamp = os.stat(os.path.join(root, "SPEC.json")).st_mtime_ns
     ensure_synthetic_dataset(root, spec)
     assert os.stat(os.path.join(root, "SPEC.json")).st_mtime_ns == stamp
-    ensure_synthetic_dataset(root, SyntheticSpec(num_train=4, num_val=2, image_size=32))  # new spec: regenerated
+    ensure_synthetic_dataset(
+        root, SyntheticSpec(num_train=4, num_val=2, image_size=32)
+    )  # new spec: regenerated
     assert len(os.listdir(os.path.join(root, "JPEGImages"))) == 6
 
 
@@ -76,5 +86,7 @@ def test_default_dataset_has_small_medium_objects_and_occlusion():
                 p, q = boxes[a], boxes[b]
                 overlaps += min(p[2], q[2]) > max(p[0], q[0]) and min(p[3], q[3]) > max(p[1], q[1])
     areas = np.array(areas)
-    assert (areas < 16**2).mean() > 0.2 and (areas > 32**2).mean() > 0.05  # small and larger objects
+    assert (areas < 16**2).mean() > 0.2 and (
+        areas > 32**2
+    ).mean() > 0.05  # small and larger objects
     assert overlaps > 10  # occlusion happens

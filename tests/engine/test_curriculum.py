@@ -7,13 +7,12 @@ import runpy
 
 import pytest
 from conftest import REPO, tiny_cfg
-
 from detectron2.data import get_detection_dataset_dicts
 
 import kd_det.data.curriculum as curriculum
 from kd_det.data import CurriculumSampler, load_scores
-from kd_det.engine import KDTrainer
 from kd_det.data.curriculum import find_curriculum_sampler
+from kd_det.engine import KDTrainer
 
 SCORES = [5.0, 1.0, 4.0, 0.5, 3.0, 2.0, 6.0, 0.1]  # easiest: 7, 3, 1, 5, 4, 2, 0, 6
 
@@ -23,12 +22,14 @@ def _take(sampler, n):
 
 
 def test_phases_draw_from_the_easiest_images():
-    s = CurriculumSampler(SCORES, phase_iters=[2, 4], phase_fractions=[0.25, 0.5], images_per_iter=3, seed=0)
+    s = CurriculumSampler(
+        SCORES, phase_iters=[2, 4], phase_fractions=[0.25, 0.5], images_per_iter=3, seed=0
+    )
     stream = _take(s, 30)
-    assert set(stream[:6]) == {7, 3}              # iterations 0-1: easiest 2 of 8
-    assert set(stream[6:12]) <= {7, 3, 1, 5}      # iterations 2-3: easiest 4
-    assert len(set(stream[6:12])) == 4            # shuffled passes cover the pool
-    assert set(stream[12:]) == set(range(8))      # then every image
+    assert set(stream[:6]) == {7, 3}  # iterations 0-1: easiest 2 of 8
+    assert set(stream[6:12]) <= {7, 3, 1, 5}  # iterations 2-3: easiest 4
+    assert len(set(stream[6:12])) == 4  # shuffled passes cover the pool
+    assert set(stream[12:]) == set(range(8))  # then every image
     assert s.pool(0) == [7, 3] and s.pool(3) == [7, 3, 1, 5] and s.pool(4) == list(range(8))
 
 
@@ -49,8 +50,14 @@ def test_resume_continues_the_same_stream():
     assert _take(resumed, 33) == whole[12:]
 
 
-@pytest.mark.parametrize("iters,fractions,match", [
-    ([2, 1], [0.5, 0.7], "increasing"), ([2], [0.5, 0.7], "one entry per phase"), ([2], [1.5], r"\(0, 1\]")])
+@pytest.mark.parametrize(
+    "iters,fractions,match",
+    [
+        ([2, 1], [0.5, 0.7], "increasing"),
+        ([2], [0.5, 0.7], "one entry per phase"),
+        ([2], [1.5], r"\(0, 1\]"),
+    ],
+)
 def test_sampler_errors(iters, fractions, match):
     with pytest.raises(ValueError, match=match):
         CurriculumSampler(SCORES, iters, fractions, images_per_iter=2)
@@ -66,7 +73,9 @@ def test_load_scores_errors(tmp_path):
         load_scores(str(bad), records)
     partial = tmp_path / "partial.json"
     partial.write_text(json.dumps({"scores": {"1": 0.5}}))
-    with pytest.raises(ValueError, match=r"1 of 2 training images have no score \(first: \['2'\]\)"):
+    with pytest.raises(
+        ValueError, match=r"1 of 2 training images have no score \(first: \['2'\]\)"
+    ):
         load_scores(str(partial), records)
     full = tmp_path / "full.json"
     full.write_text(json.dumps({"scores": {"1": 0.5, "2": 0.25}}))
@@ -86,16 +95,37 @@ def test_score_tool_then_curriculum_training(tiny_data_root, tmp_path):
     scores_file = str(tmp_path / "scores.json")
     opts = [k if isinstance(k, str) else str(k) for pair in _opts_of(snap_cfg) for k in pair]
     tool = runpy.run_path(os.path.join(REPO, "tools", "score_images.py"))
-    tool["main"](["--config-file", os.path.join(REPO, "configs", config), "--snapshot", snapshot,
-                  "--output", scores_file] + opts)
+    tool["main"](
+        [
+            "--config-file",
+            os.path.join(REPO, "configs", config),
+            "--snapshot",
+            snapshot,
+            "--output",
+            scores_file,
+        ]
+        + opts
+    )
     dataset = get_detection_dataset_dicts(snap_cfg.DATASETS.TRAIN)
     scores = load_scores(scores_file, dataset)
     assert len(scores) == len(dataset) and all(s > 0 for s in scores)
 
-    cfg = tiny_cfg(config, tmp_path / "cur", [
-        "TRAINER.CURRICULUM.ENABLED", True, "TRAINER.CURRICULUM.SCORES", scores_file,
-        "TRAINER.CURRICULUM.PHASE_ITERS", [2], "TRAINER.CURRICULUM.PHASE_FRACTIONS", [0.25],
-        "SOLVER.MAX_ITER", 2])
+    cfg = tiny_cfg(
+        config,
+        tmp_path / "cur",
+        [
+            "TRAINER.CURRICULUM.ENABLED",
+            True,
+            "TRAINER.CURRICULUM.SCORES",
+            scores_file,
+            "TRAINER.CURRICULUM.PHASE_ITERS",
+            [2],
+            "TRAINER.CURRICULUM.PHASE_FRACTIONS",
+            [0.25],
+            "SOLVER.MAX_ITER",
+            2,
+        ],
+    )
     trainer = KDTrainer(cfg)
     sampler = find_curriculum_sampler(trainer.data_loader)
     assert sampler is not None
@@ -103,7 +133,8 @@ def test_score_tool_then_curriculum_training(tiny_data_root, tmp_path):
     assert len(easiest) == 4  # 25% of 16
     seen = []
     trainer._trainer._data_loader_iter = (
-        [seen.extend(r["image_id"] for r in batch) or batch][0] for batch in trainer.data_loader)
+        [seen.extend(r["image_id"] for r in batch) or batch][0] for batch in trainer.data_loader
+    )
     trainer.resume_or_load(resume=False)
     trainer.train()
     assert seen and set(seen) <= easiest
@@ -116,5 +147,9 @@ def test_score_tool_then_curriculum_training(tiny_data_root, tmp_path):
 
 def _opts_of(cfg):
     """The tiny-data overrides a scoring run needs (datasets and sizes)."""
-    return [("DATASETS.TRAIN", str(tuple(cfg.DATASETS.TRAIN))), ("INPUT.MIN_SIZE_TEST", cfg.INPUT.MIN_SIZE_TEST),
-            ("INPUT.MAX_SIZE_TEST", cfg.INPUT.MAX_SIZE_TEST), ("MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 32)]
+    return [
+        ("DATASETS.TRAIN", str(tuple(cfg.DATASETS.TRAIN))),
+        ("INPUT.MIN_SIZE_TEST", cfg.INPUT.MIN_SIZE_TEST),
+        ("INPUT.MAX_SIZE_TEST", cfg.INPUT.MAX_SIZE_TEST),
+        ("MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 32),
+    ]

@@ -10,9 +10,8 @@ import time
 import pytest
 import torch
 from conftest import REPO, config_path
-from test_train import SMALL, _metrics
-
 from detectron2.checkpoint import DetectionCheckpointer
+from test_train import SMALL, _metrics
 from torch import nn
 
 from kd_det.checkpoint import AtomicDetectionCheckpointer
@@ -37,11 +36,17 @@ def test_checkpoint_interrupted_mid_write_leaves_previous_intact(tmp_path, monke
     assert (tmp_path / "model_0000001.pth").read_bytes() == before
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
     # and Detectron2 resumes from it
-    assert DetectionCheckpointer(nn.Linear(3, 2), str(tmp_path)).resume_or_load("", resume=True)["iteration"] == 1
+    assert (
+        DetectionCheckpointer(nn.Linear(3, 2), str(tmp_path)).resume_or_load("", resume=True)[
+            "iteration"
+        ]
+        == 1
+    )
 
 
 def _open_on_a_disk_with(free_bytes):
-    """``open`` whose binary files raise ENOSPC, as a full disk does, once ``free_bytes`` are written."""
+    """``open`` whose binary files raise ENOSPC, as a full disk does, once ``free_bytes`` are
+    written."""
     real_open = open
 
     class FullDiskFile:
@@ -97,52 +102,99 @@ def test_full_disk_during_save_names_the_intact_checkpoint(tmp_path, monkeypatch
 def test_training_killed_with_sigkill_resumes(tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "datasets"), PYTHONUNBUFFERED="1")
-    args = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file",
-            config_path("synthetic/retinanet_R_18_FPN.yaml"), "SOLVER.CHECKPOINT_PERIOD", "2",
-            "SOLVER.MAX_ITER", "12", "OUTPUT_DIR", str(out), "DATASETS.TEST", "()"] + SMALL
-    proc = subprocess.Popen(args, cwd=str(tmp_path), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [
+        sys.executable,
+        os.path.join(REPO, "tools", "train_net.py"),
+        "--config-file",
+        config_path("synthetic/retinanet_R_18_FPN.yaml"),
+        "SOLVER.CHECKPOINT_PERIOD",
+        "2",
+        "SOLVER.MAX_ITER",
+        "12",
+        "OUTPUT_DIR",
+        str(out),
+        "DATASETS.TEST",
+        "()",
+    ] + SMALL
+    proc = subprocess.Popen(
+        args, cwd=str(tmp_path), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 600
     # kill as soon as a second periodic checkpoint exists (training is mid-run, maybe mid-save)
     while time.time() < deadline and not (out / "model_0000003.pth").exists():
         if proc.poll() is not None:
-            pytest.fail("training ended before it could be killed (exit {})".format(proc.returncode))
+            pytest.fail(
+                "training ended before it could be killed (exit {})".format(proc.returncode)
+            )
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "model_final.pth").exists()
     last = (out / "last_checkpoint").read_text().strip()
-    # a complete, loadable file (the tag may still name the previous one if the kill fell between the two renames)
+    # a complete, loadable file (the tag may still name the previous one if the kill fell between
+    # the two renames)
     killed_at = torch.load(out / last, weights_only=False)["iteration"]
     assert killed_at in (1, 3, 5, 7, 9)
 
-    done = subprocess.run(args[:2] + ["--resume"] + args[2:], cwd=str(tmp_path), env=env, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(
+        args[:2] + ["--resume"] + args[2:],
+        cwd=str(tmp_path),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     final = torch.load(out / "model_final.pth", weights_only=False)
     assert final["iteration"] == 11
-    assert final["trainer"]["hooks"]["LRScheduler"]["last_epoch"] == 12  # LR schedule continued, not restarted
-    assert final["trainer"]["_trainer"]["optimizer"]["state"]  # optimizer moments are checkpointed too
+    assert (
+        final["trainer"]["hooks"]["LRScheduler"]["last_epoch"] == 12
+    )  # LR schedule continued, not restarted
+    assert final["trainer"]["_trainer"]["optimizer"][
+        "state"
+    ]  # optimizer moments are checkpointed too
     logged = sorted({m["iteration"] for m in _metrics(out) if "total_loss" in m})
     assert logged[-1] == 11
 
 
 @pytest.mark.slow
 def test_two_process_cpu_distillation(tmp_path, retina_teacher):
-    """--num-gpus 2 without GPUs: two gloo processes, DDP over the student only, teacher replicated."""
+    """--num-gpus 2 without GPUs: two gloo processes, DDP over the student only, teacher
+    replicated."""
     out = tmp_path / "ddp"
     env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "datasets"), PYTHONUNBUFFERED="1")
-    args = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--num-gpus", "2", "--config-file",
-            config_path("synthetic/distill/ssim_retinanet_R50_to_R18.yaml"),
-            "KD.TEACHER.CONFIG", config_path("synthetic/retinanet_R_50_FPN.yaml"), "KD.TEACHER.WEIGHTS", retina_teacher,
-            "SOLVER.MAX_ITER", "3", "OUTPUT_DIR", str(out),
-            # the teacher is evaluated first, by both processes (each scores half the test set)
-            "KD.TEACHER.EVAL_BEFORE_TRAIN", "True", "DATASETS.TEST", "('kd_synthetic_val',)",
-            "KD.TEACHER.OPTS", "['INPUT.MIN_SIZE_TEST', '64', 'INPUT.MAX_SIZE_TEST', '64']"] + SMALL
-    proc = subprocess.run(args, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
+    args = [
+        sys.executable,
+        os.path.join(REPO, "tools", "train_net.py"),
+        "--num-gpus",
+        "2",
+        "--config-file",
+        config_path("synthetic/distill/ssim_retinanet_R50_to_R18.yaml"),
+        "KD.TEACHER.CONFIG",
+        config_path("synthetic/retinanet_R_50_FPN.yaml"),
+        "KD.TEACHER.WEIGHTS",
+        retina_teacher,
+        "SOLVER.MAX_ITER",
+        "3",
+        "OUTPUT_DIR",
+        str(out),
+        # the teacher is evaluated first, by both processes (each scores half the test set)
+        "KD.TEACHER.EVAL_BEFORE_TRAIN",
+        "True",
+        "DATASETS.TEST",
+        "('kd_synthetic_val',)",
+        "KD.TEACHER.OPTS",
+        "['INPUT.MIN_SIZE_TEST', '64', 'INPUT.MAX_SIZE_TEST', '64']",
+    ] + SMALL
+    proc = subprocess.run(
+        args, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     assert "World size: 2" in log
-    assert "Start inference on 75 batches" in log  # half of the 150 validation images, for the teacher
+    assert (
+        "Start inference on 75 batches" in log
+    )  # half of the 150 validation images, for the teacher
     assert [m["iteration"] for m in _metrics(out) if "teacher/bbox/AP" in m] == [0]
     final = torch.load(out / "model_final.pth", weights_only=False)
     assert final["iteration"] == 2
@@ -154,17 +206,38 @@ def test_two_process_cpu_distillation(tmp_path, retina_teacher):
 @pytest.mark.slow
 def test_two_process_cpu_self_distillation(tmp_path):
     """
-    DDP over a student that carries its FRSKD self-teacher: every kd_self_* parameter takes part in each step;
-    gradients accumulated over micro-batches are all-reduced once per step.
+    DDP over a student that carries its FRSKD self-teacher: every kd_self_* parameter takes part in
+    each step; gradients accumulated over micro-batches are all-reduced once per step.
     """
     out = tmp_path / "ddp_self"
     env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "datasets"), PYTHONUNBUFFERED="1")
-    args = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--num-gpus", "2", "--config-file",
+    args = (
+        [
+            sys.executable,
+            os.path.join(REPO, "tools", "train_net.py"),
+            "--num-gpus",
+            "2",
+            "--config-file",
             config_path("synthetic/distill/self_frskd_retinanet_R18.yaml"),
-            "SOLVER.MAX_ITER", "3", "OUTPUT_DIR", str(out), "DATASETS.TEST", "()"] + SMALL + [
+            "SOLVER.MAX_ITER",
+            "3",
+            "OUTPUT_DIR",
+            str(out),
+            "DATASETS.TEST",
+            "()",
+        ]
+        + SMALL
+        + [
             # and gradient accumulation under DDP: 2 micro-batches of 1 image per process and step
-            "SOLVER.IMS_PER_BATCH", "4", "SOLVER.GRAD_ACCUM_STEPS", "2"]
-    proc = subprocess.run(args, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
+            "SOLVER.IMS_PER_BATCH",
+            "4",
+            "SOLVER.GRAD_ACCUM_STEPS",
+            "2",
+        ]
+    )
+    proc = subprocess.run(
+        args, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     final = torch.load(out / "model_final.pth", weights_only=False)
@@ -175,15 +248,30 @@ def test_two_process_cpu_self_distillation(tmp_path):
 
 
 @pytest.mark.slow
-def test_non_finite_kd_loss_stops_training_and_keeps_the_checkpoint(tiny_data_root, tmp_path, rcnn_teacher):
+def test_non_finite_kd_loss_stops_training_and_keeps_the_checkpoint(
+    tiny_data_root, tmp_path, rcnn_teacher
+):
     from conftest import tiny_cfg
     from detectron2.engine import HookBase
 
     from kd_det.engine import KDTrainer
 
-    cfg = tiny_cfg("synthetic/distill/ssim_faster_rcnn_R50_to_R18.yaml", tmp_path, [
-        "KD.TEACHER.CONFIG", config_path("synthetic/faster_rcnn_R_50_FPN.yaml"), "KD.TEACHER.WEIGHTS", rcnn_teacher,
-        "SOLVER.MAX_ITER", 5, "SOLVER.CHECKPOINT_PERIOD", 2, "DATASETS.TEST", ()])
+    cfg = tiny_cfg(
+        "synthetic/distill/ssim_faster_rcnn_R50_to_R18.yaml",
+        tmp_path,
+        [
+            "KD.TEACHER.CONFIG",
+            config_path("synthetic/faster_rcnn_R_50_FPN.yaml"),
+            "KD.TEACHER.WEIGHTS",
+            rcnn_teacher,
+            "SOLVER.MAX_ITER",
+            5,
+            "SOLVER.CHECKPOINT_PERIOD",
+            2,
+            "DATASETS.TEST",
+            (),
+        ],
+    )
     trainer = KDTrainer(cfg)
 
     class PoisonKDWeight(HookBase):
@@ -193,12 +281,15 @@ def test_non_finite_kd_loss_stops_training_and_keeps_the_checkpoint(tiny_data_ro
 
     trainer.register_hooks([PoisonKDWeight()])
     trainer.resume_or_load(resume=False)
-    with pytest.raises(FloatingPointError, match=r"(?s)iteration=3.*loss_kd_ssim.*model_0000001.pth.*--resume"):
+    with pytest.raises(
+        FloatingPointError, match=r"(?s)iteration=3.*loss_kd_ssim.*model_0000001.pth.*--resume"
+    ):
         trainer.train()
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
     ckpt = torch.load(tmp_path / "model_0000001.pth", weights_only=False)
-    assert ckpt["iteration"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values()
-                                          if v.is_floating_point())
+    assert ckpt["iteration"] == 1 and all(
+        torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point()
+    )
     assert not (tmp_path / "model_final.pth").exists()
 
 
@@ -217,17 +308,37 @@ def test_same_seed_same_losses(tiny_data_root, tmp_path, rcnn_teacher):
 
     histories = []
     for run in ("a", "b"):
-        cfg = tiny_cfg("synthetic/distill/ssim_faster_rcnn_R50_to_R18.yaml", tmp_path / run, [
-            "KD.TEACHER.CONFIG", config_path("synthetic/faster_rcnn_R_50_FPN.yaml"), "KD.TEACHER.WEIGHTS",
-            rcnn_teacher, "SOLVER.MAX_ITER", 3, "SEED", 11, "DATASETS.TEST", ()])
+        cfg = tiny_cfg(
+            "synthetic/distill/ssim_faster_rcnn_R50_to_R18.yaml",
+            tmp_path / run,
+            [
+                "KD.TEACHER.CONFIG",
+                config_path("synthetic/faster_rcnn_R_50_FPN.yaml"),
+                "KD.TEACHER.WEIGHTS",
+                rcnn_teacher,
+                "SOLVER.MAX_ITER",
+                3,
+                "SEED",
+                11,
+                "DATASETS.TEST",
+                (),
+            ],
+        )
         from detectron2.engine import default_setup
 
-        default_setup(cfg, argparse_namespace())  # seeds every RNG from cfg.SEED, as tools/train_net.py does
+        default_setup(
+            cfg, argparse_namespace()
+        )  # seeds every RNG from cfg.SEED, as tools/train_net.py does
         trainer = KDTrainer(cfg)
         trainer.resume_or_load(resume=False)
         trainer.train()
-        histories.append({k: [v for v, _ in h.values()] for k, h in trainer.storage.histories().items()
-                          if k.startswith("loss_") or k == "total_loss"})
+        histories.append(
+            {
+                k: [v for v, _ in h.values()]
+                for k, h in trainer.storage.histories().items()
+                if k.startswith("loss_") or k == "total_loss"
+            }
+        )
     assert histories[0].keys() == histories[1].keys() and "loss_kd_ssim" in histories[0]
     for k in histories[0]:
         assert histories[0][k] == histories[1][k], k
@@ -236,5 +347,13 @@ def test_same_seed_same_losses(tiny_data_root, tmp_path, rcnn_teacher):
 def argparse_namespace():
     import argparse
 
-    return argparse.Namespace(config_file="", eval_only=False, num_gpus=1, num_machines=1, machine_rank=0,
-                              dist_url="auto", resume=False, opts=[])
+    return argparse.Namespace(
+        config_file="",
+        eval_only=False,
+        num_gpus=1,
+        num_machines=1,
+        machine_rank=0,
+        dist_url="auto",
+        resume=False,
+        opts=[],
+    )

@@ -35,37 +35,61 @@ class _Checker:
                 storage = value.untyped_storage()
                 spans[storage.data_ptr()] = (storage.data_ptr() + storage.nbytes(), str(name))
         self.kernel = kernel_name
-        self.ranges = np.array([(start, end) for start, (end, _) in spans.items()], dtype=np.uint64).reshape(-1, 2)
+        self.ranges = np.array(
+            [(start, end) for start, (end, _) in spans.items()], dtype=np.uint64
+        ).reshape(-1, 2)
         self.names = [name for _, name in spans.values()]
 
     def check(self, what, ptrs, mask):
         addresses = np.broadcast_to(ptrs.data, np.broadcast(ptrs.data, mask.data).shape)
-        addresses = addresses[np.broadcast_to(mask.data, addresses.shape).astype(bool)].astype(np.uint64).ravel()
+        addresses = (
+            addresses[np.broadcast_to(mask.data, addresses.shape).astype(bool)]
+            .astype(np.uint64)
+            .ravel()
+        )
         if addresses.size == 0:
             return
         self.accesses += addresses.size
         size = np.uint64(np.dtype(self.interpreter._get_np_dtype(ptrs.get_element_ty())).itemsize)
-        inside = ((addresses[:, None] >= self.ranges[None, :, 0])
-                  & (addresses[:, None] + size <= self.ranges[None, :, 1])).any(axis=1)
+        inside = (
+            (addresses[:, None] >= self.ranges[None, :, 0])
+            & (addresses[:, None] + size <= self.ranges[None, :, 1])
+        ).any(axis=1)
         if not inside.all():
             bad = int(addresses[~inside][0])
-            nearest = int(np.argmin(np.abs(self.ranges.astype(np.int64) - bad).min(axis=1))) if self.names else None
-            where = "" if nearest is None else ", nearest argument {} [{:#x}, {:#x})".format(
-                self.names[nearest], int(self.ranges[nearest, 0]), int(self.ranges[nearest, 1]))
-            raise OutOfBounds("{}: {} of {} lanes outside every tensor argument, first at {:#x}{}".format(
-                self.kernel, what, int((~inside).sum()), bad, where))
+            nearest = (
+                int(np.argmin(np.abs(self.ranges.astype(np.int64) - bad).min(axis=1)))
+                if self.names
+                else None
+            )
+            where = (
+                ""
+                if nearest is None
+                else ", nearest argument {} [{:#x}, {:#x})".format(
+                    self.names[nearest], int(self.ranges[nearest, 0]), int(self.ranges[nearest, 1])
+                )
+            )
+            raise OutOfBounds(
+                "{}: {} of {} lanes outside every tensor argument, first at {:#x}{}".format(
+                    self.kernel, what, int((~inside).sum()), bad, where
+                )
+            )
 
 
 @contextlib.contextmanager
 def checked_accesses():
-    """Checks every interpreted load and store inside the block; yields the checker (``.accesses``)."""
+    """Checks every interpreted load and store inside the block; yields the checker
+    (``.accesses``)."""
     from triton.runtime import interpreter
 
     checker = _Checker(interpreter)
     builder = interpreter.interpreter_builder
     executor = interpreter.GridExecutor
-    original_init_args, original_load, original_store = (executor._init_args_hst, builder.create_masked_load,
-                                                         builder.create_masked_store)
+    original_init_args, original_load, original_store = (
+        executor._init_args_hst,
+        builder.create_masked_load,
+        builder.create_masked_store,
+    )
 
     def init_args(self, args_dev, kwargs):
         args_hst, kwargs_hst = original_init_args(self, args_dev, kwargs)

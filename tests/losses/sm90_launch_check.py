@@ -43,40 +43,81 @@ class _RecordingLauncher:
         self.signature = dict(src.signature)
         self.metadata = metadata
 
-    def __call__(self, grid_x, grid_y, grid_z, stream, function, packed_metadata, launch_metadata, enter_hook,
-                 exit_hook, *args):
+    def __call__(
+        self,
+        grid_x,
+        grid_y,
+        grid_z,
+        stream,
+        function,
+        packed_metadata,
+        launch_metadata,
+        enter_hook,
+        exit_hook,
+        *args
+    ):
         if len(args) != len(self.signature):
-            raise TypeError("{}: {} arguments for {} parameters".format(self.name, len(args), len(self.signature)))
+            raise TypeError(
+                "{}: {} arguments for {} parameters".format(
+                    self.name, len(args), len(self.signature)
+                )
+            )
         kinds = []
         for (name, kind), value in zip(self.signature.items(), args):
             if kind == "constexpr":
                 continue
             if kind.startswith("*") != isinstance(value, torch.Tensor):
-                raise TypeError("{}: argument {} is {!r}, the kernel expects {}".format(
-                    self.name, name, type(value).__name__, kind))
+                raise TypeError(
+                    "{}: argument {} is {!r}, the kernel expects {}".format(
+                        self.name, name, type(value).__name__, kind
+                    )
+                )
             kinds.append(kind)
-        LAUNCHES.append(dict({"kernel": self.name, "grid": [grid_x, grid_y, grid_z], "arguments": kinds,
-                              "num_warps": self.metadata.num_warps, "shared": self.metadata.shared},
-                             **RESOURCES.get(self.name, {})))
+        LAUNCHES.append(
+            dict(
+                {
+                    "kernel": self.name,
+                    "grid": [grid_x, grid_y, grid_z],
+                    "arguments": kinds,
+                    "num_warps": self.metadata.num_warps,
+                    "shared": self.metadata.shared,
+                },
+                **RESOURCES.get(self.name, {})
+            )
+        )
 
 
 class _Utils:
     def get_device_properties(self, device):
-        return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32}
+        return {
+            "max_shared_mem": 232448,
+            "multiprocessor_count": 132,
+            "max_num_regs": 65536,
+            "warpSize": 32,
+        }
 
     def load_binary(self, name, kernel, shared, device):
         """Reads the cubin's registers and local memory (spills) with the bundled cuobjdump."""
-        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        tool = os.path.join(
+            os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"
+        )
         with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, "kernel.cubin")
             with open(path, "wb") as f:
                 f.write(kernel)
-            usage = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True,
-                                   check=True).stdout
+            usage = subprocess.run(
+                [tool, "--dump-resource-usage", path], capture_output=True, text=True, check=True
+            ).stdout
         m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
         registers, stack, local = (int(v) for v in m.groups())
         RESOURCES[name] = {"registers": registers, "spill_bytes": stack + local}
-        return 1, 1, registers, stack + local, 1024  # module, function, registers, spills, max threads
+        return (
+            1,
+            1,
+            registers,
+            stack + local,
+            1024,
+        )  # module, function, registers, spills, max threads
 
     def unload_module(self, module):
         pass
@@ -142,7 +183,9 @@ class _NoKernel:
         pass
 
 
-def training_level_sizes(short_edges=range(640, 801, 32), aspects=(4 / 3, 16 / 9, 3 / 4, 1.0), max_size=1333):
+def training_level_sizes(
+    short_edges=range(640, 801, 32), aspects=(4 / 3, 16 / 9, 3 / 4, 1.0), max_size=1333
+):
     """(H, W) of FPN levels P2-P6 for images resized as Detectron2's ResizeShortestEdge and
     padded to a multiple of 32 (the FPN's size divisibility)."""
     sizes = set()
@@ -158,7 +201,8 @@ def training_level_sizes(short_edges=range(640, 801, 32), aspects=(4 / 3, 16 / 9
 
 
 def compilations():
-    """{kernel: distinct compilations} of the fused loss, forward and backward, over training_level_sizes()."""
+    """{kernel: distinct compilations} of the fused loss, forward and backward, over
+    training_level_sizes()."""
     from triton.runtime.jit import JITFunction
 
     keys = {}
@@ -175,8 +219,17 @@ def compilations():
         # the backward in chunks of about 3 of the 7 planes: slices that start unaligned
         ssim_triton.BACKWARD_CHUNK_BYTES = 3 * 3 * 4 * h * (w + 20)
         x = torch.rand(1, 7, h, w, requires_grad=True)
-        ssim_triton.fused_ssim_feature_loss(x, torch.rand(1, 7, h, w), 11, 1.5, 0.01, 0.03, "minmax").backward()
-    print(json.dumps({"level_sizes": len(sizes), "compilations": {k: len(v) for k, v in sorted(keys.items())}}))
+        ssim_triton.fused_ssim_feature_loss(
+            x, torch.rand(1, 7, h, w), 11, 1.5, 0.01, 0.03, "minmax"
+        ).backward()
+    print(
+        json.dumps(
+            {
+                "level_sizes": len(sizes),
+                "compilations": {k: len(v) for k, v in sorted(keys.items())},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -11,9 +11,9 @@ from kd_det.losses import (
     L2FeatureLoss,
     SSIMFeatureLoss,
     build_feature_loss,
+    channel_statistics_loss,
     minmax_normalize,
     ssim_feature_loss,
-    channel_statistics_loss,
     ssim_map,
 )
 from kd_det.losses.ssim import FULL_SSIM, effective_window_sizes, gaussian_window_1d
@@ -46,8 +46,9 @@ def _blur(z: Bounded, kh, kw, sigma, roundings=None) -> Bounded:
 def _ssim_moments(x: Bounded, y: Bounded, window_size=11, sigma=1.5, roundings=None):
     """Bounded mu_x^2, mu_y^2, mu_x mu_y and local (co)variances, as ssim_map computes them."""
     kh, kw = effective_window_sizes(x.shape[-2], x.shape[-1], window_size)
-    mu_x, mu_y, e_xx, e_yy, e_xy = (_blur(m, kh, kw, sigma, roundings)
-                                    for m in (x, y, x * x, y * y, x * y))
+    mu_x, mu_y, e_xx, e_yy, e_xy = (
+        _blur(m, kh, kw, sigma, roundings) for m in (x, y, x * x, y * y, x * y)
+    )
     mu_xx, mu_yy, mu_xy = mu_x * mu_x, mu_y * mu_y, mu_x * mu_y
     return mu_xx, mu_yy, mu_xy, e_xx - mu_xx, e_yy - mu_yy, e_xy - mu_xy
 
@@ -63,10 +64,12 @@ def _ssim_components(moments, c1, c2):
     mu_xx, mu_yy, mu_xy, s_xx, s_yy, s_xy = moments
     c3 = c2 / 2
     sxsy = (s_xx.clamp_min(0) * s_yy.clamp_min(0)).sqrt()
-    return {"lum": (2 * mu_xy + c1) / (mu_xx + mu_yy + c1),
-            "con": (2 * sxsy + c2) / (s_xx + s_yy + c2),
-            "struct": (s_xy + c3) / (sxsy + c3),
-            "cs": (2 * s_xy + c2) / (s_xx + s_yy + c2)}
+    return {
+        "lum": (2 * mu_xy + c1) / (mu_xx + mu_yy + c1),
+        "con": (2 * sxsy + c2) / (s_xx + s_yy + c2),
+        "struct": (s_xy + c3) / (sxsy + c3),
+        "cs": (2 * s_xy + c2) / (s_xx + s_yy + c2),
+    }
 
 
 def _ssim_bounded(x, y, window_size=11, sigma=1.5, c1=0.01**2, c2=0.03**2, exponents=FULL_SSIM):
@@ -76,8 +79,10 @@ def _ssim_bounded(x, y, window_size=11, sigma=1.5, c1=0.01**2, c2=0.03**2, expon
         return _ssim_full(moments, c1, c2)
     terms, (a, b, g) = _ssim_components(moments, c1, c2), exponents
     factors = ([terms["lum"] ** a] if a else []) + (
-        ([terms["cs"] ** b] if b else []) if b == g else
-        ([terms["con"] ** b] if b else []) + ([terms["struct"] ** g] if g else []))
+        ([terms["cs"] ** b] if b else [])
+        if b == g
+        else ([terms["con"] ** b] if b else []) + ([terms["struct"] ** g] if g else [])
+    )
     out = factors[0]
     for f in factors[1:]:
         out = out * f
@@ -97,8 +102,16 @@ def _standardize_bounded(x: Bounded, eps=1e-6) -> Bounded:
     return (x - mean) / x.var((2, 3), keepdim=True).clamp_min(eps * eps).sqrt()
 
 
-def _ssim_loss_map_bounded(s: Bounded, t: Bounded, normalize="minmax", window_size=11, sigma=1.5,
-                           k1=0.01, k2=0.03, exponents=FULL_SSIM) -> Bounded:
+def _ssim_loss_map_bounded(
+    s: Bounded,
+    t: Bounded,
+    normalize="minmax",
+    window_size=11,
+    sigma=1.5,
+    k1=0.01,
+    k2=0.03,
+    exponents=FULL_SSIM,
+) -> Bounded:
     """SSIMFeatureLoss.loss_map: (1 - SSIM) / 2 of minmax-normalised maps, or per-map C1, C2."""
     if normalize == "minmax":
         s, t = _minmax_bounded(s), _minmax_bounded(t)
@@ -114,8 +127,14 @@ def _ssim_loss_map_bounded(s: Bounded, t: Bounded, normalize="minmax", window_si
 def _msssim64(x, y, window_size=11, sigma=1.5, size_average=False):
     """pytorch_msssim in float64, with the exact float64 window (its own is computed in float32)."""
     win = gaussian_window_1d(window_size, sigma, dtype=torch.float64).view(1, 1, 1, -1)
-    return reference_ssim(x.double(), y.double(), data_range=1.0, size_average=size_average,
-                          win=win.repeat(x.shape[1], 1, 1, 1), K=(0.01, 0.03))
+    return reference_ssim(
+        x.double(),
+        y.double(),
+        data_range=1.0,
+        size_average=size_average,
+        win=win.repeat(x.shape[1], 1, 1, 1),
+        K=(0.01, 0.03),
+    )
 
 
 def _pair(shape, seed, dtype=torch.float32):
@@ -188,8 +207,9 @@ def test_ssim_loss_gradcheck(normalize):
     t = torch.randn(1, 2, 13, 14, generator=g, dtype=torch.float64)
     loss = SSIMFeatureLoss(window_size=5, sigma=1.0, normalize=normalize)
     assert torch.autograd.gradcheck(lambda a: loss([a], [t]), (s,), eps=1e-6, atol=1e-5)
-    lmap = _ssim_loss_map_bounded(Bounded.exact(s), Bounded.exact(t), normalize, window_size=5,
-                                  sigma=1.0)
+    lmap = _ssim_loss_map_bounded(
+        Bounded.exact(s), Bounded.exact(t), normalize, window_size=5, sigma=1.0
+    )
     _assert_gradcheck_tolerance_covers_rounding(feature_loss_bounded([lmap]), eps=1e-6, atol=1e-5)
 
 
@@ -221,15 +241,23 @@ def test_feature_distiller_level_reduction():
 
     def distiller(**kwargs):
         channels = {"p2": 2, "p3": 2}
-        return FeatureDistiller(levels=["p2", "p3"], student_channels=channels, teacher_channels=channels,
-                                loss=SSIMFeatureLoss(), weight=2.0, **kwargs)
+        return FeatureDistiller(
+            levels=["p2", "p3"],
+            student_channels=channels,
+            teacher_channels=channels,
+            loss=SSIMFeatureLoss(),
+            weight=2.0,
+            **kwargs
+        )
 
     # "sum" is SSIM-KD's convention: lambda times the sum over levels
     summed = distiller(level_reduction="sum")(student, teacher)["loss_kd_ssim"]
     assert torch.equal(summed, 2.0 * (per_level[0] + per_level[1]))
     mean = distiller()(student, teacher)["loss_kd_ssim"]
     assert torch.equal(mean, (per_level[0] + per_level[1]))
-    weighted = distiller(level_reduction="sum", level_weights=[0.0, 1.0])(student, teacher)["loss_kd_ssim"]
+    weighted = distiller(level_reduction="sum", level_weights=[0.0, 1.0])(student, teacher)[
+        "loss_kd_ssim"
+    ]
     assert torch.equal(weighted, 2.0 * per_level[1])  # explicit weights win
     with pytest.raises(ValueError, match="LEVEL_REDUCTION must be one of"):
         distiller(level_reduction="max")
@@ -261,7 +289,7 @@ def test_lp_losses_and_teacher_is_constant():
     s = torch.randn(2, 3, 8, 8, generator=g, requires_grad=True)
     t = torch.randn(2, 3, 8, 8, generator=g, requires_grad=True)
     diff = Bounded.exact(s) - Bounded.exact(t)
-    assert_bounded(L2FeatureLoss()([s], [t]), feature_loss_bounded([diff ** 2]), "L2")
+    assert_bounded(L2FeatureLoss()([s], [t]), feature_loss_bounded([diff**2]), "L2")
     out = L1FeatureLoss()([s], [t])
     assert_bounded(out, feature_loss_bounded([diff.abs()]), "L1")
     out.backward()
@@ -351,20 +379,26 @@ def _channel_stats(student, teacher):
 
 
 def _ssim_on_positions(student, teacher):
-    weights = [torch.linspace(0, 1, s.shape[-1]).expand(s.shape[0], s.shape[-2], -1).contiguous() for s in student]
+    weights = [
+        torch.linspace(0, 1, s.shape[-1]).expand(s.shape[0], s.shape[-2], -1).contiguous()
+        for s in student
+    ]
     return SSIMFeatureLoss(impl="torch")(student, teacher, position_weights=weights)
 
 
 @pytest.mark.numeric
-@pytest.mark.parametrize("name, loss", [
-    ("ssim minmax", SSIMFeatureLoss(impl="torch")),
-    ("ssim raw", SSIMFeatureLoss(impl="torch", normalize="none")),
-    ("ssim with position weights (PFI)", _ssim_on_positions),
-    ("l2", L2FeatureLoss()),
-    ("l1 channel-standardised", L1FeatureLoss(normalize="channel")),
-    ("attention transfer", AttentionTransferLoss()),
-    ("channel statistics", _channel_stats),
-])
+@pytest.mark.parametrize(
+    "name, loss",
+    [
+        ("ssim minmax", SSIMFeatureLoss(impl="torch")),
+        ("ssim raw", SSIMFeatureLoss(impl="torch", normalize="none")),
+        ("ssim with position weights (PFI)", _ssim_on_positions),
+        ("l2", L2FeatureLoss()),
+        ("l1 channel-standardised", L1FeatureLoss(normalize="channel")),
+        ("attention transfer", AttentionTransferLoss()),
+        ("channel statistics", _channel_stats),
+    ],
+)
 def test_losses_keep_full_precision_under_autocast(name, loss):
     """
     SOLVER.AMP: a float16 student under autocast gets the float32 loss and gradient of its values.
@@ -375,7 +409,9 @@ def test_losses_keep_full_precision_under_autocast(name, loss):
     torch.manual_seed(0)
     student = [(torch.randn(2, 8, 30, 36) * 3).half(), torch.randn(2, 8, 8, 9).half()]
     teacher = [s.float() + 0.5 * torch.randn(s.shape) for s in student]
-    scale = 2.0**16  # GradScaler's initial loss scale: keeps float16 gradients out of the subnormal range
+    scale = (
+        2.0**16
+    )  # GradScaler's initial loss scale: keeps float16 gradients out of the subnormal range
     exact = [s.float().requires_grad_() for s in student]
     expected = loss(exact, teacher)
     (expected * scale).backward()
@@ -391,7 +427,8 @@ def test_losses_keep_full_precision_under_autocast(name, loss):
 
 
 def _windowed_moments(x, y, window_size=11, sigma=1.5):
-    """Local Gaussian-weighted moments by unfolding every full window: an independent route to SSIM's terms."""
+    """Local Gaussian-weighted moments by unfolding every full window: an independent route to
+    SSIM's terms."""
     g = gaussian_window_1d(window_size, sigma, dtype=x.dtype)
     w2 = (g[:, None] * g[None, :]).flatten()  # (k*k,)
     n, c, h, w = x.shape
@@ -415,7 +452,9 @@ def test_ssim_component_exponents_match_wang_et_al():
     """
     x, y = _pair((2, 3, 20, 23), 11, dtype=torch.float64)
     y = y.clone()
-    y[..., 12:] = 1 - x[..., 12:] + 0.2 * y[..., 12:]  # anti-correlated on the right: negative structure values
+    y[..., 12:] = (
+        1 - x[..., 12:] + 0.2 * y[..., 12:]
+    )  # anti-correlated on the right: negative structure values
     c1, c2 = 0.01**2, 0.03**2
     c3 = c2 / 2
     mx, my, vx, vy, cxy = _windowed_moments(x, y)
@@ -454,10 +493,13 @@ def test_ssim_component_gradients(exponents):
     x, y = _pair((1, 2, 13, 14), 12, dtype=torch.float64)
     x.requires_grad_(True)
     assert torch.autograd.gradcheck(
-        lambda a: SSIMFeatureLoss(normalize="none", exponents=exponents, impl="torch")([a], [y]), (x,))
+        lambda a: SSIMFeatureLoss(normalize="none", exponents=exponents, impl="torch")([a], [y]),
+        (x,),
+    )
     xb, yb = Bounded.exact(x), Bounded.exact(y)
     _assert_gradcheck_tolerance_covers_rounding(
-        feature_loss_bounded([_ssim_loss_map_bounded(xb, yb, "none", exponents=exponents)]))
+        feature_loss_bounded([_ssim_loss_map_bounded(xb, yb, "none", exponents=exponents)])
+    )
     # identical features: no loss, whatever the terms imitated (0 up to rounding, at u64)
     same = SSIMFeatureLoss(exponents=exponents)([y.clone()], [y])
     bound = feature_loss_bounded([_ssim_loss_map_bounded(yb, yb, exponents=exponents)])
@@ -465,7 +507,8 @@ def test_ssim_component_gradients(exponents):
 
 
 def test_ssim_structure_term_gradient_is_finite_on_flat_maps():
-    """A flat student window (sigma_x = 0) under a structured teacher: sqrt's gradient at 0 is capped."""
+    """A flat student window (sigma_x = 0) under a structured teacher: sqrt's gradient at 0 is
+    capped."""
     teacher = torch.rand(1, 2, 16, 16, generator=torch.Generator().manual_seed(5))
     student = torch.zeros(1, 2, 16, 16)
     student[..., :, 8:] = 1.0  # flat halves: zero variance in most windows
@@ -511,9 +554,17 @@ def test_one_registry_for_every_distillation_loss():
 
     cfg = get_kd_cfg()
     names = loss_names()
-    assert {"SSIMFeatureLoss", "L2FeatureLoss", "L1FeatureLoss", "AttentionTransferLoss",
-            "RankMimickingLoss", "SoftLabelKDLoss", "SoftmaxKDLoss", "ChannelStatisticsLoss",
-            "AdaINHeadLoss"} <= set(names)
+    assert {
+        "SSIMFeatureLoss",
+        "L2FeatureLoss",
+        "L1FeatureLoss",
+        "AttentionTransferLoss",
+        "RankMimickingLoss",
+        "SoftLabelKDLoss",
+        "SoftmaxKDLoss",
+        "ChannelStatisticsLoss",
+        "AdaINHeadLoss",
+    } <= set(names)
     short = {}
     for name in names:
         loss = build_distill_loss(name, cfg)  # every one builds from a config ...
@@ -528,8 +579,10 @@ def test_one_registry_for_every_distillation_loss():
     rm = RankMimickingLoss(temperature=0.5)(s, t, matched_gt=matched, gt_classes=classes)
     assert torch.equal(rm, rank_mimicking_loss(s, t, matched, classes, 0.5))
     valid = matched >= 0
-    assert torch.equal(SoftLabelKDLoss(temperature=2.0, mode="bce")(s, t, valid_mask=valid),
-                       soft_label_kd_loss(s, t, valid, 2.0, "bce"))
+    assert torch.equal(
+        SoftLabelKDLoss(temperature=2.0, mode="bce")(s, t, valid_mask=valid),
+        soft_label_kd_loss(s, t, valid, 2.0, "bce"),
+    )
     assert torch.equal(SoftmaxKDLoss(temperature=3.0)(s[0], t[0]), softmax_kd_loss(s[0], t[0], 3.0))
     fs, ft = [torch.randn(2, 3, 4, 4, generator=g)], [torch.randn(2, 3, 4, 4, generator=g)]
     assert torch.equal(ChannelStatisticsLoss()(fs, ft), channel_statistics_loss(fs, ft))
@@ -544,9 +597,12 @@ def test_one_registry_for_every_distillation_loss():
     assert torch.equal(AdaINHeadLoss()(fs, ft, head=head), want)
     # KD.FEATURE.LOSS takes feature losses only, and says which
     cfg.KD.FEATURE.LOSS = "RankMimickingLoss"
-    with pytest.raises(ValueError, match="'RankMimickingLoss' is a prediction loss, but "
-                                         "KD.FEATURE.LOSS takes a feature loss: one of "
-                                         ".*'SSIMFeatureLoss'"):
+    with pytest.raises(
+        ValueError,
+        match="'RankMimickingLoss' is a prediction loss, but "
+        "KD.FEATURE.LOSS takes a feature loss: one of "
+        ".*'SSIMFeatureLoss'",
+    ):
         build_feature_loss(cfg)
     assert "SSIMFeatureLoss" in FEATURE_LOSS_REGISTRY
     assert "RankMimickingLoss" not in FEATURE_LOSS_REGISTRY
@@ -576,8 +632,9 @@ def test_connector_one_initialisation_and_modes():
     x = {"p3": torch.randn(1, 4, 2, 2), "p4": torch.randn(1, 8, 2, 2)}
     out = auto(x, ["p4", "p3"])
     assert out[0] is x["p4"] and out[1].shape == (1, 8, 2, 2)
-    with pytest.raises(ValueError, match="student has 4 channels, teacher 8; set "
-                                         "KD.FEATURE.ADAPTER"):
+    with pytest.raises(
+        ValueError, match="student has 4 channels, teacher 8; set " "KD.FEATURE.ADAPTER"
+    ):
         Connector(channels_s, channels_t, ["p3"], "none")
     with pytest.raises(ValueError, match="KD.FEATURE.ADAPTER must be"):
         Connector(channels_s, channels_t, ["p3"], "conv3x3")

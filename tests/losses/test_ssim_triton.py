@@ -22,14 +22,13 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import REPO
 from interpreter_bounds import checked_accesses
-from kd_det.losses import SSIMFeatureLoss, ssim_map
-from kd_det.losses import ssim_triton
+from tolerances import U16, U32, assert_within, gamma
+
+from kd_det.losses import SSIMFeatureLoss, ssim_map, ssim_triton
 from kd_det.losses.ssim import effective_window_sizes, gaussian_window_1d, minmax_normalize
 from kd_det.losses.ssim_triton import MINMAX_EPS
-from tolerances import U16, U32, assert_within, gamma
 
 if ssim_triton.is_available():
     DEVICE = "cuda"
@@ -54,23 +53,41 @@ def _interpreter_broken():
     triton_version = tuple(int(v) for v in ssim_triton.triton.__version__.split(".")[:2])
     if triton_version < (3, 7) and int(numpy.__version__.split(".")[0]) >= 2:
         return "Triton {}'s interpreter fails with NumPy {} (fixed in Triton 3.7)".format(
-            ssim_triton.triton.__version__, numpy.__version__)
+            ssim_triton.triton.__version__, numpy.__version__
+        )
     return ""
 
 
 INTERPRETER_BROKEN = _interpreter_broken()
 if INTERPRETED and INTERPRETER_BROKEN:
     DEVICE, INTERPRETED = None, False
-needs_kernel = pytest.mark.skipif(DEVICE is None, reason="needs CUDA, or Triton's interpreter (TRITON_INTERPRET=1)"
-                                  + ("; " + INTERPRETER_BROKEN if INTERPRETER_BROKEN else ""))
+needs_kernel = pytest.mark.skipif(
+    DEVICE is None,
+    reason="needs CUDA, or Triton's interpreter (TRITON_INTERPRET=1)"
+    + ("; " + INTERPRETER_BROKEN if INTERPRETER_BROKEN else ""),
+)
 needs_gpu = pytest.mark.skipif(not ssim_triton.is_available(), reason="needs CUDA and Triton")
 
 # FPN-like pyramids with levels smaller than the 11x11 window
 if INTERPRETED:
-    LEVEL_SHAPES = [(1, 1, 30, 28), (1, 1, 14, 22), (1, 2, 6, 10), (1, 1, 3, 5), (1, 2, 1, 1), (1, 1, 12, 3)]
+    LEVEL_SHAPES = [
+        (1, 1, 30, 28),
+        (1, 1, 14, 22),
+        (1, 2, 6, 10),
+        (1, 1, 3, 5),
+        (1, 2, 1, 1),
+        (1, 1, 12, 3),
+    ]
 else:
-    LEVEL_SHAPES = [(2, 8, 96, 160), (2, 8, 48, 80), (2, 8, 24, 40), (2, 8, 12, 20), (2, 8, 6, 10), (2, 8, 3, 5),
-                    (2, 8, 1, 1)]
+    LEVEL_SHAPES = [
+        (2, 8, 96, 160),
+        (2, 8, 48, 80),
+        (2, 8, 24, 40),
+        (2, 8, 12, 20),
+        (2, 8, 6, 10),
+        (2, 8, 3, 5),
+        (2, 8, 1, 1),
+    ]
 
 
 @pytest.fixture(autouse=True)
@@ -108,6 +125,7 @@ def poisoned_allocations(monkeypatch):
         def allocate_nan(*args, **kwargs):
             t = allocate(*args, **kwargs)
             return t.fill_(float("nan")) if t.is_floating_point() else t
+
         return allocate_nan
 
     monkeypatch.setattr(torch, "empty", poisoned(empty))
@@ -116,9 +134,10 @@ def poisoned_allocations(monkeypatch):
 
 DEFAULT_PASS = "unrolled"  # kd_det's own
 VARIANT_PASSES = ("ring", "band")  # benchmarks/ssim_vertical_variants.py
-needs_variants = pytest.mark.skipif("not config.getoption('--ssim-variants')",
-                                    reason="tests the ring and band passes of the benchmarks "
-                                           "(pytest --ssim-variants)")
+needs_variants = pytest.mark.skipif(
+    "not config.getoption('--ssim-variants')",
+    reason="tests the ring and band passes of the benchmarks " "(pytest --ssim-variants)",
+)
 
 
 def pytest_generate_tests(metafunc):
@@ -257,17 +276,26 @@ class _Reference:
         b_mx, b_my = g_s * window(xn.abs()), g_s * window(yn.abs())
         b_sxx = g_s * e_xx + 2 * mu_x.abs() * b_mx + U32 * (mu_x**2 + s_xx.abs())
         b_syy = g_s * e_yy + 2 * mu_y.abs() * b_my + U32 * (mu_y**2 + s_yy.abs())
-        b_sxy = (g_s * window((xn * yn).abs()) + mu_y.abs() * b_mx + mu_x.abs() * b_my
-                 + U32 * ((mu_x * mu_y).abs() + s_xy.abs()))
+        b_sxy = (
+            g_s * window((xn * yn).abs())
+            + mu_y.abs() * b_mx
+            + mu_x.abs() * b_my
+            + U32 * ((mu_x * mu_y).abs() + s_xy.abs())
+        )
         b_c1, b_c2 = gamma(K_CONSTANT) * c1, gamma(K_CONSTANT) * c2
         n1, n2 = 2 * mu_x * mu_y + c1, 2 * s_xy + c2
         d1, d2 = mu_x**2 + mu_y**2 + c1, s_xx + s_yy + c2
         b_mu = 2 * mu_y.abs() * b_mx + 2 * mu_x.abs() * b_my  # of 2 mu_x mu_y, mu_x^2 + mu_y^2
-        beta = torch.stack([b_mx, b_my,
-                            b_mu + gamma(2) * (2 * (mu_x * mu_y).abs() + c1) + b_c1,
-                            2 * b_sxy + U32 * (2 * s_xy.abs() + c2) + b_c2,
-                            b_mu + gamma(3) * d1 + b_c1,
-                            b_sxx + b_syy + gamma(2) * (s_xx.abs() + s_yy.abs() + c2) + b_c2])
+        beta = torch.stack(
+            [
+                b_mx,
+                b_my,
+                b_mu + gamma(2) * (2 * (mu_x * mu_y).abs() + c1) + b_c1,
+                2 * b_sxy + U32 * (2 * s_xy.abs() + c2) + b_c2,
+                b_mu + gamma(3) * d1 + b_c1,
+                b_sxx + b_syy + gamma(2) * (s_xx.abs() + s_yy.abs() + c2) + b_c2,
+            ]
+        )
         self.first_order = max((beta[4] / d1).max().item(), (beta[5] / d2).max().item())
         assert self.first_order < 1e-2, "first-order bounds need small perturbations of D1, D2"
 
@@ -300,12 +328,16 @@ class _Reference:
                 change = (dg_mu + 2 * xn[at] * dg_xx + yn[at] * dg_xy).abs() * beta
                 moved[at] += wv[i] * wh[j] * change.sum(0)
         t_mu = 2 * (mu_y.abs() * (n2.abs() + n1.abs()) + mu_x.abs() * s.abs() * (d2 + d1))
-        terms = (window_t(t_mu / (d1 * d2)) + 2 * xn.abs() * window_t(g_xx.abs())
-                 + yn.abs() * window_t(g_xy.abs()))
+        terms = (
+            window_t(t_mu / (d1 * d2))
+            + 2 * xn.abs() * window_t(g_xx.abs())
+            + yn.abs() * window_t(g_xy.abs())
+        )
         b_gn = moved + gamma(kh + kw + K_GRAD_EXTRA) * terms
         if normalize:
-            b_gn += gamma(4) * (2 * window_t(g_xx).abs() * xn.abs()
-                                + window_t(g_xy).abs() * yn.abs())
+            b_gn += gamma(4) * (
+                2 * window_t(g_xx).abs() * xn.abs() + window_t(g_xy).abs() * yn.abs()
+            )
         b_gn /= count
         if not normalize:
             self.grad_bound = b_gn
@@ -316,8 +348,11 @@ class _Reference:
         lo, hi = flat.amin(2, keepdim=True), flat.amax(2, keepdim=True)
         inv = 1 / (hi - lo).clamp_min(MINMAX_EPS).unsqueeze(-1)
         g, xf, bf = grad_n.flatten(2), xn.flatten(2), b_gn.flatten(2)
-        sums = (gamma(h * w + K_PLANE_SUM_EXTRA) * ((g * xf).abs() + g.abs())
-                + bf * (1 + xf.abs()) + gamma(4) * (g * xf).abs()).sum(2, keepdim=True)
+        sums = (
+            gamma(h * w + K_PLANE_SUM_EXTRA) * ((g * xf).abs() + g.abs())
+            + bf * (1 + xf.abs())
+            + gamma(4) * (g * xf).abs()
+        ).sum(2, keepdim=True)
         at_lo, at_hi = flat == lo, flat == hi
         shares = sums * (at_lo / at_lo.sum(2, keepdim=True) + at_hi / at_hi.sum(2, keepdim=True))
         self.grad_bound = inv * (b_gn + shares.view_as(xn))
@@ -387,21 +422,30 @@ def _fpn_features():
     torch.manual_seed(0)
     backbone = build_backbone(cfg).to(DEVICE).eval()
     size = (128, 128) if INTERPRETED else (256, 320)
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size[0]), torch.linspace(-1, 1, size[1]), indexing="ij")
-    image = torch.stack([torch.sin(8 * xx), torch.cos(5 * yy), xx * yy]).mul(60).unsqueeze(0).to(DEVICE)
+    yy, xx = torch.meshgrid(
+        torch.linspace(-1, 1, size[0]), torch.linspace(-1, 1, size[1]), indexing="ij"
+    )
+    image = (
+        torch.stack([torch.sin(8 * xx), torch.cos(5 * yy), xx * yy]).mul(60).unsqueeze(0).to(DEVICE)
+    )
     with torch.no_grad():
         s = backbone(image)
         t = backbone(image + 20 * torch.randn_like(image))
     return list(s.values()), list(t.values())
 
 
-@pytest.mark.skipif(not INTERPRETED, reason="checks the interpreter's bounds check (TRITON_INTERPRET=1)")
+@pytest.mark.skipif(
+    not INTERPRETED, reason="checks the interpreter's bounds check (TRITON_INTERPRET=1)"
+)
 def test_fused_tests_catch_out_of_bounds_accesses(bounds_checked):
-    """The bounds check that the interpreted kernel tests run under fails on a planted over-read and over-write."""
+    """The bounds check that the interpreted kernel tests run under fails on a planted over-read and
+    over-write."""
     triton, tl = ssim_triton.triton, ssim_triton.tl
 
     @triton.jit
-    def copy_kernel(src, dst, n, MASK_LOAD: tl.constexpr, MASK_STORE: tl.constexpr, BLOCK: tl.constexpr):
+    def copy_kernel(
+        src, dst, n, MASK_LOAD: tl.constexpr, MASK_STORE: tl.constexpr, BLOCK: tl.constexpr
+    ):
         offsets = tl.arange(0, BLOCK)
         inside = offsets < n
         values = tl.load(src + offsets, mask=inside if MASK_LOAD else None)
@@ -410,7 +454,10 @@ def test_fused_tests_catch_out_of_bounds_accesses(bounds_checked):
     src, dst = torch.arange(10.0), torch.zeros(10)
     copy_kernel[(1,)](src, dst, 10, MASK_LOAD=True, MASK_STORE=True, BLOCK=16)
     assert torch.equal(dst, src) and bounds_checked.accesses == 20
-    for mask_load, mask_store, what in [(False, True, "load of 6 lanes"), (True, False, "store of 6 lanes")]:
+    for mask_load, mask_store, what in [
+        (False, True, "load of 6 lanes"),
+        (True, False, "store of 6 lanes"),
+    ]:
         with pytest.raises(Exception, match=what + " outside every tensor argument"):
             copy_kernel[(1,)](src, dst, 10, MASK_LOAD=mask_load, MASK_STORE=mask_store, BLOCK=16)
 
@@ -422,7 +469,7 @@ def test_fused_mean_and_grad_equal_torch(shape, vertical_pass):
     """Mean SSIM and its gradient, fused and by PyTorch in float32, within _Reference's bounds."""
     g = torch.Generator(device=DEVICE).manual_seed(0)
     x = torch.rand(shape, device=DEVICE, generator=g).requires_grad_()
-    y = (0.5 * x.detach() + 0.5 * torch.rand(shape, device=DEVICE, generator=g))
+    y = 0.5 * x.detach() + 0.5 * torch.rand(shape, device=DEVICE, generator=g)
     ref = _Reference(x, y)
     fused = ssim_triton.fused_ssim_mean(x, y)
     (fused_grad,) = torch.autograd.grad(fused, x)
@@ -434,14 +481,17 @@ def test_fused_mean_and_grad_equal_torch(shape, vertical_pass):
 @pytest.mark.numeric
 @needs_kernel
 def test_fused_minmax_normalisation_equals_torch(monkeypatch, vertical_pass):
-    """Min-max rescaling inside the kernel: ties at the minimum, a constant map, a map far from 0."""
+    """Min-max rescaling inside the kernel: ties at the minimum, a constant map, a map far from
+    0."""
     g = torch.Generator(device=DEVICE).manual_seed(1)
     shape = (1, 3, 22, 28) if INTERPRETED else (2, 15, 60, 90)
     # backward over chunks of a few planes, the last one shorter (its zero row then lies in
     # the derivative maps' data rows, which the chunk before wrote): 3 = 2 + 1, 30 = 7 * 4 + 2
     chunk_planes = 2 if INTERPRETED else 4
     ho, wo = shape[2] - 10, shape[3] - 10
-    monkeypatch.setattr(ssim_triton, "BACKWARD_CHUNK_BYTES", chunk_planes * 3 * 4 * ho * (wo + 2 * 10))
+    monkeypatch.setattr(
+        ssim_triton, "BACKWARD_CHUNK_BYTES", chunk_planes * 3 * 4 * ho * (wo + 2 * 10)
+    )
     x = torch.randn(shape, device=DEVICE, generator=g)
     x[0, 1] = 0.25  # constant: the range is clamped, every position is both min and max
     x[0, 2] += 40.0  # an offset of ~6 ranges: the kernel shifts each value, then scales the sums
@@ -465,7 +515,8 @@ def test_fused_minmax_normalisation_equals_torch(monkeypatch, vertical_pass):
 @pytest.mark.numeric
 @needs_kernel
 def test_fused_half_precision_student(vertical_pass):
-    """A float16 student (AMP training) beside a float32 teacher: fp32 inside, the gradient in float16."""
+    """A float16 student (AMP training) beside a float32 teacher: fp32 inside, the gradient in
+    float16."""
     g = torch.Generator(device=DEVICE).manual_seed(3)
     shape = (1, 2, 19, 23) if INTERPRETED else (2, 8, 60, 90)
     x = torch.randn(shape, device=DEVICE, generator=g).half().requires_grad_()
@@ -510,14 +561,23 @@ def test_fused_feature_loss_on_fpn_features(monkeypatch, normalize, vertical_pas
     loss_fn = SSIMFeatureLoss(normalize=normalize, impl="torch")
     ref_loss = loss_fn(student64, [t.double() for t in teacher])
     ref_grads = torch.autograd.grad(ref_loss, student64)
-    refs = [_Reference(s, t, *_feature_loss_constants(t, normalize), normalize == "minmax")
-            for s, t in zip(student, teacher)]
+    refs = [
+        _Reference(s, t, *_feature_loss_constants(t, normalize), normalize == "minmax")
+        for s, t in zip(student, teacher)
+    ]
     bounds = [ref.level_loss_bounds(levels) for ref in refs]
-    loss_bound = (sum(b for b, _ in bounds)
-                  + gamma(levels + 1) * sum((1 - ref.mean).abs() / 2 for ref in refs) / levels)
+    loss_bound = (
+        sum(b for b, _ in bounds)
+        + gamma(levels + 1) * sum((1 - ref.mean).abs() / 2 for ref in refs) / levels
+    )
 
-    fused_loss = sum(ssim_triton.fused_ssim_feature_loss(s, t, 11, 1.5, 0.01, 0.03, normalize)
-                     for s, t in zip(student, teacher)) / levels
+    fused_loss = (
+        sum(
+            ssim_triton.fused_ssim_feature_loss(s, t, 11, 1.5, 0.01, 0.03, normalize)
+            for s, t in zip(student, teacher)
+        )
+        / levels
+    )
     results = [("fused", fused_loss, torch.autograd.grad(fused_loss, student))]
     if DEVICE == "cpu":
         torch_loss = loss_fn(student, teacher)
@@ -531,10 +591,17 @@ def test_fused_feature_loss_on_fpn_features(monkeypatch, normalize, vertical_pas
 @pytest.mark.numeric
 @needs_kernel
 def test_fused_non_contiguous_inputs(vertical_pass):
-    """A channels-last student (KD.TEACHER.CHANNELS_LAST teachers give such features) and a transposed teacher."""
+    """A channels-last student (KD.TEACHER.CHANNELS_LAST teachers give such features) and a
+    transposed teacher."""
     g = torch.Generator(device=DEVICE).manual_seed(2)
-    x = torch.rand(1, 2, 14, 19, device=DEVICE, generator=g).to(memory_format=torch.channels_last).requires_grad_()
-    y = 0.5 * x.detach() + 0.5 * torch.rand(1, 2, 19, 14, device=DEVICE, generator=g).transpose(-1, -2)
+    x = (
+        torch.rand(1, 2, 14, 19, device=DEVICE, generator=g)
+        .to(memory_format=torch.channels_last)
+        .requires_grad_()
+    )
+    y = 0.5 * x.detach() + 0.5 * torch.rand(1, 2, 19, 14, device=DEVICE, generator=g).transpose(
+        -1, -2
+    )
     assert not x.is_contiguous() and not y.is_contiguous()
     ref = _Reference(x, y, normalize=True)
     fused = ssim_triton.fused_ssim_mean(x, y, normalize=True)
@@ -578,7 +645,9 @@ def test_fused_backward_uses_the_forward_config(monkeypatch, vertical_pass):
 def test_auto_picks_the_kernel_on_cuda(monkeypatch):
     calls = []
     real = ssim_triton.fused_ssim_feature_loss
-    monkeypatch.setattr(ssim_triton, "fused_ssim_feature_loss", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(
+        ssim_triton, "fused_ssim_feature_loss", lambda *a: calls.append(1) or real(*a)
+    )
     x = torch.rand(1, 2, 16, 16, device="cuda")
     SSIMFeatureLoss(impl="auto")([x], [x.flip(-1)])
     assert calls
@@ -586,8 +655,10 @@ def test_auto_picks_the_kernel_on_cuda(monkeypatch):
 
 @pytest.mark.numeric
 @pytest.mark.slow
-@pytest.mark.skipif(DEVICE is not None or bool(INTERPRETER_BROKEN),
-                    reason="the kernel tests run directly here" if DEVICE else INTERPRETER_BROKEN)
+@pytest.mark.skipif(
+    DEVICE is not None or bool(INTERPRETER_BROKEN),
+    reason="the kernel tests run directly here" if DEVICE else INTERPRETER_BROKEN,
+)
 def test_kernels_in_triton_interpreter(tmp_path):
     """
     On a CPU-only machine: the kernel tests above, on CPU tensors, by Triton's interpreter.
@@ -600,12 +671,29 @@ def test_kernels_in_triton_interpreter(tmp_path):
     """
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     runs = []
-    halves = ["fused and (minmax_normalisation or feature_loss)",
-              "fused and not (minmax_normalisation or feature_loss)"]
+    halves = [
+        "fused and (minmax_normalisation or feature_loss)",
+        "fused and not (minmax_normalisation or feature_loss)",
+    ]
     for k, selection in enumerate(halves):
         log = open(tmp_path / "interpreted{}.log".format(k), "w+")
-        proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                                 "-k", selection], env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                __file__,
+                "-k",
+                selection,
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         runs.append((selection, proc, log))
     for selection, proc, log in runs:
         try:
@@ -617,14 +705,19 @@ def test_kernels_in_triton_interpreter(tmp_path):
         log.close()
         assert proc.returncode == 0, selection + ":\n" + out[-8000:]
         last = out.strip().splitlines()[-1]
-        assert " passed" in last and "skipped" not in last and "deselected" in last, selection + ":\n" + out[-2000:]
+        assert " passed" in last and "skipped" not in last and "deselected" in last, (
+            selection + ":\n" + out[-2000:]
+        )
 
 
 def _has_ptxas():
     if ssim_triton.triton is None:
         return False
-    return os.path.isfile(os.path.join(os.path.dirname(ssim_triton.triton.__file__), "backends", "nvidia", "bin",
-                                       "ptxas"))
+    return os.path.isfile(
+        os.path.join(
+            os.path.dirname(ssim_triton.triton.__file__), "backends", "nvidia", "bin", "ptxas"
+        )
+    )
 
 
 @pytest.mark.slow
@@ -641,10 +734,14 @@ def test_kernels_compile_for_h100(monkeypatch):
 
     variants = _variants_module(monkeypatch)  # ssim_kernel_resources.py imports it too
     bench = runpy.run_path(os.path.join(REPO, "benchmarks", "ssim_kernel_resources.py"))
-    settings = [("ring", ssim_triton.BLOCK_W, ssim_triton.NUM_WARPS, None),
-                ("band", 32, 4, variants.BAND_NUM_STAGES)]
+    settings = [
+        ("ring", ssim_triton.BLOCK_W, ssim_triton.NUM_WARPS, None),
+        ("band", 32, 4, variants.BAND_NUM_STAGES),
+    ]
     for vertical_pass, block_w, warps, stages in settings:
-        for name, fn, constexprs in bench["kernels_of"](vertical_pass, block_w, ssim_triton.ROWS_PER_PROGRAM, "ieee"):
+        for name, fn, constexprs in bench["kernels_of"](
+            vertical_pass, block_w, ssim_triton.ROWS_PER_PROGRAM, "ieee"
+        ):
             r = bench["compile_kernel"](fn, constexprs, warps, stages, 90)
             assert r["shared_bytes"] <= bench["SHARED_LIMIT"], (vertical_pass, name, r)
             assert r["spill_bytes"] == 0 and r["registers"] <= 255, (vertical_pass, name, r)
@@ -666,13 +763,17 @@ def test_launch_path_for_h100():
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     check = os.path.join(os.path.dirname(__file__), "sm90_launch_check.py")
-    proc = subprocess.run([sys.executable, check], env=env, capture_output=True, text=True,
-                          timeout=1200)
+    proc = subprocess.run(
+        [sys.executable, check], env=env, capture_output=True, text=True, timeout=1200
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     launches = json.loads(proc.stdout.strip().splitlines()[-1])
     assert [launch["kernel"] for launch in launches] == [
-        "_ssim_stats_unrolled_kernel", "_ssim_stats_unrolled_kernel", "_ssim_grad_unrolled_kernel",
-        "_minmax_grad_fixup_kernel"]
+        "_ssim_stats_unrolled_kernel",
+        "_ssim_stats_unrolled_kernel",
+        "_ssim_grad_unrolled_kernel",
+        "_minmax_grad_fixup_kernel",
+    ]
     for launch in launches[:3]:
         assert launch["num_warps"] == ssim_triton.NUM_WARPS, launch
         assert launch["spill_bytes"] == 0 and launch["registers"] <= 255, launch
@@ -697,13 +798,26 @@ def test_one_compilation_per_window_over_training_sizes():
 
     windows = {effective_window_sizes(h, w, 11) for h, w in training_level_sizes()}
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "sm90_launch_check.py"),
-                           "--compilations"], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(os.path.dirname(__file__), "sm90_launch_check.py"),
+            "--compilations",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     counts = json.loads(proc.stdout.strip().splitlines()[-1])["compilations"]
     stats, grad = "_ssim_stats_unrolled_kernel", "_ssim_grad_unrolled_kernel"
     # the statistics kernel runs forward and (BACKWARD) in the backward
-    assert counts == {stats: 2 * len(windows), grad: len(windows), "_minmax_grad_fixup_kernel": 1}, counts
+    assert counts == {
+        stats: 2 * len(windows),
+        grad: len(windows),
+        "_minmax_grad_fixup_kernel": 1,
+    }, counts
 
 
 def test_selection_on_cpu(monkeypatch):
@@ -712,7 +826,9 @@ def test_selection_on_cpu(monkeypatch):
         SSIMFeatureLoss(impl="triton")([x], [x])
     # even where the kernel is available, CPU tensors take the PyTorch path
     monkeypatch.setattr(ssim_triton, "is_available", lambda: True)
-    monkeypatch.setattr(ssim_triton, "fused_ssim_feature_loss", lambda *a: pytest.fail("fused path on CPU"))
+    monkeypatch.setattr(
+        ssim_triton, "fused_ssim_feature_loss", lambda *a: pytest.fail("fused path on CPU")
+    )
     auto = SSIMFeatureLoss(impl="auto")([x], [x.flip(-1)])
     # the same PyTorch operations on the same inputs in one process: equal bit for bit
     assert torch.equal(auto, SSIMFeatureLoss(impl="torch")([x], [x.flip(-1)]))

@@ -1,17 +1,23 @@
-"""Channel-statistics transfer and AdaIN: the formulas, gradients, and a training step in both meta-architectures."""
+"""Channel-statistics transfer and AdaIN: the formulas, gradients, and a training step in both
+meta-architectures."""
 
 import pytest
 import torch
+from detectron2.modeling import build_model
 from test_distill import _one_step, distill_cfg
 from tolerances import Bounded, assert_bounded
-
-from detectron2.modeling import build_model
 
 from kd_det.losses import adain, channel_statistics, channel_statistics_loss, head_output_loss
 
 CASES = {
-    "rcnn": ("synthetic/distill/ssim_stats_faster_rcnn_R50_to_R18.yaml", "synthetic/faster_rcnn_R_50_FPN.yaml"),
-    "retina": ("synthetic/distill/ssim_stats_retinanet_R50_to_R18.yaml", "synthetic/retinanet_R_50_FPN.yaml"),
+    "rcnn": (
+        "synthetic/distill/ssim_stats_faster_rcnn_R50_to_R18.yaml",
+        "synthetic/faster_rcnn_R_50_FPN.yaml",
+    ),
+    "retina": (
+        "synthetic/distill/ssim_stats_retinanet_R50_to_R18.yaml",
+        "synthetic/retinanet_R_50_FPN.yaml",
+    ),
 }
 
 
@@ -26,7 +32,7 @@ def _statistics_loss_bounded(student, teacher, eps=1e-5) -> Bounded:
     total = 0.0
     for s, t in zip(student, teacher):
         (ms, ss), (mt, st) = (_channel_statistics_bounded(x, eps) for x in (s, t))
-        total = total + ((ms - mt) ** 2 + (ss - st) ** 2).mean() / (st ** 2).mean()
+        total = total + ((ms - mt) ** 2 + (ss - st) ** 2).mean() / (st**2).mean()
     return total / len(student)
 
 
@@ -42,8 +48,9 @@ def test_channel_statistics_and_loss_formula(dtype):
     bound_mean, bound_std = _channel_statistics_bounded(sb, eps=0.0)
     s64, t64 = s.double(), t.double()
     assert_bounded(mean, bound_mean, "means", reference=s64.mean(dim=(2, 3)))
-    assert_bounded(std, bound_std, "standard deviations",
-                   reference=s64.std(dim=(2, 3), unbiased=False))
+    assert_bounded(
+        std, bound_std, "standard deviations", reference=s64.std(dim=(2, 3), unbiased=False)
+    )
     want = 0.0
     teacher_var = 0.0
     for i in range(2):
@@ -57,8 +64,12 @@ def test_channel_statistics_and_loss_formula(dtype):
     # scale-free: 16x features (exact, a power of two) with eps 16^2 times smaller inside the
     # square roots (sqrt(256 var + eps) = 16 sqrt(var + eps / 256)) are exactly the same loss
     scaled = channel_statistics_loss([16 * s], [16 * t])
-    assert_bounded(scaled, _statistics_loss_bounded([16 * sb], [16 * tb]), "loss of 16x features",
-                   reference=_statistics_loss_bounded([sb], [tb], eps=1e-5 / 256).value)
+    assert_bounded(
+        scaled,
+        _statistics_loss_bounded([16 * sb], [16 * tb]),
+        "loss of 16x features",
+        reference=_statistics_loss_bounded([sb], [tb], eps=1e-5 / 256).value,
+    )
     # exact: equal statistics, the same operations on the same values
     assert channel_statistics_loss([s], [s.clone()]).item() == 0.0
 
@@ -81,16 +92,24 @@ def test_adain_transplants_statistics(dtype):
     m, s = channel_statistics(out, eps=0.0)
     var_c = content.double().var(dim=(2, 3), unbiased=False)
     assert_bounded(m, bound_mean, "means", reference=mean.double())
-    assert_bounded(s, bound_std, "standard deviations",
-                   reference=std.double() * (var_c / (var_c + 1e-5)).sqrt())
+    assert_bounded(
+        s,
+        bound_std,
+        "standard deviations",
+        reference=std.double() * (var_c / (var_c + 1e-5)).sqrt(),
+    )
     # normalised pattern kept: correlation with the content is 1 per channel
     a = (out - out.mean((2, 3), keepdim=True)).flatten(2)
     b = (content - content.mean((2, 3), keepdim=True)).flatten(2)
     ab = (ob - ob.mean((2, 3), keepdim=True)).map(lambda x: x.flatten(2))
     bb = (cb - cb.mean((2, 3), keepdim=True)).map(lambda x: x.flatten(2))
     bound = (ab * bb).sum(2) / ((ab * ab).sum(2).sqrt() * (bb * bb).sum(2).sqrt())
-    assert_bounded((a * b).sum(2) / (a.norm(dim=2) * b.norm(dim=2)), bound, "correlation",
-                   reference=torch.ones(2, 4, dtype=torch.float64))
+    assert_bounded(
+        (a * b).sum(2) / (a.norm(dim=2) * b.norm(dim=2)),
+        bound,
+        "correlation",
+        reference=torch.ones(2, 4, dtype=torch.float64),
+    )
 
 
 @pytest.mark.numeric
@@ -102,8 +121,12 @@ def test_head_output_loss_gradient_to_judged_only():
     ab, bb = Bounded.exact(a), Bounded.exact(b)
     a64, b64 = a.detach().double(), b.detach().double()
     # (a - b)^2 mean over the variance, over 1 level
-    assert_bounded(loss, ((ab - bb) ** 2).mean() / bb.var(None) / 1, "head output loss",
-                   reference=(a64 - b64).pow(2).mean() / b64.var(unbiased=False))
+    assert_bounded(
+        loss,
+        ((ab - bb) ** 2).mean() / bb.var(None) / 1,
+        "head output loss",
+        reference=(a64 - b64).pow(2).mean() / b64.var(unbiased=False),
+    )
     loss.backward()
     assert a.grad is not None and b.grad is None
 
@@ -112,26 +135,35 @@ def test_head_output_loss_gradient_to_judged_only():
 @pytest.mark.parametrize("kind", sorted(CASES))
 def test_channel_stats_training_step(kind, tiny_data_root, tmp_path, rcnn_teacher, retina_teacher):
     config, teacher_cfg = CASES[kind]
-    cfg = distill_cfg(config, teacher_cfg, rcnn_teacher if kind == "rcnn" else retina_teacher, tmp_path)
+    cfg = distill_cfg(
+        config, teacher_cfg, rcnn_teacher if kind == "rcnn" else retina_teacher, tmp_path
+    )
     model = build_model(cfg)
     levels = model.teacher.dense_head_levels
     assert model.kd_stats.levels == levels
-    assert set(model.kd_stats.adapters) == set(levels)  # 64 student channels -> 128 teacher channels
+    assert set(model.kd_stats.adapters) == set(
+        levels
+    )  # 64 student channels -> 128 teacher channels
     before = {k: v.clone() for k, v in model.teacher.model.state_dict().items()}
     losses, _ = _one_step(model, cfg)
     assert {"loss_kd_ssim", "loss_kd_stats", "loss_kd_adain"} <= set(losses)
     assert all(torch.isfinite(v) for v in losses.values())
     assert losses["loss_kd_adain"] > 0
-    # the AdaIN loss reaches the student (through its statistics) and the adapters, never the teacher
+    # the AdaIN loss reaches the student (through its statistics) and the adapters, never the
+    # teacher
     assert all(p.grad is None for p in model.teacher.model.parameters())
     assert all(torch.equal(before[k], v) for k, v in model.teacher.model.state_dict().items())
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.kd_stats.adapters.parameters())
+    assert any(
+        p.grad is not None and p.grad.abs().sum() > 0 for p in model.kd_stats.adapters.parameters()
+    )
 
 
 @pytest.mark.slow
 def test_adain_loss_alone_moves_the_student(tiny_data_root, tmp_path, retina_teacher):
     config, teacher_cfg = CASES["retina"]
-    cfg = distill_cfg(config, teacher_cfg, retina_teacher, tmp_path, ["KD.CHANNEL_STATS.WEIGHT", 0.0])
+    cfg = distill_cfg(
+        config, teacher_cfg, retina_teacher, tmp_path, ["KD.CHANNEL_STATS.WEIGHT", 0.0]
+    )
     model = build_model(cfg)
     from detectron2.data import build_detection_train_loader
     from detectron2.utils.events import EventStorage
@@ -141,5 +173,8 @@ def test_adain_loss_alone_moves_the_student(tiny_data_root, tmp_path, retina_tea
         losses = model(next(iter(build_detection_train_loader(cfg))))
     assert "loss_kd_stats" not in losses
     losses["loss_kd_adain"].backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()
-               if n.startswith("backbone."))
+    assert any(
+        p.grad is not None and p.grad.abs().sum() > 0
+        for n, p in model.named_parameters()
+        if n.startswith("backbone.")
+    )

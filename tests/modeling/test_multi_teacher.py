@@ -6,11 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import config_path, save_random_teacher, tiny_cfg
-from test_distill import _one_step
-from tolerances import ELEMENTARY, U32, U64, Bounded, assert_bounded, assert_within, gamma
-
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
+from test_distill import _one_step
+from tolerances import ELEMENTARY, U32, U64, Bounded, assert_bounded, assert_within, gamma
 
 from kd_det.modeling.distillers import TeacherImportanceGate
 
@@ -25,8 +24,17 @@ def two_teachers(tmp_path_factory, tiny_data_root):
 
 
 def multi_cfg(out, weights, opts=()):
-    return tiny_cfg(MULTI, out, ["KD.MULTI_TEACHER.CONFIGS", [config_path(c) for c in TEACHERS],
-                                 "KD.MULTI_TEACHER.WEIGHTS", list(weights)] + list(opts))
+    return tiny_cfg(
+        MULTI,
+        out,
+        [
+            "KD.MULTI_TEACHER.CONFIGS",
+            [config_path(c) for c in TEACHERS],
+            "KD.MULTI_TEACHER.WEIGHTS",
+            list(weights),
+        ]
+        + list(opts),
+    )
 
 
 def softmax_row_sum_bound(k, u=U32):
@@ -45,8 +53,10 @@ def test_gate_weights_are_per_image_distributions():
     with torch.random.fork_rng(devices=[]):  # the same gate and features in every run
         torch.manual_seed(0)
         gate = TeacherImportanceGate(["p2", "p3"], {"p2": 4, "p3": 6}, num_teachers=3, latent_dim=8)
-        feats = {"p2": torch.randn(5, 4, 8, 8, requires_grad=True),
-                 "p3": torch.randn(5, 6, 4, 4, requires_grad=True)}
+        feats = {
+            "p2": torch.randn(5, 4, 8, 8, requires_grad=True),
+            "p3": torch.randn(5, 6, 4, 4, requires_grad=True),
+        }
     w = gate(feats)
     assert w.shape == (5, 3)
     assert_within(w.sum(1), torch.ones(5), softmax_row_sum_bound(3), "teacher weights per image")
@@ -62,7 +72,8 @@ def _adapted_bounded(x: Bounded, distiller, level) -> Bounded:
     conv = distiller.adapters[level]
     weight, bias = conv.weight.detach().double(), conv.bias.detach().double()
     err = F.conv2d(x.err, weight.abs()) + gamma(weight.shape[1] + 1, x.u) * F.conv2d(
-        x.value.abs(), weight.abs(), bias.abs())
+        x.value.abs(), weight.abs(), bias.abs()
+    )
     return Bounded(F.conv2d(x.value, weight, bias), err, x.dtype)
 
 
@@ -80,8 +91,10 @@ def test_per_image_weighting_equals_direct_sum(two_teachers, tmp_path):
     levels = multi.distillers[0].levels
     g = torch.Generator().manual_seed(0)
     student = {k: torch.randn(3, 64, 8, 8, generator=g) for k in levels}
-    teachers = [{k: torch.randn(3, 128, 8, 8, generator=g) for k in levels},
-                {k: torch.randn(3, 64, 8, 8, generator=g) for k in levels}]
+    teachers = [
+        {k: torch.randn(3, 128, 8, 8, generator=g) for k in levels},
+        {k: torch.randn(3, 64, 8, 8, generator=g) for k in levels},
+    ]
     w = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]])
     for dtype in (torch.float32, torch.float64):
         multi.to(dtype)
@@ -93,8 +106,8 @@ def test_per_image_weighting_equals_direct_sum(two_teachers, tmp_path):
         want = 0.0
         for n in range(3):
             for k, d in enumerate(multi.distillers):
-                one = {lvl: v[n:n + 1] for lvl, v in sd.items()}
-                teacher = {lvl: v[n:n + 1] for lvl, v in td[k].items()}
+                one = {lvl: v[n : n + 1] for lvl, v in sd.items()}
+                teacher = {lvl: v[n : n + 1] for lvl, v in td[k].items()}
                 want += wd[n, k] * d(one, teacher)["loss_kd_l2"]
         want = want / 3
         # the bounds follow each path's operations; the reference is the formula in float64
@@ -109,7 +122,7 @@ def test_per_image_weighting_equals_direct_sum(two_teachers, tmp_path):
                 c = lmap.shape[1]
                 level_sum = level_sum + d.level_weights[i] * ((lmap * pw).sum() / (pw.sum() * c))
                 for n in range(3):
-                    per_image[n] = per_image[n] + d.level_weights[i] * lmap[n:n + 1].mean()
+                    per_image[n] = per_image[n] + d.level_weights[i] * lmap[n : n + 1].mean()
                 per_image_l2 = lmap.value.mean((1, 2, 3))
                 weighted = (wd[:, k].double() * per_image_l2).sum() / 3
                 ref = ref + weighted * d.level_weights[i] * d.weight
@@ -119,7 +132,9 @@ def test_per_image_weighting_equals_direct_sum(two_teachers, tmp_path):
         assert_bounded(got, got_bound, "per-image weighting, {}".format(dtype), reference=ref)
         assert_bounded(want, want_bound / 3, "direct sum, {}".format(dtype), reference=ref)
     # teacher 0 (128 channels) has adapters, teacher 1 (64, like the student) none
-    assert len(multi.distillers[0].adapters) == len(levels) and len(multi.distillers[1].adapters) == 0
+    assert (
+        len(multi.distillers[0].adapters) == len(levels) and len(multi.distillers[1].adapters) == 0
+    )
 
 
 @pytest.mark.numeric
@@ -130,8 +145,10 @@ def test_fixed_weights(two_teachers, tmp_path):
     levels = multi.distillers[0].levels
     g = torch.Generator().manual_seed(1)
     student = {k: torch.rand(2, 64, 16, 16, generator=g) for k in levels}
-    teachers = [{k: torch.rand(2, 128, 16, 16, generator=g) for k in levels},
-                {k: torch.rand(2, 64, 16, 16, generator=g) for k in levels}]
+    teachers = [
+        {k: torch.rand(2, 128, 16, 16, generator=g) for k in levels},
+        {k: torch.rand(2, 64, 16, 16, generator=g) for k in levels},
+    ]
     got = multi(student, teachers)["loss_kd_ssim"]
     parts = [d(student, t)["loss_kd_ssim"] for d, t in zip(multi.distillers, teachers)]
     # exact: the same distillers on the same features give the same parts, weighted and added
@@ -162,8 +179,12 @@ def test_multi_teacher_training_step(two_teachers, tmp_path):
     # (for any logits: the batch is augmented with Detectron2's time-seeded data loader)
     total = sum(logged["kd_teacher{}_weight".format(k)][0] for k in range(2))
     bound = softmax_row_sum_bound(2) + gamma(2 - 1) + 2 * U32 + 2 * U64
-    assert_within(torch.tensor(total, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64),
-                  bound, "mean teacher weights")
+    assert_within(
+        torch.tensor(total, dtype=torch.float64),
+        torch.tensor(1.0, dtype=torch.float64),
+        bound,
+        "mean teacher weights",
+    )
     # export drops the gate and every per-teacher adapter
     from kd_det.release.student import student_state_dict
 
@@ -172,7 +193,9 @@ def test_multi_teacher_training_step(two_teachers, tmp_path):
 
 def test_multi_teacher_errors(two_teachers, tmp_path):
     with pytest.raises(ValueError, match="both KD.TEACHER.CONFIG and KD.MULTI_TEACHER.CONFIGS"):
-        build_model(multi_cfg(tmp_path, two_teachers, ["KD.TEACHER.CONFIG", config_path(TEACHERS[0])]))
+        build_model(
+            multi_cfg(tmp_path, two_teachers, ["KD.TEACHER.CONFIG", config_path(TEACHERS[0])])
+        )
     with pytest.raises(ValueError, match="2 teachers but KD.MULTI_TEACHER.WEIGHTS 1"):
         build_model(multi_cfg(tmp_path, two_teachers[:1]))
     with pytest.raises(ValueError, match="feature imitation only.*KD.CHANNEL_STATS"):

@@ -5,15 +5,18 @@ import math
 import pytest
 import torch
 from conftest import config_path
-from test_distill import _one_step, distill_cfg
-from tolerances import ELEMENTARY, Bounded, assert_bounded, assert_within, gamma, unit_roundoff
-
 from detectron2.data import build_detection_train_loader
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
+from test_distill import _one_step, distill_cfg
+from tolerances import ELEMENTARY, Bounded, assert_bounded, assert_within, gamma, unit_roundoff
 
 from kd_det.losses import L2FeatureLoss
-from kd_det.losses.prediction import prediction_difference_weights, rank_mimicking_loss, soft_label_kd_loss
+from kd_det.losses.prediction import (
+    prediction_difference_weights,
+    rank_mimicking_loss,
+    soft_label_kd_loss,
+)
 
 RETINA_TEACHER = "synthetic/retinanet_R_50_FPN.yaml"
 DTYPES = [torch.float32, torch.float64]
@@ -27,8 +30,10 @@ def _direct_rm(s_logits, t_logits, matched, gt_classes, temperature):
             idx = [r for r in range(matched.shape[1]) if matched[i, r] == g]
             if not idx:
                 continue
-            ps, pt = ([math.exp(torch.sigmoid(x[i, r, c].double()).item() / temperature)
-                       for r in idx] for x in (s_logits, t_logits))
+            ps, pt = (
+                [math.exp(torch.sigmoid(x[i, r, c].double()).item() / temperature) for r in idx]
+                for x in (s_logits, t_logits)
+            )
             ps = [p / sum(ps) for p in ps]
             pt = [p / sum(pt) for p in pt]
             per_object.append(sum(b * math.log(b / a) for a, b in zip(ps, pt)))
@@ -48,8 +53,10 @@ def _rm_bounded(s_logits, t_logits, matched, gt_classes, temperature, dtype) -> 
         for g, c in enumerate(classes.tolist()):
             idx = (matched[i] == g).nonzero().flatten()
             if len(idx):
-                ls, lt = (_log_softmax_bounded(Bounded.exact(x[i, idx, c], dtype).sigmoid()
-                                               / temperature) for x in (s_logits, t_logits))
+                ls, lt = (
+                    _log_softmax_bounded(Bounded.exact(x[i, idx, c], dtype).sigmoid() / temperature)
+                    for x in (s_logits, t_logits)
+                )
                 per_object.append((lt.exp() * (lt - ls)).sum())
     return Bounded.stack(per_object).mean()
 
@@ -59,9 +66,9 @@ def _rm_case(dtype=torch.float32):
     s = (torch.randn(2, 12, 3, generator=g) * 2).to(dtype)
     t = (torch.randn(2, 12, 3, generator=g) * 2).to(dtype)
     matched = torch.full((2, 12), -1, dtype=torch.long)
-    matched[0, [0, 3, 5]] = 0        # object 0 of image 0: three anchors
-    matched[0, [7]] = 1              # object 1: a single anchor
-    matched[1, [1, 2, 8, 11]] = 1    # image 1: object 0 has none, object 1 four anchors
+    matched[0, [0, 3, 5]] = 0  # object 0 of image 0: three anchors
+    matched[0, [7]] = 1  # object 1: a single anchor
+    matched[1, [1, 2, 8, 11]] = 1  # image 1: object 0 has none, object 1 four anchors
     gt_classes = [torch.tensor([2, 0]), torch.tensor([1, 2])]
     return s, t, matched, gt_classes
 
@@ -119,10 +126,14 @@ def test_rank_mimicking_gradient_and_no_nan_without_objects():
     # gradients only on the positive anchors at their object's class; a single anchor's is
     # exactly 0 (shifted = 0, sum = exp(0) = 1: g - 1 * g)
     nz = s.grad.abs() > 0
-    assert nz[0, 0, 2] and nz[1, 2, 2] and not nz[0, 1].any() and not nz[0, 7].any()  # single anchor: zero
+    assert (
+        nz[0, 0, 2] and nz[1, 2, 2] and not nz[0, 1].any() and not nz[0, 7].any()
+    )  # single anchor: zero
     # images without objects / with only ignored anchors
     s2 = torch.randn(2, 12, 3, requires_grad=True)
-    empty = rank_mimicking_loss(s2, torch.randn(2, 12, 3), torch.full((2, 12), -1), [torch.zeros(0, dtype=torch.long)] * 2)
+    empty = rank_mimicking_loss(
+        s2, torch.randn(2, 12, 3), torch.full((2, 12), -1), [torch.zeros(0, dtype=torch.long)] * 2
+    )
     assert empty.item() == 0.0
     empty.backward()
     assert torch.equal(s2.grad, torch.zeros_like(s2))
@@ -149,7 +160,9 @@ def test_soft_label_kd():
     assert soft_label_kd_loss(t.clone().requires_grad_(), t, valid).item() == 0.0
     kl = soft_label_kd_loss(s, t, valid, temperature=2.0, mode="kl")
     pt, ps = torch.sigmoid(t.double() / 2), torch.sigmoid(s.detach().double() / 2)
-    direct = (pt * (pt / ps).log() + (1 - pt) * ((1 - pt) / (1 - ps)).log()).sum(-1)[valid].mean() * 4
+    direct = (pt * (pt / ps).log() + (1 - pt) * ((1 - pt) / (1 - ps)).log()).sum(-1)[
+        valid
+    ].mean() * 4
     assert_bounded(kl, _binary_kl_bounded(s[valid], t[valid], 2.0), "binary KL", reference=direct)
     bce = soft_label_kd_loss(s, t, valid, temperature=2.0, mode="bce")
     assert bce.item() > kl.item()  # differs by the teacher's entropy
@@ -166,7 +179,7 @@ def test_pfi_weights_follow_prediction_difference():
     s = t.clone()
     s[0, :, 1, 2] = 3.0  # predictions differ strongly at one position
     s[0, :, 3, 4] = 1.0  # and mildly at another
-    s[1] += 0.5          # image 1: the same difference everywhere
+    s[1] += 0.5  # image 1: the same difference everywhere
     (w,) = prediction_difference_weights([s], [t])
     assert w.shape == (2, 4, 5)
     assert w[0, 1, 2] > w[0, 3, 4] > w[0, 0, 0] == 0
@@ -192,26 +205,43 @@ ALL_TERMS = ["KD.RM.ENABLED", True, "KD.PFI.ENABLED", True, "KD.SOFT_LABEL.ENABL
 @pytest.mark.slow
 @pytest.mark.parametrize("feature_loss", ["L2FeatureLoss", "SSIMFeatureLoss"])
 def test_training_step_with_every_term(feature_loss, tiny_data_root, tmp_path, retina_teacher):
-    cfg = distill_cfg("synthetic/distill/rm_pfi_retinanet_R50_to_R18.yaml", RETINA_TEACHER, retina_teacher, tmp_path,
-                      ALL_TERMS + ["KD.FEATURE.LOSS", feature_loss])
+    cfg = distill_cfg(
+        "synthetic/distill/rm_pfi_retinanet_R50_to_R18.yaml",
+        RETINA_TEACHER,
+        retina_teacher,
+        tmp_path,
+        ALL_TERMS + ["KD.FEATURE.LOSS", feature_loss],
+    )
     model = build_model(cfg)
     teacher_before = {k: v.clone() for k, v in model.teacher.model.state_dict().items()}
     losses, _ = _one_step(model, cfg)
     short = {"L2FeatureLoss": "l2", "SSIMFeatureLoss": "ssim"}[feature_loss]
-    assert {"loss_cls", "loss_box_reg", "loss_kd_rm", "loss_kd_soft", "loss_kd_" + short} <= set(losses)
+    assert {"loss_cls", "loss_box_reg", "loss_kd_rm", "loss_kd_soft", "loss_kd_" + short} <= set(
+        losses
+    )
     assert all(torch.isfinite(v) for v in losses.values())
     assert all(p.grad is None for p in model.teacher.model.parameters())
-    assert all(torch.equal(v, teacher_before[k]) for k, v in model.teacher.model.state_dict().items())
+    assert all(
+        torch.equal(v, teacher_before[k]) for k, v in model.teacher.model.state_dict().items()
+    )
     grads = [p.grad for p in model.head.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
 @pytest.mark.slow
 def test_prediction_kd_configs_build(tiny_data_root, tmp_path, retina_teacher):
-    for name, expect in [("rm", {"loss_kd_rm"}), ("pfi", {"loss_kd_l2"}), ("soft_label", {"loss_kd_soft"}),
-                         ("pfi_ssim", {"loss_kd_ssim"})]:
-        cfg = distill_cfg("synthetic/distill/{}_retinanet_R50_to_R18.yaml".format(name), RETINA_TEACHER,
-                          retina_teacher, tmp_path)
+    for name, expect in [
+        ("rm", {"loss_kd_rm"}),
+        ("pfi", {"loss_kd_l2"}),
+        ("soft_label", {"loss_kd_soft"}),
+        ("pfi_ssim", {"loss_kd_ssim"}),
+    ]:
+        cfg = distill_cfg(
+            "synthetic/distill/{}_retinanet_R50_to_R18.yaml".format(name),
+            RETINA_TEACHER,
+            retina_teacher,
+            tmp_path,
+        )
         losses, _ = _one_step(build_model(cfg), cfg)
         kd = {k for k in losses if k.startswith("loss_kd")}
         assert kd == expect, (name, kd)
@@ -219,14 +249,34 @@ def test_prediction_kd_configs_build(tiny_data_root, tmp_path, retina_teacher):
 
 def test_prediction_kd_errors(tiny_data_root, tmp_path, retina_teacher, rcnn_teacher):
     with pytest.raises(ValueError, match="one-stage.*GeneralizedRCNN"):
-        build_model(distill_cfg("synthetic/distill/rm_retinanet_R50_to_R18.yaml", "synthetic/faster_rcnn_R_50_FPN.yaml",
-                                rcnn_teacher, tmp_path))
+        build_model(
+            distill_cfg(
+                "synthetic/distill/rm_retinanet_R50_to_R18.yaml",
+                "synthetic/faster_rcnn_R_50_FPN.yaml",
+                rcnn_teacher,
+                tmp_path,
+            )
+        )
     with pytest.raises(ValueError, match="anchors per position"):
-        build_model(distill_cfg("synthetic/distill/rm_retinanet_R50_to_R18.yaml", RETINA_TEACHER, retina_teacher,
-                                tmp_path, ["MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", [[1.0]]]))
+        build_model(
+            distill_cfg(
+                "synthetic/distill/rm_retinanet_R50_to_R18.yaml",
+                RETINA_TEACHER,
+                retina_teacher,
+                tmp_path,
+                ["MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", [[1.0]]],
+            )
+        )
     with pytest.raises(ValueError, match="KD.FEATURE.ENABLED is False"):
-        build_model(distill_cfg("synthetic/distill/rm_retinanet_R50_to_R18.yaml", RETINA_TEACHER, retina_teacher,
-                                tmp_path, ["KD.PFI.ENABLED", True]))
+        build_model(
+            distill_cfg(
+                "synthetic/distill/rm_retinanet_R50_to_R18.yaml",
+                RETINA_TEACHER,
+                retina_teacher,
+                tmp_path,
+                ["KD.PFI.ENABLED", True],
+            )
+        )
     assert config_path("synthetic/distill/rm_retinanet_R50_to_R18.yaml")
 
 
@@ -236,8 +286,9 @@ RCNN_SOFT = "synthetic/distill/soft_label_faster_rcnn_R50_to_R18.yaml"
 
 def _softmax_kd_bounded(s_logits, t_logits, temperature, mode="kl") -> Bounded:
     """softmax_kd_loss's operations: -sum(p_t log p_s) (+ sum(p_t log p_t)), mean, times T^2."""
-    log_p_s, log_p_t = (_log_softmax_bounded(Bounded.exact(x) / temperature, 1)
-                        for x in (s_logits, t_logits))
+    log_p_s, log_p_t = (
+        _log_softmax_bounded(Bounded.exact(x) / temperature, 1) for x in (s_logits, t_logits)
+    )
     p_t = log_p_t.exp()
     loss = -(p_t * log_p_s).sum(1)
     if mode == "kl":
@@ -268,8 +319,9 @@ def test_softmax_kd_loss(temperature):
     assert_bounded(s.grad, grad, "gradient", reference=temperature * (ps - pt) / 7)
     bce = softmax_kd_loss(s, t, temperature, mode="bce")
     cross_entropy = -(pt * ps.log()).sum(1).mean() * temperature**2  # KL plus the teacher's entropy
-    assert_bounded(bce, _softmax_kd_bounded(s, t, temperature, "bce"), "cross-entropy",
-                   reference=cross_entropy)
+    assert_bounded(
+        bce, _softmax_kd_bounded(s, t, temperature, "bce"), "cross-entropy", reference=cross_entropy
+    )
     empty = softmax_kd_loss(s[:0], t[:0])
     assert empty.item() == 0.0 and empty.requires_grad
     with pytest.raises(ValueError, match="MODE"):
@@ -279,17 +331,26 @@ def test_softmax_kd_loss(temperature):
 @pytest.mark.numeric
 @pytest.mark.slow
 def test_roi_soft_label_step(tiny_data_root, tmp_path, rcnn_teacher):
-    """Faster R-CNN student: the teacher's box head scores exactly the RoIs the student's box head was trained on."""
+    """Faster R-CNN student: the teacher's box head scores exactly the RoIs the student's box head
+    was trained on."""
     from kd_det.losses.prediction import softmax_kd_loss
 
-    cfg = distill_cfg(RCNN_SOFT, RCNN_TEACHER, rcnn_teacher, tmp_path, ["KD.SOFT_LABEL.TEMPERATURE", 2.0])
+    cfg = distill_cfg(
+        RCNN_SOFT, RCNN_TEACHER, rcnn_teacher, tmp_path, ["KD.SOFT_LABEL.TEMPERATURE", 2.0]
+    )
     model = build_model(cfg)
     seen = {}
     heads = model.roi_heads
-    heads.box_predictor.register_forward_hook(lambda m, i, o: seen.update(features=i[0], logits=o[0]))
+    heads.box_predictor.register_forward_hook(
+        lambda m, i, o: seen.update(features=i[0], logits=o[0])
+    )
     losses, _ = _one_step(model, cfg)
-    assert {k for k in losses if k.startswith("loss_kd")} == {"loss_kd_soft"} and torch.isfinite(losses["loss_kd_soft"])
-    assert seen["logits"].shape[0] == 2 * cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE  # the sampled RoIs of 2 images
+    assert {k for k in losses if k.startswith("loss_kd")} == {"loss_kd_soft"} and torch.isfinite(
+        losses["loss_kd_soft"]
+    )
+    assert (
+        seen["logits"].shape[0] == 2 * cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE
+    )  # the sampled RoIs of 2 images
     # popped: no graph kept
     assert "roi_boxes" not in model._kd_recorder and "roi_logits" not in model._kd_recorder
     # recompute independently: the same RoI sampling (same seed), the teacher's head on those boxes
@@ -306,7 +367,9 @@ def test_roi_soft_label_step(tiny_data_root, tmp_path, rcnn_teacher):
     t_feats = model.teacher.backbone_features(model.teacher_images(data, images))
     t_logits = model.teacher.roi_class_logits(t_feats, [p.proposal_boxes for p in sampled])
     th = model.teacher.model.roi_heads
-    box_feats = th.box_pooler([t_feats[f] for f in th.box_in_features], [p.proposal_boxes for p in sampled])
+    box_feats = th.box_pooler(
+        [t_feats[f] for f in th.box_in_features], [p.proposal_boxes for p in sampled]
+    )
     # exact: the same modules on the same features and boxes, and the same loss on the same logits
     assert torch.equal(t_logits, th.box_predictor(th.box_head(box_feats))[0])
     expected = cfg.KD.SOFT_LABEL.WEIGHT * softmax_kd_loss(seen["logits"], t_logits, 2.0)
@@ -315,13 +378,22 @@ def test_roi_soft_label_step(tiny_data_root, tmp_path, rcnn_teacher):
 
 @pytest.mark.slow
 def test_roi_soft_label_errors(tiny_data_root, tmp_path, retina_teacher, rcnn_teacher):
-    with pytest.raises(ValueError, match="needs a Faster R-CNN teacher with one box head, but the teacher is a RetinaNet"):
+    with pytest.raises(
+        ValueError,
+        match="needs a Faster R-CNN teacher with one box head, but the teacher is a RetinaNet",
+    ):
         build_model(distill_cfg(RCNN_SOFT, RETINA_TEACHER, retina_teacher, tmp_path))
     for key in ("KD.RM.ENABLED", "KD.PFI.ENABLED"):
-        with pytest.raises(ValueError, match="{} distil per-anchor predictions.*DistillGeneralizedRCNN".format(
-                key.rsplit(".", 1)[0])):
+        with pytest.raises(
+            ValueError,
+            match="{} distil per-anchor predictions.*DistillGeneralizedRCNN".format(
+                key.rsplit(".", 1)[0]
+            ),
+        ):
             build_model(distill_cfg(RCNN_SOFT, RCNN_TEACHER, rcnn_teacher, tmp_path, [key, True]))
     # the config builds and every other distillation loss stays off
-    cfg = distill_cfg(RCNN_SOFT, RCNN_TEACHER, rcnn_teacher, tmp_path, ["KD.SOFT_LABEL.ENABLED", False])
+    cfg = distill_cfg(
+        RCNN_SOFT, RCNN_TEACHER, rcnn_teacher, tmp_path, ["KD.SOFT_LABEL.ENABLED", False]
+    )
     losses, _ = _one_step(build_model(cfg), cfg)
     assert not [k for k in losses if k.startswith("loss_kd")]

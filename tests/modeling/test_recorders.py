@@ -3,14 +3,13 @@
 import pytest
 import torch
 from conftest import tiny_cfg
-from test_distill import distill_cfg
-from torch import nn
-
 from detectron2.data import build_detection_train_loader
 from detectron2.modeling import build_model
 from detectron2.modeling.matcher import Matcher
 from detectron2.structures import Boxes, Instances, pairwise_iou
 from detectron2.utils.events import EventStorage
+from test_distill import distill_cfg
+from torch import nn
 
 from kd_det.losses import rank_mimicking_loss, soft_label_kd_loss
 from kd_det.modeling import AnchorMatchRecorder, ModuleOutputRecorder, Source
@@ -35,10 +34,16 @@ class _Tower(nn.Module):
 def test_module_output_recorder_keeps_outputs_inputs_and_every_call():
     torch.manual_seed(0)
     model = _Tower()
-    rec = ModuleOutputRecorder(model, {"features": "backbone",
-                                       "images": Source("backbone", "input", 0),
-                                       "scores": Source("score", calls="all"),
-                                       "tower": Source("tower"), "first": Source("", index=0)})
+    rec = ModuleOutputRecorder(
+        model,
+        {
+            "features": "backbone",
+            "images": Source("backbone", "input", 0),
+            "scores": Source("score", calls="all"),
+            "tower": Source("tower"),
+            "first": Source("", index=0),
+        },
+    )
     x = torch.randn(2, 3, 4, 4)
     scores, towers = model(x)
     assert rec["images"] is x  # the input itself: no copy
@@ -88,8 +93,9 @@ def test_retinanet_head_outputs_and_towers_of_a_frozen_teacher():
 
     torch.manual_seed(0)
     teacher = nn.Module()
-    teacher.head = RetinaNetHead(input_shape=[ShapeSpec(channels=4)] * 2, num_classes=3,
-                                 num_anchors=2, conv_dims=[4, 4])
+    teacher.head = RetinaNetHead(
+        input_shape=[ShapeSpec(channels=4)] * 2, num_classes=3, num_anchors=2, conv_dims=[4, 4]
+    )
     teacher.eval().requires_grad_(False)
     rec = ModuleOutputRecorder(teacher, dict(HEAD_TOWER_SOURCES, head="head"))
     levels = [torch.randn(1, 4, 8, 8), torch.randn(1, 4, 4, 4)]
@@ -133,8 +139,9 @@ def _gt(boxes):
 
 @pytest.mark.parametrize("skip_empty", [False, True])
 def test_anchor_match_recorder(skip_empty):
-    anchors = Boxes(torch.tensor([[0.0, 0, 10, 10], [0, 0, 20, 20], [50, 50, 60, 60],
-                                  [0, 0, 11, 10]]))
+    anchors = Boxes(
+        torch.tensor([[0.0, 0, 10, 10], [0, 0, 20, 20], [50, 50, 60, 60], [0, 0, 11, 10]])
+    )
     gts = [_gt([[0.0, 0, 10, 10], [50, 50, 60, 61]]), _gt([]), _gt([[50.0, 50, 60, 60]])]
     model = _Dense(skip_empty)
     matcher = model.anchor_matcher
@@ -180,8 +187,13 @@ class _Counting:
 @pytest.mark.slow
 def test_rank_mimicking_uses_the_students_own_matching(tiny_data_root, tmp_path, retina_teacher):
     """One matching per image and step (the student's loss's); RM and soft labels read it."""
-    cfg = distill_cfg("synthetic/distill/rm_retinanet_R50_to_R18.yaml",
-                      "synthetic/retinanet_R_50_FPN.yaml", retina_teacher, tmp_path, RM_SOFT)
+    cfg = distill_cfg(
+        "synthetic/distill/rm_retinanet_R50_to_R18.yaml",
+        "synthetic/retinanet_R_50_FPN.yaml",
+        retina_teacher,
+        tmp_path,
+        RM_SOFT,
+    )
     model = build_model(cfg)
     counting = _Counting(model._kd_matches.matcher)
     model.anchor_matcher.matcher = counting  # under the recorder's wrapper: every call of the step
@@ -194,8 +206,9 @@ def test_rank_mimicking_uses_the_students_own_matching(tiny_data_root, tmp_path,
     assert len(counting.calls) == len(data) == 2
     gt = [x["instances"] for x in data]
     # the matches the student's focal loss was built on
-    matched = torch.stack([torch.where(lab == 1, m, torch.full_like(m, -1))
-                           for _, (m, lab) in counting.calls])
+    matched = torch.stack(
+        [torch.where(lab == 1, m, torch.full_like(m, -1)) for _, (m, lab) in counting.calls]
+    )
     valid = torch.stack([lab >= 0 for _, (m, lab) in counting.calls])
     features = model.backbone(model.preprocess_image(data).tensor)
     anchors = Boxes.cat(model.anchor_generator([features[f] for f in model.head_in_features]))
@@ -210,8 +223,9 @@ def test_rank_mimicking_uses_the_students_own_matching(tiny_data_root, tmp_path,
         return torch.cat([x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, k) for x in logits], dim=1)
 
     s, t = flat(seen["logits"]), flat(t_logits)
-    rm = cfg.KD.RM.WEIGHT * rank_mimicking_loss(s, t, matched, [g.gt_classes for g in gt],
-                                                cfg.KD.RM.TEMPERATURE)
+    rm = cfg.KD.RM.WEIGHT * rank_mimicking_loss(
+        s, t, matched, [g.gt_classes for g in gt], cfg.KD.RM.TEMPERATURE
+    )
     soft = cfg.KD.SOFT_LABEL.WEIGHT * soft_label_kd_loss(s, t, valid, 2.0)
     assert torch.equal(losses["loss_kd_rm"], rm) and torch.equal(losses["loss_kd_soft"], soft)
     assert model._kd_matches.num_calls == 0  # popped
@@ -235,8 +249,11 @@ def test_self_distilled_retinanet_records_the_students_pass(tiny_data_root, tmp_
     assert len(counting.calls) == 2 * len(data)  # the student's loss, then the self-teacher head's
     valid = torch.stack([lab >= 0 for _, (m, lab) in counting.calls[: len(data)]])
     k = model.num_classes
-    s, t = (torch.cat([x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, k) for x in logits], dim=1)
-            for logits in seen)
-    want = cfg.KD.SELF.SOFT_LABEL.WEIGHT * soft_label_kd_loss(s, t.detach(), valid,
-                                                              cfg.KD.SELF.SOFT_LABEL.TEMPERATURE)
+    s, t = (
+        torch.cat([x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, k) for x in logits], dim=1)
+        for logits in seen
+    )
+    want = cfg.KD.SELF.SOFT_LABEL.WEIGHT * soft_label_kd_loss(
+        s, t.detach(), valid, cfg.KD.SELF.SOFT_LABEL.TEMPERATURE
+    )
     assert torch.equal(losses["loss_kd_soft"], want)

@@ -1,21 +1,21 @@
-"""Teacher-free self-distillation (FRSKD): attention transfer, the BiFPN self-teacher, both meta-architectures."""
+"""Teacher-free self-distillation (FRSKD): attention transfer, the BiFPN self-teacher, both
+meta-architectures."""
 
 import pytest
 import torch
 from conftest import tiny_cfg
-from test_distill import _one_step
-from tolerances import Bounded, assert_bounded, feature_loss_bounded
-
 from detectron2.data import build_detection_train_loader
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
+from test_distill import _one_step
+from tolerances import Bounded, assert_bounded, feature_loss_bounded
 
 from kd_det.config.student import vanilla_student_config
-from kd_det.release.student import student_state_dict
 from kd_det.losses import AttentionTransferLoss
 from kd_det.modeling import BiFPNSelfTeacher
 from kd_det.modeling.meta_arch.self_teacher import FastNormalizedFusion
+from kd_det.release.student import student_state_dict
 
 CONFIGS = {
     "retina": ("synthetic/distill/self_frskd_retinanet_R18.yaml", "RetinaNet"),
@@ -25,7 +25,7 @@ CONFIGS = {
 
 def _attention_bounded(x: Bounded) -> Bounded:
     """AttentionTransferLoss.attention: the mean over channels of x^2 over its norm per image."""
-    a = (x ** 2).mean(1, keepdim=True)
+    a = (x**2).mean(1, keepdim=True)
     norm = (a * a).map(lambda v: v.flatten(1)).sum(1).sqrt()
     return a / norm.map(lambda v: v[:, None, None, None])
 
@@ -52,8 +52,12 @@ def test_attention_transfer_equals_formula(dtype):
     got = AttentionTransferLoss()([s], [t])
     assert_bounded(got, _attention_transfer_bounded(sb, tb), "attention transfer", reference=want)
     # scale-free: the attention of 3x the features is the same map (3 s rounded once)
-    assert_bounded(AttentionTransferLoss()([3 * s], [t]), _attention_transfer_bounded(3.0 * sb, tb),
-                   "attention transfer of 3x features", reference=want)
+    assert_bounded(
+        AttentionTransferLoss()([3 * s], [t]),
+        _attention_transfer_bounded(3.0 * sb, tb),
+        "attention transfer of 3x features",
+        reference=want,
+    )
     # exact: the same operations on the same values give the same attention maps
     assert AttentionTransferLoss()([s], [s.clone()]).item() == 0.0
 
@@ -80,14 +84,24 @@ def test_fast_normalized_fusion():
 
 
 def test_bifpn_self_teacher_shapes_and_paths():
-    shapes = {"p3": ShapeSpec(channels=8, stride=8), "p4": ShapeSpec(channels=8, stride=16),
-              "p5": ShapeSpec(channels=8, stride=32)}
+    shapes = {
+        "p3": ShapeSpec(channels=8, stride=8),
+        "p4": ShapeSpec(channels=8, stride=16),
+        "p5": ShapeSpec(channels=8, stride=32),
+    }
     net = BiFPNSelfTeacher(in_features=["p3", "p4", "p5"], input_shapes=shapes, width=12, norm="")
     # odd sizes, as FPN levels of padded images can have
-    feats = {"p3": torch.randn(2, 8, 13, 11), "p4": torch.randn(2, 8, 7, 6), "p5": torch.randn(2, 8, 4, 3)}
+    feats = {
+        "p3": torch.randn(2, 8, 13, 11),
+        "p4": torch.randn(2, 8, 7, 6),
+        "p5": torch.randn(2, 8, 4, 3),
+    }
     out = net(feats)
     assert {k: tuple(v.shape) for k, v in out.items()} == {
-        "p3": (2, 12, 13, 11), "p4": (2, 12, 7, 6), "p5": (2, 12, 4, 3)}
+        "p3": (2, 12, 13, 11),
+        "p4": (2, 12, 7, 6),
+        "p5": (2, 12, 4, 3),
+    }
     assert net.output_shape()["p4"] == ShapeSpec(channels=12, stride=16)
     # top-down and bottom-up: the finest output depends on the coarsest input and vice versa
     feats = {k: v.requires_grad_(True) for k, v in feats.items()}
@@ -115,7 +129,12 @@ def test_self_distillation_step_and_export(kind, tiny_data_root, tmp_path):
     if kind == "retina":
         assert set(losses) >= {"loss_self_cls", "loss_self_box_reg", "loss_kd_soft"}
     else:
-        assert set(losses) >= {"loss_self_cls", "loss_self_box_reg", "loss_self_rpn_cls", "loss_self_rpn_loc"}
+        assert set(losses) >= {
+            "loss_self_cls",
+            "loss_self_box_reg",
+            "loss_self_rpn_cls",
+            "loss_self_rpn_loc",
+        }
     # the student's parameters get gradients from the distillation loss alone; the self-teacher none
     model.zero_grad()
     with EventStorage(0):
@@ -123,8 +142,11 @@ def test_self_distillation_step_and_export(kind, tiny_data_root, tmp_path):
     losses["loss_kd_at"].backward()
     st = [p.grad for n, p in model.named_parameters() if n.startswith("kd_self_teacher.")]
     assert all(g is None or g.abs().sum() == 0 for g in st)
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()
-               if n.startswith("backbone."))
+    assert any(
+        p.grad is not None and p.grad.abs().sum() > 0
+        for n, p in model.named_parameters()
+        if n.startswith("backbone.")
+    )
     # export: every self-distillation parameter is under kd_ and dropped; the config is vanilla
     sd = model.state_dict()
     kept = student_state_dict(sd)

@@ -1,4 +1,5 @@
-"""Model-zoo export: a student-only checkpoint + config that vanilla Detectron2 loads without kd_det."""
+"""Model-zoo export: a student-only checkpoint + config that vanilla Detectron2 loads without
+kd_det."""
 
 import dataclasses
 import json
@@ -11,21 +12,20 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
 from conftest import REPO, TINY_PREFIX, tiny_cfg
-from test_distill import _one_step, distill_cfg
-from tolerances import U32, assert_within
-
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
+from PIL import Image
+from test_distill import _one_step, distill_cfg
+from tolerances import U32, assert_within
 
+from kd_det.config.student import student_model_config
 from kd_det.release import deploy
 from kd_det.release.deploy import detections, export_torchscript, load_sample_image
-from kd_det.config.student import student_model_config
 from kd_det.release.student import StudentCheckpointer, file_sha256, release_student
 from kd_det.utils.complexity import model_complexity
 
@@ -49,15 +49,32 @@ torch.save({"boxes": inst.pred_boxes.tensor, "scores": inst.scores, "classes": i
 
 
 def _distill_cfg_keeping_all_detections(kind, out, rcnn_teacher, retina_teacher):
-    """A distillation config of each kind, score threshold 0 (detections to compare); and the student's architecture."""
+    """A distillation config of each kind, score threshold 0 (detections to compare); and the
+    student's architecture."""
     config, teacher_cfg, weights, arch = {
-        "rcnn": ("synthetic/distill/ssim_faster_rcnn_R50_to_R18.yaml", "synthetic/faster_rcnn_R_50_FPN.yaml",
-                 rcnn_teacher, "GeneralizedRCNN"),
-        "retina": ("synthetic/distill/rm_pfi_retinanet_R50_to_R18.yaml", "synthetic/retinanet_R_50_FPN.yaml",
-                   retina_teacher, "RetinaNet"),
+        "rcnn": (
+            "synthetic/distill/ssim_faster_rcnn_R50_to_R18.yaml",
+            "synthetic/faster_rcnn_R_50_FPN.yaml",
+            rcnn_teacher,
+            "GeneralizedRCNN",
+        ),
+        "retina": (
+            "synthetic/distill/rm_pfi_retinanet_R50_to_R18.yaml",
+            "synthetic/retinanet_R_50_FPN.yaml",
+            retina_teacher,
+            "RetinaNet",
+        ),
     }[kind]
-    return distill_cfg(config, teacher_cfg, weights, out,
-                       ["MODEL.RETINANET.SCORE_THRESH_TEST", 0.0, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0]), arch
+    return (
+        distill_cfg(
+            config,
+            teacher_cfg,
+            weights,
+            out,
+            ["MODEL.RETINANET.SCORE_THRESH_TEST", 0.0, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0],
+        ),
+        arch,
+    )
 
 
 def _postprocessed(model, image):
@@ -67,8 +84,9 @@ def _postprocessed(model, image):
     return instances.pred_boxes.tensor, instances.scores, instances.pred_classes
 
 
-def assert_same_detections(model, reference, other, what, image_size, factor=1.0,
-                           postprocessed=True):
+def assert_same_detections(
+    model, reference, other, what, image_size, factor=1.0, postprocessed=True
+):
     """
     ``other`` (boxes, scores, classes) from another process or an exported model are the
     detections ``reference()`` gives, matched as the export's own check matches them
@@ -82,8 +100,7 @@ def assert_same_detections(model, reference, other, what, image_size, factor=1.0
     Returns:
         the DetectionMatch, for more checks.
     """
-    bounds = deploy.detection_bounds(model, image_size, factor=factor,
-                                     postprocessed=postprocessed)
+    bounds = deploy.detection_bounds(model, image_size, factor=factor, postprocessed=postprocessed)
     with torch.no_grad():
         detected = reference()
         with deploy.relaxed_test_settings(model, bounds.score):
@@ -91,7 +108,8 @@ def assert_same_detections(model, reference, other, what, image_size, factor=1.0
     assert len(detected[0]) > 0, "nothing detected: the comparison would be empty"
     match = deploy.match_detections(detected, other, bounds, candidates, ("the eager model", what))
     assert not match.disagreements, "{} on a {}x{} image:\n{}".format(
-        what, image_size[0], image_size[1], "\n".join(match.disagreements))
+        what, image_size[0], image_size[1], "\n".join(match.disagreements)
+    )
     return match
 
 
@@ -120,32 +138,46 @@ def test_export_round_trip(kind, tiny_data_root, tmp_path, rcnn_teacher, retina_
     script.write_text(VANILLA_LOAD)
     # The script fails if anything imports kd_det.  The environment is kept as it is:
     # Detectron2 may be installed through PYTHONPATH (as on the GPU machine).
-    subprocess.run([sys.executable, str(script), out["config"], str(tmp_path / "image.pt"), str(tmp_path / "det.pt")],
-                   check=True, cwd=str(tmp_path))
+    subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            out["config"],
+            str(tmp_path / "image.pt"),
+            str(tmp_path / "det.pt"),
+        ],
+        check=True,
+        cwd=str(tmp_path),
+    )
     vanilla = torch.load(tmp_path / "det.pt", weights_only=False)
     assert vanilla["arch"] == arch
     model.eval()
     with torch.no_grad():
         ours = model([{"image": image, "height": 64, "width": 64}])[0]["instances"]
 
-    # --eval-only's student: built without the teacher (its weights need not exist), kd_ weights skipped
+    # --eval-only's student: built without the teacher (its weights need not exist), kd_ weights
+    # skipped
     cfg.defrost()
     cfg.KD.TEACHER.WEIGHTS = str(tmp_path / "no_teacher_here.pth")
     student = build_model(student_model_config(cfg)).eval()
     assert type(student).__name__ == arch and not hasattr(student, "teacher")
     incompatible = StudentCheckpointer(student)._load_model(
-        {"model": torch.load(tmp_path / "model_final.pth", weights_only=False)["model"]})
+        {"model": torch.load(tmp_path / "model_final.pth", weights_only=False)["model"]}
+    )
     assert not incompatible.missing_keys and not incompatible.unexpected_keys
     with torch.no_grad():
         alone = student([{"image": image, "height": 64, "width": 64}])[0]["instances"]
     # exact: the same weights, input, process, kernels and thread count
-    assert torch.equal(alone.pred_boxes.tensor, ours.pred_boxes.tensor) and torch.equal(alone.scores, ours.scores)
+    assert torch.equal(alone.pred_boxes.tensor, ours.pred_boxes.tensor) and torch.equal(
+        alone.scores, ours.scores
+    )
 
     # vanilla Detectron2 in the other process runs its own thread count, so its kernels may sum
     # in another order: matched within the student's bounds (the teacher's layers not counted)
     theirs = (vanilla["boxes"], vanilla["scores"], vanilla["classes"])
-    assert_same_detections(student, lambda: _postprocessed(student, image), theirs,
-                           "vanilla Detectron2", (64, 64))
+    assert_same_detections(
+        student, lambda: _postprocessed(student, image), theirs, "vanilla Detectron2", (64, 64)
+    )
 
 
 def test_export_errors(tmp_path):
@@ -191,7 +223,9 @@ session = onnxruntime.InferenceSession(sys.argv[1], providers=["CPUExecutionProv
 images = np.load(sys.argv[2])
 outs = {}
 for i in range(int(images["n"])):
-    for name, value in zip(("boxes", "scores", "classes"), session.run(None, {"image": images[str(i)]})):
+    for name, value in zip(
+        ("boxes", "scores", "classes"), session.run(None, {"image": images[str(i)]})
+    ):
         outs["{}_{}".format(name, i)] = value
 np.savez(sys.argv[3], **outs)
 """
@@ -205,17 +239,28 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def _run_without(blocked, script, args, cwd):
-    """Run ``script`` in a fresh interpreter where importing any of ``blocked`` raises; its stdout."""
+    """Run ``script`` in a fresh interpreter where importing any of ``blocked`` raises; its
+    stdout."""
     path = cwd / "blocked_run.py"
     path.write_text("BLOCKED = {!r}\n".format(tuple(blocked)) + BLOCK_IMPORTS + script)
-    return subprocess.run([sys.executable, str(path)] + [str(a) for a in args], check=True, cwd=str(cwd),
-                          stdout=subprocess.PIPE, universal_newlines=True).stdout
+    return subprocess.run(
+        [sys.executable, str(path)] + [str(a) for a in args],
+        check=True,
+        cwd=str(cwd),
+        stdout=subprocess.PIPE,
+        universal_newlines=True,
+    ).stdout
 
 
 def _check_predict_exported(model_file, student_cfg, image_file, blocked, factor, cwd):
-    """tools/predict_exported.py on an image file gives DefaultPredictor's detections, in the image's pixels."""
-    stdout = _run_without(blocked, PREDICT_EXPORTED, [REPO + "/tools/predict_exported.py", "--model", model_file,
-                                                     "--input", image_file], cwd)
+    """tools/predict_exported.py on an image file gives DefaultPredictor's detections, in the
+    image's pixels."""
+    stdout = _run_without(
+        blocked,
+        PREDICT_EXPORTED,
+        [REPO + "/tools/predict_exported.py", "--model", model_file, "--input", image_file],
+        cwd,
+    )
     result = json.loads(stdout.strip().splitlines()[-1])
     predictor = DefaultPredictor(student_cfg)
     image = read_image(str(image_file), format="BGR")
@@ -226,29 +271,52 @@ def _check_predict_exported(model_file, student_cfg, image_file, blocked, factor
 
     assert (result["height"], result["width"]) == image.shape[:2]
     dets = result["detections"]
-    exported = (torch.tensor([d["box"] for d in dets]).reshape(-1, 4),
-                torch.tensor([d["score"] for d in dets]),
-                torch.tensor([d["class_id"] for d in dets]))
+    exported = (
+        torch.tensor([d["box"] for d in dets]).reshape(-1, 4),
+        torch.tensor([d["score"] for d in dets]),
+        torch.tensor([d["class_id"] for d in dets]),
+    )
     # bounds on the image's own pixels: those of the resized input, scaled back with the boxes
-    assert_same_detections(predictor.model, reference, exported,
-                           "predict_exported.py with " + model_file, image.shape[:2], factor)
+    assert_same_detections(
+        predictor.model,
+        reference,
+        exported,
+        "predict_exported.py with " + model_file,
+        image.shape[:2],
+        factor,
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.numeric
 @pytest.mark.parametrize("kind", ["rcnn", "retina"])
 def test_torchscript_and_onnx_export(kind, tiny_data_root, tmp_path, rcnn_teacher, retina_teacher):
-    cfg, student_arch = _distill_cfg_keeping_all_detections(kind, tmp_path, rcnn_teacher, retina_teacher)
+    cfg, student_arch = _distill_cfg_keeping_all_detections(
+        kind, tmp_path, rcnn_teacher, retina_teacher
+    )
     torch.manual_seed(0)
     model = build_model(cfg)  # untrained: the trace's fidelity does not depend on skill
     DetectionCheckpointer(model, save_dir=str(tmp_path)).save("model_final")
     (tmp_path / "train.yaml").write_text(cfg.dump())
 
     tool = runpy.run_path(REPO + "/tools/export_student.py", run_name="export_student")
-    out = tool["main"](["--config-file", str(tmp_path / "train.yaml"), "--weights", str(tmp_path / "model_final.pth"),
-                        "--output-dir", str(tmp_path / "release"), "--torchscript", "--onnx"])
+    out = tool["main"](
+        [
+            "--config-file",
+            str(tmp_path / "train.yaml"),
+            "--weights",
+            str(tmp_path / "model_final.pth"),
+            "--output-dir",
+            str(tmp_path / "release"),
+            "--torchscript",
+            "--onnx",
+        ]
+    )
     meta = json.loads((tmp_path / "release" / "torchscript.json").read_text())
-    assert meta["sha256"] == file_sha256(out["torchscript"]) and meta["meta_architecture"] == student_arch
+    assert (
+        meta["sha256"] == file_sha256(out["torchscript"])
+        and meta["meta_architecture"] == student_arch
+    )
     assert meta["classes"] == MetadataCatalog.get(TINY_PREFIX + "_val").thing_classes
     assert meta["input"]["format"] == "BGR" and meta["input"]["min_size_test"] == 64
     assert meta["traced_on"].endswith("val_000000.jpg")
@@ -261,59 +329,112 @@ def test_torchscript_and_onnx_export(kind, tiny_data_root, tmp_path, rcnn_teache
     student = build_model(student_cfg).eval()
     DetectionCheckpointer(student).load(out["weights"])
     torch.manual_seed(1)
-    images = [torch.randint(0, 255, (3, 64, 64)).float(), torch.randint(0, 255, (3, 56, 96)).float(),
-              torch.zeros(3, 40, 72)]
+    images = [
+        torch.randint(0, 255, (3, 64, 64)).float(),
+        torch.randint(0, 255, (3, 56, 96)).float(),
+        torch.zeros(3, 40, 72),
+    ]
     torch.save(images, tmp_path / "images.pt")
-    _run_without(WITHOUT_DETECTRON2, TORCHSCRIPT_LOAD, [out["torchscript"], tmp_path / "images.pt",
-                                                        tmp_path / "outs.pt"], tmp_path)
+    _run_without(
+        WITHOUT_DETECTRON2,
+        TORCHSCRIPT_LOAD,
+        [out["torchscript"], tmp_path / "images.pt", tmp_path / "outs.pt"],
+        tmp_path,
+    )
     traced_outs = torch.load(tmp_path / "outs.pt", weights_only=False)
     for image, traced in zip(images, traced_outs):
         assert len(traced) == 3
-        assert_same_detections(student, lambda: detections(student, image), traced,
-                               "the TorchScript student", image.shape[1:], postprocessed=False)
+        assert_same_detections(
+            student,
+            lambda: detections(student, image),
+            traced,
+            "the TorchScript student",
+            image.shape[1:],
+            postprocessed=False,
+        )
 
     # ONNX: the same sidecar, and ONNX Runtime without torch gives the eager student's detections
     onnx_meta = json.loads((tmp_path / "release" / "onnx.json").read_text())
-    assert onnx_meta["sha256"] == file_sha256(out["onnx"]) == out["onnx_sha256"] and onnx_meta["opset"] >= 16
-    assert onnx_meta["classes"] == meta["classes"] and onnx_meta["input"] == {**meta["input"], "tensor": ANY}
+    assert (
+        onnx_meta["sha256"] == file_sha256(out["onnx"]) == out["onnx_sha256"]
+        and onnx_meta["opset"] >= 16
+    )
+    assert onnx_meta["classes"] == meta["classes"] and onnx_meta["input"] == {
+        **meta["input"],
+        "tensor": ANY,
+    }
     assert [row["size"] for row in onnx_meta["checked"]] == [row["size"] for row in meta["checked"]]
-    np.savez(tmp_path / "images.npz", n=len(images), **{str(i): im.numpy() for i, im in enumerate(images)})
-    _run_without(WITHOUT_TORCH, ONNX_RUN, [out["onnx"], tmp_path / "images.npz", tmp_path / "onnx_outs.npz"],
-                 tmp_path)
+    np.savez(
+        tmp_path / "images.npz",
+        n=len(images),
+        **{str(i): im.numpy() for i, im in enumerate(images)}
+    )
+    _run_without(
+        WITHOUT_TORCH,
+        ONNX_RUN,
+        [out["onnx"], tmp_path / "images.npz", tmp_path / "onnx_outs.npz"],
+        tmp_path,
+    )
     onnx_outs = np.load(tmp_path / "onnx_outs.npz")
     for i, image in enumerate(images):
         outs = [onnx_outs["{}_{}".format(name, i)] for name in deploy.OUTPUT_NAMES]
-        assert_same_detections(student, lambda: detections(student, image), outs,
-                               "the ONNX student", image.shape[1:], deploy.ONNX_FACTOR,
-                               postprocessed=False)
+        assert_same_detections(
+            student,
+            lambda: detections(student, image),
+            outs,
+            "the ONNX student",
+            image.shape[1:],
+            deploy.ONNX_FACTOR,
+            postprocessed=False,
+        )
 
-    # a deployment's whole path on an image file of another size and aspect (resized 90x120 -> 64x85 and back)
+    # a deployment's whole path on an image file of another size and aspect (resized 90x120 -> 64x85
+    # and back)
     image_file = tmp_path / "photo.png"
-    Image.fromarray(np.random.RandomState(2).randint(0, 255, (90, 120, 3), dtype=np.uint8)).save(image_file)
-    _check_predict_exported(out["torchscript"], student_cfg, image_file, WITHOUT_DETECTRON2, 1.0,
-                            tmp_path)
-    _check_predict_exported(out["onnx"], student_cfg, image_file, WITHOUT_TORCH, deploy.ONNX_FACTOR,
-                            tmp_path)
+    Image.fromarray(np.random.RandomState(2).randint(0, 255, (90, 120, 3), dtype=np.uint8)).save(
+        image_file
+    )
+    _check_predict_exported(
+        out["torchscript"], student_cfg, image_file, WITHOUT_DETECTRON2, 1.0, tmp_path
+    )
+    _check_predict_exported(
+        out["onnx"], student_cfg, image_file, WITHOUT_TORCH, deploy.ONNX_FACTOR, tmp_path
+    )
 
 
 def test_predict_exported_resize_and_errors(tmp_path):
-    """predict_exported.py's own resize rule is Detectron2's, and a missing sidecar or odd file is named."""
+    """predict_exported.py's own resize rule is Detectron2's, and a missing sidecar or odd file is
+    named."""
     from detectron2.data.transforms import ResizeShortestEdge
 
     tool = runpy.run_path(REPO + "/tools/predict_exported.py", run_name="predict_exported")
-    for h, w, short, longest in [(90, 120, 64, 1333), (480, 640, 800, 1333), (640, 480, 800, 1333),
-                                 (100, 1000, 800, 1333), (333, 500, 600, 1000), (7, 5, 64, 64)]:
-        assert tool["resized_shape"](h, w, short, longest) == ResizeShortestEdge.get_output_shape(h, w, short,
-                                                                                                  longest)
+    for h, w, short, longest in [
+        (90, 120, 64, 1333),
+        (480, 640, 800, 1333),
+        (640, 480, 800, 1333),
+        (100, 1000, 800, 1333),
+        (333, 500, 600, 1000),
+        (7, 5, 64, 64),
+    ]:
+        assert tool["resized_shape"](h, w, short, longest) == ResizeShortestEdge.get_output_shape(
+            h, w, short, longest
+        )
     with pytest.raises(ValueError, match="neither an ONNX"):
         tool["load_metadata"](str(tmp_path / "model.pth"))
     with pytest.raises(FileNotFoundError, match="no onnx.json beside .* pass --metadata"):
         tool["load_metadata"](str(tmp_path / "model.onnx"))
     with pytest.raises(ValueError, match="input format 'YUV-BT.601'"):
-        tool["preprocess"](Image.new("RGB", (8, 8)), {"input": {"format": "YUV-BT.601", "min_size_test": 8,
-                                                                 "max_size_test": 8}})
-    boxes, scores, classes = tool["postprocess"]([[2, 2, 30, 10], [40, 5, 50, 8], [-4, 1, 8, 20]], [0.9, 0.8, 0.7],
-                                                 [0, 1, 2], (16, 32), (32, 64))
+        tool["preprocess"](
+            Image.new("RGB", (8, 8)),
+            {"input": {"format": "YUV-BT.601", "min_size_test": 8, "max_size_test": 8}},
+        )
+    boxes, scores, classes = tool["postprocess"](
+        [[2, 2, 30, 10], [40, 5, 50, 8], [-4, 1, 8, 20]],
+        [0.9, 0.8, 0.7],
+        [0, 1, 2],
+        (16, 32),
+        (32, 64),
+    )
     # scaled 2x, clipped to 64x32, and the box wholly right of the image (80..100) dropped
     assert boxes.tolist() == [[4, 4, 60, 20], [0, 2, 16, 32]] and classes.tolist() == [0, 2]
 
@@ -341,11 +462,22 @@ def test_torchscript_export_errors(tiny_data_root, tmp_path):
 def test_onnx_export_without_onnx_installed(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
     with pytest.raises(ImportError, match=r"pip install -e '\.\[onnx\]'"):
-        deploy.export_onnx(tiny_cfg("synthetic/retinanet_R_18_FPN.yaml", tmp_path), "any.pth", str(tmp_path))
+        deploy.export_onnx(
+            tiny_cfg("synthetic/retinanet_R_18_FPN.yaml", tmp_path), "any.pth", str(tmp_path)
+        )
     tool = runpy.run_path(REPO + "/tools/export_student.py", run_name="export_student")
     with pytest.raises(ImportError, match="onnx and onnxruntime"):  # before exporting anything
-        tool["main"](["--config-file", "any.yaml", "--weights", "any.pth", "--output-dir", str(tmp_path / "r"),
-                      "--onnx"])
+        tool["main"](
+            [
+                "--config-file",
+                "any.yaml",
+                "--weights",
+                "any.pth",
+                "--output-dir",
+                str(tmp_path / "r"),
+                "--onnx",
+            ]
+        )
     assert not (tmp_path / "r").exists()
 
 
@@ -374,12 +506,14 @@ def test_compare_detections_names_the_disagreement(tmp_path):
 
     def changed(box=0.0, score=0.0, cls=0):
         """The model's detections with the first one's box moved, score raised or class changed."""
+
         def run(image):
             boxes, scores, classes = (t.clone() for t in eager)
             boxes[0] += box
             scores[0] += score
             classes[0] = (classes[0] + cls) % cfg.MODEL.RETINANET.NUM_CLASSES
             return boxes, scores, classes
+
         return run
 
     rows = deploy.compare_detections(model, lambda image: eager, images)
@@ -388,6 +522,7 @@ def test_compare_detections_names_the_disagreement(tmp_path):
     # the order does not matter
     rows = deploy.compare_detections(model, lambda image: [t.flip(0) for t in eager], images)
     assert rows[0]["matched"] == n and rows[0]["max_box_diff"] == 0.0
+
     # every box moved by 0.05 px: within a bound of 0.1 px, matched and measured (b + 0.05 is
     # rounded to float32 once, off by at most u |b + 0.05| <= 65 u, boxes within 64 px)
     def shifted(image):
@@ -397,23 +532,30 @@ def test_compare_detections_names_the_disagreement(tmp_path):
     rows = deploy.compare_detections(model, shifted, images, "x", box_atol=0.1)
     assert rows[0]["matched"] == n
     assert_within(rows[0]["max_box_diff"], 0.05, 65 * U32, "measured box difference")
-    message = (r"the ONNX student disagrees with the model on a 64x64 image, where it gives {0} "
-               r"detections and the model {0}: detection \d+ of the ONNX student \(class .*box by "
-               r"0.05 px \(bound 0.01 px\)".format(n))
+    message = (
+        r"the ONNX student disagrees with the model on a 64x64 image, where it gives {0} "
+        r"detections and the model {0}: detection \d+ of the ONNX student \(class .*box by "
+        r"0.05 px \(bound 0.01 px\)".format(n)
+    )
     with pytest.raises(RuntimeError, match=message):
         deploy.compare_detections(model, shifted, images, "the ONNX student", box_atol=1e-2)
     # one detection with another box, class or score is refused, with what differs
     bounds = deploy.detection_bounds(model, (64, 64))
-    for change, differs in [({"box": 1.0}, r"box by 1 px \(bound {:.3g} px\)".format(bounds.box)),
-                            ({"cls": 1}, r"class \d+ \(not \d+\)"),
-                            ({"score": 0.01}, r"score by 0.01 \(bound {:.3g}\)".format(
-                                bounds.score))]:
-        with pytest.raises(RuntimeError, match=r"64x64 image, .*: detection 0 of .*differs: "
-                                               + differs):
+    for change, differs in [
+        ({"box": 1.0}, r"box by 1 px \(bound {:.3g} px\)".format(bounds.box)),
+        ({"cls": 1}, r"class \d+ \(not \d+\)"),
+        ({"score": 0.01}, r"score by 0.01 \(bound {:.3g}\)".format(bounds.score)),
+    ]:
+        with pytest.raises(
+            RuntimeError, match=r"64x64 image, .*: detection 0 of .*differs: " + differs
+        ):
             deploy.compare_detections(model, changed(**change), images)
-    with pytest.raises(RuntimeError, match=r"where it gives 1 detections and the model {}: "
-                                           r"detection \d+ of the model \(.*\) is not in the "
-                                           r"traced student".format(n)):
+    with pytest.raises(
+        RuntimeError,
+        match=r"where it gives 1 detections and the model {}: "
+        r"detection \d+ of the model \(.*\) is not in the "
+        r"traced student".format(n),
+    ):
         deploy.compare_detections(model, lambda image: [t[:1] for t in eager], images)
 
     # a detection within the score bound of the threshold may be missing on either side
@@ -438,25 +580,33 @@ def test_compare_detections_names_the_disagreement(tmp_path):
     assert "of the traced student" in rows[0]["unmatched"][0] and near in rows[0]["unmatched"][0]
     # ... but not one further from it: a detection the model would keep
     model.test_score_thresh = tenth - 3 * bound
-    with pytest.raises(RuntimeError, match=r"detection \d+ of the model .* is not in the traced "
-                                           r"student"):
+    with pytest.raises(
+        RuntimeError, match=r"detection \d+ of the model .* is not in the traced " r"student"
+    ):
         deploy.compare_detections(model, without_lowest, images)
 
 
 def test_match_detections_allows_only_what_another_run_can_drop():
     """Ties at the score threshold, the cap and in NMS are allowed; nothing else is."""
-    bounds = deploy.DetectionBounds((100, 100), box=0.01, score=1e-4, score_thresh=0.05,
-                                    nms_thresh=0.5, max_detections=100)
+    bounds = deploy.DetectionBounds(
+        (100, 100), box=0.01, score=1e-4, score_thresh=0.05, nms_thresh=0.5, max_detections=100
+    )
 
     def dets(*rows):
         """(box, score, class) rows as (boxes, scores, classes)."""
-        return (torch.tensor([r[0] for r in rows], dtype=torch.float32).reshape(-1, 4),
-                torch.tensor([r[1] for r in rows]),
-                torch.tensor([r[2] for r in rows], dtype=torch.int64))
+        return (
+            torch.tensor([r[0] for r in rows], dtype=torch.float32).reshape(-1, 4),
+            torch.tensor([r[1] for r in rows]),
+            torch.tensor([r[2] for r in rows], dtype=torch.int64),
+        )
 
     def match(a, b, candidates=None, **changes):
-        return deploy.match_detections(dets(*a), dets(*b), dataclasses.replace(bounds, **changes),
-                                       None if candidates is None else dets(*candidates))
+        return deploy.match_detections(
+            dets(*a),
+            dets(*b),
+            dataclasses.replace(bounds, **changes),
+            None if candidates is None else dets(*candidates),
+        )
 
     p = ([10, 10, 50, 50], 0.9, 1)
     at_threshold = ([10 + 40 / 3, 10, 50 + 40 / 3, 50], 0.6, 1)  # IoU 0.5 with p: kept or not
@@ -472,7 +622,8 @@ def test_match_detections_allows_only_what_another_run_can_drop():
     assert out.disagreements == [
         "detection 2 of the export (class 1, score 0.6, box [30.00, 10.00, 70.00, 50.00]) is not "
         "in the model: the nearest in the model, its detection 0 (IoU 0.333), differs: box by "
-        "20 px (bound 0.01 px), score by 0.3 (bound 0.0001)"]
+        "20 px (bound 0.01 px), score by 0.3 (bound 0.0001)"
+    ]
     # a kept/suppressed swap of two overlapping boxes whose scores tie: each NMS keeps one ...
     q = ([12, 10, 52, 50], 0.9 - 5e-5, 1)  # IoU 0.905 with p
     out = match([p, other], [q, other], candidates=[p, q, other])
@@ -482,7 +633,8 @@ def test_match_detections_allows_only_what_another_run_can_drop():
     assert len(out.disagreements) == 1 and out.disagreements[0].startswith(
         "detection 0 of the export (class 1, score 0.89995, box [12.00, 10.00, 52.00, 50.00]) is "
         "not among what the model detects without NMS, cap or threshold: the nearest in them, its "
-        "detection 0 (IoU 0.905), differs: box by 2 px")
+        "detection 0 (IoU 0.905), differs: box by 2 px"
+    )
     # IoU well below the NMS threshold: either run keeps both boxes, so one missing is not explained
     out = match([p, apart], [p], candidates=[p, apart])
     assert out.disagreements and out.disagreements[0].startswith("detection 1 of the model")
@@ -519,7 +671,11 @@ def test_model_complexity_matches_a_count_by_hooks(tiny_data_root, tmp_path):
         kh, kw = module.kernel_size
         macs.append(output.numel() * module.in_channels // module.groups * kh * kw)
 
-    handles = [m.register_forward_hook(conv_hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    handles = [
+        m.register_forward_hook(conv_hook)
+        for m in model.modules()
+        if isinstance(m, torch.nn.Conv2d)
+    ]
     model.eval()
     with torch.no_grad():
         model([{"image": torch.zeros(3, 64, 64)}])
@@ -530,35 +686,58 @@ def test_model_complexity_matches_a_count_by_hooks(tiny_data_root, tmp_path):
 
 
 def test_deploy_settings_of_a_lazy_config():
-    """A LazyConfig student's preprocessing comes from dataloader.test; what a sidecar cannot describe is refused."""
+    """A LazyConfig student's preprocessing comes from dataloader.test; what a sidecar cannot
+    describe is refused."""
     import sys as _sys
 
     from detectron2.config import LazyConfig
+
     from kd_det.release.deploy import DeploySettings, deploy_settings
 
     lazy = LazyConfig.load(REPO + "/configs/synthetic/distill/ssim_faster_rcnn_R50_to_R18_lazy.py")
-    assert deploy_settings(lazy) == DeploySettings("BGR", 128, 256, ("kd_synthetic_val",), ("kd_synthetic_train",))
+    assert deploy_settings(lazy) == DeploySettings(
+        "BGR", 128, 256, ("kd_synthetic_val",), ("kd_synthetic_train",)
+    )
 
     def settings_with(*overrides):
-        return deploy_settings(LazyConfig.apply_overrides(LazyConfig.load(
-            REPO + "/configs/synthetic/distill/ssim_faster_rcnn_R50_to_R18_lazy.py"), list(overrides)))
+        return deploy_settings(
+            LazyConfig.apply_overrides(
+                LazyConfig.load(
+                    REPO + "/configs/synthetic/distill/ssim_faster_rcnn_R50_to_R18_lazy.py"
+                ),
+                list(overrides),
+            )
+        )
 
-    assert settings_with("dataloader.test.mapper.augmentations.0.short_edge_length=[96]").min_size_test == 96
-    unlimited = LazyConfig.load(REPO + "/configs/synthetic/distill/ssim_faster_rcnn_R50_to_R18_lazy.py")
+    assert (
+        settings_with("dataloader.test.mapper.augmentations.0.short_edge_length=[96]").min_size_test
+        == 96
+    )
+    unlimited = LazyConfig.load(
+        REPO + "/configs/synthetic/distill/ssim_faster_rcnn_R50_to_R18_lazy.py"
+    )
     del unlimited.dataloader.test.mapper.augmentations[0].max_size
     assert deploy_settings(unlimited).max_size_test == _sys.maxsize  # ResizeShortestEdge's default
-    with pytest.raises(ValueError, match="draws its short edge from \\[96, 128\\].*short_edge_length=N"):
+    with pytest.raises(
+        ValueError, match="draws its short edge from \\[96, 128\\].*short_edge_length=N"
+    ):
         settings_with("dataloader.test.mapper.augmentations.0.short_edge_length=[96,128]")
     with pytest.raises(ValueError, match="interp=0; exports describe bilinear"):
         settings_with("dataloader.test.mapper.augmentations.0.interp=0")
-    flipped = LazyConfig.load(REPO + "/configs/synthetic/distill/ssim_faster_rcnn_R50_to_R18_lazy.py")
-    flipped.dataloader.test.mapper.augmentations.append(flipped.dataloader.train.mapper.augmentations[1])
+    flipped = LazyConfig.load(
+        REPO + "/configs/synthetic/distill/ssim_faster_rcnn_R50_to_R18_lazy.py"
+    )
+    flipped.dataloader.test.mapper.augmentations.append(
+        flipped.dataloader.train.mapper.augmentations[1]
+    )
     with pytest.raises(ValueError, match="is 1 ResizeShortestEdge and \\['.*RandomFlip'\\]"):
         deploy_settings(flipped)
     del flipped.dataloader.test
     with pytest.raises(ValueError, match="has no dataloader.test"):
         deploy_settings(flipped)
-    no_format = LazyConfig.load(REPO + "/configs/synthetic/distill/ssim_faster_rcnn_R50_to_R18_lazy.py")
+    no_format = LazyConfig.load(
+        REPO + "/configs/synthetic/distill/ssim_faster_rcnn_R50_to_R18_lazy.py"
+    )
     no_format.model.input_format = None
     no_format.dataloader.test.mapper.image_format = None
     with pytest.raises(ValueError, match="names no input format: set model.input_format"):

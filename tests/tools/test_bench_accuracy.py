@@ -28,7 +28,9 @@ def test_table_and_verdict():
     assert stats["vanilla"]["AP"]["mean"] == 4.5 and stats["vanilla"]["AP"]["spread"] == 1.0
     # statistics.stdev of 7.0 and 7.5 in Python's float64: 0.5 / sqrt(2), rounded a few times
     assert stats["ssim"]["AP"]["std"] == pytest.approx(0.5 / math.sqrt(2), rel=8 * 2.0**-53)
-    assert "| ssim | 2 | 7.25 ± 0.35 | 0.50 | 14.50 | 3.62 | 50% |" in md  # (7.25 - 4.5) / (10 - 4.5)
+    assert (
+        "| ssim | 2 | 7.25 ± 0.35 | 0.50 | 14.50 | 3.62 | 50% |" in md
+    )  # (7.25 - 4.5) / (10 - 4.5)
     verdict = BENCH["verdict"](stats)
     assert "SSIM 7.25 vs vanilla 4.50: beyond" in verdict
     assert "SSIM vs l2 5.25: beyond" in verdict and "gap closed 50% (target 40%: met)" in verdict
@@ -40,14 +42,16 @@ def test_table_and_verdict():
 
 
 def test_parse_copypaste_takes_the_last_bbox_block():
-    log = "\n".join([
-        "[d2.evaluation.testing]: copypaste: Task: bbox",
-        "[d2.evaluation.testing]: copypaste: AP,AP50,AP75,APs,APm,APl",
-        "[d2.evaluation.testing]: copypaste: 1.0,2.0,3.0,4.0,5.0,nan",
-        "[d2.evaluation.testing]: copypaste: Task: bbox",
-        "[d2.evaluation.testing]: copypaste: AP,AP50,AP75,APs,APm,APl",
-        "[d2.evaluation.testing]: copypaste: 9.5632,18.6948,8.2168,8.6302,14.3321,nan",
-    ])
+    log = "\n".join(
+        [
+            "[d2.evaluation.testing]: copypaste: Task: bbox",
+            "[d2.evaluation.testing]: copypaste: AP,AP50,AP75,APs,APm,APl",
+            "[d2.evaluation.testing]: copypaste: 1.0,2.0,3.0,4.0,5.0,nan",
+            "[d2.evaluation.testing]: copypaste: Task: bbox",
+            "[d2.evaluation.testing]: copypaste: AP,AP50,AP75,APs,APm,APl",
+            "[d2.evaluation.testing]: copypaste: 9.5632,18.6948,8.2168,8.6302,14.3321,nan",
+        ]
+    )
     got = parse_copypaste_bbox(log)
     assert got["AP"] == 9.5632 and got["APm"] == 14.3321
     with pytest.raises(KeyError, match="no COCO box metrics"):
@@ -55,7 +59,8 @@ def test_parse_copypaste_takes_the_last_bbox_block():
 
 
 def test_student_schedule_of_the_setting_reaches_students_not_the_teacher(monkeypatch, tmp_path):
-    """RetinaNet's CPU students train 300 iterations, its teacher its own config's 600; user opts come last."""
+    """RetinaNet's CPU students train 300 iterations, its teacher its own config's 600; user opts
+    come last."""
     import argparse
 
     import kd_det.data
@@ -67,12 +72,24 @@ def test_student_schedule_of_the_setting_reaches_students_not_the_teacher(monkey
         calls.append((name, opts))
         return {"AP": 1.0, "AP50": 2.0, "AP75": 0.5}, 0.0
 
-    monkeypatch.setitem(BENCH["run_benchmark"].__globals__, "train_and_evaluate", fake_train_and_evaluate)
+    monkeypatch.setitem(
+        BENCH["run_benchmark"].__globals__, "train_and_evaluate", fake_train_and_evaluate
+    )
     monkeypatch.setattr(kd_det.data, "prepare_datasets", lambda names: None)
     monkeypatch.chdir(REPO)  # run_benchmark changes into the repository; restored afterwards
-    args = argparse.Namespace(arch="retinanet", methods=["vanilla", "ssim"], seeds=[1], setting="cpu",
-                              teacher_weights="", train_dataset="", test_dataset="", num_classes=None,
-                              output_root=str(tmp_path), reuse=False, opts=["SOLVER.MAX_ITER", "7"])
+    args = argparse.Namespace(
+        arch="retinanet",
+        methods=["vanilla", "ssim"],
+        seeds=[1],
+        setting="cpu",
+        teacher_weights="",
+        train_dataset="",
+        test_dataset="",
+        num_classes=None,
+        output_root=str(tmp_path),
+        reuse=False,
+        opts=["SOLVER.MAX_ITER", "7"],
+    )
     BENCH["run_benchmark"](args)
     by_name = dict(calls)
     assert "300" not in by_name["teacher"] and by_name["teacher"][-2:] == ["SEED", "1"]
@@ -80,4 +97,7 @@ def test_student_schedule_of_the_setting_reaches_students_not_the_teacher(monkey
         opts = by_name[student]
         # the setting's student schedule, then the user's override of it, then the seed
         assert opts.index("300") < opts.index("7") < opts.index("SEED")
-    assert "KD.TEACHER.WEIGHTS" in by_name["ssim/seed1"] and "KD.TEACHER.WEIGHTS" not in by_name["vanilla/seed1"]
+    assert (
+        "KD.TEACHER.WEIGHTS" in by_name["ssim/seed1"]
+        and "KD.TEACHER.WEIGHTS" not in by_name["vanilla/seed1"]
+    )

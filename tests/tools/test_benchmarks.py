@@ -1,4 +1,5 @@
-"""The GPU benchmarks' scripts, on the CPU: they run, and their plans are what the GPU session expects."""
+"""The GPU benchmarks' scripts, on the CPU: they run, and their plans are what the GPU session
+expects."""
 
 import os
 import runpy
@@ -20,7 +21,9 @@ def _script(name):
 
 
 def test_bench_ssim_reports_the_bandwidth_floor():
-    result = _script("bench_ssim.py")["main"](["--device", "cpu", "--shape", "small", "--reps", "2"])
+    result = _script("bench_ssim.py")["main"](
+        ["--device", "cpu", "--shape", "small", "--reps", "2"]
+    )
     rows = {r["impl"]: r for r in result["rows"]}
     assert rows["kd_det-torch"]["rel_diff"] == 0.0
     assert result["copy_bandwidth_GBps"] > 0 and result["floor_ms"] > 0

@@ -7,16 +7,16 @@ import runpy
 from types import SimpleNamespace
 
 import pytest
-
 from conftest import REPO
 
 from kd_det.evaluation import has_cpp_ops
 
 # the installer is a script (Detectron2 does not exist yet when it runs): its functions, by path
-compat = SimpleNamespace(**runpy.run_path(os.path.join(REPO, "tools", "install_detectron2.py"),
-                                          run_name="installer"))
+compat = SimpleNamespace(
+    **runpy.run_path(os.path.join(REPO, "tools", "install_detectron2.py"), run_name="installer")
+)
 
-SETUP_PY = '''setup(
+SETUP_PY = """setup(
     name="pb1-detectron2",
     install_requires=[
         "omegaconf>=2.1",
@@ -26,7 +26,7 @@ SETUP_PY = '''setup(
     cmdclass={"build_ext": torch.utils.cpp_extension.BuildExtension},
     package_data={"detectron2.model_zoo": get_model_zoo_configs()},
 )
-'''
+"""
 
 
 def _fake_sdist(root):
@@ -35,20 +35,29 @@ def _fake_sdist(root):
     (root / "detectron2" / "export").mkdir(parents=True)
     (root / "setup.py").write_text(SETUP_PY)
     (root / "detectron2" / "data" / "transforms" / "transform.py").write_text(
-        "def f(interp=Image.LINEAR):\n    return np.float32(1), np.int64(2)\n")
+        "def f(interp=Image.LINEAR):\n    return np.float32(1), np.int64(2)\n"
+    )
     (root / "detectron2" / "data" / "datasets" / "voc.py").write_text(
-        "ids = np.loadtxt(f, dtype=np.str)\nh = np.zeros(3, dtype=np.int)\nx = np.float(1) + np.bool_(1)\n")
+        "ids = np.loadtxt(f, dtype=np.str)\n"
+        "h = np.zeros(3, dtype=np.int)\n"
+        "x = np.float(1) + np.bool_(1)\n"
+    )
     # v0.6's file, verbatim in what matters: the Caffe2 API first, unguarded
     (root / "detectron2" / "export" / "__init__.py").write_text(
-        "from .api import *\nfrom .flatten import TracingAdapter\n")
+        "from .api import *\nfrom .flatten import TracingAdapter\n"
+    )
     (root / "detectron2" / "model_zoo" / "configs" / "common").mkdir(parents=True)
-    (root / "detectron2" / "model_zoo" / "configs" / "Base-RetinaNet.yaml").write_text("MODEL: {}\n")
-    (root / "detectron2" / "model_zoo" / "configs" / "common" / "train.py").write_text("train = dict()\n")
+    (root / "detectron2" / "model_zoo" / "configs" / "Base-RetinaNet.yaml").write_text(
+        "MODEL: {}\n"
+    )
+    (root / "detectron2" / "model_zoo" / "configs" / "common" / "train.py").write_text(
+        "train = dict()\n"
+    )
     (root / "detectron2" / "model_zoo" / "model_zoo.py").write_text(MODEL_ZOO_PY)
 
 
 # v0.6's detectron2/model_zoo/model_zoo.py, in what matters
-MODEL_ZOO_PY = '''import os
+MODEL_ZOO_PY = """import os
 import pkg_resources
 
 
@@ -59,7 +68,7 @@ def get_config_file(config_path):
     if not os.path.exists(cfg_file):
         raise RuntimeError("{} not available in Model Zoo!".format(config_path))
     return cfg_file
-'''
+"""
 
 
 def test_patch_detectron2_sdist(tmp_path):
@@ -72,26 +81,35 @@ def test_patch_detectron2_sdist(tmp_path):
     transform = (tmp_path / "detectron2" / "data" / "transforms" / "transform.py").read_text()
     assert "Image.BILINEAR" in transform and "np.float32(1), np.int64(2)" in transform
     voc = (tmp_path / "detectron2" / "data" / "datasets" / "voc.py").read_text()
-    assert voc == "ids = np.loadtxt(f, dtype=str)\nh = np.zeros(3, dtype=int)\nx = float(1) + np.bool_(1)\n"
+    assert voc == (
+        "ids = np.loadtxt(f, dtype=str)\n"
+        "h = np.zeros(3, dtype=int)\n"
+        "x = float(1) + np.bool_(1)\n"
+    )
     assert "KD_DET_PLACEHOLDER" in (tmp_path / "detectron2" / "_C.py").read_text()
     export_init = (tmp_path / "detectron2" / "export" / "__init__.py").read_text()
     assert export_init.count("from .api import *") == 1 and "import caffe2.proto" in export_init
     assert export_init.endswith("from .flatten import TracingAdapter\n")
-    # the model zoo finds its configs without pkg_resources, and setup.py installs them from where they are
+    # the model zoo finds its configs without pkg_resources, and setup.py installs them from where
+    # they are
     namespace = {"__file__": str(tmp_path / "detectron2" / "model_zoo" / "model_zoo.py")}
     exec((tmp_path / "detectron2" / "model_zoo" / "model_zoo.py").read_text(), namespace)
     assert "pkg_resources" not in namespace
     assert namespace["get_config_file"]("common/train.py") == str(
-        tmp_path / "detectron2" / "model_zoo" / "configs" / "common" / "train.py")
+        tmp_path / "detectron2" / "model_zoo" / "configs" / "common" / "train.py"
+    )
     start = setup_py.index("package_data=") + len("package_data=")
-    package_data = setup_py[start:setup_py.index("]},", start) + 2]
+    package_data = setup_py[start : setup_py.index("]},", start) + 2]
     cwd = os.getcwd()
     try:
         os.chdir(tmp_path)  # pip runs setup.py in the sdist's root
         listed = eval(package_data, {"os": os, "glob": glob})
     finally:
         os.chdir(cwd)
-    assert sorted(listed["detectron2.model_zoo"]) == ["configs/Base-RetinaNet.yaml", "configs/common/train.py"]
+    assert sorted(listed["detectron2.model_zoo"]) == [
+        "configs/Base-RetinaNet.yaml",
+        "configs/common/train.py",
+    ]
     # an installed build is brought up to date the same way, once
     assert not compat.patch_detectron2_package(str(tmp_path / "detectron2"))
 
@@ -109,15 +127,20 @@ def test_patch_refuses_an_unexpected_setup_py(tmp_path):
 
 
 def test_detectron2_model_zoo_configs():
-    """``detectron2.model_zoo`` imports (no pkg_resources) and has its configs, yacs and LazyConfig."""
+    """``detectron2.model_zoo`` imports (no pkg_resources) and has its configs, yacs and
+    LazyConfig."""
     from detectron2 import model_zoo
     from detectron2.config import instantiate
     from detectron2.modeling import RetinaNet
 
     cfg = model_zoo.get_config("COCO-Detection/retinanet_R_50_FPN_1x.yaml", trained=True)
     assert cfg.MODEL.META_ARCHITECTURE == "RetinaNet" and cfg.MODEL.WEIGHTS.endswith(".pkl")
-    assert isinstance(instantiate(model_zoo.get_config("common/models/retinanet.py").model), RetinaNet)
-    lsj = model_zoo.get_config("new_baselines/mask_rcnn_R_50_FPN_100ep_LSJ.py")  # imports ../common/
+    assert isinstance(
+        instantiate(model_zoo.get_config("common/models/retinanet.py").model), RetinaNet
+    )
+    lsj = model_zoo.get_config(
+        "new_baselines/mask_rcnn_R_50_FPN_100ep_LSJ.py"
+    )  # imports ../common/
     assert {"model", "dataloader", "optimizer", "train", "lr_multiplier"} <= set(lsj.keys())
 
 
@@ -126,7 +149,9 @@ def test_placeholder_ops_raise_a_clear_error():
     if not getattr(ext, "KD_DET_PLACEHOLDER", False):
         pytest.skip("a full Detectron2 with its C++ extension is installed")
     assert not has_cpp_ops()
-    with pytest.raises(RuntimeError, match="deform_conv_forward is not available.*C\\+\\+ extension"):
+    with pytest.raises(
+        RuntimeError, match="deform_conv_forward is not available.*C\\+\\+ extension"
+    ):
         ext.deform_conv_forward(1, 2)
 
 
@@ -141,8 +166,14 @@ def test_installer_updates_an_installed_pure_python_build(tmp_path):
     for kind in ("ours", "full"):
         package = tmp_path / kind / "detectron2"
         (package / "export").mkdir(parents=True)
-        (package / "export" / "__init__.py").write_text("from .api import *\nfrom .flatten import TracingAdapter\n")
-        c_ext = "KD_DET_PLACEHOLDER = True  # an older placeholder\n" if kind == "ours" else "REAL = True\n"
+        (package / "export" / "__init__.py").write_text(
+            "from .api import *\nfrom .flatten import TracingAdapter\n"
+        )
+        c_ext = (
+            "KD_DET_PLACEHOLDER = True  # an older placeholder\n"
+            if kind == "ours"
+            else "REAL = True\n"
+        )
         (package / "_C.py").write_text(c_ext)
         reinstall = installer["_refresh_pure_python_build"](str(package))
         export_init = (package / "export" / "__init__.py").read_text()
@@ -154,4 +185,8 @@ def test_installer_updates_an_installed_pure_python_build(tmp_path):
             (package / "model_zoo" / "configs" / "Base-RCNN-FPN.yaml").write_text("MODEL: {}\n")
             assert not installer["_refresh_pure_python_build"](str(package))
         else:  # a Detectron2 with its real extension, installed by other means, is left alone
-            assert (package / "_C.py").read_text() == c_ext and "caffe2" not in export_init and not reinstall
+            assert (
+                (package / "_C.py").read_text() == c_ext
+                and "caffe2" not in export_init
+                and not reinstall
+            )

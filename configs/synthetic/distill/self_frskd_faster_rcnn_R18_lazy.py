@@ -1,6 +1,7 @@
 # self_frskd_faster_rcnn_R18.yaml as a Detectron2 LazyConfig: teacher-free self-distillation
 # (FRSKD) of the R-18-FPN Faster R-CNN student on the synthetic data, trained with
-#   tools/lazyconfig_train_net.py --config-file configs/synthetic/distill/self_frskd_faster_rcnn_R18_lazy.py
+#   tools/lazyconfig_train_net.py \
+#       --config-file configs/synthetic/distill/self_frskd_faster_rcnn_R18_lazy.py
 # A BiFPN self-teacher refines the student's P2-P6; its RPN and ROI heads are copies of the
 # student's (initialised on their own); the student imitates the refined maps (attention transfer).
 import copy

@@ -1,6 +1,7 @@
 # ssim_faster_rcnn_R50_to_R18.yaml as a Detectron2 LazyConfig: SSIM feature distillation
 # on the synthetic data, R-50-FPN teacher -> R-18-FPN-64 student, trained with
-#   tools/lazyconfig_train_net.py --config-file configs/synthetic/distill/ssim_faster_rcnn_R50_to_R18_lazy.py
+#   tools/lazyconfig_train_net.py \
+#       --config-file configs/synthetic/distill/ssim_faster_rcnn_R50_to_R18_lazy.py
 # The student is the yaml's model (same weights layout), its data and schedule those of the
 # teacher's LazyConfig; the teacher is the yaml one (train it first:
 #   tools/train_net.py --config-file configs/synthetic/faster_rcnn_R_50_FPN.yaml).
@@ -19,8 +20,9 @@ from kd_det.data.classes import thing_classes
 from kd_det.losses import SSIMFeatureLoss
 from kd_det.modeling import DistillGeneralizedRCNN, FeatureDistiller, build_teacher
 
-from ..faster_rcnn_R_50_FPN_lazy import dataloader, lr_multiplier, optimizer, train
+from ..faster_rcnn_R_50_FPN_lazy import dataloader, lr_multiplier
 from ..faster_rcnn_R_50_FPN_lazy import model as _teacher
+from ..faster_rcnn_R_50_FPN_lazy import optimizer, train
 
 STUDENT_FPN_CHANNELS = 64
 

@@ -5,9 +5,9 @@ feature imitation, prediction distillation (RM, soft labels), channel statistics
 teachers, and the connectors (1x1 adapters) they share.
 """
 
+from .channel_stats import ChannelStatsDistiller
 from .connectors import CONNECTOR_MODES, Connector
 from .feature import FeatureDistiller, match_levels
-from .channel_stats import ChannelStatsDistiller
 from .multi_teacher import MultiTeacherDistiller, TeacherImportanceGate
 from .prediction import DensePredictionDistiller, RoISoftLabelDistiller
 

@@ -33,8 +33,15 @@ class ChannelStatsDistiller(nn.Module):
     """
 
     @configurable
-    def __init__(self, *, levels: List[str], student_channels: Channels, teacher_channels: Channels,
-                 stats_weight: float = 1.0, adain_weight: float = 1.0):
+    def __init__(
+        self,
+        *,
+        levels: List[str],
+        student_channels: Channels,
+        teacher_channels: Channels,
+        stats_weight: float = 1.0,
+        adain_weight: float = 1.0
+    ):
         """
         Args:
             levels: the teacher head's levels (all of them: the head judges whole pyramids),
@@ -46,10 +53,12 @@ class ChannelStatsDistiller(nn.Module):
         """
         super().__init__()
         self.levels = list(levels)
-        self.student_channels = per_level_channels(student_channels, self.levels,
-                                                   "student_channels")
-        self.teacher_channels = per_level_channels(teacher_channels, self.levels,
-                                                   "teacher_channels")
+        self.student_channels = per_level_channels(
+            student_channels, self.levels, "student_channels"
+        )
+        self.teacher_channels = per_level_channels(
+            teacher_channels, self.levels, "teacher_channels"
+        )
         self.stats_weight = stats_weight
         self.adain_weight = adain_weight
         self.stats_loss = ChannelStatisticsLoss()
@@ -57,8 +66,13 @@ class ChannelStatsDistiller(nn.Module):
         self.adapters = Connector(self.student_channels, self.teacher_channels, self.levels, "auto")
 
     @classmethod
-    def from_config(cls, cfg, student_shapes: Dict[str, ShapeSpec], teacher_shapes: Dict[str, ShapeSpec],
-                    head_levels: List[str]):
+    def from_config(
+        cls,
+        cfg,
+        student_shapes: Dict[str, ShapeSpec],
+        teacher_shapes: Dict[str, ShapeSpec],
+        head_levels: List[str],
+    ):
         levels = match_levels(student_shapes, teacher_shapes, head_levels)
         return {
             "levels": levels,
@@ -75,19 +89,31 @@ class ChannelStatsDistiller(nn.Module):
         """
         head_levels = teacher.dense_head_levels
         if sorted(self.levels) != sorted(head_levels):
-            raise ValueError("channel_stats levels {} must be the levels of the teacher's dense "
-                             "head (its RetinaNet head or RPN), {}: its head judges whole "
-                             "pyramids; set levels={}".format(self.levels, head_levels,
-                                                              head_levels))
-        check_level_shapes("channel_stats", self.levels, self.student_channels,
-                           self.teacher_channels, student_shapes, teacher.output_shape())
+            raise ValueError(
+                "channel_stats levels {} must be the levels of the teacher's dense "
+                "head (its RetinaNet head or RPN), {}: its head judges whole "
+                "pyramids; set levels={}".format(self.levels, head_levels, head_levels)
+            )
+        check_level_shapes(
+            "channel_stats",
+            self.levels,
+            self.student_channels,
+            self.teacher_channels,
+            student_shapes,
+            teacher.output_shape(),
+        )
 
-    def forward(self, student_features: Dict[str, torch.Tensor], teacher_features: Dict[str, torch.Tensor],
-                teacher) -> Dict[str, torch.Tensor]:
+    def forward(
+        self,
+        student_features: Dict[str, torch.Tensor],
+        teacher_features: Dict[str, torch.Tensor],
+        teacher,
+    ) -> Dict[str, torch.Tensor]:
         """
         Args:
             student_features, teacher_features: name -> (N, C, H, W).
-            teacher: a :class:`FrozenTeacher` (its ``dense_head_outputs`` judges the AdaIN features).
+            teacher: a :class:`FrozenTeacher` (its ``dense_head_outputs`` judges the AdaIN
+                features).
         Returns:
             {"loss_kd_stats": .., "loss_kd_adain": ..} (terms with weight 0 left out).
         """
@@ -98,9 +124,11 @@ class ChannelStatsDistiller(nn.Module):
             stats = self.stats_loss(student, target)
             losses["loss_kd_" + self.stats_loss.short_name] = self.stats_weight * stats
         if self.adain_weight > 0:
+
             def head(features: List[torch.Tensor], grad: bool) -> List[torch.Tensor]:
                 return teacher.dense_head_outputs(dict(zip(self.levels, features)), grad=grad)
 
             losses["loss_kd_" + self.adain_loss.short_name] = self.adain_weight * self.adain_loss(
-                student, target, head=head)
+                student, target, head=head
+            )
         return losses

@@ -29,8 +29,14 @@ class Connector(nn.ModuleDict):
     come first, so the order of random numbers is that of a plain ``nn.Conv2d``).
     """
 
-    def __init__(self, student_channels: Dict[str, int], teacher_channels: Dict[str, int],
-                 levels: Sequence[str], mode: str = "auto", needs_equal_channels: bool = True):
+    def __init__(
+        self,
+        student_channels: Dict[str, int],
+        teacher_channels: Dict[str, int],
+        levels: Sequence[str],
+        mode: str = "auto",
+        needs_equal_channels: bool = True,
+    ):
         """
         Args:
             student_channels, teacher_channels: channels of each level.
@@ -43,16 +49,19 @@ class Connector(nn.ModuleDict):
         """
         super().__init__()
         if mode not in CONNECTOR_MODES:
-            raise ValueError("KD.FEATURE.ADAPTER must be 'auto', 'conv1x1' or 'none', got "
-                             "{!r}".format(mode))
+            raise ValueError(
+                "KD.FEATURE.ADAPTER must be 'auto', 'conv1x1' or 'none', got " "{!r}".format(mode)
+            )
         for name in levels:
             cs, ct = student_channels[name], teacher_channels[name]
             if CONNECTOR_MODES[mode](cs, ct, needs_equal_channels):
                 self[name] = self.make_conv(cs, ct)
             elif cs != ct and needs_equal_channels:
-                raise ValueError("level {!r}: student has {} channels, teacher {}; set "
-                                 "KD.FEATURE.ADAPTER to 'auto' or 'conv1x1' to learn a 1x1 "
-                                 "adapter".format(name, cs, ct))
+                raise ValueError(
+                    "level {!r}: student has {} channels, teacher {}; set "
+                    "KD.FEATURE.ADAPTER to 'auto' or 'conv1x1' to learn a 1x1 "
+                    "adapter".format(name, cs, ct)
+                )
 
     @staticmethod
     def make_conv(in_channels: int, out_channels: int) -> nn.Conv2d:
@@ -62,8 +71,9 @@ class Connector(nn.ModuleDict):
         nn.init.zeros_(conv.bias)
         return conv
 
-    def forward(self, features: Dict[str, torch.Tensor],
-                levels: Sequence[str]) -> List[torch.Tensor]:
+    def forward(
+        self, features: Dict[str, torch.Tensor], levels: Sequence[str]
+    ) -> List[torch.Tensor]:
         """
         Args:
             features: name -> (N, C_s, H, W).

@@ -17,8 +17,9 @@ __all__ = ["FeatureDistiller", "match_levels", "per_level_channels", "check_leve
 Channels = Union[int, Mapping[str, int]]
 
 
-def per_level_channels(channels: Channels, levels: Sequence[str],
-                       what: str = "channels") -> Dict[str, int]:
+def per_level_channels(
+    channels: Channels, levels: Sequence[str], what: str = "channels"
+) -> Dict[str, int]:
     """
     ``channels`` as a dict over ``levels``: an int is every level's count.
 
@@ -29,14 +30,22 @@ def per_level_channels(channels: Channels, levels: Sequence[str],
         return {k: channels for k in levels}
     missing = [k for k in levels if k not in channels]
     if missing:
-        raise ValueError("{} {} gives no channel count for levels {}: give one per level, or one "
-                         "int for every level".format(what, dict(channels), missing))
+        raise ValueError(
+            "{} {} gives no channel count for levels {}: give one per level, or one "
+            "int for every level".format(what, dict(channels), missing)
+        )
     return {k: int(channels[k]) for k in levels}
 
 
-def check_level_shapes(component: str, levels: Sequence[str], student_channels: Dict[str, int],
-                       teacher_channels: Dict[str, int], student_shapes: Dict[str, ShapeSpec],
-                       teacher_shapes: Dict[str, ShapeSpec], teacher: str = "teacher") -> None:
+def check_level_shapes(
+    component: str,
+    levels: Sequence[str],
+    student_channels: Dict[str, int],
+    teacher_channels: Dict[str, int],
+    student_shapes: Dict[str, ShapeSpec],
+    teacher_shapes: Dict[str, ShapeSpec],
+    teacher: str = "teacher",
+) -> None:
     """
     Check a distiller's explicit levels and channel counts against the backbones it was
     given to: each level output by both with one stride, and the channels it was built for.
@@ -52,27 +61,46 @@ def check_level_shapes(component: str, levels: Sequence[str], student_channels: 
     for name in levels:
         for who, shapes in (("student", student_shapes), (teacher, teacher_shapes)):
             if name not in shapes:
-                raise ValueError("{} imitates level {!r}, which the {}'s backbone does not output "
-                                 "(it has {}): set its levels to levels both output".format(
-                                     component, name, who, sorted(shapes)))
+                raise ValueError(
+                    "{} imitates level {!r}, which the {}'s backbone does not output "
+                    "(it has {}): set its levels to levels both output".format(
+                        component, name, who, sorted(shapes)
+                    )
+                )
         if student_shapes[name].stride != teacher_shapes[name].stride:
-            raise ValueError("{}: level {!r} has stride {} in the student but {} in the {}; "
-                             "imitate only levels of equal stride".format(
-                                 component, name, student_shapes[name].stride,
-                                 teacher_shapes[name].stride, teacher))
-        for who, given, shapes, arg in (("student", student_channels, student_shapes,
-                                         "student_channels"),
-                                        (teacher, teacher_channels, teacher_shapes,
-                                         "teacher_channels")):
+            raise ValueError(
+                "{}: level {!r} has stride {} in the student but {} in the {}; "
+                "imitate only levels of equal stride".format(
+                    component,
+                    name,
+                    student_shapes[name].stride,
+                    teacher_shapes[name].stride,
+                    teacher,
+                )
+            )
+        for who, given, shapes, arg in (
+            ("student", student_channels, student_shapes, "student_channels"),
+            (teacher, teacher_channels, teacher_shapes, "teacher_channels"),
+        ):
             if given[name] != shapes[name].channels:
-                raise ValueError("{} was built for {} channels of the {} at level {!r}, but its "
-                                 "backbone outputs {}: set {}={}".format(
-                                     component, given[name], who, name, shapes[name].channels,
-                                     arg, shapes[name].channels))
+                raise ValueError(
+                    "{} was built for {} channels of the {} at level {!r}, but its "
+                    "backbone outputs {}: set {}={}".format(
+                        component,
+                        given[name],
+                        who,
+                        name,
+                        shapes[name].channels,
+                        arg,
+                        shapes[name].channels,
+                    )
+                )
 
 
 def match_levels(
-    student_shapes: Dict[str, ShapeSpec], teacher_shapes: Dict[str, ShapeSpec], in_features: List[str]
+    student_shapes: Dict[str, ShapeSpec],
+    teacher_shapes: Dict[str, ShapeSpec],
+    in_features: List[str],
 ) -> List[str]:
     """
     The FPN levels to imitate: ``in_features``, or every level both backbones
@@ -81,21 +109,29 @@ def match_levels(
     Raises:
         ValueError: naming the levels and strides that cannot be matched.
     """
+
     def describe(shapes):
         return ", ".join("{}(stride {})".format(k, v.stride) for k, v in shapes.items())
 
     levels = list(in_features) or [k for k in student_shapes if k in teacher_shapes]
     if not levels:
-        raise ValueError("no FPN level is shared by student [{}] and teacher [{}]; set KD.FEATURE.IN_FEATURES "
-                         "to levels both output".format(describe(student_shapes), describe(teacher_shapes)))
+        raise ValueError(
+            "no FPN level is shared by student [{}] and teacher [{}]; set KD.FEATURE.IN_FEATURES "
+            "to levels both output".format(describe(student_shapes), describe(teacher_shapes))
+        )
     for name in levels:
         if name not in student_shapes or name not in teacher_shapes:
-            raise ValueError("KD.FEATURE.IN_FEATURES level {!r} is not output by both backbones: student [{}], "
-                             "teacher [{}]".format(name, describe(student_shapes), describe(teacher_shapes)))
+            raise ValueError(
+                "KD.FEATURE.IN_FEATURES level {!r} is not output by both backbones: student [{}], "
+                "teacher [{}]".format(name, describe(student_shapes), describe(teacher_shapes))
+            )
         if student_shapes[name].stride != teacher_shapes[name].stride:
-            raise ValueError("level {!r} has stride {} in the student but {} in the teacher; imitate only "
-                             "levels of equal stride (KD.FEATURE.IN_FEATURES)".format(
-                                 name, student_shapes[name].stride, teacher_shapes[name].stride))
+            raise ValueError(
+                "level {!r} has stride {} in the student but {} in the teacher; imitate only "
+                "levels of equal stride (KD.FEATURE.IN_FEATURES)".format(
+                    name, student_shapes[name].stride, teacher_shapes[name].stride
+                )
+            )
     return levels
 
 
@@ -147,22 +183,40 @@ class FeatureDistiller(nn.Module):
         self.loss = loss
         self.weight = weight
         if level_reduction not in LEVEL_REDUCTIONS:
-            raise ValueError("KD.FEATURE.LEVEL_REDUCTION must be one of {}, got {!r}".format(
-                sorted(LEVEL_REDUCTIONS), level_reduction))
+            raise ValueError(
+                "KD.FEATURE.LEVEL_REDUCTION must be one of {}, got {!r}".format(
+                    sorted(LEVEL_REDUCTIONS), level_reduction
+                )
+            )
         if level_weights and len(level_weights) != len(self.levels):
-            raise ValueError("KD.FEATURE.LEVEL_WEIGHTS has {} entries for the {} imitated levels {}".format(
-                len(level_weights), len(self.levels), self.levels))
-        self.level_weights = list(level_weights) if level_weights else LEVEL_REDUCTIONS[level_reduction](
-            len(self.levels))
-        self.student_channels = per_level_channels(student_channels, self.levels,
-                                                   "student_channels")
-        self.teacher_channels = per_level_channels(teacher_channels, self.levels,
-                                                   "teacher_channels")
-        self.adapters = Connector(self.student_channels, self.teacher_channels, self.levels,
-                                  adapter, loss.needs_equal_channels)
+            raise ValueError(
+                "KD.FEATURE.LEVEL_WEIGHTS has {} entries for the {} imitated levels {}".format(
+                    len(level_weights), len(self.levels), self.levels
+                )
+            )
+        self.level_weights = (
+            list(level_weights)
+            if level_weights
+            else LEVEL_REDUCTIONS[level_reduction](len(self.levels))
+        )
+        self.student_channels = per_level_channels(
+            student_channels, self.levels, "student_channels"
+        )
+        self.teacher_channels = per_level_channels(
+            teacher_channels, self.levels, "teacher_channels"
+        )
+        self.adapters = Connector(
+            self.student_channels,
+            self.teacher_channels,
+            self.levels,
+            adapter,
+            loss.needs_equal_channels,
+        )
 
     @classmethod
-    def from_config(cls, cfg, student_shapes: Dict[str, ShapeSpec], teacher_shapes: Dict[str, ShapeSpec]):
+    def from_config(
+        cls, cfg, student_shapes: Dict[str, ShapeSpec], teacher_shapes: Dict[str, ShapeSpec]
+    ):
         levels = match_levels(student_shapes, teacher_shapes, cfg.KD.FEATURE.IN_FEATURES)
         return {
             "levels": levels,
@@ -175,15 +229,27 @@ class FeatureDistiller(nn.Module):
             "adapter": cfg.KD.FEATURE.ADAPTER,
         }
 
-    def check_shapes(self, student_shapes: Dict[str, ShapeSpec],
-                     teacher_shapes: Dict[str, ShapeSpec], component: str = "feature_distiller",
-                     teacher: str = "teacher") -> None:
+    def check_shapes(
+        self,
+        student_shapes: Dict[str, ShapeSpec],
+        teacher_shapes: Dict[str, ShapeSpec],
+        component: str = "feature_distiller",
+        teacher: str = "teacher",
+    ) -> None:
         """Raise unless the levels and channels fit these backbones (:func:`check_level_shapes`)."""
-        check_level_shapes(component, self.levels, self.student_channels, self.teacher_channels,
-                           student_shapes, teacher_shapes, teacher)
+        check_level_shapes(
+            component,
+            self.levels,
+            self.student_channels,
+            self.teacher_channels,
+            student_shapes,
+            teacher_shapes,
+            teacher,
+        )
 
     def adapt(self, student_features: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
-        """Student features of the imitated levels, through their adapters: list of (N, C_t, H, W)."""
+        """Student features of the imitated levels, through their adapters: list of
+        (N, C_t, H, W)."""
         return self.adapters(student_features, self.levels)
 
     def forward(
@@ -201,6 +267,7 @@ class FeatureDistiller(nn.Module):
         """
         student = self.adapt(student_features)
         teacher = [teacher_features[k] for k in self.levels]
-        value = self.loss(student, teacher, level_weights=self.level_weights,
-                          position_weights=position_weights)
+        value = self.loss(
+            student, teacher, level_weights=self.level_weights, position_weights=position_weights
+        )
         return {"loss_kd_" + self.loss.short_name: self.weight * value}

@@ -29,8 +29,9 @@ class TeacherImportanceGate(nn.Module):
     distillation loss, and never shapes the student's features itself.
     """
 
-    def __init__(self, levels: List[str], channels: Channels, num_teachers: int,
-                 latent_dim: int = 64):
+    def __init__(
+        self, levels: List[str], channels: Channels, num_teachers: int, latent_dim: int = 64
+    ):
         """
         Args:
             levels: the student's levels it pools (those of the feature distillers).
@@ -42,11 +43,13 @@ class TeacherImportanceGate(nn.Module):
         self.levels = list(levels)
         channels = per_level_channels(channels, self.levels, "TeacherImportanceGate channels")
         self.embed = nn.Linear(sum(channels[k] for k in self.levels), latent_dim)
-        self.teacher_latents = nn.Parameter(torch.randn(num_teachers, latent_dim) / latent_dim ** 0.5)
+        self.teacher_latents = nn.Parameter(torch.randn(num_teachers, latent_dim) / latent_dim**0.5)
 
     def forward(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
         """features: name -> (N, C, H, W) -> (N, num_teachers) weights, each row summing to 1."""
-        pooled = torch.cat([F.adaptive_avg_pool2d(features[k].detach(), 1).flatten(1) for k in self.levels], dim=1)
+        pooled = torch.cat(
+            [F.adaptive_avg_pool2d(features[k].detach(), 1).flatten(1) for k in self.levels], dim=1
+        )
         return torch.softmax(F.relu(self.embed(pooled)) @ self.teacher_latents.t(), dim=1)
 
 
@@ -59,9 +62,13 @@ class MultiTeacherDistiller(nn.Module):
     """
 
     @configurable
-    def __init__(self, *, distillers: Sequence[FeatureDistiller],
-                 gate: Optional[TeacherImportanceGate] = None,
-                 fixed_weights: Optional[Sequence[float]] = None):
+    def __init__(
+        self,
+        *,
+        distillers: Sequence[FeatureDistiller],
+        gate: Optional[TeacherImportanceGate] = None,
+        fixed_weights: Optional[Sequence[float]] = None
+    ):
         """
         Args:
             distillers: one per teacher, in the order of the student's teachers (the first
@@ -71,30 +78,42 @@ class MultiTeacherDistiller(nn.Module):
         """
         super().__init__()
         if (gate is None) == (fixed_weights is None):
-            raise ValueError("give MultiTeacherDistiller either a gate or fixed weights "
-                             "(KD.MULTI_TEACHER.FIXED_WEIGHTS), not {}".format(
-                                 "both" if gate is not None else "neither"))
+            raise ValueError(
+                "give MultiTeacherDistiller either a gate or fixed weights "
+                "(KD.MULTI_TEACHER.FIXED_WEIGHTS), not {}".format(
+                    "both" if gate is not None else "neither"
+                )
+            )
         self.distillers = nn.ModuleList(distillers)
         self.gate = gate
         if fixed_weights is not None:
-            if len(fixed_weights) != len(distillers) or any(w < 0 for w in fixed_weights) or sum(fixed_weights) <= 0:
-                raise ValueError("KD.MULTI_TEACHER.FIXED_WEIGHTS needs one non-negative weight per teacher ({}), "
-                                 "not all zero; got {}".format(len(distillers), list(fixed_weights)))
+            if (
+                len(fixed_weights) != len(distillers)
+                or any(w < 0 for w in fixed_weights)
+                or sum(fixed_weights) <= 0
+            ):
+                raise ValueError(
+                    "KD.MULTI_TEACHER.FIXED_WEIGHTS needs one non-negative weight per teacher "
+                    "({}), not all zero; got {}".format(len(distillers), list(fixed_weights))
+                )
             total = float(sum(fixed_weights))
             self.fixed_weights = [float(w) / total for w in fixed_weights]
         else:
             self.fixed_weights = None
 
     @classmethod
-    def from_config(cls, cfg, student_shapes: Dict[str, ShapeSpec], teacher_shapes: List[Dict[str, ShapeSpec]]):
+    def from_config(
+        cls, cfg, student_shapes: Dict[str, ShapeSpec], teacher_shapes: List[Dict[str, ShapeSpec]]
+    ):
         # the distillers first, then the gate: the order their random initialisation is drawn in
         distillers = [FeatureDistiller(cfg, student_shapes, shapes) for shapes in teacher_shapes]
         mt = cfg.KD.MULTI_TEACHER
         if mt.FIXED_WEIGHTS:
             return {"distillers": distillers, "fixed_weights": list(mt.FIXED_WEIGHTS)}
         levels = distillers[0].levels
-        gate = TeacherImportanceGate(levels, {k: student_shapes[k].channels for k in levels}, len(distillers),
-                                     mt.GATE_DIM)
+        gate = TeacherImportanceGate(
+            levels, {k: student_shapes[k].channels for k in levels}, len(distillers), mt.GATE_DIM
+        )
         return {"distillers": distillers, "gate": gate}
 
     def teacher_weights(self, student_features: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -102,10 +121,15 @@ class MultiTeacherDistiller(nn.Module):
         if self.gate is not None:
             return self.gate(student_features)
         ref = next(iter(student_features.values()))
-        return torch.tensor(self.fixed_weights, dtype=ref.dtype, device=ref.device).expand(ref.shape[0], -1)
+        return torch.tensor(self.fixed_weights, dtype=ref.dtype, device=ref.device).expand(
+            ref.shape[0], -1
+        )
 
-    def forward(self, student_features: Dict[str, torch.Tensor],
-                teacher_features: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    def forward(
+        self,
+        student_features: Dict[str, torch.Tensor],
+        teacher_features: List[Dict[str, torch.Tensor]],
+    ) -> Dict[str, torch.Tensor]:
         """
         Args:
             student_features: name -> (N, C, H, W).
@@ -118,13 +142,22 @@ class MultiTeacherDistiller(nn.Module):
         for k, (distiller, feats) in enumerate(zip(self.distillers, teacher_features)):
             w = weights[:, k]
             if self.gate is None:
-                # uniform within the batch: a plain weighted sum (and the fused SSIM path stays usable)
-                losses = {name: self.fixed_weights[k] * v for name, v in distiller(student_features, feats).items()}
+                # uniform within the batch: a plain weighted sum (and the fused SSIM path stays
+                # usable)
+                losses = {
+                    name: self.fixed_weights[k] * v
+                    for name, v in distiller(student_features, feats).items()
+                }
             else:
                 # per-image weights as position weights; the loss is sum_n w_n l_n / sum_n w_n,
                 # times mean_n w_n gives sum_n w_n l_n / N
-                pw = [w[:, None, None].expand(-1, *student_features[lvl].shape[-2:]) for lvl in distiller.levels]
-                losses = {name: w.mean() * v for name, v in distiller(student_features, feats, pw).items()}
+                pw = [
+                    w[:, None, None].expand(-1, *student_features[lvl].shape[-2:])
+                    for lvl in distiller.levels
+                ]
+                losses = {
+                    name: w.mean() * v for name, v in distiller(student_features, feats, pw).items()
+                }
             for name, v in losses.items():
                 total[name] = total[name] + v if name in total else v
         try:

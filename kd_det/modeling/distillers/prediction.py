@@ -27,9 +27,15 @@ class DensePredictionDistiller(nn.Module):
     """
 
     @configurable
-    def __init__(self, *, num_classes: int, rm_loss: Optional[RankMimickingLoss] = None,
-                 rm_weight: float = 0.0, soft_label_loss: Optional[SoftLabelKDLoss] = None,
-                 soft_label_weight: float = 0.0):
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        rm_loss: Optional[RankMimickingLoss] = None,
+        rm_weight: float = 0.0,
+        soft_label_loss: Optional[SoftLabelKDLoss] = None,
+        soft_label_weight: float = 0.0
+    ):
         """
         Args:
             num_classes: K, the classes of the head's sigmoid classifier.
@@ -59,10 +65,14 @@ class DensePredictionDistiller(nn.Module):
     def enabled(self) -> bool:
         return self.rm_weight > 0 or self.soft_label_weight > 0
 
-    def forward(self, student_logits: Sequence[torch.Tensor],
-                teacher_logits: Sequence[torch.Tensor], matched_idxs: torch.Tensor,
-                labels: torch.Tensor,
-                gt_classes: Sequence[torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def forward(
+        self,
+        student_logits: Sequence[torch.Tensor],
+        teacher_logits: Sequence[torch.Tensor],
+        matched_idxs: torch.Tensor,
+        labels: torch.Tensor,
+        gt_classes: Sequence[torch.Tensor],
+    ) -> Dict[str, torch.Tensor]:
         """
         Args:
             student_logits, teacher_logits: per level (N, A*K, H, W); the teacher's are
@@ -105,20 +115,29 @@ class RoISoftLabelDistiller(nn.Module):
     @classmethod
     def from_config(cls, cfg):
         """From ``KD.SOFT_LABEL``."""
-        return {"loss": build_distill_loss("SoftmaxKDLoss", cfg),
-                "weight": cfg.KD.SOFT_LABEL.WEIGHT}
+        return {
+            "loss": build_distill_loss("SoftmaxKDLoss", cfg),
+            "weight": cfg.KD.SOFT_LABEL.WEIGHT,
+        }
 
     @staticmethod
     def check_student(roi_heads: nn.Module) -> None:
         """Raise a clear error unless the student's RoI heads have one box pooler and predictor."""
         predictor = getattr(roi_heads, "box_predictor", None)
         if not hasattr(predictor, "cls_score") or not hasattr(roi_heads, "box_pooler"):
-            raise ValueError("soft-label KD of a two-stage student (KD.SOFT_LABEL) needs RoI heads "
-                             "with one box pooler and box predictor (StandardROIHeads), not "
-                             "{}".format(type(roi_heads).__name__))
+            raise ValueError(
+                "soft-label KD of a two-stage student (KD.SOFT_LABEL) needs RoI heads "
+                "with one box pooler and box predictor (StandardROIHeads), not "
+                "{}".format(type(roi_heads).__name__)
+            )
 
-    def forward(self, student_logits: torch.Tensor, boxes: List[Boxes], teacher,
-                teacher_features: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def forward(
+        self,
+        student_logits: torch.Tensor,
+        boxes: List[Boxes],
+        teacher,
+        teacher_features: Dict[str, torch.Tensor],
+    ) -> Dict[str, torch.Tensor]:
         """
         Args:
             student_logits: (R, K + 1) the student's box predictor's class logits.

@@ -45,8 +45,9 @@ class DistillForwardMixin(KDStudentMixin):
     the vanilla forward alone.
     """
 
-    def _init_recorders(self, sources: Mapping[str, Union[str, Source]],
-                        match_anchors: bool = False) -> None:
+    def _init_recorders(
+        self, sources: Mapping[str, Union[str, Source]], match_anchors: bool = False
+    ) -> None:
         """
         Record ``sources`` (see :class:`ModuleOutputRecorder`) of the student's training
         passes and, with ``match_anchors``, its anchor matching (:class:`AnchorMatchRecorder`).
@@ -71,8 +72,9 @@ class DistillForwardMixin(KDStudentMixin):
         out.update(self.distillation_losses(batched_inputs, self._kd_recorder.pop()))
         return out
 
-    def distillation_losses(self, batched_inputs: List[Dict],
-                            recorded: Dict) -> Dict[str, torch.Tensor]:
+    def distillation_losses(
+        self, batched_inputs: List[Dict], recorded: Dict
+    ) -> Dict[str, torch.Tensor]:
         """The distillation terms of the loss dict, from the batch and the student's records."""
         raise NotImplementedError
 
@@ -85,9 +87,11 @@ class DistillForwardMixin(KDStudentMixin):
         """The batch's ground truth on the student's device, as Detectron2's forward takes it."""
         return [x["instances"].to(self.device) for x in batched_inputs]
 
-    def recorded_matching(self, batched_inputs: List[Dict],
-                          class_logits: Sequence[torch.Tensor],
-                          ) -> Tuple[torch.Tensor, torch.Tensor]:
+    def recorded_matching(
+        self,
+        batched_inputs: List[Dict],
+        class_logits: Sequence[torch.Tensor],
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """
         A dense student's anchor matching of its training pass: (N, R) matched object
         indices and (N, R) matcher labels (see :meth:`AnchorMatchRecorder.pop`).
@@ -119,19 +123,26 @@ class DistillMixin(DistillForwardMixin):
     teacher, distillers) is the yacs one, which sets the random initialisation.
     """
 
-    def _init_distillation(self, teacher: FrozenTeacher, feature_distiller: Optional[FeatureDistiller],
-                           channel_stats: Optional[ChannelStatsDistiller] = None,
-                           extra_teachers: Sequence[FrozenTeacher] = (),
-                           multi_teacher: Optional[MultiTeacherDistiller] = None,
-                           inherit_prefixes: Sequence[str] = (), num_classes: int = 0):
+    def _init_distillation(
+        self,
+        teacher: FrozenTeacher,
+        feature_distiller: Optional[FeatureDistiller],
+        channel_stats: Optional[ChannelStatsDistiller] = None,
+        extra_teachers: Sequence[FrozenTeacher] = (),
+        multi_teacher: Optional[MultiTeacherDistiller] = None,
+        inherit_prefixes: Sequence[str] = (),
+        num_classes: int = 0,
+    ):
         """
         Args:
             num_classes: the student's class count, which every teacher must have.
         """
         if not isinstance(teacher, FrozenTeacher):
-            raise ValueError("teacher must be a FrozenTeacher, e.g. built by "
-                             "L(kd_det.modeling.build_teacher)(config=..., weights=...); got "
-                             "{}".format(type(teacher).__name__))
+            raise ValueError(
+                "teacher must be a FrozenTeacher, e.g. built by "
+                "L(kd_det.modeling.build_teacher)(config=..., weights=...); got "
+                "{}".format(type(teacher).__name__)
+            )
         self.teacher = teacher
         self.teachers = [teacher] + list(extra_teachers)
         self.kd_feature = feature_distiller
@@ -148,19 +159,23 @@ class DistillMixin(DistillForwardMixin):
         if len(self.teachers) > 1 or self.kd_multi_teacher is not None:
             multi = self.kd_multi_teacher
             if multi is None or self.kd_feature is not None or self.kd_stats is not None:
-                raise ValueError("several teachers (teacher and extra_teachers; "
-                                 "KD.MULTI_TEACHER) are combined for feature imitation only, by "
-                                 "multi_teacher=MultiTeacherDistiller(...) with one "
-                                 "FeatureDistiller per teacher; give it, and no feature_distiller "
-                                 "or channel_stats")
+                raise ValueError(
+                    "several teachers (teacher and extra_teachers; "
+                    "KD.MULTI_TEACHER) are combined for feature imitation only, by "
+                    "multi_teacher=MultiTeacherDistiller(...) with one "
+                    "FeatureDistiller per teacher; give it, and no feature_distiller "
+                    "or channel_stats"
+                )
             if len(multi.distillers) != len(self.teachers):
-                raise ValueError("multi_teacher has {} feature distillers for {} teachers "
-                                 "(teacher and extra_teachers): give one per teacher, in "
-                                 "order".format(
-                                     len(multi.distillers), len(self.teachers)))
+                raise ValueError(
+                    "multi_teacher has {} feature distillers for {} teachers "
+                    "(teacher and extra_teachers): give one per teacher, in "
+                    "order".format(len(multi.distillers), len(self.teachers))
+                )
             for k, (distiller, teacher) in enumerate(zip(multi.distillers, self.teachers)):
-                distiller.check_shapes(student_shapes, teacher.output_shape(),
-                                       "multi_teacher.distillers[{}]".format(k))
+                distiller.check_shapes(
+                    student_shapes, teacher.output_shape(), "multi_teacher.distillers[{}]".format(k)
+                )
         if self.kd_feature is not None:
             self.kd_feature.check_shapes(student_shapes, self.teacher.output_shape())
         if self.kd_stats is not None:
@@ -189,33 +204,57 @@ class DistillMixin(DistillForwardMixin):
         student_shapes = ret["backbone"].output_shape()
         if len(teachers) > 1:
             kd = cfg.KD
-            others = [name for name, on in (("KD.RM", kd.RM.ENABLED), ("KD.PFI", kd.PFI.ENABLED),
-                                             ("KD.SOFT_LABEL", kd.SOFT_LABEL.ENABLED),
-                                             ("KD.CHANNEL_STATS", kd.CHANNEL_STATS.ENABLED)) if on]
+            others = [
+                name
+                for name, on in (
+                    ("KD.RM", kd.RM.ENABLED),
+                    ("KD.PFI", kd.PFI.ENABLED),
+                    ("KD.SOFT_LABEL", kd.SOFT_LABEL.ENABLED),
+                    ("KD.CHANNEL_STATS", kd.CHANNEL_STATS.ENABLED),
+                )
+                if on
+            ]
             if others or not kd.FEATURE.ENABLED:
-                raise ValueError("several teachers (KD.MULTI_TEACHER) are combined for feature "
-                                 "imitation only: set KD.FEATURE.ENABLED True{}, or use one "
-                                 "teacher".format(
-                                     " and disable " + ", ".join(others) if others else ""))
+                raise ValueError(
+                    "several teachers (KD.MULTI_TEACHER) are combined for feature "
+                    "imitation only: set KD.FEATURE.ENABLED True{}, or use one "
+                    "teacher".format(" and disable " + ", ".join(others) if others else "")
+                )
             multi = MultiTeacherDistiller(cfg, student_shapes, [t.output_shape() for t in teachers])
-            return dict(ret, teacher=teacher, extra_teachers=teachers[1:], feature_distiller=None,
-                        channel_stats=None, multi_teacher=multi)
+            return dict(
+                ret,
+                teacher=teacher,
+                extra_teachers=teachers[1:],
+                feature_distiller=None,
+                channel_stats=None,
+                multi_teacher=multi,
+            )
         if cfg.KD.FEATURE.ENABLED:
             feature = FeatureDistiller(cfg, student_shapes, teacher.output_shape())
         if cfg.KD.CHANNEL_STATS.ENABLED:
-            stats = ChannelStatsDistiller(cfg, student_shapes, teacher.output_shape(), teacher.dense_head_levels)
+            stats = ChannelStatsDistiller(
+                cfg, student_shapes, teacher.output_shape(), teacher.dense_head_levels
+            )
         return dict(ret, teacher=teacher, feature_distiller=feature, channel_stats=stats)
 
-    def teacher_images(self, batched_inputs: List[Dict], images: ImageList, teacher: FrozenTeacher = None) -> ImageList:
-        """A teacher's (default: the first's) view of the student's batch (shared when both normalise alike)."""
+    def teacher_images(
+        self, batched_inputs: List[Dict], images: ImageList, teacher: FrozenTeacher = None
+    ) -> ImageList:
+        """A teacher's (default: the first's) view of the student's batch (shared when both
+        normalise alike)."""
         teacher = teacher or self.teacher
         if teacher.takes_input_like(self.input_format, self.pixel_mean, self.pixel_std):
             return images
         return teacher.preprocess_image(batched_inputs, images, self.input_format)
 
-    def teacher_features(self, batched_inputs: List[Dict], images: ImageList) -> List[Dict[str, torch.Tensor]]:
+    def teacher_features(
+        self, batched_inputs: List[Dict], images: ImageList
+    ) -> List[Dict[str, torch.Tensor]]:
         """Each teacher's backbone features of the batch: per teacher, name -> (N, C, H, W)."""
-        return [t.backbone_features(self.teacher_images(batched_inputs, images, t)) for t in self.teachers]
+        return [
+            t.backbone_features(self.teacher_images(batched_inputs, images, t))
+            for t in self.teachers
+        ]
 
     def feature_losses(
         self,

@@ -16,8 +16,10 @@ __all__ = ["DistillGeneralizedRCNN", "ROI_SOURCES"]
 #: given to its box pooler (per image, the sampled RoIs) and its box predictor's class
 #: logits (R, K + 1).  Hooks, so Detectron2's RoI heads run unchanged (mask/keypoint heads,
 #: ``train_on_pred_boxes``) and the box head runs once.
-ROI_SOURCES = {"roi_boxes": Source("roi_heads.box_pooler", "input", 1),
-               "roi_logits": Source("roi_heads.box_predictor", index=0)}
+ROI_SOURCES = {
+    "roi_boxes": Source("roi_heads.box_pooler", "input", 1),
+    "roi_logits": Source("roi_heads.box_predictor", index=0),
+}
 
 
 @META_ARCH_REGISTRY.register()
@@ -46,9 +48,18 @@ class DistillGeneralizedRCNN(DistillMixin, GeneralizedRCNN):
     student_meta_architecture = "GeneralizedRCNN"
 
     @configurable
-    def __init__(self, *, teacher, feature_distiller=None, channel_stats=None, extra_teachers=(),
-                 multi_teacher=None, inherit_prefixes=(),
-                 roi_soft_label: Optional[RoISoftLabelDistiller] = None, **kwargs):
+    def __init__(
+        self,
+        *,
+        teacher,
+        feature_distiller=None,
+        channel_stats=None,
+        extra_teachers=(),
+        multi_teacher=None,
+        inherit_prefixes=(),
+        roi_soft_label: Optional[RoISoftLabelDistiller] = None,
+        **kwargs
+    ):
         """
         Args:
             teacher, feature_distiller, channel_stats, extra_teachers, multi_teacher,
@@ -57,8 +68,15 @@ class DistillGeneralizedRCNN(DistillMixin, GeneralizedRCNN):
             kwargs: GeneralizedRCNN's arguments.
         """
         super().__init__(**kwargs)
-        self._init_distillation(teacher, feature_distiller, channel_stats, extra_teachers,
-                                multi_teacher, inherit_prefixes, self.roi_heads.num_classes)
+        self._init_distillation(
+            teacher,
+            feature_distiller,
+            channel_stats,
+            extra_teachers,
+            multi_teacher,
+            inherit_prefixes,
+            self.roi_heads.num_classes,
+        )
         if roi_soft_label is not None and not roi_soft_label.weight > 0:
             roi_soft_label = None  # a weight of 0 switches it off, as KD.SOFT_LABEL.WEIGHT 0 does
         self.kd_roi_soft_label = roi_soft_label
@@ -77,23 +95,30 @@ class DistillGeneralizedRCNN(DistillMixin, GeneralizedRCNN):
     def distill_kwargs(cls, cfg, student_kwargs: Dict) -> Dict:
         """``student_kwargs`` (GeneralizedRCNN's) with the distillation ones, from ``cfg.KD``."""
         kd = cfg.KD
-        one_stage = [name for name, on in (("KD.RM", kd.RM.ENABLED), ("KD.PFI", kd.PFI.ENABLED))
-                     if on]
+        one_stage = [
+            name for name, on in (("KD.RM", kd.RM.ENABLED), ("KD.PFI", kd.PFI.ENABLED)) if on
+        ]
         if one_stage:
-            raise ValueError("{} distil per-anchor predictions of one-stage detectors, but the "
-                             "student is a DistillGeneralizedRCNN; use a RetinaNet student "
-                             "(DistillRetinaNet) or disable them".format(" and ".join(one_stage)))
+            raise ValueError(
+                "{} distil per-anchor predictions of one-stage detectors, but the "
+                "student is a DistillGeneralizedRCNN; use a RetinaNet student "
+                "(DistillRetinaNet) or disable them".format(" and ".join(one_stage))
+            )
         ret = cls._distill_from_config(cfg, student_kwargs)
         soft = kd.SOFT_LABEL.ENABLED and kd.SOFT_LABEL.WEIGHT > 0
         ret["roi_soft_label"] = RoISoftLabelDistiller(cfg) if soft else None
         return ret
 
-    def distillation_losses(self, batched_inputs: List[Dict],
-                            recorded: Dict) -> Dict[str, torch.Tensor]:
+    def distillation_losses(
+        self, batched_inputs: List[Dict], recorded: Dict
+    ) -> Dict[str, torch.Tensor]:
         images = self.recorded_images(batched_inputs, recorded)
         teacher_features = self.teacher_features(batched_inputs, images)
         losses = self.feature_losses(recorded["features"], teacher_features)
         if self.kd_roi_soft_label is not None:
-            losses.update(self.kd_roi_soft_label(recorded["roi_logits"], recorded["roi_boxes"],
-                                                 self.teacher, teacher_features[0]))
+            losses.update(
+                self.kd_roi_soft_label(
+                    recorded["roi_logits"], recorded["roi_boxes"], self.teacher, teacher_features[0]
+                )
+            )
         return losses

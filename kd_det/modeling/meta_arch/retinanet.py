@@ -18,8 +18,10 @@ __all__ = ["DistillRetinaNet", "DENSE_SOURCES", "HEAD_TOWER_SOURCES"]
 DENSE_SOURCES = dict(STUDENT_INPUT_SOURCES, head=Source("head"))
 #: a RetinaNetHead's intermediate features, the outputs of its class and box towers before
 #: the last convs: per level (N, C, H, W) (what CrossKD feeds through the other head)
-HEAD_TOWER_SOURCES = {"cls_tower": Source("head.cls_subnet", calls="all"),
-                      "box_tower": Source("head.bbox_subnet", calls="all")}
+HEAD_TOWER_SOURCES = {
+    "cls_tower": Source("head.cls_subnet", calls="all"),
+    "box_tower": Source("head.bbox_subnet", calls="all"),
+}
 
 
 @META_ARCH_REGISTRY.register()
@@ -75,25 +77,35 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
             kwargs: RetinaNet's arguments.
         """
         super().__init__(**kwargs)
-        self._init_distillation(teacher, feature_distiller, channel_stats, extra_teachers, multi_teacher,
-                                inherit_prefixes, self.num_classes)
+        self._init_distillation(
+            teacher,
+            feature_distiller,
+            channel_stats,
+            extra_teachers,
+            multi_teacher,
+            inherit_prefixes,
+            self.num_classes,
+        )
         if prediction_distiller is not None:
             if not prediction_distiller.enabled:
                 prediction_distiller = None  # weights of 0 switch it off, as in a yacs config
             elif prediction_distiller.num_classes != self.num_classes:
-                raise ValueError("prediction_distiller has num_classes={} but the student {}: "
-                                 "give it the student's (num_classes=\"${{..num_classes}}\" in "
-                                 "a LazyConfig)".format(prediction_distiller.num_classes,
-                                                       self.num_classes))
+                raise ValueError(
+                    "prediction_distiller has num_classes={} but the student {}: "
+                    'give it the student\'s (num_classes="${{..num_classes}}" in '
+                    "a LazyConfig)".format(prediction_distiller.num_classes, self.num_classes)
+                )
         self.kd_prediction = prediction_distiller
         self.pfi = pfi
         if self.uses_teacher_predictions:
             self._check_teacher_head()
         if pfi and feature_distiller is None:
-            raise ValueError("KD.PFI.ENABLED (pfi) weights the feature imitation loss, but "
-                             "KD.FEATURE.ENABLED is False (no feature_distiller); set it True, "
-                             "with KD.FEATURE.LOSS 'L2FeatureLoss' (as in the paper) or "
-                             "'SSIMFeatureLoss'")
+            raise ValueError(
+                "KD.PFI.ENABLED (pfi) weights the feature imitation loss, but "
+                "KD.FEATURE.ENABLED is False (no feature_distiller); set it True, "
+                "with KD.FEATURE.LOSS 'L2FeatureLoss' (as in the paper) or "
+                "'SSIMFeatureLoss'"
+            )
         self._init_recorders(DENSE_SOURCES, match_anchors=prediction_distiller is not None)
 
     @classmethod
@@ -102,12 +114,14 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
 
     @classmethod
     def distill_kwargs(cls, cfg, student_kwargs: Dict) -> Dict:
-        """``student_kwargs`` (RetinaNet's arguments) with the distillation ones, from ``cfg.KD``."""
+        """``student_kwargs`` (RetinaNet's arguments) with the distillation ones, from
+        ``cfg.KD``."""
         ret = cls._distill_from_config(cfg, student_kwargs)
         # KD.RM and KD.SOFT_LABEL; None when both are off
         prediction = DensePredictionDistiller(cfg, student_kwargs["num_classes"])
-        ret.update(prediction_distiller=prediction if prediction.enabled else None,
-                   pfi=cfg.KD.PFI.ENABLED)
+        ret.update(
+            prediction_distiller=prediction if prediction.enabled else None, pfi=cfg.KD.PFI.ENABLED
+        )
         return ret
 
     @property
@@ -120,21 +134,31 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
         tm = t.model
         problems = []
         if tm.num_classes != self.num_classes:
-            problems.append("classes: teacher {}, student {}".format(tm.num_classes, self.num_classes))
+            problems.append(
+                "classes: teacher {}, student {}".format(tm.num_classes, self.num_classes)
+            )
         ta, sa = tm.anchor_generator.num_anchors, self.anchor_generator.num_anchors
         if list(ta) != list(sa):
-            problems.append("anchors per position: teacher {}, student {}".format(list(ta), list(sa)))
+            problems.append(
+                "anchors per position: teacher {}, student {}".format(list(ta), list(sa))
+            )
         t_strides = [tm.backbone.output_shape()[f].stride for f in tm.head_in_features]
         s_strides = [self.backbone.output_shape()[f].stride for f in self.head_in_features]
         if t_strides != s_strides:
-            problems.append("head level strides: teacher {}, student {}".format(t_strides, s_strides))
+            problems.append(
+                "head level strides: teacher {}, student {}".format(t_strides, s_strides)
+            )
         if problems:
-            raise ValueError("RM/PFI/soft-label distillation compares per-anchor predictions, so teacher and student "
-                             "heads must match; they differ in " + "; ".join(problems) +
-                             ". Use the same NUM_CLASSES, ANCHOR_GENERATOR and head levels in both configs")
+            raise ValueError(
+                "RM/PFI/soft-label distillation compares per-anchor predictions, so teacher and "
+                "student heads must match; they differ in "
+                + "; ".join(problems)
+                + ". Use the same NUM_CLASSES, ANCHOR_GENERATOR and head levels in both configs"
+            )
 
-    def distillation_losses(self, batched_inputs: List[Dict],
-                            recorded: Dict) -> Dict[str, torch.Tensor]:
+    def distillation_losses(
+        self, batched_inputs: List[Dict], recorded: Dict
+    ) -> Dict[str, torch.Tensor]:
         images = self.recorded_images(batched_inputs, recorded)
         all_teacher_features = self.teacher_features(batched_inputs, images)
         losses, position_weights = {}, None
@@ -146,13 +170,20 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
             if self.kd_prediction is not None:
                 matched, labels = self.recorded_matching(batched_inputs, student_logits)
                 gt_classes = [x.gt_classes for x in self.gt_instances(batched_inputs)]
-                losses.update(self.kd_prediction(student_logits, teacher_logits, matched, labels,
-                                                 gt_classes))
-        losses.update(self.feature_losses(recorded["features"], all_teacher_features,
-                                          position_weights))
+                losses.update(
+                    self.kd_prediction(student_logits, teacher_logits, matched, labels, gt_classes)
+                )
+        losses.update(
+            self.feature_losses(recorded["features"], all_teacher_features, position_weights)
+        )
         return losses
 
     def pfi_weights(self, student_logits, teacher_logits) -> List[Optional[torch.Tensor]]:
-        """PFI weights for the feature distiller's levels (uniform on levels the head does not see)."""
-        by_level = dict(zip(self.head_in_features, prediction_difference_weights(student_logits, teacher_logits)))
+        """PFI weights for the feature distiller's levels (uniform on levels the head does not
+        see)."""
+        by_level = dict(
+            zip(
+                self.head_in_features, prediction_difference_weights(student_logits, teacher_logits)
+            )
+        )
         return [by_level.get(name) for name in self.kd_feature.levels]

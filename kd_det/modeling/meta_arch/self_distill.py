@@ -34,18 +34,27 @@ def _check_head_input(name: str, head: Optional[nn.Module], width: int) -> None:
     """
     first = next((m for m in head.modules() if isinstance(m, nn.Conv2d)), None) if head else None
     if first is not None and first.in_channels != width:
-        raise ValueError("{} takes {} channels, but the self-teacher's refined maps have {} (its "
-                         "width; KD.SELF.WIDTH_MULTIPLIER): build the head for {} channels, or "
-                         "give the self-teacher width={}".format(
-                             name, first.in_channels, width, width, first.in_channels))
+        raise ValueError(
+            "{} takes {} channels, but the self-teacher's refined maps have {} (its "
+            "width; KD.SELF.WIDTH_MULTIPLIER): build the head for {} channels, or "
+            "give the self-teacher width={}".format(
+                name, first.in_channels, width, width, first.in_channels
+            )
+        )
 
 
 class _SelfDistillMixin(DistillForwardMixin):
     """The self-teacher, its feature target and the shared loss bookkeeping."""
 
-    def _init_self_distillation(self, self_teacher: BiFPNSelfTeacher, feature_distiller: FeatureDistiller,
-                                head_weight: float, detach_input: bool, head_features: List[str],
-                                heads: Dict[str, nn.Module]):
+    def _init_self_distillation(
+        self,
+        self_teacher: BiFPNSelfTeacher,
+        feature_distiller: FeatureDistiller,
+        head_weight: float,
+        detach_input: bool,
+        head_features: List[str],
+        heads: Dict[str, nn.Module],
+    ):
         """
         Args:
             head_features: the levels the student's (and the self-teacher's) heads read.
@@ -53,19 +62,24 @@ class _SelfDistillMixin(DistillForwardMixin):
                 channels are checked against the refined maps' width).
         """
         if feature_distiller is None:
-            raise ValueError("self-distillation imitates the self-teacher's refined features, "
-                             "but KD.FEATURE.ENABLED is False (no feature_distiller); set it "
-                             "True, with KD.FEATURE.LOSS 'AttentionTransferLoss' (as in FRSKD) or "
-                             "'SSIMFeatureLoss'")
+            raise ValueError(
+                "self-distillation imitates the self-teacher's refined features, "
+                "but KD.FEATURE.ENABLED is False (no feature_distiller); set it "
+                "True, with KD.FEATURE.LOSS 'AttentionTransferLoss' (as in FRSKD) or "
+                "'SSIMFeatureLoss'"
+            )
         shapes = self.backbone.output_shape()
         self_teacher.check_student(shapes)
         missing = [f for f in head_features if f not in self_teacher.in_features]
         if missing:
-            raise ValueError("the self-teacher's detection head needs levels {}, but "
-                             "KD.SELF.IN_FEATURES (self_teacher in_features) leaves out "
-                             "{}".format(list(head_features), missing))
-        feature_distiller.check_shapes(shapes, self_teacher.output_shape(), "feature_distiller",
-                                       "self-teacher")
+            raise ValueError(
+                "the self-teacher's detection head needs levels {}, but "
+                "KD.SELF.IN_FEATURES (self_teacher in_features) leaves out "
+                "{}".format(list(head_features), missing)
+            )
+        feature_distiller.check_shapes(
+            shapes, self_teacher.output_shape(), "feature_distiller", "self-teacher"
+        )
         for name, head in heads.items():
             _check_head_input(name, head, self_teacher.width)
         self.kd_self_teacher = self_teacher
@@ -75,32 +89,45 @@ class _SelfDistillMixin(DistillForwardMixin):
 
     @staticmethod
     def _self_from_config(cfg, ret: Dict, head_features: List[str]) -> Dict:
-        """Add the self-teacher over ``head_features`` (or KD.SELF.IN_FEATURES, which must cover them)."""
+        """Add the self-teacher over ``head_features`` (or KD.SELF.IN_FEATURES, which must cover
+        them)."""
         if not cfg.KD.FEATURE.ENABLED:
-            raise ValueError("self-distillation imitates the self-teacher's refined features, but "
-                             "KD.FEATURE.ENABLED is False; set it True, with KD.FEATURE.LOSS "
-                             "'AttentionTransferLoss' (as in FRSKD) or 'SSIMFeatureLoss'")
+            raise ValueError(
+                "self-distillation imitates the self-teacher's refined features, but "
+                "KD.FEATURE.ENABLED is False; set it True, with KD.FEATURE.LOSS "
+                "'AttentionTransferLoss' (as in FRSKD) or 'SSIMFeatureLoss'"
+            )
         shapes = ret["backbone"].output_shape()
         self_teacher = BiFPNSelfTeacher(cfg, shapes, head_features)
         missing = [f for f in head_features if f not in self_teacher.in_features]
         if missing:
-            raise ValueError("the self-teacher's detection head needs levels {}, but KD.SELF.IN_FEATURES leaves "
-                             "out {}".format(list(head_features), missing))
+            raise ValueError(
+                "the self-teacher's detection head needs levels {}, but KD.SELF.IN_FEATURES leaves "
+                "out {}".format(list(head_features), missing)
+            )
         feature = FeatureDistiller(cfg, shapes, self_teacher.output_shape())
-        return dict(ret, self_teacher=self_teacher, feature_distiller=feature, self_head_weight=cfg.KD.SELF.HEAD_WEIGHT,
-                    self_detach_input=cfg.KD.SELF.DETACH_INPUT)
+        return dict(
+            ret,
+            self_teacher=self_teacher,
+            feature_distiller=feature,
+            self_head_weight=cfg.KD.SELF.HEAD_WEIGHT,
+            self_detach_input=cfg.KD.SELF.DETACH_INPUT,
+        )
 
     @staticmethod
     def _check_copied_heads(ret: Dict, levels: List[str]) -> None:
-        """Copies of the student's own heads take its pyramid's channels: the refined maps must have as many."""
+        """Copies of the student's own heads take its pyramid's channels: the refined maps must have
+        as many."""
         shapes = ret["backbone"].output_shape()
         student = {shapes[f].channels for f in levels}
         width = ret["self_teacher"].width
         if student != {width}:
-            raise ValueError("the self-teacher's heads are copies of the student's, which take {} channels, but the "
-                             "refined maps have {} (KD.SELF.WIDTH_MULTIPLIER): keep the multiplier at 1.0, or write "
-                             "the student as a yacs config, whose self-teacher heads are built for the refined "
-                             "width".format(sorted(student), width))
+            raise ValueError(
+                "the self-teacher's heads are copies of the student's, which take {} channels, but "
+                "the refined maps have {} (KD.SELF.WIDTH_MULTIPLIER): keep the multiplier at 1.0, "
+                "or write the student as a yacs config, whose self-teacher heads are built for the "
+                "refined width".format(sorted(student), width)
+            )
 
     def refine(self, features: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """The self-teacher's refined maps of the student's ``features``."""
@@ -110,7 +137,10 @@ class _SelfDistillMixin(DistillForwardMixin):
 
     def self_losses(self, head_losses: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """The self-teacher head's ground-truth losses, renamed ``loss_self_*`` and weighted."""
-        return {"loss_self_" + k[len("loss_"):]: self.self_head_weight * v for k, v in head_losses.items()}
+        return {
+            "loss_self_" + k[len("loss_") :]: self.self_head_weight * v
+            for k, v in head_losses.items()
+        }
 
 
 @META_ARCH_REGISTRY.register()
@@ -128,9 +158,17 @@ class SelfDistillRetinaNet(_SelfDistillMixin, RetinaNet):
     student_meta_architecture = "RetinaNet"
 
     @configurable
-    def __init__(self, *, self_teacher, feature_distiller, self_head: nn.Module,
-                 self_head_weight: float = 1.0, self_detach_input: bool = False,
-                 prediction_distiller: Optional[DensePredictionDistiller] = None, **kwargs):
+    def __init__(
+        self,
+        *,
+        self_teacher,
+        feature_distiller,
+        self_head: nn.Module,
+        self_head_weight: float = 1.0,
+        self_detach_input: bool = False,
+        prediction_distiller: Optional[DensePredictionDistiller] = None,
+        **kwargs
+    ):
         """
         Args:
             self_teacher: the :class:`BiFPNSelfTeacher` over the student's head levels.
@@ -143,9 +181,14 @@ class SelfDistillRetinaNet(_SelfDistillMixin, RetinaNet):
             kwargs: RetinaNet's arguments.
         """
         super().__init__(**kwargs)
-        self._init_self_distillation(self_teacher, feature_distiller, self_head_weight,
-                                     self_detach_input, list(self.head_in_features),
-                                     {"self_head": self_head})
+        self._init_self_distillation(
+            self_teacher,
+            feature_distiller,
+            self_head_weight,
+            self_detach_input,
+            list(self.head_in_features),
+            {"self_head": self_head},
+        )
         self.kd_self_head = self_head
         self.kd_prediction = prediction_distiller
         self._init_recorders(DENSE_SOURCES, match_anchors=prediction_distiller is not None)
@@ -155,7 +198,9 @@ class SelfDistillRetinaNet(_SelfDistillMixin, RetinaNet):
         return cls.self_distill_kwargs(cfg, super().from_config(cfg))
 
     @classmethod
-    def self_distill_kwargs(cls, cfg, student_kwargs: Dict, self_head: Optional[nn.Module] = None) -> Dict:
+    def self_distill_kwargs(
+        cls, cfg, student_kwargs: Dict, self_head: Optional[nn.Module] = None
+    ) -> Dict:
         """
         The constructor's arguments: RetinaNet's built ``student_kwargs`` plus the
         self-teacher, its feature target and its head, from ``cfg.KD``.
@@ -176,32 +221,45 @@ class SelfDistillRetinaNet(_SelfDistillMixin, RetinaNet):
         weight, distiller = (soft.WEIGHT if soft.ENABLED else 0.0), None
         if weight > 0:
             loss = SoftLabelKDLoss(temperature=soft.TEMPERATURE, mode="kl")
-            distiller = DensePredictionDistiller(num_classes=student_kwargs["num_classes"],
-                                                 soft_label_loss=loss, soft_label_weight=weight)
+            distiller = DensePredictionDistiller(
+                num_classes=student_kwargs["num_classes"],
+                soft_label_loss=loss,
+                soft_label_weight=weight,
+            )
         ret["prediction_distiller"] = distiller
         return ret
 
-    def distillation_losses(self, batched_inputs: List[Dict],
-                            recorded: Dict) -> Dict[str, torch.Tensor]:
+    def distillation_losses(
+        self, batched_inputs: List[Dict], recorded: Dict
+    ) -> Dict[str, torch.Tensor]:
         features, predictions = recorded["features"], recorded["head"]
         gt_instances = self.gt_instances(batched_inputs)
         refined = self.refine(features)
         refined_head = [refined[f] for f in self.head_in_features]
         self_predictions = self.kd_self_head(refined_head)
-        # RetinaNet keeps an EMA of the positive-anchor count; the self-head's pass must not advance it twice
+        # RetinaNet keeps an EMA of the positive-anchor count; the self-head's pass must not advance
+        # it twice
         normalizer = getattr(self, "loss_normalizer", None)
         images = self.recorded_images(batched_inputs, recorded)
         with self.recorders_paused():  # the recorders keep the student's pass (and its matching)
-            head_losses = self.forward_training(images, refined_head, self_predictions,
-                                                gt_instances)
+            head_losses = self.forward_training(
+                images, refined_head, self_predictions, gt_instances
+            )
         losses = self.self_losses(head_losses)
         if normalizer is not None:
             self.loss_normalizer = normalizer
         losses.update(self.kd_feature(features, refined))
         if self.kd_prediction is not None:
             matched, labels = self.recorded_matching(batched_inputs, predictions[0])
-            losses.update(self.kd_prediction(predictions[0], self_predictions[0], matched, labels,
-                                             [x.gt_classes for x in gt_instances]))
+            losses.update(
+                self.kd_prediction(
+                    predictions[0],
+                    self_predictions[0],
+                    matched,
+                    labels,
+                    [x.gt_classes for x in gt_instances],
+                )
+            )
         return losses
 
 
@@ -228,8 +286,17 @@ class SelfDistillGeneralizedRCNN(_SelfDistillMixin, GeneralizedRCNN):
     student_meta_architecture = "GeneralizedRCNN"
 
     @configurable
-    def __init__(self, *, self_teacher, feature_distiller, self_proposal_generator: nn.Module,
-                 self_roi_heads: nn.Module, self_head_weight: float = 1.0, self_detach_input: bool = False, **kwargs):
+    def __init__(
+        self,
+        *,
+        self_teacher,
+        feature_distiller,
+        self_proposal_generator: nn.Module,
+        self_roi_heads: nn.Module,
+        self_head_weight: float = 1.0,
+        self_detach_input: bool = False,
+        **kwargs
+    ):
         """
         Args:
             self_teacher, feature_distiller, self_head_weight, self_detach_input: see
@@ -239,10 +306,15 @@ class SelfDistillGeneralizedRCNN(_SelfDistillMixin, GeneralizedRCNN):
         """
         super().__init__(**kwargs)
         self._init_self_distillation(
-            self_teacher, feature_distiller, self_head_weight, self_detach_input,
-            self._head_levels(self.backbone.output_shape(), self.proposal_generator,
-                              self.roi_heads),
-            {"self_proposal_generator": self_proposal_generator})
+            self_teacher,
+            feature_distiller,
+            self_head_weight,
+            self_detach_input,
+            self._head_levels(
+                self.backbone.output_shape(), self.proposal_generator, self.roi_heads
+            ),
+            {"self_proposal_generator": self_proposal_generator},
+        )
         self.kd_self_proposal_generator = self_proposal_generator
         self.kd_self_roi_heads = self_roi_heads
         self._init_recorders(STUDENT_INPUT_SOURCES)
@@ -252,8 +324,13 @@ class SelfDistillGeneralizedRCNN(_SelfDistillMixin, GeneralizedRCNN):
         return cls.self_distill_kwargs(cfg, super().from_config(cfg))
 
     @classmethod
-    def self_distill_kwargs(cls, cfg, student_kwargs: Dict, self_proposal_generator: Optional[nn.Module] = None,
-                            self_roi_heads: Optional[nn.Module] = None) -> Dict:
+    def self_distill_kwargs(
+        cls,
+        cfg,
+        student_kwargs: Dict,
+        self_proposal_generator: Optional[nn.Module] = None,
+        self_roi_heads: Optional[nn.Module] = None,
+    ) -> Dict:
         """
         The constructor's arguments: GeneralizedRCNN's built ``student_kwargs`` plus the
         self-teacher, its feature target and its RPN and ROI heads, from ``cfg.KD``.
@@ -264,15 +341,19 @@ class SelfDistillGeneralizedRCNN(_SelfDistillMixin, GeneralizedRCNN):
                 ``cfg.MODEL``.
         """
         shapes = student_kwargs["backbone"].output_shape()
-        levels = cls._head_levels(shapes, student_kwargs["proposal_generator"],
-                                  student_kwargs["roi_heads"])
+        levels = cls._head_levels(
+            shapes, student_kwargs["proposal_generator"], student_kwargs["roi_heads"]
+        )
         ret = cls._self_from_config(cfg, dict(student_kwargs), levels)
         refined = ret["self_teacher"].output_shape()
         if (self_proposal_generator is None) != (self_roi_heads is None):
-            raise ValueError("give both self-teacher heads (self_proposal_generator, self_roi_heads) or neither")
+            raise ValueError(
+                "give both self-teacher heads (self_proposal_generator, self_roi_heads) or neither"
+            )
         if self_proposal_generator is None:
-            self_proposal_generator, self_roi_heads = build_proposal_generator(cfg, refined), build_roi_heads(
-                cfg, refined)
+            self_proposal_generator, self_roi_heads = build_proposal_generator(
+                cfg, refined
+            ), build_roi_heads(cfg, refined)
         else:
             cls._check_copied_heads(ret, levels)
         ret["self_proposal_generator"] = self_proposal_generator
@@ -287,15 +368,17 @@ class SelfDistillGeneralizedRCNN(_SelfDistillMixin, GeneralizedRCNN):
             levels |= set(proposal_generator.in_features)
         return sorted(levels, key=lambda f: shapes[f].stride)
 
-    def distillation_losses(self, batched_inputs: List[Dict],
-                            recorded: Dict) -> Dict[str, torch.Tensor]:
+    def distillation_losses(
+        self, batched_inputs: List[Dict], recorded: Dict
+    ) -> Dict[str, torch.Tensor]:
         features = recorded["features"]
         images = self.recorded_images(batched_inputs, recorded)
         gt_instances = self.gt_instances(batched_inputs)
         refined = self.refine(features)
         if self.kd_self_proposal_generator is not None:
             proposals, self_proposal_losses = self.kd_self_proposal_generator(
-                images, refined, gt_instances)
+                images, refined, gt_instances
+            )
         else:  # precomputed proposals, as GeneralizedRCNN takes them
             proposals = [x["proposals"].to(self.device) for x in batched_inputs]
             self_proposal_losses = {}

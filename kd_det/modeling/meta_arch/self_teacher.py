@@ -53,14 +53,18 @@ def _shape_spec(input_shapes, level: str) -> ShapeSpec:
     if isinstance(input_shapes, int):
         return ShapeSpec(channels=input_shapes)
     if level not in input_shapes:
-        raise ValueError("the self-teacher's input_shapes give no level {!r} (they have {})".format(
-            level, sorted(input_shapes)))
+        raise ValueError(
+            "the self-teacher's input_shapes give no level {!r} (they have {})".format(
+                level, sorted(input_shapes)
+            )
+        )
     shape = input_shapes[level]
     return ShapeSpec(channels=int(shape)) if isinstance(shape, int) else shape
 
 
 def _resize_to(x: torch.Tensor, like: torch.Tensor, mode: str) -> torch.Tensor:
-    """``x`` resampled to the spatial size of ``like``: nearest upsampling, or max-pool downsampling."""
+    """``x`` resampled to the spatial size of ``like``: nearest upsampling, or max-pool
+    downsampling."""
     size = like.shape[-2:]
     if x.shape[-2:] == size:
         return x
@@ -85,9 +89,14 @@ class BiFPNSelfTeacher(nn.Module):
     """
 
     @configurable
-    def __init__(self, *, in_features: List[str],
-                 input_shapes: Union[int, Mapping[str, Union[ShapeSpec, int]]], width: int,
-                 norm: str = "GN"):
+    def __init__(
+        self,
+        *,
+        in_features: List[str],
+        input_shapes: Union[int, Mapping[str, Union[ShapeSpec, int]]],
+        width: int,
+        norm: str = "GN"
+    ):
         """
         Args:
             in_features: pyramid levels, finest first (e.g. p2..p6 or p3..p7).
@@ -99,7 +108,9 @@ class BiFPNSelfTeacher(nn.Module):
         """
         super().__init__()
         if len(in_features) < 2:
-            raise ValueError("the self-teacher needs at least two pyramid levels, got {}".format(in_features))
+            raise ValueError(
+                "the self-teacher needs at least two pyramid levels, got {}".format(in_features)
+            )
         shapes = {f: _shape_spec(input_shapes, f) for f in in_features}
         strides = [shapes[f].stride for f in in_features]
         self.in_features = list(in_features)
@@ -109,13 +120,18 @@ class BiFPNSelfTeacher(nn.Module):
         self.width = width
         n = len(in_features)
         self.lateral = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(shapes[f].channels, width, 1, bias=not norm),
-                          get_norm(norm, width) or nn.Identity())
-            for f in in_features)
+            nn.Sequential(
+                nn.Conv2d(shapes[f].channels, width, 1, bias=not norm),
+                get_norm(norm, width) or nn.Identity(),
+            )
+            for f in in_features
+        )
         # top-down: levels n-2 .. 0; bottom-up: levels 1 .. n-1
         self.td_fuse = nn.ModuleList(FastNormalizedFusion(2) for _ in range(n - 1))
         self.td_conv = nn.ModuleList(SeparableConvBlock(width, norm) for _ in range(n - 1))
-        self.bu_fuse = nn.ModuleList(FastNormalizedFusion(3 if i < n - 1 else 2) for i in range(1, n))
+        self.bu_fuse = nn.ModuleList(
+            FastNormalizedFusion(3 if i < n - 1 else 2) for i in range(1, n)
+        )
         self.bu_conv = nn.ModuleList(SeparableConvBlock(width, norm) for _ in range(n - 1))
 
     @classmethod
@@ -123,8 +139,11 @@ class BiFPNSelfTeacher(nn.Module):
         in_features = list(cfg.KD.SELF.IN_FEATURES) or list(default_features)
         missing = [f for f in in_features if f not in input_shapes]
         if missing:
-            raise ValueError("KD.SELF.IN_FEATURES {} are not student backbone outputs ({})".format(
-                missing, sorted(input_shapes)))
+            raise ValueError(
+                "KD.SELF.IN_FEATURES {} are not student backbone outputs ({})".format(
+                    missing, sorted(input_shapes)
+                )
+            )
         channels = max(input_shapes[f].channels for f in in_features)
         return {
             "in_features": in_features,
@@ -135,8 +154,10 @@ class BiFPNSelfTeacher(nn.Module):
 
     def _check_order(self, strides: List) -> None:
         if None not in strides and strides != sorted(strides):
-            raise ValueError("KD.SELF.IN_FEATURES must go from fine to coarse; strides {} of "
-                             "{}".format(strides, self.in_features))
+            raise ValueError(
+                "KD.SELF.IN_FEATURES must go from fine to coarse; strides {} of "
+                "{}".format(strides, self.in_features)
+            )
 
     def check_student(self, shapes: Dict[str, ShapeSpec]) -> None:
         """
@@ -145,19 +166,26 @@ class BiFPNSelfTeacher(nn.Module):
         """
         missing = [f for f in self.in_features if f not in shapes]
         if missing:
-            raise ValueError("self_teacher levels {} are not student backbone outputs ({})".format(
-                missing, sorted(shapes)))
+            raise ValueError(
+                "self_teacher levels {} are not student backbone outputs ({})".format(
+                    missing, sorted(shapes)
+                )
+            )
         self._check_order([shapes[f].stride for f in self.in_features])
         for f in self.in_features:
             if self.input_channels[f] != shapes[f].channels:
-                raise ValueError("self_teacher was built for {} channels at level {!r}, but the "
-                                 "student's backbone outputs {}: set its input_shapes={}".format(
-                                     self.input_channels[f], f, shapes[f].channels,
-                                     shapes[f].channels))
+                raise ValueError(
+                    "self_teacher was built for {} channels at level {!r}, but the "
+                    "student's backbone outputs {}: set its input_shapes={}".format(
+                        self.input_channels[f], f, shapes[f].channels, shapes[f].channels
+                    )
+                )
         self._strides = {f: shapes[f].stride for f in self.in_features}
 
     def output_shape(self) -> Dict[str, ShapeSpec]:
-        return {f: ShapeSpec(channels=self.width, stride=self._strides[f]) for f in self.in_features}
+        return {
+            f: ShapeSpec(channels=self.width, stride=self._strides[f]) for f in self.in_features
+        }
 
     def forward(self, features: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """features: name -> (N, C_l, H_l, W_l) -> refined name -> (N, width, H_l, W_l)."""

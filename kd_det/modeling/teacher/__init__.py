@@ -11,5 +11,11 @@ from .frozen import FrozenTeacher
 from .resolve import resolve_teacher_config
 from .weights import load_teacher_weights
 
-__all__ = ["FrozenTeacher", "build_teacher", "build_teachers", "check_num_classes",
-           "resolve_teacher_config", "load_teacher_weights"]
+__all__ = [
+    "FrozenTeacher",
+    "build_teacher",
+    "build_teachers",
+    "check_num_classes",
+    "resolve_teacher_config",
+    "load_teacher_weights",
+]

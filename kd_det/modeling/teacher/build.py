@@ -49,9 +49,11 @@ def _teacher_from_config(cfg, config: Optional[str] = None, weights: Optional[st
 
 
 def _is_detector(model) -> bool:
-    return (isinstance(model, torch.nn.Module)
-            and all(hasattr(model, a) for a in ("backbone", "pixel_mean"))
-            and (hasattr(model, "roi_heads") or hasattr(model, "head")))
+    return (
+        isinstance(model, torch.nn.Module)
+        and all(hasattr(model, a) for a in ("backbone", "pixel_mean"))
+        and (hasattr(model, "roi_heads") or hasattr(model, "head"))
+    )
 
 
 @configurable(from_config=_teacher_from_config)
@@ -86,24 +88,35 @@ def build_teacher(
     cfg = load_detector_config(path, opts, role="teacher", opts_name="KD.TEACHER.OPTS")
     meta_architecture = meta_architecture_of(cfg)
     if meta_architecture.startswith("Distill"):  # refused before it builds a teacher of its own
-        raise ValueError("{} builds a {}; a teacher must be a plain detector (GeneralizedRCNN or "
-                         "RetinaNet)".format(name, meta_architecture))
+        raise ValueError(
+            "{} builds a {}; a teacher must be a plain detector (GeneralizedRCNN or "
+            "RetinaNet)".format(name, meta_architecture)
+        )
     try:
         model = build_detector(cfg, device)
     except Exception as e:
-        raise ValueError("the model of {} does not build: {}: {}".format(
-            name, type(e).__name__, e)) from e
+        raise ValueError(
+            "the model of {} does not build: {}: {}".format(name, type(e).__name__, e)
+        ) from e
     if not _is_detector(model):
-        raise ValueError("{} builds a {}, not a Detectron2 detector: kd_det needs a "
-                         "GeneralizedRCNN or RetinaNet (a backbone, pixel_mean/std and RoI or "
-                         "dense heads)".format(name, type(model).__name__))
+        raise ValueError(
+            "{} builds a {}, not a Detectron2 detector: kd_det needs a "
+            "GeneralizedRCNN or RetinaNet (a backbone, pixel_mean/std and RoI or "
+            "dense heads)".format(name, type(model).__name__)
+        )
     try:
         settings = detector_settings(cfg)
     except ValueError as e:
         raise ValueError("{}: {}".format(name, e)) from e
     load_teacher_weights(model, weights, path)
-    teacher = FrozenTeacher(model, settings, autocast=autocast, channels_last=channels_last,
-                            weights=weights, config=path)
+    teacher = FrozenTeacher(
+        model,
+        settings,
+        autocast=autocast,
+        channels_last=channels_last,
+        weights=weights,
+        config=path,
+    )
     check_same_classes(expected_classes, settings.train_datasets, path)
     logger.info("Loaded teacher {} from {}".format(settings.meta_architecture, weights))
     return teacher
@@ -113,9 +126,12 @@ def check_num_classes(teachers: Sequence[FrozenTeacher], num_classes: int) -> No
     """Raise unless every teacher has the student's ``num_classes`` classes."""
     for teacher in teachers:
         if teacher.num_classes != num_classes:
-            raise ValueError("teacher has {} classes ({}) but the student has {}: both must be "
-                             "trained on the same label space (set NUM_CLASSES alike)".format(
-                                 teacher.num_classes, teacher.config, num_classes))
+            raise ValueError(
+                "teacher has {} classes ({}) but the student has {}: both must be "
+                "trained on the same label space (set NUM_CLASSES alike)".format(
+                    teacher.num_classes, teacher.config, num_classes
+                )
+            )
 
 
 def build_teachers(cfg) -> List[FrozenTeacher]:
@@ -128,11 +144,16 @@ def build_teachers(cfg) -> List[FrozenTeacher]:
     if not mt.CONFIGS:
         return [build_teacher(cfg)]
     if cfg.KD.TEACHER.CONFIG:
-        raise ValueError("both KD.TEACHER.CONFIG and KD.MULTI_TEACHER.CONFIGS are set; list every "
-                         "teacher in KD.MULTI_TEACHER.CONFIGS (and its weights in "
-                         "KD.MULTI_TEACHER.WEIGHTS) and leave KD.TEACHER.CONFIG empty")
+        raise ValueError(
+            "both KD.TEACHER.CONFIG and KD.MULTI_TEACHER.CONFIGS are set; list every "
+            "teacher in KD.MULTI_TEACHER.CONFIGS (and its weights in "
+            "KD.MULTI_TEACHER.WEIGHTS) and leave KD.TEACHER.CONFIG empty"
+        )
     if len(mt.WEIGHTS) != len(mt.CONFIGS):
-        raise ValueError("KD.MULTI_TEACHER.CONFIGS has {} teachers but KD.MULTI_TEACHER.WEIGHTS {} "
-                         "checkpoints; give one checkpoint per teacher config".format(
-                             len(mt.CONFIGS), len(mt.WEIGHTS)))
+        raise ValueError(
+            "KD.MULTI_TEACHER.CONFIGS has {} teachers but KD.MULTI_TEACHER.WEIGHTS {} "
+            "checkpoints; give one checkpoint per teacher config".format(
+                len(mt.CONFIGS), len(mt.WEIGHTS)
+            )
+        )
     return [build_teacher(cfg, config, weights) for config, weights in zip(mt.CONFIGS, mt.WEIGHTS)]

@@ -33,8 +33,16 @@ class FrozenTeacher:
     rebuilt from its own weights.
     """
 
-    def __init__(self, model: torch.nn.Module, settings: DetectorSettings, *, autocast: str = "",
-                 channels_last: bool = False, weights: str = "", config: str = ""):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        settings: DetectorSettings,
+        *,
+        autocast: str = "",
+        channels_last: bool = False,
+        weights: str = "",
+        config: str = ""
+    ):
         """
         Args:
             model: the loaded teacher detector.
@@ -46,8 +54,11 @@ class FrozenTeacher:
             weights, config: where its weights and its config came from (for messages).
         """
         if autocast not in _AUTOCAST_DTYPES:
-            raise ValueError("KD.TEACHER.AUTOCAST must be one of {}, got {!r}".format(
-                sorted(_AUTOCAST_DTYPES), autocast))
+            raise ValueError(
+                "KD.TEACHER.AUTOCAST must be one of {}, got {!r}".format(
+                    sorted(_AUTOCAST_DTYPES), autocast
+                )
+            )
         self.model = model.eval().requires_grad_(False)
         self.settings = settings
         self.autocast_dtype = _AUTOCAST_DTYPES[autocast]
@@ -60,8 +71,14 @@ class FrozenTeacher:
     def _run(self, fn, *args):
         """``fn(*args)`` under the teacher's autocast/memory format, float outputs back in fp32."""
         if self.channels_last:
-            args = [a.contiguous(memory_format=torch.channels_last)
-                    if torch.is_tensor(a) and a.dim() == 4 else a for a in args]
+            args = [
+                (
+                    a.contiguous(memory_format=torch.channels_last)
+                    if torch.is_tensor(a) and a.dim() == 4
+                    else a
+                )
+                for a in args
+            ]
         if self.autocast_dtype is None:
             return fn(*args)
         device_type = self.model.pixel_mean.device.type
@@ -89,16 +106,22 @@ class FrozenTeacher:
     def output_shape(self):
         return self.model.backbone.output_shape()
 
-    def takes_input_like(self, input_format: str, pixel_mean: torch.Tensor,
-                         pixel_std: torch.Tensor) -> bool:
+    def takes_input_like(
+        self, input_format: str, pixel_mean: torch.Tensor, pixel_std: torch.Tensor
+    ) -> bool:
         """Whether the teacher's channel order and normalisation equal the given (student's)."""
         m = self.model
-        return (self.input_format == input_format and m.pixel_mean.shape == pixel_mean.shape
-                and torch.equal(m.pixel_mean, pixel_mean) and torch.equal(m.pixel_std, pixel_std))
+        return (
+            self.input_format == input_format
+            and m.pixel_mean.shape == pixel_mean.shape
+            and torch.equal(m.pixel_mean, pixel_mean)
+            and torch.equal(m.pixel_std, pixel_std)
+        )
 
     @torch.no_grad()
-    def preprocess_image(self, batched_inputs: List[Dict], like: ImageList,
-                         input_format: str) -> ImageList:
+    def preprocess_image(
+        self, batched_inputs: List[Dict], like: ImageList, input_format: str
+    ) -> ImageList:
         """
         The batch (loaded in the student's ``input_format``) in the teacher's channel
         order, normalised with its pixel mean/std and padded to the padded size of
@@ -108,17 +131,21 @@ class FrozenTeacher:
         images = [x["image"].to(m.pixel_mean.device) for x in batched_inputs]
         if self.input_format != input_format:
             if {self.input_format, input_format} != {"RGB", "BGR"}:
-                raise ValueError("cannot convert student input format {} to teacher input format "
-                                 "{}".format(input_format, self.input_format))
+                raise ValueError(
+                    "cannot convert student input format {} to teacher input format "
+                    "{}".format(input_format, self.input_format)
+                )
             images = [x.flip(0) for x in images]
         images = [(x - m.pixel_mean) / m.pixel_std for x in images]
         images = ImageList.from_tensors(images, m.backbone.size_divisibility)
         th, tw = images.tensor.shape[-2:]
         sh, sw = like.tensor.shape[-2:]
         if th > sh or tw > sw:
-            raise ValueError("teacher pads inputs to {}x{} but the student to {}x{}: give the "
-                             "student a MODEL size_divisibility that is a multiple of the "
-                             "teacher's".format(th, tw, sh, sw))
+            raise ValueError(
+                "teacher pads inputs to {}x{} but the student to {}x{}: give the "
+                "student a MODEL size_divisibility that is a multiple of the "
+                "teacher's".format(th, tw, sh, sw)
+            )
         if (th, tw) != (sh, sw):
             images = ImageList(F.pad(images.tensor, (0, sw - tw, 0, sh - th)), images.image_sizes)
         return images
@@ -136,10 +163,11 @@ class FrozenTeacher:
     def require_dense_head(self) -> None:
         """Raise unless the teacher has per-anchor predictions (RM, PFI, soft labels need them)."""
         if not self.has_dense_head:
-            raise ValueError("KD.RM, KD.PFI and KD.SOFT_LABEL need a one-stage (RetinaNet) teacher "
-                             "with per-anchor class predictions, but the teacher is a {}; set "
-                             "KD.TEACHER.CONFIG to a RetinaNet config".format(
-                                 self.meta_architecture))
+            raise ValueError(
+                "KD.RM, KD.PFI and KD.SOFT_LABEL need a one-stage (RetinaNet) teacher "
+                "with per-anchor class predictions, but the teacher is a {}; set "
+                "KD.TEACHER.CONFIG to a RetinaNet config".format(self.meta_architecture)
+            )
 
     @torch.no_grad()
     def dense_class_logits(self, features: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
@@ -148,23 +176,28 @@ class FrozenTeacher:
         per level of ``model.head_in_features``, (N, A*K, H, W).
         """
         self.require_dense_head()
-        return self._run(lambda *fs: self.model.head(list(fs))[0],
-                         *[features[f] for f in self.model.head_in_features])
+        return self._run(
+            lambda *fs: self.model.head(list(fs))[0],
+            *[features[f] for f in self.model.head_in_features]
+        )
 
     def require_roi_head(self) -> None:
         """Raise unless the teacher has one RoI box head with class scores (Faster R-CNN)."""
         heads = getattr(self.model, "roi_heads", None)
         if not hasattr(getattr(heads, "box_predictor", None), "cls_score"):
-            raise ValueError("soft-label KD of a two-stage student (KD.SOFT_LABEL) compares RoI "
-                             "class scores, so it needs a Faster R-CNN teacher with one box head, "
-                             "but the teacher is a {} ({}); set KD.TEACHER.CONFIG to a Faster "
-                             "R-CNN config".format(
-                                 self.meta_architecture,
-                                 type(heads).__name__ if heads else "no RoI heads"))
+            raise ValueError(
+                "soft-label KD of a two-stage student (KD.SOFT_LABEL) compares RoI "
+                "class scores, so it needs a Faster R-CNN teacher with one box head, "
+                "but the teacher is a {} ({}); set KD.TEACHER.CONFIG to a Faster "
+                "R-CNN config".format(
+                    self.meta_architecture, type(heads).__name__ if heads else "no RoI heads"
+                )
+            )
 
     @torch.no_grad()
-    def roi_class_logits(self, features: Dict[str, torch.Tensor],
-                         boxes: List[Boxes]) -> torch.Tensor:
+    def roi_class_logits(
+        self, features: Dict[str, torch.Tensor], boxes: List[Boxes]
+    ) -> torch.Tensor:
         """
         Class logits of a two-stage teacher's box head on given boxes.
 
@@ -191,8 +224,9 @@ class FrozenTeacher:
             return list(m.head_in_features)
         return list(m.proposal_generator.in_features)
 
-    def dense_head_outputs(self, features: Dict[str, torch.Tensor],
-                           grad: bool = False) -> List[torch.Tensor]:
+    def dense_head_outputs(
+        self, features: Dict[str, torch.Tensor], grad: bool = False
+    ) -> List[torch.Tensor]:
         """
         Per-position scores of the teacher's dense head on ``features`` (its own, or
         features made from them): RetinaNet class logits (N, A*K, H, W) or RPN
@@ -203,7 +237,10 @@ class FrozenTeacher:
                 (the teacher's weights still get no gradient).
         """
         m = self.model
-        head = (lambda *fs: m.head(list(fs))[0]) if self.has_dense_head else (
-            lambda *fs: m.proposal_generator.rpn_head(list(fs))[0])
+        head = (
+            (lambda *fs: m.head(list(fs))[0])
+            if self.has_dense_head
+            else (lambda *fs: m.proposal_generator.rpn_head(list(fs))[0])
+        )
         with torch.set_grad_enabled(grad):
             return self._run(head, *[features[f] for f in self.dense_head_levels])

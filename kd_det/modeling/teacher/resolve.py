@@ -33,8 +33,10 @@ def resolve_teacher_config(path: str) -> str:
         ValueError / FileNotFoundError naming the fix when it is empty or neither.
     """
     if not path:
-        raise ValueError("KD.TEACHER.CONFIG is empty: set it to the teacher's Detectron2 config "
-                         "file (e.g. configs/synthetic/faster_rcnn_R_50_FPN.yaml)")
+        raise ValueError(
+            "KD.TEACHER.CONFIG is empty: set it to the teacher's Detectron2 config "
+            "file (e.g. configs/synthetic/faster_rcnn_R_50_FPN.yaml)"
+        )
     if os.path.isfile(path):
         return path
     zoo_file = None if os.path.isabs(path) else _model_zoo_config_file(path)
@@ -44,4 +46,5 @@ def resolve_teacher_config(path: str) -> str:
     raise FileNotFoundError(
         "teacher config KD.TEACHER.CONFIG={!r} does not exist (paths are relative to the working "
         "directory {}) and is not a config of Detectron2's model zoo (e.g. "
-        "COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml)".format(path, os.getcwd()))
+        "COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml)".format(path, os.getcwd())
+    )

@@ -19,9 +19,10 @@ def _local_weights_file(path: str, config_path: str) -> str:
     """
     if "://" not in path:
         if not os.path.isfile(path):
-            raise FileNotFoundError("teacher weights KD.TEACHER.WEIGHTS={!r} not found. Train the "
-                                    "teacher with {} or fix the path".format(
-                                        path, train_command(config_path)))
+            raise FileNotFoundError(
+                "teacher weights KD.TEACHER.WEIGHTS={!r} not found. Train the "
+                "teacher with {} or fix the path".format(path, train_command(config_path))
+            )
         return path
     try:
         return PathManager.get_local_path(path)
@@ -29,7 +30,8 @@ def _local_weights_file(path: str, config_path: str) -> str:
         raise FileNotFoundError(
             "teacher weights KD.TEACHER.WEIGHTS={!r} could not be fetched ({}: {}). Without "
             "network access, download the file elsewhere and set KD.TEACHER.WEIGHTS to its local "
-            "path".format(path, type(e).__name__, e)) from e
+            "path".format(path, type(e).__name__, e)
+        ) from e
 
 
 def load_teacher_weights(model: torch.nn.Module, path: str, config_path: str) -> None:
@@ -44,9 +46,11 @@ def load_teacher_weights(model: torch.nn.Module, path: str, config_path: str) ->
         or weights of another model.
     """
     if not path:
-        raise ValueError("KD.TEACHER.WEIGHTS is empty: a distilled student needs a trained "
-                         "teacher. Train one with {} and point KD.TEACHER.WEIGHTS at its "
-                         "model_final.pth".format(train_command(config_path)))
+        raise ValueError(
+            "KD.TEACHER.WEIGHTS is empty: a distilled student needs a trained "
+            "teacher. Train one with {} and point KD.TEACHER.WEIGHTS at its "
+            "model_final.pth".format(train_command(config_path))
+        )
     local = _local_weights_file(path, config_path)
     checkpointer = DetectionCheckpointer(model)
     # fvcore's public Checkpointer.load only logs the keys that do not fit; its _load_file
@@ -55,8 +59,10 @@ def load_teacher_weights(model: torch.nn.Module, path: str, config_path: str) ->
     try:
         checkpoint = checkpointer._load_file(local)
     except Exception as e:
-        raise ValueError("teacher weights {!r} are unreadable ({}: {}); re-save or re-train the "
-                         "teacher".format(path, type(e).__name__, e)) from e
+        raise ValueError(
+            "teacher weights {!r} are unreadable ({}: {}); re-save or re-train the "
+            "teacher".format(path, type(e).__name__, e)
+        ) from e
     incompatible = checkpointer._load_model(checkpoint)
     problems = []
     if incompatible.missing_keys:
@@ -64,10 +70,15 @@ def load_teacher_weights(model: torch.nn.Module, path: str, config_path: str) ->
     if incompatible.unexpected_keys:
         problems.append("unexpected keys: " + ", ".join(incompatible.unexpected_keys[:10]))
     if incompatible.incorrect_shapes:
-        problems.append("shape mismatch: " + ", ".join(
-            "{} {}->{}".format(k, tuple(a), tuple(b))
-            for k, a, b in incompatible.incorrect_shapes[:10]))
+        problems.append(
+            "shape mismatch: "
+            + ", ".join(
+                "{} {}->{}".format(k, tuple(a), tuple(b))
+                for k, a, b in incompatible.incorrect_shapes[:10]
+            )
+        )
     if problems:
-        raise ValueError("teacher weights {!r} do not fit the teacher config {!r} ({}). Use the "
-                         "config the teacher was trained with".format(
-                             path, config_path, "; ".join(problems)))
+        raise ValueError(
+            "teacher weights {!r} do not fit the teacher config {!r} ({}). Use the "
+            "config the teacher was trained with".format(path, config_path, "; ".join(problems))
+        )
