@@ -76,7 +76,7 @@ def _open_on_a_disk_with(free_bytes):
 
 
 def test_full_disk_during_save_names_the_intact_checkpoint(tmp_path, monkeypatch):
-    import kd_det.checkpoint as checkpoint_module
+    import kd_det.checkpoint.atomic as checkpoint_module
 
     ckpt = AtomicDetectionCheckpointer(nn.Linear(3, 2), str(tmp_path))
     ckpt.save("model_0000001", iteration=1)
