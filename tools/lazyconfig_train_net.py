@@ -28,7 +28,11 @@ from detectron2.engine import default_argument_parser, default_setup, defaults, 
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
-from kd_det.checkpoint import AtomicDetectionCheckpointer
+from kd_det.checkpoint import (
+    AtomicDetectionCheckpointer,
+    add_trust_pickle_argument,
+    trust_pickle_from_args,
+)
 from kd_det.config.lazy import dataset_names, lazy_get
 from kd_det.config.student import student_model_call
 from kd_det.data import prepare_datasets, validate_registered_datasets
@@ -74,6 +78,12 @@ def do_train(args, cfg):
     model = defaults.create_ddp_model(model, **cfg.train.ddp)
     trainer = build_lazy_trainer(cfg, model, optimizer)  # with train.grad_accum_steps, accumulating
     checkpointer = AtomicDetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    checkpointer.pin(
+        cfg.train.init_checkpoint,
+        cfg.train.get("init_checkpoint_sha256", ""),
+        "train.init_checkpoint",
+        "train.init_checkpoint_sha256",
+    )
     trainer.register_hooks(
         [
             # train.teacher_eval: the model's teachers scored before the first step
@@ -143,7 +153,14 @@ def main(args):
         model = instantiate(student_model_call(cfg.model))
         model.to(cfg.train.device)
         model = defaults.create_ddp_model(model)
-        StudentCheckpointer(model).load(cfg.train.init_checkpoint)
+        checkpointer = StudentCheckpointer(model)
+        checkpointer.pin(
+            cfg.train.init_checkpoint,
+            cfg.train.get("init_checkpoint_sha256", ""),
+            "train.init_checkpoint",
+            "train.init_checkpoint_sha256",
+        )
+        checkpointer.load(cfg.train.init_checkpoint)
         return do_test(cfg, model)
     return do_train(args, cfg)
 
@@ -161,7 +178,9 @@ def prepare(args):
 
 def cli(argv=None):
     parser = default_argument_parser()
+    add_trust_pickle_argument(parser)
     args = parser.parse_args(argv)
+    trust_pickle_from_args(args.trust_pickle)  # an environment variable: every worker sees it
     bad = [o for o in args.opts if "=" not in o]
     if bad:
         parser.error(

@@ -181,7 +181,11 @@ def main(argv=None):
         help="also export each student to model.onnx (see tools/export_student.py --onnx)",
     )
     parser.add_argument("--note", default="", help="a sentence on where the runs come from")
+    from kd_det.checkpoint import add_trust_pickle_argument, trust_pickle_from_args
+
+    add_trust_pickle_argument(parser)
     args = parser.parse_args(argv)
+    trust_pickle_from_args(args.trust_pickle)
     rows = [release_run(r, args.release_dir, args.torchscript, args.onnx) for r in args.runs]
     with open(args.output, "w") as f:
         f.write(format_model_zoo(rows, args.note))

@@ -42,7 +42,11 @@ def main(argv=None):
         nargs=argparse.REMAINDER,
         help="config overrides (KEY VALUE ..., or key=value for a .py)",
     )
+    from kd_det.checkpoint import add_trust_pickle_argument, trust_pickle_from_args
+
+    add_trust_pickle_argument(parser)
     args = parser.parse_args(argv)
+    trust_pickle_from_args(args.trust_pickle)
 
     import torch
 

@@ -16,6 +16,7 @@ from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 
 from kd_det import merge_kd_config
+from kd_det.checkpoint import add_trust_pickle_argument, trust_pickle_from_args
 from kd_det.config.student import student_model_config
 from kd_det.data import prepare_datasets, validate_registered_datasets
 from kd_det.engine import get_trainer_class
@@ -37,9 +38,9 @@ def main(args):
     if args.eval_only:
         # the student alone: evaluating it needs neither the teacher nor its weights
         model = trainer_cls.build_model(student_model_config(cfg))
-        StudentCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        checkpointer = StudentCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+        checkpointer.pin(cfg.MODEL.WEIGHTS, cfg.MODEL.WEIGHTS_SHA256)
+        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = trainer_cls.test(cfg, model)
         verify_results(cfg, res)
         return res
@@ -74,7 +75,10 @@ def _evaluated_with_voc(cfg, dataset_name: str) -> bool:
 
 
 def cli(argv=None):
-    args = default_argument_parser().parse_args(argv)
+    parser = default_argument_parser()
+    add_trust_pickle_argument(parser)
+    args = parser.parse_args(argv)
+    trust_pickle_from_args(args.trust_pickle)  # an environment variable: every worker sees it
     print("Command Line Args:", args)
     prepare(args)
     return launch(

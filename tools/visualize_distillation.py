@@ -110,7 +110,11 @@ def main(argv=None):
         nargs=argparse.REMAINDER,
         help="config overrides (KEY VALUE ..., or key=value for a .py)",
     )
+    from kd_det.checkpoint import add_trust_pickle_argument, trust_pickle_from_args
+
+    add_trust_pickle_argument(parser)
     args = parser.parse_args(argv)
+    trust_pickle_from_args(args.trust_pickle)
     if args.num_images < 1:
         raise SystemExit("--num-images must be at least 1")
     if not os.path.isfile(args.weights):
@@ -189,11 +193,11 @@ def main(argv=None):
 
 def _holds_adapters(path):
     """Whether a Detectron2/kd_det checkpoint file has adapter weights."""
-    import torch
+    from kd_det.checkpoint import read_checkpoint
 
     if not path.endswith(".pth"):
         return False
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = read_checkpoint(path)
     state = state.get("model", state)
     return any(k.startswith("kd_feature.adapters.") for k in state)
 

@@ -1,9 +1,40 @@
 """
 Checkpoints: how kd_det writes them and how it reads them.
 
+- :mod:`kd_det.checkpoint.loading`: the one place that resolves and reads weights (paths,
+  URLs, schemes, SHA-256 pins), without running code (:mod:`kd_det.checkpoint.safe_pickle`).
 - :mod:`kd_det.checkpoint.atomic`: crash-safe saving (a file is complete or absent).
 """
 
 from .atomic import AtomicDetectionCheckpointer, atomic_write_bytes
+from .loading import (
+    SafeDetectionCheckpointer,
+    UnsafeCheckpointError,
+    WeightsMismatchError,
+    add_trust_pickle_argument,
+    check_sha256,
+    file_sha256,
+    incompatible_keys_problems,
+    load_checkpoint,
+    read_checkpoint,
+    register_weights_scheme,
+    resolve_weights,
+    trust_pickle_from_args,
+)
 
-__all__ = ["AtomicDetectionCheckpointer", "atomic_write_bytes"]
+__all__ = [
+    "AtomicDetectionCheckpointer",
+    "atomic_write_bytes",
+    "SafeDetectionCheckpointer",
+    "UnsafeCheckpointError",
+    "WeightsMismatchError",
+    "add_trust_pickle_argument",
+    "check_sha256",
+    "file_sha256",
+    "incompatible_keys_problems",
+    "load_checkpoint",
+    "read_checkpoint",
+    "register_weights_scheme",
+    "resolve_weights",
+    "trust_pickle_from_args",
+]

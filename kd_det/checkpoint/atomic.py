@@ -6,7 +6,8 @@ import os
 from typing import Any
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
+
+from .loading import SafeDetectionCheckpointer
 
 __all__ = ["AtomicDetectionCheckpointer", "atomic_write_bytes"]
 
@@ -73,10 +74,11 @@ def atomic_write_bytes(path: str, write) -> None:
             os.remove(tmp)
 
 
-class AtomicDetectionCheckpointer(DetectionCheckpointer):
+class AtomicDetectionCheckpointer(SafeDetectionCheckpointer):
     """
-    DetectionCheckpointer whose ``save`` writes to a temporary file, fsyncs and
-    renames it (atomic on POSIX), then points ``last_checkpoint`` at it the same way.
+    A :class:`~kd_det.checkpoint.loading.SafeDetectionCheckpointer` (what it reads runs no
+    code) whose ``save`` writes to a temporary file, fsyncs and renames it (atomic on POSIX),
+    then points ``last_checkpoint`` at it the same way.
     A process killed at any moment leaves the previous checkpoint and tag intact; a full
     disk raises an ``OSError`` that names the last complete checkpoint and how to resume.
     Remote save dirs (``scheme://``) fall back to Detectron2's behaviour.

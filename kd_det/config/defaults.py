@@ -23,6 +23,10 @@ def add_kd_config(cfg: CN) -> CN:
     # Detectron2's new_baselines) and its Detectron2 checkpoint.
     cfg.KD.TEACHER.CONFIG = ""
     cfg.KD.TEACHER.WEIGHTS = ""
+    # The SHA-256 of WEIGHTS (sha256sum FILE: the full digest or its first 8+ hex digits),
+    # checked before the file is read; empty: not pinned.  Detectron2's model zoo publishes
+    # none, so pin a downloaded file once you have it (README, "Safe loading").
+    cfg.KD.TEACHER.WEIGHTS_SHA256 = ""
     # Overrides applied to the teacher config after CONFIG: yacs KEY, VALUE pairs for a .yaml,
     # "key=value" strings (e.g. "model.roi_heads.box_predictor.test_score_thresh=0.05") for a .py.
     cfg.KD.TEACHER.OPTS = []
@@ -122,6 +126,8 @@ def add_kd_config(cfg: CN) -> CN:
     cfg.KD.MULTI_TEACHER = CN()
     cfg.KD.MULTI_TEACHER.CONFIGS = []
     cfg.KD.MULTI_TEACHER.WEIGHTS = []
+    # One SHA-256 per WEIGHTS entry ("" leaves one unpinned), or empty: none pinned.
+    cfg.KD.MULTI_TEACHER.WEIGHTS_SHA256 = []
     cfg.KD.MULTI_TEACHER.FIXED_WEIGHTS = []
     cfg.KD.MULTI_TEACHER.GATE_DIM = 64
 
@@ -163,6 +169,10 @@ def add_kd_config(cfg: CN) -> CN:
     # Checks of COCO- and VOC-format datasets by tools/train_net.py before training: "full"
     # (annotations and image files), "annotations", or "none".
     cfg.DATASETS.VALIDATE = "full"
+
+    # The SHA-256 of MODEL.WEIGHTS, checked before it is read (as KD.TEACHER.WEIGHTS_SHA256);
+    # not of the checkpoints --resume continues from.  Released configs drop it.
+    cfg.MODEL.WEIGHTS_SHA256 = ""
 
     # KDTrainer's optimizer: "SGD" (Detectron2's) or "AdamW".
     cfg.SOLVER.OPTIMIZER = "SGD"

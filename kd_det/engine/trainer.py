@@ -51,6 +51,7 @@ class KDTrainer(DefaultTrainer):
         self.checkpointer = AtomicDetectionCheckpointer(
             old.model, old.save_dir, save_to_disk=old.save_to_disk, **old.checkpointables
         )
+        self.checkpointer.pin(self.cfg.MODEL.WEIGHTS, self.cfg.MODEL.WEIGHTS_SHA256)
         hooks = super().build_hooks()
         teacher_eval = teacher_eval_hook(self.cfg)
         if teacher_eval is not None:

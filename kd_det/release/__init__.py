@@ -7,8 +7,9 @@ Releasing a distilled student, in two steps:
   against the eager model, for a deployment without Detectron2.
 """
 
+from ..checkpoint import file_sha256
 from .deploy import ONNX_OPSET, DeploySettings, export_onnx, export_torchscript, load_student
-from .student import StudentCheckpointer, file_sha256, release_student, student_state_dict
+from .student import StudentCheckpointer, release_student, student_state_dict
 
 __all__ = [
     "StudentCheckpointer",

@@ -35,7 +35,7 @@ from detectron2.data import transforms as T
 from detectron2.modeling import GeneralizedRCNN
 from detectron2.structures import Boxes, pairwise_iou
 
-from ..checkpoint import atomic_write_bytes
+from ..checkpoint import atomic_write_bytes, file_sha256
 from ..config.detector import (
     DetectorConfig,
     build_detector,
@@ -43,7 +43,7 @@ from ..config.detector import (
     fixed_test_resize,
 )
 from ..config.student import student_model_config
-from .student import StudentCheckpointer, file_sha256
+from .student import StudentCheckpointer
 
 __all__ = [
     "OUTPUT_NAMES",

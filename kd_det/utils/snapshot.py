@@ -7,8 +7,8 @@ what the tools that look at a snapshot need (``tools/score_images.py``,
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 
+from ..checkpoint import SafeDetectionCheckpointer
 from ..config.detector import (
     build_detector,
     detector_settings,
@@ -55,5 +55,5 @@ def load_snapshot(
     )
     prepare_datasets(names)
     model = build_detector(config, device=None)  # on the config's own device
-    DetectionCheckpointer(model).load(weights or detector_weights(config))
+    SafeDetectionCheckpointer(model).load(weights or detector_weights(config))
     return model, annotated_loader(config, names, split), names

@@ -26,10 +26,16 @@ __all__ = ["build_teacher", "build_teachers", "check_num_classes"]
 logger = logging.getLogger(__name__)
 
 
-def _teacher_from_config(cfg, config: Optional[str] = None, weights: Optional[str] = None):
+def _teacher_from_config(
+    cfg,
+    config: Optional[str] = None,
+    weights: Optional[str] = None,
+    weights_sha256: Optional[str] = None,
+):
     """
-    :func:`build_teacher`'s arguments from a student's config: ``KD.TEACHER`` (``config``
-    and ``weights`` replace its CONFIG and WEIGHTS: one of several teachers), the
+    :func:`build_teacher`'s arguments from a student's config: ``KD.TEACHER`` (``config``,
+    ``weights`` and ``weights_sha256`` replace its CONFIG, WEIGHTS and WEIGHTS_SHA256: one of
+    several teachers), the
     student's device, and its class names (from ``DATASETS.TRAIN``) when
     ``KD.TEACHER.CHECK_CLASSES``.
     """
@@ -40,6 +46,7 @@ def _teacher_from_config(cfg, config: Optional[str] = None, weights: Optional[st
     return {
         "config": teacher.CONFIG if config is None else config,
         "weights": teacher.WEIGHTS if weights is None else weights,
+        "weights_sha256": teacher.WEIGHTS_SHA256 if weights_sha256 is None else weights_sha256,
         "opts": tuple(teacher.OPTS),
         "autocast": teacher.AUTOCAST,
         "channels_last": teacher.CHANNELS_LAST,
@@ -61,6 +68,7 @@ def build_teacher(
     config: str,
     weights: str,
     *,
+    weights_sha256: str = "",
     opts: Sequence[str] = (),
     autocast: str = "",
     channels_last: bool = False,
@@ -74,7 +82,10 @@ def build_teacher(
     Args:
         config: its Detectron2 config, a yacs ``.yaml`` or a LazyConfig ``.py``: a path, or a
             config of Detectron2's model zoo by name (:func:`resolve_teacher_config`).
-        weights: its checkpoint, a path or a ``detectron2://`` / ``https://`` URL.
+        weights: its checkpoint, a path or a URL of a scheme registered in
+            :mod:`kd_det.checkpoint.loading` (``detectron2://``, ``https://``, ...).
+        weights_sha256: the checkpoint's SHA-256 (full, or its first 8 or more hex digits),
+            checked before it is read; empty: not pinned.
         opts: overrides of ``config``: yacs ``KEY VALUE ...`` pairs, or ``"key=value"``
             strings for a LazyConfig.
         autocast, channels_last: see :class:`FrozenTeacher`.
@@ -108,7 +119,7 @@ def build_teacher(
         settings = detector_settings(cfg)
     except ValueError as e:
         raise ValueError("{}: {}".format(name, e)) from e
-    load_teacher_weights(model, weights, path)
+    load_teacher_weights(model, weights, path, weights_sha256)
     teacher = FrozenTeacher(
         model,
         settings,
@@ -156,4 +167,13 @@ def build_teachers(cfg) -> List[FrozenTeacher]:
                 len(mt.CONFIGS), len(mt.WEIGHTS)
             )
         )
-    return [build_teacher(cfg, config, weights) for config, weights in zip(mt.CONFIGS, mt.WEIGHTS)]
+    pins = list(mt.WEIGHTS_SHA256) or [""] * len(mt.WEIGHTS)
+    if len(pins) != len(mt.WEIGHTS):
+        raise ValueError(
+            "KD.MULTI_TEACHER.WEIGHTS_SHA256 has {} digests for {} checkpoints; give one per "
+            'checkpoint ("" for one left unpinned), or none'.format(len(pins), len(mt.WEIGHTS))
+        )
+    return [
+        build_teacher(cfg, config, weights, pin)
+        for config, weights, pin in zip(mt.CONFIGS, mt.WEIGHTS, pins)
+    ]

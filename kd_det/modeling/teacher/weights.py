@@ -1,49 +1,35 @@
-"""A teacher's trained weights: fetched where they are a URL, loaded strictly into its model."""
-
-import os
+"""A teacher's trained weights, read by :mod:`kd_det.checkpoint.loading` and loaded strictly into
+its model."""
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.utils.file_io import PathManager
 
+from ...checkpoint import (
+    SafeDetectionCheckpointer,
+    UnsafeCheckpointError,
+    WeightsMismatchError,
+    check_sha256,
+    incompatible_keys_problems,
+    resolve_weights,
+)
 from ...config.detector import train_command
 
 __all__ = ["load_teacher_weights", "train_command"]
 
 
-def _local_weights_file(path: str, config_path: str) -> str:
+def load_teacher_weights(
+    model: torch.nn.Module, path: str, config_path: str, sha256: str = ""
+) -> None:
     """
-    A local file for ``KD.TEACHER.WEIGHTS``: a path as it is, or a URL that Detectron2's
-    PathManager resolves (``detectron2://`` for its model zoo, ``https://``), fetched
-    once into iopath's cache ($FVCORE_CACHE, default ~/.torch/iopath_cache).
-    """
-    if "://" not in path:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                "teacher weights KD.TEACHER.WEIGHTS={!r} not found. Train the "
-                "teacher with {} or fix the path".format(path, train_command(config_path))
-            )
-        return path
-    try:
-        return PathManager.get_local_path(path)
-    except Exception as e:
-        raise FileNotFoundError(
-            "teacher weights KD.TEACHER.WEIGHTS={!r} could not be fetched ({}: {}). Without "
-            "network access, download the file elsewhere and set KD.TEACHER.WEIGHTS to its local "
-            "path".format(path, type(e).__name__, e)
-        ) from e
-
-
-def load_teacher_weights(model: torch.nn.Module, path: str, config_path: str) -> None:
-    """
-    Load the checkpoint ``path`` (a file, or a ``detectron2://`` / ``https://`` URL) into
-    the teacher ``model`` built from ``config_path``: every key must be there, with its
-    shape, and none may be left over (a teacher that silently did not load is the most
-    common cause of a distillation run that teaches nothing).
+    Load the checkpoint ``path`` (a file, or a URL of a registered scheme such as
+    ``detectron2://`` / ``https://``) into the teacher ``model`` built from ``config_path``,
+    after checking it against ``sha256`` (``KD.TEACHER.WEIGHTS_SHA256``; empty: not pinned).
+    Every key must be there, with its shape, and none may be left over (a teacher that
+    silently did not load is the most common cause of a distillation run that teaches
+    nothing).  Nothing in the file is run (:func:`kd_det.checkpoint.read_checkpoint`).
 
     Raises:
-        ValueError / FileNotFoundError naming the fix: no path, no file, an unreadable file,
-        or weights of another model.
+        ValueError / FileNotFoundError naming the fix: no path, no file, a file that does not
+        match its pin, refers to code or is unreadable, or weights of another model.
     """
     if not path:
         raise ValueError(
@@ -51,32 +37,28 @@ def load_teacher_weights(model: torch.nn.Module, path: str, config_path: str) ->
             "teacher. Train one with {} and point KD.TEACHER.WEIGHTS at its "
             "model_final.pth".format(train_command(config_path))
         )
-    local = _local_weights_file(path, config_path)
-    checkpointer = DetectionCheckpointer(model)
-    # fvcore's public Checkpointer.load only logs the keys that do not fit; its _load_file
-    # (Detectron2's .pkl/.pth reader) and _load_model (which returns them) give the strict check.
-    # Issue 32 replaces these two calls with kd_det's own safe loader.
+    try:
+        local = resolve_weights(path, "KD.TEACHER.WEIGHTS")
+    except FileNotFoundError as e:
+        raise FileNotFoundError(
+            "teacher weights: {}. Train the teacher with {} or fix the path".format(
+                e, train_command(config_path)
+            )
+        ) from e
+    check_sha256(local, sha256, "KD.TEACHER.WEIGHTS_SHA256", path)
+    checkpointer = SafeDetectionCheckpointer(model)
+    # fvcore's public Checkpointer.load only logs the keys that do not fit; _load_file (kd_det's
+    # safe reader) and _load_model (which returns them) give the strict check
     try:
         checkpoint = checkpointer._load_file(local)
+    except (UnsafeCheckpointError, WeightsMismatchError):
+        raise
     except Exception as e:
         raise ValueError(
             "teacher weights {!r} are unreadable ({}: {}); re-save or re-train the "
             "teacher".format(path, type(e).__name__, e)
         ) from e
-    incompatible = checkpointer._load_model(checkpoint)
-    problems = []
-    if incompatible.missing_keys:
-        problems.append("missing keys: " + ", ".join(incompatible.missing_keys[:10]))
-    if incompatible.unexpected_keys:
-        problems.append("unexpected keys: " + ", ".join(incompatible.unexpected_keys[:10]))
-    if incompatible.incorrect_shapes:
-        problems.append(
-            "shape mismatch: "
-            + ", ".join(
-                "{} {}->{}".format(k, tuple(a), tuple(b))
-                for k, a, b in incompatible.incorrect_shapes[:10]
-            )
-        )
+    problems = incompatible_keys_problems(checkpointer._load_model(checkpoint))
     if problems:
         raise ValueError(
             "teacher weights {!r} do not fit the teacher config {!r} ({}). Use the "
