@@ -12,7 +12,7 @@ TEST_WORKERS ?= 2
 
 install: $(STAMP)
 
-$(STAMP): setup.py tools/install_detectron2.py
+$(STAMP): setup.py tools/install_detectron2.py kd_det/checkpoint/safe_pickle.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q setuptools wheel
 	$(PY) -m pip install -q $(TORCH)

@@ -33,6 +33,16 @@ predates one of them):
   them where they are.  ``model_zoo.get_config_file``/``get_config``/``get`` work again,
   as do LazyConfigs that import ``common/`` from the model zoo (``new_baselines``).
 
+* Detectron2 reads ``.pkl`` checkpoints (its model zoo's format) and precomputed proposal
+  files with a bare ``pickle.load``, which runs whatever code a file names.  Both read through
+  ``detectron2/utils/_kd_det_safe_pickle.py`` instead, a copy of kd_det's data-only unpickler
+  (``kd_det/checkpoint/safe_pickle.py``: NumPy arrays, builtin containers, strings and numbers;
+  ``KD_DET_TRUST_PICKLE=1`` is the opt-out), so plain ``MODEL.WEIGHTS x.pkl`` cannot run code.
+  (``.pth`` files are read by ``torch.load``, whose ``weights_only=True`` is the default.)
+* ``COCOEvaluator`` defaults to ``use_fast_impl=True``, the C++ ``COCOeval_opt``, which failed
+  after the whole inference had run; it now uses pycocotools' ``COCOeval`` when the extension
+  is the placeholder, so evaluation scripts written from Detectron2's docs work as they are.
+
 Patching the source (instead of patching at import time) keeps the installed
 Detectron2 usable with no kd_det import, e.g. to deploy an exported student.
 
@@ -124,6 +134,42 @@ _CONFIG_BESIDE_MODULE = (
     'os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", config_path)'
     "  # kd_det: no pkg_resources"
 )
+# Detectron2's two bare pickle.load calls on files (model-zoo .pkl checkpoints, precomputed
+# proposals) read through a copy of kd_det's data-only unpickler, installed beside them
+SAFE_PICKLE_SOURCE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    "kd_det",
+    "checkpoint",
+    "safe_pickle.py",
+)
+SAFE_PICKLE_MODULE = os.path.join("utils", "_kd_det_safe_pickle.py")
+_SAFE_PICKLE_IMPORT = (
+    "from detectron2.utils import _kd_det_safe_pickle  # kd_det: data-only pickles\n"
+)
+_BARE_PICKLE_LOAD = 'pickle.load(f, encoding="latin1")'
+_SAFE_PICKLE_LOAD = '_kd_det_safe_pickle.load(f, encoding="latin1")'
+_PICKLE_READERS = (
+    os.path.join("checkpoint", "detection_checkpoint.py"),
+    os.path.join("data", "build.py"),
+)
+# COCOEvaluator defaults to the C++ COCOeval_opt, which the pure-Python build lacks: it failed
+# after the whole inference had run.  pycocotools' COCOeval is used when the placeholder is there.
+_COCO_EVALUATION = os.path.join("evaluation", "coco_evaluation.py")
+_FAST_IMPL_ATTR = "        self._use_fast_impl = use_fast_impl\n"
+_FAST_IMPL_ATTR_FIXED = (
+    "        # kd_det: pycocotools' COCOeval where the C++ extension is missing\n"
+    "        self._use_fast_impl = use_fast_impl and not _kd_det_no_extension()\n"
+)
+_FAST_IMPL_CALL = "(COCOeval_opt if use_fast_impl else COCOeval)"
+_FAST_IMPL_CALL_FIXED = (
+    "(COCOeval_opt if use_fast_impl and not _kd_det_no_extension() else COCOeval)"
+)
+_NO_EXTENSION_FUNCTION = (
+    "\n\ndef _kd_det_no_extension():\n"
+    "    # kd_det: the pure-Python build's detectron2._C is a placeholder without COCOeval_opt\n"
+    "    from detectron2 import _C\n\n"
+    '    return getattr(_C, "KD_DET_PLACEHOLDER", False)\n'
+)
 _EXPORT_CAFFE2_IMPORT = "from .api import *\n"
 _EXPORT_CAFFE2_IMPORT_GUARDED = (
     "try:  # kd_det: Caffe2 is not part of PyTorch 2.x; tracing and scripting do not need it\n"
@@ -165,14 +211,14 @@ def patch_detectron2_sdist(src_dir: str) -> None:
 def patch_detectron2_package(package_dir: str) -> bool:
     """
     The source fixes (Pillow, NumPy, the Caffe2 import of ``detectron2.export``, the
-    model zoo's ``pkg_resources``) applied
+    model zoo's ``pkg_resources``, data-only pickles, the evaluator's C++ default) applied
     in place to a ``detectron2`` package folder: the unpacked sdist's, or an installed
     pure-Python build's, which the installer brings up to date.  Idempotent.
 
     Returns:
         True when a file changed.
     """
-    changed = False
+    changed = _install_safe_pickle(package_dir)
     for folder, _, files in os.walk(package_dir):
         for name in files:
             if not name.endswith(".py"):
@@ -191,11 +237,38 @@ def patch_detectron2_package(package_dir: str) -> bool:
                 fixed = _PKG_RESOURCES_CONFIG.sub(
                     _CONFIG_BESIDE_MODULE, fixed.replace(_PKG_RESOURCES_IMPORT, "")
                 )
+            fixed = _patch_file(relative, fixed)
             if fixed != text:
                 with open(path, "w") as f:
                     f.write(fixed)
                 changed = True
     return changed
+
+
+def _patch_file(relative: str, text: str) -> str:
+    """The safe-loading and evaluation fixes of one file (``relative`` to the package)."""
+    if relative in _PICKLE_READERS and _BARE_PICKLE_LOAD in text:
+        text = text.replace(_BARE_PICKLE_LOAD, _SAFE_PICKLE_LOAD)
+        text = text.replace("import pickle\n", "import pickle\n" + _SAFE_PICKLE_IMPORT, 1)
+    if relative == _COCO_EVALUATION and _FAST_IMPL_ATTR in text:
+        text = text.replace(_FAST_IMPL_ATTR, _FAST_IMPL_ATTR_FIXED)
+        text = text.replace(_FAST_IMPL_CALL, _FAST_IMPL_CALL_FIXED) + _NO_EXTENSION_FUNCTION
+    return text
+
+
+def _install_safe_pickle(package_dir: str) -> bool:
+    """Write (or update) the copy of kd_det's data-only unpickler into the package."""
+    with open(SAFE_PICKLE_SOURCE) as f:
+        source = f.read()
+    path = os.path.join(package_dir, SAFE_PICKLE_MODULE)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if os.path.isfile(path):
+        with open(path) as f:
+            if f.read() == source:
+                return False
+    with open(path, "w") as f:
+        f.write(source)
+    return True
 
 
 def detectron2_importable() -> bool:

@@ -10,7 +10,7 @@ the read before anything is called, with :class:`RefusedGlobalError` naming it.
 
 This module uses the standard library only (NumPy is imported on demand): the Detectron2 that
 ``tools/install_detectron2.py`` builds gets a copy of it, as
-``detectron2/checkpoint/_safe_pickle.py``, so that Detectron2's own ``.pkl`` readers are
+``detectron2/utils/_kd_det_safe_pickle.py``, so that Detectron2's own ``.pkl`` readers are
 safe without importing kd_det.  Setting ``KD_DET_TRUST_PICKLE=1`` turns the check off for
 files one trusts (:func:`pickle_trusted`).
 """

@@ -169,7 +169,8 @@ def vanilla_student_config(config: DetectorConfig, weights: str = "") -> Detecto
       (``DistillRetinaNet`` -> ``RetinaNet``), every kd_det key (``KD``, ``TRAINER``,
       ``TEST.EVALUATOR``, ...) removed, ``MODEL.WEIGHTS`` = ``weights``;
     - LazyConfig: a copy whose ``model`` is the student alone (:func:`student_model_call`)
-      and whose ``train.init_checkpoint`` (where it has ``train``) is ``weights``: vanilla
+      and whose ``train.init_checkpoint`` (where it has ``train``) is ``weights``, without
+      kd_det's ``train.init_checkpoint_sha256``: vanilla
       Detectron2 builds it with ``instantiate(cfg.model)``.
     """
     if isinstance(config, CfgNode):
@@ -184,6 +185,7 @@ def vanilla_student_config(config: DetectorConfig, weights: str = "") -> Detecto
     out.model = student_model_call(out.model)
     if "train" in out:
         out.train.init_checkpoint = weights
+        out.train.pop("init_checkpoint_sha256", None)  # kd_det's pin: Detectron2 has no such key
     return out
 
 
