@@ -11,6 +11,7 @@ from conftest import REPO, TINY_PREFIX, config_path, tiny_cfg
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils.env import seed_all_rng
 
+from kd_det.checkpoint import read_checkpoint
 from kd_det.engine import KDTrainer, get_trainer_class
 from kd_det.evaluation import build_evaluator
 
@@ -194,7 +195,7 @@ def test_cli_teacher_then_distilled_student(tmp_path):
     assert (
         "not used by the model" not in proc.stdout + proc.stderr
     )  # the kd_ adapter weights are skipped quietly
-    assert torch.load(student_out / "model_final.pth", weights_only=False)["iteration"] == 2
+    assert read_checkpoint(str(student_out / "model_final.pth"))["iteration"] == 2
 
     # --resume continues from the last checkpoint (iteration 3) to the new MAX_ITER
     proc = _train_net(
@@ -214,7 +215,7 @@ def test_cli_teacher_then_distilled_student(tmp_path):
         + SMALL,
         tmp_path,
     )
-    assert torch.load(student_out / "model_final.pth", weights_only=False)["iteration"] == 4
+    assert read_checkpoint(str(student_out / "model_final.pth"))["iteration"] == 4
     assert "Starting training from iteration 3" in proc.stdout + proc.stderr  # not from 0
     assert 4 in [m["iteration"] for m in _metrics(student_out) if "total_loss" in m]
 

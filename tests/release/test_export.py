@@ -23,6 +23,7 @@ from PIL import Image
 from test_distill import _one_step, distill_cfg
 from tolerances import U32, assert_within
 
+from kd_det.checkpoint import read_checkpoint
 from kd_det.config.student import student_model_config
 from kd_det.release import deploy
 from kd_det.release.deploy import detections, export_torchscript, load_sample_image
@@ -123,7 +124,7 @@ def test_export_round_trip(kind, tiny_data_root, tmp_path, rcnn_teacher, retina_
     DetectionCheckpointer(model, save_dir=str(tmp_path)).save("model_final")
     out = release_student(cfg, str(tmp_path / "model_final.pth"), str(tmp_path / "release"))
 
-    saved = torch.load(out["weights"], weights_only=False)["model"]
+    saved = read_checkpoint(str(out["weights"]))["model"]
     assert not [k for k in saved if k.startswith("kd_") or k.startswith("teacher")]
     assert len(saved) == len([k for k in model.state_dict() if not k.startswith("kd_")])
     assert out["sha256"] == file_sha256(out["weights"]) and len(out["sha256"]) == 64
@@ -149,7 +150,7 @@ def test_export_round_trip(kind, tiny_data_root, tmp_path, rcnn_teacher, retina_
         check=True,
         cwd=str(tmp_path),
     )
-    vanilla = torch.load(tmp_path / "det.pt", weights_only=False)
+    vanilla = read_checkpoint(str(tmp_path / "det.pt"))
     assert vanilla["arch"] == arch
     model.eval()
     with torch.no_grad():
@@ -162,7 +163,7 @@ def test_export_round_trip(kind, tiny_data_root, tmp_path, rcnn_teacher, retina_
     student = build_model(student_model_config(cfg)).eval()
     assert type(student).__name__ == arch and not hasattr(student, "teacher")
     incompatible = StudentCheckpointer(student)._load_model(
-        {"model": torch.load(tmp_path / "model_final.pth", weights_only=False)["model"]}
+        {"model": read_checkpoint(str(tmp_path / "model_final.pth"))["model"]}
     )
     assert not incompatible.missing_keys and not incompatible.unexpected_keys
     with torch.no_grad():
@@ -341,7 +342,7 @@ def test_torchscript_and_onnx_export(kind, tiny_data_root, tmp_path, rcnn_teache
         [out["torchscript"], tmp_path / "images.pt", tmp_path / "outs.pt"],
         tmp_path,
     )
-    traced_outs = torch.load(tmp_path / "outs.pt", weights_only=False)
+    traced_outs = read_checkpoint(str(tmp_path / "outs.pt"))
     for image, traced in zip(images, traced_outs):
         assert len(traced) == 3
         assert_same_detections(

@@ -54,6 +54,33 @@ def _fake_sdist(root):
         "train = dict()\n"
     )
     (root / "detectron2" / "model_zoo" / "model_zoo.py").write_text(MODEL_ZOO_PY)
+    (root / "detectron2" / "checkpoint").mkdir(parents=True)
+    (root / "detectron2" / "checkpoint" / "detection_checkpoint.py").write_text(PICKLE_READER)
+    (root / "detectron2" / "data" / "build.py").write_text(PICKLE_READER)
+    (root / "detectron2" / "evaluation").mkdir(parents=True)
+    (root / "detectron2" / "evaluation" / "coco_evaluation.py").write_text(COCO_EVALUATION_PY)
+
+
+# v0.6's readers of .pkl checkpoints and proposal files, in what matters
+PICKLE_READER = """import logging
+import pickle
+import torch
+
+
+def read(filename):
+    with open(filename, "rb") as f:
+        return pickle.load(f, encoding="latin1")
+"""
+
+# v0.6's detectron2/evaluation/coco_evaluation.py, in what matters
+COCO_EVALUATION_PY = """class COCOEvaluator:
+    def __init__(self, dataset_name, use_fast_impl=True):
+        self._use_fast_impl = use_fast_impl
+
+
+def _evaluate_predictions_on_coco(coco_gt, coco_dt, iou_type, use_fast_impl=True):
+    return (COCOeval_opt if use_fast_impl else COCOeval)(coco_gt, coco_dt, iou_type)
+"""
 
 
 # v0.6's detectron2/model_zoo/model_zoo.py, in what matters
@@ -110,6 +137,26 @@ def test_patch_detectron2_sdist(tmp_path):
         "configs/Base-RetinaNet.yaml",
         "configs/common/train.py",
     ]
+    # .pkl files and proposals are read as data only, by a copy of kd_det's unpickler
+    safe_copy = tmp_path / "detectron2" / "utils" / "_kd_det_safe_pickle.py"
+    with open(os.path.join(REPO, "kd_det", "checkpoint", "safe_pickle.py")) as f:
+        assert safe_copy.read_text() == f.read()
+    for reader in ("checkpoint/detection_checkpoint.py", "data/build.py"):
+        text = (tmp_path / "detectron2" / reader).read_text()
+        assert "pickle.load(" not in text.replace("_kd_det_safe_pickle.load(", "")
+        assert text.count('_kd_det_safe_pickle.load(f, encoding="latin1")') == 1
+        assert text.count("from detectron2.utils import _kd_det_safe_pickle") == 1
+    # COCOEvaluator: pycocotools where the C++ extension is the placeholder
+    coco = (tmp_path / "detectron2" / "evaluation" / "coco_evaluation.py").read_text()
+    assert coco.count("def _kd_det_no_extension") == 1
+    for placeholder, fast in ((True, False), (False, True)):
+        namespace = {"COCOeval_opt": lambda *a: "opt", "COCOeval": lambda *a: "official"}
+        exec(coco, namespace)
+        namespace["_kd_det_no_extension"] = lambda: placeholder
+        assert namespace["COCOEvaluator"]("x")._use_fast_impl is fast
+        assert namespace["_evaluate_predictions_on_coco"](0, 0, "bbox") == (
+            "opt" if fast else "official"
+        )
     # an installed build is brought up to date the same way, once
     assert not compat.patch_detectron2_package(str(tmp_path / "detectron2"))
 
