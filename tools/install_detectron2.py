@@ -146,7 +146,7 @@ SAFE_PICKLE_MODULE = os.path.join("utils", "_kd_det_safe_pickle.py")
 _SAFE_PICKLE_IMPORT = (
     "from detectron2.utils import _kd_det_safe_pickle  # kd_det: data-only pickles\n"
 )
-_BARE_PICKLE_LOAD = 'pickle.load(f, encoding="latin1")'
+_BARE_PICKLE_LOAD = re.compile(r'(?<![\w.])pickle\.load\(f, encoding="latin1"\)')
 _SAFE_PICKLE_LOAD = '_kd_det_safe_pickle.load(f, encoding="latin1")'
 _PICKLE_READERS = (
     os.path.join("checkpoint", "detection_checkpoint.py"),
@@ -247,8 +247,8 @@ def patch_detectron2_package(package_dir: str) -> bool:
 
 def _patch_file(relative: str, text: str) -> str:
     """The safe-loading and evaluation fixes of one file (``relative`` to the package)."""
-    if relative in _PICKLE_READERS and _BARE_PICKLE_LOAD in text:
-        text = text.replace(_BARE_PICKLE_LOAD, _SAFE_PICKLE_LOAD)
+    if relative in _PICKLE_READERS and _BARE_PICKLE_LOAD.search(text):
+        text = _BARE_PICKLE_LOAD.sub(_SAFE_PICKLE_LOAD, text)
         text = text.replace("import pickle\n", "import pickle\n" + _SAFE_PICKLE_IMPORT, 1)
     if relative == _COCO_EVALUATION and _FAST_IMPL_ATTR in text:
         text = text.replace(_FAST_IMPL_ATTR, _FAST_IMPL_ATTR_FIXED)

@@ -1,6 +1,8 @@
 """A teacher's trained weights, read by :mod:`kd_det.checkpoint.loading` and loaded strictly into
 its model."""
 
+import os
+
 import torch
 
 from ...checkpoint import (
@@ -37,14 +39,12 @@ def load_teacher_weights(
             "teacher. Train one with {} and point KD.TEACHER.WEIGHTS at its "
             "model_final.pth".format(train_command(config_path))
         )
-    try:
-        local = resolve_weights(path, "KD.TEACHER.WEIGHTS")
-    except FileNotFoundError as e:
+    if "://" not in path and not os.path.isfile(path):
         raise FileNotFoundError(
-            "teacher weights: {}. Train the teacher with {} or fix the path".format(
-                e, train_command(config_path)
-            )
-        ) from e
+            "teacher weights KD.TEACHER.WEIGHTS={!r} not found. Train the teacher with {} or fix "
+            "the path".format(path, train_command(config_path))
+        )
+    local = resolve_weights(path, "KD.TEACHER.WEIGHTS")  # a URL: fetched, or a clear error
     check_sha256(local, sha256, "KD.TEACHER.WEIGHTS_SHA256", path)
     checkpointer = SafeDetectionCheckpointer(model)
     # fvcore's public Checkpointer.load only logs the keys that do not fit; _load_file (kd_det's
