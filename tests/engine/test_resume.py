@@ -403,3 +403,27 @@ def test_stopped_and_resumed_twice_ends_as_uninterrupted(tiny_data_root, tmp_pat
     assert not different, different[:5]
     for d in ("a", "b"):
         assert _saved(tmp_path / d) == ["model_0000002.pth", "model_0000003.pth", "model_final.pth"]
+
+
+def test_lazy_training_loader_becomes_resumable():
+    from detectron2.config import LazyCall as L
+    from detectron2.config import LazyConfig, instantiate
+    from detectron2.data.samplers import RepeatFactorTrainingSampler
+
+    from kd_det.data.curriculum import curriculum_sampler
+    from kd_det.data.stream import build_resumable_train_loader
+    from kd_det.engine.lazy import resumable_loader_call
+
+    lazy = LazyConfig.load(config_path("synthetic/faster_rcnn_R_50_FPN_lazy.py"))
+    call = resumable_loader_call(lazy.dataloader.train, seed=5)
+    assert call._target_ is build_resumable_train_loader and call.seed == 5
+    assert call.mapper == lazy.dataloader.train.mapper and "sampler" not in call
+    assert "build_detection_train_loader" in str(lazy.dataloader.train._target_)  # a copy
+    # a repeat-factor sampler becomes the repeat-factor stream of the same factors
+    lazy.dataloader.train.sampler = L(RepeatFactorTrainingSampler)(repeat_factors=[1.0, 2.5])
+    call = resumable_loader_call(lazy.dataloader.train)
+    assert isinstance(instantiate(call.stream), RepeatFactorPasses)
+    # another sampler (a curriculum) stays with Detectron2's loader
+    lazy.dataloader.train.sampler = L(curriculum_sampler)(scores="s.json")
+    call = resumable_loader_call(lazy.dataloader.train)
+    assert "build_detection_train_loader" in str(call._target_)
