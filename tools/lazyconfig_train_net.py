@@ -112,7 +112,9 @@ def do_train(args, cfg):
     if loader is not None and start_iter > 0 and loader.position == 0:
         # a checkpoint without the stream's state (older kd_det): the batches its iteration implies
         loader.position = start_iter * int(lazy_get(cfg, "train.grad_accum_steps", 1))
-    restart_data_stream(trainer)  # a resumable loader continues from the checkpoint's position
+    restart_data_stream(
+        trainer, start_iter
+    )  # a resumable loader continues from the checkpoint's position
     try:
         trainer.train(start_iter, cfg.train.max_iter)
     except FloatingPointError as e:

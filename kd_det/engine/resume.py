@@ -36,14 +36,17 @@ class StepSeedHook(HookBase):
         seed_step(self._loader.seed, comm.get_rank(), self.trainer.iter)
 
 
-def restart_data_stream(trainer) -> bool:
+def restart_data_stream(trainer, start_iter: int) -> bool:
     """
-    After loading a checkpoint: give ``trainer`` (a SimpleTrainer or its kind) a new
-    iterator over its :class:`ResumableTrainLoader`, which starts at the loaded position.
-    Returns whether the loader is resumable.
+    After loading a checkpoint that training resumes from (``start_iter`` > 0): give
+    ``trainer`` (a SimpleTrainer or its kind) a new iterator over its
+    :class:`ResumableTrainLoader`, which starts at the loaded position. (An iterator not yet
+    advanced would start there too: it reads the position on its first ``next``.) Returns
+    whether the loader is resumable.
     """
     loader = resumable_loader(trainer)
     if loader is None:
         return False
-    trainer._data_loader_iter = iter(loader)
+    if start_iter > 0:
+        trainer._data_loader_iter = iter(loader)
     return True

@@ -154,7 +154,7 @@ class KDTrainer(DefaultTrainer):
         super().resume_or_load(resume=resume)
         # the curriculum depends on the iteration: restart its stream where training resumes
         restart_curriculum(self._trainer, self.start_iter)
-        restart_data_stream(self._trainer)  # from the loaded position (0 without a checkpoint)
+        restart_data_stream(self._trainer, self.start_iter)  # at the checkpoint's position
 
     def run_step(self):
         try:
