@@ -83,8 +83,8 @@ def do_train(args, cfg):
     if comm.is_main_process():
         remove_leftover_temp_files(cfg.train.output_dir)  # left by saves of killed processes
     # train.checkpointer.max_to_keep counts the folder's checkpoints, those before a resume too
-    periodic = cfg.train.checkpointer
-    keep = {"period": periodic.period, "keep": periodic.get("max_to_keep") or 0}
+    periodic = dict(cfg.train.checkpointer)
+    periodic["keep"] = periodic.pop("max_to_keep", None) or 0
     trainer.register_hooks(
         [
             StepSeedHook(loader) if loader is not None else None,
@@ -92,7 +92,7 @@ def do_train(args, cfg):
             lazy_teacher_eval_hook(cfg),
             hooks.IterationTimer(),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
-            (PeriodicCheckpointer(checkpointer, **keep) if comm.is_main_process() else None),
+            (PeriodicCheckpointer(checkpointer, **periodic) if comm.is_main_process() else None),
             hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
             (
                 hooks.PeriodicWriter(
@@ -112,9 +112,8 @@ def do_train(args, cfg):
     if loader is not None and start_iter > 0 and loader.position == 0:
         # a checkpoint without the stream's state (older kd_det): the batches its iteration implies
         loader.position = start_iter * int(lazy_get(cfg, "train.grad_accum_steps", 1))
-    restart_data_stream(
-        trainer, start_iter
-    )  # a resumable loader continues from the checkpoint's position
+    # a resumable loader continues from the checkpoint's position
+    restart_data_stream(trainer, start_iter)
     try:
         trainer.train(start_iter, cfg.train.max_iter)
     except FloatingPointError as e:

@@ -255,12 +255,19 @@ class PeriodicCheckpointer(hooks.PeriodicCheckpointer):
     written; the tagged file and ``model_final.pth`` are never deleted.
     """
 
-    def __init__(self, checkpointer, period: int, keep: int = 0, file_prefix: str = "model"):
+    def __init__(
+        self,
+        checkpointer,
+        period: int,
+        max_iter: Optional[int] = None,
+        keep: int = 0,
+        file_prefix: str = "model",
+    ):
         if keep < 0:
             raise ValueError(
                 "SOLVER.CHECKPOINT_KEEP must be >= 0 (0 keeps all), got {}".format(keep)
             )
-        super().__init__(checkpointer, period, file_prefix=file_prefix)
+        super().__init__(checkpointer, period, max_iter=max_iter, file_prefix=file_prefix)
         self.keep = int(keep)
 
     def step(self, iteration: int, **kwargs) -> None:
