@@ -427,3 +427,21 @@ def test_lazy_training_loader_becomes_resumable():
     lazy.dataloader.train.sampler = L(curriculum_sampler)(scores="s.json")
     call = resumable_loader_call(lazy.dataloader.train)
     assert "build_detection_train_loader" in str(call._target_)
+
+
+def test_kd_trainer_loader_for_each_sampler(tiny_data_root, tmp_path):
+    def loader(sampler):
+        cfg = tiny_cfg(
+            "synthetic/faster_rcnn_R_18_FPN.yaml",
+            tmp_path,
+            ["DATALOADER.SAMPLER_TRAIN", sampler, "DATALOADER.REPEAT_THRESHOLD", 0.5],
+        )
+        return KDTrainer.build_train_loader(cfg)
+
+    rf = loader("RepeatFactorTrainingSampler")
+    assert isinstance(rf, ResumableTrainLoader) and isinstance(rf.stream, RepeatFactorPasses)
+    assert len(next(iter(rf))) == 2 and rf.state_dict()["position"] == 1
+    assert isinstance(loader("TrainingSampler").stream, ShuffledPasses)
+    # a sampler without a resumable stream goes to Detectron2's loader (which knows no such one)
+    with pytest.raises(ValueError, match="Unknown training sampler: NoSuchSampler"):
+        loader("NoSuchSampler")
