@@ -31,6 +31,7 @@ from detectron2.utils import comm
 from kd_det.checkpoint import (
     AtomicDetectionCheckpointer,
     add_trust_pickle_argument,
+    remove_leftover_temp_files,
     trust_pickle_from_args,
 )
 from kd_det.config.lazy import dataset_names, lazy_get
@@ -38,8 +39,10 @@ from kd_det.config.student import student_model_call
 from kd_det.data import prepare_datasets, validate_registered_datasets
 from kd_det.engine import non_finite_loss_error
 from kd_det.engine.curriculum import restart_curriculum
+from kd_det.engine.hooks import PeriodicCheckpointer
 from kd_det.engine.launch import launch
 from kd_det.engine.lazy import build_lazy_trainer, lazy_teacher_eval_hook
+from kd_det.engine.resume import StepSeedHook, restart_data_stream, resumable_loader
 from kd_det.release.student import StudentCheckpointer
 
 logger = logging.getLogger("kd_det.lazyconfig_train_net")
@@ -77,24 +80,30 @@ def do_train(args, cfg):
     # looked up at call time: kd_det.engine.launch replaces it in CPU worker processes
     model = defaults.create_ddp_model(model, **cfg.train.ddp)
     trainer = build_lazy_trainer(cfg, model, optimizer)  # with train.grad_accum_steps, accumulating
-    checkpointer = AtomicDetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    loader = resumable_loader(trainer)  # its seed and position are saved beside the trainer's
+    streams = {"data_stream": loader} if loader is not None else {}
+    checkpointer = AtomicDetectionCheckpointer(
+        model, cfg.train.output_dir, trainer=trainer, **streams
+    )
     checkpointer.pin(
         cfg.train.init_checkpoint,
         cfg.train.get("init_checkpoint_sha256", ""),
         "train.init_checkpoint",
         "train.init_checkpoint_sha256",
     )
+    if comm.is_main_process():
+        remove_leftover_temp_files(cfg.train.output_dir)  # left by saves of killed processes
+    # train.checkpointer.max_to_keep counts the folder's checkpoints, those before a resume too
+    periodic = dict(cfg.train.checkpointer)
+    periodic["keep"] = periodic.pop("max_to_keep", None) or 0
     trainer.register_hooks(
         [
+            StepSeedHook(loader) if loader is not None else None,
             # train.teacher_eval: the model's teachers scored before the first step
             lazy_teacher_eval_hook(cfg),
             hooks.IterationTimer(),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
-            (
-                hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
-                if comm.is_main_process()
-                else None
-            ),
+            (PeriodicCheckpointer(checkpointer, **periodic) if comm.is_main_process() else None),
             hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
             (
                 hooks.PeriodicWriter(
@@ -111,6 +120,11 @@ def do_train(args, cfg):
     restart_curriculum(
         trainer, start_iter
     )  # a curriculum sampler's stream continues where training resumes
+    if loader is not None and start_iter > 0 and loader.position == 0:
+        # a checkpoint without the stream's state (older kd_det): the batches its iteration implies
+        loader.position = start_iter * int(lazy_get(cfg, "train.grad_accum_steps", 1))
+    # a resumable loader continues from the checkpoint's position
+    restart_data_stream(trainer, start_iter)
     try:
         trainer.train(start_iter, cfg.train.max_iter)
     except FloatingPointError as e:

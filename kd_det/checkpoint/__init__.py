@@ -4,9 +4,12 @@ Checkpoints: how kd_det writes them and how it reads them.
 - :mod:`kd_det.checkpoint.loading`: the one place that resolves and reads weights (paths,
   URLs, schemes, SHA-256 pins), without running code (:mod:`kd_det.checkpoint.safe_pickle`).
 - :mod:`kd_det.checkpoint.atomic`: crash-safe saving (a file is complete or absent).
+- :mod:`kd_det.checkpoint.leftovers`: removing the temporary files of killed saves.
+- :mod:`kd_det.checkpoint.retention`: keeping the newest N periodic checkpoints.
 """
 
 from .atomic import AtomicDetectionCheckpointer, atomic_write_bytes
+from .leftovers import remove_leftover_temp_files
 from .loading import (
     SafeDetectionCheckpointer,
     UnsafeCheckpointError,
@@ -21,6 +24,7 @@ from .loading import (
     resolve_weights,
     trust_pickle_from_args,
 )
+from .retention import prune_checkpoints
 
 __all__ = [
     "AtomicDetectionCheckpointer",
@@ -37,4 +41,6 @@ __all__ = [
     "register_weights_scheme",
     "resolve_weights",
     "trust_pickle_from_args",
+    "remove_leftover_temp_files",
+    "prune_checkpoints",
 ]

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from .leftovers import temp_path
 from .loading import SafeDetectionCheckpointer
 
 __all__ = ["AtomicDetectionCheckpointer", "atomic_write_bytes"]
@@ -54,9 +55,11 @@ def atomic_write_bytes(path: str, write) -> None:
     """
     Call ``write(file)`` on a temporary file next to ``path``, fsync it, rename it over
     ``path``. An ``OSError`` raised by a write is re-raised as itself, with ``path``'s
-    temporary file name, whatever ``write`` turned it into.
+    temporary file name, whatever ``write`` turned it into. The temporary file names its
+    writer (:func:`~kd_det.checkpoint.leftovers.temp_path`), so that one left by a killed
+    process is recognised and removed later (:func:`remove_leftover_temp_files`).
     """
-    tmp = "{}.tmp.{}".format(path, os.getpid())
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             recorder = _WriteErrorRecorder(f)

@@ -180,6 +180,10 @@ def add_kd_config(cfg: CN) -> CN:
     # of IMS_PER_BATCH / GRAD_ACCUM_STEPS images, so IMS_PER_BATCH, BASE_LR and the schedule of a
     # config keep their meaning on fewer or smaller GPUs (with SOLVER.REFERENCE_WORLD_SIZE unset).
     cfg.SOLVER.GRAD_ACCUM_STEPS = 1
+    # Periodic checkpoints (model_<iter>.pth) kept in OUTPUT_DIR: the newest CHECKPOINT_KEEP,
+    # counting those of earlier runs of a resumed training; 0 keeps all. The file
+    # last_checkpoint names and model_final.pth are never deleted.
+    cfg.SOLVER.CHECKPOINT_KEEP = 0
 
     # Evaluator name in kd_det.evaluation.EVALUATOR_REGISTRY; "" picks it from the
     # dataset's ``evaluator_type`` metadata ("coco" or "pascal_voc").

@@ -3,6 +3,7 @@
 from .classes import ClassNames, check_same_classes, registered_thing_classes
 from .curriculum import CurriculumSampler, load_scores
 from .datasets import prepare_datasets, register_synthetic_datasets, synthetic_root
+from .stream import ResumableTrainLoader, build_resumable_train_loader
 from .synthetic import (
     CLASS_NAMES,
     SyntheticSpec,

@@ -12,15 +12,17 @@ import numpy as np
 import torch
 from detectron2.data import DatasetMapper, build_detection_test_loader, get_detection_dataset_dicts
 from detectron2.data import transforms as T
-from detectron2.engine import HookBase
+from detectron2.engine import HookBase, hooks
 from detectron2.evaluation import DatasetEvaluator, inference_on_dataset, print_csv_format
 from detectron2.evaluation.testing import flatten_results_dict
 from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
 
+from ..checkpoint.retention import prune_checkpoints
 from ..evaluation import build_evaluator
 
 __all__ = [
+    "PeriodicCheckpointer",
     "TeacherEvalHook",
     "evaluate_teacher",
     "evaluate_teacher_on",
@@ -242,3 +244,36 @@ def teacher_eval_hook(cfg) -> Optional[TeacherEvalHook]:
             functools.partial(evaluate_teacher, cfg), cfg.OUTPUT_DIR, teacher.MIN_AP
         )
     return None
+
+
+class PeriodicCheckpointer(hooks.PeriodicCheckpointer):
+    """
+    Detectron2's PeriodicCheckpointer hook that keeps only the newest ``keep`` periodic
+    checkpoints (``SOLVER.CHECKPOINT_KEEP``; 0 keeps all), found by scanning the folder
+    (:func:`~kd_det.checkpoint.prune_checkpoints`), so that those saved before a resume
+    count too. Deleting follows each save, after its file and ``last_checkpoint`` are
+    written; the tagged file and ``model_final.pth`` are never deleted.
+    """
+
+    def __init__(
+        self,
+        checkpointer,
+        period: int,
+        max_iter: Optional[int] = None,
+        keep: int = 0,
+        file_prefix: str = "model",
+    ):
+        if keep < 0:
+            raise ValueError(
+                "SOLVER.CHECKPOINT_KEEP must be >= 0 (0 keeps all), got {}".format(keep)
+            )
+        super().__init__(checkpointer, period, max_iter=max_iter, file_prefix=file_prefix)
+        self.keep = int(keep)
+
+    def step(self, iteration: int, **kwargs) -> None:
+        super().step(iteration, **kwargs)
+        saved = (iteration + 1) % self.period == 0 or (
+            self.max_iter is not None and iteration >= self.max_iter - 1
+        )
+        if saved and self.keep > 0 and comm.is_main_process():
+            prune_checkpoints(self.checkpointer.save_dir, self.keep, self.file_prefix)

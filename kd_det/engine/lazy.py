@@ -6,12 +6,13 @@ import sys
 from typing import Dict, Iterable, Optional, Tuple, Union
 
 import torch
-from detectron2.config import CfgNode, instantiate
+from detectron2.config import CfgNode, LazyCall, instantiate
 from detectron2.engine import AMPTrainer, SimpleTrainer
 from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils.registry import locate
 
 from ..config.lazy import dataset_names, is_call_of, lazy_get, single_short_edge, test_resizes
+from ..data.stream import RepeatFactorPasses, build_resumable_train_loader
 from .accumulation import GradientAccumulationTrainer, micro_batch_size
 from .hooks import TeacherEvalHook, evaluate_teacher_on
 
@@ -20,6 +21,7 @@ __all__ = [
     "lazy_teacher_eval_hook",
     "evaluate_lazy_teacher",
     "build_lazy_trainer",
+    "resumable_loader_call",
 ]
 
 
@@ -184,10 +186,11 @@ def build_lazy_trainer(
     :class:`GradientAccumulationTrainer` whose loader yields
     ``dataloader.train.total_batch_size / k`` images per step, so one iteration still
     sees the whole batch.  A ``curriculum_sampler`` of ``dataloader.train`` gets the
-    images of one iteration.
+    images of one iteration. Detectron2's training loader becomes a resumable one
+    (:func:`resumable_loader_call`).
     """
     steps = int(lazy_get(cfg, "train.grad_accum_steps", 1))
-    loader_cfg = copy.deepcopy(cfg.dataloader.train)
+    loader_cfg = resumable_loader_call(cfg.dataloader.train, int(lazy_get(cfg, "train.seed", -1)))
     images_per_iter = int(loader_cfg.total_batch_size)
     if is_call_of(lazy_get(loader_cfg, "sampler"), "curriculum_sampler"):
         # the curriculum's phases count iterations: all micro-batches of one together
@@ -199,3 +202,25 @@ def build_lazy_trainer(
     amp = bool(lazy_get(cfg, "train.amp.enabled", False))
     trainer = (AMPTrainer if amp else SimpleTrainer)(model, instantiate(loader_cfg), optimizer)
     return GradientAccumulationTrainer(trainer, steps, amp=amp) if steps > 1 else trainer
+
+
+def resumable_loader_call(loader_cfg, seed: int = -1):
+    """
+    A copy of ``dataloader.train``; a ``build_detection_train_loader`` call whose sampler is
+    the default (none) or a ``RepeatFactorTrainingSampler`` becomes the same call of
+    :func:`~kd_det.data.stream.build_resumable_train_loader` with the run's ``seed``
+    (``train.seed``), so that ``--resume`` continues its data stream exactly. Other loaders
+    and samplers (a curriculum) are left as they are.
+    """
+    loader_cfg = copy.deepcopy(loader_cfg)
+    if not is_call_of(loader_cfg, "build_detection_train_loader"):
+        return loader_cfg
+    sampler = lazy_get(loader_cfg, "sampler")
+    if sampler is not None and not is_call_of(sampler, "RepeatFactorTrainingSampler"):
+        return loader_cfg
+    loader_cfg._target_ = build_resumable_train_loader
+    if sampler is not None:
+        loader_cfg.stream = LazyCall(RepeatFactorPasses)(repeat_factors=sampler.repeat_factors)
+    loader_cfg.pop("sampler", None)
+    loader_cfg.seed = seed
+    return loader_cfg

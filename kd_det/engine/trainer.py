@@ -1,20 +1,27 @@
 """Trainers, chosen by ``cfg.TRAINER.NAME`` from :data:`TRAINER_REGISTRY`."""
 
+import logging
+
 import torch
-from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
-from detectron2.engine import DefaultTrainer
+from detectron2.data import DatasetMapper, build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.engine import DefaultTrainer, hooks
 from detectron2.solver import build_optimizer as build_sgd_optimizer
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
+from detectron2.utils import comm
 from detectron2.utils.registry import Registry
 
-from ..checkpoint import AtomicDetectionCheckpointer
+from ..checkpoint import AtomicDetectionCheckpointer, remove_leftover_temp_files
 from ..data.curriculum import CurriculumSampler, load_scores
+from ..data.stream import INDEX_STREAM_REGISTRY, build_resumable_train_loader
 from ..evaluation import build_evaluator
 from .accumulation import GradientAccumulationTrainer, micro_batch_cfg
 from .curriculum import restart_curriculum
-from .hooks import teacher_eval_hook
+from .hooks import PeriodicCheckpointer, teacher_eval_hook
+from .resume import StepSeedHook, restart_data_stream, resumable_loader
 
 __all__ = ["TRAINER_REGISTRY", "KDTrainer", "get_trainer_class", "non_finite_loss_error"]
+
+logger = logging.getLogger(__name__)
 
 TRAINER_REGISTRY = Registry("KD_TRAINER")
 TRAINER_REGISTRY.__doc__ = """
@@ -29,7 +36,10 @@ class KDTrainer(DefaultTrainer):
     Detectron2's DefaultTrainer with kd_det's evaluator registry, crash-safe
     checkpoints (:class:`AtomicDetectionCheckpointer`), ``SOLVER.OPTIMIZER``,
     ``SOLVER.GRAD_ACCUM_STEPS`` (:class:`GradientAccumulationTrainer`) and the
-    teacher evaluated before training (``KD.TEACHER.EVAL_BEFORE_TRAIN``).
+    teacher evaluated before training (``KD.TEACHER.EVAL_BEFORE_TRAIN``), at most
+    ``SOLVER.CHECKPOINT_KEEP`` periodic checkpoints, and an exact ``--resume``: the data
+    stream (:mod:`kd_det.data.stream`) and each step's random state continue where the
+    checkpoint stopped.
 
     Distillation needs nothing else here: the teacher lives inside the model
     (not as a submodule), so optimizer, checkpointer, DDP and hooks see only the
@@ -52,11 +62,22 @@ class KDTrainer(DefaultTrainer):
             old.model, old.save_dir, save_to_disk=old.save_to_disk, **old.checkpointables
         )
         self.checkpointer.pin(self.cfg.MODEL.WEIGHTS, self.cfg.MODEL.WEIGHTS_SHA256)
-        hooks = super().build_hooks()
+        ret = [self._keeping(h) for h in super().build_hooks()]
         teacher_eval = teacher_eval_hook(self.cfg)
         if teacher_eval is not None:
-            hooks.insert(0, teacher_eval)
-        return hooks
+            ret.insert(0, teacher_eval)
+        loader = resumable_loader(self._trainer)
+        if loader is not None:
+            ret.insert(0, StepSeedHook(loader))  # first: every before_step sees the seeded state
+        return ret
+
+    def _keeping(self, hook):
+        # Detectron2's PeriodicCheckpointer (main process only) -> kd_det's, which prunes
+        if type(hook) is not hooks.PeriodicCheckpointer:
+            return hook
+        return PeriodicCheckpointer(
+            hook.checkpointer, hook.period, keep=self.cfg.SOLVER.CHECKPOINT_KEEP
+        )
 
     def state_dict(self):
         # Detectron2 v0.6's DefaultTrainer leaves out its inner SimpleTrainer, so the
@@ -64,23 +85,50 @@ class KDTrainer(DefaultTrainer):
         # restarted it; later Detectron2 versions save it under the same key.
         ret = super().state_dict()
         ret["_trainer"] = self._trainer.state_dict()
+        loader = resumable_loader(self._trainer)
+        if loader is not None:
+            ret["data_stream"] = loader.state_dict()
         return ret
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
         if "_trainer" in state_dict:
             self._trainer.load_state_dict(state_dict["_trainer"])
+        loader = resumable_loader(self._trainer)
+        if loader is None:
+            return
+        # the micro-batches the saved iteration implies: what a checkpoint without the
+        # stream's state (older kd_det), or of another batch or process count, resumes at
+        consumed = (self.iter + 1) * self.cfg.SOLVER.GRAD_ACCUM_STEPS
+        if "data_stream" in state_dict:
+            loader.load_state_dict(state_dict["data_stream"], expected_position=consumed)
+        else:
+            logger.warning(
+                "The checkpoint has no data-stream state (saved by an older kd_det): the "
+                "stream continues at batch {}, not where the interrupted run was".format(consumed)
+            )
+            loader.position = consumed
 
     @classmethod
     def build_train_loader(cls, cfg):
         """
-        Detectron2's loader, of ``SOLVER.IMS_PER_BATCH / SOLVER.GRAD_ACCUM_STEPS`` images
-        per step; with ``TRAINER.CURRICULUM.ENABLED`` its sampler is a :class:`CurriculumSampler`.
+        A loader of ``SOLVER.IMS_PER_BATCH / SOLVER.GRAD_ACCUM_STEPS`` images per step:
+        a :class:`~kd_det.data.stream.ResumableTrainLoader` for Detectron2's
+        ``TrainingSampler`` and ``RepeatFactorTrainingSampler`` (``DATALOADER.SAMPLER_TRAIN``);
+        Detectron2's own for other samplers, and with ``TRAINER.CURRICULUM.ENABLED`` with a
+        :class:`CurriculumSampler`.
         """
         images_per_iter = cfg.SOLVER.IMS_PER_BATCH  # per optimizer step, all micro-batches together
         cfg = micro_batch_cfg(cfg)
         if not cfg.TRAINER.CURRICULUM.ENABLED:
-            return super().build_train_loader(cfg)
+            mapper = DatasetMapper(cfg, True)
+            if cfg.DATALOADER.SAMPLER_TRAIN in INDEX_STREAM_REGISTRY:
+                return build_resumable_train_loader(cfg, mapper=mapper)
+            logger.info(
+                "DATALOADER.SAMPLER_TRAIN={} has no resumable stream: --resume restarts its "
+                "data stream".format(cfg.DATALOADER.SAMPLER_TRAIN)
+            )
+            return build_detection_train_loader(cfg, mapper=mapper)
         # the same records, in the same order, that Detectron2's loader would use
         dataset = get_detection_dataset_dicts(
             cfg.DATASETS.TRAIN,
@@ -101,9 +149,13 @@ class KDTrainer(DefaultTrainer):
         return build_detection_train_loader(cfg, dataset=dataset, sampler=sampler)
 
     def resume_or_load(self, resume=True):
+        if comm.is_main_process():
+            # temporary files of saves that a killed process left behind
+            remove_leftover_temp_files(self.cfg.OUTPUT_DIR)
         super().resume_or_load(resume=resume)
         # the curriculum depends on the iteration: restart its stream where training resumes
         restart_curriculum(self._trainer, self.start_iter)
+        restart_data_stream(self._trainer, self.start_iter)  # at the checkpoint's position
 
     def run_step(self):
         try:

@@ -14,7 +14,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from test_train import SMALL, _metrics
 from torch import nn
 
-from kd_det.checkpoint import AtomicDetectionCheckpointer
+from kd_det.checkpoint import AtomicDetectionCheckpointer, read_checkpoint
 
 
 def test_checkpoint_interrupted_mid_write_leaves_previous_intact(tmp_path, monkeypatch):
@@ -133,7 +133,7 @@ def test_training_killed_with_sigkill_resumes(tmp_path):
     last = (out / "last_checkpoint").read_text().strip()
     # a complete, loadable file (the tag may still name the previous one if the kill fell between
     # the two renames)
-    killed_at = torch.load(out / last, weights_only=False)["iteration"]
+    killed_at = read_checkpoint(str(out / last))["iteration"]
     assert killed_at in (1, 3, 5, 7, 9)
 
     done = subprocess.run(
@@ -145,7 +145,7 @@ def test_training_killed_with_sigkill_resumes(tmp_path):
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    final = torch.load(out / "model_final.pth", weights_only=False)
+    final = read_checkpoint(str(out / "model_final.pth"))
     assert final["iteration"] == 11
     assert (
         final["trainer"]["hooks"]["LRScheduler"]["last_epoch"] == 12
@@ -196,7 +196,7 @@ def test_two_process_cpu_distillation(tmp_path, retina_teacher):
         "Start inference on 75 batches" in log
     )  # half of the 150 validation images, for the teacher
     assert [m["iteration"] for m in _metrics(out) if "teacher/bbox/AP" in m] == [0]
-    final = torch.load(out / "model_final.pth", weights_only=False)
+    final = read_checkpoint(str(out / "model_final.pth"))
     assert final["iteration"] == 2
     assert not [k for k in final["model"] if k.startswith("teacher") or k.startswith("module.")]
     assert any(k.startswith("kd_feature.adapters") for k in final["model"])
@@ -240,7 +240,7 @@ def test_two_process_cpu_self_distillation(tmp_path):
     )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
-    final = torch.load(out / "model_final.pth", weights_only=False)
+    final = read_checkpoint(str(out / "model_final.pth"))
     assert final["iteration"] == 2
     assert any(k.startswith("kd_self_teacher.") for k in final["model"])
     logged = [m for m in _metrics(out) if "loss_kd_at" in m]
@@ -286,7 +286,7 @@ def test_non_finite_kd_loss_stops_training_and_keeps_the_checkpoint(
     ):
         trainer.train()
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
-    ckpt = torch.load(tmp_path / "model_0000001.pth", weights_only=False)
+    ckpt = read_checkpoint(str(tmp_path / "model_0000001.pth"))
     assert ckpt["iteration"] == 1 and all(
         torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point()
     )
