@@ -6,12 +6,13 @@ import sys
 from typing import Dict, Iterable, Optional, Tuple, Union
 
 import torch
-from detectron2.config import CfgNode, instantiate
+from detectron2.config import CfgNode, LazyCall, instantiate
 from detectron2.engine import AMPTrainer, SimpleTrainer
 from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils.registry import locate
 
 from ..config.lazy import dataset_names, is_call_of, lazy_get, single_short_edge, test_resizes
+from ..data.bad_images import BadImageMapper
 from .accumulation import GradientAccumulationTrainer, micro_batch_size
 from .hooks import TeacherEvalHook, evaluate_teacher_on
 
@@ -184,7 +185,8 @@ def build_lazy_trainer(
     :class:`GradientAccumulationTrainer` whose loader yields
     ``dataloader.train.total_batch_size / k`` images per step, so one iteration still
     sees the whole batch.  A ``curriculum_sampler`` of ``dataloader.train`` gets the
-    images of one iteration.
+    images of one iteration. Its mapper names a bad image's file and dataset, or skips it
+    with ``train.skip_bad_images`` (yacs ``DATALOADER.SKIP_BAD_IMAGES``, :class:`BadImageMapper`).
     """
     steps = int(lazy_get(cfg, "train.grad_accum_steps", 1))
     loader_cfg = copy.deepcopy(cfg.dataloader.train)
@@ -195,6 +197,13 @@ def build_lazy_trainer(
     if steps != 1:
         loader_cfg.total_batch_size = micro_batch_size(
             images_per_iter, steps, "dataloader.train.total_batch_size", "train.grad_accum_steps"
+        )
+    if "mapper" in loader_cfg:  # a bad image's error names it, or it is skipped and counted
+        loader_cfg.mapper = LazyCall(BadImageMapper)(
+            mapper=loader_cfg.mapper,
+            dataset_names=list(dataset_names(lazy_get(loader_cfg, "dataset.names"))),
+            skip=bool(lazy_get(cfg, "train.skip_bad_images", False)),
+            skip_key="train.skip_bad_images",
         )
     amp = bool(lazy_get(cfg, "train.amp.enabled", False))
     trainer = (AMPTrainer if amp else SimpleTrainer)(model, instantiate(loader_cfg), optimizer)

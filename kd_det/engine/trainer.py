@@ -1,13 +1,14 @@
 """Trainers, chosen by ``cfg.TRAINER.NAME`` from :data:`TRAINER_REGISTRY`."""
 
 import torch
-from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.data import DatasetMapper, build_detection_train_loader, get_detection_dataset_dicts
 from detectron2.engine import DefaultTrainer
 from detectron2.solver import build_optimizer as build_sgd_optimizer
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils.registry import Registry
 
 from ..checkpoint import AtomicDetectionCheckpointer
+from ..data.bad_images import BadImageMapper, SkippedItemsHook
 from ..data.curriculum import CurriculumSampler, load_scores
 from ..evaluation import build_evaluator
 from .accumulation import GradientAccumulationTrainer, micro_batch_cfg
@@ -55,6 +56,8 @@ class KDTrainer(DefaultTrainer):
         teacher_eval = teacher_eval_hook(self.cfg)
         if teacher_eval is not None:
             hooks.insert(0, teacher_eval)
+        if self.cfg.DATALOADER.SKIP_BAD_IMAGES:
+            hooks.insert(0, SkippedItemsHook())  # before the writers: its count is in their line
         return hooks
 
     def state_dict(self):
@@ -75,11 +78,16 @@ class KDTrainer(DefaultTrainer):
         """
         Detectron2's loader, of ``SOLVER.IMS_PER_BATCH / SOLVER.GRAD_ACCUM_STEPS`` images
         per step; with ``TRAINER.CURRICULUM.ENABLED`` its sampler is a :class:`CurriculumSampler`.
+        Its mapper names a bad image's file and dataset, or skips it
+        (``DATALOADER.SKIP_BAD_IMAGES``, :class:`BadImageMapper`).
         """
         images_per_iter = cfg.SOLVER.IMS_PER_BATCH  # per optimizer step, all micro-batches together
         cfg = micro_batch_cfg(cfg)
+        mapper = BadImageMapper(
+            DatasetMapper(cfg, True), cfg.DATASETS.TRAIN, cfg.DATALOADER.SKIP_BAD_IMAGES
+        )
         if not cfg.TRAINER.CURRICULUM.ENABLED:
-            return super().build_train_loader(cfg)
+            return build_detection_train_loader(cfg, mapper=mapper)
         # the same records, in the same order, that Detectron2's loader would use
         dataset = get_detection_dataset_dicts(
             cfg.DATASETS.TRAIN,
@@ -97,7 +105,7 @@ class KDTrainer(DefaultTrainer):
             images_per_iter,
             seed=cfg.SEED if cfg.SEED >= 0 else None,
         )
-        return build_detection_train_loader(cfg, dataset=dataset, sampler=sampler)
+        return build_detection_train_loader(cfg, dataset=dataset, sampler=sampler, mapper=mapper)
 
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)
