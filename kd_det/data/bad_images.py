@@ -1,7 +1,9 @@
 """
 Training-time handling of dataset items that cannot be loaded or mapped: the error names the file
 and its dataset (a data-loader worker's traceback names neither), and with
-``DATALOADER.SKIP_BAD_IMAGES`` the item is skipped, with a warning, and counted in metrics.json.
+``DATALOADER.SKIP_BAD_IMAGES`` the item is replaced by another training item, with a warning, and
+counted in metrics.json. The replacement is drawn here, not by returning None to Detectron2's
+MapDataset: v0.6's fallback calls ``random.sample`` on a set, a TypeError since Python 3.11.
 
 The count travels back from the loader's worker processes on the data itself: the next item a
 worker returns carries the number of items it skipped before it (:data:`SKIPPED_KEY`), and
@@ -12,9 +14,11 @@ with no shared state; Detectron2's models read only the keys they know.
 
 import logging
 import os
+import random
 import struct
 from typing import Callable, Dict, List, Optional, Sequence
 
+from detectron2.data import get_detection_dataset_dicts
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 from PIL import Image
@@ -48,8 +52,11 @@ class BadImageError(RuntimeError):
 class BadImageMapper:
     """
     ``mapper`` (e.g. Detectron2's DatasetMapper), whose errors name the item's file and dataset;
-    with ``skip``, an item failing with one of :data:`BAD_IMAGE_ERRORS` is skipped (returns
-    None: Detectron2's MapDataset then maps another item) with a warning, and counted.
+    with ``skip``, an item failing with one of :data:`BAD_IMAGE_ERRORS` is skipped with a
+    warning and counted, and another training item is mapped in its place: one drawn uniformly
+    from the items this worker mapped so far (a reservoir sample), or, before there are any,
+    from the training records (``get_detection_dataset_dicts(dataset_names, filter_empty)``,
+    loaded in the worker only then).
     """
 
     def __init__(
@@ -59,6 +66,8 @@ class BadImageMapper:
         skip: bool = False,
         max_consecutive: int = 100,
         skip_key: str = "DATALOADER.SKIP_BAD_IMAGES",
+        filter_empty: bool = True,
+        reservoir_size: int = 64,
     ):
         """
         Args:
@@ -66,18 +75,24 @@ class BadImageMapper:
             max_consecutive: with ``skip``, this many failures in a row stop training: that is
                 a wrong image root or a broken mapper, not a few bad files.
             skip_key: the setting named in messages (a LazyConfig's ``train.skip_bad_images``).
+            filter_empty: as the loader's records (``DATALOADER.FILTER_EMPTY_ANNOTATIONS``).
+            reservoir_size: mapped items remembered as replacements.
         """
         self.mapper = mapper
         self.dataset_names = tuple(dataset_names)
         self.skip = skip
         self.max_consecutive = max_consecutive
         self.skip_key = skip_key
+        self.filter_empty = filter_empty
+        self.reservoir_size = reservoir_size
         # resolved now, in the training process, where the catalogs are complete
         self._dirs = image_dirs(self.dataset_names)
         self._sources = {n: dataset_source(n) for n in self.dataset_names}
         # per worker process (each has its own copy): skipped, not yet reported; failures in a row
         self._pending = 0
         self._consecutive = 0
+        self._reservoir: List[Dict] = []
+        self._seen = 0
 
     def describe(self, dataset_dict: Dict) -> str:
         """'image <file> of dataset <name> (<annotation file>)', as far as known."""
@@ -95,40 +110,65 @@ class BadImageMapper:
             file_name, dataset_dict.get("image_id", "?"), where
         )
 
+    def _remember(self, dataset_dict: Dict) -> None:
+        # reservoir sampling: every item mapped so far is equally likely to be in it
+        self._seen += 1
+        if len(self._reservoir) < self.reservoir_size:
+            self._reservoir.append(dataset_dict)
+        else:
+            k = random.randrange(self._seen)
+            if k < self.reservoir_size:
+                self._reservoir[k] = dataset_dict
+
+    def _replacement(self) -> Dict:
+        if not self._reservoir:  # a worker's first item was bad: draw from all the records
+            records = get_detection_dataset_dicts(
+                list(self.dataset_names), filter_empty=self.filter_empty, check_consistency=False
+            )
+            return records[random.randrange(len(records))]
+        return self._reservoir[random.randrange(len(self._reservoir))]
+
     def __call__(self, dataset_dict: Dict) -> Optional[Dict]:
-        try:
-            data = self.mapper(dataset_dict)
-        except Exception as e:
-            item = self.describe(dataset_dict)
-            error = "{}: {}".format(type(e).__name__, e)
-            if not (self.skip and isinstance(e, BAD_IMAGE_ERRORS)):
-                raise BadImageError(
-                    "cannot load or map {}: {}. Replace or remove the file (tools/train_net.py "
-                    "with DATASETS.VALIDATE full finds every such file before training){}".format(
-                        item,
-                        error,
-                        (
-                            ", or set {} True to skip such images".format(self.skip_key)
-                            if isinstance(e, BAD_IMAGE_ERRORS)
-                            else ""
-                        ),
-                    )
-                ) from e
-            self._consecutive += 1
-            if self._consecutive >= self.max_consecutive:
-                raise BadImageError(
-                    "{} dataset items in a row failed (the last: {}: {}): not a few bad images "
-                    "but a wrong image root or a broken mapper. Check the dataset path and the "
-                    "mapper".format(self._consecutive, item, error)
-                ) from e
-            self._pending += 1
-            logger.warning("Skipping {} ({}): {}".format(item, self.skip_key, error))
-            return None
+        item = dataset_dict
+        while True:
+            try:
+                data = self.mapper(item)
+                break
+            except Exception as e:
+                self._skip_or_raise(item, e)
+            item = self._replacement()
         self._consecutive = 0
+        self._remember(item)
         if data is not None and self._pending and isinstance(data, dict):
             data[SKIPPED_KEY] = self._pending
             self._pending = 0
         return data
+
+    def _skip_or_raise(self, dataset_dict: Dict, e: Exception) -> None:
+        item = self.describe(dataset_dict)
+        error = "{}: {}".format(type(e).__name__, e)
+        if not (self.skip and isinstance(e, BAD_IMAGE_ERRORS)):
+            raise BadImageError(
+                "cannot load or map {}: {}. Replace or remove the file (tools/train_net.py "
+                "with DATASETS.VALIDATE full finds every such file before training){}".format(
+                    item,
+                    error,
+                    (
+                        ", or set {} True to skip such images".format(self.skip_key)
+                        if isinstance(e, BAD_IMAGE_ERRORS)
+                        else ""
+                    ),
+                )
+            ) from e
+        self._consecutive += 1
+        if self._consecutive >= self.max_consecutive:
+            raise BadImageError(
+                "{} dataset items in a row failed (the last: {}: {}): not a few bad images "
+                "but a wrong image root or a broken mapper. Check the dataset path and the "
+                "mapper".format(self._consecutive, item, error)
+            ) from e
+        self._pending += 1
+        logger.warning("Skipping {} ({}): {}".format(item, self.skip_key, error))
 
 
 class SkippedItemsHook(HookBase):

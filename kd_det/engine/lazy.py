@@ -204,6 +204,7 @@ def build_lazy_trainer(
             dataset_names=list(dataset_names(lazy_get(loader_cfg, "dataset.names"))),
             skip=bool(lazy_get(cfg, "train.skip_bad_images", False)),
             skip_key="train.skip_bad_images",
+            filter_empty=bool(lazy_get(loader_cfg, "dataset.filter_empty", True)),
         )
     amp = bool(lazy_get(cfg, "train.amp.enabled", False))
     trainer = (AMPTrainer if amp else SimpleTrainer)(model, instantiate(loader_cfg), optimizer)

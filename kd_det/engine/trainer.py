@@ -84,7 +84,10 @@ class KDTrainer(DefaultTrainer):
         images_per_iter = cfg.SOLVER.IMS_PER_BATCH  # per optimizer step, all micro-batches together
         cfg = micro_batch_cfg(cfg)
         mapper = BadImageMapper(
-            DatasetMapper(cfg, True), cfg.DATASETS.TRAIN, cfg.DATALOADER.SKIP_BAD_IMAGES
+            DatasetMapper(cfg, True),
+            cfg.DATASETS.TRAIN,
+            cfg.DATALOADER.SKIP_BAD_IMAGES,
+            filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
         )
         if not cfg.TRAINER.CURRICULUM.ENABLED:
             return build_detection_train_loader(cfg, mapper=mapper)
