@@ -154,9 +154,9 @@ class BadImageMapper:
                     item,
                     error,
                     (
-                        ", or set {} True to skip such images".format(self.skip_key)
+                        ", or set {} True to skip such images.".format(self.skip_key)
                         if isinstance(e, BAD_IMAGE_ERRORS)
-                        else ""
+                        else "."
                     ),
                 )
             ) from e
@@ -165,7 +165,7 @@ class BadImageMapper:
             raise BadImageError(
                 "{} dataset items in a row failed (the last: {}: {}): not a few bad images "
                 "but a wrong image root or a broken mapper. Check the dataset path and the "
-                "mapper".format(self._consecutive, item, error)
+                "mapper.".format(self._consecutive, item, error)
             ) from e
         self._pending += 1
         logger.warning("Skipping {} ({}): {}".format(item, self.skip_key, error))

@@ -36,16 +36,18 @@ def empty_dataset_message(
     """
     what = ", ".join(_named(n) for n in names)
     wrong_file = (
-        "Check that the registration names the instances file of the training split (not an "
-        "image_info, captions or test file, nor an empty export): the dataset path "
-        "($DETECTRON2_DATASETS) or the registered json/dirname"
+        "the registration names the training split's instances file, not an image_info, "
+        "captions or test file or an empty export; check the dataset path "
+        "($DETECTRON2_DATASETS) and the registered json/dirname"
     )
     if not filtered:
-        return "{} has no images to train on. {}.".format(what, wrong_file)
+        return "{} has no images to train on. Check that {}.".format(what, wrong_file)
     return (
         "{}: no image has a non-crowd annotation, and {} True drops images without one, so "
-        "nothing is left to train on. Either the file is the wrong one: {}; or the images are "
-        "meant to have no objects: set {} False.".format(what, filter_key, wrong_file, filter_key)
+        "nothing is left to train on. Either the file is the wrong one (check that {}), or the "
+        "images are meant to have no objects (set {} False).".format(
+            what, filter_key, wrong_file, filter_key
+        )
     )
 
 

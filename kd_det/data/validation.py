@@ -258,7 +258,7 @@ def validate_coco_json(
                     (img["width"], img["height"]),
                     "the json",
                     "Correct the record's width/height (Detectron2 stops with a "
-                    "SizeMismatchError at this image)",
+                    "SizeMismatchError at this image).",
                 )
             _fail(
                 json_file,

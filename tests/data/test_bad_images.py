@@ -189,7 +189,7 @@ def test_empty_json_is_named_before_training(tmp_path):
     message = str(e.value)
     assert "dataset 'kd_test_no_annotations' (json {})".format(json_file) in message
     assert "no image has a non-crowd annotation" in message
-    assert "set DATALOADER.FILTER_EMPTY_ANNOTATIONS False" in message
+    assert "(set DATALOADER.FILTER_EMPTY_ANNOTATIONS False)" in message
     assert "instances file of the training split" in message
 
 
@@ -238,3 +238,93 @@ def test_lazyconfig_train_net_decodes_the_images(tmp_path):
     tool.prepare(
         argparse.Namespace(**{**vars(args), "opts": args.opts + ["train.validate_datasets=none"]})
     )
+
+
+# the issue's cases, through tools/train_net.py: (edit of a 4-image dataset, VALIDATE, message)
+TRAIN_NET_CASES = {
+    "truncated jpeg": (
+        "truncate",
+        "full",
+        r"train.json: image id 2: .*im2.jpg cannot be read \(OSError: image file is truncated",
+    ),
+    "truncated jpeg, not validated": (
+        "truncate",
+        "none",
+        r"BadImageError: .*im2.jpg \(image_id 2\) of dataset 'kd_user_train' \(json .*train.json\)"
+        r": OSError: image file is truncated",
+    ),
+    "swapped width/height": (
+        "swap",
+        "full",
+        r"train.json: image id 1: the json says 64x96 \(width x height\) but .*im1.jpg is 96x64",
+    ),
+    "no annotations": (
+        "empty",
+        "full",
+        r"dataset 'kd_user_train' \(json .*train.json\): no image has a non-crowd annotation.*"
+        r"set DATALOADER.FILTER_EMPTY_ANNOTATIONS False",
+    ),
+    "no annotations, not validated": (
+        "empty",
+        "none",
+        r"EmptyDatasetError: dataset 'kd_user_train' \(json .*train.json\): no image has",
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(TRAIN_NET_CASES))
+def test_train_net_names_the_issues_cases(case, tmp_path):
+    import re
+    import subprocess
+    import sys
+
+    edit, validate, pattern = TRAIN_NET_CASES[case]
+    root = tmp_path / "images"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    images, annotations = [], []
+    for i in range(1, 5):
+        Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(
+            root / "im{}.jpg".format(i), quality=90
+        )
+        images.append({"id": i, "file_name": "im{}.jpg".format(i), "width": 96, "height": 64})
+        annotations.append(
+            {"id": i, "image_id": i, "category_id": 1, "bbox": [50, 5, 40, 20], "iscrowd": 0}
+        )
+    if edit == "truncate":  # a third of its bytes: the header still reads
+        data = (root / "im2.jpg").read_bytes()
+        (root / "im2.jpg").write_bytes(data[: len(data) // 3 + 400])
+    elif edit == "swap":
+        images[0].update(width=64, height=96)
+    else:
+        annotations = []
+    json_file = tmp_path / "train.json"
+    json_file.write_text(
+        json.dumps(
+            {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "a"}]}
+        )
+    )
+    register = tmp_path / "register.py"
+    register.write_text(
+        "import sys, runpy\n"
+        "from detectron2.data.datasets import register_coco_instances\n"
+        "register_coco_instances('kd_user_train', {{}}, {!r}, {!r})\n"
+        "sys.argv = ['train_net.py'] + sys.argv[1:]\n"
+        "runpy.run_path({!r}, run_name='__main__')\n".format(
+            str(json_file), str(root), os.path.join(REPO, "tools", "train_net.py")
+        )
+    )
+    proc = subprocess.run(
+        [sys.executable, str(register), "--config-file", os.path.join(REPO, "configs", RETINA)]
+        + ["DATASETS.TRAIN", "('kd_user_train',)", "DATASETS.TEST", "()"]
+        + ["MODEL.RETINANET.NUM_CLASSES", "1", "DATASETS.VALIDATE", validate]
+        + ["DATALOADER.NUM_WORKERS", "1", "SOLVER.MAX_ITER", "2"]
+        + ["OUTPUT_DIR", str(tmp_path / "out")],
+        cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    assert re.search(pattern, proc.stderr), proc.stderr[-3000:]
