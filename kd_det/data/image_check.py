@@ -9,7 +9,8 @@ import logging
 import multiprocessing
 import os
 import sys
-from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
+import time
+from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
 from PIL import Image, ImageFile
 
@@ -43,6 +44,8 @@ _EXTENSIONS = {
 CACHE_VERSION = 1
 # below this many files a process pool costs more than it saves
 _MIN_FILES_FOR_POOL = 64
+# how often a long check saves its cache
+_SAVE_EVERY_S = 60.0
 
 
 class ImageCheck(NamedTuple):
@@ -205,6 +208,17 @@ def _default_processes() -> int:
         return os.cpu_count() or 1
 
 
+def _decode_all(paths: List[str], processes: int) -> Iterator[ImageCheck]:
+    """:func:`check_image` of each path, in any order, in ``processes`` processes."""
+    if processes <= 1 or len(paths) < _MIN_FILES_FOR_POOL:
+        yield from map(check_image, paths)
+        return
+    # chunks: few enough round trips, small enough that the progress bar moves
+    chunk = max(1, min(64, len(paths) // (processes * 8)))
+    with multiprocessing.get_context().Pool(processes) as pool:
+        yield from pool.imap_unordered(check_image, paths, chunk)
+
+
 def check_images(
     paths: Iterable[str],
     cache_file: Optional[str] = None,
@@ -225,9 +239,9 @@ def check_images(
     Returns:
         {path: ImageCheck} for every path (as given).
     """
-    cache = ImageCheckCache(default_cache_file() if cache_file is None else cache_file)
-    if cache_file == "":
-        cache = None
+    cache = None
+    if cache_file != "":
+        cache = ImageCheckCache(default_cache_file() if cache_file is None else cache_file)
     results: Dict[str, ImageCheck] = {}
     todo: List[Tuple[str, str, os.stat_result]] = []  # (path as given, absolute path, stat)
     for path in dict.fromkeys(paths):
@@ -245,26 +259,25 @@ def check_images(
 
     if todo:
         processes = processes or _default_processes()
+        if multiprocessing.current_process().daemon:
+            processes = 1  # a daemonic process (e.g. a pool worker) may not start a pool
+        stats = {a: st for _, a, st in todo}
+        checked: Dict[str, ImageCheck] = {}
         bar = _progress(len(todo), desc, progress)
-        absolute_paths = [a for _, a, _ in todo]
-        if processes > 1 and len(todo) >= _MIN_FILES_FOR_POOL:
-            chunk = max(1, min(64, len(todo) // (processes * 8)))
-            with multiprocessing.get_context().Pool(processes) as pool:
-                checked = {}
-                for result in pool.imap_unordered(check_image, absolute_paths, chunk):
-                    checked[result.path] = result
-                    bar.update()
-        else:
-            checked = {}
-            for absolute in absolute_paths:
-                checked[absolute] = check_image(absolute)
+        last_save = time.monotonic()
+        try:
+            for result in _decode_all(list(stats), processes):
+                checked[result.path] = result
                 bar.update()
-        bar.close()
-        for path, absolute, stat in todo:
-            result = checked[absolute]
+                if cache is not None:
+                    cache.put(result, stats[result.path])
+                    if time.monotonic() - last_save > _SAVE_EVERY_S:
+                        cache.save()  # an interrupted check keeps what it did
+                        last_save = time.monotonic()
+        finally:
+            bar.close()
             if cache is not None:
-                cache.put(result, stat)
-            results[path] = result._replace(path=path)
-        if cache is not None:
-            cache.save()
+                cache.save()
+        for path, absolute, _ in todo:
+            results[path] = checked[absolute]._replace(path=path)
     return results

@@ -190,7 +190,7 @@ def test_empty_json_is_named_before_training(tmp_path):
     assert "dataset 'kd_test_no_annotations' (json {})".format(json_file) in message
     assert "no image has a non-crowd annotation" in message
     assert "(set DATALOADER.FILTER_EMPTY_ANNOTATIONS False)" in message
-    assert "instances file of the training split" in message
+    assert "the training split's instances file" in message
 
 
 def test_empty_json_is_named_when_the_loader_is_built(tmp_path):
