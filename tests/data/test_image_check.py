@@ -222,3 +222,12 @@ def test_voc_images_are_decoded_too(tmp_path):
     _truncate(root / "JPEGImages" / "a2.jpg")
     with pytest.raises(DatasetError, match=r"a2.xml: .*a2.jpg cannot be read .*truncated"):
         validate_voc_dataset(str(root), "train", ["cat"], cache_file=cache)
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch):
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
+    bar = image_check._progress(3, "decoding", None)
+    assert type(bar).__name__ == "tqdm"
+    bar.close()
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False, raising=False)
+    assert type(image_check._progress(3, "decoding", None)).__name__ == "_NoBar"
