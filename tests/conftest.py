@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny synthetic dataset and tiny CPU configs."""
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -10,6 +11,10 @@ from detectron2.modeling import build_model
 import kd_det  # noqa: F401  (registers meta-architectures and datasets)
 from kd_det import get_kd_cfg, merge_kd_config
 from kd_det.data import SyntheticSpec, ensure_synthetic_dataset, register_synthetic_datasets
+
+# DATASETS.VALIDATE full's image check cache: a fresh one per session, not the user's ~/.cache
+# (subprocesses of tools/train_net.py inherit it)
+os.environ.setdefault("KD_DET_CACHE", tempfile.mkdtemp(prefix="kd_det_test_cache_"))
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_SPEC = SyntheticSpec(

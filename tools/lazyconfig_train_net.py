@@ -17,7 +17,9 @@ The config has Detectron2's LazyConfig training keys: ``model``, ``dataloader.tr
 ``train`` (output_dir, init_checkpoint, max_iter, amp.enabled, ddp, checkpointer,
 eval_period, log_period, device; and kd_det's, optional: grad_accum_steps, yacs
 ``SOLVER.GRAD_ACCUM_STEPS``; teacher_eval = dict(enabled=..., min_ap=...), yacs
-``KD.TEACHER.EVAL_BEFORE_TRAIN``/``MIN_AP``). Overrides are ``key=value``. Evaluation
+``KD.TEACHER.EVAL_BEFORE_TRAIN``/``MIN_AP``; validate_datasets, yacs
+``DATASETS.VALIDATE``, default "full"; skip_bad_images, yacs ``DATALOADER.SKIP_BAD_IMAGES``,
+default False). Overrides are ``key=value``. Evaluation
 builds the student alone: neither the teacher nor its weights are needed.
 """
 
@@ -37,6 +39,8 @@ from kd_det.checkpoint import (
 from kd_det.config.lazy import dataset_names, lazy_get
 from kd_det.config.student import student_model_call
 from kd_det.data import prepare_datasets, validate_registered_datasets
+from kd_det.data.bad_images import SkippedItemsHook
+from kd_det.data.empty import empty_dataset_errors
 from kd_det.engine import non_finite_loss_error
 from kd_det.engine.curriculum import restart_curriculum
 from kd_det.engine.hooks import PeriodicCheckpointer
@@ -79,7 +83,9 @@ def do_train(args, cfg):
 
     # looked up at call time: kd_det.engine.launch replaces it in CPU worker processes
     model = defaults.create_ddp_model(model, **cfg.train.ddp)
-    trainer = build_lazy_trainer(cfg, model, optimizer)  # with train.grad_accum_steps, accumulating
+    # Detectron2's bare assertion on an empty training set -> the dataset, its file, the fixes
+    with empty_dataset_errors("dataloader.train.dataset.filter_empty"):
+        trainer = build_lazy_trainer(cfg, model, optimizer)  # with train.grad_accum_steps
     loader = resumable_loader(trainer)  # its seed and position are saved beside the trainer's
     streams = {"data_stream": loader} if loader is not None else {}
     checkpointer = AtomicDetectionCheckpointer(
@@ -105,6 +111,8 @@ def do_train(args, cfg):
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
             (PeriodicCheckpointer(checkpointer, **periodic) if comm.is_main_process() else None),
             hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
+            # train.skip_bad_images: skipped items counted in metrics.json (before the writer)
+            SkippedItemsHook() if lazy_get(cfg, "train.skip_bad_images", False) else None,
             (
                 hooks.PeriodicWriter(
                     defaults.default_writers(cfg.train.output_dir, cfg.train.max_iter),
@@ -182,12 +190,30 @@ def main(args):
 def prepare(args):
     """
     Once, before any worker starts: generate kd_det's synthetic data if used, and
-    check the COCO- and VOC-format datasets the config names (annotations only).
+    check the COCO- and VOC-format datasets the config names (``train.validate_datasets``,
+    as yacs ``DATASETS.VALIDATE``: "full", the default, decodes every image too;
+    "annotations"; "none").
     """
     cfg = load_config(args)
     names = datasets_used(cfg, args.eval_only)
     prepare_datasets(names)
-    validate_registered_datasets(names, check_images=False)
+    mode = lazy_get(cfg, "train.validate_datasets", "full")
+    if mode not in ("full", "annotations", "none"):
+        raise ValueError(
+            "train.validate_datasets={!r}: use 'full', 'annotations' or 'none'".format(mode)
+        )
+    if mode == "none":
+        return
+    # get_detection_dataset_dicts drops images without annotations unless told not to
+    filtered = not args.eval_only and lazy_get(cfg, "dataloader.train.dataset.filter_empty", True)
+    validate_registered_datasets(
+        names,
+        check_images=mode == "full",
+        filter_empty=(
+            dataset_names(lazy_get(cfg, "dataloader.train.dataset.names")) if filtered else ()
+        ),
+        filter_key="dataloader.train.dataset.filter_empty",
+    )
 
 
 def cli(argv=None):

@@ -19,6 +19,7 @@ from kd_det import merge_kd_config
 from kd_det.checkpoint import add_trust_pickle_argument, trust_pickle_from_args
 from kd_det.config.student import student_model_config
 from kd_det.data import prepare_datasets, validate_registered_datasets
+from kd_det.data.empty import empty_dataset_errors
 from kd_det.engine import get_trainer_class
 from kd_det.engine.launch import launch
 from kd_det.evaluation import evaluator_name
@@ -44,7 +45,8 @@ def main(args):
         res = trainer_cls.test(cfg, model)
         verify_results(cfg, res)
         return res
-    trainer = trainer_cls(cfg)
+    with empty_dataset_errors():  # Detectron2's bare assertion -> the dataset, its file, the fixes
+        trainer = trainer_cls(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
 
@@ -52,18 +54,21 @@ def main(args):
 def prepare(args):
     """
     Work done once, before any worker starts: generate kd_det's synthetic data if
-    used, then check every COCO- and VOC-format dataset (DATASETS.VALIDATE) so that
-    bad data fails now, with the file and record to fix.
+    used, then check every COCO- and VOC-format dataset (DATASETS.VALIDATE; with "full"
+    every image is decoded, in parallel and cached) so that bad data fails now, with the
+    file and record to fix.
     """
     cfg = merge_kd_config(get_cfg(), args.config_file, args.opts)
     # --eval-only reads only the test sets, which may be all a machine holds
     names = ([] if args.eval_only else list(cfg.DATASETS.TRAIN)) + list(cfg.DATASETS.TEST)
     prepare_datasets(names)
     if cfg.DATASETS.VALIDATE != "none":
+        filtered = not args.eval_only and cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
         validate_registered_datasets(
             names,
             check_images=cfg.DATASETS.VALIDATE == "full",
             voc_evaluated=[n for n in cfg.DATASETS.TEST if _evaluated_with_voc(cfg, n)],
+            filter_empty=cfg.DATASETS.TRAIN if filtered else (),
         )
 
 

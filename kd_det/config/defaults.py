@@ -167,8 +167,16 @@ def add_kd_config(cfg: CN) -> CN:
     cfg.TRAINER.CURRICULUM.PHASE_FRACTIONS = []
 
     # Checks of COCO- and VOC-format datasets by tools/train_net.py before training: "full"
-    # (annotations and image files), "annotations", or "none".
+    # (annotations, and every image decoded completely and its size compared with the
+    # annotation's: in parallel on all cores, results cached by path, size and mtime in
+    # $KD_DET_CACHE, default ~/.cache/kd_det), "annotations", or "none".
     cfg.DATASETS.VALIDATE = "full"
+    # An image that fails to load or map during training: False stops training with an error
+    # naming the file and dataset; True skips it (another image is drawn) with a warning and
+    # counts the skips as data/skipped_items in metrics.json. False by default: VALIDATE full
+    # finds bad files before training, and a silently smaller training set changes results;
+    # True is for data that may go bad during a run (network storage, images still arriving).
+    cfg.DATALOADER.SKIP_BAD_IMAGES = False
 
     # The SHA-256 of MODEL.WEIGHTS, checked before it is read (as KD.TEACHER.WEIGHTS_SHA256);
     # not of the checkpoints --resume continues from.  Released configs drop it.

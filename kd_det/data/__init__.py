@@ -1,8 +1,11 @@
 """Datasets: the generated synthetic default data and its registration."""
 
+from .bad_images import BadImageError, BadImageMapper, SkippedItemsHook
 from .classes import ClassNames, check_same_classes, registered_thing_classes
 from .curriculum import CurriculumSampler, load_scores
 from .datasets import prepare_datasets, register_synthetic_datasets, synthetic_root
+from .empty import EmptyDatasetError, empty_dataset_errors
+from .image_check import ImageCheck, check_image, check_images
 from .stream import ResumableTrainLoader, build_resumable_train_loader
 from .synthetic import (
     CLASS_NAMES,

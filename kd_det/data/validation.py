@@ -5,11 +5,15 @@ data-loader worker, or in the evaluator after the last iteration) or silently.
 """
 
 import json
+import logging
 import os
 import xml.etree.ElementTree as ET
-from typing import Dict, Iterable, List, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from detectron2.data import MetadataCatalog
+
+from . import image_check
+from .empty import empty_dataset_message
 
 __all__ = [
     "DatasetError",
@@ -18,8 +22,9 @@ __all__ = [
     "validate_registered_datasets",
 ]
 
-# EXIF orientations that swap width and height (Detectron2's read_image applies them)
-_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+logger = logging.getLogger(__name__)
+# problems listed in one error; the count says how many more there are
+_MAX_LISTED = 20
 
 
 class DatasetError(ValueError):
@@ -31,8 +36,95 @@ def _fail(json_file: str, what: str, fix: str):
     raise DatasetError("{}: {}. {}".format(json_file, what, fix))
 
 
+class _ImageRecord:
+    """One image a dataset file refers to: how to name it, its path, the size the file states."""
+
+    def __init__(self, label: str, path: str, size: Optional[Tuple[int, int]], source: str):
+        self.label, self.path, self.size, self.source = label, path, size, source
+
+
+def _check_image_files(
+    source: str,
+    records: List[_ImageRecord],
+    fixes: Dict[str, str],
+    size_field: str,
+    cache_file: Optional[str],
+    processes: Optional[int],
+) -> None:
+    """
+    Decode every image of ``records`` completely (:func:`kd_det.data.image_check.check_images`:
+    parallel, cached) and fail with all that cannot be used: missing, undecodable, or of another
+    size than ``size_field`` states. Files that decode but are misnamed are logged as warnings.
+
+    Args:
+        source: the dataset file the error is about (the COCO json, the VOC split file).
+        fixes: {"missing" | "unreadable" | "size": the fix for that kind of problem}.
+    """
+    results = image_check.check_images(
+        [r.path for r in records],
+        cache_file=cache_file,
+        processes=processes,
+        desc="decoding the images of {}".format(os.path.basename(source)),
+    )
+    problems: List[Tuple[str, str]] = []  # (kind, text)
+    warnings = []
+    for r in records:
+        result = results[r.path]
+        if result.error == "file not found":
+            problems.append(("missing", "{}: file {} not found".format(r.label, r.path)))
+        elif result.error is not None:
+            problems.append(
+                ("unreadable", "{}: {} cannot be read ({})".format(r.label, r.path, result.error))
+            )
+        elif r.size is not None and tuple(result.size) != tuple(r.size):
+            problems.append(
+                (
+                    "size",
+                    "{}: {} says {}x{} (width x height) but {} is {}x{}{}".format(
+                        r.label,
+                        size_field,
+                        r.size[0],
+                        r.size[1],
+                        r.path,
+                        result.size[0],
+                        result.size[1],
+                        " after its EXIF orientation" if result.transposed else "",
+                    ),
+                )
+            )
+        elif result.warning:
+            warnings.append(result.warning)
+    for w in warnings[:_MAX_LISTED]:
+        logger.warning(w)
+    if len(warnings) > _MAX_LISTED:
+        logger.warning("... and {} more misnamed image files".format(len(warnings) - _MAX_LISTED))
+    if not problems:
+        return
+    kinds = [k for k in ("missing", "unreadable", "size") if any(p[0] == k for p in problems)]
+    fix = " ".join(fixes[k] + "." for k in kinds)
+    if len(problems) == 1:
+        raise DatasetError("{}: {}. {}".format(source, problems[0][1], fix))
+    listed = "\n".join("  " + text for _, text in problems[:_MAX_LISTED])
+    more = len(problems) - _MAX_LISTED
+    raise DatasetError(
+        "{}: {} of {} images cannot be used:\n{}{}\n{}".format(
+            source,
+            len(problems),
+            len(records),
+            listed,
+            "\n  ... and {} more".format(more) if more > 0 else "",
+            fix,
+        )
+    )
+
+
 def validate_coco_json(
-    json_file: str, image_root: str, check_images: bool = True, tolerance: float = 1.0
+    json_file: str,
+    image_root: str,
+    check_images: bool = True,
+    tolerance: float = 1.0,
+    cache_file: Optional[str] = None,
+    processes: Optional[int] = None,
 ) -> Dict:
     """
     Validate a COCO instances file and its images.
@@ -42,10 +134,14 @@ def validate_coco_json(
     ``width``/``height``; image ids are unique; every annotation names an existing
     image and category and has a ``bbox`` [x, y, w, h] with w > 0, h > 0 inside the
     image (``tolerance`` pixels of slack, as annotation tools round); with
-    ``check_images``, every image file exists and its header can be read.
+    ``check_images``, every image file exists, decodes completely and has the record's
+    width/height after EXIF orientation (:mod:`kd_det.data.image_check`, in ``processes``
+    processes, with results cached in ``cache_file``; see ``check_images`` there).
 
     Returns:
-        {"images": n, "annotations": n, "categories": n}
+        {"images": n, "annotations": n, "categories": n, "annotated_images": n}, the last
+        the images with a non-crowd annotation (those Detectron2 trains on with
+        ``DATALOADER.FILTER_EMPTY_ANNOTATIONS``).
     Raises:
         DatasetError naming the file and the offending record.
     """
@@ -154,6 +250,16 @@ def validate_coco_json(
             or x + w > img["width"] + tolerance
             or y + h > img["height"] + tolerance
         ):
+            if check_images:  # the record's size may be the cause: say so first
+                _fail_on_size_mismatch(
+                    json_file,
+                    "image id {}".format(img["id"]),
+                    os.path.join(image_root, img["file_name"]),
+                    (img["width"], img["height"]),
+                    "the json",
+                    "Correct the record's width/height (Detectron2 stops with a "
+                    "SizeMismatchError at this image).",
+                )
             _fail(
                 json_file,
                 "{} in {} has box [{}, {}, {}, {}] outside the {}x{} image".format(
@@ -163,28 +269,52 @@ def validate_coco_json(
             )
 
     if check_images:
-        from PIL import Image
+        records = [
+            _ImageRecord(
+                "image id {}".format(img["id"]),
+                os.path.join(image_root, img["file_name"]),
+                (img["width"], img["height"]),
+                json_file,
+            )
+            for img in images.values()
+        ]
+        _check_image_files(
+            json_file,
+            records,
+            {
+                "missing": "Check the image root ({}) or remove the records".format(image_root),
+                "unreadable": "Replace the unreadable files (re-download or re-export them) or "
+                "remove their records",
+                "size": "Correct the records' width/height (Detectron2 stops with a "
+                "SizeMismatchError at such an image)",
+            },
+            "the json",
+            cache_file,
+            processes,
+        )
+    annotated = {
+        a["image_id"] for a in data["annotations"] if not a.get("iscrowd", 0)
+    }  # Detectron2's filter_images_with_only_crowd_annotations keeps these
+    stats = {k: len(data[k]) for k in ("images", "annotations", "categories")}
+    stats["annotated_images"] = len(annotated)
+    return stats
 
-        for img in images.values():
-            path = os.path.join(image_root, img["file_name"])
-            if not os.path.isfile(path):
-                _fail(
-                    json_file,
-                    "image id {}: file {} not found".format(img["id"], path),
-                    "Check the image root ({}) or remove the record.".format(image_root),
-                )
-            try:
-                with Image.open(path) as im:  # reads the header only
-                    im.size
-            except Exception as e:
-                _fail(
-                    json_file,
-                    "image id {}: {} cannot be read ({}: {})".format(
-                        img["id"], path, type(e).__name__, e
-                    ),
-                    "Replace the corrupt file or remove the record.",
-                )
-    return {k: len(data[k]) for k in ("images", "annotations", "categories")}
+
+def _fail_on_size_mismatch(
+    source: str, label: str, path: str, size: Tuple[int, int], size_field: str, fix: str
+) -> None:
+    """Fail when the header of ``path`` gives another size than ``size`` (cheap: no decode)."""
+    try:
+        actual = image_check.image_size(path)
+    except Exception:  # missing or unreadable: the image check reports it later
+        return
+    if tuple(actual) != tuple(size):
+        _fail(
+            source,
+            "{}: {} says {}x{} (width x height) but {} is {}x{}, so its boxes fall outside "
+            "the image".format(label, size_field, size[0], size[1], path, actual[0], actual[1]),
+            fix,
+        )
 
 
 def _voc_text(xml_file: str, element, path: str, what: str, convert=str):
@@ -220,6 +350,8 @@ def validate_voc_dataset(
     check_images: bool = True,
     for_evaluation: bool = False,
     tolerance: float = 1.0,
+    cache_file: Optional[str] = None,
+    processes: Optional[int] = None,
 ) -> Dict:
     """
     Validate a PASCAL VOC-format split as Detectron2 reads it (``load_voc_instances``).
@@ -231,12 +363,14 @@ def validate_voc_dataset(
     (``tolerance`` pixels of slack). With ``for_evaluation`` (the split is evaluated by
     ``PascalVOCDetectionEvaluator``), also what that evaluator parses: ``<pose>``,
     integer ``<truncated>`` and ``<difficult>`` and integer box corners. With
-    ``check_images``, ``JPEGImages/{id}.jpg`` exists, its header reads, and its size
+    ``check_images``, ``JPEGImages/{id}.jpg`` exists, decodes completely, and its size
     (after EXIF orientation) is the annotated one, which Detectron2 otherwise checks
-    only when a data-loader worker reaches the image.
+    only when a data-loader worker reaches the image (decoded as in
+    :func:`validate_coco_json`, in ``processes`` processes, cached in ``cache_file``).
 
     Returns:
-        {"images": n, "objects": n}
+        {"images": n, "objects": n, "annotated_images": n}, the last the images with at
+        least one object.
     Raises:
         DatasetError naming the file and the offending record.
     """
@@ -263,10 +397,10 @@ def validate_voc_dataset(
     if not ids:
         _fail(split_file, "lists no images", "Write one image id per line.")
 
-    from PIL import Image
-
     classes = set(class_names)
     objects = 0
+    annotated = 0
+    records = []
     for image_id in ids:
         xml_file = os.path.join(dirname, "Annotations", image_id + ".xml")
         if not os.path.isfile(xml_file):
@@ -324,6 +458,15 @@ def validate_voc_dataset(
                 or x1 > width + tolerance
                 or y1 > height + tolerance
             ):
+                if check_images:  # <size> may be the cause: say so first
+                    _fail_on_size_mismatch(
+                        xml_file,
+                        "object {} ({})".format(k, name),
+                        os.path.join(dirname, "JPEGImages", image_id + ".jpg"),
+                        (width, height),
+                        "<size>",
+                        "Correct <size> (Detectron2 stops training at this image otherwise)",
+                    )
                 _fail(
                     xml_file,
                     "object {} ({}) has box xmin={} ymin={} xmax={} ymax={} outside the {}x{} "
@@ -335,52 +478,61 @@ def validate_voc_dataset(
                 _voc_text(xml_file, obj, "truncated", what, int)
                 _voc_text(xml_file, obj, "difficult", what, int)
             objects += 1
-        if check_images:
-            path = os.path.join(dirname, "JPEGImages", image_id + ".jpg")
-            if not os.path.isfile(path):
-                _fail(
-                    xml_file,
-                    "image {} not found".format(path),
-                    "Add the image or remove the id from {}.".format(split_file),
-                )
-            try:
-                with Image.open(path) as im:  # reads the header only
-                    size = im.size
-                    if im.getexif().get(0x0112) in _TRANSPOSING_ORIENTATIONS:
-                        size = size[::-1]
-            except Exception as e:
-                _fail(
-                    xml_file,
-                    "image {} cannot be read ({}: {})".format(path, type(e).__name__, e),
-                    "Replace the corrupt file or remove the id from {}.".format(split_file),
-                )
-            if size != (width, height):
-                _fail(
-                    xml_file,
-                    "<size> says {}x{} but {} is {}x{}".format(width, height, path, *size),
-                    "Correct <size> (Detectron2 stops training at this image otherwise).",
-                )
-    return {"images": len(ids), "objects": objects}
+        annotated += bool(tree.findall("object"))
+        records.append(
+            _ImageRecord(
+                xml_file,
+                os.path.join(dirname, "JPEGImages", image_id + ".jpg"),
+                (width, height),
+                split_file,
+            )
+        )
+    if check_images:
+        _check_image_files(
+            split_file,
+            records,
+            {
+                "missing": "Add the images or remove their ids from {}".format(split_file),
+                "unreadable": "Replace the unreadable files (re-download or re-export them) or "
+                "remove their ids from {}".format(split_file),
+                "size": "Correct <size> (Detectron2 stops training at such an image otherwise)",
+            },
+            "<size>",
+            cache_file,
+            processes,
+        )
+    return {"images": len(ids), "objects": objects, "annotated_images": annotated}
 
 
 def validate_registered_datasets(
-    names: Iterable[str], check_images: bool = True, voc_evaluated: Iterable[str] = ()
+    names: Iterable[str],
+    check_images: bool = True,
+    voc_evaluated: Iterable[str] = (),
+    filter_empty: Iterable[str] = (),
+    cache_file: Optional[str] = None,
+    processes: Optional[int] = None,
+    filter_key: str = "DATALOADER.FILTER_EMPTY_ANNOTATIONS",
 ) -> List[str]:
     """
     Validate every COCO-format dataset among ``names`` (those whose metadata has
     ``json_file`` and ``image_root``) and every PASCAL VOC-format one (``dirname``,
     ``split`` and ``thing_classes``, as ``register_pascal_voc`` sets); others (custom
     loaders) are skipped. Those in ``voc_evaluated`` are also checked for what
-    ``PascalVOCDetectionEvaluator`` needs. Returns the names validated.
+    ``PascalVOCDetectionEvaluator`` needs; those in ``filter_empty`` (training sets whose
+    images without annotations are dropped, ``filter_key`` True) must keep at least one image.
+    ``check_images``, ``cache_file`` and ``processes``: see :func:`validate_coco_json`.
+    Returns the names validated.
     """
-    voc_evaluated = set(voc_evaluated)
+    voc_evaluated, filter_empty = set(voc_evaluated), set(filter_empty)
     done = []
     for name in names:
         meta = MetadataCatalog.get(name)
         json_file, image_root = getattr(meta, "json_file", None), getattr(meta, "image_root", None)
         dirname, split = getattr(meta, "dirname", None), getattr(meta, "split", None)
         if json_file and image_root:
-            validate_coco_json(json_file, image_root, check_images)
+            stats = validate_coco_json(
+                json_file, image_root, check_images, cache_file=cache_file, processes=processes
+            )
         elif dirname and split and getattr(meta, "thing_classes", None):
             if name in voc_evaluated and getattr(meta, "year", None) not in (2007, 2012):
                 raise DatasetError(
@@ -388,14 +540,18 @@ def validate_registered_datasets(
                     "Register it with year=2007 (11-point AP) or 2012 (area under the curve), or "
                     "set TEST.EVALUATOR.".format(name, getattr(meta, "year", None))
                 )
-            validate_voc_dataset(
+            stats = validate_voc_dataset(
                 dirname,
                 split,
                 meta.thing_classes,
                 check_images,
                 for_evaluation=name in voc_evaluated,
+                cache_file=cache_file,
+                processes=processes,
             )
         else:
             continue
+        if name in filter_empty and not stats["annotated_images"]:
+            raise DatasetError(empty_dataset_message([name], bool(stats["images"]), filter_key))
         done.append(name)
     return done

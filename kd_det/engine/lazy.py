@@ -12,6 +12,7 @@ from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils.registry import locate
 
 from ..config.lazy import dataset_names, is_call_of, lazy_get, single_short_edge, test_resizes
+from ..data.bad_images import BadImageMapper
 from ..data.stream import RepeatFactorPasses, build_resumable_train_loader
 from .accumulation import GradientAccumulationTrainer, micro_batch_size
 from .hooks import TeacherEvalHook, evaluate_teacher_on
@@ -187,7 +188,9 @@ def build_lazy_trainer(
     ``dataloader.train.total_batch_size / k`` images per step, so one iteration still
     sees the whole batch.  A ``curriculum_sampler`` of ``dataloader.train`` gets the
     images of one iteration. Detectron2's training loader becomes a resumable one
-    (:func:`resumable_loader_call`).
+    (:func:`resumable_loader_call`). Its mapper names a bad image's file
+    and dataset, or skips it with ``train.skip_bad_images`` (yacs ``DATALOADER.SKIP_BAD_IMAGES``,
+    :class:`BadImageMapper`).
     """
     steps = int(lazy_get(cfg, "train.grad_accum_steps", 1))
     loader_cfg = resumable_loader_call(cfg.dataloader.train, int(lazy_get(cfg, "train.seed", -1)))
@@ -198,6 +201,14 @@ def build_lazy_trainer(
     if steps != 1:
         loader_cfg.total_batch_size = micro_batch_size(
             images_per_iter, steps, "dataloader.train.total_batch_size", "train.grad_accum_steps"
+        )
+    if "mapper" in loader_cfg:  # a bad image's error names it, or it is skipped and counted
+        loader_cfg.mapper = LazyCall(BadImageMapper)(
+            mapper=loader_cfg.mapper,
+            dataset_names=list(dataset_names(lazy_get(loader_cfg, "dataset.names"))),
+            skip=bool(lazy_get(cfg, "train.skip_bad_images", False)),
+            skip_key="train.skip_bad_images",
+            filter_empty=bool(lazy_get(loader_cfg, "dataset.filter_empty", True)),
         )
     amp = bool(lazy_get(cfg, "train.amp.enabled", False))
     trainer = (AMPTrainer if amp else SimpleTrainer)(model, instantiate(loader_cfg), optimizer)

@@ -11,6 +11,7 @@ from detectron2.utils import comm
 from detectron2.utils.registry import Registry
 
 from ..checkpoint import AtomicDetectionCheckpointer, remove_leftover_temp_files
+from ..data.bad_images import BadImageMapper, SkippedItemsHook
 from ..data.curriculum import CurriculumSampler, load_scores
 from ..data.stream import INDEX_STREAM_REGISTRY, build_resumable_train_loader
 from ..evaluation import build_evaluator
@@ -66,6 +67,8 @@ class KDTrainer(DefaultTrainer):
         teacher_eval = teacher_eval_hook(self.cfg)
         if teacher_eval is not None:
             ret.insert(0, teacher_eval)
+        if self.cfg.DATALOADER.SKIP_BAD_IMAGES:
+            ret.insert(0, SkippedItemsHook())  # before the writers: its count is in their line
         loader = resumable_loader(self._trainer)
         if loader is not None:
             ret.insert(0, StepSeedHook(loader))  # first: every before_step sees the seeded state
@@ -117,11 +120,18 @@ class KDTrainer(DefaultTrainer):
         ``TrainingSampler`` and ``RepeatFactorTrainingSampler`` (``DATALOADER.SAMPLER_TRAIN``);
         Detectron2's own for other samplers, and with ``TRAINER.CURRICULUM.ENABLED`` with a
         :class:`CurriculumSampler`.
+        Their mapper names a bad image's file and dataset, or skips it
+        (``DATALOADER.SKIP_BAD_IMAGES``, :class:`BadImageMapper`).
         """
         images_per_iter = cfg.SOLVER.IMS_PER_BATCH  # per optimizer step, all micro-batches together
         cfg = micro_batch_cfg(cfg)
+        mapper = BadImageMapper(
+            DatasetMapper(cfg, True),
+            cfg.DATASETS.TRAIN,
+            cfg.DATALOADER.SKIP_BAD_IMAGES,
+            filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+        )
         if not cfg.TRAINER.CURRICULUM.ENABLED:
-            mapper = DatasetMapper(cfg, True)
             if cfg.DATALOADER.SAMPLER_TRAIN in INDEX_STREAM_REGISTRY:
                 return build_resumable_train_loader(cfg, mapper=mapper)
             logger.info(
@@ -146,7 +156,7 @@ class KDTrainer(DefaultTrainer):
             images_per_iter,
             seed=cfg.SEED if cfg.SEED >= 0 else None,
         )
-        return build_detection_train_loader(cfg, dataset=dataset, sampler=sampler)
+        return build_detection_train_loader(cfg, dataset=dataset, sampler=sampler, mapper=mapper)
 
     def resume_or_load(self, resume=True):
         if comm.is_main_process():

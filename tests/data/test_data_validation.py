@@ -105,6 +105,7 @@ def test_valid_dataset_passes(tmp_path):
         "images": 2,
         "annotations": 2,
         "categories": 2,
+        "annotated_images": 2,
     }
 
 
@@ -266,12 +267,12 @@ VOC_CASES = {
     ),
     "image size mismatch": (
         _edit_xml("a2", _voc_xml(width=50)),
-        r"a2.xml: <size> says 50x30 but .*a2.jpg is 40x30",
+        r"a2.xml: <size> says 50x30 \(width x height\) but .*a2.jpg is 40x30",
         False,
     ),
     "missing image": (
         lambda r: (r / "JPEGImages/a1.jpg").unlink(),
-        r"a1.xml: image .*a1.jpg not found",
+        r"a1.xml: file .*a1.jpg not found",
         False,
     ),
     "fractional corner": (
@@ -292,6 +293,7 @@ def test_valid_voc_dataset_passes(tmp_path):
     assert validate_voc_dataset(str(root), "train", VOC_CLASSES, for_evaluation=True) == {
         "images": 2,
         "objects": 4,
+        "annotated_images": 2,
     }
 
 

@@ -73,3 +73,14 @@ def test_vertical_variants_refuse_an_unknown_pass():
     # afterwards kd_det launches its own pass again
     assert ssim_triton._KernelConfig is variants.PackageKernelConfig
     assert variants.VERTICAL_PASS == "unrolled"
+
+
+def test_bench_image_check_projects_the_first_and_the_cached_run(tmp_path):
+    numbers = _script("bench_image_check.py")["main"](
+        ["--num", "3", "--total", "12", "--processes", "1", "--workdir", str(tmp_path)]
+    )
+    assert numbers["images"] == 3 and numbers["images_per_s"] > 0
+    assert numbers["projected_first_run_s"] == pytest.approx(
+        12 / numbers["images_per_s"], rel=0.05, abs=0.1
+    )
+    assert numbers["cached_run_s"] >= 0 and numbers["cache_file_mb"] >= 0
