@@ -49,6 +49,7 @@ __all__ = [
     "build_resumable_train_loader",
     "derive_seed",
     "seed_step",
+    "train_dataset_dicts",
 ]
 
 logger = logging.getLogger(__name__)
@@ -355,16 +356,21 @@ class ResumableTrainLoader:
             )
 
 
+def train_dataset_dicts(cfg) -> List[dict]:
+    """The training records of a yacs config, in the order Detectron2's loader uses them."""
+    return get_detection_dataset_dicts(
+        cfg.DATASETS.TRAIN,
+        filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+        min_keypoints=(
+            cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0
+        ),
+        proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+    )
+
+
 def _loader_from_config(cfg, mapper=None, *, dataset=None, stream=None):
     if dataset is None:
-        dataset = get_detection_dataset_dicts(
-            cfg.DATASETS.TRAIN,
-            filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
-            min_keypoints=(
-                cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0
-            ),
-            proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
-        )
+        dataset = train_dataset_dicts(cfg)
     if stream is None:
         name = cfg.DATALOADER.SAMPLER_TRAIN
         if name not in INDEX_STREAM_REGISTRY:

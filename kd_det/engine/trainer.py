@@ -3,7 +3,7 @@
 import logging
 
 import torch
-from detectron2.data import DatasetMapper, build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.data import DatasetMapper, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.solver import build_optimizer as build_sgd_optimizer
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
@@ -13,7 +13,11 @@ from detectron2.utils.registry import Registry
 from ..checkpoint import AtomicDetectionCheckpointer, remove_leftover_temp_files
 from ..data.bad_images import BadImageMapper, SkippedItemsHook
 from ..data.curriculum import CurriculumSampler, load_scores
-from ..data.stream import INDEX_STREAM_REGISTRY, build_resumable_train_loader
+from ..data.stream import (
+    INDEX_STREAM_REGISTRY,
+    build_resumable_train_loader,
+    train_dataset_dicts,
+)
 from ..evaluation import build_evaluator
 from .accumulation import GradientAccumulationTrainer, micro_batch_cfg
 from .curriculum import restart_curriculum
@@ -140,14 +144,7 @@ class KDTrainer(DefaultTrainer):
             )
             return build_detection_train_loader(cfg, mapper=mapper)
         # the same records, in the same order, that Detectron2's loader would use
-        dataset = get_detection_dataset_dicts(
-            cfg.DATASETS.TRAIN,
-            filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
-            min_keypoints=(
-                cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0
-            ),
-            proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
-        )
+        dataset = train_dataset_dicts(cfg)
         cur = cfg.TRAINER.CURRICULUM
         sampler = CurriculumSampler(
             load_scores(cur.SCORES, dataset),
