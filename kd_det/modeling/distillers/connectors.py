@@ -137,29 +137,30 @@ class MaskedGenerator(nn.ModuleDict):
                 nn.Conv2d(hidden, c, kernel_size, padding=pad),
             )
 
-    def mask(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def mask(self, x: torch.Tensor, rng: Optional[torch.Generator] = None) -> torch.Tensor:
         """
         Args:
             x: (N, C, H, W).
-            generator: random numbers from this generator (default: PyTorch's global one).
+            rng: the random-number generator to draw from (default: PyTorch's global one; the
+                masks then follow ``torch.manual_seed`` / Detectron2's ``SEED``).
         Returns:
             (N, 1, H, W) of x's dtype: 0 where masked (probability ``mask_ratio``), else 1.
         """
         n, _, h, w = x.shape
-        draw = torch.rand((n, 1, h, w), generator=generator, device=x.device)
+        draw = torch.rand((n, 1, h, w), generator=rng, device=x.device)
         return (draw >= self.mask_ratio).to(x.dtype)
 
     def forward(
         self,
         features: Sequence[torch.Tensor],
         levels: Sequence[str],
-        generator: Optional[torch.Generator] = None,
+        rng: Optional[torch.Generator] = None,
     ) -> List[torch.Tensor]:
         """
         Args:
             features: per level of ``levels``, the (adapted) student's (N, C, H, W).
-            generator: the masks' random numbers (default: PyTorch's global generator).
+            rng: the masks' random-number generator (default: PyTorch's global one).
         Returns:
             per level, the generated (N, C, H, W).
         """
-        return [self[k](x * self.mask(x, generator)) for k, x in zip(levels, features)]
+        return [self[k](x * self.mask(x, rng)) for k, x in zip(levels, features)]

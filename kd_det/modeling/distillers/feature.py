@@ -283,19 +283,19 @@ class FeatureDistiller(nn.Module):
     def adapt(
         self,
         student_features: Dict[str, torch.Tensor],
-        generator: Optional[torch.Generator] = None,
+        rng: Optional[torch.Generator] = None,
     ) -> List[torch.Tensor]:
         """
         Student features of the imitated levels, through their adapters (and, with MGD, masked
         and generated): list of (N, C_t, H, W), what the loss compares with the teacher's.
 
         Args:
-            generator: random numbers for MGD's masks (default: PyTorch's global generator).
+            rng: the random-number generator of MGD's masks (default: PyTorch's global one).
         """
         adapted = self.adapters(student_features, self.levels)
         if self.generator is None:
             return adapted
-        return self.generator(adapted, self.levels, generator)
+        return self.generator(adapted, self.levels, rng)
 
     def forward(
         self,
