@@ -402,7 +402,8 @@ class CWDFeatureLoss(FeatureLoss):
     Channel-wise distillation (CWD; Shu et al., ICCV 2021): each (image, channel) map becomes
     a distribution over its H * W positions, softmax(x / T), and the student's is pulled to
     the teacher's by KL(teacher || student), summed over positions, averaged over images
-    and channels and multiplied by T^2 (the gradient's size then does not depend on T):
+    and channels and multiplied by T^2 (which keeps the gradient's size roughly independent of
+    T, as in Hinton et al.'s KD):
 
         T^2 / (N C) * sum_{n, c, i} p_t(i) (log p_t(i) - log p_s(i)),   p = softmax(x / T)
 
