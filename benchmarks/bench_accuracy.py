@@ -96,7 +96,7 @@ ARCHS = {
                 SYN + "distill/multi_ssim_faster_rcnn_to_R18.yaml",
                 "two_teachers",
             ),
-            # the feature losses of issue 33 (mmrazor's weights, untuned here)
+            # issue 33's losses (CWD, MGD: mmrazor's weights; PKD: l2_channel's), untuned here
             "cwd": ("+ CWD", SYN + "distill/cwd_faster_rcnn_R50_to_R18.yaml", "teacher"),
             "mgd": ("+ MGD", SYN + "distill/mgd_faster_rcnn_R50_to_R18.yaml", "teacher"),
             "pkd": ("+ PKD", SYN + "distill/pkd_faster_rcnn_R50_to_R18.yaml", "teacher"),
@@ -165,7 +165,7 @@ ARCHS = {
                 SYN + "distill/ssim_stats_retinanet_R50_to_R18.yaml",
                 "teacher",
             ),
-            # the feature losses of issue 33 (mmrazor's weights, untuned here)
+            # issue 33's losses (CWD, MGD: mmrazor's weights; PKD: l2_channel's), untuned here
             "cwd": ("+ CWD", SYN + "distill/cwd_retinanet_R50_to_R18.yaml", "teacher"),
             "mgd": ("+ MGD", SYN + "distill/mgd_retinanet_R50_to_R18.yaml", "teacher"),
             "pkd": ("+ PKD", SYN + "distill/pkd_retinanet_R50_to_R18.yaml", "teacher"),
