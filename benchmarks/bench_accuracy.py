@@ -96,6 +96,10 @@ ARCHS = {
                 SYN + "distill/multi_ssim_faster_rcnn_to_R18.yaml",
                 "two_teachers",
             ),
+            # issue 33's losses (CWD, MGD: mmrazor's weights; PKD: l2_channel's), untuned here
+            "cwd": ("+ CWD", SYN + "distill/cwd_faster_rcnn_R50_to_R18.yaml", "teacher"),
+            "mgd": ("+ MGD", SYN + "distill/mgd_faster_rcnn_R50_to_R18.yaml", "teacher"),
+            "pkd": ("+ PKD", SYN + "distill/pkd_faster_rcnn_R50_to_R18.yaml", "teacher"),
             "self_frskd": (
                 "self-distillation (FRSKD)",
                 SYN + "distill/self_frskd_faster_rcnn_R18.yaml",
@@ -161,6 +165,10 @@ ARCHS = {
                 SYN + "distill/ssim_stats_retinanet_R50_to_R18.yaml",
                 "teacher",
             ),
+            # issue 33's losses (CWD, MGD: mmrazor's weights; PKD: l2_channel's), untuned here
+            "cwd": ("+ CWD", SYN + "distill/cwd_retinanet_R50_to_R18.yaml", "teacher"),
+            "mgd": ("+ MGD", SYN + "distill/mgd_retinanet_R50_to_R18.yaml", "teacher"),
+            "pkd": ("+ PKD", SYN + "distill/pkd_retinanet_R50_to_R18.yaml", "teacher"),
             "self_frskd": (
                 "self-distillation (FRSKD)",
                 SYN + "distill/self_frskd_retinanet_R18.yaml",

@@ -56,7 +56,9 @@ def add_kd_config(cfg: CN) -> CN:
     cfg.KD.FEATURE = CN()
     cfg.KD.FEATURE.ENABLED = True
     # Class name in kd_det.losses.FEATURE_LOSS_REGISTRY: "SSIMFeatureLoss",
-    # "L2FeatureLoss", "L1FeatureLoss", "AttentionTransferLoss".
+    # "L2FeatureLoss", "L1FeatureLoss", "AttentionTransferLoss", "CWDFeatureLoss" (channel-wise
+    # distillation, KD.CWD), "MGDFeatureLoss" (masked generative distillation, KD.MGD),
+    # "PKDFeatureLoss" (PKD: each channel standardised over the whole batch, then MSE / 2).
     cfg.KD.FEATURE.LOSS = "SSIMFeatureLoss"
     cfg.KD.FEATURE.WEIGHT = 4.0
     # FPN levels to imitate; empty means every level both backbones output.
@@ -70,8 +72,28 @@ def add_kd_config(cfg: CN) -> CN:
     # "conv1x1" = always a 1x1 conv, "none" = never (channels must then match).
     cfg.KD.FEATURE.ADAPTER = "auto"
     # L2FeatureLoss / L1FeatureLoss only: compare each (image, channel) map after
-    # "none", "minmax" (to [0, 1], as SSIM does) or "channel" (zero mean, unit variance).
+    # "none", "minmax" (to [0, 1], as SSIM does) or "channel" (zero mean, unit variance per
+    # image and channel; PKDFeatureLoss standardises each channel over the whole batch instead).
     cfg.KD.FEATURE.NORMALIZE = "none"
+
+    # CWDFeatureLoss (Shu et al., ICCV 2021): per (image, channel), softmax over the H*W
+    # positions of feature / TEMPERATURE; KL(teacher || student) summed over positions,
+    # averaged over images and channels, times TEMPERATURE^2.  mmrazor's detection configs:
+    # TEMPERATURE 1, KD.FEATURE.WEIGHT 10 on the sum over the FPN levels.
+    cfg.KD.CWD = CN()
+    cfg.KD.CWD.TEMPERATURE = 1.0
+
+    # MGDFeatureLoss (Yang et al., ECCV 2022): the adapted student feature, with a random
+    # MASK_RATIO of its positions (per image, all channels) zeroed, goes through a generation
+    # block conv-ReLU-conv (KERNEL_SIZE; HIDDEN_CHANNELS between the convs, 0 = the teacher's
+    # channels); loss = sum of squared errors to the teacher's feature / images.  The block is
+    # the distiller's (kd_feature.generator, dropped at export).  Paper and mmrazor for
+    # RetinaNet / Faster R-CNN: MASK_RATIO (lambda) 0.65, KD.FEATURE.WEIGHT (alpha) 2e-5 on
+    # the sum over the FPN levels.
+    cfg.KD.MGD = CN()
+    cfg.KD.MGD.MASK_RATIO = 0.65
+    cfg.KD.MGD.KERNEL_SIZE = 3
+    cfg.KD.MGD.HIDDEN_CHANNELS = 0
 
     cfg.KD.SSIM = CN()
     cfg.KD.SSIM.WINDOW_SIZE = 11

@@ -3,14 +3,18 @@
 from .feature import (
     FEATURE_LOSS_REGISTRY,
     AttentionTransferLoss,
+    CWDFeatureLoss,
     FeatureLoss,
     L1FeatureLoss,
     L2FeatureLoss,
+    MGDFeatureLoss,
+    PKDFeatureLoss,
     SSIMFeatureLoss,
     build_feature_loss,
     l1_feature_loss,
     l2_feature_loss,
     ssim_feature_loss,
+    standardize_batch_channels,
     standardize_channels,
 )
 from .prediction import (

@@ -24,11 +24,15 @@ __all__ = [
     "L2FeatureLoss",
     "L1FeatureLoss",
     "AttentionTransferLoss",
+    "CWDFeatureLoss",
+    "MGDFeatureLoss",
+    "PKDFeatureLoss",
     "build_feature_loss",
     "ssim_feature_loss",
     "l2_feature_loss",
     "l1_feature_loss",
     "standardize_channels",
+    "standardize_batch_channels",
 ]
 
 
@@ -86,6 +90,10 @@ class FeatureLoss(DistillLoss):
     kind = "feature"
     #: whether student and teacher must have the same channels (else an adapter is needed)
     needs_equal_channels = True
+    #: whether the student's features reach the loss through a generator (MGD's masked
+    #: generation block, :class:`~kd_det.modeling.distillers.connectors.MaskedGenerator`); the
+    #: distiller owns that module, the loss stays parameter-free
+    needs_generator = False
 
     def loss_map(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         """
@@ -283,6 +291,19 @@ def standardize_channels(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (x - mean) / std
 
 
+def standardize_batch_channels(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """
+    Zero mean, unit variance for every channel of an (N, C, H, W) tensor over the whole batch
+    (its N * H * W values), as PKD (Cao et al., 2022) normalises.  Unlike
+    :func:`standardize_channels` (each image's map alone), differences of scale and offset
+    between the images of a batch survive.  The same biased variance and ``eps`` clamp as
+    there, so the two agree for a batch of one image.
+    """
+    mean = x.mean(dim=(0, 2, 3), keepdim=True)
+    std = x.var(dim=(0, 2, 3), keepdim=True, unbiased=False).clamp_min(eps * eps).sqrt()
+    return (x - mean) / std
+
+
 # How the lp losses may rescale each (image, channel) map before comparing (KD.FEATURE.NORMALIZE).
 # Raw FPN features of different networks differ in scale by orders of magnitude, so a raw
 # L2 loss's size (and the weight it needs) depends on the teacher; both options make it scale-free.
@@ -373,6 +394,110 @@ class AttentionTransferLoss(FeatureLoss):
         h, w = student.shape[-2:]
         # times H*W: the mean over positions (the base class's reduction) is then the sum
         return (self.attention(student) - self.attention(teacher)).pow(2) * (h * w)
+
+
+@DISTILL_LOSS_REGISTRY.register()
+class CWDFeatureLoss(FeatureLoss):
+    """
+    Channel-wise distillation (CWD; Shu et al., ICCV 2021): each (image, channel) map becomes
+    a distribution over its H * W positions, softmax(x / T), and the student's is pulled to
+    the teacher's by KL(teacher || student), summed over positions, averaged over images
+    and channels and multiplied by T^2 (which keeps the gradient's size roughly independent of
+    T, as in Hinton et al.'s KD):
+
+        T^2 / (N C) * sum_{n, c, i} p_t(i) (log p_t(i) - log p_s(i)),   p = softmax(x / T)
+
+    per level, as mmrazor's ``ChannelWiseDivergence``.  Its value does not depend on the
+    features' offset (softmax is shift-invariant), but it does on their scale through T.
+    """
+
+    short_name = "cwd"
+
+    @configurable
+    def __init__(self, *, temperature: float = 1.0):
+        if not temperature > 0:
+            raise ValueError("KD.CWD.TEMPERATURE must be > 0, got {}".format(temperature))
+        self.temperature = float(temperature)
+
+    @classmethod
+    def from_config(cls, cfg):
+        return {"temperature": cfg.KD.CWD.TEMPERATURE}
+
+    def loss_map(self, student, teacher):
+        n, c, h, w = student.shape
+        t = self.temperature
+        log_s = F.log_softmax(student.reshape(n, c, h * w) / t, dim=2)
+        log_t = F.log_softmax(teacher.reshape(n, c, h * w) / t, dim=2)
+        # p_t (log p_t - log p_s) per position; times H * W so that the base class's mean
+        # over positions is the sum over them (the KL of each map)
+        kl = F.kl_div(log_s, log_t, reduction="none", log_target=True)
+        return (kl * (t * t * h * w)).reshape(n, c, h, w)
+
+
+@DISTILL_LOSS_REGISTRY.register()
+class MGDFeatureLoss(FeatureLoss):
+    """
+    Masked generative distillation (MGD; Yang et al., ECCV 2022): the squared error between
+    the teacher's feature and the one the student's masked feature *generates*, summed over
+    channels and positions and averaged over images (mmrazor's ``MGDLoss``; its alpha is
+    ``KD.FEATURE.WEIGHT``):
+
+        1 / N * sum_{n, c, h, w} (G(M * f_s) - f_t)^2
+
+    The random spatial mask M and the generation block G (conv3x3-ReLU-conv3x3) have
+    parameters and randomness, so they are not part of this loss: the distiller owns them
+    (:class:`~kd_det.modeling.distillers.connectors.MaskedGenerator`, under its ``kd_``
+    prefix, dropped at export) and hands this loss the generated features as "student".
+    """
+
+    short_name = "mgd"
+    needs_generator = True
+
+    @configurable
+    def __init__(self):
+        """No settings (the mask and the block are the distiller's: ``KD.MGD``)."""
+
+    @classmethod
+    def from_config(cls, cfg):
+        return {}
+
+    def loss_map(self, student, teacher):
+        c, h, w = student.shape[1:]
+        # times C * H * W: the base class's mean over (N, C, H, W) is then the sum over N
+        return F.mse_loss(student, teacher, reduction="none") * (c * h * w)
+
+
+@DISTILL_LOSS_REGISTRY.register()
+class PKDFeatureLoss(FeatureLoss):
+    """
+    PKD (Cao et al., NeurIPS 2022): each channel of student and teacher standardised over the
+    whole batch (:func:`standardize_batch_channels`: zero mean, unit variance over N, H, W),
+    then half the mean squared difference, which is 1 - r for the Pearson correlation r of
+    the two channels' values over the batch, averaged over channels:
+
+        0.5 * mean (z(f_s) - z(f_t))^2,   z(x) = (x - mean_{N,H,W} x) / std_{N,H,W} x
+
+    as mmrazor's ``PKDLoss`` per level (which divides by the unbiased std + 1e-6 instead;
+    the two differ by a factor sqrt(NHW / (NHW - 1)) in the normalised values).  Not
+    ``L2FeatureLoss`` with ``KD.FEATURE.NORMALIZE "channel"``, which standardises each
+    image's map alone (and does not halve): the two agree (up to the factor 2) only for
+    a batch of one image.  Levels are matched by stride, so student and teacher maps have
+    one size (mmrazor resizes them where they do not).
+    """
+
+    short_name = "pkd"
+
+    @configurable
+    def __init__(self):
+        """No settings."""
+
+    @classmethod
+    def from_config(cls, cfg):
+        return {}
+
+    def loss_map(self, student, teacher):
+        diff = standardize_batch_channels(student) - standardize_batch_channels(teacher)
+        return 0.5 * diff * diff
 
 
 def build_feature_loss(cfg) -> FeatureLoss:

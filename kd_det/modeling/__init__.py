@@ -5,6 +5,7 @@ from .distillers import (
     Connector,
     DensePredictionDistiller,
     FeatureDistiller,
+    MaskedGenerator,
     MultiTeacherDistiller,
     RoISoftLabelDistiller,
     TeacherImportanceGate,

@@ -7,8 +7,11 @@ from tolerances import Bounded, assert_bounded, assert_within, feature_loss_boun
 from kd_det import get_kd_cfg
 from kd_det.losses import (
     AttentionTransferLoss,
+    CWDFeatureLoss,
     L1FeatureLoss,
     L2FeatureLoss,
+    MGDFeatureLoss,
+    PKDFeatureLoss,
     SSIMFeatureLoss,
     build_feature_loss,
     channel_statistics_loss,
@@ -396,6 +399,9 @@ def _ssim_on_positions(student, teacher):
         ("l2", L2FeatureLoss()),
         ("l1 channel-standardised", L1FeatureLoss(normalize="channel")),
         ("attention transfer", AttentionTransferLoss()),
+        ("channel-wise distillation", CWDFeatureLoss(temperature=2.0)),
+        ("masked generative distillation (generated student)", MGDFeatureLoss()),
+        ("PKD", PKDFeatureLoss()),
         ("channel statistics", _channel_stats),
     ],
 )
@@ -559,6 +565,9 @@ def test_one_registry_for_every_distillation_loss():
         "L2FeatureLoss",
         "L1FeatureLoss",
         "AttentionTransferLoss",
+        "CWDFeatureLoss",
+        "MGDFeatureLoss",
+        "PKDFeatureLoss",
         "RankMimickingLoss",
         "SoftLabelKDLoss",
         "SoftmaxKDLoss",

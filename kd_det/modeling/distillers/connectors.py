@@ -1,11 +1,15 @@
-"""Connectors: the student-side 1x1 convolutions that map student features to teacher channels."""
+"""
+Connectors: the student-side modules between the student's features and a feature loss: the
+1x1 convolutions that map student features to teacher channels (:class:`Connector`), and
+MGD's masked generation blocks (:class:`MaskedGenerator`).
+"""
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["Connector", "CONNECTOR_MODES"]
+__all__ = ["Connector", "CONNECTOR_MODES", "MaskedGenerator"]
 
 # Which levels get a 1x1 conv (KD.FEATURE.ADAPTER), given (student channels, teacher channels,
 # whether the loss compares channel by channel).
@@ -82,3 +86,81 @@ class Connector(nn.ModuleDict):
             per level, (N, C_t, H, W) through its conv, or the feature itself where there is none.
         """
         return [self[k](features[k]) if k in self else features[k] for k in levels]
+
+
+class MaskedGenerator(nn.ModuleDict):
+    """
+    MGD's generation (Yang et al., ECCV 2022; mmrazor's ``MGDConnector``): per level, a random
+    spatial mask zeroes each position of each image with probability ``mask_ratio`` (the same
+    positions in every channel), then a block conv-ReLU-conv (``kernel_size``, padding to keep
+    H, W) generates a full feature from what is left, to be compared with the teacher's.
+    Trained with the student and dropped at export (a distiller's module, under ``kd_``).
+
+    A ``ModuleDict`` from level name to ``nn.Sequential(conv, ReLU, conv)``: state_dict keys
+    ``<level>.0.weight``, ``<level>.2.bias``... (PyTorch's default initialisation, as MGD's).
+    """
+
+    def __init__(
+        self,
+        channels: Dict[str, int],
+        levels: Sequence[str],
+        mask_ratio: float = 0.65,
+        kernel_size: int = 3,
+        hidden_channels: int = 0,
+    ):
+        """
+        Args:
+            channels: the teacher's channels of each level (the adapted student's).
+            levels: the levels to generate, in order (blocks are created in this order).
+            mask_ratio: probability that a position is masked (MGD's lambda), in [0, 1).
+            kernel_size: the two convs' kernel size, odd.
+            hidden_channels: channels between the two convs; 0 means the level's own.
+        """
+        super().__init__()
+        if not 0 <= mask_ratio < 1:
+            raise ValueError("KD.MGD.MASK_RATIO must be in [0, 1), got {}".format(mask_ratio))
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError("KD.MGD.KERNEL_SIZE must be odd, got {}".format(kernel_size))
+        if hidden_channels < 0:
+            raise ValueError(
+                "KD.MGD.HIDDEN_CHANNELS must be >= 0 (0: the level's channels), got "
+                "{}".format(hidden_channels)
+            )
+        self.mask_ratio = float(mask_ratio)
+        pad = kernel_size // 2
+        for name in levels:
+            c = channels[name]
+            hidden = hidden_channels or c
+            self[name] = nn.Sequential(
+                nn.Conv2d(c, hidden, kernel_size, padding=pad),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(hidden, c, kernel_size, padding=pad),
+            )
+
+    def mask(self, x: torch.Tensor, rng: Optional[torch.Generator] = None) -> torch.Tensor:
+        """
+        Args:
+            x: (N, C, H, W).
+            rng: the random-number generator to draw from (default: PyTorch's global one; the
+                masks then follow ``torch.manual_seed`` / Detectron2's ``SEED``).
+        Returns:
+            (N, 1, H, W) of x's dtype: 0 where masked (probability ``mask_ratio``), else 1.
+        """
+        n, _, h, w = x.shape
+        draw = torch.rand((n, 1, h, w), generator=rng, device=x.device)
+        return (draw >= self.mask_ratio).to(x.dtype)
+
+    def forward(
+        self,
+        features: Sequence[torch.Tensor],
+        levels: Sequence[str],
+        rng: Optional[torch.Generator] = None,
+    ) -> List[torch.Tensor]:
+        """
+        Args:
+            features: per level of ``levels``, the (adapted) student's (N, C, H, W).
+            rng: the masks' random-number generator (default: PyTorch's global one).
+        Returns:
+            per level, the generated (N, C, H, W).
+        """
+        return [self[k](x * self.mask(x, rng)) for k, x in zip(levels, features)]

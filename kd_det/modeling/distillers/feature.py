@@ -8,7 +8,7 @@ from detectron2.layers import ShapeSpec
 from torch import nn
 
 from ...losses import FeatureLoss, build_feature_loss
-from .connectors import Connector
+from .connectors import Connector, MaskedGenerator
 
 __all__ = ["FeatureDistiller", "match_levels", "per_level_channels", "check_level_shapes"]
 
@@ -148,8 +148,9 @@ class FeatureDistiller(nn.Module):
     Imitation of teacher backbone features by the student's.
 
     Holds the student-side 1x1 adapters (a :class:`Connector`, ``adapters``; trained with
-    the student and dropped at export) and the feature loss (a :class:`FeatureLoss` of
-    :data:`~kd_det.losses.DISTILL_LOSS_REGISTRY`).
+    the student and dropped at export), for losses that need one (MGD) the masked generation
+    blocks after them (a :class:`MaskedGenerator`, ``generator``; likewise) and the feature
+    loss (a :class:`FeatureLoss` of :data:`~kd_det.losses.DISTILL_LOSS_REGISTRY`).
     """
 
     @configurable
@@ -164,6 +165,7 @@ class FeatureDistiller(nn.Module):
         level_weights: Optional[List[float]] = None,
         level_reduction: str = "mean",
         adapter: str = "auto",
+        generator: Optional[MaskedGenerator] = None,
     ):
         """
         Args:
@@ -177,6 +179,9 @@ class FeatureDistiller(nn.Module):
             level_weights: per-level weights; None/empty: ``level_reduction`` decides.
             level_reduction: "mean" (weights 1/L) or "sum" (weights 1) over the L levels.
             adapter: "auto" (1x1 conv where channels differ), "conv1x1" (always), "none".
+            generator: MGD's masked generation blocks, applied after the adapters, with the
+                teacher's channels at every level (e.g. ``MaskedGenerator(teacher_channels,
+                levels)``); required by losses with ``needs_generator`` (MGDFeatureLoss).
         """
         super().__init__()
         self.levels = list(levels)
@@ -212,21 +217,49 @@ class FeatureDistiller(nn.Module):
             adapter,
             loss.needs_equal_channels,
         )
+        if loss.needs_generator and generator is None:
+            raise ValueError(
+                "{} compares generated features: give the distiller a generator "
+                "(MaskedGenerator; KD.MGD in a yacs config)".format(type(loss).__name__)
+            )
+        if generator is not None:
+            for name in self.levels:
+                block = generator[name] if name in generator else None
+                if block is None or block[0].in_channels != self.teacher_channels[name]:
+                    raise ValueError(
+                        "generator has no block for level {!r} with the teacher's {} channels; "
+                        "build it as MaskedGenerator(teacher_channels, levels)".format(
+                            name, self.teacher_channels[name]
+                        )
+                    )
+        # None for every loss but MGD: their modules and state_dict keys stay as they were
+        self.generator = generator
 
     @classmethod
     def from_config(
         cls, cfg, student_shapes: Dict[str, ShapeSpec], teacher_shapes: Dict[str, ShapeSpec]
     ):
         levels = match_levels(student_shapes, teacher_shapes, cfg.KD.FEATURE.IN_FEATURES)
+        loss = build_feature_loss(cfg)
+        generator = None
+        if loss.needs_generator:
+            generator = MaskedGenerator(
+                {k: teacher_shapes[k].channels for k in levels},
+                levels,
+                mask_ratio=cfg.KD.MGD.MASK_RATIO,
+                kernel_size=cfg.KD.MGD.KERNEL_SIZE,
+                hidden_channels=cfg.KD.MGD.HIDDEN_CHANNELS,
+            )
         return {
             "levels": levels,
             "student_channels": {k: student_shapes[k].channels for k in levels},
             "teacher_channels": {k: teacher_shapes[k].channels for k in levels},
-            "loss": build_feature_loss(cfg),
+            "loss": loss,
             "weight": cfg.KD.FEATURE.WEIGHT,
             "level_weights": cfg.KD.FEATURE.LEVEL_WEIGHTS,
             "level_reduction": cfg.KD.FEATURE.LEVEL_REDUCTION,
             "adapter": cfg.KD.FEATURE.ADAPTER,
+            "generator": generator,
         }
 
     def check_shapes(
@@ -247,10 +280,22 @@ class FeatureDistiller(nn.Module):
             teacher,
         )
 
-    def adapt(self, student_features: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
-        """Student features of the imitated levels, through their adapters: list of
-        (N, C_t, H, W)."""
-        return self.adapters(student_features, self.levels)
+    def adapt(
+        self,
+        student_features: Dict[str, torch.Tensor],
+        rng: Optional[torch.Generator] = None,
+    ) -> List[torch.Tensor]:
+        """
+        Student features of the imitated levels, through their adapters (and, with MGD, masked
+        and generated): list of (N, C_t, H, W), what the loss compares with the teacher's.
+
+        Args:
+            rng: the random-number generator of MGD's masks (default: PyTorch's global one).
+        """
+        adapted = self.adapters(student_features, self.levels)
+        if self.generator is None:
+            return adapted
+        return self.generator(adapted, self.levels, rng)
 
     def forward(
         self,

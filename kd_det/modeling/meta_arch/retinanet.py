@@ -31,8 +31,8 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
 
     Losses added to RetinaNet's ``loss_cls``/``loss_box_reg``, each switched in the config:
 
-    * ``loss_kd_<feature loss>``: FPN feature imitation (``cfg.KD.FEATURE``: SSIM, L2, L1),
-      weighted per position by the prediction difference when ``cfg.KD.PFI.ENABLED``;
+    * ``loss_kd_<feature loss>``: FPN feature imitation (``cfg.KD.FEATURE``: SSIM, L2, L1, CWD,
+      MGD, PKD), weighted per position by the prediction difference when ``cfg.KD.PFI.ENABLED``;
     * ``loss_kd_rm``: Rank Mimicking (``cfg.KD.RM``), over the anchors the student's own
       matching made positive;
     * ``loss_kd_soft``: soft-label classification KD (``cfg.KD.SOFT_LABEL``).
