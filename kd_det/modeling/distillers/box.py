@@ -39,6 +39,17 @@ class _BoxDistiller(nn.Module):
         """From ``KD.BOX``."""
         return {"loss": build_distill_loss("BoxDistillLoss", cfg), "weight": cfg.KD.BOX.WEIGHT}
 
+    @staticmethod
+    def encode(transform, boxes: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+        """
+        ``transform.get_deltas(references, boxes)`` with the size deltas clamped as
+        ``apply_deltas`` clamps them (|dw| / ww, |dh| / wh at most ``scale_clamp``), so that a
+        teacher box of (nearly) zero width, whose log size is -inf, still gives a finite target.
+        """
+        deltas = transform.get_deltas(references, boxes)
+        limit = deltas.new_tensor(transform.weights[2:]) * transform.scale_clamp
+        return torch.cat([deltas[:, :2], torch.max(torch.min(deltas[:, 2:], limit), -limit)], 1)
+
     def _loss(
         self,
         student_deltas: torch.Tensor,
@@ -59,7 +70,7 @@ class _BoxDistiller(nn.Module):
         if self.loss.takes_boxes:
             student, teacher = transform.apply_deltas(student_deltas, references), teacher_boxes
         else:
-            student, teacher = student_deltas, transform.get_deltas(references, teacher_boxes)
+            student, teacher = student_deltas, self.encode(transform, teacher_boxes, references)
         loss = self.loss(student, teacher, weights=weights, normalizer=normalizer)
         return {"loss_kd_" + self.loss.short_name: self.weight * loss}
 
