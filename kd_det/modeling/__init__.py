@@ -3,9 +3,12 @@
 from .distillers import (
     ChannelStatsDistiller,
     Connector,
+    CrossKDDistiller,
+    DenseBoxDistiller,
     DensePredictionDistiller,
     FeatureDistiller,
     MultiTeacherDistiller,
+    RoIBoxDistiller,
     RoISoftLabelDistiller,
     TeacherImportanceGate,
     match_levels,
