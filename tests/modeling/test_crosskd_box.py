@@ -22,7 +22,7 @@ from tolerances import (
 
 from kd_det.engine import KDTrainer
 from kd_det.losses import BoxDistillLoss, CrossKDClassLoss, box_distill_loss, crosskd_class_loss
-from kd_det.modeling import build_teacher
+from kd_det.modeling import DistillRetinaNet, build_teacher
 from kd_det.modeling.distillers import (
     CrossKDDistiller,
     DenseBoxDistiller,
@@ -539,6 +539,14 @@ def test_errors(tiny_data_root, tmp_path, retina_teacher, rcnn_teacher):
                 CROSSKD, RETINA_TEACHER, retina_teacher, tmp_path, ["KD.CROSSKD.ADAPTER", "none"]
             )
         )
+    # explicit arguments (a LazyConfig) that do not fit the heads
+    cfg = distill_cfg(CROSSKD, RETINA_TEACHER, retina_teacher, tmp_path)
+    kwargs = DistillRetinaNet.from_config(cfg)
+    kwargs["crosskd"] = CrossKDDistiller(
+        cfg, student_channels=kwargs["crosskd"].student_channels, teacher_channels=64
+    )
+    with pytest.raises(ValueError, match="student 64, teacher 128, but crosskd was given"):
+        DistillRetinaNet(**kwargs)
     # off by weight 0, as the other methods
     cfg = distill_cfg(BOX_RCNN, RCNN_TEACHER, rcnn_teacher, tmp_path, ["KD.BOX.WEIGHT", 0.0])
     assert build_model(cfg).kd_roi_box is None

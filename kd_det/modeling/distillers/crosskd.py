@@ -117,6 +117,8 @@ class CrossKDDistiller(nn.Module):
         if head_index < 0:
             raise ValueError("KD.CROSSKD.HEAD_INDEX must be >= 0, got {}".format(head_index))
         self.head_index = head_index
+        self.student_channels = student_channels
+        self.teacher_channels = teacher_channels
         self.class_loss = class_loss
         self.class_weight = class_weight
         self.box_loss = box_loss

@@ -219,6 +219,16 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
                         tower_split(getattr(head, name), index)
                     except ValueError as e:
                         problems.append("{}'s {}: {}".format(who, name, e))
+            if not problems:
+                widths = (self._tower_width(self.head, index), self._tower_width(tm.head, index))
+                given = (self.kd_crosskd.student_channels, self.kd_crosskd.teacher_channels)
+                if widths != given:
+                    problems.append(
+                        "CrossKD tower widths at HEAD_INDEX {}: student {}, teacher {}, but "
+                        "crosskd was given student_channels={}, teacher_channels={}".format(
+                            index, *widths, *given
+                        )
+                    )
         if problems:
             raise ValueError(
                 "RM/PFI/soft-label/CrossKD/box distillation compares per-anchor predictions, so "
