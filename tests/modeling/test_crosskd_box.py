@@ -20,6 +20,8 @@ from tolerances import (
     unit_roundoff,
 )
 
+from kd_det import get_kd_cfg, merge_kd_config
+from kd_det.config.run import distillation_summary
 from kd_det.engine import KDTrainer
 from kd_det.losses import BoxDistillLoss, CrossKDClassLoss, box_distill_loss, crosskd_class_loss
 from kd_det.modeling import DistillRetinaNet, build_teacher
@@ -550,3 +552,12 @@ def test_errors(tiny_data_root, tmp_path, retina_teacher, rcnn_teacher):
     # off by weight 0, as the other methods
     cfg = distill_cfg(BOX_RCNN, RCNN_TEACHER, rcnn_teacher, tmp_path, ["KD.BOX.WEIGHT", 0.0])
     assert build_model(cfg).kd_roi_box is None
+
+
+def test_run_descriptions_name_the_methods():
+    for config, methods in [(CROSSKD, ("CrossKD",)), (BOX_RETINA, ("box",)), (BOX_RCNN, ("box",))]:
+        cfg = merge_kd_config(get_kd_cfg(), config_path(config), [])
+        assert distillation_summary(cfg).methods == methods
+        cfg.merge_from_list(["KD.FEATURE.ENABLED", True, "KD.BOX.ENABLED", True])
+        assert distillation_summary(cfg).methods[0] == "SSIM"
+        assert "box" in distillation_summary(cfg).methods
