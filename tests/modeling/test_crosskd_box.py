@@ -561,3 +561,29 @@ def test_run_descriptions_name_the_methods():
         cfg.merge_from_list(["KD.FEATURE.ENABLED", True, "KD.BOX.ENABLED", True])
         assert distillation_summary(cfg).methods[0] == "SSIM"
         assert "box" in distillation_summary(cfg).methods
+
+
+def test_box_distillers_zero_for_identical_predictions():
+    """A student predicting the teacher's deltas, with the teacher's anchors and transform:
+    the same decoding of the same numbers, so GIoU's terms are exactly 0 (L1 compares the
+    re-encoded teacher box, equal within rounding only: the loss tests cover it)."""
+    g = torch.Generator().manual_seed(11)
+    tf = Box2BoxTransform((10.0, 10.0, 5.0, 5.0))
+    giou = BoxDistillLoss(loss_type="giou")
+    # RetinaNet: one level 2x2, 1 anchor per position, 2 classes
+    t_deltas = [torch.randn(2, 4, 2, 2, generator=g) * 0.3]
+    t_logits = [torch.randn(2, 2, 2, 2, generator=g)]
+    xy = torch.rand(4, 2, generator=g) * 8
+    anchors = [Boxes(torch.cat([xy, xy + 3], dim=1))]
+    labels = torch.tensor([[1, 0, 1, -1], [0, 1, 1, 1]], dtype=torch.int8)
+    matched = torch.zeros(2, 4, dtype=torch.long)
+    s = [t_deltas[0].clone().requires_grad_(True)]
+    loss = DenseBoxDistiller(loss=giou, weight=1.0)(
+        s, t_logits, t_deltas, anchors, anchors, matched, labels, [torch.tensor([1])] * 2, tf, tf
+    )["loss_kd_box"]
+    assert loss.item() == 0.0
+    # Faster R-CNN: the teacher's deltas for each RoI's class
+    distiller, boxes, gt, _, _, t_roi, teacher, _ = _roi_case("giou")
+    s_roi = t_roi.clone().requires_grad_(True)
+    loss = distiller(s_roi, boxes, gt, teacher, {}, tf)["loss_kd_box"]
+    assert loss.item() == 0.0
