@@ -71,6 +71,11 @@ ARCHS = {
                 SYN + "distill/soft_label_faster_rcnn_R50_to_R18.yaml",
                 "teacher",
             ),
+            "box": (
+                "+ box distillation (RoI head)",
+                SYN + "distill/box_faster_rcnn_R50_to_R18.yaml",
+                "teacher",
+            ),
             "l2_minmax": (
                 "+ L2, min-max maps",
                 SYN + "distill/l2_minmax_faster_rcnn_R50_to_R18.yaml",
@@ -133,6 +138,8 @@ ARCHS = {
             "rm": ("+ RM", SYN + "distill/rm_retinanet_R50_to_R18.yaml", "teacher"),
             "pfi": ("+ PFI (L2)", SYN + "distill/pfi_retinanet_R50_to_R18.yaml", "teacher"),
             "rm_pfi": ("+ RM + PFI", SYN + "distill/rm_pfi_retinanet_R50_to_R18.yaml", "teacher"),
+            "crosskd": ("+ CrossKD", SYN + "distill/crosskd_retinanet_R50_to_R18.yaml", "teacher"),
+            "box": ("+ box distillation", SYN + "distill/box_retinanet_R50_to_R18.yaml", "teacher"),
             # scale-free lp baselines (KD.FEATURE.NORMALIZE): raw FPN features of a teacher
             # trained from scratch are large, and a raw L2 at weight 1 swamps the detection loss
             "l2_minmax": (

@@ -131,6 +131,41 @@ def add_kd_config(cfg: CN) -> CN:
     # "kl" (binary KL per class) or "bce" (cross-entropy with the teacher's scores)
     cfg.KD.SOFT_LABEL.MODE = "kl"
 
+    # CrossKD (Wang et al., CVPR 2024; RetinaNet student and teacher): the student's class and
+    # box head towers, cut after HEAD_INDEX convs (before that conv's ReLU; 0: the FPN
+    # features), go through the rest of the teacher's frozen head; these cross-head predictions
+    # mimic the teacher's own on every anchor the student's matcher does not ignore, summed and
+    # divided by the positive anchors: loss_kd_crosskd_cls (CLASS_LOSS on sigmoid scores) and
+    # loss_kd_crosskd_box (BOX_LOSS, each anchor weighted by the teacher's top class score).
+    cfg.KD.CROSSKD = CN()
+    cfg.KD.CROSSKD.ENABLED = False
+    # the paper's i: 3 of RetinaNet's 4 head convs (at most MODEL.RETINANET.NUM_CONVS)
+    cfg.KD.CROSSKD.HEAD_INDEX = 3
+    # "qfl" (the paper's quality-focal KD loss, BCE * |p_s - p_t| ** BETA) or "kl" (binary KL)
+    cfg.KD.CROSSKD.CLASS_LOSS = "qfl"
+    cfg.KD.CROSSKD.BETA = 1.0
+    cfg.KD.CROSSKD.CLASS_WEIGHT = 1.0
+    # "giou" (the paper's, on boxes decoded against the teacher's anchors) or "l1" (deltas)
+    cfg.KD.CROSSKD.BOX_LOSS = "giou"
+    cfg.KD.CROSSKD.BOX_WEIGHT = 1.0
+    # give the student's tower features the teacher's per-channel mean and std before the
+    # teacher's layers (as the reference code does)
+    cfg.KD.CROSSKD.ALIGN_SCALE = True
+    # a 1x1 conv from the student's tower width to the teacher's: "auto" (where they differ),
+    # "conv1x1" (always) or "none" (widths must match)
+    cfg.KD.CROSSKD.ADAPTER = "auto"
+
+    # Box distillation (RetinaNet and Faster R-CNN students, teacher of the same kind): the
+    # teacher's decoded boxes are regression targets on the student's positive anchors (its own
+    # matching) or foreground sampled RoIs (the teacher's box head on the student's RoIs), each
+    # weighted by the teacher's probability of the ground-truth class: loss_kd_box, divided
+    # as the detector's own box loss (positive anchors; sampled RoIs).
+    cfg.KD.BOX = CN()
+    cfg.KD.BOX.ENABLED = False
+    cfg.KD.BOX.WEIGHT = 1.0
+    # "l1" (on deltas in the student's encoding, as Detectron2's box losses) or "giou" (boxes)
+    cfg.KD.BOX.LOSS = "l1"
+
     # Channel-statistics transfer (Yang et al. 2020), on the teacher's dense-head levels
     # (RetinaNet head / RPN): loss_kd_stats pulls the student's per-channel mean and std to
     # the teacher's; loss_kd_adain transplants them into the teacher's features by AdaIN

@@ -80,6 +80,10 @@ def _yacs_methods(kd, meta_architecture: str) -> List[str]:
         methods.append("RM")
     if kd.SOFT_LABEL.ENABLED:
         methods.append("soft-label")
+    if kd.CROSSKD.ENABLED:
+        methods.append("CrossKD")
+    if kd.BOX.ENABLED and kd.BOX.WEIGHT > 0:
+        methods.append("box")
     if kd.CHANNEL_STATS.ENABLED:
         methods.append("channel stats")
     if kd.INHERIT.PREFIXES:
@@ -135,6 +139,12 @@ def _lazy_methods(model, meta_architecture: str) -> List[str]:
         lazy_get(model, "roi_soft_label"), "loss", "weight"
     ):
         methods.append("soft-label")
+    if lazy_get(model, "crosskd") is not None:
+        methods.append("CrossKD")
+    if _weighted(lazy_get(model, "box_distiller"), "loss", "weight") or _weighted(
+        lazy_get(model, "roi_box"), "loss", "weight"
+    ):
+        methods.append("box")
     if lazy_get(model, "channel_stats") is not None:
         methods.append("channel stats")
     if lazy_get(model, "inherit_prefixes"):

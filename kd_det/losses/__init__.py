@@ -1,5 +1,15 @@
 """Distillation losses: each a class in DISTILL_LOSS_REGISTRY (see .registry), beside its maths."""
 
+from .box import (
+    BOX_LOSS_TYPES,
+    CROSSKD_CLASS_MODES,
+    BoxDistillLoss,
+    BoxLoss,
+    CrossKDClassLoss,
+    box_distill_loss,
+    crosskd_class_loss,
+    giou_distance,
+)
 from .feature import (
     FEATURE_LOSS_REGISTRY,
     AttentionTransferLoss,

@@ -3,10 +3,13 @@
 from .distillers import (
     ChannelStatsDistiller,
     Connector,
+    CrossKDDistiller,
+    DenseBoxDistiller,
     DensePredictionDistiller,
     FeatureDistiller,
     MaskedGenerator,
     MultiTeacherDistiller,
+    RoIBoxDistiller,
     RoISoftLabelDistiller,
     TeacherImportanceGate,
     match_levels,

@@ -211,6 +211,8 @@ class DistillMixin(DistillForwardMixin):
                     ("KD.PFI", kd.PFI.ENABLED),
                     ("KD.SOFT_LABEL", kd.SOFT_LABEL.ENABLED),
                     ("KD.CHANNEL_STATS", kd.CHANNEL_STATS.ENABLED),
+                    ("KD.CROSSKD", kd.CROSSKD.ENABLED),
+                    ("KD.BOX", kd.BOX.ENABLED),
                 )
                 if on
             ]

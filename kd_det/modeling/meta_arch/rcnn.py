@@ -6,11 +6,11 @@ import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 
-from ..distillers import RoISoftLabelDistiller
+from ..distillers import RoIBoxDistiller, RoISoftLabelDistiller
 from ..recorders import Source
 from .base import STUDENT_INPUT_SOURCES, DistillMixin
 
-__all__ = ["DistillGeneralizedRCNN", "ROI_SOURCES"]
+__all__ = ["DistillGeneralizedRCNN", "ROI_SOURCES", "ROI_BOX_SOURCES"]
 
 #: what a soft-label student's RoI box head saw and said in its training pass: the boxes
 #: given to its box pooler (per image, the sampled RoIs) and its box predictor's class
@@ -19,6 +19,14 @@ __all__ = ["DistillGeneralizedRCNN", "ROI_SOURCES"]
 ROI_SOURCES = {
     "roi_boxes": Source("roi_heads.box_pooler", "input", 1),
     "roi_logits": Source("roi_heads.box_predictor", index=0),
+}
+#: what box distillation reads of the same pass: the sampled RoIs given to the box pooler, the
+#: box predictor's deltas (R, 4 K) (or (R, 4), class-agnostic), and the sampled proposals as
+#: the RoI heads return them in training (per image, Instances with ``gt_classes``)
+ROI_BOX_SOURCES = {
+    "roi_boxes": Source("roi_heads.box_pooler", "input", 1),
+    "roi_deltas": Source("roi_heads.box_predictor", index=1),
+    "roi_proposals": Source("roi_heads", index=0),
 }
 
 
@@ -32,7 +40,10 @@ class DistillGeneralizedRCNN(DistillMixin, GeneralizedRCNN):
     * ``loss_kd_<feature loss>``: FPN feature imitation (``cfg.KD.FEATURE``);
     * ``loss_kd_soft``: soft-label classification KD on the RoI head
       (``cfg.KD.SOFT_LABEL``, a :class:`RoISoftLabelDistiller`): the teacher's box head
-      classifies the student's sampled RoIs on the teacher's features.
+      classifies the student's sampled RoIs on the teacher's features;
+    * ``loss_kd_box``: box distillation on the RoI head (``cfg.KD.BOX``, a
+      :class:`RoIBoxDistiller`): the teacher's boxes for the student's foreground sampled
+      RoIs are regression targets, weighted by the teacher's ground-truth class probability.
 
     Inference is the student alone.  In a LazyConfig, the student's ``L(GeneralizedRCNN)``
     call with this class as its target and the distillation arguments added::
@@ -58,6 +69,7 @@ class DistillGeneralizedRCNN(DistillMixin, GeneralizedRCNN):
         multi_teacher=None,
         inherit_prefixes=(),
         roi_soft_label: Optional[RoISoftLabelDistiller] = None,
+        roi_box: Optional[RoIBoxDistiller] = None,
         **kwargs
     ):
         """
@@ -65,6 +77,7 @@ class DistillGeneralizedRCNN(DistillMixin, GeneralizedRCNN):
             teacher, feature_distiller, channel_stats, extra_teachers, multi_teacher,
                 inherit_prefixes: see :class:`DistillMixin`.
             roi_soft_label: RoI soft-label KD, or None (or a weight of 0).
+            roi_box: RoI box distillation, or None (or a weight of 0).
             kwargs: GeneralizedRCNN's arguments.
         """
         super().__init__(**kwargs)
@@ -85,6 +98,13 @@ class DistillGeneralizedRCNN(DistillMixin, GeneralizedRCNN):
             teacher.require_roi_head()
             RoISoftLabelDistiller.check_student(self.roi_heads)
             sources.update(ROI_SOURCES)
+        if roi_box is not None and not roi_box.weight > 0:
+            roi_box = None
+        self.kd_roi_box = roi_box
+        if roi_box is not None:
+            teacher.require_roi_head()
+            RoIBoxDistiller.check_student(self.roi_heads)
+            sources.update(ROI_BOX_SOURCES)
         self._init_recorders(sources)
 
     @classmethod
@@ -96,7 +116,13 @@ class DistillGeneralizedRCNN(DistillMixin, GeneralizedRCNN):
         """``student_kwargs`` (GeneralizedRCNN's) with the distillation ones, from ``cfg.KD``."""
         kd = cfg.KD
         one_stage = [
-            name for name, on in (("KD.RM", kd.RM.ENABLED), ("KD.PFI", kd.PFI.ENABLED)) if on
+            name
+            for name, on in (
+                ("KD.RM", kd.RM.ENABLED),
+                ("KD.PFI", kd.PFI.ENABLED),
+                ("KD.CROSSKD", kd.CROSSKD.ENABLED),
+            )
+            if on
         ]
         if one_stage:
             raise ValueError(
@@ -107,6 +133,8 @@ class DistillGeneralizedRCNN(DistillMixin, GeneralizedRCNN):
         ret = cls._distill_from_config(cfg, student_kwargs)
         soft = kd.SOFT_LABEL.ENABLED and kd.SOFT_LABEL.WEIGHT > 0
         ret["roi_soft_label"] = RoISoftLabelDistiller(cfg) if soft else None
+        box = kd.BOX.ENABLED and kd.BOX.WEIGHT > 0
+        ret["roi_box"] = RoIBoxDistiller(cfg) if box else None
         return ret
 
     def distillation_losses(
@@ -119,6 +147,18 @@ class DistillGeneralizedRCNN(DistillMixin, GeneralizedRCNN):
             losses.update(
                 self.kd_roi_soft_label(
                     recorded["roi_logits"], recorded["roi_boxes"], self.teacher, teacher_features[0]
+                )
+            )
+        if self.kd_roi_box is not None:
+            gt_classes = torch.cat([p.gt_classes for p in recorded["roi_proposals"]])
+            losses.update(
+                self.kd_roi_box(
+                    recorded["roi_deltas"],
+                    recorded["roi_boxes"],
+                    gt_classes,
+                    self.teacher,
+                    teacher_features[0],
+                    self.roi_heads.box_predictor.box2box_transform,
                 )
             )
         return losses

@@ -164,8 +164,9 @@ class FrozenTeacher:
         """Raise unless the teacher has per-anchor predictions (RM, PFI, soft labels need them)."""
         if not self.has_dense_head:
             raise ValueError(
-                "KD.RM, KD.PFI and KD.SOFT_LABEL need a one-stage (RetinaNet) teacher "
-                "with per-anchor class predictions, but the teacher is a {}; set "
+                "KD.RM, KD.PFI, KD.SOFT_LABEL, KD.CROSSKD and KD.BOX on a RetinaNet student "
+                "need a one-stage (RetinaNet) teacher with per-anchor predictions, but the "
+                "teacher is a {}; set "
                 "KD.TEACHER.CONFIG to a RetinaNet config".format(self.meta_architecture)
             )
 
@@ -181,13 +182,84 @@ class FrozenTeacher:
             *[features[f] for f in self.model.head_in_features]
         )
 
+    @torch.no_grad()
+    def dense_head_predictions(
+        self, features: Dict[str, torch.Tensor], tower_index: Optional[int] = None
+    ) -> Tuple[List[torch.Tensor], ...]:
+        """
+        A one-stage teacher's head on its own ``features``, per level of
+        ``model.head_in_features``: class logits (N, A*K, H, W) and box deltas (N, A*4, H, W).
+
+        Args:
+            tower_index: also return the class and box towers' features where CrossKD cuts
+                them (see :func:`~kd_det.modeling.distillers.crosskd.tower_split`): per level
+                (N, C, H, W), before that conv's activation.
+        Returns:
+            (logits, deltas), or (logits, deltas, class tower cut, box tower cut) with
+            ``tower_index``.
+        """
+        from ..distillers.crosskd import tower_split  # the distillers import the teacher
+
+        self.require_dense_head()
+        head = self.model.head
+
+        def run(*fs):
+            out = ([], [], [], [])
+            for x in fs:
+                for k, (subnet, last) in enumerate(
+                    ((head.cls_subnet, head.cls_score), (head.bbox_subnet, head.bbox_pred))
+                ):
+                    p = 0 if tower_index is None else tower_split(subnet, tower_index)
+                    cut = subnet[:p](x)
+                    out[k].append(last(subnet[p:](cut)))
+                    out[2 + k].append(cut)
+            return out
+
+        out = self._run(run, *[features[f] for f in self.model.head_in_features])
+        return out if tower_index is not None else out[:2]
+
+    def dense_head_from_towers(
+        self,
+        cls_features: List[torch.Tensor],
+        box_features: List[torch.Tensor],
+        tower_index: int,
+    ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """
+        CrossKD's cross-head: a one-stage teacher's head continued from its towers' cut at
+        ``tower_index`` on given features (the student's), per level: class logits
+        (N, A*K, H, W) and box deltas (N, A*4, H, W).  The graph is kept, so losses reach the
+        given features; the teacher's weights get no gradient.
+
+        Args:
+            cls_features, box_features: per level (N, C, H, W) features in place of the
+                teacher's tower cuts (:meth:`dense_head_predictions` ``tower_index``).
+        """
+        from ..distillers.crosskd import tower_split
+
+        self.require_dense_head()
+        head = self.model.head
+
+        def run(*fs):
+            n = len(fs) // 2
+            out = ([], [])
+            for k, (subnet, last) in enumerate(
+                ((head.cls_subnet, head.cls_score), (head.bbox_subnet, head.bbox_pred))
+            ):
+                p = tower_split(subnet, tower_index)
+                for x in fs[k * n : (k + 1) * n]:
+                    out[k].append(last(subnet[p:](x)))
+            return out
+
+        with torch.enable_grad():
+            return self._run(run, *cls_features, *box_features)
+
     def require_roi_head(self) -> None:
         """Raise unless the teacher has one RoI box head with class scores (Faster R-CNN)."""
         heads = getattr(self.model, "roi_heads", None)
         if not hasattr(getattr(heads, "box_predictor", None), "cls_score"):
             raise ValueError(
-                "soft-label KD of a two-stage student (KD.SOFT_LABEL) compares RoI "
-                "class scores, so it needs a Faster R-CNN teacher with one box head, "
+                "soft-label and box KD of a two-stage student (KD.SOFT_LABEL, KD.BOX) "
+                "compare RoI predictions, so each needs a Faster R-CNN teacher with one box head, "
                 "but the teacher is a {} ({}); set KD.TEACHER.CONFIG to a Faster "
                 "R-CNN config".format(
                     self.meta_architecture, type(heads).__name__ if heads else "no RoI heads"
@@ -207,14 +279,25 @@ class FrozenTeacher:
         Returns:
             (R, K + 1): R = all boxes of all images, in order; background last.
         """
+        return self.roi_predictions(features, boxes)[0]
+
+    @torch.no_grad()
+    def roi_predictions(
+        self, features: Dict[str, torch.Tensor], boxes: List[Boxes]
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """
+        A two-stage teacher's box head on given boxes: class logits (R, K + 1) and box deltas
+        (R, 4 K), or (R, 4) for a class-agnostic head, in its own ``box2box_transform``'s
+        encoding relative to the boxes.  Arguments as :meth:`roi_class_logits`.
+        """
         self.require_roi_head()
         heads = self.model.roi_heads
 
-        def scores(*level_features):
+        def predict(*level_features):
             x = heads.box_head(heads.box_pooler(list(level_features), boxes))
-            return heads.box_predictor(x)[0]
+            return heads.box_predictor(x)
 
-        return self._run(scores, *[features[f] for f in heads.box_in_features])
+        return self._run(predict, *[features[f] for f in heads.box_in_features])
 
     @property
     def dense_head_levels(self) -> List[str]:
