@@ -1,5 +1,6 @@
 """Distillation losses: each a class in DISTILL_LOSS_REGISTRY (see .registry), beside its maths."""
 
+from .attention import NonDirectionalAttentionLoss, non_directional_attention
 from .feature import (
     FEATURE_LOSS_REGISTRY,
     AttentionTransferLoss,

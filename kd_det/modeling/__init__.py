@@ -5,6 +5,7 @@ from .distillers import (
     Connector,
     DensePredictionDistiller,
     FeatureDistiller,
+    LocalAttentionDistiller,
     MultiTeacherDistiller,
     RoISoftLabelDistiller,
     TeacherImportanceGate,

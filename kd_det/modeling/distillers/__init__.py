@@ -8,6 +8,7 @@ teachers, and the connectors (1x1 adapters) they share.
 from .channel_stats import ChannelStatsDistiller
 from .connectors import CONNECTOR_MODES, Connector
 from .feature import FeatureDistiller, match_levels
+from .local_attention import LocalAttentionDistiller
 from .multi_teacher import MultiTeacherDistiller, TeacherImportanceGate
 from .prediction import DensePredictionDistiller, RoISoftLabelDistiller
 

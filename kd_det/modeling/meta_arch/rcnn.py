@@ -32,7 +32,8 @@ class DistillGeneralizedRCNN(DistillMixin, GeneralizedRCNN):
     * ``loss_kd_<feature loss>``: FPN feature imitation (``cfg.KD.FEATURE``);
     * ``loss_kd_soft``: soft-label classification KD on the RoI head
       (``cfg.KD.SOFT_LABEL``, a :class:`RoISoftLabelDistiller`): the teacher's box head
-      classifies the student's sampled RoIs on the teacher's features.
+      classifies the student's sampled RoIs on the teacher's features;
+    * ``loss_kd_lakd``: LAKD on the backbone's ResNet stages (``cfg.KD.LAKD``).
 
     Inference is the student alone.  In a LazyConfig, the student's ``L(GeneralizedRCNN)``
     call with this class as its target and the distillation arguments added::
@@ -58,6 +59,7 @@ class DistillGeneralizedRCNN(DistillMixin, GeneralizedRCNN):
         multi_teacher=None,
         inherit_prefixes=(),
         roi_soft_label: Optional[RoISoftLabelDistiller] = None,
+        local_attention=None,
         **kwargs
     ):
         """
@@ -65,6 +67,8 @@ class DistillGeneralizedRCNN(DistillMixin, GeneralizedRCNN):
             teacher, feature_distiller, channel_stats, extra_teachers, multi_teacher,
                 inherit_prefixes: see :class:`DistillMixin`.
             roi_soft_label: RoI soft-label KD, or None (or a weight of 0).
+            local_attention: LAKD on the backbone's ResNet stages (a
+                :class:`LocalAttentionDistiller`), or None.
             kwargs: GeneralizedRCNN's arguments.
         """
         super().__init__(**kwargs)
@@ -76,11 +80,12 @@ class DistillGeneralizedRCNN(DistillMixin, GeneralizedRCNN):
             multi_teacher,
             inherit_prefixes,
             self.roi_heads.num_classes,
+            local_attention,
         )
         if roi_soft_label is not None and not roi_soft_label.weight > 0:
             roi_soft_label = None  # a weight of 0 switches it off, as KD.SOFT_LABEL.WEIGHT 0 does
         self.kd_roi_soft_label = roi_soft_label
-        sources = dict(STUDENT_INPUT_SOURCES)
+        sources = dict(STUDENT_INPUT_SOURCES, **self.local_attention_sources())
         if roi_soft_label is not None:
             teacher.require_roi_head()
             RoISoftLabelDistiller.check_student(self.roi_heads)
@@ -121,4 +126,5 @@ class DistillGeneralizedRCNN(DistillMixin, GeneralizedRCNN):
                     recorded["roi_logits"], recorded["roi_boxes"], self.teacher, teacher_features[0]
                 )
             )
+        losses.update(self.local_attention_losses(recorded))
         return losses

@@ -35,7 +35,8 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
       weighted per position by the prediction difference when ``cfg.KD.PFI.ENABLED``;
     * ``loss_kd_rm``: Rank Mimicking (``cfg.KD.RM``), over the anchors the student's own
       matching made positive;
-    * ``loss_kd_soft``: soft-label classification KD (``cfg.KD.SOFT_LABEL``).
+    * ``loss_kd_soft``: soft-label classification KD (``cfg.KD.SOFT_LABEL``);
+    * ``loss_kd_lakd``: LAKD on the backbone's ResNet stages (``cfg.KD.LAKD``).
 
     RM, PFI and soft labels need a RetinaNet teacher with the same classes, anchors
     per position and head levels.  Inference is the student alone.  In a LazyConfig, the
@@ -66,6 +67,7 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
         inherit_prefixes=(),
         prediction_distiller: Optional[DensePredictionDistiller] = None,
         pfi: bool = False,
+        local_attention=None,
         **kwargs
     ):
         """
@@ -74,6 +76,8 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
                 inherit_prefixes: see :class:`DistillMixin`.
             prediction_distiller: Rank Mimicking and soft labels, or None (or both weights 0).
             pfi: weight feature imitation per position by the prediction difference.
+            local_attention: LAKD on the backbone's ResNet stages (a
+                :class:`LocalAttentionDistiller`), or None.
             kwargs: RetinaNet's arguments.
         """
         super().__init__(**kwargs)
@@ -85,6 +89,7 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
             multi_teacher,
             inherit_prefixes,
             self.num_classes,
+            local_attention,
         )
         if prediction_distiller is not None:
             if not prediction_distiller.enabled:
@@ -106,7 +111,10 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
                 "with KD.FEATURE.LOSS 'L2FeatureLoss' (as in the paper) or "
                 "'SSIMFeatureLoss'"
             )
-        self._init_recorders(DENSE_SOURCES, match_anchors=prediction_distiller is not None)
+        self._init_recorders(
+            dict(DENSE_SOURCES, **self.local_attention_sources()),
+            match_anchors=prediction_distiller is not None,
+        )
 
     @classmethod
     def from_config(cls, cfg):
@@ -176,6 +184,7 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
         losses.update(
             self.feature_losses(recorded["features"], all_teacher_features, position_weights)
         )
+        losses.update(self.local_attention_losses(recorded))
         return losses
 
     def pfi_weights(self, student_logits, teacher_logits) -> List[Optional[torch.Tensor]]:
