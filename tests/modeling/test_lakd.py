@@ -350,3 +350,13 @@ def test_synthetic_lakd_config_trains(kind, tiny_data_root, tmp_path, rcnn_teach
         logged = [json.loads(line) for line in f if line.strip()]
     values = [r["loss_kd_lakd"] for r in logged if "loss_kd_lakd" in r]
     assert values and all(v > 0 for v in values)
+
+
+def test_run_summary_names_lakd():
+    """MODEL_ZOO.md's method column (kd_det.config.run) names LAKD, and the feature loss is off."""
+    from kd_det import get_kd_cfg, merge_kd_config
+    from kd_det.config.run import distillation_summary
+
+    for config in LAKD_CONFIGS.values():
+        cfg = merge_kd_config(get_kd_cfg(), config_path(config))
+        assert distillation_summary(cfg).methods == ("LAKD",)
