@@ -360,3 +360,16 @@ def test_run_summary_names_lakd():
     for config in LAKD_CONFIGS.values():
         cfg = merge_kd_config(get_kd_cfg(), config_path(config))
         assert distillation_summary(cfg).methods == ("LAKD",)
+
+
+@pytest.mark.slow
+def test_overhead_benchmark_runs():
+    """benchmarks/bench_lakd_overhead.py times both settings (one tiny step each)."""
+    import runpy
+
+    from conftest import REPO
+
+    script = runpy.run_path(os.path.join(REPO, "benchmarks", "bench_lakd_overhead.py"))
+    result = script["main"](["--steps", "1", "--warmup", "0", "--batch", "1", "--size", "64"])
+    assert result["off"]["median_ms"] > 0 and result["lakd"]["median_ms"] > 0
+    assert set(result) >= {"extra_median_ms", "extra_median_cpu_ms"}
