@@ -373,3 +373,31 @@ def test_overhead_benchmark_runs():
     result = script["main"](["--steps", "1", "--warmup", "0", "--batch", "1", "--size", "64"])
     assert result["off"]["median_ms"] > 0 and result["lakd"]["median_ms"] > 0
     assert set(result) >= {"extra_median_ms", "extra_median_cpu_ms"}
+
+
+def test_lazy_config_form_is_the_yacs_one():
+    """``L(LocalAttentionDistiller)(...)`` (the README's LazyConfig piece) builds what
+    KD.LAKD builds."""
+    from detectron2.config import LazyCall as L
+    from detectron2.config import instantiate
+
+    from kd_det import get_kd_cfg, merge_kd_config
+
+    lazy = instantiate(
+        L(LocalAttentionDistiller)(
+            stages=STAGES,
+            start_iters=[0, 20, 40, 60],
+            loss=L(NonDirectionalAttentionLoss)(p=2.0, map_size=8),
+            weight=1.0,
+        )
+    )
+    yacs = LocalAttentionDistiller(merge_kd_config(get_kd_cfg(), config_path(LAKD_CONFIGS["rcnn"])))
+    for d in (lazy, yacs):
+        assert (d.stages, d.start_iters, d.weight, d.loss.p, d.loss.map_size) == (
+            STAGES,
+            [0, 20, 40, 60],
+            1.0,
+            2.0,
+            8,
+        )
+    assert list(lazy.state_dict()) == []  # nothing to save or export
