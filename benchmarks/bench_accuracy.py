@@ -110,6 +110,11 @@ ARCHS = {
                 SYN + "distill/self_frskd_faster_rcnn_R18.yaml",
                 "none",
             ),
+            "lakd": (
+                "+ LAKD (ResNet stages)",
+                SYN + "distill/lakd_faster_rcnn_R50_to_R18.yaml",
+                "teacher",
+            ),
         },
     },
     "retinanet": {
@@ -180,6 +185,11 @@ ARCHS = {
                 "self-distillation (FRSKD)",
                 SYN + "distill/self_frskd_retinanet_R18.yaml",
                 "none",
+            ),
+            "lakd": (
+                "+ LAKD (ResNet stages)",
+                SYN + "distill/lakd_retinanet_R50_to_R18.yaml",
+                "teacher",
             ),
         },
     },

@@ -175,6 +175,27 @@ def add_kd_config(cfg: CN) -> CN:
     cfg.KD.CHANNEL_STATS.WEIGHT = 1.0
     cfg.KD.CHANNEL_STATS.ADAIN_WEIGHT = 1.0
 
+    # LAKD, Local Attention Knowledge Distillation (Zhang et al. 2024, a classification paper;
+    # adapted to detection, README "LAKD"): each ResNet stage of the student backbone (its FPN's
+    # bottom_up) is a local module that imitates the teacher's stage of the same name through a
+    # non-directional activation map (channel mean of |x|^P, average-pooled to MAP_SIZE x
+    # MAP_SIZE, L2-normalised: no adapter across widths).  A stage's loss is computed on a second
+    # run of that stage on its detached input, so it updates that stage only; the detection
+    # loss still trains the whole backbone.  One teacher only; combines with the other KD keys.
+    cfg.KD.LAKD = CN()
+    cfg.KD.LAKD.ENABLED = False
+    # the local modules, shallow to deep; each must train (not frozen by MODEL.BACKBONE.FREEZE_AT)
+    cfg.KD.LAKD.STAGES = ["res2", "res3", "res4", "res5"]
+    # from simple to complex: STAGES[k] is distilled from iteration START_ITERS[k] on (one per
+    # stage, shallow ones first); empty: every stage from iteration 0
+    cfg.KD.LAKD.START_ITERS = []
+    # multiplies each stage's loss (in [0, 2]); the stages' terms add up (loss_kd_lakd)
+    cfg.KD.LAKD.WEIGHT = 1.0
+    # exponent of |x| in the activation map (>= 1; 2 is attention transfer's)
+    cfg.KD.LAKD.P = 2.0
+    # side of the coarse map each stage's map is pooled to; 0: the stage's own resolution
+    cfg.KD.LAKD.MAP_SIZE = 8
+
     # Several teachers for feature imitation (KD.FEATURE): each its own config and
     # checkpoint (KD.TEACHER.CONFIG then stays empty; KD.TEACHER's other keys apply to all),
     # each with its own adapters.  Per-image losses are combined with FIXED_WEIGHTS, or,

@@ -86,6 +86,8 @@ def _yacs_methods(kd, meta_architecture: str) -> List[str]:
         methods.append("box")
     if kd.CHANNEL_STATS.ENABLED:
         methods.append("channel stats")
+    if kd.LAKD.ENABLED:
+        methods.append("LAKD")
     if kd.INHERIT.PREFIXES:
         methods.append("init from teacher")
     return methods
@@ -147,6 +149,8 @@ def _lazy_methods(model, meta_architecture: str) -> List[str]:
         methods.append("box")
     if lazy_get(model, "channel_stats") is not None:
         methods.append("channel stats")
+    if lazy_get(model, "local_attention") is not None:
+        methods.append("LAKD")
     if lazy_get(model, "inherit_prefixes"):
         methods.append("init from teacher")
     return methods

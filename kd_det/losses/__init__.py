@@ -1,5 +1,6 @@
 """Distillation losses: each a class in DISTILL_LOSS_REGISTRY (see .registry), beside its maths."""
 
+from .attention import NonDirectionalAttentionLoss, non_directional_attention
 from .box import (
     BOX_LOSS_TYPES,
     CROSSKD_CLASS_MODES,

@@ -7,6 +7,7 @@ from .distillers import (
     DenseBoxDistiller,
     DensePredictionDistiller,
     FeatureDistiller,
+    LocalAttentionDistiller,
     MaskedGenerator,
     MultiTeacherDistiller,
     RoIBoxDistiller,

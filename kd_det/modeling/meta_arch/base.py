@@ -9,9 +9,16 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from detectron2.structures import ImageList
+from detectron2.utils.events import get_event_storage
 
 from ...config.detector import detector_settings
-from ..distillers import ChannelStatsDistiller, FeatureDistiller, MultiTeacherDistiller
+from ..distillers import (
+    ChannelStatsDistiller,
+    FeatureDistiller,
+    LocalAttentionDistiller,
+    MultiTeacherDistiller,
+)
+from ..distillers.local_attention import backbone_stage
 from ..inherit import inherit_teacher_weights
 from ..recorders import AnchorMatchRecorder, ModuleOutputRecorder, Source
 from ..teacher import FrozenTeacher, build_teachers, check_num_classes
@@ -112,8 +119,10 @@ class DistillMixin(DistillForwardMixin):
     ``self.teachers``), ``self.kd_feature`` (a :class:`FeatureDistiller` or None),
     ``self.kd_stats`` (a :class:`ChannelStatsDistiller` or None) and, with several
     teachers, ``self.kd_multi_teacher`` (a :class:`MultiTeacherDistiller`, which then
-    replaces ``kd_feature``).  ``inherit_prefixes`` (``KD.INHERIT.PREFIXES``) name the
-    teacher weights the student starts from (see :func:`inherit_teacher_weights`).
+    replaces ``kd_feature``), and ``self.kd_lakd`` (a :class:`LocalAttentionDistiller`
+    or None: LAKD on the backbone's ResNet stages).  ``inherit_prefixes``
+    (``KD.INHERIT.PREFIXES``) name the teacher weights the student starts from (see
+    :func:`inherit_teacher_weights`).
 
     The constructor arguments (each meta-architecture's ``__init__``) are explicit, so a
     LazyConfig composes them with ``L(...)``; the shapes its distillers were given as
@@ -132,10 +141,13 @@ class DistillMixin(DistillForwardMixin):
         multi_teacher: Optional[MultiTeacherDistiller] = None,
         inherit_prefixes: Sequence[str] = (),
         num_classes: int = 0,
+        local_attention: Optional[LocalAttentionDistiller] = None,
     ):
         """
         Args:
             num_classes: the student's class count, which every teacher must have.
+            local_attention: LAKD, or None.  Its stage inputs are recorded through
+                :meth:`local_attention_sources` (add them to the student's recorder).
         """
         if not isinstance(teacher, FrozenTeacher):
             raise ValueError(
@@ -149,6 +161,7 @@ class DistillMixin(DistillForwardMixin):
         self.kd_stats = channel_stats
         self.kd_multi_teacher = multi_teacher
         self._check_distillation(num_classes)
+        self._init_local_attention(local_attention)
         # the student's initial weights; MODEL.WEIGHTS and --resume load over them
         inherit_teacher_weights(self, teacher.model, inherit_prefixes)
 
@@ -181,6 +194,49 @@ class DistillMixin(DistillForwardMixin):
         if self.kd_stats is not None:
             self.kd_stats.check_shapes(student_shapes, self.teacher)
 
+    def _init_local_attention(self, local_attention: Optional[LocalAttentionDistiller]) -> None:
+        """Check LAKD against both backbones; record the teacher's stage outputs (hooks)."""
+        self.kd_lakd = local_attention
+        self._lakd_teacher = None
+        if local_attention is None:
+            return
+        if len(self.teachers) > 1:
+            raise ValueError(
+                "LAKD (local_attention, KD.LAKD) distils from one teacher; drop "
+                "extra_teachers (KD.MULTI_TEACHER) or LAKD"
+            )
+        teacher_backbone = self.teacher.model.backbone
+        local_attention.check_backbones(self.backbone, teacher_backbone)
+        # on the teacher's backbone: each of its calls clears what the last one left
+        self._lakd_teacher = ModuleOutputRecorder(
+            teacher_backbone, local_attention.stage_output_sources(teacher_backbone)
+        )
+
+    def local_attention_sources(self) -> Dict[str, Source]:
+        """What the student's recorder must keep for LAKD: each stage's input (or nothing)."""
+        if self.kd_lakd is None:
+            return {}
+        return self.kd_lakd.stage_input_sources(self.backbone)
+
+    def local_attention_losses(self, recorded: Dict) -> Dict[str, torch.Tensor]:
+        """
+        LAKD's ``loss_kd_lakd`` (nothing without LAKD), from the student's records and the
+        teacher's stage outputs of this step's :meth:`teacher_features`; the iteration
+        (which stages are on) is the Detectron2 event storage's.
+        """
+        if self.kd_lakd is None:
+            return {}
+        teacher_outputs = self._lakd_teacher.pop()
+        missing = [s for s in self.kd_lakd.stages if s not in teacher_outputs]
+        if missing:
+            raise RuntimeError(
+                "LAKD found no teacher output of stages {}: call teacher_features() on the "
+                "batch first (its backbone pass records them)".format(missing)
+            )
+        stages = {s: backbone_stage(self.backbone, s) for s in self.kd_lakd.stages}
+        inputs = {s: recorded["lakd_input_" + s] for s in self.kd_lakd.stages}
+        return self.kd_lakd(stages, inputs, teacher_outputs, get_event_storage().iter)
+
     def _apply(self, fn, *args, **kwargs):
         # The teachers are not submodules (see FrozenTeacher), so nn.Module would leave them
         # where they are on .to()/.cuda()/.double(); they follow the student instead (a
@@ -194,7 +250,8 @@ class DistillMixin(DistillForwardMixin):
     def _distill_from_config(cfg, ret: Dict) -> Dict:
         """
         Add ``teacher``, ``extra_teachers``, ``feature_distiller``, ``channel_stats``,
-        ``multi_teacher`` and ``inherit_prefixes`` to a vanilla ``from_config`` result.
+        ``multi_teacher``, ``local_attention`` and ``inherit_prefixes`` to a vanilla
+        ``from_config`` result.
         """
         teachers = build_teachers(cfg)
         check_num_classes(teachers, detector_settings(cfg).num_classes)
@@ -213,6 +270,7 @@ class DistillMixin(DistillForwardMixin):
                     ("KD.CHANNEL_STATS", kd.CHANNEL_STATS.ENABLED),
                     ("KD.CROSSKD", kd.CROSSKD.ENABLED),
                     ("KD.BOX", kd.BOX.ENABLED),
+                    ("KD.LAKD", kd.LAKD.ENABLED),
                 )
                 if on
             ]
@@ -237,7 +295,14 @@ class DistillMixin(DistillForwardMixin):
             stats = ChannelStatsDistiller(
                 cfg, student_shapes, teacher.output_shape(), teacher.dense_head_levels
             )
-        return dict(ret, teacher=teacher, feature_distiller=feature, channel_stats=stats)
+        lakd = LocalAttentionDistiller(cfg) if cfg.KD.LAKD.ENABLED else None
+        return dict(
+            ret,
+            teacher=teacher,
+            feature_distiller=feature,
+            channel_stats=stats,
+            local_attention=lakd,
+        )
 
     def teacher_images(
         self, batched_inputs: List[Dict], images: ImageList, teacher: FrozenTeacher = None

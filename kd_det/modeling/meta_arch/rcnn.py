@@ -44,6 +44,7 @@ class DistillGeneralizedRCNN(DistillMixin, GeneralizedRCNN):
     * ``loss_kd_box``: box distillation on the RoI head (``cfg.KD.BOX``, a
       :class:`RoIBoxDistiller`): the teacher's boxes for the student's foreground sampled
       RoIs are regression targets, weighted by the teacher's ground-truth class probability.
+    * ``loss_kd_lakd``: LAKD on the backbone's ResNet stages (``cfg.KD.LAKD``).
 
     Inference is the student alone.  In a LazyConfig, the student's ``L(GeneralizedRCNN)``
     call with this class as its target and the distillation arguments added::
@@ -70,6 +71,7 @@ class DistillGeneralizedRCNN(DistillMixin, GeneralizedRCNN):
         inherit_prefixes=(),
         roi_soft_label: Optional[RoISoftLabelDistiller] = None,
         roi_box: Optional[RoIBoxDistiller] = None,
+        local_attention=None,
         **kwargs
     ):
         """
@@ -78,6 +80,8 @@ class DistillGeneralizedRCNN(DistillMixin, GeneralizedRCNN):
                 inherit_prefixes: see :class:`DistillMixin`.
             roi_soft_label: RoI soft-label KD, or None (or a weight of 0).
             roi_box: RoI box distillation, or None (or a weight of 0).
+            local_attention: LAKD on the backbone's ResNet stages (a
+                :class:`LocalAttentionDistiller`), or None.
             kwargs: GeneralizedRCNN's arguments.
         """
         super().__init__(**kwargs)
@@ -89,11 +93,12 @@ class DistillGeneralizedRCNN(DistillMixin, GeneralizedRCNN):
             multi_teacher,
             inherit_prefixes,
             self.roi_heads.num_classes,
+            local_attention,
         )
         if roi_soft_label is not None and not roi_soft_label.weight > 0:
             roi_soft_label = None  # a weight of 0 switches it off, as KD.SOFT_LABEL.WEIGHT 0 does
         self.kd_roi_soft_label = roi_soft_label
-        sources = dict(STUDENT_INPUT_SOURCES)
+        sources = dict(STUDENT_INPUT_SOURCES, **self.local_attention_sources())
         if roi_soft_label is not None:
             teacher.require_roi_head()
             RoISoftLabelDistiller.check_student(self.roi_heads)
@@ -161,4 +166,5 @@ class DistillGeneralizedRCNN(DistillMixin, GeneralizedRCNN):
                     self.roi_heads.box_predictor.box2box_transform,
                 )
             )
+        losses.update(self.local_attention_losses(recorded))
         return losses

@@ -46,6 +46,7 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
       :class:`CrossKDDistiller`): the student's head towers through the teacher's head;
     * ``loss_kd_box``: box distillation (``cfg.KD.BOX``, a :class:`DenseBoxDistiller`) on
       the anchors the student's own matching made positive.
+    * ``loss_kd_lakd``: LAKD on the backbone's ResNet stages (``cfg.KD.LAKD``).
 
     RM, PFI, soft labels, CrossKD and box distillation need a RetinaNet teacher with the same
     classes, anchors
@@ -79,6 +80,7 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
         pfi: bool = False,
         crosskd: Optional[CrossKDDistiller] = None,
         box_distiller: Optional[DenseBoxDistiller] = None,
+        local_attention=None,
         **kwargs
     ):
         """
@@ -89,6 +91,8 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
             pfi: weight feature imitation per position by the prediction difference.
             crosskd: CrossKD, or None.
             box_distiller: box distillation, or None (or a weight of 0).
+            local_attention: LAKD on the backbone's ResNet stages (a
+                :class:`LocalAttentionDistiller`), or None.
             kwargs: RetinaNet's arguments.
         """
         super().__init__(**kwargs)
@@ -100,6 +104,7 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
             multi_teacher,
             inherit_prefixes,
             self.num_classes,
+            local_attention,
         )
         if prediction_distiller is not None:
             if not prediction_distiller.enabled:
@@ -125,7 +130,7 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
                 "with KD.FEATURE.LOSS 'L2FeatureLoss' (as in the paper) or "
                 "'SSIMFeatureLoss'"
             )
-        sources = dict(DENSE_SOURCES)
+        sources = dict(DENSE_SOURCES, **self.local_attention_sources())
         if crosskd is not None:
             sources.update(self._crosskd_sources(crosskd.head_index))
         self._init_recorders(
@@ -282,6 +287,7 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
         losses.update(
             self.feature_losses(recorded["features"], all_teacher_features, position_weights)
         )
+        losses.update(self.local_attention_losses(recorded))
         return losses
 
     def _crosskd_towers(self, recorded: Dict, index: int):
