@@ -17,6 +17,9 @@ from kd_det.data import SyntheticSpec, ensure_synthetic_dataset, register_synthe
 os.environ.setdefault("KD_DET_CACHE", tempfile.mkdtemp(prefix="kd_det_test_cache_"))
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the tests check that crafted checkpoints are refused: a developer's KD_DET_TRUST_PICKLE=1
+# (the opt-out) must not turn the refusals off
+os.environ.pop("KD_DET_TRUST_PICKLE", None)
 TINY_SPEC = SyntheticSpec(
     num_train=16,
     num_val=6,

@@ -249,12 +249,17 @@ def read_checkpoint(local: str) -> Any:
                     local, type(e).__name__, e
                 )
             ) from e
-    if trusted:
-        return torch.load(local, map_location="cpu", weights_only=False)
     try:
+        if trusted:
+            return torch.load(local, map_location="cpu", weights_only=False)
         with torch.serialization.safe_globals(_numpy_allowlist()):
             return torch.load(local, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if trusted:
+            raise ValueError(
+                "cannot read {} as a torch checkpoint ({}); is it complete, and a file "
+                "torch.save wrote?".format(local, e)
+            ) from e
         raise _weights_only_failure(local, e) from None
     except Exception as e:
         raise ValueError(

@@ -254,16 +254,22 @@ def test_sha256_pins(tmp_path, marker, monkeypatch):
 def test_trust_pickle_is_the_one_opt_out(tmp_path, monkeypatch):
     # a harmless object that is not plain data: refused by default, read when trusted
     path = _write(str(tmp_path / "own.pth"), {"model": {}, "made": datetime.date(2026, 12, 4)})
-    monkeypatch.delenv(TRUST_ENV, raising=False)
+    # "0" first: monkeypatch then restores the variable's absence after the test, also where
+    # trust_pickle_from_args set it
+    monkeypatch.setenv(TRUST_ENV, "0")
     with pytest.raises(UnsafeCheckpointError, match="datetime.date"):
         read_checkpoint(path)
     trust_pickle_from_args(False)
-    assert TRUST_ENV not in os.environ
+    assert os.environ[TRUST_ENV] == "0"
     trust_pickle_from_args(True)  # --trust-pickle
     assert os.environ[TRUST_ENV] == "1"
     assert read_checkpoint(path)["made"] == datetime.date(2026, 12, 4)
     pkl = _write(str(tmp_path / "own.pkl"), {"made": datetime.date(2026, 12, 4)})
     assert read_checkpoint(pkl)["made"].year == 2026
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read .*bad.pth"):
+        read_checkpoint(str(bad))
 
 
 def test_weights_schemes(tmp_path):
