@@ -6,7 +6,10 @@ import tempfile
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import build_detection_train_loader
 from detectron2.modeling import build_model
+from detectron2.solver import build_optimizer
+from detectron2.utils.events import EventStorage
 
 import kd_det  # noqa: F401  (registers meta-architectures and datasets)
 from kd_det import get_kd_cfg, merge_kd_config
@@ -129,3 +132,25 @@ def rcnn_teacher(tmp_path_factory):
 def retina_teacher(tmp_path_factory):
     d = tmp_path_factory.mktemp("retina_teacher")
     return save_random_teacher("synthetic/retinanet_R_50_FPN.yaml", str(d / "teacher.pth"))
+
+
+def distill_cfg(config, teacher_config, teacher_weights, out, opts=()):
+    """A tiny distillation config whose teacher is ``teacher_config`` with ``teacher_weights``."""
+    return tiny_cfg(
+        config,
+        out,
+        ["KD.TEACHER.CONFIG", config_path(teacher_config), "KD.TEACHER.WEIGHTS", teacher_weights]
+        + list(opts),
+    )
+
+
+def one_step(model, cfg):
+    """One training step of ``model`` on ``cfg``'s loader; returns (losses, optimizer)."""
+    loader = iter(build_detection_train_loader(cfg))
+    optimizer = build_optimizer(cfg, model)
+    model.train()
+    with EventStorage(0):
+        losses = model(next(loader))
+        sum(losses.values()).backward()
+        optimizer.step()
+    return losses, optimizer

@@ -3,8 +3,8 @@ meta-architectures."""
 
 import pytest
 import torch
+from conftest import distill_cfg, one_step
 from detectron2.modeling import build_model
-from test_distill import _one_step, distill_cfg
 from tolerances import Bounded, assert_bounded
 
 from kd_det.losses import adain, channel_statistics, channel_statistics_loss, head_output_loss
@@ -145,7 +145,7 @@ def test_channel_stats_training_step(kind, tiny_data_root, tmp_path, rcnn_teache
         levels
     )  # 64 student channels -> 128 teacher channels
     before = {k: v.clone() for k, v in model.teacher.model.state_dict().items()}
-    losses, _ = _one_step(model, cfg)
+    losses, _ = one_step(model, cfg)
     assert {"loss_kd_ssim", "loss_kd_stats", "loss_kd_adain"} <= set(losses)
     assert all(torch.isfinite(v) for v in losses.values())
     assert losses["loss_kd_adain"] > 0

@@ -5,11 +5,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import config_path
+from conftest import config_path, distill_cfg
 from detectron2.modeling import build_model
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.structures import Boxes, ImageList
-from test_distill import distill_cfg
 from tolerances import (
     ELEMENTARY,
     U64,

@@ -6,12 +6,9 @@ import re
 
 import pytest
 import torch
-from conftest import config_path, save_random_teacher, tiny_cfg
+from conftest import config_path, distill_cfg, one_step, save_random_teacher
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.data import build_detection_train_loader
 from detectron2.modeling import build_model
-from detectron2.solver import build_optimizer
-from detectron2.utils.events import EventStorage
 from detectron2.utils.file_io import PathManager
 from tolerances import assert_within, gamma
 
@@ -19,26 +16,6 @@ from kd_det.modeling import DistillGeneralizedRCNN, DistillRetinaNet
 
 RCNN_SSIM = "synthetic/distill/ssim_faster_rcnn_R50_to_R18.yaml"
 RETINA_SSIM = "synthetic/distill/ssim_retinanet_R50_to_R18.yaml"
-
-
-def distill_cfg(config, teacher_config, teacher_weights, out, opts=()):
-    return tiny_cfg(
-        config,
-        out,
-        ["KD.TEACHER.CONFIG", config_path(teacher_config), "KD.TEACHER.WEIGHTS", teacher_weights]
-        + list(opts),
-    )
-
-
-def _one_step(model, cfg):
-    loader = iter(build_detection_train_loader(cfg))
-    optimizer = build_optimizer(cfg, model)
-    model.train()
-    with EventStorage(0):
-        losses = model(next(loader))
-        sum(losses.values()).backward()
-        optimizer.step()
-    return losses, optimizer
 
 
 @pytest.mark.parametrize("kind", ["rcnn", "retina"])
@@ -66,7 +43,7 @@ def test_teacher_frozen_and_absent_from_student(
     saved = torch.load(weights, map_location="cpu", weights_only=False)["model"]
     assert all(torch.equal(saved[k], v) for k, v in teacher_before.items())  # really loaded
 
-    losses, optimizer = _one_step(model, cfg)
+    losses, optimizer = one_step(model, cfg)
     assert "loss_kd_ssim" in losses and torch.isfinite(losses["loss_kd_ssim"])
     for k, v in model.teacher.model.state_dict().items():
         assert torch.equal(v, teacher_before[k]), k  # bit-identical, BN statistics included
@@ -265,7 +242,7 @@ def test_lazy_config_teacher_matches_yaml_teacher(tmp_path, tiny_data_root, rcnn
     # detections
     assert ap_lazy[name]["bbox"]["AP"] == pytest.approx(ap_yaml[name]["bbox"]["AP"], nan_ok=True)
 
-    losses, _ = _one_step(build_model(lazy_cfg), lazy_cfg)
+    losses, _ = one_step(build_model(lazy_cfg), lazy_cfg)
     assert torch.isfinite(losses["loss_kd_ssim"])
 
 
@@ -440,7 +417,7 @@ def test_mask_rcnn_teacher_for_a_faster_rcnn_student(tiny_data_root, tmp_path):
     )
     model = build_model(cfg)
     assert hasattr(model.teacher.model.roi_heads, "mask_head") and not cfg.MODEL.MASK_ON
-    losses, _ = _one_step(model, cfg)
+    losses, _ = one_step(model, cfg)
     assert {"loss_kd_ssim", "loss_kd_soft"} <= losses.keys() and "loss_mask" not in losses
     assert all(torch.isfinite(v) for v in losses.values())
 
@@ -622,7 +599,7 @@ def test_teacher_autocast_and_channels_last(tiny_data_root, tmp_path, retina_tea
         rel = (got[k] - want[k]).norm() / want[k].norm()
         assert rel < 0.05, (k, rel.item())  # bf16 rounding, not a different network
     assert model.teacher.dense_class_logits(got)[0].dtype == torch.float32
-    losses, _ = _one_step(model, fast)
+    losses, _ = one_step(model, fast)
     assert all(torch.isfinite(v) for v in losses.values()) and "loss_kd_rm" in losses
     with pytest.raises(ValueError, match="KD.TEACHER.AUTOCAST"):
         build_model(

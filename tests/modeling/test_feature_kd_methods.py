@@ -5,12 +5,12 @@ block is trained with the student and left out of the released student.
 
 import pytest
 import torch
+from conftest import distill_cfg
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import build_detection_train_loader
 from detectron2.modeling import build_model
 from detectron2.solver import build_optimizer
 from detectron2.utils.events import EventStorage
-from test_distill import distill_cfg
 
 from kd_det.checkpoint import read_checkpoint
 from kd_det.modeling import MaskedGenerator

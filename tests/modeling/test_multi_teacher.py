@@ -5,10 +5,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import config_path, save_random_teacher, tiny_cfg
+from conftest import config_path, one_step, save_random_teacher, tiny_cfg
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
-from test_distill import _one_step
 from tolerances import ELEMENTARY, U32, U64, Bounded, assert_bounded, assert_within, gamma
 
 from kd_det.modeling.distillers import TeacherImportanceGate
@@ -164,7 +163,7 @@ def test_multi_teacher_training_step(two_teachers, tmp_path):
     cfg = multi_cfg(tmp_path, two_teachers)
     model = build_model(cfg)
     assert len(model.teachers) == 2 and model.kd_feature is None
-    losses, _ = _one_step(model, cfg)
+    losses, _ = one_step(model, cfg)
     assert "loss_kd_ssim" in losses and torch.isfinite(losses["loss_kd_ssim"])
     assert all(p.grad is None for t in model.teachers for p in t.model.parameters())
     assert model.kd_multi_teacher.gate.teacher_latents.grad is not None

@@ -4,11 +4,10 @@ import math
 
 import pytest
 import torch
-from conftest import config_path
+from conftest import config_path, distill_cfg, one_step
 from detectron2.data import build_detection_train_loader
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
-from test_distill import _one_step, distill_cfg
 from tolerances import ELEMENTARY, Bounded, assert_bounded, assert_within, gamma, unit_roundoff
 
 from kd_det.losses import L2FeatureLoss
@@ -214,7 +213,7 @@ def test_training_step_with_every_term(feature_loss, tiny_data_root, tmp_path, r
     )
     model = build_model(cfg)
     teacher_before = {k: v.clone() for k, v in model.teacher.model.state_dict().items()}
-    losses, _ = _one_step(model, cfg)
+    losses, _ = one_step(model, cfg)
     short = {"L2FeatureLoss": "l2", "SSIMFeatureLoss": "ssim"}[feature_loss]
     assert {"loss_cls", "loss_box_reg", "loss_kd_rm", "loss_kd_soft", "loss_kd_" + short} <= set(
         losses
@@ -242,7 +241,7 @@ def test_prediction_kd_configs_build(tiny_data_root, tmp_path, retina_teacher):
             retina_teacher,
             tmp_path,
         )
-        losses, _ = _one_step(build_model(cfg), cfg)
+        losses, _ = one_step(build_model(cfg), cfg)
         kd = {k for k in losses if k.startswith("loss_kd")}
         assert kd == expect, (name, kd)
 
@@ -344,7 +343,7 @@ def test_roi_soft_label_step(tiny_data_root, tmp_path, rcnn_teacher):
     heads.box_predictor.register_forward_hook(
         lambda m, i, o: seen.update(features=i[0], logits=o[0])
     )
-    losses, _ = _one_step(model, cfg)
+    losses, _ = one_step(model, cfg)
     assert {k for k in losses if k.startswith("loss_kd")} == {"loss_kd_soft"} and torch.isfinite(
         losses["loss_kd_soft"]
     )
@@ -395,5 +394,5 @@ def test_roi_soft_label_errors(tiny_data_root, tmp_path, retina_teacher, rcnn_te
     cfg = distill_cfg(
         RCNN_SOFT, RCNN_TEACHER, rcnn_teacher, tmp_path, ["KD.SOFT_LABEL.ENABLED", False]
     )
-    losses, _ = _one_step(build_model(cfg), cfg)
+    losses, _ = one_step(build_model(cfg), cfg)
     assert not [k for k in losses if k.startswith("loss_kd")]

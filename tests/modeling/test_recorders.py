@@ -2,13 +2,12 @@
 
 import pytest
 import torch
-from conftest import tiny_cfg
+from conftest import distill_cfg, tiny_cfg
 from detectron2.data import build_detection_train_loader
 from detectron2.modeling import build_model
 from detectron2.modeling.matcher import Matcher
 from detectron2.structures import Boxes, Instances, pairwise_iou
 from detectron2.utils.events import EventStorage
-from test_distill import distill_cfg
 from torch import nn
 
 from kd_det.losses import rank_mimicking_loss, soft_label_kd_loss

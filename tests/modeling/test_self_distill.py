@@ -3,12 +3,11 @@ meta-architectures."""
 
 import pytest
 import torch
-from conftest import tiny_cfg
+from conftest import one_step, tiny_cfg
 from detectron2.data import build_detection_train_loader
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
-from test_distill import _one_step
 from tolerances import Bounded, assert_bounded, feature_loss_bounded
 
 from kd_det.config.student import vanilla_student_config
@@ -123,7 +122,7 @@ def test_self_distillation_step_and_export(kind, tiny_data_root, tmp_path):
     torch.manual_seed(0)
     model = build_model(cfg)
     assert not hasattr(model, "teacher")  # no teacher checkpoint involved
-    losses, _ = _one_step(model, cfg)
+    losses, _ = one_step(model, cfg)
     assert "loss_kd_at" in losses and any(k.startswith("loss_self_") for k in losses)
     assert all(torch.isfinite(v) for v in losses.values())
     if kind == "retina":

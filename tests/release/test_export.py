@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import REPO, TINY_PREFIX, tiny_cfg
+from conftest import REPO, TINY_PREFIX, distill_cfg, one_step, tiny_cfg
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
@@ -20,7 +20,6 @@ from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
 from PIL import Image
-from test_distill import _one_step, distill_cfg
 from tolerances import U32, assert_within
 
 from kd_det.checkpoint import read_checkpoint
@@ -120,7 +119,7 @@ def assert_same_detections(
 def test_export_round_trip(kind, tiny_data_root, tmp_path, rcnn_teacher, retina_teacher):
     cfg, arch = _distill_cfg_keeping_all_detections(kind, tmp_path, rcnn_teacher, retina_teacher)
     model = build_model(cfg)
-    _one_step(model, cfg)  # trained weights, BN statistics updated
+    one_step(model, cfg)  # trained weights, BN statistics updated
     DetectionCheckpointer(model, save_dir=str(tmp_path)).save("model_final")
     out = release_student(cfg, str(tmp_path / "model_final.pth"), str(tmp_path / "release"))
 
