@@ -15,6 +15,7 @@ from torch import nn
 
 from ...losses import BoxDistillLoss, build_distill_loss
 from ...losses.precision import at_least_fp32
+from .prediction import require_standard_roi_heads
 
 __all__ = ["DenseBoxDistiller", "RoIBoxDistiller"]
 
@@ -144,13 +145,7 @@ class RoIBoxDistiller(_BoxDistiller):
     def check_student(roi_heads: nn.Module) -> None:
         """Raise a clear error unless the student's RoI heads have one box pooler and
         predictor."""
-        predictor = getattr(roi_heads, "box_predictor", None)
-        if not hasattr(predictor, "bbox_pred") or not hasattr(roi_heads, "box_pooler"):
-            raise ValueError(
-                "box distillation of a two-stage student (KD.BOX) needs RoI heads with one box "
-                "pooler and box predictor (StandardROIHeads), not "
-                "{}".format(type(roi_heads).__name__)
-            )
+        require_standard_roi_heads(roi_heads, "bbox_pred", "box distillation", "KD.BOX")
 
     def forward(
         self,

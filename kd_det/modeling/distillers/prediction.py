@@ -98,6 +98,17 @@ class DensePredictionDistiller(nn.Module):
         return losses
 
 
+def require_standard_roi_heads(roi_heads: nn.Module, predictor_attr: str, method: str, key: str):
+    """Raise a clear error unless ``roi_heads`` has one box pooler and a box predictor with
+    ``predictor_attr`` (what ``method``, switched on by ``key``, reads of a two-stage student)."""
+    predictor = getattr(roi_heads, "box_predictor", None)
+    if not hasattr(predictor, predictor_attr) or not hasattr(roi_heads, "box_pooler"):
+        raise ValueError(
+            "{} of a two-stage student ({}) needs RoI heads with one box pooler and box "
+            "predictor (StandardROIHeads), not {}".format(method, key, type(roi_heads).__name__)
+        )
+
+
 class RoISoftLabelDistiller(nn.Module):
     """
     ``loss_kd_soft`` of a two-stage student: the teacher's box head classifies the RoIs the
@@ -123,13 +134,7 @@ class RoISoftLabelDistiller(nn.Module):
     @staticmethod
     def check_student(roi_heads: nn.Module) -> None:
         """Raise a clear error unless the student's RoI heads have one box pooler and predictor."""
-        predictor = getattr(roi_heads, "box_predictor", None)
-        if not hasattr(predictor, "cls_score") or not hasattr(roi_heads, "box_pooler"):
-            raise ValueError(
-                "soft-label KD of a two-stage student (KD.SOFT_LABEL) needs RoI heads "
-                "with one box pooler and box predictor (StandardROIHeads), not "
-                "{}".format(type(roi_heads).__name__)
-            )
+        require_standard_roi_heads(roi_heads, "cls_score", "soft-label KD", "KD.SOFT_LABEL")
 
     def forward(
         self,
