@@ -3,6 +3,8 @@ Checkpoints: how kd_det writes them and how it reads them.
 
 - :mod:`kd_det.checkpoint.loading`: the one place that resolves and reads weights (paths,
   URLs, schemes, SHA-256 pins), without running code (:mod:`kd_det.checkpoint.safe_pickle`).
+- :mod:`kd_det.checkpoint.torchvision_weights`: ``torchvision://NAME``, weights of torchvision's
+  registry.
 - :mod:`kd_det.checkpoint.atomic`: crash-safe saving (a file is complete or absent).
 - :mod:`kd_det.checkpoint.leftovers`: removing the temporary files of killed saves.
 - :mod:`kd_det.checkpoint.retention`: keeping the newest N periodic checkpoints.
@@ -25,6 +27,7 @@ from .loading import (
     trust_pickle_from_args,
 )
 from .retention import prune_checkpoints
+from .torchvision_weights import torchvision_weights, torchvision_weights_file
 
 __all__ = [
     "AtomicDetectionCheckpointer",
@@ -43,4 +46,6 @@ __all__ = [
     "trust_pickle_from_args",
     "remove_leftover_temp_files",
     "prune_checkpoints",
+    "torchvision_weights",
+    "torchvision_weights_file",
 ]
