@@ -347,9 +347,11 @@ def run_benchmark(args):
         + arch.get("student_opts", {}).get(args.setting, [])
         + common[len(SETTINGS[args.setting]) :]
     )
+    # every (method, seed) run after the teachers is independent of the others, except that a
+    # curriculum run trains (or reuses) the vanilla run of its seed: those run last, one by one
+    tasks = []
     for method in args.methods:
         label, config, use = arch["methods"][method]
-        runs = []
         for seed in args.seeds:
             opts = student_common + ["SEED", str(seed)]
             if use in ("teacher", "curriculum"):
@@ -367,24 +369,47 @@ def run_benchmark(args):
                 ]
                 if teacher_class_opts:
                     opts += ["KD.TEACHER.OPTS", repr(teacher_class_opts)]
-            if use == "curriculum":
-                opts += [
-                    "TRAINER.CURRICULUM.SCORES",
-                    score_with_vanilla_snapshot(arch, out_root, seed, student_common, args.reuse),
-                ]
-            name = "{}/seed{}".format(method, seed)
-            ap, sec = train_and_evaluate(
-                name,
-                config,
-                os.path.join(out_root, method, "seed{}".format(seed)),
-                opts,
-                reuse=args.reuse,
-                root=ROOT,
-            )
+            tasks.append((method, seed, config, use, opts))
+
+    def run(task):
+        method, seed, config, use, opts = task
+        if use == "curriculum":
+            opts = opts + [
+                "TRAINER.CURRICULUM.SCORES",
+                score_with_vanilla_snapshot(arch, out_root, seed, student_common, args.reuse),
+            ]
+        return train_and_evaluate(
+            "{}/seed{}".format(method, seed),
+            config,
+            os.path.join(out_root, method, "seed{}".format(seed)),
+            opts,
+            reuse=args.reuse,
+            root=ROOT,
+        )
+
+    independent = [t for t in tasks if t[3] != "curriculum"]
+    done = {t[:2]: r for t, r in zip(independent, run_parallel(run, independent, args.jobs))}
+    done.update((t[:2], run(t)) for t in tasks if t[3] == "curriculum")
+    for method in args.methods:
+        label, config, _ = arch["methods"][method]
+        runs = []
+        for seed in args.seeds:
+            ap, seconds["{}/seed{}".format(method, seed)] = done[method, seed]
             runs.append(ap)
-            seconds[name] = sec
         results[method] = {"label": label, "config": config, "runs": runs}
     return results, seconds, teacher_cfg, teacher_weights
+
+
+def run_parallel(function, items, jobs):
+    """``[function(item) for item in items]``, ``jobs`` at a time (each run is a subprocess, so
+    threads suffice).  The first failure is raised once every started run has ended."""
+    if jobs <= 1:
+        return [function(item) for item in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(function, item) for item in items]
+    return [f.result() for f in futures]
 
 
 def score_with_vanilla_snapshot(arch, out_root, seed, common, reuse):
@@ -538,6 +563,14 @@ def main(argv=None):
     )
     parser.add_argument("--json", default="", help="write the results here")
     parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="student runs at a time (after the teacher). On CPUs each run then gets "
+        "cores/jobs threads unless OMP_NUM_THREADS is set; on one GPU several small runs "
+        "share it",
+    )
+    parser.add_argument(
         "opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides applied to every run"
     )
     args = parser.parse_args(argv)
@@ -548,6 +581,9 @@ def main(argv=None):
             "warning: with one seed the spread is 0 and says nothing about noise", file=sys.stderr
         )
 
+    if args.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
+        # the runs inherit it: N runs of all cores each would oversubscribe the machine
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
     started = time.time()
     results, seconds, teacher_cfg, teacher_weights = run_benchmark(args)
     total = time.time() - started

@@ -88,6 +88,7 @@ def test_student_schedule_of_the_setting_reaches_students_not_the_teacher(monkey
         num_classes=None,
         output_root=str(tmp_path),
         reuse=False,
+        jobs=2,  # the students run side by side: the calls must not depend on that
         opts=["SOLVER.MAX_ITER", "7"],
     )
     BENCH["run_benchmark"](args)
@@ -101,3 +102,28 @@ def test_student_schedule_of_the_setting_reaches_students_not_the_teacher(monkey
         "KD.TEACHER.WEIGHTS" in by_name["ssim/seed1"]
         and "KD.TEACHER.WEIGHTS" not in by_name["vanilla/seed1"]
     )
+
+
+def test_run_parallel_keeps_order_and_raises_the_failure():
+    import threading
+    import time
+
+    run_parallel = BENCH["run_parallel"]
+    seen = set()
+
+    def slow_square(x):
+        seen.add(threading.get_ident())
+        time.sleep(0.05 * (3 - x))  # the first item ends last
+        return x * x
+
+    assert run_parallel(slow_square, [0, 1, 2], jobs=3) == [0, 1, 4]
+    assert len(seen) > 1
+    assert run_parallel(slow_square, [2, 1], jobs=1) == [4, 1]
+
+    def fail_on_one(x):
+        if x == 1:
+            raise SystemExit("run 1 failed")
+        return x
+
+    with pytest.raises(SystemExit, match="run 1 failed"):
+        run_parallel(fail_on_one, [0, 1, 2], jobs=2)
