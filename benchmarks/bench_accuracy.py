@@ -15,6 +15,9 @@ distillation method, over several seeds, and report COCO box AP (mean and spread
     python benchmarks/bench_accuracy.py --train-dataset voc_2007_trainval \\
         --test-dataset voc_2007_test \\
         --num-classes 20 SOLVER.MAX_ITER 5000
+    # the student runs 8 at a time (one GPU, or a many-core CPU)
+    python benchmarks/bench_accuracy.py --arch retinanet --methods vanilla ssim cwd mgd \\
+        --jobs 8 MODEL.DEVICE cuda
     # reuse a trained teacher, finished runs
     python benchmarks/bench_accuracy.py \\
         --teacher-weights output/demo/faster_rcnn/teacher/model_final.pth --reuse
