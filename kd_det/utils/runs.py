@@ -13,7 +13,14 @@ __all__ = ["train_and_evaluate", "parse_copypaste_bbox"]
 
 # lines of train_net's output shown live besides the progress (the full output goes to the run's
 # log), whole, without Detectron2's "[date time logger]: " prefix
-_SHOW = ("Total training time", "copypaste: ", "Traceback", "Error", "error:")
+_SHOW = (
+    "Total training time",
+    "Total inference time",
+    "copypaste: ",
+    "Traceback",
+    "Error",
+    "error:",
+)
 
 
 def train_and_evaluate(
