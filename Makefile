@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.kd_det_installed
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 TEST_WORKERS ?= 2
 
-.PHONY: install demo test test-fast test-numeric-matrix lint format bench clean-output
+.PHONY: install demo test test-fast test-numeric-matrix lint format docs bench clean-output
 
 install: $(STAMP)
 
@@ -47,6 +47,10 @@ lint: install
 format: install
 	$(PY) -m black -q $(LINT_PATHS)
 	$(PY) -m isort -q $(LINT_PATHS)
+
+# docs/config_keys.md from kd_det/config/defaults.py's comments (tests/test_docs.py checks it)
+docs: install
+	$(PY) tools/gen_config_docs.py
 
 clean-output:
 	rm -rf output demo_report

@@ -5,6 +5,7 @@ Importing kd_det registers its meta-architectures (``DistillGeneralizedRCNN``,
 datasets in Detectron2's catalogs.
 """
 
+from . import _compat  # noqa: F401  (first: third-party import-time warnings, see _compat.py)
 from . import losses, modeling  # noqa: F401  (registers meta-architectures)
 from .config import add_kd_config, get_kd_cfg, merge_kd_config
 from .data import register_synthetic_datasets

@@ -5,13 +5,14 @@ import tempfile
 
 import pytest
 import torch
+
+import kd_det  # noqa: F401  # isort: skip  (first: kd_det/_compat.py; registers meta-architectures)
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import build_detection_train_loader
 from detectron2.modeling import build_model
 from detectron2.solver import build_optimizer
 from detectron2.utils.events import EventStorage
 
-import kd_det  # noqa: F401  (registers meta-architectures and datasets)
 from kd_det import get_kd_cfg, merge_kd_config
 from kd_det.data import SyntheticSpec, ensure_synthetic_dataset, register_synthetic_datasets
 

@@ -382,7 +382,9 @@ def main():
         import torch  # noqa: F401
         import torchvision  # noqa: F401
     except ImportError as e:
-        sys.exit("install torch and torchvision before Detectron2 ({}); see README.md".format(e))
+        sys.exit(
+            "install torch and torchvision before Detectron2 ({}); see docs/setup.md".format(e)
+        )
 
     with tempfile.TemporaryDirectory(prefix="kd_det_d2_") as tmp:
         # a reinstall replaces Detectron2 only; its dependencies stay as they are

@@ -25,6 +25,7 @@ builds the student alone: neither the teacher nor its weights are needed.
 
 import logging
 
+import kd_det  # noqa: F401  # isort: skip  (first: kd_det/_compat.py, before Detectron2)
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import default_argument_parser, default_setup, defaults, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format

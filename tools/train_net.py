@@ -11,6 +11,7 @@ Train or evaluate a detector, with or without distillation, the Detectron2 way.
 The trainer class is ``cfg.TRAINER.NAME`` (kd_det.engine.TRAINER_REGISTRY).
 """
 
+import kd_det  # noqa: F401  # isort: skip  (first: kd_det/_compat.py, before Detectron2)
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results

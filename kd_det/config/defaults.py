@@ -25,7 +25,7 @@ def add_kd_config(cfg: CN) -> CN:
     cfg.KD.TEACHER.WEIGHTS = ""
     # The SHA-256 of WEIGHTS (sha256sum FILE: the full digest or its first 8+ hex digits),
     # checked before the file is read; empty: not pinned.  Detectron2's model zoo publishes
-    # none, so pin a downloaded file once you have it (README, "Safe loading").
+    # none, so pin a downloaded file once you have it (docs/safe_loading.md).
     cfg.KD.TEACHER.WEIGHTS_SHA256 = ""
     # Overrides applied to the teacher config after CONFIG: yacs KEY, VALUE pairs for a .yaml,
     # "key=value" strings (e.g. "model.roi_heads.box_predictor.test_score_thresh=0.05") for a .py.
@@ -54,12 +54,14 @@ def add_kd_config(cfg: CN) -> CN:
 
     # Feature imitation between student and teacher FPN outputs.
     cfg.KD.FEATURE = CN()
+    # feature imitation on (the default) or off (e.g. for prediction or box distillation alone)
     cfg.KD.FEATURE.ENABLED = True
     # Class name in kd_det.losses.FEATURE_LOSS_REGISTRY: "SSIMFeatureLoss",
     # "L2FeatureLoss", "L1FeatureLoss", "AttentionTransferLoss", "CWDFeatureLoss" (channel-wise
     # distillation, KD.CWD), "MGDFeatureLoss" (masked generative distillation, KD.MGD),
     # "PKDFeatureLoss" (PKD: each channel standardised over the whole batch, then MSE / 2).
     cfg.KD.FEATURE.LOSS = "SSIMFeatureLoss"
+    # weight of the feature loss (loss_kd_<short name>: ssim, l2, l1, at, cwd, mgd, pkd)
     cfg.KD.FEATURE.WEIGHT = 4.0
     # FPN levels to imitate; empty means every level both backbones output.
     cfg.KD.FEATURE.IN_FEATURES = []
@@ -95,6 +97,7 @@ def add_kd_config(cfg: CN) -> CN:
     cfg.KD.MGD.KERNEL_SIZE = 3
     cfg.KD.MGD.HIDDEN_CHANNELS = 0
 
+    # SSIMFeatureLoss: SSIM over a Gaussian window of WINDOW_SIZE x WINDOW_SIZE and std SIGMA
     cfg.KD.SSIM = CN()
     cfg.KD.SSIM.WINDOW_SIZE = 11
     cfg.KD.SSIM.SIGMA = 1.5
@@ -144,9 +147,11 @@ def add_kd_config(cfg: CN) -> CN:
     # "qfl" (the paper's quality-focal KD loss, BCE * |p_s - p_t| ** BETA) or "kl" (binary KL)
     cfg.KD.CROSSKD.CLASS_LOSS = "qfl"
     cfg.KD.CROSSKD.BETA = 1.0
+    # weight of loss_kd_crosskd_cls
     cfg.KD.CROSSKD.CLASS_WEIGHT = 1.0
     # "giou" (the paper's, on boxes decoded against the teacher's anchors) or "l1" (deltas)
     cfg.KD.CROSSKD.BOX_LOSS = "giou"
+    # weight of loss_kd_crosskd_box
     cfg.KD.CROSSKD.BOX_WEIGHT = 1.0
     # give the student's tower features the teacher's per-channel mean and std before the
     # teacher's layers (as the reference code does)
@@ -176,8 +181,9 @@ def add_kd_config(cfg: CN) -> CN:
     cfg.KD.CHANNEL_STATS.ADAIN_WEIGHT = 1.0
 
     # LAKD, Local Attention Knowledge Distillation (Zhang et al. 2024, a classification paper;
-    # adapted to detection, README "LAKD"): each ResNet stage of the student backbone (its FPN's
-    # bottom_up) is a local module that imitates the teacher's stage of the same name through a
+    # adapted to detection, docs/methods.md "LAKD"): each ResNet stage of the student backbone
+    # (its FPN's bottom_up) is a local module that imitates the teacher's stage of the same name
+    # through a
     # non-directional activation map (channel mean of |x|^P, average-pooled to MAP_SIZE x
     # MAP_SIZE, L2-normalised: no adapter across widths).  A stage's loss is computed on a second
     # run of that stage on its detached input, so it updates that stage only; the detection
@@ -206,7 +212,9 @@ def add_kd_config(cfg: CN) -> CN:
     cfg.KD.MULTI_TEACHER.WEIGHTS = []
     # One SHA-256 per WEIGHTS entry ("" leaves one unpinned), or empty: none pinned.
     cfg.KD.MULTI_TEACHER.WEIGHTS_SHA256 = []
+    # fixed per-teacher weights of the feature losses (one per teacher); empty: the learned gate
     cfg.KD.MULTI_TEACHER.FIXED_WEIGHTS = []
+    # width of the gate's embedding of the pooled student features and of the teacher latents
     cfg.KD.MULTI_TEACHER.GATE_DIM = 64
 
     # Teacher-free self-distillation (FRSKD; MODEL.META_ARCHITECTURE "SelfDistillRetinaNet"

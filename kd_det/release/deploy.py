@@ -896,7 +896,7 @@ def export_onnx(
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         # the TorchScript-based exporter is deprecated (DeprecationWarning), but torch.export cannot
-        # capture Detectron2 v0.6 models (README, "Tools"); tracer warnings as in trace_student
+        # capture Detectron2 v0.6 models (docs/deployment.md); tracer warnings as in trace_student
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)

@@ -7,11 +7,20 @@ import time
 from typing import Dict, Sequence, Tuple
 
 from .metrics import last_box_ap, load_metrics
+from .progress import ProgressDisplay, parse_progress, read_max_iter, strip_log_prefix
 
 __all__ = ["train_and_evaluate", "parse_copypaste_bbox"]
 
-# lines of train_net's output worth showing live (the full output goes to the run's log)
-_SHOW = (" eta: ", "Total training time", "copypaste: ", "Traceback", "Error", "error:")
+# lines of train_net's output shown live besides the progress (the full output goes to the run's
+# log), whole, without Detectron2's "[date time logger]: " prefix
+_SHOW = (
+    "Total training time",
+    "Total inference time",
+    "copypaste: ",
+    "Traceback",
+    "Error",
+    "error:",
+)
 
 
 def train_and_evaluate(
@@ -75,11 +84,19 @@ def train_and_evaluate(
         proc = subprocess.Popen(
             cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
         )
+        display = ProgressDisplay(name, sys.stdout)
+        max_iter = None
         for line in proc.stdout:
             log.write(line)
-            if any(s in line for s in _SHOW):
-                print("[{}] {}".format(name, line.rstrip()[-150:]), flush=True)
+            if max_iter is None and " iter: " in line:  # config.yaml is written by then
+                max_iter = read_max_iter(output_dir)
+            progress = parse_progress(line, max_iter)
+            if progress is not None:
+                display.update(progress)
+            elif any(s in line for s in _SHOW):
+                display.line(strip_log_prefix(line))
         rc = proc.wait()
+        display.close()
     seconds = time.time() - start
     if rc != 0:
         with open(log_path) as f:

@@ -376,7 +376,7 @@ def test_overhead_benchmark_runs():
 
 
 def test_lazy_config_form_is_the_yacs_one():
-    """``L(LocalAttentionDistiller)(...)`` (the README's LazyConfig piece) builds what
+    """``L(LocalAttentionDistiller)(...)`` (docs/methods.md's LazyConfig piece) builds what
     KD.LAKD builds."""
     from detectron2.config import LazyCall as L
     from detectron2.config import instantiate
