@@ -126,6 +126,35 @@ def test_student_fits_its_teachers(path, monkeypatch):
         assert os.path.normpath(weights) == trained, (path, teacher_config, weights)
 
 
+TORCHVISION_STUDENTS = [p for p in CONFIGS if _load(p).MODEL.WEIGHTS.startswith("torchvision://")]
+
+
+def test_r18_students_use_torchvision_weights():
+    """COCO and VOC R-18 students start from torchvision's ImageNet R-18 (synthetic ones from
+    scratch)."""
+    r18 = [p for p in CONFIGS if "synthetic" not in p.split(os.sep) and ("R18" in p or "R_18" in p)]
+    assert len(r18) > 20 and not [p for p in r18 if p not in TORCHVISION_STUDENTS]
+
+
+@pytest.mark.parametrize("path", TORCHVISION_STUDENTS)
+def test_torchvision_students_have_the_input_their_weights_need(path):
+    """A config with torchvision:// weights sets the depth, channel order, normalisation and
+    stride placement the weights were trained with (checked again on the model when they load)."""
+    from kd_det.checkpoint.torchvision_backbone import input_problems, torchvision_resnet_input
+
+    cfg = _load(path)
+    depth = cfg.MODEL.RESNETS.DEPTH
+    problems = input_problems(
+        torchvision_resnet_input(cfg.MODEL.WEIGHTS),
+        depth,
+        cfg.INPUT.FORMAT,
+        cfg.MODEL.PIXEL_MEAN,
+        cfg.MODEL.PIXEL_STD,
+        cfg.MODEL.RESNETS.STRIDE_IN_1X1 if depth >= 50 else None,
+    )
+    assert not problems, (path, problems)
+
+
 # both detectors and both real datasets (the configs of a family differ only in KD keys,
 # which the synthetic tests cover)
 @pytest.mark.parametrize(
