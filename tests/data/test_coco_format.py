@@ -129,7 +129,7 @@ def test_train_net_trains_on_a_dataset_named_on_the_command_line(tmp_path, num_g
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert (tmp_path / "out" / "model_final.pth").is_file()
-    assert "Evaluation results for bbox" in proc.stdout + proc.stderr
+    assert "copypaste: AP,AP50" in proc.stdout + proc.stderr  # COCO evaluation of my_val ran
     saved = (tmp_path / "out" / "config.yaml").read_text()
     assert "my_train=" in saved and "my_val=" in saved
 
