@@ -147,3 +147,36 @@ def test_train_net_validates_the_dataset_before_training(tmp_path):
     )
     assert proc.returncode != 0
     assert DatasetError.__name__ in proc.stderr and "instances.json" in proc.stderr
+
+
+def test_lazyconfig_tool_registers_and_validates(tmp_path):
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "lazyconfig_train_net", os.path.join(REPO, "tools", "lazyconfig_train_net.py")
+    )
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    json_file, images = _coco(tmp_path)
+    args = argparse.Namespace(
+        config_file=config_path("synthetic/distill/ssim_faster_rcnn_R50_to_R18_lazy.py"),
+        opts=[
+            "dataloader.train.dataset.names=kd_test_cf_lazy",
+            "dataloader.test.dataset.names=kd_test_cf_lazy",
+        ],
+        eval_only=False,
+        dataset=["kd_test_cf_lazy={}:{}".format(json_file, images)],
+    )
+    cfg = tool.load_config(args)
+    assert list(cfg.train.coco_format) == args.dataset
+    assert MetadataCatalog.get("kd_test_cf_lazy").thing_classes == ["apple", "zebra"]
+    tool.prepare(args)  # validated like the builtin datasets
+    data = json.loads(open(json_file).read())
+    data["annotations"][0]["bbox"] = [50, 50, 40, 40]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    args.dataset = ["kd_test_cf_lazy_bad={}:{}".format(bad, images)]
+    args.opts = [o.replace("kd_test_cf_lazy", "kd_test_cf_lazy_bad") for o in args.opts]
+    with pytest.raises(DatasetError, match="bad.json"):
+        tool.prepare(args)
