@@ -103,6 +103,8 @@ def _train_net(tmp_path, args, num_gpus=1, dataset=None):
         config_path("synthetic/faster_rcnn_R_18_FPN.yaml"),
         "--num-gpus",
         str(num_gpus),
+        "--dist-url",
+        "auto",  # a free port: the default one is the same for every run of this user
         "--dataset",
         "my_train={}:{}".format(json_file, images),
         "--dataset",
