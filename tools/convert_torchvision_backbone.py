@@ -18,11 +18,13 @@ import torch
 
 from kd_det.checkpoint import read_checkpoint, resolve_weights
 from kd_det.checkpoint.torchvision_backbone import (
-    _DEPTHS,
     TorchvisionInput,
     detectron2_backbone_checkpoint,
     torchvision_resnet_input,
 )
+
+# (blocks in res2..res5, bottleneck blocks) -> depth
+_DEPTH_OF = {(8, False): 18, (16, False): 34, (16, True): 50, (33, True): 101, (50, True): 152}
 
 
 def _settings(source: str, depth: int) -> TorchvisionInput:
@@ -42,9 +44,8 @@ def main(argv=None):
     checkpoint = detectron2_backbone_checkpoint(state)
     weights = checkpoint["model"]
     blocks = {k.split(".")[0] + "." + k.split(".")[1] for k in weights if k.startswith("res")}
-    depth = {8: 18, 16: 34}.get(len(blocks)) if "res2.0.conv3.weight" not in weights else None
-    depth = depth or {16: 50, 33: 101, 50: 152}.get(len(blocks))
-    if depth is None or "ResNet{}_Weights".format(depth) not in _DEPTHS:
+    depth = _DEPTH_OF.get((len(blocks), "res2.0.conv3.weight" in weights))
+    if depth is None:
         parser.error("{} is no torchvision ResNet-18/34/50/101/152".format(args.source))
     torch.save(checkpoint, args.output)
     s = _settings(args.source, depth)
