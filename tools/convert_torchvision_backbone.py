@@ -57,7 +57,11 @@ def main(argv=None):
             s.input_format,
             list(s.pixel_mean),
             list(s.pixel_std),
-            " MODEL.RESNETS.STRIDE_IN_1X1 False" if depth >= 50 else "",
+            (
+                " MODEL.RESNETS.STRIDE_IN_1X1 False"
+                if depth >= 50
+                else " MODEL.RESNETS.RES2_OUT_CHANNELS 64"
+            ),
         )
     )
 
