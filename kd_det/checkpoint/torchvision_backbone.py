@@ -20,8 +20,9 @@ torchvision's ImageNet ResNets (R-18/34/50/101/152) as Detectron2 backbone check
 - ``torchvision://resnet18`` (and the other ResNets) in ``MODEL.WEIGHTS``: the converter
   registered for the scheme (:func:`kd_det.checkpoint.loading.register_weights_converter`)
   checks the model against those settings, converts the downloaded file once and caches the
-  result beside it, named by the download's SHA-256.  Other torchvision weights, and models
-  without a Detectron2 ResNet (a torchvision teacher), load the file unchanged.
+  result beside it, named by the download's SHA-256.  Models without a Detectron2 ResNet (a
+  torchvision teacher) load the file unchanged; other torchvision weights into a Detectron2
+  ResNet are refused.
 """
 
 import os
@@ -265,11 +266,17 @@ def converted_backbone_file(local: str) -> str:
 
 
 def _torchvision_converter(url: str, local: str, model: torch.nn.Module) -> str:
-    """The ``torchvision://`` converter: ImageNet ResNets into a model with a Detectron2 ResNet
-    are checked and converted; anything else loads as it is."""
-    expected = torchvision_resnet_input(url)
-    if expected is None or not _resnets(model):
+    """The ``torchvision://`` converter: into a model with a Detectron2 ResNet, ImageNet ResNets
+    are checked and converted (other weights refused); into other models the file loads as it is."""
+    if not _resnets(model):  # e.g. a torchvision teacher: its own state dict, as it is
         return local
+    expected = torchvision_resnet_input(url)
+    if expected is None:
+        raise ValueError(
+            "{} is not torchvision's ImageNet ResNet, so it does not convert to the model's "
+            "Detectron2 ResNet backbone; use torchvision://resnet18 (or resnet34, resnet50, "
+            "resnet101, resnet152)".format(url)
+        )
     check_student_input(model, expected, url)
     return converted_backbone_file(local)
 

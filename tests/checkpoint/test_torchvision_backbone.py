@@ -193,3 +193,21 @@ def test_tool_writes_a_detectron2_checkpoint(hub_dir, tmp_path):
     assert torch.equal(
         model.backbone.bottom_up.stem.conv1.weight, data["model"]["stem.conv1.weight"]
     )
+
+
+def test_other_torchvision_weights_are_refused_for_a_detectron2_backbone(hub_dir, tmp_path):
+    url = torchvision_weights("fasterrcnn_resnet50_fpn").url
+    torch.save(
+        {"backbone.body.conv1.weight": torch.zeros(1, 1, 1, 1)}, hub_dir / os.path.basename(url)
+    )
+    with pytest.raises(ValueError, match="is not torchvision's ImageNet ResNet"):
+        SafeDetectionCheckpointer(_student(tmp_path, opts=TV_RGB_INPUT)).load(
+            "torchvision://fasterrcnn_resnet50_fpn"
+        )
+    # a model without a Detectron2 ResNet (a torchvision teacher) takes the file as it is
+    target = torch.nn.Module()
+    target.backbone = torch.nn.Module()
+    target.backbone.body = torch.nn.Module()
+    target.backbone.body.conv1 = torch.nn.Conv2d(1, 1, 1, bias=False)
+    SafeDetectionCheckpointer(target).load("torchvision://fasterrcnn_resnet50_fpn")
+    assert target.backbone.body.conv1.weight.abs().sum() == 0
