@@ -116,6 +116,7 @@ def _train_net(tmp_path, args, num_gpus=1, dataset=None):
     cmd += ["INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64"]
     env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "datasets"), PYTHONUNBUFFERED="1")
     env["OMP_NUM_THREADS"] = "1"
+    env["TORCH_HOME"] = str(tmp_path / "torch")  # torch.hub.get_dir(): $TORCH_HOME/hub
     return subprocess.run(
         cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600
     )
@@ -125,11 +126,28 @@ def _train_net(tmp_path, args, num_gpus=1, dataset=None):
 @pytest.mark.parametrize("num_gpus", [1, 2])
 def test_train_net_trains_on_a_dataset_named_on_the_command_line(tmp_path, num_gpus):
     """--num-gpus 2 on the CPU spawns two gloo workers: each registers the datasets itself
-    (Detectron2's catalogs are per process) and trains; the test set is evaluated."""
+    (Detectron2's catalogs are per process) and trains; the test set is evaluated. The student
+    loads MODEL.WEIGHTS torchvision://resnet18 through the tool's own path."""
+    # the student starts from "torchvision's ImageNet R-18" (random weights put in torch's hub
+    # cache: no download), converted once while both workers load it
+    import torch
+    import torchvision
+
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    torch.save(torchvision.models.resnet18().state_dict(), hub / "resnet18-f37072fd.pth")
+    weights = ["MODEL.WEIGHTS", "torchvision://resnet18", "INPUT.FORMAT", "RGB"]
+    weights += ["MODEL.PIXEL_MEAN", "[123.675, 116.28, 103.53]"]
+    weights += ["MODEL.PIXEL_STD", "[58.395, 57.12, 57.375]"]
     proc = _train_net(
-        tmp_path, ["DATASETS.TRAIN", "('my_train',)", "DATASETS.TEST", "('my_val',)"], num_gpus
+        tmp_path,
+        ["DATASETS.TRAIN", "('my_train',)", "DATASETS.TEST", "('my_val',)"] + weights,
+        num_gpus,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert len([p for p in os.listdir(hub) if ".d2v1-" in p]) == 1
+    log = proc.stdout + proc.stderr
+    assert "matched with submodule backbone.bottom_up" in log  # Detectron2's name matching
     assert (tmp_path / "out" / "model_final.pth").is_file()
     assert "copypaste: AP,AP50" in proc.stdout + proc.stderr  # COCO evaluation of my_val ran
     saved = (tmp_path / "out" / "config.yaml").read_text()
