@@ -66,6 +66,7 @@ def _torchvision_stages(model, x):
     return out
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("depth", [18, 50])
 def test_converted_stages_equal_torchvision_layers(depth):
     """
