@@ -28,7 +28,7 @@ torchvision's ImageNet ResNets (R-18/34/50/101/152) as Detectron2 backbone check
 import os
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -60,27 +60,37 @@ _STAGE_BLOCKS = {
 _FORMAT = "d2v1"
 
 
+def _res(m: re.Match) -> str:
+    """Detectron2's ``res{i+1}.{j}`` for torchvision's ``layer{i}.{j}``."""
+    return "res{}.{}".format(int(m["layer"]) + 1, m["block"])
+
+
+_BLOCK = r"layer(?P<layer>[1-4])\.(?P<block>\d+)\."
+# torchvision name (full match) -> Detectron2 ResNet name; the module docstring's table
+_RULES: Sequence[Tuple[re.Pattern, Callable[[re.Match], str]]] = tuple(
+    (re.compile(pattern), rename)
+    for pattern, rename in (
+        (r"conv1\.weight", lambda m: "stem.conv1.weight"),
+        (r"bn1\.(?P<p>\w+)", lambda m: "stem.conv1.norm." + m["p"]),
+        (_BLOCK + r"conv(?P<k>\d)\.weight", lambda m: _res(m) + ".conv{}.weight".format(m["k"])),
+        (
+            _BLOCK + r"bn(?P<k>\d)\.(?P<p>\w+)",
+            lambda m: _res(m) + ".conv{k}.norm.{p}".format(**m.groupdict()),
+        ),
+        (_BLOCK + r"downsample\.0\.weight", lambda m: _res(m) + ".shortcut.weight"),
+        (_BLOCK + r"downsample\.1\.(?P<p>\w+)", lambda m: _res(m) + ".shortcut.norm." + m["p"]),
+    )
+)
+
+
 def _detectron2_name(key: str) -> Optional[str]:
     """The Detectron2 ResNet name of torchvision's ``key``; None: dropped (fc, BN counters)."""
     if key.startswith("fc.") or key.endswith("num_batches_tracked"):
         return None
-    m = re.fullmatch(r"conv1\.weight", key)
-    if m:
-        return "stem.conv1.weight"
-    m = re.fullmatch(r"bn1\.(\w+)", key)
-    if m:
-        return "stem.conv1.norm." + m.group(1)
-    m = re.fullmatch(r"layer(\d)\.(\d+)\.(.+)", key)
-    if m:
-        stage, block, rest = "res{}".format(int(m.group(1)) + 1), m.group(2), m.group(3)
-        for pattern, name in (
-            (r"conv(\d)\.weight", r"conv\1.weight"),
-            (r"bn(\d)\.(\w+)", r"conv\1.norm.\2"),
-            (r"downsample\.0\.weight", "shortcut.weight"),
-            (r"downsample\.1\.(\w+)", r"shortcut.norm.\1"),
-        ):
-            if re.fullmatch(pattern, rest):
-                return "{}.{}.{}".format(stage, block, re.sub(pattern, name, rest))
+    for pattern, rename in _RULES:
+        m = pattern.fullmatch(key)
+        if m:
+            return rename(m)
     raise ValueError(
         "{!r} is no key of a torchvision ResNet (conv1, bn1, layer1..4, fc): only torchvision's "
         "resnet18/34/50/101/152 state dicts convert".format(key)
