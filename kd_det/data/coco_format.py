@@ -165,10 +165,11 @@ def register_config_datasets(cfg, extra: Sequence[str] = ()) -> List[str]:
 def register_lazy_config_datasets(cfg, extra: Sequence[str] = ()) -> List[str]:
     """As :func:`register_config_datasets` for a LazyConfig, whose key is
     ``train.coco_format`` (a list of ``NAME=JSON:IMAGE_DIR``; absent: none)."""
-    specs = list(cfg.train.get("coco_format", None) or [])
+    train = cfg.get("train", None)  # absent: the tool names the missing key afterwards
+    specs = list((train.get("coco_format", None) if train is not None else None) or [])
     specs += [s for s in extra if s not in specs]
-    if specs:
-        cfg.train.coco_format = specs
+    if specs and train is not None:
+        train.coco_format = specs
     return register_coco_format_datasets(specs, "train.coco_format (or --dataset) entry")
 
 
