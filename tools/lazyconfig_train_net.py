@@ -39,7 +39,12 @@ from kd_det.checkpoint import (
 )
 from kd_det.config.lazy import dataset_names, lazy_get
 from kd_det.config.student import student_model_call
-from kd_det.data import prepare_datasets, validate_registered_datasets
+from kd_det.data import (
+    add_dataset_argument,
+    prepare_datasets,
+    register_lazy_config_datasets,
+    validate_registered_datasets,
+)
 from kd_det.data.bad_images import SkippedItemsHook
 from kd_det.data.empty import empty_dataset_errors
 from kd_det.engine import non_finite_loss_error
@@ -149,6 +154,7 @@ def load_config(args):
     """The LazyConfig of ``args.config_file`` with ``args.opts`` applied; missing training keys are
     an error."""
     cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    register_lazy_config_datasets(cfg, getattr(args, "dataset", []))  # per process
     needed = (
         ("model", "dataloader", "train")
         if args.eval_only
@@ -220,6 +226,7 @@ def prepare(args):
 def cli(argv=None):
     parser = default_argument_parser()
     add_trust_pickle_argument(parser)
+    add_dataset_argument(parser)  # --dataset NAME=JSON:IMAGE_DIR
     args = parser.parse_args(argv)
     trust_pickle_from_args(args.trust_pickle)  # an environment variable: every worker sees it
     bad = [o for o in args.opts if "=" not in o]

@@ -163,6 +163,21 @@ def format_model_zoo(rows, source_note=""):
     return "\n".join(lines) + "\n"
 
 
+# MODEL_ZOO.md's hand-written part (the paper settings and their published APs) starts at this line,
+# and a rewrite of the file keeps it
+KEPT_MARKER = "<!-- kept: tools/model_zoo.py rewrites the part above this line only -->"
+
+
+def kept_part(path: str) -> str:
+    """The part of the file ``path`` from :data:`KEPT_MARKER` on ("" without the file or marker)."""
+    if not os.path.isfile(path):
+        return ""
+    with open(path) as f:
+        text = f.read()
+    at = text.find(KEPT_MARKER)
+    return "\n" + text[at:] if at >= 0 else ""
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -187,8 +202,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     trust_pickle_from_args(args.trust_pickle)
     rows = [release_run(r, args.release_dir, args.torchscript, args.onnx) for r in args.runs]
+    kept = kept_part(args.output)
     with open(args.output, "w") as f:
-        f.write(format_model_zoo(rows, args.note))
+        f.write(format_model_zoo(rows, args.note) + kept)
     print(
         "wrote {} ({} models; checkpoints under {})".format(
             args.output, len(rows), args.release_dir

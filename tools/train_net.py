@@ -19,7 +19,12 @@ from detectron2.evaluation import verify_results
 from kd_det import merge_kd_config
 from kd_det.checkpoint import add_trust_pickle_argument, trust_pickle_from_args
 from kd_det.config.student import student_model_config
-from kd_det.data import prepare_datasets, validate_registered_datasets
+from kd_det.data import (
+    add_dataset_argument,
+    prepare_datasets,
+    register_config_datasets,
+    validate_registered_datasets,
+)
 from kd_det.data.empty import empty_dataset_errors
 from kd_det.engine import get_trainer_class
 from kd_det.engine.launch import launch
@@ -29,6 +34,8 @@ from kd_det.release.student import StudentCheckpointer
 
 def setup(args):
     cfg = merge_kd_config(get_cfg(), args.config_file, args.opts)
+    # DATASETS.COCO_FORMAT and --dataset, registered in every process (workers too)
+    register_config_datasets(cfg, getattr(args, "dataset", []))
     cfg.freeze()
     default_setup(cfg, args)
     return cfg
@@ -60,6 +67,7 @@ def prepare(args):
     file and record to fix.
     """
     cfg = merge_kd_config(get_cfg(), args.config_file, args.opts)
+    register_config_datasets(cfg, getattr(args, "dataset", []))
     # --eval-only reads only the test sets, which may be all a machine holds
     names = ([] if args.eval_only else list(cfg.DATASETS.TRAIN)) + list(cfg.DATASETS.TEST)
     prepare_datasets(names)
@@ -83,6 +91,7 @@ def _evaluated_with_voc(cfg, dataset_name: str) -> bool:
 def cli(argv=None):
     parser = default_argument_parser()
     add_trust_pickle_argument(parser)
+    add_dataset_argument(parser)  # --dataset NAME=JSON:IMAGE_DIR
     args = parser.parse_args(argv)
     trust_pickle_from_args(args.trust_pickle)  # an environment variable: every worker sees it
     print("Command Line Args:", args)

@@ -4,9 +4,9 @@
 # RetinaNet (40.4 box AP) to an R-18-FPN student.
 #   tools/lazyconfig_train_net.py \
 #       --config-file configs/COCO-Distillation/rm_pfi_retinanet_R101_to_R18_1x_lazy.py \
-#       --num-gpus 8 train.init_checkpoint=/path/to/R-18.pkl
-# train.init_checkpoint: torchvision's ImageNet R-18 converted with Detectron2's
-# tools/convert-torchvision-to-d2.py (hence RGB input and torchvision's normalisation below).
+#       --num-gpus 8
+# train.init_checkpoint: torchvision's ImageNet R-18 (torchvision://resnet18, fetched into torch's
+# hub cache and converted on first use; hence RGB input and torchvision's normalisation below).
 # The teacher's weights are fetched once into iopath's cache ($FVCORE_CACHE); offline, download
 # the file and set model.teacher.weights to it. The distillation is composed directly: the
 # student's LazyCall retargeted to DistillRetinaNet, its teacher and distillers as arguments
@@ -68,5 +68,5 @@ model.pfi = True
 train.teacher_eval = dict(enabled=True, min_ap=35.0)
 # the fast C++ COCOeval only where Detectron2's extension is built (not in a pure-Python install)
 dataloader.evaluator.use_fast_impl = has_cpp_ops()
-train.init_checkpoint = ""
+train.init_checkpoint = "torchvision://resnet18"
 train.output_dir = "./output/coco/rm_pfi_retinanet_R101_to_R18_1x_lazy"

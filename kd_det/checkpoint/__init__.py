@@ -5,6 +5,8 @@ Checkpoints: how kd_det writes them and how it reads them.
   URLs, schemes, SHA-256 pins), without running code (:mod:`kd_det.checkpoint.safe_pickle`).
 - :mod:`kd_det.checkpoint.torchvision_weights`: ``torchvision://NAME``, weights of torchvision's
   registry.
+- :mod:`kd_det.checkpoint.torchvision_backbone`: torchvision's ImageNet ResNets as Detectron2
+  backbone checkpoints (``MODEL.WEIGHTS torchvision://resnet18``: converted on first use).
 - :mod:`kd_det.checkpoint.atomic`: crash-safe saving (a file is complete or absent).
 - :mod:`kd_det.checkpoint.leftovers`: removing the temporary files of killed saves.
 - :mod:`kd_det.checkpoint.retention`: keeping the newest N periodic checkpoints.
@@ -22,11 +24,13 @@ from .loading import (
     incompatible_keys_problems,
     load_checkpoint,
     read_checkpoint,
+    register_weights_converter,
     register_weights_scheme,
     resolve_weights,
     trust_pickle_from_args,
 )
 from .retention import prune_checkpoints
+from .torchvision_backbone import convert_resnet_state_dict, detectron2_backbone_checkpoint
 from .torchvision_weights import torchvision_weights, torchvision_weights_file
 
 __all__ = [
@@ -48,4 +52,7 @@ __all__ = [
     "prune_checkpoints",
     "torchvision_weights",
     "torchvision_weights_file",
+    "convert_resnet_state_dict",
+    "detectron2_backbone_checkpoint",
+    "register_weights_converter",
 ]

@@ -5,7 +5,9 @@ training checkpoints, released students, snapshots for the tools.
 - **Where**: :func:`resolve_weights` turns a path or URL into a local file.  Plain paths are
   files; ``detectron2://``, ``https://`` and ``http://`` are fetched once by Detectron2's
   ``PathManager`` into iopath's cache.  Other kinds of weights register a scheme
-  (:func:`register_weights_scheme`) instead of resolving paths of their own.
+  (:func:`register_weights_scheme`) instead of resolving paths of their own, and, where the
+  file must be converted for the model it is loaded into, a converter
+  (:func:`register_weights_converter`, used by :class:`SafeDetectionCheckpointer`).
 - **Which**: a pinned SHA-256 (``KD.TEACHER.WEIGHTS_SHA256``, ``MODEL.WEIGHTS_SHA256``; a full
   digest or a prefix of at least 8 hex digits) is checked before a byte is unpickled.
 - **How**: nothing read may run code.  ``.pth`` files go through
@@ -38,6 +40,7 @@ __all__ = [
     "WeightsMismatchError",
     "SafeDetectionCheckpointer",
     "register_weights_scheme",
+    "register_weights_converter",
     "resolve_weights",
     "file_sha256",
     "check_sha256",
@@ -125,6 +128,33 @@ def resolve_weights(path: str, what: str = "weights") -> str:
             "{}={!r} resolved to {!r}, which is no file".format(what, path, local)
         )
     return local
+
+
+# -- what for: converters ---------------------------------------------------------------------
+
+WeightsConverter = Callable[[str, str, torch.nn.Module], str]
+# scheme -> function (url, its resolved local file, the model it is loaded into) returning the
+# file to load: the same one, or a file converted for that model (e.g. torchvision:// ImageNet
+# ResNets into a Detectron2 backbone, kd_det.checkpoint.torchvision_backbone).  Applied by
+# SafeDetectionCheckpointer.load only, after the pin is checked on the resolved file.
+_CONVERTERS: Dict[str, WeightsConverter] = {}
+
+
+def register_weights_converter(scheme: str, converter: WeightsConverter) -> None:
+    """
+    Let weights ``scheme://...`` that :class:`SafeDetectionCheckpointer` loads go through
+    ``converter(url, local_file, model) -> file to load`` first (``model``: the module the
+    checkpointer loads into, unwrapped from DDP).  Re-registering a scheme replaces it.
+    """
+    _CONVERTERS[scheme.lower()] = converter
+
+
+def converted_weights(path: str, local: str, model: torch.nn.Module) -> str:
+    """The file to load into ``model`` for the weights ``path`` resolved to ``local``: the
+    registered converter's result for ``path``'s scheme, else ``local``."""
+    match = _SCHEME.match(path)
+    converter = _CONVERTERS.get(match.group(1).lower()) if match else None
+    return converter(path, local, model) if converter is not None else local
 
 
 # -- which: pins -----------------------------------------------------------------------------
@@ -326,8 +356,10 @@ def incompatible_keys_problems(incompatible, limit: int = 10) -> List[str]:
 class SafeDetectionCheckpointer(DetectionCheckpointer):
     """
     Detectron2's checkpointer, reading through this module: paths and URLs resolve with
-    :func:`resolve_weights`, pinned files are checked (:meth:`pin`) and nothing read runs
-    code (:func:`read_checkpoint`).  Loading into the model (name matching of model-zoo
+    :func:`resolve_weights`, pinned files are checked (:meth:`pin`), a scheme's registered
+    converter makes the file fit the model (:func:`register_weights_converter`, e.g.
+    ``torchvision://resnet18`` into a Detectron2 ResNet) and nothing read runs code
+    (:func:`read_checkpoint`).  Loading into the model (name matching of model-zoo
     files, DDP, checkpointables) stays Detectron2's.
     """
 
@@ -349,7 +381,7 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
             sha256, what, key = self._pins.get(path, ("", "weights", ""))
             local = resolve_weights(path, what)
             check_sha256(local, sha256, key, path)
-            path = local
+            path = converted_weights(path, local, self.model)  # a registered scheme's converter
         return super().load(path, *args, **kwargs)
 
     def _load_file(self, filename: str) -> Dict[str, Any]:

@@ -257,6 +257,12 @@ def add_kd_config(cfg: CN) -> CN:
     # annotation's: in parallel on all cores, results cached by path, size and mtime in
     # $KD_DET_CACHE, default ~/.cache/kd_det), "annotations", or "none".
     cfg.DATASETS.VALIDATE = "full"
+    # COCO-format datasets registered by the tools before anything is built, in every worker
+    # process (kd_det.data.coco_format), so that DATASETS.TRAIN/TEST can name them without
+    # Python: "NAME=JSON:IMAGE_DIR" strings, e.g. ["my_train=data/train.json:data/images"]
+    # (paths from the current directory; classes from the json's categories, ordered by id).
+    # The tools' repeatable --dataset NAME=JSON:IMAGE_DIR appends to it.
+    cfg.DATASETS.COCO_FORMAT = []
     # An image that fails to load or map during training: False stops training with an error
     # naming the file and dataset; True skips it (another image is drawn) with a warning and
     # counts the skips as data/skipped_items in metrics.json. False by default: VALIDATE full

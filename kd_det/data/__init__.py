@@ -2,6 +2,12 @@
 
 from .bad_images import BadImageError, BadImageMapper, SkippedItemsHook
 from .classes import ClassNames, check_same_classes, registered_thing_classes
+from .coco_format import (
+    add_dataset_argument,
+    register_coco_format_datasets,
+    register_config_datasets,
+    register_lazy_config_datasets,
+)
 from .curriculum import CurriculumSampler, load_scores
 from .datasets import prepare_datasets, register_synthetic_datasets, synthetic_root
 from .empty import EmptyDatasetError, empty_dataset_errors

@@ -126,6 +126,103 @@ def test_student_fits_its_teachers(path, monkeypatch):
         assert os.path.normpath(weights) == trained, (path, teacher_config, weights)
 
 
+TORCHVISION_STUDENTS = [p for p in CONFIGS if _load(p).MODEL.WEIGHTS.startswith("torchvision://")]
+
+
+def test_r18_students_use_torchvision_weights():
+    """COCO and VOC R-18 students start from torchvision's ImageNet R-18 (synthetic ones from
+    scratch)."""
+    r18 = [p for p in CONFIGS if "synthetic" not in p.split(os.sep) and ("R18" in p or "R_18" in p)]
+    assert len(r18) > 20 and not [p for p in r18 if p not in TORCHVISION_STUDENTS]
+
+
+@pytest.mark.parametrize("path", TORCHVISION_STUDENTS)
+def test_torchvision_students_have_the_input_their_weights_need(path):
+    """A config with torchvision:// weights sets the depth, channel order, normalisation and
+    stride placement the weights were trained with (checked again on the model when they load)."""
+    from kd_det.checkpoint.torchvision_backbone import input_problems, torchvision_resnet_input
+
+    cfg = _load(path)
+    depth = cfg.MODEL.RESNETS.DEPTH
+    problems = input_problems(
+        torchvision_resnet_input(cfg.MODEL.WEIGHTS),
+        depth,
+        cfg.INPUT.FORMAT,
+        cfg.MODEL.PIXEL_MEAN,
+        cfg.MODEL.PIXEL_STD,
+        cfg.MODEL.RESNETS.STRIDE_IN_1X1 if depth >= 50 else None,
+    )
+    assert not problems, (path, problems)
+
+
+R101_TO_R50 = [p for p in CONFIGS if "R101_to_R50" in os.path.basename(p)]
+
+
+def _student_keys(cfg):
+    """What makes the student: MODEL (but the meta-architecture) and INPUT."""
+    model = cfg.MODEL.clone()
+    model.META_ARCHITECTURE = model.META_ARCHITECTURE.replace("Distill", "")
+    return model, cfg.INPUT
+
+
+@pytest.mark.parametrize("path", R101_TO_R50)
+def test_paper_settings_r101_to_r50(path):
+    """The COCO paper settings: the model-zoo R-101 3x teacher, the MSRA R-50 student exactly as
+    configs/COCO-Detection's R-50 config builds it, the schedule the name says."""
+    cfg = _load(path)
+    arch = "retinanet" if "retinanet" in path else "faster_rcnn"
+    assert cfg.KD.TEACHER.CONFIG == "configs/COCO-Detection/{}_R_101_FPN_3x.yaml".format(arch)
+    assert cfg.KD.TEACHER.WEIGHTS.startswith("detectron2://COCO-Detection/")
+    assert _student_keys(cfg) == _student_keys(
+        _load("configs/COCO-Detection/{}_R_50_FPN_1x.yaml".format(arch))
+    )
+    assert cfg.MODEL.WEIGHTS == "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
+    schedule = {"1x": (90000, (60000, 80000)), "2x": (180000, (120000, 160000))}
+    assert (cfg.SOLVER.MAX_ITER, tuple(cfg.SOLVER.STEPS)) == schedule[path[-7:-5]], path
+    assert cfg.SOLVER.IMS_PER_BATCH == 16
+    assert os.path.basename(cfg.OUTPUT_DIR) == os.path.basename(path)[: -len(".yaml")]
+
+
+def test_paper_settings_cover_every_method():
+    names = {os.path.basename(p).split("_R101")[0] for p in R101_TO_R50}
+    methods = ["ssim", "l2", "cwd", "mgd", "pkd", "box", "lakd", "soft_label"]
+    assert names == {m + "_" + a for m in methods for a in ("faster_rcnn", "retinanet")} | {
+        "rm_pfi_retinanet",
+        "crosskd_retinanet",
+    }
+
+
+@pytest.fixture(scope="module")
+def zoo_r101_teachers(tmp_path_factory):
+    """Randomly initialised checkpoints of the two R-101 3x teacher configs (no download)."""
+    out = {}
+    for arch in ("faster_rcnn", "retinanet"):
+        teacher = _load("configs/COCO-Detection/{}_R_101_FPN_3x.yaml".format(arch))
+        teacher.MODEL.DEVICE = "cpu"
+        folder = tmp_path_factory.mktemp(arch)
+        torch.manual_seed(0)
+        DetectionCheckpointer(build_model(teacher), save_dir=str(folder)).save("teacher")
+        out[arch] = str(folder / "teacher.pth")
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", R101_TO_R50)
+def test_paper_settings_build(path, zoo_r101_teachers, monkeypatch):
+    """Each R-101 -> R-50 config builds its student and teacher (teacher config resolved, weights
+    of its shapes loaded strictly), without downloading anything."""
+    monkeypatch.chdir(REPO)
+    cfg = _load(path)
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.KD.TEACHER.WEIGHTS = zoo_r101_teachers[
+        "retinanet" if "retinanet" in path else "faster_rcnn"
+    ]
+    model = build_model(cfg)
+    assert type(model).__name__ == cfg.MODEL.META_ARCHITECTURE
+    assert len(model.backbone.bottom_up.res4) == 6  # R-50
+    assert len(model.teacher.model.backbone.bottom_up.res4) == 23  # R-101
+
+
 # both detectors and both real datasets (the configs of a family differ only in KD keys,
 # which the synthetic tests cover)
 @pytest.mark.parametrize(
