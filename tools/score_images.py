@@ -43,8 +43,10 @@ def main(argv=None):
         help="config overrides (KEY VALUE ..., or key=value for a .py)",
     )
     from kd_det.checkpoint import add_trust_pickle_argument, trust_pickle_from_args
+    from kd_det.data.coco_format import add_dataset_argument
 
     add_trust_pickle_argument(parser)
+    add_dataset_argument(parser)
     args = parser.parse_args(argv)
     trust_pickle_from_args(args.trust_pickle)
 
@@ -59,7 +61,9 @@ def main(argv=None):
             "model_final.pth".format(args.snapshot)
         )
     torch.manual_seed(0)  # RoI sampling in two-stage losses is random
-    model, loader, names = load_snapshot(args.config_file, args.opts, args.snapshot, split="train")
+    model, loader, names = load_snapshot(
+        args.config_file, args.opts, args.snapshot, split="train", datasets=args.dataset
+    )
     scores = score_images(model, loader, args.score)
     out = {
         "scores": scores,

@@ -101,7 +101,10 @@ def main(argv=None):
         "--weights", required=True, help="a training checkpoint of that config (student + adapters)"
     )
     parser.add_argument(
-        "--dataset", default="", help="registered dataset (default: the config's first test set)"
+        "--dataset",
+        default="",
+        help="registered dataset (default: the config's first test set), or a COCO-format one "
+        "as NAME=JSON:IMAGE_DIR, registered for this run",
     )
     parser.add_argument("--num-images", type=int, default=4)
     parser.add_argument("--output-dir", required=True)
@@ -126,9 +129,14 @@ def main(argv=None):
     from kd_det.modeling.distill_maps import check_distillation_model, distillation_maps
     from kd_det.utils.snapshot import load_snapshot
 
-    names = [args.dataset] if args.dataset else None
+    names = [args.dataset.split("=", 1)[0]] if args.dataset else None
     model, loader, names = load_snapshot(
-        args.config_file, args.opts, args.weights, split="test", names=names
+        args.config_file,
+        args.opts,
+        args.weights,
+        split="test",
+        names=names,
+        datasets=[args.dataset] if "=" in args.dataset else [],
     )
     if not names:
         raise SystemExit("the config has no test set: pass --dataset NAME")

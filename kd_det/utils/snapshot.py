@@ -7,6 +7,7 @@ what the tools that look at a snapshot need (``tools/score_images.py``,
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+from detectron2.config import CfgNode
 
 from ..checkpoint import SafeDetectionCheckpointer
 from ..config.detector import (
@@ -16,7 +17,7 @@ from ..config.detector import (
     load_detector_config,
 )
 from ..config.loaders import annotated_loader
-from ..data import prepare_datasets
+from ..data import prepare_datasets, register_config_datasets, register_lazy_config_datasets
 
 __all__ = ["load_snapshot"]
 
@@ -27,6 +28,7 @@ def load_snapshot(
     weights: Optional[str],
     split: str = "train",
     names: Optional[Sequence[str]] = None,
+    datasets: Sequence[str] = (),
 ) -> Tuple[torch.nn.Module, object, List[str]]:
     """
     Build the config's model, load ``weights`` into it and map the records of a
@@ -41,12 +43,18 @@ def load_snapshot(
             ``train.init_checkpoint``.
         split: "train" or "test": whose dataset names to use when ``names`` is None.
         names: registered dataset names to read instead.
+        datasets: the tool's ``--dataset NAME=JSON:IMAGE_DIR`` values, registered with the
+            config's own ``DATASETS.COCO_FORMAT`` / ``train.coco_format`` entries.
     Returns:
         (model in training mode, a loader of one-record lists, the dataset names).
     """
     if split not in ("train", "test"):
         raise ValueError("split must be 'train' or 'test', got {!r}".format(split))
     config = load_detector_config(config_file, opts, opts_name="the command line")
+    if isinstance(config, CfgNode):
+        register_config_datasets(config, datasets)
+    else:
+        register_lazy_config_datasets(config, datasets)
     settings = detector_settings(config)
     names = (
         list(names)

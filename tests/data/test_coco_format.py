@@ -200,3 +200,31 @@ def test_lazyconfig_tool_registers_and_validates(tmp_path):
     args.opts = [o.replace("kd_test_cf_lazy", "kd_test_cf_lazy_bad") for o in args.opts]
     with pytest.raises(DatasetError, match="bad.json"):
         tool.prepare(args)
+
+
+def test_snapshot_tools_register_the_dataset(tmp_path):
+    """score_images and visualize_distillation read their images through load_snapshot, which
+    registers the --dataset / DATASETS.COCO_FORMAT entries as train_net does."""
+    import uuid
+
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    from kd_det.config.detector import build_detector, load_detector_config
+    from kd_det.utils.snapshot import load_snapshot
+
+    json_file, images = _coco(tmp_path)
+    name = "kd_snapshot_{}".format(uuid.uuid4().hex[:8])
+    config = config_path("synthetic/faster_rcnn_R_18_FPN.yaml")
+    opts = ["DATASETS.TEST", "('{}',)".format(name), "MODEL.ROI_HEADS.NUM_CLASSES", "2"]
+    opts += ["INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64"]
+    model = build_detector(load_detector_config(config, opts), device=None)
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("snapshot")
+    _, loader, names = load_snapshot(
+        config,
+        opts,
+        str(tmp_path / "snapshot.pth"),
+        split="test",
+        datasets=["{}={}:{}".format(name, json_file, images)],
+    )
+    assert names == [name]
+    assert len(next(iter(loader))[0]["instances"]) == 2
