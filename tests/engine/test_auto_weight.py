@@ -1,0 +1,150 @@
+"""Automatic distillation weights on hand-built losses: the target ratio, resume, DDP."""
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from detectron2.engine import SimpleTrainer
+from detectron2.utils.events import EventStorage
+
+from kd_det.engine.auto_weight import AutoWeightHook
+from kd_det.engine.grad_ratio import measure_grad_ratios, student_parameters
+
+from test_health_monitor import RTOL, ToyDetector, _vectors
+
+
+def _trainer(model, hooks, lr=0.0):
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    trainer = SimpleTrainer(model, [None] * 1000, opt)
+    trainer.register_hooks(hooks)
+    return trainer
+
+
+def _ratio_after(model, hook):
+    """The gradient-norm ratios of the loss dict as the trainer sees it (hook applied)."""
+    with EventStorage(10**6):
+        losses = hook._on_losses(model())
+        return measure_grad_ratios(losses, student_parameters(model)).ratios
+
+
+def test_weights_reach_target_ratio_and_are_logged():
+    c, d = _vectors()
+    model = ToyDetector(c, {"loss_kd_a": (7.0, d), "loss_kd_b": (0.001, c)})
+    hook = AutoWeightHook(fraction=0.5, iters=3)
+    trainer = _trainer(model, [hook])
+    trainer.train(0, 5)
+    ratios = _ratio_after(model, hook)
+    assert ratios["loss_kd_a"] == pytest.approx(0.5, rel=4 * RTOL)
+    assert ratios["loss_kd_b"] == pytest.approx(0.5, rel=4 * RTOL)
+    assert hook.scales["loss_kd_b"] == pytest.approx(500.0, rel=4 * RTOL)
+    # calibrated over iterations 0-2 only; logged
+    hist = trainer.storage.history("kd_auto_weight/loss_kd_a")
+    assert [it for _, it in hist.values()] == [0, 1, 2]
+    # the logged loss is the scaled one
+    assert trainer.storage.history("loss_kd_b").latest() == pytest.approx(
+        0.001 * 500 * c.dot(model.w.detach()).item(), rel=1e-5
+    )
+
+
+def test_weights_restored_from_checkpoint_and_not_recalibrated():
+    c, d = _vectors()
+    model = ToyDetector(c, {"loss_kd_a": (7.0, d)})
+    hook = AutoWeightHook(fraction=0.5, iters=2)
+    trainer = _trainer(model, [hook], lr=0.01)
+    trainer.train(0, 3)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "ckpt.pth")
+        torch.save({"trainer": trainer.state_dict()}, path)
+        saved = torch.load(path)["trainer"]
+    assert saved["hooks"]["AutoWeightHook"]["scales"] == hook.scales
+    # another model (other losses): a resumed run keeps the saved factors
+    other = ToyDetector(c * 10, {"loss_kd_a": (7.0, d)})
+    resumed = AutoWeightHook(fraction=0.5, iters=2)
+    trainer2 = _trainer(other, [resumed])
+    trainer2.load_state_dict(saved)
+    trainer2.train(3, 5)
+    assert resumed.scales == hook.scales
+
+
+def test_scheduled_term_calibrated_at_each_start():
+    c, d = _vectors()
+    model = ToyDetector(c, {"loss_kd_lakd": (1.0, None), "loss_kd_a": (2.0, c)})
+    hook = AutoWeightHook(fraction=0.5, iters=2, start_iters={"loss_kd_lakd": [3, 6]})
+    trainer = _trainer(model, [hook])
+
+    def schedule_hook(losses):
+        """LAKD's progressive schedule: off before 3, one stage from 3, two from 6."""
+        it = trainer.storage.iter
+        if it >= 3:
+            k = 3.0 if it < 6 else 30.0  # the second stage makes the term 10x stronger
+            losses["loss_kd_lakd"] = k * (d * model.w).sum()
+        return losses
+
+    from kd_det.engine.loss_tap import LossDictTap
+
+    tap = LossDictTap(schedule_hook)  # registered first: runs before the auto weights
+    tap.attach(model)
+    trainer.train(0, 9)
+    hist = trainer.storage.history("kd_auto_weight/loss_kd_lakd")
+    assert [it for _, it in hist.values()] == [3, 4, 6, 7]
+    ratios = _ratio_after(model, hook)
+    assert ratios["loss_kd_lakd"] == pytest.approx(0.5, rel=4 * RTOL)
+    assert ratios["loss_kd_a"] == pytest.approx(0.5, rel=4 * RTOL)
+
+
+def _ddp_worker(rank, port, result_file):
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{}".format(port), world_size=2,
+                            rank=rank)
+    torch.manual_seed(0)
+    c, d = _vectors(seed=rank)  # other data on each process: other gradient norms
+    model = ToyDetector(c, {"loss_kd_a": (7.0, d)})
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    hook = AutoWeightHook(fraction=0.5, iters=2)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    trainer = SimpleTrainer(ddp, [None] * 1000, opt)
+    trainer.register_hooks([hook])
+    trainer.train(0, 3)
+    out = [torch.tensor([hook.scales["loss_kd_a"]]), model.w.detach().clone()]
+    gathered = [[None, None], [None, None]]
+    dist.all_gather_object(gathered, out)
+    if rank == 0:
+        torch.save(gathered, result_file)
+    dist.destroy_process_group()
+
+
+def test_gradient_accumulation_measures_first_micro_batch():
+    from kd_det.engine.accumulation import GradientAccumulationTrainer
+
+    c, d = _vectors()
+    model = ToyDetector(c, {"loss_kd_a": (7.0, d)})
+    hook = AutoWeightHook(fraction=0.5, iters=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    trainer = GradientAccumulationTrainer(SimpleTrainer(model, [None] * 1000, opt), steps=3)
+    trainer.register_hooks([hook])
+    trainer.train(0, 3)
+    hist = trainer.storage.history("kd_auto_weight/loss_kd_a")
+    assert [it for _, it in hist.values()] == [0, 1]
+    assert _ratio_after(model, hook)["loss_kd_a"] == pytest.approx(0.5, rel=4 * RTOL)
+
+
+def test_ddp_same_weights_on_every_process_and_gradients_all_reduced(tmp_path):
+    """
+    Two gloo processes: the measurement (autograd.grad inside DDP's forward) leaves DDP's
+    all-reduce alone (the weights stay equal on both), and both use one factor: the mean
+    detection norm over the mean term norm.
+    """
+    from detectron2.engine.launch import _find_free_port
+
+    result = str(tmp_path / "ddp.pt")
+    mp.spawn(_ddp_worker, args=(_find_free_port(), result), nprocs=2)
+    (s0, w0), (s1, w1) = torch.load(result)
+    assert s0.item() == s1.item()
+    assert torch.equal(w0, w1) and not torch.equal(w0, torch.ones_like(w0))
+    norms = [(_vectors(seed=r)[0].double().norm(), 7 * _vectors(seed=r)[1].double().norm())
+             for r in (0, 1)]
+    # the weights move, so the norms of steps 0 and 1 differ: only the same-step mean is checked
+    expected = 0.5 * (norms[0][0] + norms[1][0]) / (norms[0][1] + norms[1][1])
+    assert s0.item() == pytest.approx(expected.item(), rel=4 * RTOL)
