@@ -11,6 +11,7 @@ Train or evaluate a detector written as a Detectron2 LazyConfig (``.py``), disti
         train.init_checkpoint=out/model_final.pth
     tools/lazyconfig_train_net.py --config-file CFG --resume
     tools/lazyconfig_train_net.py --config-file CFG --num-gpus 8      # (CPU: processes on gloo)
+    tools/lazyconfig_train_net.py --config-file CFG --dry-run   # checks and one step, no writes
 
 The config has Detectron2's LazyConfig training keys: ``model``, ``dataloader.train``,
 ``dataloader.test``, ``dataloader.evaluator``, ``optimizer``, ``lr_multiplier`` and
@@ -43,6 +44,7 @@ from kd_det.data.bad_images import SkippedItemsHook
 from kd_det.data.empty import empty_dataset_errors
 from kd_det.engine import non_finite_loss_error
 from kd_det.engine.curriculum import restart_curriculum
+from kd_det.engine.dry_run import add_dry_run_argument, dry_run_lazy
 from kd_det.engine.hooks import PeriodicCheckpointer
 from kd_det.engine.launch import launch
 from kd_det.engine.lazy import build_lazy_trainer, lazy_teacher_eval_hook
@@ -219,6 +221,7 @@ def prepare(args):
 def cli(argv=None):
     parser = default_argument_parser()
     add_trust_pickle_argument(parser)
+    add_dry_run_argument(parser)
     args = parser.parse_args(argv)
     trust_pickle_from_args(args.trust_pickle)  # an environment variable: every worker sees it
     bad = [o for o in args.opts if "=" not in o]
@@ -228,6 +231,8 @@ def cli(argv=None):
             "not yacs KEY VALUE pairs; got {!r}".format(bad[0])
         )
     print("Command Line Args:", args)
+    if args.dry_run:  # one process, whatever --num-gpus says
+        return dry_run_lazy(args, load_config, prepare)
     prepare(args)
     return launch(
         main,
@@ -240,4 +245,6 @@ def cli(argv=None):
 
 
 if __name__ == "__main__":
-    cli()
+    ret = cli()
+    if isinstance(ret, int):  # the dry run's exit code
+        raise SystemExit(ret)

@@ -7,6 +7,7 @@ Train or evaluate a detector, with or without distillation, the Detectron2 way.
     tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS out/model_final.pth
     tools/train_net.py --config-file CFG --resume
     tools/train_net.py --config-file CFG --num-gpus 8      # (CPU: processes on gloo)
+    tools/train_net.py --config-file CFG --dry-run         # checks and one step; writes nothing
 
 The trainer class is ``cfg.TRAINER.NAME`` (kd_det.engine.TRAINER_REGISTRY).
 """
@@ -21,6 +22,7 @@ from kd_det.config.student import student_model_config
 from kd_det.data import prepare_datasets, validate_registered_datasets
 from kd_det.data.empty import empty_dataset_errors
 from kd_det.engine import get_trainer_class
+from kd_det.engine.dry_run import add_dry_run_argument, dry_run
 from kd_det.engine.launch import launch
 from kd_det.evaluation import evaluator_name
 from kd_det.release.student import StudentCheckpointer
@@ -82,9 +84,12 @@ def _evaluated_with_voc(cfg, dataset_name: str) -> bool:
 def cli(argv=None):
     parser = default_argument_parser()
     add_trust_pickle_argument(parser)
+    add_dry_run_argument(parser)
     args = parser.parse_args(argv)
     trust_pickle_from_args(args.trust_pickle)  # an environment variable: every worker sees it
     print("Command Line Args:", args)
+    if args.dry_run:  # one process, whatever --num-gpus says
+        return dry_run(args, prepare)
     prepare(args)
     return launch(
         main,
@@ -97,4 +102,6 @@ def cli(argv=None):
 
 
 if __name__ == "__main__":
-    cli()
+    ret = cli()
+    if isinstance(ret, int):  # the dry run's exit code
+        raise SystemExit(ret)

@@ -140,9 +140,7 @@ class AutoWeightHook(HookBase):
             todo = self.terms_to_measure(terms, it)
             if todo:
                 self._calibrate(loss_dict, todo, it)
-        return {
-            k: (v * self.scales[k] if k in self.scales else v) for k, v in loss_dict.items()
-        }
+        return {k: (v * self.scales[k] if k in self.scales else v) for k, v in loss_dict.items()}
 
     def _calibrate(self, loss_dict, todo: List[str], it: int) -> None:
         measured = measure_grad_ratios(

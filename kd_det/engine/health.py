@@ -168,8 +168,10 @@ class DistillHealthMonitor(HookBase):
     def _on_losses(self, loss_dict):
         storage = get_event_storage()
         it = storage.iter
-        if it % self.period or it == self._measured_iter or not any(
-            k.startswith("loss_kd_") for k in loss_dict
+        if (
+            it % self.period
+            or it == self._measured_iter
+            or not any(k.startswith("loss_kd_") for k in loss_dict)
         ):
             return None
         self._measured_iter = it  # the first micro-batch only

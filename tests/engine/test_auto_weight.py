@@ -9,11 +9,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from detectron2.engine import SimpleTrainer
 from detectron2.utils.events import EventStorage
+from test_health_monitor import RTOL, ToyDetector, _vectors
 
 from kd_det.engine.auto_weight import AutoWeightHook
 from kd_det.engine.grad_ratio import measure_grad_ratios, student_parameters
-
-from test_health_monitor import RTOL, ToyDetector, _vectors
 
 
 def _trainer(model, hooks, lr=0.0):
@@ -96,8 +95,9 @@ def test_scheduled_term_calibrated_at_each_start():
 
 
 def _ddp_worker(rank, port, result_file):
-    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{}".format(port), world_size=2,
-                            rank=rank)
+    dist.init_process_group(
+        "gloo", init_method="tcp://127.0.0.1:{}".format(port), world_size=2, rank=rank
+    )
     torch.manual_seed(0)
     c, d = _vectors(seed=rank)  # other data on each process: other gradient norms
     model = ToyDetector(c, {"loss_kd_a": (7.0, d)})
@@ -143,8 +143,10 @@ def test_ddp_same_weights_on_every_process_and_gradients_all_reduced(tmp_path):
     (s0, w0), (s1, w1) = torch.load(result)
     assert s0.item() == s1.item()
     assert torch.equal(w0, w1) and not torch.equal(w0, torch.ones_like(w0))
-    norms = [(_vectors(seed=r)[0].double().norm(), 7 * _vectors(seed=r)[1].double().norm())
-             for r in (0, 1)]
+    norms = [
+        (_vectors(seed=r)[0].double().norm(), 7 * _vectors(seed=r)[1].double().norm())
+        for r in (0, 1)
+    ]
     # the weights move, so the norms of steps 0 and 1 differ: only the same-step mean is checked
     expected = 0.5 * (norms[0][0] + norms[1][0]) / (norms[0][1] + norms[1][1])
     assert s0.item() == pytest.approx(expected.item(), rel=4 * RTOL)

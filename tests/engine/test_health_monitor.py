@@ -44,7 +44,9 @@ def _vectors(n=1000, seed=0):
 
 def test_measured_ratios_are_the_known_ones():
     c, d = _vectors()
-    model = ToyDetector(c, {"loss_kd_a": (3.0, c), "loss_kd_b": (0.25, d), "loss_kd_off": (1, None)})
+    model = ToyDetector(
+        c, {"loss_kd_a": (3.0, c), "loss_kd_b": (0.25, d), "loss_kd_off": (1, None)}
+    )
     losses = model()
     m = measure_grad_ratios(losses, student_parameters(model))
     assert m.ratios["loss_kd_a"] == pytest.approx(3.0, rel=RTOL)
