@@ -150,3 +150,59 @@ def test_ddp_same_weights_on_every_process_and_gradients_all_reduced(tmp_path):
     # the weights move, so the norms of steps 0 and 1 differ: only the same-step mean is checked
     expected = 0.5 * (norms[0][0] + norms[1][0]) / (norms[0][1] + norms[1][1])
     assert s0.item() == pytest.approx(expected.item(), rel=4 * RTOL)
+
+
+@pytest.mark.slow
+def test_kd_trainer_saves_and_resumes_auto_weights(tiny_data_root, tmp_path, rcnn_teacher):
+    """
+    Through KDTrainer: the monitor (on by default) and the automatic weights log to
+    metrics.json; the factors are in the checkpoint and a --resume keeps them.
+    """
+    import json
+
+    from conftest import config_path, tiny_cfg
+
+    from kd_det.checkpoint import read_checkpoint
+    from kd_det.engine import KDTrainer
+    from kd_det.engine.health import DistillHealthMonitor
+
+    opts = [
+        "KD.TEACHER.CONFIG", config_path("synthetic/faster_rcnn_R_50_FPN.yaml"),
+        "KD.TEACHER.WEIGHTS", rcnn_teacher,
+        "KD.AUTO_WEIGHT.ENABLED", True, "KD.AUTO_WEIGHT.ITERS", 2, "KD.AUTO_WEIGHT.FRACTION", 0.25,
+        "KD.MONITOR.PERIOD", 2, "SOLVER.MAX_ITER", 3, "SOLVER.CHECKPOINT_PERIOD", 3,
+        "DATASETS.TEST", (),
+    ]  # fmt: skip
+    cfg = tiny_cfg("synthetic/distill/ssim_faster_rcnn_R50_to_R18.yaml", tmp_path, opts)
+    trainer = KDTrainer(cfg)
+    kinds = [type(h) for h in trainer._hooks]
+    assert kinds.index(AutoWeightHook) < kinds.index(DistillHealthMonitor)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    hook = next(h for h in trainer._hooks if isinstance(h, AutoWeightHook))
+    monitor = next(h for h in trainer._hooks if isinstance(h, DistillHealthMonitor))
+    scale = hook.scales["loss_kd_ssim"]
+    # the monitor measured the re-weighted term: the fraction, up to the change of the
+    # weights between the calibration's two steps (AdamW, lr 1e-3: a few percent)
+    assert monitor.last.ratios["loss_kd_ssim"] == pytest.approx(0.25, rel=0.2)
+    with open(os.path.join(tmp_path, "metrics.json")) as f:
+        metrics = [json.loads(line) for line in f]
+    history = trainer.storage.history
+    assert [i for _, i in history("kd_grad_ratio/loss_kd_ssim").values()] == [0, 2]
+    assert [i for _, i in history("kd_auto_weight/loss_kd_ssim").values()] == [0, 1]
+    # Detectron2's JSONWriter writes the latest value of each key at each write (here one)
+    assert [m["iteration"] for m in metrics if "kd_grad_ratio/loss_kd_ssim" in m] == [2]
+    assert [m["iteration"] for m in metrics if "kd_auto_weight/loss_kd_ssim" in m] == [1]
+    saved = read_checkpoint(os.path.join(tmp_path, "model_final.pth"))
+    assert saved["trainer"]["hooks"]["AutoWeightHook"]["scales"] == {"loss_kd_ssim": scale}
+    cfg = tiny_cfg(
+        "synthetic/distill/ssim_faster_rcnn_R50_to_R18.yaml",
+        tmp_path,
+        opts + ["SOLVER.MAX_ITER", 4],
+    )
+    trainer = KDTrainer(cfg)
+    trainer.resume_or_load(resume=True)
+    resumed = next(h for h in trainer._hooks if isinstance(h, AutoWeightHook))
+    assert trainer.start_iter == 3 and resumed.scales == {"loss_kd_ssim": scale}
+    trainer.train()
+    assert resumed.scales == {"loss_kd_ssim": scale}  # not calibrated again
