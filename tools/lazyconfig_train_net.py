@@ -47,7 +47,11 @@ from kd_det.engine.curriculum import restart_curriculum
 from kd_det.engine.dry_run import add_dry_run_argument, dry_run_lazy
 from kd_det.engine.hooks import PeriodicCheckpointer
 from kd_det.engine.launch import launch
-from kd_det.engine.lazy import build_lazy_trainer, lazy_teacher_eval_hook
+from kd_det.engine.lazy import (
+    build_lazy_trainer,
+    lazy_distillation_hooks,
+    lazy_teacher_eval_hook,
+)
 from kd_det.engine.resume import StepSeedHook, restart_data_stream, resumable_loader
 from kd_det.release.student import StudentCheckpointer
 
@@ -113,6 +117,8 @@ def do_train(args, cfg):
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
             (PeriodicCheckpointer(checkpointer, **periodic) if comm.is_main_process() else None),
             hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
+            # train.auto_weight, train.kd_monitor (yacs KD.AUTO_WEIGHT, KD.MONITOR)
+            *lazy_distillation_hooks(cfg, model),
             # train.skip_bad_images: skipped items counted in metrics.json (before the writer)
             SkippedItemsHook() if lazy_get(cfg, "train.skip_bad_images", False) else None,
             (

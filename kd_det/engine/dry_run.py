@@ -509,7 +509,7 @@ def dry_run_lazy(args, load_config: Callable, prepare: Callable) -> int:
     from ..checkpoint import AtomicDetectionCheckpointer
     from ..config.lazy import lazy_get
     from ..data.empty import empty_dataset_errors
-    from .lazy import build_lazy_trainer
+    from .lazy import build_lazy_trainer, lazy_settings
 
     setup_logger(name="kd_det")
     report = DryRunReport()
@@ -539,6 +539,8 @@ def dry_run_lazy(args, load_config: Callable, prepare: Callable) -> int:
     trainer = _run(report, "data loader", _with(empty, build_lazy_trainer), cfg, model, optimizer)
     if trainer is None:
         return report.summary()
+    mon = lazy_settings(cfg, "train.kd_monitor")
+    auto = lazy_settings(cfg, "train.auto_weight")
     _run(
         report,
         "step",
@@ -551,6 +553,9 @@ def dry_run_lazy(args, load_config: Callable, prepare: Callable) -> int:
             accum_steps=int(lazy_get(cfg, "train.grad_accum_steps", 1)),
             max_iter=int(lazy_get(cfg, "train.max_iter", 0)),
             amp=bool(lazy_get(cfg, "train.amp.enabled", False)),
+            dominating=float(mon["dominating"]),
+            vanishing=float(mon["vanishing"]),
+            auto_fraction=float(auto["fraction"]) if auto["enabled"] else 0.0,
         ),
     )
     return report.summary()

@@ -23,6 +23,8 @@ __all__ = [
     "grad_scale_of",
     "DistillHealthMonitor",
     "build_health_monitor",
+    "scheduled_terms",
+    "model_scheduled_terms",
 ]
 
 logger = logging.getLogger(__name__)
@@ -250,6 +252,14 @@ def build_health_monitor(cfg) -> Optional[DistillHealthMonitor]:
         ap_drop=mon.AP_DROP,
         start_iters=scheduled_terms(cfg),
     )
+
+
+def model_scheduled_terms(model) -> Dict[str, List[int]]:
+    """:func:`scheduled_terms` read from a built model (its LAKD distiller), e.g. a LazyConfig's."""
+    lakd = getattr(getattr(model, "module", model), "kd_lakd", None)
+    if lakd is None or not any(lakd.start_iters):
+        return {}
+    return {"loss_kd_" + lakd.loss.short_name: [int(i) for i in lakd.start_iters]}
 
 
 def scheduled_terms(cfg) -> Dict[str, List[int]]:

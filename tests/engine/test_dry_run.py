@@ -93,3 +93,30 @@ def test_dry_run_fails_on_a_mismatched_class_list(
     code, text = _dry_run(capsys, tmp_path, rcnn_teacher, opts)
     assert code == 1
     assert "PROBLEM (teacher classes)" in text and "other classes" in text
+
+
+def test_lazy_dry_run_passes(capsys, tmp_path, tiny_data_root, rcnn_teacher):
+    out = tmp_path / "lazy_out"
+    argv = [
+        "--config-file",
+        config_path("synthetic/distill/ssim_faster_rcnn_R50_to_R18_lazy.py"),
+        "--dry-run",
+        "--dry-run-steps",
+        "1",
+        "model.teacher.config=" + config_path(TEACHER),
+        "model.teacher.weights=" + rcnn_teacher,
+        "dataloader.train.dataset.names={}_train".format(TINY_PREFIX),
+        "dataloader.test.dataset.names={}_val".format(TINY_PREFIX),
+        "dataloader.train.total_batch_size=2",
+        "dataloader.train.mapper.augmentations.0.short_edge_length=[64]",
+        "dataloader.train.mapper.augmentations.0.max_size=64",
+        "train.output_dir=" + str(out),
+        "train.auto_weight.enabled=True",
+    ]
+    code = _tool("lazyconfig_train_net").cli(argv)
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "validated" in text and "100.0% of its" in text and "the same 5 as the student's" in text
+    assert "loss_kd_ssim" in text and "KD.AUTO_WEIGHT would multiply it by" in text
+    assert "time per iteration" in text and "OK (" in text
+    assert not out.exists() or not os.listdir(out)
