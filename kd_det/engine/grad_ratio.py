@@ -147,12 +147,13 @@ def measure_grad_ratios(
     names = list(kd) if terms is None else [t for t in terms if t in kd]
     det_norm = gradient_norm(sum(det.values()), params, scale)
     norms = [gradient_norm(kd[n], params, scale) for n in names]
+    values = [kd[n].detach().to(det_norm) for n in names]
     # one transfer to the host for all of them (a CUDA sync each otherwise)
-    host = torch.stack([det_norm] + norms).cpu().tolist() if names else [det_norm.item()]
+    host = torch.stack([det_norm] + norms + values).cpu().tolist()
     return GradRatios(
         det_norm=host[0],
-        norms=dict(zip(names, host[1:])),
-        values={n: float(kd[n].detach()) for n in names},
+        norms=dict(zip(names, host[1 : 1 + len(names)])),
+        values=dict(zip(names, host[1 + len(names) :])),
         active={n: bool(kd[n].requires_grad) for n in names},
     )
 

@@ -21,8 +21,8 @@ from ..data.stream import (
 from ..evaluation import build_evaluator
 from .accumulation import GradientAccumulationTrainer, micro_batch_cfg
 from .auto_weight import build_auto_weight_hook
-from .health import build_health_monitor
 from .curriculum import restart_curriculum
+from .health import build_health_monitor
 from .hooks import PeriodicCheckpointer, teacher_eval_hook
 from .resume import StepSeedHook, restart_data_stream, resumable_loader
 
