@@ -30,6 +30,7 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import default_argument_parser, default_setup, defaults, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from kd_det.checkpoint import (
     AtomicDetectionCheckpointer,
@@ -178,6 +179,9 @@ def load_config(args):
 def main(args):
     cfg = load_config(args)
     default_setup(cfg, args)
+    # kd_det's own log lines (teacher, health monitor, automatic weights), as Detectron2's
+    # projects set up theirs
+    setup_logger(output=cfg.train.output_dir, distributed_rank=comm.get_rank(), name="kd_det")
     if args.eval_only:
         # the student alone: evaluating it needs neither the teacher nor its weights
         model = instantiate(student_model_call(cfg.model))

@@ -15,6 +15,8 @@ The trainer class is ``cfg.TRAINER.NAME`` (kd_det.engine.TRAINER_REGISTRY).
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from kd_det import merge_kd_config
 from kd_det.checkpoint import add_trust_pickle_argument, trust_pickle_from_args
@@ -32,6 +34,9 @@ def setup(args):
     cfg = merge_kd_config(get_cfg(), args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    # kd_det's own log lines (teacher, health monitor, automatic weights), as Detectron2's
+    # projects set up theirs
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="kd_det")
     return cfg
 
 
