@@ -132,3 +132,24 @@ def test_monitor_flags_ap_drop(caplog):
     assert "fell from 30.00" in caplog.text
     assert monitor.state_dict()["last_ap"] == {"val/bbox/AP": [10.0, 5]}
     assert math.isfinite(monitor.last.det_norm)
+
+
+def test_scheduled_terms_from_config_and_model():
+    """LAKD's stage starts (KD.LAKD.START_ITERS; a built model's kd_lakd) schedule loss_kd_lakd."""
+    from types import SimpleNamespace
+
+    from kd_det import get_kd_cfg
+    from kd_det.engine.health import model_scheduled_terms, scheduled_terms, term_started
+
+    cfg = get_kd_cfg()
+    assert scheduled_terms(cfg) == {}
+    cfg.KD.LAKD.ENABLED = True
+    assert scheduled_terms(cfg) == {}  # every stage from iteration 0
+    cfg.KD.LAKD.START_ITERS = [0, 10, 20, 30]
+    assert scheduled_terms(cfg) == {"loss_kd_lakd": [0, 10, 20, 30]}
+    lakd = SimpleNamespace(start_iters=[5, 10], loss=SimpleNamespace(short_name="lakd"))
+    model = SimpleNamespace(module=SimpleNamespace(kd_lakd=lakd))  # a DDP wrapper
+    starts = model_scheduled_terms(model)
+    assert starts == {"loss_kd_lakd": [5, 10]}
+    assert not term_started("loss_kd_lakd", 4, starts) and term_started("loss_kd_lakd", 5, starts)
+    assert term_started("loss_kd_ssim", 0, starts)
