@@ -39,7 +39,7 @@ from ..config.detector import (
     detector_settings,
     load_detector_config,
 )
-from ..data.classes import check_same_classes
+from ..data.classes import check_same_classes, registered_thing_classes
 from .grad_ratio import measure_grad_ratios, student_parameters
 from .health import health_problems
 
@@ -161,12 +161,23 @@ def check_teacher(spec: TeacherSpec, report: DryRunReport) -> bool:
             ),
         )
         ok = False
+    teacher_classes = registered_thing_classes(settings.train_datasets)
+    if spec.expected_classes is None or teacher_classes is None:
+        report.line(
+            "classes: not checked ({})".format(
+                "the check is off, or the student's training sets have no class names here"
+                if spec.expected_classes is None
+                else "the teacher's training sets {} are not registered here".format(
+                    tuple(settings.train_datasets)
+                )
+            )
+        )
+        return ok
     try:
         check_same_classes(spec.expected_classes, settings.train_datasets, path)
-        if spec.expected_classes is not None:
-            report.line(
-                "classes: the same {} as the student's, in order".format(len(spec.expected_classes))
-            )
+        report.line(
+            "classes: the same {} as the student's, in order".format(len(spec.expected_classes))
+        )
     except ValueError as e:
         report.problem(where + " classes", str(e))
         ok = False
@@ -262,7 +273,9 @@ def measure_training_step(
         bad = [k for k, v in loss_dict.items() if not torch.isfinite(v.detach()).all()]
         if bad:
             report.problem("step", "non-finite loss terms {}".format(bad))
-        _report_ratios(model, loss_dict, report, dominating, vanishing, auto_fraction)
+        # under AMP, as the grad scaler's first scale would: fp16 gradients must not underflow
+        scale = 2.0**16 if amp and cuda else 1.0
+        _report_ratios(model, loss_dict, report, dominating, vanishing, auto_fraction, scale)
         sum(loss_dict.values()).backward()
         if optimizer is not None:
             optimizer.zero_grad()
@@ -315,11 +328,13 @@ def measure_training_step(
                 )
 
 
-def _report_ratios(model, loss_dict, report, dominating, vanishing, auto_fraction) -> None:
+def _report_ratios(
+    model, loss_dict, report, dominating, vanishing, auto_fraction, scale=1.0
+) -> None:
     if not any(k.startswith("loss_kd_") for k in loss_dict):
         report.line("no distillation term (loss_kd_*) in the loss dict")
         return
-    measured = measure_grad_ratios(loss_dict, student_parameters(model))
+    measured = measure_grad_ratios(loss_dict, student_parameters(model), scale=scale)
     report.section("gradient norm of each distillation term / the detection loss's")
     report.line("detection loss gradient norm: {:.4g}".format(measured.det_norm))
     for name, ratio in sorted(measured.ratios.items()):
@@ -354,7 +369,6 @@ def _with(context, fn):
 
 def _yacs_teacher_specs(cfg) -> List[TeacherSpec]:
     from ..config.detector import detector_settings as settings_of
-    from ..data.classes import registered_thing_classes
 
     kd = cfg.KD
     if not cfg.MODEL.META_ARCHITECTURE.startswith("Distill"):
