@@ -169,7 +169,7 @@ def test_kd_trainer_saves_and_resumes_auto_weights(tiny_data_root, tmp_path, rcn
     opts = [
         "KD.TEACHER.CONFIG", config_path("synthetic/faster_rcnn_R_50_FPN.yaml"),
         "KD.TEACHER.WEIGHTS", rcnn_teacher,
-        "KD.AUTO_WEIGHT.ENABLED", True, "KD.AUTO_WEIGHT.ITERS", 2, "KD.AUTO_WEIGHT.FRACTION", 0.25,
+        "KD.AUTO_WEIGHT.ENABLED", True, "KD.AUTO_WEIGHT.ITERS", 1, "KD.AUTO_WEIGHT.FRACTION", 0.25,
         "KD.MONITOR.PERIOD", 2, "SOLVER.MAX_ITER", 3, "SOLVER.CHECKPOINT_PERIOD", 3,
         "DATASETS.TEST", (),
     ]  # fmt: skip
@@ -182,17 +182,20 @@ def test_kd_trainer_saves_and_resumes_auto_weights(tiny_data_root, tmp_path, rcn
     hook = next(h for h in trainer._hooks if isinstance(h, AutoWeightHook))
     monitor = next(h for h in trainer._hooks if isinstance(h, DistillHealthMonitor))
     scale = hook.scales["loss_kd_ssim"]
-    # the monitor measured the re-weighted term: the fraction, up to the change of the
-    # weights between the calibration's two steps (AdamW, lr 1e-3: a few percent)
-    assert monitor.last.ratios["loss_kd_ssim"] == pytest.approx(0.25, rel=0.2)
+    # the monitor measures the re-weighted term after the weights: at iteration 0, the one
+    # calibration step, on the same loss dict, exactly the fraction (float32 gradients of the
+    # rescaled term: a few units of roundoff); later, on other batches, only near it
+    history = trainer.storage.history
+    first = history("kd_grad_ratio/loss_kd_ssim").values()[0]
+    assert first[1] == 0 and first[0] == pytest.approx(0.25, rel=1e-5)
+    assert monitor.last is not None
     with open(os.path.join(tmp_path, "metrics.json")) as f:
         metrics = [json.loads(line) for line in f]
-    history = trainer.storage.history
     assert [i for _, i in history("kd_grad_ratio/loss_kd_ssim").values()] == [0, 2]
-    assert [i for _, i in history("kd_auto_weight/loss_kd_ssim").values()] == [0, 1]
+    assert [i for _, i in history("kd_auto_weight/loss_kd_ssim").values()] == [0]
     # Detectron2's JSONWriter writes the latest value of each key at each write (here one)
     assert [m["iteration"] for m in metrics if "kd_grad_ratio/loss_kd_ssim" in m] == [2]
-    assert [m["iteration"] for m in metrics if "kd_auto_weight/loss_kd_ssim" in m] == [1]
+    assert [m["iteration"] for m in metrics if "kd_auto_weight/loss_kd_ssim" in m] == [0]
     saved = read_checkpoint(os.path.join(tmp_path, "model_final.pth"))
     assert saved["trainer"]["hooks"]["AutoWeightHook"]["scales"] == {"loss_kd_ssim": scale}
     cfg = tiny_cfg(

@@ -153,3 +153,12 @@ def test_scheduled_terms_from_config_and_model():
     assert starts == {"loss_kd_lakd": [5, 10]}
     assert not term_started("loss_kd_lakd", 4, starts) and term_started("loss_kd_lakd", 5, starts)
     assert term_started("loss_kd_ssim", 0, starts)
+
+
+def test_monitor_warns_on_a_non_finite_term_before_the_trainer_stops(caplog):
+    c, d = _vectors()
+    model = ToyDetector(c, {"loss_kd_nan": (float("nan"), d)})
+    with caplog.at_level(logging.WARNING, logger="kd_det.engine.health"):
+        with pytest.raises(FloatingPointError):  # Detectron2's own stop, after the monitor
+            _train(model, [DistillHealthMonitor(period=1)], 2)
+    assert "loss_kd_nan: non-finite" in caplog.text and "lower its weight" in caplog.text
