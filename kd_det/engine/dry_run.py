@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
+from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import EventStorage
 
 from ..checkpoint import (
@@ -432,6 +433,8 @@ def dry_run(args, prepare: Callable) -> int:
     if cfg is None:
         return report.summary()
     cfg.freeze()
+    # as default_setup seeds a training run (which the dry run does not call: it writes files)
+    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED)
     datasets_ok = _check_datasets(report, prepare, args)
     teachers_ok = _check_teachers(report, _run(report, "teachers", _yacs_teacher_specs, cfg) or [])
     if not (datasets_ok and teachers_ok):
@@ -530,6 +533,8 @@ def dry_run_lazy(args, load_config: Callable, prepare: Callable) -> int:
     cfg = _run(report, "config", load_config, args)
     if cfg is None:
         return report.summary()
+    seed = int(lazy_get(cfg, "train.seed", -1))
+    seed_all_rng(None if seed < 0 else seed)
     datasets_ok = _check_datasets(report, prepare, args)
     teachers_ok = _check_teachers(report, _run(report, "teachers", _lazy_teacher_specs, cfg) or [])
     if not (datasets_ok and teachers_ok):
