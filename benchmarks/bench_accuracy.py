@@ -5,6 +5,8 @@ distillation method, over several seeds, and report COCO box AP (mean and spread
 
     # CPU setting (synthetic data, 128 px, 150 iterations per student)
     python benchmarks/bench_accuracy.py --arch faster_rcnn --methods vanilla l2 ssim
+    # the same with automatic distillation weights (KD.AUTO_WEIGHT)
+    python benchmarks/bench_accuracy.py --arch faster_rcnn --methods vanilla ssim ssim_auto l2_auto
     # vanilla, L2, SSIM, soft label, RM, PFI, RM+PFI
     python benchmarks/bench_accuracy.py --arch retinanet
     python benchmarks/bench_accuracy.py --methods vanilla ssim ssim_stats curriculum_ssim \\
@@ -197,6 +199,17 @@ ARCHS = {
         },
     },
 }
+# Issue 35's automatic weights (KD.AUTO_WEIGHT): "<method>_auto" is <method>'s run with the
+# distillation weights calibrated over the first iterations (gradient norm FRACTION of the
+# detection loss's, kd_det's default) instead of the config's hand-set KD.*.WEIGHT alone.
+AUTO_WEIGHT_OF = ("l2", "ssim")
+AUTO_WEIGHT_OPTS = ["KD.AUTO_WEIGHT.ENABLED", "True"]
+for _arch in ARCHS.values():
+    for _m in AUTO_WEIGHT_OF:
+        _label, _config, _use = _arch["methods"][_m]
+        _arch["methods"][_m + "_auto"] = (_label + ", automatic weights", _config, _use)
+# overrides of a method's runs beyond its config
+METHOD_OPTS = {m + "_auto": AUTO_WEIGHT_OPTS for m in AUTO_WEIGHT_OF}
 # what a plain `--methods` default trains: the issue's comparison (the later methods on request)
 DEFAULT_METHODS = {
     "faster_rcnn": ["vanilla", "l2", "ssim"],
@@ -356,7 +369,7 @@ def run_benchmark(args):
     for method in args.methods:
         label, config, use = arch["methods"][method]
         for seed in args.seeds:
-            opts = student_common + ["SEED", str(seed)]
+            opts = student_common + METHOD_OPTS.get(method, []) + ["SEED", str(seed)]
             if use in ("teacher", "curriculum"):
                 opts += teacher_opts
             if use == "two_teachers":

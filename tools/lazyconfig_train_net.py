@@ -11,6 +11,7 @@ Train or evaluate a detector written as a Detectron2 LazyConfig (``.py``), disti
         train.init_checkpoint=out/model_final.pth
     tools/lazyconfig_train_net.py --config-file CFG --resume
     tools/lazyconfig_train_net.py --config-file CFG --num-gpus 8      # (CPU: processes on gloo)
+    tools/lazyconfig_train_net.py --config-file CFG --dry-run   # checks and one step, no writes
 
 The config has Detectron2's LazyConfig training keys: ``model``, ``dataloader.train``,
 ``dataloader.test``, ``dataloader.evaluator``, ``optimizer``, ``lr_multiplier`` and
@@ -30,6 +31,7 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import default_argument_parser, default_setup, defaults, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from kd_det.checkpoint import (
     AtomicDetectionCheckpointer,
@@ -49,9 +51,14 @@ from kd_det.data.bad_images import SkippedItemsHook
 from kd_det.data.empty import empty_dataset_errors
 from kd_det.engine import non_finite_loss_error
 from kd_det.engine.curriculum import restart_curriculum
+from kd_det.engine.dry_run import add_dry_run_argument, dry_run_lazy
 from kd_det.engine.hooks import PeriodicCheckpointer
 from kd_det.engine.launch import launch
-from kd_det.engine.lazy import build_lazy_trainer, lazy_teacher_eval_hook
+from kd_det.engine.lazy import (
+    build_lazy_trainer,
+    lazy_distillation_hooks,
+    lazy_teacher_eval_hook,
+)
 from kd_det.engine.resume import StepSeedHook, restart_data_stream, resumable_loader
 from kd_det.release.student import StudentCheckpointer
 
@@ -117,6 +124,8 @@ def do_train(args, cfg):
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
             (PeriodicCheckpointer(checkpointer, **periodic) if comm.is_main_process() else None),
             hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
+            # train.auto_weight, train.kd_monitor (yacs KD.AUTO_WEIGHT, KD.MONITOR)
+            *lazy_distillation_hooks(cfg, model),
             # train.skip_bad_images: skipped items counted in metrics.json (before the writer)
             SkippedItemsHook() if lazy_get(cfg, "train.skip_bad_images", False) else None,
             (
@@ -177,6 +186,9 @@ def load_config(args):
 def main(args):
     cfg = load_config(args)
     default_setup(cfg, args)
+    # kd_det's own log lines (teacher, health monitor, automatic weights), as Detectron2's
+    # projects set up theirs
+    setup_logger(output=cfg.train.output_dir, distributed_rank=comm.get_rank(), name="kd_det")
     if args.eval_only:
         # the student alone: evaluating it needs neither the teacher nor its weights
         model = instantiate(student_model_call(cfg.model))
@@ -227,6 +239,7 @@ def cli(argv=None):
     parser = default_argument_parser()
     add_trust_pickle_argument(parser)
     add_dataset_argument(parser)  # --dataset NAME=JSON:IMAGE_DIR
+    add_dry_run_argument(parser)
     args = parser.parse_args(argv)
     trust_pickle_from_args(args.trust_pickle)  # an environment variable: every worker sees it
     bad = [o for o in args.opts if "=" not in o]
@@ -236,6 +249,8 @@ def cli(argv=None):
             "not yacs KEY VALUE pairs; got {!r}".format(bad[0])
         )
     print("Command Line Args:", args)
+    if args.dry_run:  # one process, whatever --num-gpus says
+        return dry_run_lazy(args, load_config, prepare)
     prepare(args)
     return launch(
         main,
@@ -248,4 +263,6 @@ def cli(argv=None):
 
 
 if __name__ == "__main__":
-    cli()
+    ret = cli()
+    if isinstance(ret, int):  # the dry run's exit code
+        raise SystemExit(ret)

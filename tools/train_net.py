@@ -7,6 +7,7 @@ Train or evaluate a detector, with or without distillation, the Detectron2 way.
     tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS out/model_final.pth
     tools/train_net.py --config-file CFG --resume
     tools/train_net.py --config-file CFG --num-gpus 8      # (CPU: processes on gloo)
+    tools/train_net.py --config-file CFG --dry-run         # checks and one step; writes nothing
 
 The trainer class is ``cfg.TRAINER.NAME`` (kd_det.engine.TRAINER_REGISTRY).
 """
@@ -15,6 +16,8 @@ import kd_det  # noqa: F401  # isort: skip  (first: kd_det/_compat.py, before De
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from kd_det import merge_kd_config
 from kd_det.checkpoint import add_trust_pickle_argument, trust_pickle_from_args
@@ -27,6 +30,7 @@ from kd_det.data import (
 )
 from kd_det.data.empty import empty_dataset_errors
 from kd_det.engine import get_trainer_class
+from kd_det.engine.dry_run import add_dry_run_argument, dry_run
 from kd_det.engine.launch import launch
 from kd_det.evaluation import evaluator_name
 from kd_det.release.student import StudentCheckpointer
@@ -38,6 +42,9 @@ def setup(args):
     register_config_datasets(cfg, getattr(args, "dataset", []))
     cfg.freeze()
     default_setup(cfg, args)
+    # kd_det's own log lines (teacher, health monitor, automatic weights), as Detectron2's
+    # projects set up theirs
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="kd_det")
     return cfg
 
 
@@ -92,9 +99,12 @@ def cli(argv=None):
     parser = default_argument_parser()
     add_trust_pickle_argument(parser)
     add_dataset_argument(parser)  # --dataset NAME=JSON:IMAGE_DIR
+    add_dry_run_argument(parser)
     args = parser.parse_args(argv)
     trust_pickle_from_args(args.trust_pickle)  # an environment variable: every worker sees it
     print("Command Line Args:", args)
+    if args.dry_run:  # one process, whatever --num-gpus says
+        return dry_run(args, prepare)
     prepare(args)
     return launch(
         main,
@@ -107,4 +117,6 @@ def cli(argv=None):
 
 
 if __name__ == "__main__":
-    cli()
+    ret = cli()
+    if isinstance(ret, int):  # the dry run's exit code
+        raise SystemExit(ret)

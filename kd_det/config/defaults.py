@@ -238,6 +238,32 @@ def add_kd_config(cfg: CN) -> CN:
     cfg.KD.SELF.SOFT_LABEL.WEIGHT = 1.0
     cfg.KD.SELF.SOFT_LABEL.TEMPERATURE = 1.0
 
+    # The distillation health monitor (kd_det/engine/health.py, docs/dry_run_and_health.md):
+    # every PERIOD iterations (from 0) each loss_kd_* term's gradient norm on the student's
+    # parameters is divided by the detection loss's and logged (kd_grad_ratio/<term>); a
+    # term that is 0, non-finite, above DOMINATING or below VANISHING times the detection
+    # gradient is warned about.  Cost: one extra backward per distillation term and one for the
+    # detection loss at each measured iteration (no extra forward).
+    cfg.KD.MONITOR = CN()
+    cfg.KD.MONITOR.ENABLED = True
+    cfg.KD.MONITOR.PERIOD = 20
+    # ratio thresholds; 0 disables either
+    cfg.KD.MONITOR.DOMINATING = 10.0
+    cfg.KD.MONITOR.VANISHING = 1e-3
+    # warn when the student's box AP at an evaluation is below AP_DROP x its previous one; 0: never
+    cfg.KD.MONITOR.AP_DROP = 0.5
+
+    # Automatic distillation weights (kd_det/engine/auto_weight.py): over the first ITERS
+    # iterations of each loss_kd_* term (and of each LAKD stage's start, KD.LAKD.START_ITERS),
+    # the term is multiplied by a factor that makes its gradient norm on the student FRACTION
+    # times the detection loss's (measured as the monitor measures, averaged over processes and
+    # iterations).  The KD.*.WEIGHT keys still apply before it; the factors are logged
+    # (kd_auto_weight/<term>) and saved in checkpoints, so --resume keeps them.
+    cfg.KD.AUTO_WEIGHT = CN()
+    cfg.KD.AUTO_WEIGHT.ENABLED = False
+    cfg.KD.AUTO_WEIGHT.FRACTION = 0.5
+    cfg.KD.AUTO_WEIGHT.ITERS = 20
+
     # The training loop, beside SOLVER and DATALOADER (tools/train_net.py).
     cfg.TRAINER = CN()
     # Name in kd_det.engine.TRAINER_REGISTRY.

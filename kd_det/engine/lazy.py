@@ -15,6 +15,8 @@ from ..config.lazy import dataset_names, is_call_of, lazy_get, single_short_edge
 from ..data.bad_images import BadImageMapper
 from ..data.stream import RepeatFactorPasses, build_resumable_train_loader
 from .accumulation import GradientAccumulationTrainer, micro_batch_size
+from .auto_weight import AutoWeightHook
+from .health import DistillHealthMonitor, model_scheduled_terms
 from .hooks import TeacherEvalHook, evaluate_teacher_on
 
 __all__ = [
@@ -23,7 +25,13 @@ __all__ = [
     "evaluate_lazy_teacher",
     "build_lazy_trainer",
     "resumable_loader_call",
+    "lazy_distillation_hooks",
+    "lazy_settings",
 ]
+
+# a LazyConfig's train.kd_monitor and train.auto_weight: yacs KD.MONITOR and KD.AUTO_WEIGHT
+_MONITOR_DEFAULTS = dict(enabled=True, period=20, dominating=10.0, vanishing=1e-3, ap_drop=0.5)
+_AUTO_WEIGHT_DEFAULTS = dict(enabled=False, fraction=0.5, iters=20)
 
 
 def clipped_optimizer(
@@ -235,3 +243,35 @@ def resumable_loader_call(loader_cfg, seed: int = -1):
     loader_cfg.pop("sampler", None)
     loader_cfg.seed = seed
     return loader_cfg
+
+
+def lazy_settings(cfg, key: str) -> Dict:
+    """``train.kd_monitor`` or ``train.auto_weight`` of a LazyConfig, with the defaults."""
+    defaults = {"train.kd_monitor": _MONITOR_DEFAULTS, "train.auto_weight": _AUTO_WEIGHT_DEFAULTS}[
+        key
+    ]
+    node = lazy_get(cfg, key)
+    given = dict(node) if node is not None else {}
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError("{} takes {}, not {}".format(key, sorted(defaults), unknown))
+    return dict(defaults, **given)
+
+
+def lazy_distillation_hooks(cfg, model: torch.nn.Module) -> list:
+    """
+    The automatic weights (``train.auto_weight = dict(enabled=..., fraction=..., iters=...)``,
+    yacs ``KD.AUTO_WEIGHT``; off by default) and the health monitor (``train.kd_monitor =
+    dict(enabled=..., period=..., dominating=..., vanishing=..., ap_drop=...)``, yacs
+    ``KD.MONITOR``; on by default), in that order; a LAKD distiller's stage starts are read
+    from the built ``model``.  Register them after the evaluation hook and before the writer.
+    """
+    auto = lazy_settings(cfg, "train.auto_weight")
+    mon = lazy_settings(cfg, "train.kd_monitor")
+    scheduled = model_scheduled_terms(model)
+    hooks = []
+    if auto.pop("enabled"):
+        hooks.append(AutoWeightHook(start_iters=scheduled, **auto))
+    if mon.pop("enabled"):
+        hooks.append(DistillHealthMonitor(start_iters=scheduled, **mon))
+    return hooks

@@ -20,7 +20,9 @@ from ..data.stream import (
 )
 from ..evaluation import build_evaluator
 from .accumulation import GradientAccumulationTrainer, micro_batch_cfg
+from .auto_weight import build_auto_weight_hook
 from .curriculum import restart_curriculum
+from .health import build_health_monitor
 from .hooks import PeriodicCheckpointer, teacher_eval_hook
 from .resume import StepSeedHook, restart_data_stream, resumable_loader
 
@@ -76,7 +78,16 @@ class KDTrainer(DefaultTrainer):
         loader = resumable_loader(self._trainer)
         if loader is not None:
             ret.insert(0, StepSeedHook(loader))  # first: every before_step sees the seeded state
-        return ret
+        return self._with_distillation_hooks(ret)
+
+    def _with_distillation_hooks(self, ret):
+        # After the evaluation (the monitor reads its AP), before the writers (which then write
+        # the step's ratios and weights); the automatic weights rescale the loss dict before the
+        # monitor measures it, so they come first.
+        extra = [h for h in (build_auto_weight_hook(self.cfg), build_health_monitor(self.cfg)) if h]
+        writers = [i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicWriter)]
+        at = writers[0] if writers else len(ret)
+        return ret[:at] + extra + ret[at:]
 
     def _keeping(self, hook):
         # Detectron2's PeriodicCheckpointer (main process only) -> kd_det's, which prunes

@@ -233,6 +233,14 @@ def test_two_process_cpu_self_distillation(tmp_path):
             "4",
             "SOLVER.GRAD_ACCUM_STEPS",
             "2",
+            # and the health monitor and automatic weights (issue 35), measured inside DDP's
+            # forward on the first micro-batch, averaged over both processes
+            "KD.MONITOR.PERIOD",
+            "2",
+            "KD.AUTO_WEIGHT.ENABLED",
+            "True",
+            "KD.AUTO_WEIGHT.ITERS",
+            "2",
         ]
     )
     proc = subprocess.run(
@@ -245,6 +253,9 @@ def test_two_process_cpu_self_distillation(tmp_path):
     assert any(k.startswith("kd_self_teacher.") for k in final["model"])
     logged = [m for m in _metrics(out) if "loss_kd_at" in m]
     assert logged and all("loss_self_cls" in m for m in logged)
+    assert any("kd_grad_ratio/loss_kd_at" in m for m in _metrics(out))
+    assert "KD.AUTO_WEIGHT: loss_kd_at multiplied by" in log
+    assert final["trainer"]["hooks"]["AutoWeightHook"]["scales"]["loss_kd_at"] > 0
 
 
 @pytest.mark.slow

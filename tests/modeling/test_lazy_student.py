@@ -205,6 +205,8 @@ def test_lazy_student_trains_resumes_and_evaluates_without_its_teacher(
     metrics = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
     assert all("loss_kd_ssim" in m for m in metrics if "total_loss" in m)
     assert any("bbox/AP" in m for m in metrics)  # evaluated at the end
+    # the distillation health monitor, on by default (train.kd_monitor), measured iteration 0
+    assert any("kd_grad_ratio/loss_kd_ssim" in m for m in metrics)
     # the teacher, scored before the first step (train.teacher_eval), as tools/train_net.py logs it
     teacher_ap = [m for m in metrics if "teacher/bbox/AP" in m]
     assert len(teacher_ap) == 1 and teacher_ap[0]["iteration"] == 0

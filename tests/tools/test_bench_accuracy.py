@@ -104,6 +104,7 @@ def test_student_schedule_of_the_setting_reaches_students_not_the_teacher(monkey
     )
 
 
+<<<<<<< HEAD
 def test_run_parallel_keeps_order_and_raises_the_failure():
     import threading
     import time
@@ -127,3 +128,48 @@ def test_run_parallel_keeps_order_and_raises_the_failure():
 
     with pytest.raises(SystemExit, match="run 1 failed"):
         run_parallel(fail_on_one, [0, 1, 2], jobs=2)
+=======
+def test_auto_weight_variants(monkeypatch, tmp_path, capsys):
+    """ssim_auto / l2_auto: the method's config with KD.AUTO_WEIGHT.ENABLED True (issue 35)."""
+    import argparse
+
+    import kd_det.data
+
+    with pytest.raises(SystemExit):
+        BENCH["main"](["--help"])
+    assert "ssim_auto" in capsys.readouterr().out
+    calls = []
+
+    def fake_train_and_evaluate(name, config, out_dir, opts, reuse=False, eval_only=False, *, root):
+        calls.append((name, config, opts))
+        return {"AP": 1.0, "AP50": 2.0, "AP75": 0.5}, 0.0
+
+    monkeypatch.setitem(
+        BENCH["run_benchmark"].__globals__, "train_and_evaluate", fake_train_and_evaluate
+    )
+    monkeypatch.setattr(kd_det.data, "prepare_datasets", lambda names: None)
+    monkeypatch.chdir(REPO)
+    for arch in ("faster_rcnn", "retinanet"):
+        calls.clear()
+        args = argparse.Namespace(
+            arch=arch,
+            methods=["ssim", "ssim_auto", "l2_auto"],
+            seeds=[1],
+            setting="cpu",
+            teacher_weights="",
+            train_dataset="",
+            test_dataset="",
+            num_classes=None,
+            output_root=str(tmp_path),
+            reuse=False,
+            opts=[],
+        )
+        BENCH["run_benchmark"](args)
+        runs = {name: (config, opts) for name, config, opts in calls}
+        assert runs["ssim_auto/seed1"][0] == runs["ssim/seed1"][0]
+        assert "KD.AUTO_WEIGHT.ENABLED" not in runs["ssim/seed1"][1]
+        for name in ("ssim_auto/seed1", "l2_auto/seed1"):
+            opts = runs[name][1]
+            at = opts.index("KD.AUTO_WEIGHT.ENABLED")
+            assert opts[at + 1] == "True" and "KD.TEACHER.WEIGHTS" in opts
+>>>>>>> w35b
