@@ -79,16 +79,26 @@ def gradient_norm(
         loss: scalar.
         scale: multiplies ``loss`` before the backward and divides the norm after: under
             mixed precision, the grad scaler's scale, so that half-precision gradients do
-            not underflow (the ratios do not depend on it).
+            not underflow (the ratios do not depend on it).  Where the scaled gradients
+            overflow, the scale is halved until they do not (down to 1), as the grad scaler
+            backs off after an overflow: the scaler's first scale (2**16) overflows fp16 on
+            many detectors' first steps, which training skips and the measure must not
+            report as an infinite gradient.
     """
     if not loss.requires_grad:
         return torch.zeros((), dtype=torch.float64, device=loss.device)
-    grads = torch.autograd.grad(loss * scale, list(params), retain_graph=True, allow_unused=True)
-    # each parameter's squared norm in float64: millions of float32 squares would lose digits
-    squares = [g.detach().double().pow(2).sum() for g in grads if g is not None]
-    if not squares:
-        return torch.zeros((), dtype=torch.float64, device=loss.device)
-    return torch.stack(squares).sum().sqrt() / scale
+    while True:
+        grads = torch.autograd.grad(
+            loss * scale, list(params), retain_graph=True, allow_unused=True
+        )
+        # each parameter's squared norm in float64: millions of float32 squares would lose digits
+        squares = [g.detach().double().pow(2).sum() for g in grads if g is not None]
+        if not squares:
+            return torch.zeros((), dtype=torch.float64, device=loss.device)
+        norm = torch.stack(squares).sum().sqrt()
+        if scale <= 1.0 or bool(torch.isfinite(norm)):  # one host sync, only with a scale
+            return norm / scale
+        scale = max(scale / 2.0, 1.0)
 
 
 @dataclass

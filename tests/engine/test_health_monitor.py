@@ -67,6 +67,22 @@ def test_amp_scale_leaves_ratios():
     assert scaled.ratios["loss_kd_b"] == pytest.approx(plain, rel=RTOL)
 
 
+def test_overflowing_amp_scale_backs_off_as_the_grad_scaler_does():
+    """fp16 gradients of |c| up to ~4 overflow at the scaler's first scale, 2**16 (fp16's max is
+    65504): the measure halves the scale until they are finite, as the grad scaler backs off, and
+    reports the ratio, not an infinite detection gradient.  Scaling by powers of two is exact in
+    fp16, so the ratio is that of the fp16 vectors' norms (summed in float64)."""
+    c, d = _vectors()
+    c, d = c.half(), d.half()
+    w = torch.nn.Parameter(torch.ones(c.numel(), dtype=torch.float16))
+    assert not torch.isfinite(c.abs().max() * 2.0**16)
+    losses = {"loss_cls": (c * w).sum(), "loss_kd_b": 0.25 * (d * w).sum()}
+    m = measure_grad_ratios(losses, [w], scale=2.0**16)
+    assert math.isfinite(float(m.norms["loss_kd_b"]))
+    expected = 0.25 * d.double().norm().item() / c.double().norm().item()
+    assert m.ratios["loss_kd_b"] == pytest.approx(expected, rel=RTOL)
+
+
 def test_problems_zero_nonfinite_dominating_vanishing():
     c, d = _vectors()
     model = ToyDetector(
