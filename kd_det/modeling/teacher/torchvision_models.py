@@ -1,0 +1,158 @@
+"""
+Small torchvision detectors that kd_det names itself (torchvision's registry has no ResNet-18
+detectors): torchvision's own classes (FasterRCNN, RetinaNet, FCOS) on a ResNet-18 FPN, with
+anchors and input sizes for small images.  ``torchvision://NAME`` looks ``NAME`` up here
+first, then in torchvision's registry (:func:`build_torchvision_detector`).
+"""
+
+from typing import Sequence
+
+import torch
+from detectron2.utils.registry import Registry
+from torch import nn
+
+__all__ = ["TORCHVISION_DETECTOR_REGISTRY", "build_torchvision_detector"]
+
+TORCHVISION_DETECTOR_REGISTRY = Registry("TORCHVISION_DETECTOR")
+TORCHVISION_DETECTOR_REGISTRY.__doc__ = """
+kd_det's torchvision detectors by name: f(num_classes=..., **kwargs) -> a torchvision detector.
+"""
+
+#: anchor sizes per level for small images (objects of 6-52 px in 128 px images), P2/P3 up
+SMALL_SIZES = (8, 16, 32, 64, 128)
+
+
+def _resnet18_fpn(p6p7: bool) -> nn.Module:
+    """A ResNet-18 FPN (256 channels), BatchNorm trained (no pretrained weights): P2-P6
+    ('0'-'3', 'pool'), or P3-P7 ('0'-'2', 'p6', 'p7') with ``p6p7``."""
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+    if not p6p7:
+        return resnet_fpn_backbone(
+            backbone_name="resnet18", weights=None, norm_layer=nn.BatchNorm2d, trainable_layers=5
+        )
+    return resnet_fpn_backbone(
+        backbone_name="resnet18",
+        weights=None,
+        norm_layer=nn.BatchNorm2d,
+        trainable_layers=5,
+        returned_layers=[2, 3, 4],
+        extra_blocks=LastLevelP6P7(256, 256),
+    )
+
+
+@TORCHVISION_DETECTOR_REGISTRY.register()
+def fasterrcnn_resnet18_fpn(
+    *,
+    num_classes: int,
+    min_size: int = 128,
+    max_size: int = 256,
+    anchor_sizes: Sequence[float] = SMALL_SIZES,
+    **kwargs
+) -> nn.Module:
+    """torchvision's FasterRCNN on a ResNet-18 FPN; one anchor size per level P2-P6."""
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+    anchors = AnchorGenerator(tuple((s,) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * 5)
+    return FasterRCNN(
+        _resnet18_fpn(False),
+        num_classes=num_classes,
+        min_size=min_size,
+        max_size=max_size,
+        rpn_anchor_generator=anchors,
+        **kwargs
+    )
+
+
+def _three_scales(sizes: Sequence[float]):
+    # x, x * 2^(1/3), x * 2^(2/3): Detectron2's RetinaNet sizes (torchvision's builders
+    # truncate the last two to integers)
+    return tuple((x, x * 2 ** (1.0 / 3), x * 2 ** (2.0 / 3)) for x in sizes)
+
+
+@TORCHVISION_DETECTOR_REGISTRY.register()
+def retinanet_resnet18_fpn(
+    *,
+    num_classes: int,
+    min_size: int = 128,
+    max_size: int = 256,
+    anchor_sizes: Sequence[float] = SMALL_SIZES,
+    **kwargs
+) -> nn.Module:
+    """torchvision's RetinaNet on a ResNet-18 FPN (P3-P7), 9 anchors per position."""
+    from torchvision.models.detection import RetinaNet
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+    anchors = AnchorGenerator(_three_scales(anchor_sizes), ((0.5, 1.0, 2.0),) * 5)
+    return RetinaNet(
+        _resnet18_fpn(True),
+        num_classes=num_classes,
+        min_size=min_size,
+        max_size=max_size,
+        anchor_generator=anchors,
+        **kwargs
+    )
+
+
+@TORCHVISION_DETECTOR_REGISTRY.register()
+def fcos_resnet18_fpn(
+    *,
+    num_classes: int,
+    min_size: int = 128,
+    max_size: int = 256,
+    anchor_sizes: Sequence[float] = SMALL_SIZES,
+    **kwargs
+) -> nn.Module:
+    """torchvision's FCOS (anchor-free) on a ResNet-18 FPN (P3-P7)."""
+    from torchvision.models.detection import FCOS
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+    anchors = AnchorGenerator(tuple((s,) for s in anchor_sizes), ((1.0,),) * 5)
+    return FCOS(
+        _resnet18_fpn(True),
+        num_classes=num_classes,
+        min_size=min_size,
+        max_size=max_size,
+        anchor_generator=anchors,
+        **kwargs
+    )
+
+
+def build_torchvision_detector(name: str, num_classes: int, **kwargs) -> torch.nn.Module:
+    """
+    The torchvision detector ``name`` with random weights: one of kd_det's
+    (:data:`TORCHVISION_DETECTOR_REGISTRY`) or of torchvision's registry, built with
+    ``weights=None, weights_backbone=None`` (weights are loaded afterwards).
+
+    Raises:
+        ValueError naming the known detectors, or the builder's complaint about ``kwargs``.
+    """
+    from torchvision.models import get_model, list_models
+    from torchvision.models import detection
+
+    if name in TORCHVISION_DETECTOR_REGISTRY:
+        build = TORCHVISION_DETECTOR_REGISTRY.get(name)
+        args = dict(kwargs, num_classes=num_classes)
+    elif name in list_models(module=detection):
+        build = get_model
+        args = dict(
+            kwargs, name=name, weights=None, weights_backbone=None, num_classes=num_classes
+        )
+    else:
+        raise ValueError(
+            "KD.TEACHER.CONFIG torchvision://{}: no such torchvision detector; torchvision's are "
+            "{}; kd_det's {}".format(
+                name,
+                ", ".join(list_models(module=detection)),
+                ", ".join(k for k, _ in TORCHVISION_DETECTOR_REGISTRY),
+            )
+        )
+    try:
+        return build(**args)
+    except TypeError as e:
+        raise ValueError(
+            "torchvision detector {} does not take the arguments KD.TEACHER.OPTS gives ({}): "
+            "{}".format(name, sorted(kwargs), e)
+        ) from e
