@@ -11,6 +11,7 @@ from .build import build_teacher, build_teachers, check_num_classes
 from .frozen import FrozenTeacher
 from .kinds import TEACHER_KIND_REGISTRY, register_teacher_kind, teacher_kind
 from .resolve import resolve_teacher_config
+from .synthetic_teacher import ensure_synthetic_teacher, train_torchvision_teacher
 from .torchvision_teacher import TorchvisionTeacher, build_torchvision_teacher
 from .weights import load_teacher_weights
 
@@ -21,6 +22,8 @@ __all__ = [
     "register_teacher_kind",
     "teacher_kind",
     "build_torchvision_teacher",
+    "ensure_synthetic_teacher",
+    "train_torchvision_teacher",
     "build_teacher",
     "build_teachers",
     "check_num_classes",

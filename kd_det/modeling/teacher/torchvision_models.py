@@ -20,25 +20,27 @@ kd_det's torchvision detectors by name: f(num_classes=..., **kwargs) -> a torchv
 
 #: anchor sizes per level for small images (objects of 6-52 px in 128 px images), P2/P3 up
 SMALL_SIZES = (8, 16, 32, 64, 128)
+#: FPN width of kd_det's small detectors (the synthetic Detectron2 teachers' too)
+FPN_CHANNELS = 128
 
 
-def _resnet18_fpn(p6p7: bool) -> nn.Module:
-    """A ResNet-18 FPN (256 channels), BatchNorm trained (no pretrained weights): P2-P6
-    ('0'-'3', 'pool'), or P3-P7 ('0'-'2', 'p6', 'p7') with ``p6p7``."""
-    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
-    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+def _resnet18_fpn(p6p7: bool, out_channels: int = FPN_CHANNELS) -> nn.Module:
+    """
+    torchvision's ResNet-18 under torchvision's FPN (``BackboneWithFPN``), BatchNorm trained
+    (no pretrained weights), ``out_channels`` wide: P2-P6 ('0'-'3', 'pool'), or P3-P7 ('0'-'2',
+    'p6', 'p7') with ``p6p7``.
+    """
+    from torchvision.models import resnet18
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
-    if not p6p7:
-        return resnet_fpn_backbone(
-            backbone_name="resnet18", weights=None, norm_layer=nn.BatchNorm2d, trainable_layers=5
-        )
-    return resnet_fpn_backbone(
-        backbone_name="resnet18",
-        weights=None,
-        norm_layer=nn.BatchNorm2d,
-        trainable_layers=5,
-        returned_layers=[2, 3, 4],
-        extra_blocks=LastLevelP6P7(256, 256),
+    stages = [2, 3, 4] if p6p7 else [1, 2, 3, 4]
+    return BackboneWithFPN(
+        resnet18(weights=None, norm_layer=nn.BatchNorm2d),
+        return_layers={"layer{}".format(k): str(i) for i, k in enumerate(stages)},
+        in_channels_list=[64 * 2 ** (k - 1) for k in stages],
+        out_channels=out_channels,
+        extra_blocks=LastLevelP6P7(out_channels, out_channels) if p6p7 else LastLevelMaxPool(),
     )
 
 
@@ -49,20 +51,37 @@ def fasterrcnn_resnet18_fpn(
     min_size: int = 128,
     max_size: int = 256,
     anchor_sizes: Sequence[float] = SMALL_SIZES,
+    fpn_channels: int = FPN_CHANNELS,
     **kwargs
 ) -> nn.Module:
-    """torchvision's FasterRCNN on a ResNet-18 FPN; one anchor size per level P2-P6."""
+    """
+    torchvision's FasterRCNN on a ResNet-18 FPN; one anchor size per level P2-P6, and CPU-sized
+    RoI settings for images of a few objects (as kd_det's synthetic Faster R-CNN configs): 600/300
+    proposals, 64 sampled RoIs per image, a 256-wide box head.
+    """
     from torchvision.models.detection import FasterRCNN
     from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 
     anchors = AnchorGenerator(tuple((s,) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * 5)
+    settings = dict(
+        rpn_pre_nms_top_n_train=600,
+        rpn_post_nms_top_n_train=300,
+        rpn_pre_nms_top_n_test=300,
+        rpn_post_nms_top_n_test=150,
+        box_batch_size_per_image=64,
+        box_detections_per_img=50,
+    )
+    settings.update(kwargs)
     return FasterRCNN(
-        _resnet18_fpn(False),
-        num_classes=num_classes,
+        _resnet18_fpn(False, fpn_channels),
+        num_classes=None,
         min_size=min_size,
         max_size=max_size,
         rpn_anchor_generator=anchors,
-        **kwargs
+        box_head=TwoMLPHead(fpn_channels * 7 * 7, 256),
+        box_predictor=FastRCNNPredictor(256, num_classes),
+        **settings
     )
 
 
@@ -82,12 +101,13 @@ def retinanet_resnet18_fpn(
     **kwargs
 ) -> nn.Module:
     """torchvision's RetinaNet on a ResNet-18 FPN (P3-P7), 9 anchors per position."""
+    fpn_channels = kwargs.pop("fpn_channels", FPN_CHANNELS)
     from torchvision.models.detection import RetinaNet
     from torchvision.models.detection.anchor_utils import AnchorGenerator
 
     anchors = AnchorGenerator(_three_scales(anchor_sizes), ((0.5, 1.0, 2.0),) * 5)
     return RetinaNet(
-        _resnet18_fpn(True),
+        _resnet18_fpn(True, fpn_channels),
         num_classes=num_classes,
         min_size=min_size,
         max_size=max_size,
@@ -106,12 +126,13 @@ def fcos_resnet18_fpn(
     **kwargs
 ) -> nn.Module:
     """torchvision's FCOS (anchor-free) on a ResNet-18 FPN (P3-P7)."""
+    fpn_channels = kwargs.pop("fpn_channels", FPN_CHANNELS)
     from torchvision.models.detection import FCOS
     from torchvision.models.detection.anchor_utils import AnchorGenerator
 
     anchors = AnchorGenerator(tuple((s,) for s in anchor_sizes), ((1.0,),) * 5)
     return FCOS(
-        _resnet18_fpn(True),
+        _resnet18_fpn(True, fpn_channels),
         num_classes=num_classes,
         min_size=min_size,
         max_size=max_size,
