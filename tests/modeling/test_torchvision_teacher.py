@@ -23,6 +23,8 @@ from kd_det.modeling.teacher.torchvision_teacher import map_classes
 SYNTHETIC_CATEGORIES = ["__background__"] + list(CLASS_NAMES)
 RCNN = "synthetic/faster_rcnn_R_18_FPN.yaml"
 RETINA = "synthetic/retinanet_R_18_FPN.yaml"
+#: narrow teacher FPNs keep the tests fast (the builder argument, as KD.TEACHER.OPTS gives it)
+NARROW = ("fpn_channels=32",)
 
 
 def _coco_categories():
@@ -38,7 +40,7 @@ def tv_weights(tmp_path_factory):
     out = {}
     for name in ("fasterrcnn_resnet18_fpn", "retinanet_resnet18_fpn", "fcos_resnet18_fpn"):
         torch.manual_seed(0)
-        model = build_torchvision_detector(name, len(SYNTHETIC_CATEGORIES))
+        model = build_torchvision_detector(name, len(SYNTHETIC_CATEGORIES), fpn_channels=32)
         out[name] = str(d / (name + ".pth"))
         torch.save({"model": model.state_dict(), "categories": SYNTHETIC_CATEGORIES}, out[name])
     return out
@@ -58,6 +60,8 @@ def _distill_cfg(student, teacher, weights, out, opts=()):
             weights,
             "KD.FEATURE.LOSS",
             "L2FeatureLoss",
+            "KD.TEACHER.OPTS",
+            list(NARROW),
         ]
         + list(opts),
     )
@@ -77,6 +81,7 @@ def test_features_equal_torchvision_backbone(tv_weights):
     teacher = build_teacher(
         config="torchvision://fasterrcnn_resnet18_fpn",
         weights=tv_weights["fasterrcnn_resnet18_fpn"],
+        opts=NARROW,
     )
     batch = _batch([(64, 80), (56, 64)])
     like = ImageList.from_tensors([x["image"].float() for x in batch], 32)  # student: 64x96
@@ -92,7 +97,9 @@ def test_features_equal_torchvision_backbone(tv_weights):
     }
 
     # reference in float64: torchvision's GeneralizedRCNNTransform.normalize, zero padding
-    model = build_torchvision_detector("fasterrcnn_resnet18_fpn", len(SYNTHETIC_CATEGORIES))
+    model = build_torchvision_detector(
+        "fasterrcnn_resnet18_fpn", len(SYNTHETIC_CATEGORIES), fpn_channels=32
+    )
     model.load_state_dict(teacher.model.state_dict())
     model = model.double().eval()
     ref_in = torch.zeros(2, 3, *like.tensor.shape[-2:], dtype=torch.float64)
@@ -134,15 +141,18 @@ def test_class_and_anchor_mapping_on_hand_picked_anchors(tmp_path, tiny_data_roo
     at the teacher's anchor of that shape and the COCO label of that name."""
     coco = _coco_categories()
     torch.manual_seed(1)
-    tv = build_torchvision_detector("retinanet_resnet18_fpn", len(coco))
+    tv = build_torchvision_detector("retinanet_resnet18_fpn", len(coco), fpn_channels=32)
     path = str(tmp_path / "coco_retina.pth")
     torch.save(tv.state_dict(), path)  # a plain state dict: categories from torchvision's meta
     with pytest.raises(ValueError, match="hold no 'categories'"):
-        build_teacher(config="torchvision://retinanet_resnet18_fpn", weights=path)
+        build_teacher(config="torchvision://retinanet_resnet18_fpn", weights=path, opts=NARROW)
     torch.save({"model": tv.state_dict(), "categories": coco}, path)
     classes = ["dog", "person", "car"]
     teacher = build_teacher(
-        config="torchvision://retinanet_resnet18_fpn", weights=path, expected_classes=classes
+        config="torchvision://retinanet_resnet18_fpn",
+        weights=path,
+        opts=NARROW,
+        expected_classes=classes,
     )
     student = build_model(tiny_cfg(RETINA, tmp_path, ["MODEL.RETINANET.NUM_CLASSES", 3]))
     teacher.map_dense_student(student)
@@ -166,7 +176,9 @@ def test_class_and_anchor_mapping_on_hand_picked_anchors(tmp_path, tiny_data_roo
         label = coco.index(classes[k])
         # the same head on the same features, read at another index: exact
         assert torch.equal(logits[level][0, a * 3 + k, y, x], raw["cls_logits"][0, row, label])
-        assert torch.equal(deltas[level][0, a * 4 : a * 4 + 4, y, x], raw["bbox_regression"][0, row])
+        assert torch.equal(
+            deltas[level][0, a * 4 : a * 4 + 4, y, x], raw["bbox_regression"][0, row]
+        )
     assert logits[0].shape == (1, 9 * 3, *sizes[0])
 
     other = build_model(
@@ -281,7 +293,9 @@ def test_refusals(tmp_path, tiny_data_root, tv_weights, student, teacher, opts, 
 
 def test_bad_teacher_names_and_opts(tv_weights):
     with pytest.raises(ValueError, match="no such torchvision detector"):
-        build_teacher(config="torchvision://fasterrcnn_resnet7", weights=tv_weights["fcos_resnet18_fpn"])
+        build_teacher(
+            config="torchvision://fasterrcnn_resnet7", weights=tv_weights["fcos_resnet18_fpn"]
+        )
     with pytest.raises(ValueError, match="must be key=value"):
         build_teacher(
             config="torchvision://fcos_resnet18_fpn",
@@ -292,6 +306,7 @@ def test_bad_teacher_names_and_opts(tv_weights):
         build_teacher(
             config="torchvision://fcos_resnet18_fpn",
             weights=tv_weights["retinanet_resnet18_fpn"],
+            opts=NARROW,
         )
     with pytest.raises(ValueError, match="no teacher kind foo://"):
         build_teacher(config="foo://x", weights="")

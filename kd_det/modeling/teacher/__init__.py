@@ -2,9 +2,10 @@
 The frozen teacher: which config file it is (:mod:`.resolve`), its weights
 (:mod:`.weights`), the run-time wrapper a student calls (:mod:`.frozen`), and building
 one or several from explicit arguments or a student's config (:mod:`.build`), by kind
-(:mod:`.kinds`: Detectron2 configs, ``torchvision://`` detectors in :mod:`.torchvision_teacher`).  Reading
-the teacher's config, of either kind, is :mod:`kd_det.config.detector`'s job; the class
-check is :mod:`kd_det.data.classes`'.
+(:mod:`.kinds`: Detectron2 configs; ``torchvision://`` detectors, :mod:`.torchvision_teacher`,
+trained on the synthetic data on first use by :mod:`.synthetic_teacher`).  Reading a
+Detectron2 teacher's config, of either kind, is :mod:`kd_det.config.detector`'s job; the
+class check is :mod:`kd_det.data.classes`'.
 """
 
 from .build import build_teacher, build_teachers, check_num_classes

@@ -234,7 +234,7 @@ class FrozenTeacher:
         self.require_dense_head()
         return self._run(
             lambda *fs: self.model.head(list(fs))[0],
-            *[features[f] for f in self.model.head_in_features]
+            *[features[f] for f in self.model.head_in_features],
         )
 
     @torch.no_grad()

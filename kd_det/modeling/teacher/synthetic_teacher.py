@@ -142,9 +142,7 @@ def save_torchvision_teacher(checkpoint: Dict, path: str) -> str:
 
 
 def synthetic_teacher_path(name: str) -> str:
-    return os.path.join(
-        synthetic_root(), "teachers", "{}-v{}.pth".format(name, RECIPE_VERSION)
-    )
+    return os.path.join(synthetic_root(), "teachers", "{}-v{}.pth".format(name, RECIPE_VERSION))
 
 
 def ensure_synthetic_teacher(url: str) -> str:

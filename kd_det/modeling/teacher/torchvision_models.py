@@ -150,17 +150,14 @@ def build_torchvision_detector(name: str, num_classes: int, **kwargs) -> torch.n
     Raises:
         ValueError naming the known detectors, or the builder's complaint about ``kwargs``.
     """
-    from torchvision.models import get_model, list_models
-    from torchvision.models import detection
+    from torchvision.models import detection, get_model, list_models
 
     if name in TORCHVISION_DETECTOR_REGISTRY:
         build = TORCHVISION_DETECTOR_REGISTRY.get(name)
         args = dict(kwargs, num_classes=num_classes)
     elif name in list_models(module=detection):
         build = get_model
-        args = dict(
-            kwargs, name=name, weights=None, weights_backbone=None, num_classes=num_classes
-        )
+        args = dict(kwargs, name=name, weights=None, weights_backbone=None, num_classes=num_classes)
     else:
         raise ValueError(
             "KD.TEACHER.CONFIG torchvision://{}: no such torchvision detector; torchvision's are "
