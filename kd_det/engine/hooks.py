@@ -107,17 +107,11 @@ def evaluate_teacher_on(
         dataset name -> evaluator results (e.g. {"bbox": {"AP": ..}}); empty on
         processes other than the main one.
     """
-    if not teacher.runs_in_detectron2:
-        raise ValueError(
-            "KD.TEACHER.EVAL_BEFORE_TRAIN and KD.TEACHER.MIN_AP evaluate the teacher with "
-            "Detectron2's inference, which does not run a {} teacher; set them off "
-            "(False, 0.0)".format(teacher.meta_architecture)
-        )
     results = OrderedDict()
     for name in dataset_names:
         loader = teacher_test_loader(teacher, name, num_workers, default_test_size)
         evaluator = build_evaluator(name, os.path.join(output_dir, name))
-        results[name] = inference_on_dataset(teacher.model, loader, evaluator) or {}
+        results[name] = inference_on_dataset(teacher.inference_model, loader, evaluator) or {}
         if comm.is_main_process() and results[name]:
             logger.info("Teacher ({}) on {}:".format(teacher.meta_architecture, name))
             print_csv_format(results[name])

@@ -310,3 +310,32 @@ def test_bad_teacher_names_and_opts(tv_weights):
         )
     with pytest.raises(ValueError, match="no teacher kind foo://"):
         build_teacher(config="foo://x", weights="")
+
+
+def test_teacher_evaluation_in_the_students_classes(tmp_path, tiny_data_root, tv_weights):
+    """KD.TEACHER.EVAL_BEFORE_TRAIN runs torchvision's own inference, labels mapped by name."""
+    from detectron2.data import MetadataCatalog
+    from detectron2.evaluation import COCOEvaluator
+
+    from kd_det.engine.hooks import evaluate_teacher_on
+
+    name = "retinanet_resnet18_fpn"
+    # the student's classes in another order than the teacher's labels
+    classes = list(reversed(CLASS_NAMES))
+    teacher = build_teacher(
+        config="torchvision://" + name,
+        weights=tv_weights[name],
+        opts=NARROW + ("min_size=64", "max_size=64"),
+        expected_classes=classes,
+    )
+    lut = teacher.inference_model.label_to_class
+    assert lut.tolist() == [-1, 4, 3, 2, 1, 0]
+    val = "kd_test_tiny_val"
+    assert MetadataCatalog.get(val).thing_classes == list(CLASS_NAMES)
+    results = evaluate_teacher_on(
+        teacher,
+        [val],
+        lambda n, out: COCOEvaluator(n, output_dir=out, use_fast_impl=False),
+        str(tmp_path),
+    )
+    assert "AP" in results[val]["bbox"]

@@ -99,12 +99,19 @@ class FrozenTeacher:
     #: whether the teacher's classes are mapped to the student's by name (a teacher of another
     #: label space, e.g. torchvision's 91 COCO ids) rather than required to equal them
     classes_by_name = False
-    #: whether Detectron2's inference and evaluators can run the teacher's model as it is
+    #: whether the teacher's model is a Detectron2 one (its modules: heads, stages, matchers)
     runs_in_detectron2 = True
 
     @property
     def device(self) -> torch.device:
         return self.model.pixel_mean.device
+
+    @property
+    def inference_model(self) -> torch.nn.Module:
+        """A module that Detectron2's ``inference_on_dataset`` runs: Detectron2's batched
+        inputs (loaded in :attr:`input_format` at :attr:`test_size`) -> [{"instances"}] in
+        the student's classes."""
+        return self.model
 
     @property
     def size_divisibility(self) -> int:

@@ -25,6 +25,8 @@ import torch
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.anchor_generator import BufferList, DefaultAnchorGenerator
 from detectron2.modeling.box_regression import Box2BoxTransform
+from detectron2.modeling.postprocessing import detector_postprocess
+from detectron2.structures import Boxes, Instances
 
 from ...checkpoint import check_sha256, read_checkpoint, resolve_weights
 from ...checkpoint.torchvision_weights import SCHEME, is_torchvision_url, torchvision_weights
@@ -35,6 +37,7 @@ from .torchvision_models import TORCHVISION_DETECTOR_REGISTRY, build_torchvision
 
 __all__ = [
     "TorchvisionTeacher",
+    "TorchvisionInference",
     "build_torchvision_teacher",
     "map_classes",
     "map_cell_anchors",
@@ -128,6 +131,46 @@ def parse_builder_opts(opts: Sequence[str]) -> Dict[str, object]:
     return kwargs
 
 
+class TorchvisionInference(torch.nn.Module):
+    """
+    A torchvision detector behind Detectron2's inference interface (what
+    ``inference_on_dataset`` and the teacher evaluation run): batched inputs with RGB uint8
+    ``image`` (3, H, W) -> [{"instances": Instances}] at each input's ``height`` x ``width``,
+    with torchvision's labels mapped to the student's classes by name (others dropped).
+    torchvision's own transform resizes and normalises, as in its own evaluation.
+    """
+
+    def __init__(self, model: torch.nn.Module, class_index: Sequence[int], num_categories: int):
+        """
+        Args:
+            class_index: for each student class k, torchvision's label of that name
+                (:func:`map_classes`).
+        """
+        super().__init__()
+        self.model = model
+        lut = torch.full((num_categories,), -1, dtype=torch.int64)
+        lut[torch.as_tensor(list(class_index), dtype=torch.int64)] = torch.arange(len(class_index))
+        self.register_buffer("label_to_class", lut, persistent=False)
+
+    @torch.no_grad()
+    def forward(self, batched_inputs: List[Dict]) -> List[Dict[str, Instances]]:
+        device = self.label_to_class.device
+        images = [x["image"].to(device).float() / 255.0 for x in batched_inputs]
+        results = []
+        for x, image, out in zip(batched_inputs, images, self.model(images)):
+            classes = self.label_to_class[out["labels"]]
+            keep = classes >= 0
+            r = Instances(
+                tuple(image.shape[-2:]),
+                pred_boxes=Boxes(out["boxes"][keep]),
+                scores=out["scores"][keep],
+                pred_classes=classes[keep],
+            )
+            h, w = x.get("height", image.shape[-2]), x.get("width", image.shape[-1])
+            results.append({"instances": detector_postprocess(r, h, w)})
+        return results
+
+
 class TorchvisionTeacher(FrozenTeacher):
     """
     A frozen torchvision detector (FasterRCNN, RetinaNet, FCOS) as a teacher: the
@@ -191,6 +234,19 @@ class TorchvisionTeacher(FrozenTeacher):
     @property
     def size_divisibility(self) -> int:
         return self.model.transform.size_divisible
+
+    @property
+    def inference_model(self) -> torch.nn.Module:
+        """torchvision's own inference, in the student's classes (:class:`TorchvisionInference`;
+        ``KD.TEACHER.EVAL_BEFORE_TRAIN``)."""
+        if self.student_classes is None:
+            raise ValueError(
+                "evaluating the torchvision teacher {} maps its labels to the student's classes "
+                "by name, but those are unknown: set KD.TEACHER.CHECK_CLASSES True with a "
+                "registered DATASETS.TRAIN".format(self.name)
+            )
+        index = map_classes(self.categories, self.student_classes)
+        return TorchvisionInference(self.model, index, len(self.categories)).to(self.device)
 
     def pixel_stats(self) -> Tuple[torch.Tensor, torch.Tensor]:
         t = self.model.transform
