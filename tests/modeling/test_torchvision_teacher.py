@@ -11,7 +11,7 @@ import torch
 from conftest import one_step, tiny_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
-from detectron2.structures import ImageList
+from detectron2.structures import Boxes, ImageList
 from tolerances import assert_within, gamma
 
 from kd_det.data import CLASS_NAMES
@@ -192,6 +192,46 @@ def test_class_and_anchor_mapping_on_hand_picked_anchors(tmp_path, tiny_data_roo
         teacher.map_dense_student(other)
 
 
+def test_roi_class_mapping_on_hand_picked_boxes(tmp_path):
+    """A torchvision Faster R-CNN with COCO's labels on given RoIs: kd_det's (R, K + 1) logits
+    are torchvision's box head outputs at the labels of the student's class names, background
+    last; the deltas those labels' four."""
+    from torchvision.models.detection import FasterRCNN
+
+    coco = _coco_categories()
+    torch.manual_seed(2)
+    tv = build_torchvision_detector("fasterrcnn_resnet18_fpn", len(coco), fpn_channels=32)
+    path = str(tmp_path / "coco_frcnn.pth")
+    torch.save({"model": tv.state_dict(), "categories": coco}, path)
+    classes = ["dog", "person", "car"]
+    teacher = build_teacher(
+        config="torchvision://fasterrcnn_resnet18_fpn",
+        weights=path,
+        opts=NARROW,
+        expected_classes=classes,
+    )
+    assert isinstance(teacher.model, FasterRCNN)
+    images = ImageList.from_tensors([torch.randn(3, 64, 96), torch.randn(3, 64, 96)], 32)
+    features = teacher.backbone_features(images)
+    boxes = [
+        Boxes(torch.tensor([[2.0, 3.0, 40.0, 30.0], [10.0, 10.0, 90.0, 60.0]])),
+        Boxes(torch.tensor([[0.0, 0.0, 16.0, 16.0]])),
+    ]
+    logits, deltas = teacher.roi_predictions(features, boxes)
+    assert logits.shape == (3, 4) and deltas.shape == (3, 12)
+    heads = teacher.model.roi_heads
+    tv_features = {k: features[p] for k, (p, _) in teacher._levels.items()}
+    with torch.no_grad():
+        pooled = heads.box_roi_pool(tv_features, [b.tensor for b in boxes], [(64, 96)] * 2)
+        raw_logits, raw_deltas = heads.box_predictor(heads.box_head(pooled))
+    for k, name in enumerate(classes):
+        label = coco.index(name)
+        # the same head on the same RoIs, read at another index: exact
+        assert torch.equal(logits[:, k], raw_logits[:, label])
+        assert torch.equal(deltas[:, 4 * k : 4 * k + 4], raw_deltas[:, 4 * label : 4 * label + 4])
+    assert torch.equal(logits[:, 3], raw_logits[:, 0])  # torchvision's background, last
+
+
 def _assert_student_only_gradients(model):
     teacher_params = list(model.teacher.model.parameters())
     assert all(not p.requires_grad and p.grad is None for p in teacher_params)
@@ -202,7 +242,12 @@ def _assert_student_only_gradients(model):
 @pytest.mark.parametrize(
     "student,teacher,opts,expected",
     [
-        (RCNN, "fasterrcnn_resnet18_fpn", [], ["loss_kd_l2"]),
+        (
+            RCNN,
+            "fasterrcnn_resnet18_fpn",
+            ["KD.SOFT_LABEL.ENABLED", True, "KD.BOX.ENABLED", True],
+            ["loss_kd_l2", "loss_kd_soft", "loss_kd_box"],
+        ),
         (
             RETINA,
             "retinanet_resnet18_fpn",
@@ -267,9 +312,9 @@ def test_level_pairs_resample_where_no_stride_matches():
         ),
         (
             RCNN,
-            "fasterrcnn_resnet18_fpn",
+            "retinanet_resnet18_fpn",
             ["KD.SOFT_LABEL.ENABLED", True],
-            "does not do for torchvision teachers",
+            "has none; use a torchvision Faster R-CNN teacher",
         ),
         (
             RETINA,

@@ -377,6 +377,11 @@ class FrozenTeacher:
         return self._run(predict, *[features[f] for f in heads.box_in_features])
 
     @property
+    def roi_box_transform(self):
+        """A two-stage teacher's RoI box encoding (a Detectron2 Box2BoxTransform)."""
+        return self.model.roi_heads.box_predictor.box2box_transform
+
+    @property
     def dense_head_levels(self) -> List[str]:
         """Levels of the teacher's dense head: RetinaNet's head, or a two-stage teacher's RPN."""
         m = self.model

@@ -11,8 +11,9 @@ batch keeps the teacher's levels on the student's grid.  Only torchvision's own 
 
 For per-anchor KD with a torchvision RetinaNet (:meth:`TorchvisionTeacher.map_dense_student`),
 classes map by name (the weights' category list against the student's classes) and anchors by
-their shape at each position.  Faster R-CNN (RoI predictions) and FCOS (anchor-free) teach
-features only.
+their shape at each position.  A torchvision Faster R-CNN's RoI head runs on the student's RoIs
+for soft-label and box KD of a two-stage student (:meth:`TorchvisionTeacher.roi_predictions`),
+classes again by name.  FCOS (anchor-free) teaches features only.
 """
 
 import ast
@@ -309,13 +310,75 @@ class TorchvisionTeacher(FrozenTeacher):
         )
 
     def require_roi_head(self) -> None:
+        """Raise unless the teacher is a torchvision Faster R-CNN whose labels name every
+        student class (soft-label and box KD of a two-stage student run its box head on the
+        student's RoIs)."""
+        from torchvision.models.detection import FasterRCNN
+
         self.require_input_scale_one("KD.SOFT_LABEL and KD.BOX")
-        raise ValueError(
-            "soft-label and box KD of a two-stage student (KD.SOFT_LABEL, KD.BOX) run the "
-            "teacher's box head on the student's RoIs, which kd_det does not do for torchvision "
-            "teachers ({}); use feature KD (KD.FEATURE) with this teacher, or a Detectron2 "
-            "Faster R-CNN teacher".format(self.name)
-        )
+        if not isinstance(self.model, FasterRCNN):
+            raise ValueError(
+                "soft-label and box KD of a two-stage student (KD.SOFT_LABEL, KD.BOX) run the "
+                "teacher's RoI box head on the student's RoIs, but the torchvision teacher {} "
+                "({}) has none; use a torchvision Faster R-CNN teacher, or feature KD "
+                "(KD.FEATURE) only".format(self.name, type(self.model).__name__)
+            )
+        self._roi_classes()
+
+    def _roi_classes(self) -> torch.Tensor:
+        """(K,) torchvision's label of each student class (by name)."""
+        if self.student_classes is None:
+            raise ValueError(
+                "RoI KD from the torchvision teacher {} maps classes by name, but the student's "
+                "class names are unknown: set KD.TEACHER.CHECK_CLASSES True and register "
+                "DATASETS.TRAIN with thing_classes".format(self.name)
+            )
+        index = map_classes(self.categories, self.student_classes)
+        return torch.as_tensor(index, device=self.device)
+
+    @torch.no_grad()
+    def roi_predictions(
+        self, features: Dict[str, torch.Tensor], boxes: List[Boxes]
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """
+        torchvision's RoI box head (its ``box_roi_pool``, ``box_head``, ``box_predictor``) on
+        given boxes, in the student's layout: class logits (R, K + 1), the student's K classes
+        by name then the background last (torchvision's label 0; its logits of classes the
+        student lacks are left out), and box deltas (R, 4 K) of those classes in torchvision's
+        ``BoxCoder`` encoding (:attr:`roi_box_transform`).
+
+        Args:
+            features: the teacher's own features (p<k> -> (N, C, H, W)).
+            boxes: per image, boxes in input-image coordinates (the student's sampled RoIs).
+        """
+        self.require_roi_head()
+        heads = self.model.roi_heads
+        index = self._roi_classes()
+        keys = list(self._levels)
+        p, stride = next(iter(self._levels.values()))
+        image_size = tuple(int(n) * stride for n in features[p].shape[-2:])
+        proposals = [b.tensor for b in boxes]
+
+        def predict(*level_features):
+            pooled = heads.box_roi_pool(
+                OrderedDict(zip(keys, level_features)), proposals, [image_size] * len(proposals)
+            )
+            return heads.box_predictor(heads.box_head(pooled))
+
+        logits, deltas = self._run(predict, *[features[self._levels[k][0]] for k in keys])
+        logits = torch.cat([logits[:, index], logits[:, :1]], dim=1)
+        if deltas.shape[1] != 4:  # per class (torchvision's are)
+            deltas = deltas.view(len(deltas), -1, 4)[:, index].reshape(len(deltas), -1)
+        return logits, deltas
+
+    def roi_class_logits(self, features: Dict[str, torch.Tensor], boxes: List[Boxes]):
+        return self.roi_predictions(features, boxes)[0]
+
+    @property
+    def roi_box_transform(self) -> Box2BoxTransform:
+        """torchvision's RoI ``BoxCoder`` as a Detectron2 Box2BoxTransform (same encoding)."""
+        coder = self.model.roi_heads.box_coder
+        return Box2BoxTransform(weights=tuple(coder.weights), scale_clamp=coder.bbox_xform_clip)
 
     def require_crosskd_head(self) -> None:
         raise ValueError(
