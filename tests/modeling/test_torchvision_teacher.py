@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import one_step, tiny_cfg
+from conftest import config_path, one_step, tiny_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, ImageList
@@ -299,6 +299,52 @@ def test_level_pairs_resample_where_no_stride_matches():
     # 1.5x: stride 8 / 1.5 = 5.3 is nearest to the student's 4 (p2) ... resampled
     pairs = level_pairs(student, teacher, teacher_scale=1.5)
     assert pairs == {"p2": "p3", "p3": "p4", "p4": "p5", "p5": "p6", "p6": "p7"}
+
+    # the distiller resamples the teacher's maps to the student's size (bilinear)
+    from kd_det.losses import L2FeatureLoss
+    from kd_det.modeling.distillers import FeatureDistiller
+
+    distiller = FeatureDistiller(
+        levels=list(pairs),
+        student_channels=8,
+        teacher_channels=16,
+        loss=L2FeatureLoss(),
+        weight=1.0,
+        teacher_levels=pairs,
+        teacher_scale=1.5,
+    )
+    distiller.check_shapes(student, teacher)
+    g = torch.Generator().manual_seed(0)
+    # a 64 px student image (p2..p6: 16 ... 1) and its 96 px teacher view (p3..p7: 12 ... 1)
+    s_maps = {f"p{k}": torch.randn(1, 8, *[-(-64 // 2**k)] * 2, generator=g) for k in range(2, 7)}
+    t_maps = {f"p{k}": torch.randn(1, 16, *[-(-96 // 2**k)] * 2, generator=g) for k in range(3, 8)}
+    maps = distiller.teacher_maps(t_maps, list(s_maps.values()))
+    for (name, s_map), t_map in zip(s_maps.items(), maps):
+        expected = torch.nn.functional.interpolate(
+            t_maps[pairs[name]], size=s_map.shape[-2:], mode="bilinear", align_corners=False
+        )
+        assert torch.equal(t_map, expected)
+    assert torch.isfinite(distiller(s_maps, t_maps)["loss_kd_l2"])
+
+
+def test_detectron2_teacher_at_2x(tmp_path, tiny_data_root, rcnn_teacher):
+    """KD.TEACHER.INPUT_SCALE applies to Detectron2 teachers too: levels pair by stride."""
+    cfg = tiny_cfg(
+        "synthetic/distill/l2_faster_rcnn_R50_to_R18.yaml",
+        tmp_path,
+        [
+            "KD.TEACHER.CONFIG",
+            config_path("synthetic/faster_rcnn_R_50_FPN.yaml"),
+            "KD.TEACHER.WEIGHTS",
+            rcnn_teacher,
+            "KD.TEACHER.INPUT_SCALE",
+            2.0,
+        ],
+    )
+    model = build_model(cfg)
+    assert model.kd_feature.teacher_levels == {"p2": "p3", "p3": "p4", "p4": "p5", "p5": "p6"}
+    losses, _ = one_step(model, cfg)
+    assert torch.isfinite(losses["loss_kd_l2"])
 
 
 @pytest.mark.parametrize(
