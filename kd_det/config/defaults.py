@@ -20,7 +20,10 @@ def add_kd_config(cfg: CN) -> CN:
 
     cfg.KD.TEACHER = CN()
     # The teacher's own Detectron2 config (a path: a yacs .yaml, or a LazyConfig .py such as
-    # Detectron2's new_baselines) and its Detectron2 checkpoint.
+    # Detectron2's new_baselines) and its Detectron2 checkpoint.  Or torchvision://NAME: a
+    # torchvision detector (e.g. fasterrcnn_resnet50_fpn_v2), WEIGHTS then its state dict
+    # (empty: torchvision's default COCO weights, downloaded once into torch's hub cache) and
+    # OPTS its builder's "key=value" arguments (docs/torchvision_teachers.md).
     cfg.KD.TEACHER.CONFIG = ""
     cfg.KD.TEACHER.WEIGHTS = ""
     # The SHA-256 of WEIGHTS (sha256sum FILE: the full digest or its first 8+ hex digits),
@@ -38,6 +41,12 @@ def add_kd_config(cfg: CN) -> CN:
     # or the same ones in another order, than the student's: equal class counts alone let a
     # teacher teach class i under the wrong name.  Checked where both sets are registered.
     cfg.KD.TEACHER.CHECK_CLASSES = True
+    # Run the teacher on the student's batch resized by this factor (e.g. 2.0: a teacher at
+    # twice the student's resolution; its activations cost about INPUT_SCALE^2 times the
+    # memory and time).  Feature levels pair by stride in the student's image (a 2x teacher's
+    # p3 with the student's p2), resampled where none matches; per-anchor and RoI KD (RM, PFI,
+    # soft labels, CrossKD, box KD), channel statistics and LAKD refuse a scale other than 1.
+    cfg.KD.TEACHER.INPUT_SCALE = 1.0
     # Evaluate every teacher on DATASETS.TEST before the first iteration (not on --resume;
     # skipped without test sets), logged as teacher/bbox/AP.  MIN_AP > 0 implies it, and stops
     # when a teacher's box AP on a test set is lower (a teacher that loads but does not detect:

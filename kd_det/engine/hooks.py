@@ -111,7 +111,7 @@ def evaluate_teacher_on(
     for name in dataset_names:
         loader = teacher_test_loader(teacher, name, num_workers, default_test_size)
         evaluator = build_evaluator(name, os.path.join(output_dir, name))
-        results[name] = inference_on_dataset(teacher.model, loader, evaluator) or {}
+        results[name] = inference_on_dataset(teacher.inference_model, loader, evaluator) or {}
         if comm.is_main_process() and results[name]:
             logger.info("Teacher ({}) on {}:".format(teacher.meta_architecture, name))
             print_csv_format(results[name])

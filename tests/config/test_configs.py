@@ -20,7 +20,7 @@ from tolerances import U32, assert_within
 
 from kd_det import get_kd_cfg, merge_kd_config
 from kd_det.config.detector import build_detector, detector_settings, load_detector_config
-from kd_det.modeling.teacher import resolve_teacher_config
+from kd_det.modeling.teacher import resolve_teacher_config, teacher_kind
 
 CONFIGS = sorted(
     os.path.relpath(p, REPO)
@@ -40,10 +40,24 @@ def test_config_merges(path):
     for teacher in ([cfg.KD.TEACHER.CONFIG] if cfg.KD.TEACHER.CONFIG else []) + list(
         cfg.KD.MULTI_TEACHER.CONFIGS
     ):
+        if teacher_kind(teacher) == "torchvision":
+            assert _is_torchvision_detector(teacher), teacher
+            continue
         # a file of the checkout, or a name in Detectron2's model zoo
         assert os.path.isfile(os.path.join(REPO, teacher)) or os.path.isfile(
             _zoo_config(teacher)
         ), teacher
+
+
+def _is_torchvision_detector(url):
+    """Whether ``torchvision://NAME`` names a detector of torchvision's registry or kd_det's
+    (nothing built, nothing downloaded)."""
+    from torchvision.models import detection, list_models
+
+    from kd_det.modeling.teacher.torchvision_models import TORCHVISION_DETECTOR_REGISTRY
+
+    name = url[len("torchvision://") :]
+    return name in TORCHVISION_DETECTOR_REGISTRY or name in list_models(module=detection)
 
 
 def _zoo_config(name):
@@ -97,6 +111,13 @@ def test_student_fits_its_teachers(path, monkeypatch):
     cfg = _load(path)
     assert len(cfg.KD.MULTI_TEACHER.CONFIGS) == len(cfg.KD.MULTI_TEACHER.WEIGHTS), path
     for teacher_config, weights in _teachers(cfg):
+        if teacher_kind(teacher_config) == "torchvision":
+            # torchvision's registry weights (empty), or kd_det's synthetic teacher of that name
+            name = teacher_config[len("torchvision://") :]
+            assert weights in ("", "synthetic-teacher://" + name), (path, weights)
+            if "synthetic" not in path.split(os.sep):
+                assert cfg.KD.TEACHER.EVAL_BEFORE_TRAIN, path
+            continue
         teacher = load_detector_config(resolve_teacher_config(teacher_config), cfg.KD.TEACHER.OPTS)
         settings = detector_settings(teacher)
         assert settings.num_classes == _num_classes(cfg), (path, teacher_config)

@@ -359,11 +359,9 @@ def _roi_case(loss_type, agnostic=False):
     t_logits = torch.randn(5, k + 1, generator=g).double()
     t_deltas = (torch.randn(5, 4 * k, generator=g) * 0.3).double()
     t_tf = Box2BoxTransform((10.0, 10.0, 5.0, 5.0))
+    # the teacher's interface RoIBoxDistiller uses (FrozenTeacher's, TorchvisionTeacher's)
     teacher = SimpleNamespace(
-        roi_predictions=lambda feats, bx: (t_logits, t_deltas),
-        model=SimpleNamespace(
-            roi_heads=SimpleNamespace(box_predictor=SimpleNamespace(box2box_transform=t_tf))
-        ),
+        roi_predictions=lambda feats, bx: (t_logits, t_deltas), roi_box_transform=t_tf
     )
     distiller = RoIBoxDistiller(loss=BoxDistillLoss(loss_type=loss_type), weight=1.0)
     return distiller, boxes, gt_classes, s_deltas, t_logits, t_deltas, teacher, t_tf

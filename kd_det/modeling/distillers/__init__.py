@@ -9,7 +9,7 @@ from .box import DenseBoxDistiller, RoIBoxDistiller
 from .channel_stats import ChannelStatsDistiller
 from .connectors import CONNECTOR_MODES, Connector, MaskedGenerator
 from .crosskd import CrossKDDistiller, align_scale, tower_channels, tower_split
-from .feature import FeatureDistiller, match_levels
+from .feature import FeatureDistiller, level_pairs, match_levels
 from .local_attention import LocalAttentionDistiller
 from .multi_teacher import MultiTeacherDistiller, TeacherImportanceGate
 from .prediction import DensePredictionDistiller, RoISoftLabelDistiller

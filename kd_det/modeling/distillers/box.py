@@ -184,7 +184,7 @@ class RoIBoxDistiller(_BoxDistiller):
                 return deltas
             return deltas.view(len(deltas), -1, 4)[torch.arange(len(deltas)), cls]
 
-        transform = teacher.model.roi_heads.box_predictor.box2box_transform
+        transform = teacher.roi_box_transform
         teacher_boxes = transform.apply_deltas(for_class(teacher_deltas).detach(), rois_fg)
         normalizer = max(len(gt_classes), 1)
         return self._loss(

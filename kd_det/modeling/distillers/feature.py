@@ -1,8 +1,11 @@
 """Feature imitation: level matching, the student-side connector and the feature loss."""
 
+import logging
+import math
 from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from torch import nn
@@ -10,7 +13,15 @@ from torch import nn
 from ...losses import FeatureLoss, build_feature_loss
 from .connectors import Connector, MaskedGenerator
 
-__all__ = ["FeatureDistiller", "match_levels", "per_level_channels", "check_level_shapes"]
+__all__ = [
+    "FeatureDistiller",
+    "match_levels",
+    "level_pairs",
+    "per_level_channels",
+    "check_level_shapes",
+]
+
+logger = logging.getLogger(__name__)
 
 #: channels of each level: a dict, or one int for every level (what a LazyConfig can write
 #: without knowing a backbone's output shapes)
@@ -45,6 +56,8 @@ def check_level_shapes(
     student_shapes: Dict[str, ShapeSpec],
     teacher_shapes: Dict[str, ShapeSpec],
     teacher: str = "teacher",
+    teacher_levels: Optional[Mapping[str, str]] = None,
+    teacher_scale: float = 1.0,
 ) -> None:
     """
     Check a distiller's explicit levels and channel counts against the backbones it was
@@ -55,34 +68,47 @@ def check_level_shapes(
         component: how messages name the distiller, e.g. "feature_distiller".
         student_shapes, teacher_shapes: the backbones' ``output_shape()``.
         teacher: what the target is, for messages ("teacher", "self-teacher").
+        teacher_levels: student level -> the teacher level it imitates (default: the same
+            name); their strides in the student's image must agree within a factor of 2
+            (``teacher_scale``: the teacher's input scale; see :func:`level_pairs`).
     Raises:
         ValueError naming the level, the numbers and the argument to change.
     """
+    teacher_levels = dict(teacher_levels or {})
     for name in levels:
-        for who, shapes in (("student", student_shapes), (teacher, teacher_shapes)):
-            if name not in shapes:
+        tname = teacher_levels.get(name, name)
+        for who, shapes, level in (
+            ("student", student_shapes, name),
+            (teacher, teacher_shapes, tname),
+        ):
+            if level not in shapes:
                 raise ValueError(
                     "{} imitates level {!r}, which the {}'s backbone does not output "
                     "(it has {}): set its levels to levels both output".format(
-                        component, name, who, sorted(shapes)
+                        component, level, who, sorted(shapes)
                     )
                 )
-        if student_shapes[name].stride != teacher_shapes[name].stride:
+        ratio = teacher_shapes[tname].stride / teacher_scale / student_shapes[name].stride
+        exact = abs(math.log2(ratio)) < 1e-6
+        if not exact and (teacher_scale == 1.0 or abs(math.log2(ratio)) >= 1.0):
             raise ValueError(
-                "{}: level {!r} has stride {} in the student but {} in the {}; "
-                "imitate only levels of equal stride".format(
+                "{}: level {!r} has stride {} in the student but {} in the {} (level {!r}, "
+                "input scale {:g}); imitate only levels of equal stride".format(
                     component,
                     name,
                     student_shapes[name].stride,
-                    teacher_shapes[name].stride,
+                    teacher_shapes[tname].stride,
                     teacher,
+                    tname,
+                    teacher_scale,
                 )
             )
         for who, given, shapes, arg in (
             ("student", student_channels, student_shapes, "student_channels"),
             (teacher, teacher_channels, teacher_shapes, "teacher_channels"),
         ):
-            if given[name] != shapes[name].channels:
+            level = name if shapes is student_shapes else tname
+            if given[name] != shapes[level].channels:
                 raise ValueError(
                     "{} was built for {} channels of the {} at level {!r}, but its "
                     "backbone outputs {}: set {}={}".format(
@@ -90,11 +116,96 @@ def check_level_shapes(
                         given[name],
                         who,
                         name,
-                        shapes[name].channels,
+                        shapes[level].channels,
                         arg,
-                        shapes[name].channels,
+                        shapes[level].channels,
                     )
                 )
+
+
+def _describe(shapes: Dict[str, ShapeSpec], scale: float = 1.0) -> str:
+    return ", ".join(
+        "{}(stride {:g})".format(k, v.stride / scale)
+        for k, v in sorted(shapes.items(), key=lambda kv: kv[1].stride)
+    )
+
+
+def level_pairs(
+    student_shapes: Dict[str, ShapeSpec],
+    teacher_shapes: Dict[str, ShapeSpec],
+    in_features: Sequence[str] = (),
+    teacher_scale: float = 1.0,
+) -> Dict[str, str]:
+    """
+    Student levels paired with teacher levels by their stride in the student's input image
+    (not by name): a teacher run on the batch resized by ``teacher_scale`` has stride
+    ``stride / teacher_scale`` there, so a 2x teacher's p3 (stride 8) pairs with the student's
+    p2 (stride 4).  A student level no teacher level matches pairs with the teacher level of
+    the nearest stride within a factor of 2, whose maps are then resampled to the student's
+    size; levels with neither are skipped (logged).
+
+    Args:
+        in_features: the student levels to imitate (``KD.FEATURE.IN_FEATURES``); empty: every
+            student level that pairs.  A level named here that does not pair is an error.
+    Returns:
+        student level -> teacher level, in the student's order.
+    Raises:
+        ValueError: naming the levels and strides that cannot be paired.
+    """
+    pairs, skipped = {}, []
+    for name in in_features or list(student_shapes):
+        if name not in student_shapes:
+            raise ValueError(
+                "KD.FEATURE.IN_FEATURES level {!r} is not output by both backbones (the "
+                "student's does not): student [{}], teacher [{}]; name student levels".format(
+                    name, _describe(student_shapes), _describe(teacher_shapes, teacher_scale)
+                )
+            )
+        stride = student_shapes[name].stride
+        distance = {
+            t: abs(math.log2(s.stride / teacher_scale / stride)) for t, s in teacher_shapes.items()
+        }
+        best = min(distance, key=distance.get, default=None)
+        if best is not None and distance[best] < 1e-6:
+            pairs[name] = best
+        elif best is not None and distance[best] < 1.0 and teacher_scale != 1.0:
+            pairs[name] = best  # resampled to the student's size
+            logger.info(
+                "feature KD: student level %s (stride %d) pairs with teacher level %s "
+                "(stride %g in the student's image), resampled",
+                name,
+                stride,
+                best,
+                teacher_shapes[best].stride / teacher_scale,
+            )
+        elif in_features:
+            raise ValueError(
+                "KD.FEATURE.IN_FEATURES level {!r} (stride {}) has no teacher level of that "
+                "stride: student [{}], teacher [{}] (strides in the student's input image, "
+                "KD.TEACHER.INPUT_SCALE {:g}); name only levels both output".format(
+                    name,
+                    stride,
+                    _describe(student_shapes),
+                    _describe(teacher_shapes, teacher_scale),
+                    teacher_scale,
+                )
+            )
+        else:
+            skipped.append(name)
+    if skipped:
+        logger.info(
+            "feature KD skips student levels %s: no teacher level of their stride (teacher [%s])",
+            skipped,
+            _describe(teacher_shapes, teacher_scale),
+        )
+    if not pairs:
+        raise ValueError(
+            "no FPN level is shared by student [{}] and teacher [{}] (strides in the student's "
+            "input image); set KD.FEATURE.IN_FEATURES to levels both output".format(
+                _describe(student_shapes), _describe(teacher_shapes, teacher_scale)
+            )
+        )
+    return pairs
 
 
 def match_levels(
@@ -103,27 +214,25 @@ def match_levels(
     in_features: List[str],
 ) -> List[str]:
     """
-    The FPN levels to imitate: ``in_features``, or every level both backbones
-    output.  Each must exist in both with the same stride.
+    The FPN levels to imitate where teacher and student name them alike: ``in_features``, or
+    every level both backbones output.  Each must exist in both with the same stride (what
+    components that run the teacher's own head on its levels need; feature imitation pairs
+    levels by stride, :func:`level_pairs`).
 
     Raises:
         ValueError: naming the levels and strides that cannot be matched.
     """
-
-    def describe(shapes):
-        return ", ".join("{}(stride {})".format(k, v.stride) for k, v in shapes.items())
-
     levels = list(in_features) or [k for k in student_shapes if k in teacher_shapes]
     if not levels:
         raise ValueError(
             "no FPN level is shared by student [{}] and teacher [{}]; set KD.FEATURE.IN_FEATURES "
-            "to levels both output".format(describe(student_shapes), describe(teacher_shapes))
+            "to levels both output".format(_describe(student_shapes), _describe(teacher_shapes))
         )
     for name in levels:
         if name not in student_shapes or name not in teacher_shapes:
             raise ValueError(
                 "KD.FEATURE.IN_FEATURES level {!r} is not output by both backbones: student [{}], "
-                "teacher [{}]".format(name, describe(student_shapes), describe(teacher_shapes))
+                "teacher [{}]".format(name, _describe(student_shapes), _describe(teacher_shapes))
             )
         if student_shapes[name].stride != teacher_shapes[name].stride:
             raise ValueError(
@@ -166,6 +275,8 @@ class FeatureDistiller(nn.Module):
         level_reduction: str = "mean",
         adapter: str = "auto",
         generator: Optional[MaskedGenerator] = None,
+        teacher_levels: Optional[Mapping[str, str]] = None,
+        teacher_scale: float = 1.0,
     ):
         """
         Args:
@@ -182,9 +293,16 @@ class FeatureDistiller(nn.Module):
             generator: MGD's masked generation blocks, applied after the adapters, with the
                 teacher's channels at every level (e.g. ``MaskedGenerator(teacher_channels,
                 levels)``); required by losses with ``needs_generator`` (MGDFeatureLoss).
+            teacher_levels: student level -> the teacher level it imitates, paired by stride
+                (:func:`level_pairs`); default: the same names.  ``teacher_channels`` are
+                keyed by student level.
+            teacher_scale: the factor the teacher's input was resized by
+                (``KD.TEACHER.INPUT_SCALE``); checked against the strides.
         """
         super().__init__()
         self.levels = list(levels)
+        self.teacher_levels = {k: (teacher_levels or {}).get(k, k) for k in self.levels}
+        self.teacher_scale = float(teacher_scale)
         self.loss = loss
         self.weight = weight
         if level_reduction not in LEVEL_REDUCTIONS:
@@ -239,12 +357,14 @@ class FeatureDistiller(nn.Module):
     def from_config(
         cls, cfg, student_shapes: Dict[str, ShapeSpec], teacher_shapes: Dict[str, ShapeSpec]
     ):
-        levels = match_levels(student_shapes, teacher_shapes, cfg.KD.FEATURE.IN_FEATURES)
+        scale = cfg.KD.TEACHER.INPUT_SCALE
+        pairs = level_pairs(student_shapes, teacher_shapes, cfg.KD.FEATURE.IN_FEATURES, scale)
+        levels = list(pairs)
         loss = build_feature_loss(cfg)
         generator = None
         if loss.needs_generator:
             generator = MaskedGenerator(
-                {k: teacher_shapes[k].channels for k in levels},
+                {k: teacher_shapes[pairs[k]].channels for k in levels},
                 levels,
                 mask_ratio=cfg.KD.MGD.MASK_RATIO,
                 kernel_size=cfg.KD.MGD.KERNEL_SIZE,
@@ -253,7 +373,9 @@ class FeatureDistiller(nn.Module):
         return {
             "levels": levels,
             "student_channels": {k: student_shapes[k].channels for k in levels},
-            "teacher_channels": {k: teacher_shapes[k].channels for k in levels},
+            "teacher_channels": {k: teacher_shapes[pairs[k]].channels for k in levels},
+            "teacher_levels": pairs,
+            "teacher_scale": scale,
             "loss": loss,
             "weight": cfg.KD.FEATURE.WEIGHT,
             "level_weights": cfg.KD.FEATURE.LEVEL_WEIGHTS,
@@ -278,7 +400,25 @@ class FeatureDistiller(nn.Module):
             student_shapes,
             teacher_shapes,
             teacher,
+            self.teacher_levels,
+            self.teacher_scale,
         )
+
+    def teacher_maps(
+        self, teacher_features: Dict[str, torch.Tensor], student: Sequence[torch.Tensor]
+    ) -> List[torch.Tensor]:
+        """
+        The teacher's maps of the imitated levels, paired by stride: per level (N, C_t, H, W)
+        with the student's H, W (bilinearly resampled where the sizes differ: a level of
+        another stride, or the last row/column a coarser padding rounds differently).
+        """
+        maps = []
+        for name, s in zip(self.levels, student):
+            t = teacher_features[self.teacher_levels[name]]
+            if t.shape[-2:] != s.shape[-2:]:
+                t = F.interpolate(t, size=s.shape[-2:], mode="bilinear", align_corners=False)
+            maps.append(t)
+        return maps
 
     def adapt(
         self,
@@ -311,7 +451,7 @@ class FeatureDistiller(nn.Module):
             {"loss_kd_<loss>": weighted scalar loss}
         """
         student = self.adapt(student_features)
-        teacher = [teacher_features[k] for k in self.levels]
+        teacher = self.teacher_maps(teacher_features, student)
         value = self.loss(
             student, teacher, level_weights=self.level_weights, position_weights=position_weights
         )

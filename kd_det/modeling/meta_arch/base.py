@@ -192,6 +192,13 @@ class DistillMixin(DistillForwardMixin):
         if self.kd_feature is not None:
             self.kd_feature.check_shapes(student_shapes, self.teacher.output_shape())
         if self.kd_stats is not None:
+            if self.teacher.input_scale != 1.0:
+                raise ValueError(
+                    "KD.CHANNEL_STATS runs the teacher's head on features of the student's "
+                    "levels, which needs KD.TEACHER.INPUT_SCALE 1.0 (it is {:g})".format(
+                        self.teacher.input_scale
+                    )
+                )
             self.kd_stats.check_shapes(student_shapes, self.teacher)
 
     def _init_local_attention(self, local_attention: Optional[LocalAttentionDistiller]) -> None:
@@ -204,6 +211,12 @@ class DistillMixin(DistillForwardMixin):
             raise ValueError(
                 "LAKD (local_attention, KD.LAKD) distils from one teacher; drop "
                 "extra_teachers (KD.MULTI_TEACHER) or LAKD"
+            )
+        if self.teacher.input_scale != 1.0 or not self.teacher.runs_in_detectron2:
+            raise ValueError(
+                "LAKD (KD.LAKD) compares ResNet stages of a Detectron2 teacher at the student's "
+                "input size; the teacher is a {} at KD.TEACHER.INPUT_SCALE {:g}: disable "
+                "KD.LAKD".format(self.teacher.meta_architecture, self.teacher.input_scale)
             )
         teacher_backbone = self.teacher.model.backbone
         local_attention.check_backbones(self.backbone, teacher_backbone)

@@ -169,6 +169,7 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
             prediction_distiller=prediction if prediction.enabled else None, pfi=cfg.KD.PFI.ENABLED
         )
         if cfg.KD.CROSSKD.ENABLED:
+            ret["teacher"].require_crosskd_head()
             index = cfg.KD.CROSSKD.HEAD_INDEX
             ret["crosskd"] = CrossKDDistiller(
                 cfg,
@@ -199,6 +200,11 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
     def _check_teacher_head(self):
         t = self.teacher
         t.require_dense_head()
+        if self.kd_crosskd is not None:
+            t.require_crosskd_head()
+        if t.classes_by_name:  # another label space and anchor order (torchvision): mapped
+            t.map_dense_student(self)
+            return
         tm = t.model
         problems = []
         if tm.num_classes != self.num_classes:
@@ -269,19 +275,18 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
                 towers = self._crosskd_towers(recorded, crosskd.head_index)
                 losses.update(crosskd(towers, teacher_out, self.teacher, labels))
             if self.kd_box is not None:
-                tm = self.teacher.model
                 losses.update(
                     self.kd_box(
                         student_deltas,
                         teacher_logits,
                         teacher_deltas,
                         self.anchor_generator(student_logits),
-                        tm.anchor_generator(teacher_logits),
+                        self.teacher.dense_anchors(teacher_logits),
                         matched,
                         labels,
                         gt_classes,
                         self.box2box_transform,
-                        tm.box2box_transform,
+                        self.teacher.dense_box_transform,
                     )
                 )
         losses.update(

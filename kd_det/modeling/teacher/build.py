@@ -18,10 +18,11 @@ from ...config.detector import (
 )
 from ...data.classes import check_same_classes, registered_thing_classes
 from .frozen import FrozenTeacher
+from .kinds import register_teacher_kind, teacher_kind_builder
 from .resolve import resolve_teacher_config
 from .weights import load_teacher_weights
 
-__all__ = ["build_teacher", "build_teachers", "check_num_classes"]
+__all__ = ["build_teacher", "build_teachers", "check_num_classes", "build_detectron2_teacher"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ def _teacher_from_config(
         "channels_last": teacher.CHANNELS_LAST,
         "expected_classes": student_classes,
         "device": cfg.MODEL.DEVICE,
+        "input_scale": teacher.INPUT_SCALE,
     }
 
 
@@ -74,10 +76,17 @@ def build_teacher(
     channels_last: bool = False,
     expected_classes: Optional[Sequence[str]] = None,
     device: str = "cpu",
+    input_scale: float = 1.0,
 ) -> FrozenTeacher:
     """
     Build a teacher detector, load its weights and freeze it.  Also callable as
     ``build_teacher(student_cfg)``, which reads the student's ``KD.TEACHER``.
+
+    The teacher's kind is ``config``'s scheme, looked up in
+    :data:`~kd_det.modeling.teacher.kinds.TEACHER_KIND_REGISTRY`: ``torchvision://NAME``
+    builds a torchvision detector (:mod:`.torchvision_teacher`); a path or model-zoo name
+    (no scheme) a Detectron2 one (:func:`build_detectron2_teacher`).  The arguments are
+    those of the kind's builder; for a Detectron2 teacher:
 
     Args:
         config: its Detectron2 config, a yacs ``.yaml`` or a LazyConfig ``.py``: a path, or a
@@ -93,7 +102,36 @@ def build_teacher(
             training sets, where registered, must name the same ones in the same order.
             None: not checked.
         device: where the teacher runs.
+        input_scale: the factor the teacher's input is resized by (``KD.TEACHER.INPUT_SCALE``,
+            see :class:`FrozenTeacher`).
     """
+    return teacher_kind_builder(config)(
+        config,
+        weights,
+        weights_sha256=weights_sha256,
+        opts=opts,
+        autocast=autocast,
+        channels_last=channels_last,
+        expected_classes=expected_classes,
+        device=device,
+        input_scale=input_scale,
+    )
+
+
+@register_teacher_kind("")
+def build_detectron2_teacher(
+    config: str,
+    weights: str,
+    *,
+    weights_sha256: str = "",
+    opts: Sequence[str] = (),
+    autocast: str = "",
+    channels_last: bool = False,
+    expected_classes: Optional[Sequence[str]] = None,
+    device: str = "cpu",
+    input_scale: float = 1.0,
+) -> FrozenTeacher:
+    """A Detectron2 teacher (GeneralizedRCNN or RetinaNet); arguments as :func:`build_teacher`."""
     path = resolve_teacher_config(config)
     name = describe_config(path, "teacher")
     cfg = load_detector_config(path, opts, role="teacher", opts_name="KD.TEACHER.OPTS")
@@ -127,6 +165,7 @@ def build_teacher(
         channels_last=channels_last,
         weights=weights,
         config=path,
+        input_scale=input_scale,
     )
     check_same_classes(expected_classes, settings.train_datasets, path)
     logger.info("Loaded teacher {} from {}".format(settings.meta_architecture, weights))
@@ -134,8 +173,11 @@ def build_teacher(
 
 
 def check_num_classes(teachers: Sequence[FrozenTeacher], num_classes: int) -> None:
-    """Raise unless every teacher has the student's ``num_classes`` classes."""
+    """Raise unless every teacher has the student's ``num_classes`` classes (teachers whose
+    classes map to the student's by name are checked where their predictions are used)."""
     for teacher in teachers:
+        if teacher.classes_by_name:
+            continue
         if teacher.num_classes != num_classes:
             raise ValueError(
                 "teacher has {} classes ({}) but the student has {}: both must be "

@@ -41,7 +41,8 @@ class FrozenTeacher:
         autocast: str = "",
         channels_last: bool = False,
         weights: str = "",
-        config: str = ""
+        config: str = "",
+        input_scale: float = 1.0,
     ):
         """
         Args:
@@ -52,7 +53,16 @@ class FrozenTeacher:
                 cut its cost; its outputs are returned in fp32.
             channels_last: store the teacher's weights channels-last (faster convs on GPUs).
             weights, config: where its weights and its config came from (for messages).
+            input_scale: run the teacher on the student's batch resized by this factor
+                (``KD.TEACHER.INPUT_SCALE``): its level of stride ``s * input_scale`` then
+                pairs with the student's level of stride ``s``.
         """
+        if not input_scale > 0:
+            raise ValueError(
+                "KD.TEACHER.INPUT_SCALE must be > 0 (e.g. 2.0 for a teacher at twice the "
+                "student's resolution), got {!r}".format(input_scale)
+            )
+        self.input_scale = float(input_scale)
         if autocast not in _AUTOCAST_DTYPES:
             raise ValueError(
                 "KD.TEACHER.AUTOCAST must be one of {}, got {!r}".format(
@@ -81,10 +91,35 @@ class FrozenTeacher:
             ]
         if self.autocast_dtype is None:
             return fn(*args)
-        device_type = self.model.pixel_mean.device.type
+        device_type = self.device.type
         with torch.autocast(device_type=device_type, dtype=self.autocast_dtype):
             out = fn(*args)
         return _to_fp32(out)
+
+    #: whether the teacher's classes are mapped to the student's by name (a teacher of another
+    #: label space, e.g. torchvision's 91 COCO ids) rather than required to equal them
+    classes_by_name = False
+    #: whether the teacher's model is a Detectron2 one (its modules: heads, stages, matchers)
+    runs_in_detectron2 = True
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.pixel_mean.device
+
+    @property
+    def inference_model(self) -> torch.nn.Module:
+        """A module that Detectron2's ``inference_on_dataset`` runs: Detectron2's batched
+        inputs (loaded in :attr:`input_format` at :attr:`test_size`) -> [{"instances"}] in
+        the student's classes."""
+        return self.model
+
+    @property
+    def size_divisibility(self) -> int:
+        return self.model.backbone.size_divisibility
+
+    def pixel_stats(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) the teacher normalises its input with, each (3, 1, 1), in 0-255 units."""
+        return self.model.pixel_mean, self.model.pixel_std
 
     @property
     def meta_architecture(self) -> str:
@@ -109,13 +144,15 @@ class FrozenTeacher:
     def takes_input_like(
         self, input_format: str, pixel_mean: torch.Tensor, pixel_std: torch.Tensor
     ) -> bool:
-        """Whether the teacher's channel order and normalisation equal the given (student's)."""
-        m = self.model
+        """Whether the teacher's channel order, normalisation and input size equal the given
+        (student's)."""
+        mean, std = self.pixel_stats()
         return (
-            self.input_format == input_format
-            and m.pixel_mean.shape == pixel_mean.shape
-            and torch.equal(m.pixel_mean, pixel_mean)
-            and torch.equal(m.pixel_std, pixel_std)
+            self.input_scale == 1.0
+            and self.input_format == input_format
+            and mean.shape == pixel_mean.shape
+            and torch.equal(mean, pixel_mean)
+            and torch.equal(std, pixel_std)
         )
 
     @torch.no_grad()
@@ -125,10 +162,12 @@ class FrozenTeacher:
         """
         The batch (loaded in the student's ``input_format``) in the teacher's channel
         order, normalised with its pixel mean/std and padded to the padded size of
-        ``like`` (the student's batch), so that features align.
+        ``like`` (the student's batch), so that features align; then resized (bilinear) by
+        :attr:`input_scale`: (N, 3, H * input_scale, W * input_scale), the image sizes
+        scaled alike.
         """
-        m = self.model
-        images = [x["image"].to(m.pixel_mean.device) for x in batched_inputs]
+        mean, std = self.pixel_stats()
+        images = [x["image"].to(mean.device) for x in batched_inputs]
         if self.input_format != input_format:
             if {self.input_format, input_format} != {"RGB", "BGR"}:
                 raise ValueError(
@@ -136,8 +175,8 @@ class FrozenTeacher:
                     "{}".format(input_format, self.input_format)
                 )
             images = [x.flip(0) for x in images]
-        images = [(x - m.pixel_mean) / m.pixel_std for x in images]
-        images = ImageList.from_tensors(images, m.backbone.size_divisibility)
+        images = [(x - mean) / std for x in images]
+        images = ImageList.from_tensors(images, self.size_divisibility)
         th, tw = images.tensor.shape[-2:]
         sh, sw = like.tensor.shape[-2:]
         if th > sh or tw > sw:
@@ -148,7 +187,29 @@ class FrozenTeacher:
             )
         if (th, tw) != (sh, sw):
             images = ImageList(F.pad(images.tensor, (0, sw - tw, 0, sh - th)), images.image_sizes)
-        return images
+        return self.scaled(images)
+
+    def scaled(self, images: ImageList) -> ImageList:
+        """``images`` resized (bilinear) by :attr:`input_scale`: (N, 3, H * s, W * s)."""
+        s = self.input_scale
+        if s == 1.0:
+            return images
+        h, w = images.tensor.shape[-2:]
+        tensor = F.interpolate(
+            images.tensor, size=(round(h * s), round(w * s)), mode="bilinear", align_corners=False
+        )
+        sizes = [(round(a * s), round(b * s)) for a, b in images.image_sizes]
+        return ImageList(tensor, sizes)
+
+    def require_input_scale_one(self, what: str) -> None:
+        """Raise unless the teacher sees the student's own input size (``what`` needs it)."""
+        if self.input_scale != 1.0:
+            raise ValueError(
+                "{} compares teacher and student predictions per anchor or RoI, which is "
+                "defined only for a teacher that sees the student's input size; "
+                "KD.TEACHER.INPUT_SCALE is {:g}: set it to 1.0, or keep only feature KD "
+                "(KD.FEATURE), which pairs levels by stride".format(what, self.input_scale)
+            )
 
     @torch.no_grad()
     def backbone_features(self, images: ImageList) -> Dict[str, torch.Tensor]:
@@ -162,6 +223,7 @@ class FrozenTeacher:
 
     def require_dense_head(self) -> None:
         """Raise unless the teacher has per-anchor predictions (RM, PFI, soft labels need them)."""
+        self.require_input_scale_one("KD.RM, KD.PFI, KD.SOFT_LABEL, KD.CROSSKD and KD.BOX")
         if not self.has_dense_head:
             raise ValueError(
                 "KD.RM, KD.PFI, KD.SOFT_LABEL, KD.CROSSKD and KD.BOX on a RetinaNet student "
@@ -179,7 +241,7 @@ class FrozenTeacher:
         self.require_dense_head()
         return self._run(
             lambda *fs: self.model.head(list(fs))[0],
-            *[features[f] for f in self.model.head_in_features]
+            *[features[f] for f in self.model.head_in_features],
         )
 
     @torch.no_grad()
@@ -253,8 +315,23 @@ class FrozenTeacher:
         with torch.enable_grad():
             return self._run(run, *cls_features, *box_features)
 
+    def require_crosskd_head(self) -> None:
+        """Raise unless CrossKD can continue the teacher's head from the student's towers."""
+        self.require_dense_head()
+
+    def dense_anchors(self, logits: List[torch.Tensor]) -> List[Boxes]:
+        """A one-stage teacher's anchors for per-level ``logits`` (N, A*K, H, W): per level
+        Boxes (H*W*A, 4)."""
+        return self.model.anchor_generator(logits)
+
+    @property
+    def dense_box_transform(self):
+        """A one-stage teacher's box encoding (a Detectron2 Box2BoxTransform)."""
+        return self.model.box2box_transform
+
     def require_roi_head(self) -> None:
         """Raise unless the teacher has one RoI box head with class scores (Faster R-CNN)."""
+        self.require_input_scale_one("KD.SOFT_LABEL and KD.BOX")
         heads = getattr(self.model, "roi_heads", None)
         if not hasattr(getattr(heads, "box_predictor", None), "cls_score"):
             raise ValueError(
@@ -298,6 +375,11 @@ class FrozenTeacher:
             return heads.box_predictor(x)
 
         return self._run(predict, *[features[f] for f in heads.box_in_features])
+
+    @property
+    def roi_box_transform(self):
+        """A two-stage teacher's RoI box encoding (a Detectron2 Box2BoxTransform)."""
+        return self.model.roi_heads.box_predictor.box2box_transform
 
     @property
     def dense_head_levels(self) -> List[str]:
