@@ -10,14 +10,6 @@ from conftest import REPO
 
 GEN = runpy.run_path(os.path.join(REPO, "tools", "gen_config_docs.py"))
 
-# written in other branches (issue 35) and linked from docs/README.md before they land: missing
-# files are allowed for these names only; once there, their links are checked like the others
-PENDING_DOCS = {
-    "docs/torchvision_teachers.md",
-    "docs/pretrained_students_and_custom_data.md",
-    "docs/dry_run_and_health.md",
-}
-
 _FENCE = re.compile(r"^```.*?^```", re.S | re.M)
 _CODE = re.compile(r"`[^`\n]*`")
 _LINK = re.compile(r"\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
@@ -52,8 +44,7 @@ def broken_links(path):
         )
         rel = os.path.relpath(dest, REPO).replace(os.sep, "/")
         if not os.path.exists(dest):
-            if rel not in PENDING_DOCS:
-                broken.append("{} (no file {})".format(target, rel))
+            broken.append("{} (no file {})".format(target, rel))
         elif anchor and dest.endswith(".md") and anchor not in _anchors(dest):
             broken.append("{} (no heading '#{}' in {})".format(target, anchor, rel))
     return broken
