@@ -137,8 +137,11 @@ def check_teacher(spec: TeacherSpec, report: DryRunReport) -> bool:
     runs) and match them key by key as the strict loader does, and check its class list and
     count against the student's; report each finding.  Returns whether the teacher is usable.
     """
+    from ..modeling.teacher.kinds import teacher_kind
     from ..modeling.teacher.resolve import resolve_teacher_config
 
+    if teacher_kind(spec.config):
+        return _check_registered_kind_teacher(spec, report)
     where = spec.where
     try:
         path = resolve_teacher_config(spec.config)
@@ -183,6 +186,47 @@ def check_teacher(spec: TeacherSpec, report: DryRunReport) -> bool:
         report.problem(where + " classes", str(e))
         ok = False
     return ok
+
+
+def _check_registered_kind_teacher(spec: TeacherSpec, report: DryRunReport) -> bool:
+    """
+    A teacher of a kind registered by scheme (``torchvision://NAME``): built by its kind's own
+    builder, which reads its weights safely and loads them strictly (every key, with its
+    shape, or an error naming them); its classes are matched to the student's by name.
+    """
+    from ..modeling.teacher.build import build_teacher
+
+    try:
+        teacher = build_teacher(
+            spec.config,
+            spec.weights,
+            weights_sha256=spec.weights_sha256,
+            opts=spec.opts,
+            expected_classes=spec.expected_classes,
+            device="cpu",
+        )
+    except Exception as e:
+        report.problem(
+            spec.where, "{} does not build: {}: {}".format(spec.config, type(e).__name__, e)
+        )
+        return False
+    total = sum(p.numel() for p in teacher.model.parameters())
+    report.line(
+        "{}: {} ({}); weights {}: 100.0% of its {:,} parameters loaded (strictly: no key "
+        "missing, unexpected or of another shape)".format(
+            spec.where, spec.config, type(teacher).__name__, spec.weights or "default", total
+        )
+    )
+    categories = getattr(teacher, "categories", None)
+    if spec.expected_classes is not None and categories is not None:
+        unmapped = [c for c in spec.expected_classes if c not in categories]
+        report.line(
+            "classes: every student class is one of the teacher's, by name"
+            if not unmapped
+            else "classes: the teacher has no class named {}: feature KD only (prediction-level "
+            "methods refuse it)".format(unmapped)
+        )
+    return True
 
 
 def _check_teacher_weights(spec: TeacherSpec, config_path: str, model, report) -> bool:

@@ -120,3 +120,42 @@ def test_lazy_dry_run_passes(capsys, tmp_path, tiny_data_root, rcnn_teacher):
     assert "loss_kd_ssim" in text and "KD.AUTO_WEIGHT would multiply it by" in text
     assert "time per iteration" in text and "OK (" in text
     assert not out.exists() or not os.listdir(out)
+
+
+@pytest.fixture(scope="module")
+def tv_teacher_weights(tmp_path_factory):
+    """name -> a local file of kd_det's small torchvision detector (random, narrow FPN)."""
+    import torch
+
+    from kd_det.data import CLASS_NAMES
+    from kd_det.modeling.teacher.torchvision_models import build_torchvision_detector
+
+    categories = ["__background__"] + list(CLASS_NAMES)
+    folder = tmp_path_factory.mktemp("tv_dry_run")
+    out = {}
+    for name in ("fasterrcnn_resnet18_fpn", "retinanet_resnet18_fpn"):
+        torch.manual_seed(0)
+        model = build_torchvision_detector(name, len(categories), fpn_channels=32)
+        out[name] = str(folder / (name + ".pth"))
+        torch.save({"model": model.state_dict(), "categories": categories}, out[name])
+    return out
+
+
+@pytest.mark.parametrize("weights_of", ["fasterrcnn_resnet18_fpn", "retinanet_resnet18_fpn"])
+def test_dry_run_of_a_torchvision_teacher(
+    capsys, tmp_path, tiny_data_root, tv_teacher_weights, weights_of
+):
+    """A torchvision:// teacher is checked by its own kind's builder: its weights pass, those of
+    another torchvision model fail with the keys named."""
+    opts = ["KD.TEACHER.CONFIG", "torchvision://fasterrcnn_resnet18_fpn"]
+    opts += ["KD.TEACHER.OPTS", "['fpn_channels=32']", "KD.FEATURE.LOSS", "L2FeatureLoss"]
+    code, text = _dry_run(capsys, tmp_path, tv_teacher_weights[weights_of], opts)
+    if weights_of == "fasterrcnn_resnet18_fpn":
+        assert code == 0, text
+        assert "100.0% of its" in text and "TorchvisionTeacher" in text
+        assert "classes: every student class is one of the teacher's, by name" in text
+        assert "loss_kd_l2" in text and "OK (" in text
+    else:
+        assert code == 1
+        assert "PROBLEM (teacher): torchvision://fasterrcnn_resnet18_fpn does not build" in text
+        assert "do not fit the torchvision model" in text and "FAILED" in text
