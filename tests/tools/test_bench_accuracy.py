@@ -104,7 +104,6 @@ def test_student_schedule_of_the_setting_reaches_students_not_the_teacher(monkey
     )
 
 
-<<<<<<< HEAD
 def test_run_parallel_keeps_order_and_raises_the_failure():
     import threading
     import time
@@ -128,7 +127,8 @@ def test_run_parallel_keeps_order_and_raises_the_failure():
 
     with pytest.raises(SystemExit, match="run 1 failed"):
         run_parallel(fail_on_one, [0, 1, 2], jobs=2)
-=======
+
+
 def test_auto_weight_variants(monkeypatch, tmp_path, capsys):
     """ssim_auto / l2_auto: the method's config with KD.AUTO_WEIGHT.ENABLED True (issue 35)."""
     import argparse
@@ -162,6 +162,7 @@ def test_auto_weight_variants(monkeypatch, tmp_path, capsys):
             num_classes=None,
             output_root=str(tmp_path),
             reuse=False,
+            jobs=1,
             opts=[],
         )
         BENCH["run_benchmark"](args)
@@ -172,4 +173,3 @@ def test_auto_weight_variants(monkeypatch, tmp_path, capsys):
             opts = runs[name][1]
             at = opts.index("KD.AUTO_WEIGHT.ENABLED")
             assert opts[at + 1] == "True" and "KD.TEACHER.WEIGHTS" in opts
->>>>>>> w35b
