@@ -192,11 +192,16 @@ class DistillHealthMonitor(HookBase):
             **{"kd_grad_ratio/" + n: r for n, r in ratios.items() if measured.active[n]},
             smoothing_hint=False,
         )
-        self._report(it, measured)
+        self._report(it, measured, storage)
         return None
 
-    def _report(self, it: int, measured: GradRatios) -> None:
+    def _report(self, it: int, measured: GradRatios, storage) -> None:
         problems = health_problems(measured, self.dominating, self.vanishing)
+        if problems:  # metrics.json too: "kd_health/<term>/<kind>" = the ratio found
+            storage.put_scalars(
+                **{"kd_health/{}/{}".format(p.term, p.kind): p.ratio for p in problems},
+                smoothing_hint=False,
+            )
         if comm.is_main_process():
             logger.info(
                 "iter {}: gradient norm of each distillation term / detection loss's ({:.3g}): "
@@ -224,6 +229,12 @@ class DistillHealthMonitor(HookBase):
                 continue
             if seen is not None and self.ap_drop > 0 and value < self.ap_drop * seen[0]:
                 self.ap_drops.append((key, it, seen[0], value))
+                # metrics.json too, as the fraction kept (a name that is no AP key itself)
+                self.trainer.storage.put_scalar(
+                    "kd_health/ap_drop." + key.replace("/", "."),
+                    value / seen[0],
+                    smoothing_hint=False,
+                )
                 logger.warning(
                     "Distillation health: the student's {} fell from {:.2f} (iteration {}) to "
                     "{:.2f} (iteration {}), below {} of its last value. Check the "

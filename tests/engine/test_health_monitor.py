@@ -127,6 +127,11 @@ def test_monitor_warns_logs_every_period(caplog):
     # each problem warned once (it persists), with its fix
     assert text.count("loss_kd_zero: zero") == 1 and "teacher loaded" in text
     assert text.count("loss_kd_big: dominating") == 1 and "lower the term's weight" in text
+    # and in the storage, which metrics.json is written from
+    dominating = trainer.storage.history("kd_health/loss_kd_big/dominating")
+    assert [it for _, it in dominating.values()] == [0, 2, 4]
+    assert dominating.latest() == pytest.approx(100.0, rel=RTOL)
+    assert "kd_health/loss_kd_zero/zero" in trainer.storage.latest()
 
 
 def test_monitor_flags_ap_drop(caplog):
@@ -143,8 +148,10 @@ def test_monitor_flags_ap_drop(caplog):
                 self.trainer.storage.put_scalars(**{"val/bbox/AP": ap, "teacher/bbox/AP": 1.0})
 
     with caplog.at_level(logging.WARNING, logger="kd_det.engine.health"):
-        _train(model, [PutAP(), monitor], 6)
+        trainer = _train(model, [PutAP(), monitor], 6)
     assert monitor.ap_drops == [("val/bbox/AP", 5, 30.0, 10.0)]
+    drop = trainer.storage.latest()["kd_health/ap_drop.val.bbox.AP"]
+    assert drop == (pytest.approx(10.0 / 30.0), 5)
     assert "fell from 30.00" in caplog.text
     assert monitor.state_dict()["last_ap"] == {"val/bbox/AP": [10.0, 5]}
     assert math.isfinite(monitor.last.det_norm)
